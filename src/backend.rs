@@ -1,0 +1,82 @@
+//! [`Backend`]: the one interface every path implements, so that the CLI, `xent check`
+//! and the tests treat the GPU and the CPU alike.
+
+use crate::cpu;
+use crate::error::Result;
+use crate::gpu::GpuContext;
+use crate::options::{LossOptions, LossOutput, Targets};
+
+/// A way to evaluate the loss: the GPU, the CPU reference, ...
+pub trait Backend: Send + Sync {
+    /// A short description ("gpu: llvmpipe (Vulkan)", "reference").
+    fn describe(&self) -> String;
+    /// See [`GpuContext::cross_entropy`].
+    fn cross_entropy(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        targets: Targets<'_>,
+        opts: &LossOptions,
+    ) -> Result<LossOutput>;
+    /// See [`GpuContext::cross_entropy_in_place`].
+    fn cross_entropy_in_place(
+        &self,
+        logits: &mut [f32],
+        classes: usize,
+        targets: Targets<'_>,
+        opts: &LossOptions,
+    ) -> Result<LossOutput>;
+}
+
+impl Backend for GpuContext {
+    fn describe(&self) -> String {
+        let info = self.adapter_info();
+        format!("{} ({:?})", info.name, info.backend)
+    }
+    fn cross_entropy(
+        &self,
+        l: &[f32],
+        v: usize,
+        t: Targets<'_>,
+        o: &LossOptions,
+    ) -> Result<LossOutput> {
+        GpuContext::cross_entropy(self, l, v, t, o)
+    }
+    fn cross_entropy_in_place(
+        &self,
+        l: &mut [f32],
+        v: usize,
+        t: Targets<'_>,
+        o: &LossOptions,
+    ) -> Result<LossOutput> {
+        GpuContext::cross_entropy_in_place(self, l, v, t, o)
+    }
+}
+
+/// The f64 CPU reference as a [`Backend`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reference;
+
+impl Backend for Reference {
+    fn describe(&self) -> String {
+        "cpu reference (f64)".into()
+    }
+    fn cross_entropy(
+        &self,
+        l: &[f32],
+        v: usize,
+        t: Targets<'_>,
+        o: &LossOptions,
+    ) -> Result<LossOutput> {
+        cpu::reference::cross_entropy(l, v, t, o)
+    }
+    fn cross_entropy_in_place(
+        &self,
+        l: &mut [f32],
+        v: usize,
+        t: Targets<'_>,
+        o: &LossOptions,
+    ) -> Result<LossOutput> {
+        cpu::reference::cross_entropy_in_place(l, v, t, o)
+    }
+}

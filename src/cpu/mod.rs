@@ -1,0 +1,3 @@
+//! The CPU paths: [`reference`], plain f64 code that every GPU result is checked against.
+
+pub mod reference;

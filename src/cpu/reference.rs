@@ -1,0 +1,117 @@
+//! The f64 reference: plain, two-pass, obviously correct code that follows
+//! `shared/docs/semantics.md` line by line. Slow on purpose; it validates every other path.
+
+use crate::error::Result;
+use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets};
+
+/// Per-row results of the reference, in f64.
+#[derive(Clone, Debug)]
+pub struct ReferenceRows {
+    /// `ℓ` of each row (0 for ignored rows).
+    pub losses: Vec<f64>,
+    /// `lse` of each row.
+    pub lse: Vec<f64>,
+}
+
+/// Log-sum-exp of one row in f64. NaN for a row with a NaN or +inf entry, or only −inf.
+pub fn row_lse(row: &[f32]) -> f64 {
+    let mut max = f64::NEG_INFINITY;
+    for &x in row {
+        let x = f64::from(x);
+        if x.is_nan() || x == f64::INFINITY {
+            return f64::NAN;
+        }
+        max = max.max(x);
+    }
+    if max == f64::NEG_INFINITY {
+        return f64::NAN;
+    }
+    let sum: f64 = row.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// The reference loss (and gradient, if asked) in f64, returned as f32 results.
+pub fn cross_entropy<'t>(
+    logits: &[f32],
+    classes: usize,
+    targets: impl Into<Targets<'t>>,
+    opts: &LossOptions,
+) -> Result<LossOutput> {
+    let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
+    let rows = rows_f64(logits, &batch);
+    let mut out = assemble(&rows, &batch, opts);
+    if opts.wants_gradient() {
+        out.gradient = Some(gradient(logits, &rows, &batch, opts));
+    }
+    Ok(out)
+}
+
+/// As [`cross_entropy`], with the gradient written over `logits`.
+pub fn cross_entropy_in_place<'t>(
+    logits: &mut [f32],
+    classes: usize,
+    targets: impl Into<Targets<'t>>,
+    opts: &LossOptions,
+) -> Result<LossOutput> {
+    let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
+    let rows = rows_f64(logits, &batch);
+    let out = assemble(&rows, &batch, opts);
+    let grad = gradient(logits, &rows, &batch, opts);
+    logits.copy_from_slice(&grad);
+    Ok(out)
+}
+
+/// Per-row losses and LSE in f64 (for tests that want the unrounded values).
+pub fn rows_f64(logits: &[f32], batch: &Batch) -> ReferenceRows {
+    let v = batch.classes;
+    let mut losses = Vec::with_capacity(batch.rows);
+    let mut lse = Vec::with_capacity(batch.rows);
+    for (r, &t) in batch.targets.iter().enumerate() {
+        let row = &logits[r * v..(r + 1) * v];
+        let l = row_lse(row);
+        lse.push(l);
+        losses.push(if t == Batch::IGNORED {
+            0.0
+        } else {
+            l - f64::from(row[t as usize])
+        });
+    }
+    ReferenceRows { losses, lse }
+}
+
+fn assemble(rows: &ReferenceRows, batch: &Batch, opts: &LossOptions) -> LossOutput {
+    let sum: f64 = rows.losses.iter().sum();
+    let loss = match opts.get_reduction() {
+        Reduction::None => None,
+        // 0/0 = NaN for an empty or fully ignored batch, as in PyTorch.
+        r => Some((sum / batch.divisor(r)) as f32),
+    };
+    LossOutput {
+        loss,
+        row_losses: opts
+            .wants_row_losses()
+            .then(|| rows.losses.iter().map(|&l| l as f32).collect()),
+        lse: opts
+            .wants_lse()
+            .then(|| rows.lse.iter().map(|&l| l as f32).collect()),
+        gradient: None,
+    }
+}
+
+fn gradient(logits: &[f32], rows: &ReferenceRows, batch: &Batch, opts: &LossOptions) -> Vec<f32> {
+    let v = batch.classes;
+    let scale = 1.0 / batch.divisor(opts.get_reduction());
+    let mut grad = vec![0.0f32; logits.len()];
+    for (r, &t) in batch.targets.iter().enumerate() {
+        if t == Batch::IGNORED {
+            continue;
+        }
+        let lse = rows.lse[r];
+        for c in 0..v {
+            let p = (f64::from(logits[r * v + c]) - lse).exp();
+            let onehot = if c == t as usize { 1.0 } else { 0.0 };
+            grad[r * v + c] = ((p - onehot) * scale) as f32;
+        }
+    }
+    grad
+}

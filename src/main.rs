@@ -1,0 +1,377 @@
+//! The `xent` command line: `info`, `check`, `eval`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use xent::npy::{self, NpyData};
+use xent::{Backend, Error, GpuContext, LossOptions, Reduction, Reference, Targets};
+
+#[derive(Parser)]
+#[command(
+    name = "xent",
+    version,
+    about = "Fused log-softmax + cross-entropy on wgpu, checked against an f64 CPU reference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every adapter wgpu finds, with the limits and features that matter here.
+    Info,
+    /// Run the built-in conformance set on every adapter against the CPU reference.
+    Check {
+        /// Only adapters whose name contains this (case-insensitive).
+        #[arg(long)]
+        adapter: Option<String>,
+    },
+    /// Evaluate the loss of a saved batch.
+    Eval(Box<EvalArgs>),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    Gpu,
+    Cpu,
+    Reference,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LossKind {
+    Ce,
+    Bce,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ReductionArg {
+    Mean,
+    Sum,
+    None,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Logits: float32 [N, V], C order.
+    #[arg(long)]
+    logits: PathBuf,
+    /// Targets: int64 or int32 [N] class indices.
+    #[arg(long)]
+    targets: PathBuf,
+    #[arg(long, value_enum, default_value = "ce")]
+    loss_kind: LossKind,
+    /// Class weights, float32 [V].
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Positive-class weights for bce, float32 [V].
+    #[arg(long)]
+    pos_weight: Option<PathBuf>,
+    #[arg(long, default_value_t = xent::DEFAULT_IGNORE_INDEX, allow_hyphen_values = true)]
+    ignore_index: i64,
+    #[arg(long)]
+    label_smoothing: Option<f64>,
+    #[arg(long, value_enum, default_value = "mean")]
+    reduction: ReductionArg,
+    #[arg(long)]
+    z_loss: Option<f64>,
+    #[arg(long)]
+    softcap: Option<f64>,
+    #[arg(long, value_enum, default_value = "gpu")]
+    device: DeviceArg,
+    /// Adapter name (substring, case-insensitive) for --device gpu.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Write the loss: 0-d float32, or float32 [N] for --reduction none.
+    #[arg(long)]
+    out_loss: Option<PathBuf>,
+    /// Write d(loss)/d(logits) as float32 [N, V].
+    #[arg(long)]
+    out_grad: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info => info(),
+        Command::Check { adapter } => check(adapter.as_deref()),
+        Command::Eval(args) => eval(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(if e.is_bad_input() { 2 } else { 1 })
+        }
+    }
+}
+
+fn info() -> xent::Result<ExitCode> {
+    let adapters = xent::gpu::select_adapters(None)?;
+    for (i, a) in adapters.iter().enumerate() {
+        let info = a.get_info();
+        let l = a.limits();
+        let f = a.features();
+        println!(
+            "[{i}] {} ({:?}, {:?})",
+            info.name, info.backend, info.device_type
+        );
+        println!("    driver: {} {}", info.driver, info.driver_info);
+        println!(
+            "    max_storage_buffer_binding_size: {} MiB, max_buffer_size: {} MiB",
+            l.max_storage_buffer_binding_size >> 20,
+            l.max_buffer_size >> 20
+        );
+        println!(
+            "    max_compute_workgroups_per_dimension: {}, max_compute_invocations_per_workgroup: {}, workgroup storage: {} KiB",
+            l.max_compute_workgroups_per_dimension,
+            l.max_compute_invocations_per_workgroup,
+            l.max_compute_workgroup_storage_size >> 10
+        );
+        println!(
+            "    min_storage_buffer_offset_alignment: {}, min_uniform_buffer_offset_alignment: {}",
+            l.min_storage_buffer_offset_alignment, l.min_uniform_buffer_offset_alignment
+        );
+        let has = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
+        println!(
+            "    SUBGROUP: {}, SHADER_F16: {}, TIMESTAMP_QUERY: {}",
+            has(wgpu::Features::SUBGROUP),
+            has(wgpu::Features::SHADER_F16),
+            has(wgpu::Features::TIMESTAMP_QUERY)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(adapter: Option<&str>) -> xent::Result<ExitCode> {
+    let adapters = xent::gpu::select_adapters(adapter)?;
+    let cases = xent::check::conformance_cases();
+    let mut failures = 0;
+    for a in &adapters {
+        let info = a.get_info();
+        println!("\n== {} ({:?}) ==", info.name, info.backend);
+        let ctx = match GpuContext::from_adapter_blocking(a) {
+            Ok(c) => c,
+            Err(e) => {
+                println!("FAIL  could not open the adapter: {e}");
+                failures += 1;
+                continue;
+            }
+        };
+        println!(
+            "{:<28} {:>14}  {:<5} {:>10} {:>10}  detail",
+            "case", "shape", "", "loss err", "grad err"
+        );
+        for case in &cases {
+            let shape = format!("{}x{}", case.rows(), case.classes);
+            let t = Instant::now();
+            match case.verify(&ctx) {
+                Ok(a) => println!(
+                    "{:<28} {:>14}  {:<5} {:>10.3} {:>10.2e}  {:.0} ms",
+                    case.name,
+                    shape,
+                    "ok",
+                    a.loss_ratio,
+                    a.grad_err,
+                    t.elapsed().as_secs_f64() * 1e3
+                ),
+                Err(e) => {
+                    failures += 1;
+                    println!(
+                        "{:<28} {:>14}  {:<5} {:>10} {:>10}  {e}",
+                        case.name, shape, "FAIL", "-", "-"
+                    );
+                }
+            }
+        }
+    }
+    println!(
+        "\n{} adapters, {} cases each: {}",
+        adapters.len(),
+        cases.len(),
+        if failures == 0 {
+            "all passed".to_string()
+        } else {
+            format!("{failures} FAILED")
+        }
+    );
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn not_built(flag: &str) -> Error {
+    Error::InvalidOption(format!(
+        "{flag} is not supported yet in this build; it is never silently ignored"
+    ))
+}
+
+/// Fails before any work when `path` cannot be created.
+fn check_writable(path: &Path) -> xent::Result<()> {
+    let tmp = npy::temp_path(path);
+    std::fs::File::create(&tmp).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let _ = std::fs::remove_file(&tmp);
+    Ok(())
+}
+
+fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
+    if args.loss_kind == LossKind::Bce {
+        return Err(not_built("--loss-kind bce"));
+    }
+    for (flag, set) in [
+        ("--weights", args.weights.is_some()),
+        ("--pos-weight", args.pos_weight.is_some()),
+        ("--label-smoothing", args.label_smoothing.is_some()),
+        ("--z-loss", args.z_loss.is_some()),
+        ("--softcap", args.softcap.is_some()),
+    ] {
+        if set {
+            return Err(not_built(flag));
+        }
+    }
+    if args.adapter.is_some() && args.device != DeviceArg::Gpu {
+        return Err(Error::InvalidOption(
+            "--adapter only applies to --device gpu".into(),
+        ));
+    }
+    for p in args.out_loss.iter().chain(&args.out_grad) {
+        check_writable(p)?;
+    }
+    let reduction = match args.reduction {
+        ReductionArg::Mean => Reduction::Mean,
+        ReductionArg::Sum => Reduction::Sum,
+        ReductionArg::None => Reduction::None,
+    };
+
+    let logits = npy::read(&args.logits)?;
+    let (rows, classes) = match logits.shape[..] {
+        [n, v] => (n, v),
+        ref s => {
+            return Err(Error::Npy {
+                path: args.logits.clone(),
+                message: format!("logits must be 2-D [N, V], got shape {s:?}"),
+            });
+        }
+    };
+    let NpyData::F32(mut logits_data) = logits.data else {
+        return Err(Error::Npy {
+            path: args.logits.clone(),
+            message: "logits must be float32".into(),
+        });
+    };
+    let targets = npy::read(&args.targets)?;
+    if targets.shape.len() != 1 {
+        return Err(Error::Npy {
+            path: args.targets.clone(),
+            message: format!(
+                "class-index targets must be 1-D [N], got shape {:?}",
+                targets.shape
+            ),
+        });
+    }
+    let targets_ref: Targets<'_> = match &targets.data {
+        NpyData::I64(t) => t.into(),
+        NpyData::I32(t) => t.into(),
+        _ => {
+            return Err(Error::Npy {
+                path: args.targets.clone(),
+                message: "class-index targets must be int64 or int32".into(),
+            });
+        }
+    };
+    if targets_ref.len() != rows {
+        return Err(Error::Shape {
+            what: format!("targets ({} rows; logits have {rows})", targets_ref.len()),
+            got: targets_ref.len(),
+            expected: rows,
+        });
+    }
+    let opts = LossOptions::new()
+        .reduction(reduction)
+        .ignore_index(args.ignore_index)
+        .row_losses(true);
+
+    let backend: Box<dyn Backend> = match args.device {
+        DeviceArg::Gpu => {
+            let adapter = match &args.adapter {
+                Some(name) => Some(xent::gpu::select_adapters(Some(name))?.remove(0)),
+                None => None,
+            };
+            Box::new(match adapter {
+                Some(a) => GpuContext::from_adapter_blocking(&a)?,
+                None => GpuContext::new_blocking()?,
+            })
+        }
+        // The fast CPU path arrives with issue 5; until then `cpu` is the reference.
+        DeviceArg::Cpu | DeviceArg::Reference => Box::new(Reference),
+    };
+    let adapter = backend.describe();
+    let start = Instant::now();
+    let out = if args.out_grad.is_some() {
+        let mut out =
+            backend.cross_entropy_in_place(&mut logits_data, classes, targets_ref, &opts)?;
+        out.gradient = Some(logits_data);
+        out
+    } else {
+        backend.cross_entropy(&logits_data, classes, targets_ref, &opts)?
+    };
+    let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
+
+    if let Some(p) = &args.out_loss {
+        match out.loss {
+            Some(l) => npy::write_f32(p, &[], &[l])?,
+            None => npy::write_f32(p, &[rows], out.row_losses.as_deref().unwrap_or_default())?,
+        }
+    }
+    if let (Some(p), Some(g)) = (&args.out_grad, &out.gradient) {
+        npy::write_f32(p, &[rows, classes], g)?;
+    }
+    let device = match args.device {
+        DeviceArg::Gpu => "gpu",
+        DeviceArg::Cpu => "cpu",
+        DeviceArg::Reference => "reference",
+    };
+    println!(
+        "{{\"loss\": {}, \"rows\": {rows}, \"classes\": {classes}, \"device\": \"{device}\", \"adapter\": {}, \"elapsed_ms\": {elapsed_ms:.3}}}",
+        out.loss.map_or("null".to_string(), json_number),
+        json_string(&adapter)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A number as Python's `json` writes it (NaN and infinities included, which its
+/// reader accepts).
+fn json_number(x: f32) -> String {
+    if x.is_nan() {
+        "NaN".into()
+    } else if x.is_infinite() {
+        if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        }
+    } else {
+        format!("{x:?}")
+    }
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}

@@ -1,0 +1,282 @@
+//! The vocabulary shared by every path: loss options, targets, results, and the input
+//! checks that run before any work is done.
+
+use crate::error::{Error, Result};
+
+/// How per-row losses are combined into the result (PyTorch's `reduction`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Reduction {
+    /// Keep one loss per row; [`LossOutput::loss`] is `None`.
+    None,
+    /// Sum of the row losses (0 for an empty batch).
+    Sum,
+    /// Sum divided by the number of non-ignored rows (NaN when there are none).
+    #[default]
+    Mean,
+}
+
+impl Reduction {
+    /// The name used on the command line: `none`, `sum` or `mean`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reduction::None => "none",
+            Reduction::Sum => "sum",
+            Reduction::Mean => "mean",
+        }
+    }
+}
+
+impl std::str::FromStr for Reduction {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Reduction::None),
+            "sum" => Ok(Reduction::Sum),
+            "mean" => Ok(Reduction::Mean),
+            other => Err(Error::InvalidOption(format!(
+                "unknown reduction '{other}', expected one of none, sum, mean"
+            ))),
+        }
+    }
+}
+
+/// PyTorch's default `ignore_index`.
+pub const DEFAULT_IGNORE_INDEX: i64 = -100;
+
+/// Options of a cross-entropy evaluation. Build with [`LossOptions::new`] and the setters.
+///
+/// ```
+/// use xent::{LossOptions, Reduction};
+/// let opts = LossOptions::new().reduction(Reduction::Sum).ignore_index(0).gradient(true);
+/// assert_eq!(opts.get_reduction(), Reduction::Sum);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossOptions {
+    reduction: Reduction,
+    ignore_index: i64,
+    gradient: bool,
+    row_losses: bool,
+    lse: bool,
+}
+
+impl Default for LossOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LossOptions {
+    /// Mean reduction, `ignore_index` −100, no gradient: PyTorch's defaults.
+    pub fn new() -> Self {
+        Self {
+            reduction: Reduction::Mean,
+            ignore_index: DEFAULT_IGNORE_INDEX,
+            gradient: false,
+            row_losses: false,
+            lse: false,
+        }
+    }
+    /// Sets the reduction.
+    pub fn reduction(mut self, reduction: Reduction) -> Self {
+        self.reduction = reduction;
+        self
+    }
+    /// Sets the target value whose rows are ignored (loss 0, gradient 0). Any integer,
+    /// also a valid class id.
+    pub fn ignore_index(mut self, ignore_index: i64) -> Self {
+        self.ignore_index = ignore_index;
+        self
+    }
+    /// Asks for the gradient d(loss)/d(logits) (upstream gradient 1) in a separate buffer.
+    /// The `*_in_place` calls always write it, over the logits.
+    pub fn gradient(mut self, yes: bool) -> Self {
+        self.gradient = yes;
+        self
+    }
+    /// Also returns the per-row losses for `sum` and `mean` (always returned for `none`).
+    pub fn row_losses(mut self, yes: bool) -> Self {
+        self.row_losses = yes;
+        self
+    }
+    /// Also returns each row's log-sum-exp.
+    pub fn lse(mut self, yes: bool) -> Self {
+        self.lse = yes;
+        self
+    }
+    /// The reduction.
+    pub fn get_reduction(&self) -> Reduction {
+        self.reduction
+    }
+    /// The ignore index.
+    pub fn get_ignore_index(&self) -> i64 {
+        self.ignore_index
+    }
+    /// Whether a separate gradient is asked for.
+    pub fn wants_gradient(&self) -> bool {
+        self.gradient
+    }
+    /// Whether per-row losses are returned (always for [`Reduction::None`]).
+    pub fn wants_row_losses(&self) -> bool {
+        self.row_losses || self.reduction == Reduction::None
+    }
+    /// Whether per-row log-sum-exp values are returned.
+    pub fn wants_lse(&self) -> bool {
+        self.lse
+    }
+}
+
+/// Class-index targets, one per row, borrowed from the caller.
+#[derive(Clone, Copy, Debug)]
+pub enum Targets<'a> {
+    /// 64-bit class indices (PyTorch's `long`).
+    I64(&'a [i64]),
+    /// 32-bit class indices.
+    I32(&'a [i32]),
+}
+
+impl Targets<'_> {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        match self {
+            Targets::I64(t) => t.len(),
+            Targets::I32(t) => t.len(),
+        }
+    }
+    /// True when there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The target of `row` as i64.
+    pub fn get(&self, row: usize) -> i64 {
+        match self {
+            Targets::I64(t) => t[row],
+            Targets::I32(t) => i64::from(t[row]),
+        }
+    }
+}
+
+impl<'a> From<&'a [i64]> for Targets<'a> {
+    fn from(t: &'a [i64]) -> Self {
+        Targets::I64(t)
+    }
+}
+impl<'a> From<&'a [i32]> for Targets<'a> {
+    fn from(t: &'a [i32]) -> Self {
+        Targets::I32(t)
+    }
+}
+impl<'a> From<&'a Vec<i64>> for Targets<'a> {
+    fn from(t: &'a Vec<i64>) -> Self {
+        Targets::I64(t)
+    }
+}
+impl<'a> From<&'a Vec<i32>> for Targets<'a> {
+    fn from(t: &'a Vec<i32>) -> Self {
+        Targets::I32(t)
+    }
+}
+impl<'a, const N: usize> From<&'a [i64; N]> for Targets<'a> {
+    fn from(t: &'a [i64; N]) -> Self {
+        Targets::I64(t)
+    }
+}
+
+/// What a loss evaluation returns. Every path (GPU, CPU fast, CPU reference) fills the
+/// same fields for the same options.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LossOutput {
+    /// The reduced loss; `None` for [`Reduction::None`].
+    pub loss: Option<f32>,
+    /// Per-row losses (ignored rows: 0), for `none` or when asked.
+    pub row_losses: Option<Vec<f32>>,
+    /// Per-row log-sum-exp, when asked.
+    pub lse: Option<Vec<f32>>,
+    /// The gradient d(loss)/d(logits), row major [rows, classes], when asked with
+    /// [`LossOptions::gradient`] (the `*_in_place` calls write it over the logits instead).
+    pub gradient: Option<Vec<f32>>,
+}
+
+/// A checked problem: the shape, the targets made ready for the kernels, and the
+/// `mean` denominator. Built by [`Batch::new`], which is where every path's input
+/// checks live.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// Number of rows N.
+    pub rows: usize,
+    /// Number of classes V.
+    pub classes: usize,
+    /// Targets as i32, with every ignored row set to [`Batch::IGNORED`].
+    pub targets: Vec<i32>,
+    /// Number of rows that are not ignored.
+    pub counted_rows: usize,
+}
+
+impl Batch {
+    /// The target value that marks an ignored row in [`Batch::targets`].
+    pub const IGNORED: i32 = -1;
+
+    /// Checks `logits_len` against `rows × classes` and every target against the range,
+    /// before any work is dispatched.
+    pub fn new(
+        logits_len: usize,
+        classes: usize,
+        targets: Targets<'_>,
+        opts: &LossOptions,
+    ) -> Result<Self> {
+        let rows = targets.len();
+        if classes == 0 {
+            return Err(Error::InvalidOption("classes must be at least 1".into()));
+        }
+        let expected = rows.checked_mul(classes).ok_or_else(|| Error::Shape {
+            what: "logits".into(),
+            got: logits_len,
+            expected: usize::MAX,
+        })?;
+        if logits_len != expected {
+            return Err(Error::Shape {
+                what: format!("logits (rows {rows} × classes {classes})"),
+                got: logits_len,
+                expected,
+            });
+        }
+        if classes > i32::MAX as usize {
+            return Err(Error::InvalidOption(format!(
+                "{classes} classes is more than the kernels' i32 class index can address"
+            )));
+        }
+        let ignore = opts.get_ignore_index();
+        let mut out = Vec::with_capacity(rows);
+        let mut counted_rows = 0;
+        for row in 0..rows {
+            let t = targets.get(row);
+            if t == ignore {
+                out.push(Self::IGNORED);
+            } else if t < 0 || t >= classes as i64 {
+                return Err(Error::TargetOutOfRange {
+                    row,
+                    value: t,
+                    classes,
+                    ignore_index: ignore,
+                });
+            } else {
+                out.push(t as i32);
+                counted_rows += 1;
+            }
+        }
+        Ok(Self {
+            rows,
+            classes,
+            targets: out,
+            counted_rows,
+        })
+    }
+
+    /// The divisor that turns the sum into the reduced loss, and scales the gradient:
+    /// the non-ignored row count for `mean`, 1 otherwise.
+    pub fn divisor(&self, reduction: Reduction) -> f64 {
+        match reduction {
+            Reduction::Mean => self.counted_rows as f64,
+            _ => 1.0,
+        }
+    }
+}
