@@ -1,0 +1,163 @@
+//! The `xent` binary as users drive it: `eval` output, files, exit codes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use xent::npy::{self, NpyData};
+use xent::{LossOptions, Reduction, synth};
+
+struct Dir(PathBuf);
+impl Dir {
+    fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("xent-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+    fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn xent(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_xent")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
+    let at = json.find(&format!("\"{key}\": ")).unwrap_or_else(|| panic!("{key} in {json}")) + key.len() + 4;
+    json[at..].split([',', '}']).next().unwrap().trim()
+}
+
+fn f32s(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let a = npy::read(path).unwrap();
+    match a.data {
+        NpyData::F32(v) => (a.shape, v),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn eval_matches_the_reference_on_every_device_and_reduction() {
+    let dir = Dir::new("eval");
+    let (n, v) = (50, 301);
+    let logits = synth::logits(n, v, 2.0, 21);
+    let mut targets = synth::targets(n, v, 21);
+    targets[4] = -100;
+    let (l, t) = (dir.path("l.npy"), dir.path("t.npy"));
+    npy::write_f32(&l, &[n, v], &logits).unwrap();
+    npy::write_i64(&t, &targets).unwrap();
+    let gpu = !common::gpus("eval_matches_the_reference").is_empty();
+    let devices: &[&str] = if gpu { &["gpu", "cpu", "reference"] } else { &["cpu", "reference"] };
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let opts = LossOptions::new().reduction(reduction).gradient(true).row_losses(true);
+        let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+        for device in devices {
+            let (lo, go) = (dir.path("loss.npy"), dir.path("grad.npy"));
+            let (code, stdout, stderr) = xent(&[
+                "eval", "--logits", s(&l), "--targets", s(&t), "--reduction", reduction.name(), "--device", device,
+                "--out-loss", s(&lo), "--out-grad", s(&go),
+            ]);
+            assert_eq!(code, 0, "{stderr}");
+            assert_eq!(json_field(&stdout, "rows"), n.to_string());
+            assert_eq!(json_field(&stdout, "classes"), v.to_string());
+            assert_eq!(json_field(&stdout, "device"), format!("\"{device}\""));
+            let elapsed: f64 = json_field(&stdout, "elapsed_ms").parse().unwrap();
+            assert!(elapsed >= 0.0);
+            let (shape, loss) = f32s(&lo);
+            let (gshape, grad) = f32s(&go);
+            assert_eq!(gshape, vec![n, v]);
+            let got = match reduction {
+                Reduction::None => {
+                    assert_eq!(shape, vec![n]);
+                    assert_eq!(json_field(&stdout, "loss"), "null");
+                    xent::LossOutput { row_losses: Some(loss), gradient: Some(grad), ..Default::default() }
+                }
+                _ => {
+                    assert!(shape.is_empty());
+                    let printed: f32 = json_field(&stdout, "loss").parse().unwrap();
+                    assert_eq!(printed, loss[0]);
+                    xent::LossOutput { loss: Some(loss[0]), gradient: Some(grad), ..Default::default() }
+                }
+            };
+            let mut want = want.clone();
+            if reduction != Reduction::None {
+                want.row_losses = None;
+            }
+            xent::check::compare(&got, &want, xent::check::Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{device} {reduction:?}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn bad_input_exits_2_with_a_message_and_writes_nothing() {
+    let dir = Dir::new("bad");
+    let (l, t, out) = (dir.path("l.npy"), dir.path("t.npy"), dir.path("out.npy"));
+    npy::write_f32(&l, &[3, 4], &synth::logits(3, 4, 1.0, 1)).unwrap();
+    let bad_t = dir.path("bad_t.npy");
+    npy::write_i64(&bad_t, &[0, 7, 1]).unwrap();
+    npy::write_i64(&t, &[0, 1, 2]).unwrap();
+    let short_t = dir.path("short_t.npy");
+    npy::write_i64(&short_t, &[0, 1]).unwrap();
+    let garbage = dir.path("garbage.npy");
+    std::fs::write(&garbage, b"not an npy file at all").unwrap();
+    let missing = dir.path("missing.npy");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--targets", s(&bad_t)], "row 1: 7"),
+        (vec!["--targets", s(&short_t)], "rows"),
+        (vec!["--targets", s(&garbage)], "magic"),
+        (vec!["--targets", s(&missing)], "missing.npy"),
+        (vec!["--targets", s(&t), "--reduction", "avg"], "avg"),
+        (vec!["--targets", s(&t), "--label-smoothing", "0.1"], "--label-smoothing"),
+        (vec!["--targets", s(&t), "--loss-kind", "bce"], "bce"),
+        (vec!["--targets", s(&t), "--z-loss", "1e-4"], "--z-loss"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["eval", "--logits", s(&l), "--device", "reference", "--out-loss", s(&out)];
+        args.extend(extra);
+        let (code, stdout, stderr) = xent(&args);
+        assert_eq!(code, 2, "{args:?}: {stdout} {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: '{needle}' not in {stderr}");
+        assert!(!out.exists(), "{args:?} left an output file");
+        assert!(std::fs::read_dir(&dir.0).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("xent-tmp")));
+    }
+    // Logits of the wrong dtype and rank.
+    npy::write_i64(&dir.path("int_logits.npy"), &[1, 2, 3]).unwrap();
+    let (code, _, stderr) = xent(&["eval", "--logits", s(&dir.path("int_logits.npy")), "--targets", s(&t), "--device", "reference"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("2-D"), "{stderr}");
+    // An output path in a directory that does not exist fails before any work.
+    let nowhere = dir.path("no/such/dir/loss.npy");
+    let (code, _, stderr) = xent(&["eval", "--logits", s(&l), "--targets", s(&t), "--device", "reference", "--out-loss", s(&nowhere)]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("no/such/dir"), "{stderr}");
+}
+
+#[test]
+fn info_and_check_run_on_the_machine() {
+    if common::gpus("info_and_check_run_on_the_machine").is_empty() {
+        return;
+    }
+    let (code, stdout, stderr) = xent(&["info"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("max_storage_buffer_binding_size"), "{stdout}");
+    let (code, stdout, stderr) = xent(&["check"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("all passed"), "{stdout}");
+}

@@ -1,0 +1,213 @@
+//! Every GPU result checked against the f64 CPU reference, on every adapter.
+
+mod common;
+
+use xent::check::{Tolerance, compare, conformance_cases};
+use xent::{Error, LossOptions, LossOutput, Reduction, Reference, synth};
+
+fn verify(logits: &[f32], classes: usize, targets: &[i64], opts: &LossOptions, what: &str) {
+    let want = xent::cpu::reference::cross_entropy(logits, classes, targets, opts).unwrap();
+    for gpu in common::gpus(what) {
+        let got = gpu
+            .cross_entropy(logits, classes, targets, opts)
+            .unwrap_or_else(|e| panic!("{what} on {}: {e}", common::name(gpu)));
+        compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what} on {}: {e}", common::name(gpu)));
+    }
+}
+
+#[test]
+fn conformance_set_on_every_adapter() {
+    let cases = conformance_cases();
+    for gpu in common::gpus("conformance_set_on_every_adapter") {
+        for case in &cases {
+            case.verify(gpu)
+                .unwrap_or_else(|e| panic!("{} on {}: {e}", case.name, common::name(gpu)));
+        }
+    }
+}
+
+#[test]
+fn sweep_of_class_counts_row_counts_and_reductions() {
+    let classes = [1usize, 2, 3, 31, 255, 256, 257, 513, 1000, 4097, 32000, 131072];
+    let rows = [1usize, 7, 129];
+    let mut seed = 100;
+    for &v in &classes {
+        for &n in &rows {
+            if n * v > 3_000_000 {
+                continue;
+            }
+            seed += 1;
+            let logits = synth::logits(n, v, 2.0, seed);
+            let mut targets = synth::targets(n, v, seed);
+            if n > 1 {
+                targets[n / 2] = -100;
+            }
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                let opts = LossOptions::new().reduction(reduction).gradient(true).row_losses(true).lse(true);
+                verify(&logits, v, &targets, &opts, &format!("{n}x{v} {reduction:?}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn in_place_gradient_is_bit_identical_to_separate_and_runs_are_deterministic() {
+    let (n, v) = (37, 3001);
+    let logits = synth::logits(n, v, 3.0, 7);
+    let targets = synth::targets(n, v, 7);
+    let opts = LossOptions::new().gradient(true).row_losses(true);
+    for gpu in common::gpus("in_place_gradient_is_bit_identical") {
+        let a = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+        let b = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+        assert_eq!(a, b, "two runs differ on {}", common::name(gpu));
+        let mut in_place = logits.clone();
+        let c = gpu.cross_entropy_in_place(&mut in_place, v, &targets, &opts).unwrap();
+        assert_eq!(c.loss.map(f32::to_bits), a.loss.map(f32::to_bits));
+        let sep = a.gradient.as_ref().unwrap();
+        assert!(sep.iter().zip(&in_place).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+}
+
+#[test]
+fn ignored_rows_have_zero_loss_and_exactly_zero_gradient() {
+    let (n, v) = (10, 50);
+    let mut logits = synth::logits(n, v, 2.0, 9);
+    logits[3 * v + 4] = f32::NAN; // an ignored row may even hold NaN
+    let mut targets = synth::targets(n, v, 9);
+    targets[3] = 4;
+    targets[5] = 4;
+    let opts = LossOptions::new().ignore_index(4).gradient(true).row_losses(true);
+    for gpu in common::gpus("ignored_rows_have_zero_loss") {
+        let out = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+        let rows = out.row_losses.unwrap();
+        let grad = out.gradient.unwrap();
+        for r in [3, 5] {
+            assert_eq!(rows[r], 0.0);
+            assert!(grad[r * v..(r + 1) * v].iter().all(|&g| g.to_bits() == 0));
+        }
+        assert!(out.loss.unwrap().is_finite());
+    }
+}
+
+#[test]
+fn masked_offset_and_non_finite_rows() {
+    let (n, v) = (6, 700);
+    let mut logits = synth::logits(n, v, 2.0, 10);
+    let targets = synth::targets(n, v, 10);
+    // Row 0: half the vocabulary masked. Row 1: +1e4 offset. Row 2: NaN. Row 3: +inf.
+    // Row 4: all -inf. Row 5: spread of thousands.
+    for c in 0..v {
+        if c % 2 == 1 && c != targets[0] as usize {
+            logits[c] = f32::NEG_INFINITY;
+        }
+        logits[v + c] += 1e4;
+        logits[4 * v + c] = f32::NEG_INFINITY;
+        logits[5 * v + c] *= 1500.0;
+    }
+    logits[2 * v + 11] = f32::NAN;
+    logits[3 * v + 12] = f32::INFINITY;
+    let opts = LossOptions::new().reduction(Reduction::None).gradient(true);
+    verify(&logits, v, &targets, &opts, "non-finite rows");
+    let out = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+    let rows = out.row_losses.unwrap();
+    assert!(rows[0].is_finite() && rows[1].is_finite() && rows[5].is_finite());
+    assert!(rows[2].is_nan() && rows[3].is_nan() && rows[4].is_nan());
+}
+
+#[test]
+fn bad_targets_are_typed_errors_before_dispatch() {
+    let logits = synth::logits(4, 5, 1.0, 11);
+    for gpu in common::gpus("bad_targets_are_typed_errors") {
+        for (bad, value) in [(5i64, 5i64), (-1, -1), (-101, -101)] {
+            let targets = [0, 1, bad, 2];
+            match gpu.cross_entropy(&logits, 5, &targets, &LossOptions::new()) {
+                Err(Error::TargetOutOfRange { row: 2, value: v, classes: 5, .. }) => assert_eq!(v, value),
+                other => panic!("expected TargetOutOfRange at row 2, got {other:?}"),
+            }
+        }
+        let e = gpu.cross_entropy(&logits, 6, &[0i64, 1, 2, 3], &LossOptions::new()).unwrap_err();
+        assert!(matches!(e, Error::Shape { got: 20, expected: 24, .. }), "{e}");
+        // The context still works afterwards.
+        let ok = gpu.cross_entropy(&logits, 5, &[0i64, 1, 2, 3], &LossOptions::new()).unwrap();
+        assert!(ok.loss.unwrap().is_finite());
+    }
+}
+
+#[test]
+fn empty_and_degenerate_batches() {
+    for gpu in common::gpus("empty_and_degenerate_batches") {
+        let mean = gpu.cross_entropy(&[], 3, &[] as &[i64; 0], &LossOptions::new()).unwrap();
+        assert!(mean.loss.unwrap().is_nan());
+        let sum = gpu
+            .cross_entropy(&[], 3, &[] as &[i64; 0], &LossOptions::new().reduction(Reduction::Sum))
+            .unwrap();
+        assert_eq!(sum.loss, Some(0.0));
+        // V = 1: loss 0, gradient 0.
+        let one = gpu
+            .cross_entropy(&[3.5, -2.0], 1, &[0i64, 0], &LossOptions::new().gradient(true))
+            .unwrap();
+        assert_eq!(one.loss, Some(0.0));
+        assert_eq!(one.gradient, Some(vec![0.0, 0.0]));
+    }
+}
+
+#[test]
+fn repeated_calls_of_one_shape_allocate_nothing_new() {
+    let (n, v) = (64, 32000);
+    let logits = synth::logits(n, v, 2.0, 12);
+    let targets = synth::targets(n, v, 12);
+    let opts = LossOptions::new().gradient(true);
+    for gpu in common::gpus("repeated_calls_allocate_nothing") {
+        gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+        let before = gpu.buffer_allocations();
+        for _ in 0..3 {
+            gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+        }
+        assert_eq!(gpu.buffer_allocations(), before, "steady state allocated on {}", common::name(gpu));
+    }
+}
+
+#[test]
+fn small_binding_limit_splits_the_batch_into_chunks() {
+    // A device opened with a 64 KiB binding limit: 300 rows of 1000 classes (4000 bytes
+    // each) must go through in 16-row chunks and still match the reference.
+    let gpus = common::gpus("small_binding_limit_splits_the_batch");
+    let Some(first) = gpus.first() else { return };
+    let adapter = xent::gpu::select_adapters(Some(&first.adapter_info().name))
+        .unwrap()
+        .into_iter()
+        .find(|a| a.get_info().backend == first.adapter_info().backend)
+        .unwrap();
+    let mut limits = adapter.limits();
+    limits.max_storage_buffer_binding_size = 64 << 10;
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .unwrap();
+    let gpu = xent::GpuContext::from_device(device, queue).unwrap();
+    let (n, v) = (300, 1000);
+    let logits = synth::logits(n, v, 2.0, 13);
+    let targets = synth::targets(n, v, 13);
+    let opts = LossOptions::new().gradient(true).row_losses(true);
+    let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+    let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+    compare(&got, &want, Tolerance::F32).unwrap();
+    // One row larger than a binding is refused, not truncated.
+    let big = synth::logits(1, 20000, 1.0, 14);
+    let e = gpu.cross_entropy(&big, 20000, &[3i64], &opts).unwrap_err();
+    assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+}
+
+#[test]
+fn reference_is_its_own_backend() {
+    // The Backend trait object path used by the CLI.
+    let logits = synth::logits(3, 4, 1.0, 15);
+    let out: LossOutput = xent::check::Case::run(
+        &conformance_cases().into_iter().find(|c| c.name.starts_with("3x5")).unwrap(),
+        &Reference,
+    )
+    .unwrap();
+    assert!(out.loss.unwrap() > 0.0);
+    assert_eq!(logits.len(), 12);
+}
