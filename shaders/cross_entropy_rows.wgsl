@@ -1,4 +1,7 @@
-// Fused log-softmax + cross-entropy, one workgroup per row.
+// Fused log-softmax + cross-entropy. Each row is handled by `threads_per_row`
+// invocations (a power of two up to WG, chosen by the host from V), so a workgroup
+// serves WG / threads_per_row rows: one row per workgroup for long rows, many short
+// rows per workgroup for small vocabularies.
 //
 // Pass 1 reads the row once and keeps an online-softmax state (running max, rescaled
 // sum) per invocation; the states are merged by a workgroup tree with `combine`, the
@@ -24,7 +27,7 @@ struct Params {
     grad_scale: f32,    // upstream gradient / mean denominator
     grad_mode: u32,
     ignore_index: i32,
-    _pad: u32,
+    threads_per_row: u32, // power of two, <= WG
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -57,22 +60,26 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let r = wid.y * params.groups_x + wid.x;
-    if (r >= params.rows) {
-        return;
-    }
+    let tpr = params.threads_per_row;
+    let lane = lid % tpr;
+    let seg = lid - lane; // first invocation of this row's segment
+    let r = (wid.y * params.groups_x + wid.x) * (WG / tpr) + lid / tpr;
+    // Invocations past the last row still take part in the barriers below.
+    let in_batch = r < params.rows;
     let v = params.classes;
     let base = r * v;
 
     var st = RowState(EMPTY_MAX, 0.0);
-    for (var c = lid; c < v; c += WG) {
-        st = push(st, logits[base + c]);
+    if (in_batch) {
+        for (var c = lane; c < v; c += tpr) {
+            st = push(st, logits[base + c]);
+        }
     }
     wg_max[lid] = st.max;
     wg_sum[lid] = st.sum;
     workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
+    for (var stride = tpr / 2u; stride > 0u; stride = stride / 2u) {
+        if (lane < stride) {
             let o = combine(RowState(wg_max[lid], wg_sum[lid]),
                             RowState(wg_max[lid + stride], wg_sum[lid + stride]));
             wg_max[lid] = o.max;
@@ -80,14 +87,17 @@ fn main(
         }
         workgroupBarrier();
     }
-    let m = wg_max[0];
-    let log_s = log(wg_sum[0]);
+    let m = wg_max[seg];
+    let log_s = log(wg_sum[seg]);
 
-    let t = targets[params.row_base + r];
+    var t = -1;
+    if (in_batch) {
+        t = targets[params.row_base + r];
+    }
     // Out-of-range targets never reach here from the host API (checked before
     // dispatch); treating them as ignored keeps every index in bounds regardless.
     let ignored = t == params.ignore_index || t < 0 || u32(t) >= v;
-    if (lid == 0u) {
+    if (in_batch && lane == 0u) {
         var loss = 0.0;
         if (!ignored) {
             // (max - x_t) is exact for nearby values; adding log(sum) last keeps the
@@ -100,11 +110,14 @@ fn main(
     if (params.grad_mode == GRAD_NONE) {
         return;
     }
-    // Invocation 0 has read x_t above; nobody overwrites the row before this barrier.
+    // Lane 0 has read x_t above; nobody overwrites the row before this barrier.
     workgroupBarrier();
+    if (!in_batch) {
+        return;
+    }
     let scale = params.grad_scale;
     let tc = select(v, u32(t), !ignored);
-    for (var c = lid; c < v; c += WG) {
+    for (var c = lane; c < v; c += tpr) {
         var g = 0.0;
         if (!ignored) {
             var p = exp((logits[base + c] - m) - log_s);

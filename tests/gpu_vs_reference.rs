@@ -11,7 +11,8 @@ fn verify(logits: &[f32], classes: usize, targets: &[i64], opts: &LossOptions, w
         let got = gpu
             .cross_entropy(logits, classes, targets, opts)
             .unwrap_or_else(|e| panic!("{what} on {}: {e}", common::name(gpu)));
-        compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what} on {}: {e}", common::name(gpu)));
+        compare(&got, &want, Tolerance::F32)
+            .unwrap_or_else(|e| panic!("{what} on {}: {e}", common::name(gpu)));
     }
 }
 
@@ -28,7 +29,9 @@ fn conformance_set_on_every_adapter() {
 
 #[test]
 fn sweep_of_class_counts_row_counts_and_reductions() {
-    let classes = [1usize, 2, 3, 31, 255, 256, 257, 513, 1000, 4097, 32000, 131072];
+    let classes = [
+        1usize, 2, 3, 31, 255, 256, 257, 513, 1000, 4097, 32000, 131072,
+    ];
     let rows = [1usize, 7, 129];
     let mut seed = 100;
     for &v in &classes {
@@ -43,8 +46,18 @@ fn sweep_of_class_counts_row_counts_and_reductions() {
                 targets[n / 2] = -100;
             }
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                let opts = LossOptions::new().reduction(reduction).gradient(true).row_losses(true).lse(true);
-                verify(&logits, v, &targets, &opts, &format!("{n}x{v} {reduction:?}"));
+                let opts = LossOptions::new()
+                    .reduction(reduction)
+                    .gradient(true)
+                    .row_losses(true)
+                    .lse(true);
+                verify(
+                    &logits,
+                    v,
+                    &targets,
+                    &opts,
+                    &format!("{n}x{v} {reduction:?}"),
+                );
             }
         }
     }
@@ -61,10 +74,16 @@ fn in_place_gradient_is_bit_identical_to_separate_and_runs_are_deterministic() {
         let b = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
         assert_eq!(a, b, "two runs differ on {}", common::name(gpu));
         let mut in_place = logits.clone();
-        let c = gpu.cross_entropy_in_place(&mut in_place, v, &targets, &opts).unwrap();
+        let c = gpu
+            .cross_entropy_in_place(&mut in_place, v, &targets, &opts)
+            .unwrap();
         assert_eq!(c.loss.map(f32::to_bits), a.loss.map(f32::to_bits));
         let sep = a.gradient.as_ref().unwrap();
-        assert!(sep.iter().zip(&in_place).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(
+            sep.iter()
+                .zip(&in_place)
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        );
     }
 }
 
@@ -76,7 +95,10 @@ fn ignored_rows_have_zero_loss_and_exactly_zero_gradient() {
     let mut targets = synth::targets(n, v, 9);
     targets[3] = 4;
     targets[5] = 4;
-    let opts = LossOptions::new().ignore_index(4).gradient(true).row_losses(true);
+    let opts = LossOptions::new()
+        .ignore_index(4)
+        .gradient(true)
+        .row_losses(true);
     for gpu in common::gpus("ignored_rows_have_zero_loss") {
         let out = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
         let rows = out.row_losses.unwrap();
@@ -121,14 +143,33 @@ fn bad_targets_are_typed_errors_before_dispatch() {
         for (bad, value) in [(5i64, 5i64), (-1, -1), (-101, -101)] {
             let targets = [0, 1, bad, 2];
             match gpu.cross_entropy(&logits, 5, &targets, &LossOptions::new()) {
-                Err(Error::TargetOutOfRange { row: 2, value: v, classes: 5, .. }) => assert_eq!(v, value),
+                Err(Error::TargetOutOfRange {
+                    row: 2,
+                    value: v,
+                    classes: 5,
+                    ..
+                }) => assert_eq!(v, value),
                 other => panic!("expected TargetOutOfRange at row 2, got {other:?}"),
             }
         }
-        let e = gpu.cross_entropy(&logits, 6, &[0i64, 1, 2, 3], &LossOptions::new()).unwrap_err();
-        assert!(matches!(e, Error::Shape { got: 20, expected: 24, .. }), "{e}");
+        let e = gpu
+            .cross_entropy(&logits, 6, &[0i64, 1, 2, 3], &LossOptions::new())
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Shape {
+                    got: 20,
+                    expected: 24,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         // The context still works afterwards.
-        let ok = gpu.cross_entropy(&logits, 5, &[0i64, 1, 2, 3], &LossOptions::new()).unwrap();
+        let ok = gpu
+            .cross_entropy(&logits, 5, &[0i64, 1, 2, 3], &LossOptions::new())
+            .unwrap();
         assert!(ok.loss.unwrap().is_finite());
     }
 }
@@ -136,15 +177,27 @@ fn bad_targets_are_typed_errors_before_dispatch() {
 #[test]
 fn empty_and_degenerate_batches() {
     for gpu in common::gpus("empty_and_degenerate_batches") {
-        let mean = gpu.cross_entropy(&[], 3, &[] as &[i64; 0], &LossOptions::new()).unwrap();
+        let mean = gpu
+            .cross_entropy(&[], 3, &[] as &[i64; 0], &LossOptions::new())
+            .unwrap();
         assert!(mean.loss.unwrap().is_nan());
         let sum = gpu
-            .cross_entropy(&[], 3, &[] as &[i64; 0], &LossOptions::new().reduction(Reduction::Sum))
+            .cross_entropy(
+                &[],
+                3,
+                &[] as &[i64; 0],
+                &LossOptions::new().reduction(Reduction::Sum),
+            )
             .unwrap();
         assert_eq!(sum.loss, Some(0.0));
         // V = 1: loss 0, gradient 0.
         let one = gpu
-            .cross_entropy(&[3.5, -2.0], 1, &[0i64, 0], &LossOptions::new().gradient(true))
+            .cross_entropy(
+                &[3.5, -2.0],
+                1,
+                &[0i64, 0],
+                &LossOptions::new().gradient(true),
+            )
             .unwrap();
         assert_eq!(one.loss, Some(0.0));
         assert_eq!(one.gradient, Some(vec![0.0, 0.0]));
@@ -163,15 +216,21 @@ fn repeated_calls_of_one_shape_allocate_nothing_new() {
         for _ in 0..3 {
             gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
         }
-        assert_eq!(gpu.buffer_allocations(), before, "steady state allocated on {}", common::name(gpu));
+        assert_eq!(
+            gpu.buffer_allocations(),
+            before,
+            "steady state allocated on {}",
+            common::name(gpu)
+        );
     }
 }
 
 #[test]
-fn small_binding_limit_splits_the_batch_into_chunks() {
-    // A device opened with a 64 KiB binding limit: 300 rows of 1000 classes (4000 bytes
-    // each) must go through in 16-row chunks and still match the reference.
-    let gpus = common::gpus("small_binding_limit_splits_the_batch");
+fn tiny_device_limits_split_chunks_fold_dispatches_and_reduce_in_levels() {
+    // A device opened with a 64 KiB binding limit and at most 7 workgroups per dispatch
+    // dimension: every problem below needs several chunks, folded 2D dispatches and a
+    // multi-level reduction, and must still match the reference.
+    let gpus = common::gpus("tiny_device_limits");
     let Some(first) = gpus.first() else { return };
     let adapter = xent::gpu::select_adapters(Some(&first.adapter_info().name))
         .unwrap()
@@ -180,22 +239,37 @@ fn small_binding_limit_splits_the_batch_into_chunks() {
         .unwrap();
     let mut limits = adapter.limits();
     limits.max_storage_buffer_binding_size = 64 << 10;
+    limits.max_compute_workgroups_per_dimension = 7;
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         required_limits: limits,
         ..Default::default()
     }))
     .unwrap();
     let gpu = xent::GpuContext::from_device(device, queue).unwrap();
-    let (n, v) = (300, 1000);
-    let logits = synth::logits(n, v, 2.0, 13);
-    let targets = synth::targets(n, v, 13);
-    let opts = LossOptions::new().gradient(true).row_losses(true);
-    let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
-    let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
-    compare(&got, &want, Tolerance::F32).unwrap();
+    assert_eq!(gpu.limits().max_compute_workgroups_per_dimension, 7);
+    // 300 x 1000: 16 rows (64000 bytes) per chunk, 8 workgroups per chunk (folded).
+    // 5000 x 3: 256 rows per workgroup, 20 workgroups (folded), a two-level reduction.
+    // 9000 x 1: 3 levels' worth of rows for the reduction at this dispatch limit.
+    for (n, v) in [(300usize, 1000usize), (5000, 3), (9000, 1), (3, 16384)] {
+        let logits = synth::logits(n, v, 2.0, 13);
+        let mut targets = synth::targets(n, v, 13);
+        targets[n / 3] = -100;
+        for reduction in [Reduction::Mean, Reduction::Sum] {
+            let opts = LossOptions::new()
+                .reduction(reduction)
+                .gradient(true)
+                .row_losses(true);
+            let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+            let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+            compare(&got, &want, Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{n}x{v} {reduction:?}: {e}"));
+        }
+    }
     // One row larger than a binding is refused, not truncated.
     let big = synth::logits(1, 20000, 1.0, 14);
-    let e = gpu.cross_entropy(&big, 20000, &[3i64], &opts).unwrap_err();
+    let e = gpu
+        .cross_entropy(&big, 20000, &[3i64], &LossOptions::new())
+        .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e}");
 }
 
@@ -204,7 +278,10 @@ fn reference_is_its_own_backend() {
     // The Backend trait object path used by the CLI.
     let logits = synth::logits(3, 4, 1.0, 15);
     let out: LossOutput = xent::check::Case::run(
-        &conformance_cases().into_iter().find(|c| c.name.starts_with("3x5")).unwrap(),
+        &conformance_cases()
+            .into_iter()
+            .find(|c| c.name.starts_with("3x5"))
+            .unwrap(),
         &Reference,
     )
     .unwrap();

@@ -398,10 +398,8 @@ impl GpuContext {
                 0,
                 bytemuck::cast_slice(&io.logits()[span.clone()]),
             );
-            let (gx, gy) = fold_groups(
-                rows as u64,
-                self.limits.max_compute_workgroups_per_dimension,
-            );
+            let groups = rows.div_ceil(plan.rows_per_group) as u64;
+            let (gx, gy) = fold_groups(groups, self.limits.max_compute_workgroups_per_dimension);
             let params = RowParams {
                 rows: rows as u32,
                 classes: v as u32,
@@ -410,7 +408,7 @@ impl GpuContext {
                 grad_scale: plan.grad_scale,
                 grad_mode: plan.grad_mode as u32,
                 ignore_index: Batch::IGNORED,
-                _pad: 0,
+                threads_per_row: plan.threads_per_row,
             };
             self.queue
                 .write_buffer(ws.params.get(), 0, bytemuck::bytes_of(&params));
@@ -644,6 +642,10 @@ fn empty_output(opts: &LossOptions) -> LossOutput {
 /// How one call is cut into chunks of whole rows and reduction levels; a pure function
 /// of the shape, the options and the device limits.
 struct Plan {
+    /// Invocations per row (a power of two up to the workgroup size).
+    threads_per_row: u32,
+    /// Rows per workgroup (workgroup size / threads_per_row).
+    rows_per_group: usize,
     rows_per_chunk: usize,
     chunk_bytes: u64,
     row_bytes: u64,
@@ -686,10 +688,16 @@ impl Plan {
                 hint: hint.into(),
             });
         }
+        // About four elements per invocation at least: short rows share a workgroup.
+        let threads_per_row = match (v / 4).min(u64::from(workgroup_size)) {
+            0 => 1,
+            t => 1u32 << (63 - t.leading_zeros()),
+        };
+        let rows_per_group = u64::from(workgroup_size / threads_per_row);
         let max_dim = u64::from(limits.max_compute_workgroups_per_dimension);
         let rows_per_chunk = (bind_cap / one_row)
             .min(n)
-            .min(max_dim * max_dim)
+            .min(max_dim * max_dim * rows_per_group)
             .min(u64::from(u32::MAX));
         let chunk_bytes = rows_per_chunk * one_row;
 
@@ -731,6 +739,8 @@ impl Plan {
             .max(size_of::<ReduceParams>() as u64)
             .next_multiple_of(u64::from(limits.min_uniform_buffer_offset_alignment));
         let mut plan = Self {
+            threads_per_row,
+            rows_per_group: rows_per_group as usize,
             rows_per_chunk: rows_per_chunk as usize,
             chunk_bytes,
             row_bytes,

@@ -36,7 +36,7 @@ pub(crate) struct RowParams {
     pub grad_scale: f32,
     pub grad_mode: u32,
     pub ignore_index: i32,
-    pub _pad: u32,
+    pub threads_per_row: u32,
 }
 
 /// `Params` of `reduce_sum.wgsl`.
