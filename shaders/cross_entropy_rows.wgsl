@@ -1,5 +1,5 @@
-// Fused log-softmax + cross-entropy. Each row is handled by `threads_per_row`
-// invocations (a power of two up to WG, chosen by the host from V), so a workgroup
+// Fused log-softmax + cross-entropy (row_state.wgsl is prepended). Each row is
+// handled by `threads_per_row` invocations (a power of two up to WG, chosen by the host from V), so a workgroup
 // serves WG / threads_per_row rows: one row per workgroup for long rows, many short
 // rows per workgroup for small vocabularies.
 //
@@ -10,10 +10,6 @@
 // `grad` or over the logits. Loss only: 1 read. Loss + gradient: 2 reads + 1 write.
 
 override WG: u32 = 256u;
-
-// Lowest finite f32: the empty state's max. Starting at -inf would make the first
-// rescale exp(-inf - (-inf)) = NaN for masked (-inf) entries.
-const EMPTY_MAX: f32 = -3.40282347e38;
 
 const GRAD_NONE: u32 = 0u;
 const GRAD_SEPARATE: u32 = 1u;
@@ -36,24 +32,13 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(4) var<storage, read_write> row_lse: array<f32>;
 @group(0) @binding(5) var<storage, read_write> grad: array<f32>;
+// Weight of each row in the `mean` denominator: 1, or 0 for an ignored row.
+@group(0) @binding(6) var<storage, read_write> row_weight: array<f32>;
+// (max, log(sum)) of each row, for a later cross_entropy_backward.wgsl pass.
+@group(0) @binding(7) var<storage, read_write> row_stats: array<vec2<f32>>;
 
 var<workgroup> wg_max: array<f32, WG>;
 var<workgroup> wg_sum: array<f32, WG>;
-
-struct RowState {
-    max: f32,
-    sum: f32,
-}
-
-fn combine(a: RowState, b: RowState) -> RowState {
-    let m = max(a.max, b.max);
-    return RowState(m, a.sum * exp(a.max - m) + b.sum * exp(b.max - m));
-}
-
-fn push(s: RowState, x: f32) -> RowState {
-    let m = max(s.max, x);
-    return RowState(m, s.sum * exp(s.max - m) + exp(x - m));
-}
 
 @compute @workgroup_size(WG)
 fn main(
@@ -106,6 +91,8 @@ fn main(
         }
         row_loss[params.row_base + r] = loss;
         row_lse[params.row_base + r] = m + log_s;
+        row_weight[params.row_base + r] = select(1.0, 0.0, ignored);
+        row_stats[params.row_base + r] = vec2<f32>(m, log_s);
     }
     if (params.grad_mode == GRAD_NONE) {
         return;

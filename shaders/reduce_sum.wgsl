@@ -1,7 +1,8 @@
 // One level of a tree sum: each workgroup adds 2 * WG consecutive values of
 // `data[src ..]` as a pairwise tree and writes one partial sum to `data[dst + group]`.
 // The host dispatches levels until one value is left; the last level divides by
-// `divisor` (the `mean` denominator, 1 for `sum`). The tree shape depends only on the
+// `divisor` (the `mean` denominator, 1 for `sum`), or by `data[divisor_index]` when
+// that is set (a denominator reduced on the device). The tree shape depends only on the
 // count, so the result is bit-identical run to run.
 
 override WG: u32 = 256u;
@@ -13,8 +14,8 @@ struct Params {
     groups_x: u32,
     divisor: f32,
     last: u32,
-    _pad0: u32,
-    _pad1: u32,
+    divisor_index: u32, // 0xffffffff: use `divisor`
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -51,7 +52,11 @@ fn main(
     if (lid == 0u) {
         var total = part[0];
         if (params.last != 0u) {
-            total = total / params.divisor;
+            var d = params.divisor;
+            if (params.divisor_index != 0xffffffffu) {
+                d = data[params.divisor_index];
+            }
+            total = total / d;
         }
         data[params.dst + g] = total;
     }

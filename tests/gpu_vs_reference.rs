@@ -225,13 +225,10 @@ fn repeated_calls_of_one_shape_allocate_nothing_new() {
     }
 }
 
-#[test]
-fn tiny_device_limits_split_chunks_fold_dispatches_and_reduce_in_levels() {
-    // A device opened with a 64 KiB binding limit and at most 7 workgroups per dispatch
-    // dimension: every problem below needs several chunks, folded 2D dispatches and a
-    // multi-level reduction, and must still match the reference.
-    let gpus = common::gpus("tiny_device_limits");
-    let Some(first) = gpus.first() else { return };
+/// A context on the first adapter whose device is opened with tiny limits: a 64 KiB
+/// binding and at most 7 workgroups per dispatch dimension.
+fn tiny_device(gpus: &[xent::GpuContext]) -> Option<xent::GpuContext> {
+    let first = gpus.first()?;
     let adapter = xent::gpu::select_adapters(Some(&first.adapter_info().name))
         .unwrap()
         .into_iter()
@@ -247,30 +244,89 @@ fn tiny_device_limits_split_chunks_fold_dispatches_and_reduce_in_levels() {
     .unwrap();
     let gpu = xent::GpuContext::from_device(device, queue).unwrap();
     assert_eq!(gpu.limits().max_compute_workgroups_per_dimension, 7);
-    // 300 x 1000: 16 rows (64000 bytes) per chunk, 8 workgroups per chunk (folded).
-    // 5000 x 3: 256 rows per workgroup, 20 workgroups (folded), a two-level reduction.
-    // 9000 x 1: 3 levels' worth of rows for the reduction at this dispatch limit.
-    for (n, v) in [(300usize, 1000usize), (5000, 3), (9000, 1), (3, 16384)] {
+    Some(gpu)
+}
+
+#[test]
+fn tiny_device_limits_exercise_every_chunking_path() {
+    let Some(mut gpu) = tiny_device(common::gpus("tiny_device_limits")) else {
+        return;
+    };
+    // (rows, classes, budget in 64 KiB chunks, chunks in flight):
+    // 300 x 1000: 16 rows per chunk, folded dispatches, ragged tail.
+    // 5000 x 3 and 9000 x 1: many rows per chunk, multi-level reductions.
+    // 9 x 12000: one row per chunk. 3 x 40000 and 2 x 70001: rows split into pieces
+    // (larger than a binding), ragged last piece. 4 x 5000 at a 3-chunk budget: the
+    // budget, not the binding, forces smaller chunks.
+    let cases = [
+        (300usize, 1000usize, 16u64, 2usize),
+        (5000, 3, 16, 3),
+        (9000, 1, 16, 1),
+        (9, 12000, 16, 2),
+        (3, 40000, 16, 2),
+        (2, 70001, 16, 3),
+        (4, 5000, 3, 3),
+    ];
+    for (n, v, budget_chunks, ring) in cases {
+        gpu.set_memory_budget(budget_chunks * (64 << 10));
+        gpu.set_chunks_in_flight(ring);
+        let plan =
+            xent::gpu::Plan::new(n, v, xent::gpu::GradKind::Separate, &gpu.plan_limits()).unwrap();
         let logits = synth::logits(n, v, 2.0, 13);
         let mut targets = synth::targets(n, v, 13);
         targets[n / 3] = -100;
-        for reduction in [Reduction::Mean, Reduction::Sum] {
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            let what = format!("{n}x{v} {reduction:?} {:?}", plan.layout);
             let opts = LossOptions::new()
                 .reduction(reduction)
                 .gradient(true)
-                .row_losses(true);
+                .row_losses(true)
+                .lse(true);
             let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
             let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+            compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let mut in_place = logits.clone();
+            let got = gpu
+                .cross_entropy_in_place(&mut in_place, v, &targets, &opts)
+                .unwrap();
+            let got = LossOutput {
+                gradient: Some(in_place),
+                ..got
+            };
+            compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what} in place: {e}"));
+            let loss_only = LossOptions::new().reduction(reduction);
+            let got = gpu.cross_entropy(&logits, v, &targets, &loss_only).unwrap();
+            let want =
+                xent::cpu::reference::cross_entropy(&logits, v, &targets, &loss_only).unwrap();
             compare(&got, &want, Tolerance::F32)
-                .unwrap_or_else(|e| panic!("{n}x{v} {reduction:?}: {e}"));
+                .unwrap_or_else(|e| panic!("{what} loss only: {e}"));
         }
     }
-    // One row larger than a binding is refused, not truncated.
-    let big = synth::logits(1, 20000, 1.0, 14);
-    let e = gpu
-        .cross_entropy(&big, 20000, &[3i64], &LossOptions::new())
-        .unwrap_err();
-    assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+}
+
+#[test]
+fn streamed_results_are_bit_identical_run_to_run() {
+    let Some(mut gpu) = tiny_device(common::gpus("streamed_results_are_bit_identical")) else {
+        return;
+    };
+    gpu.set_memory_budget(3 * (64 << 10));
+    let (n, v) = (500, 700);
+    let logits = synth::logits(n, v, 2.0, 31);
+    let targets = synth::targets(n, v, 31);
+    let opts = LossOptions::new().gradient(true).row_losses(true);
+    let a = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+    for _ in 0..3 {
+        let b = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+        assert_eq!(a.loss.map(f32::to_bits), b.loss.map(f32::to_bits));
+        assert!(
+            a.gradient
+                .as_ref()
+                .unwrap()
+                .iter()
+                .zip(b.gradient.as_ref().unwrap())
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        );
+    }
 }
 
 #[test]

@@ -2,7 +2,8 @@
 
 #[test]
 fn every_shader_validates_with_naga() {
-    for (name, source) in xent::gpu::SHADERS {
+    for (name, source) in xent::gpu::shaders() {
+        let source = source.as_str();
         let module = naga::front::wgsl::parse_str(source)
             .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
         naga::valid::Validator::new(

@@ -1,8 +1,14 @@
-//! The device side: the WGSL kernels ([`SHADERS`]) and [`GpuContext`], which owns a
-//! device, its pipelines and buffers.
+//! The device side: the WGSL kernels ([`shaders`]), the chunking [`Plan`], and
+//! [`GpuContext`], which owns a device, its pipelines and buffers.
 
+mod buffers;
 mod context;
 mod kernels;
+pub mod plan;
+mod resident;
+mod stream;
 
 pub use context::{GpuContext, adapters, instance, select_adapters};
-pub use kernels::{CROSS_ENTROPY_ROWS_WGSL, REDUCE_SUM_WGSL, SHADERS};
+pub use kernels::shaders;
+pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
+pub use resident::{DeviceBatch, DeviceGradient, DeviceLoss};

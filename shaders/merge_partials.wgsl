@@ -1,0 +1,52 @@
+// Combines the block states of each row written by row_partials.wgsl (row_state.wgsl is
+// prepended), in block order, into the row's loss, LSE, mean weight and statistics.
+// One invocation per row; rows have few blocks.
+
+override WG: u32 = 256u;
+
+struct Params {
+    rows: u32,
+    blocks: u32,        // blocks per row in `partials`
+    row_base: u32,      // global row of row 0 (targets, outputs)
+    groups_x: u32,
+    classes: u32,
+    ignore_index: i32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> partials: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> targets: array<i32>;
+@group(0) @binding(3) var<storage, read_write> row_loss: array<f32>;
+@group(0) @binding(4) var<storage, read_write> row_lse: array<f32>;
+@group(0) @binding(5) var<storage, read_write> row_weight: array<f32>;
+@group(0) @binding(6) var<storage, read_write> row_stats: array<vec2<f32>>;
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let r = (wid.y * params.groups_x + wid.x) * WG + lid;
+    if (r >= params.rows) {
+        return;
+    }
+    var st = RowState(EMPTY_MAX, 0.0);
+    var x_t = 0.0;
+    for (var b = 0u; b < params.blocks; b++) {
+        let p = partials[r * params.blocks + b];
+        st = combine(st, RowState(p.x, p.y));
+        if (p.w != 0.0) {
+            x_t = p.z;
+        }
+    }
+    let log_s = log(st.sum);
+    let t = targets[params.row_base + r];
+    let ignored = t == params.ignore_index || t < 0 || u32(t) >= params.classes;
+    let row = params.row_base + r;
+    row_loss[row] = select((st.max - x_t) + log_s, 0.0, ignored);
+    row_lse[row] = st.max + log_s;
+    row_weight[row] = select(1.0, 0.0, ignored);
+    row_stats[row] = vec2<f32>(st.max, log_s);
+}

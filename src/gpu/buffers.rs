@@ -1,0 +1,227 @@
+//! Growable GPU buffers and the recording of dispatches with their parameter blocks.
+
+use bytemuck::Pod;
+
+use super::kernels::{Kernel, MAX_PARAMS_SIZE};
+
+/// A GPU buffer that is reallocated only when a call needs more than it holds.
+#[derive(Default)]
+pub(crate) struct Slot {
+    buffer: Option<wgpu::Buffer>,
+}
+
+impl Slot {
+    /// Makes the buffer hold at least `size` bytes; returns true when it was (re)allocated.
+    /// Capacity grows to the next power of two (up to `cap`) so that calls of a similar
+    /// size reuse it.
+    pub fn ensure(
+        &mut self,
+        device: &wgpu::Device,
+        label: &str,
+        usage: wgpu::BufferUsages,
+        size: u64,
+        cap: u64,
+    ) -> bool {
+        let size = size.max(16).next_multiple_of(16);
+        if self.buffer.as_ref().is_some_and(|b| b.size() >= size) {
+            return false;
+        }
+        let capacity = size.next_power_of_two().min(cap).max(size);
+        self.buffer = Some(device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: capacity,
+            usage,
+            mapped_at_creation: false,
+        }));
+        true
+    }
+
+    pub fn get(&self) -> &wgpu::Buffer {
+        self.buffer.as_ref().expect("slot ensured before use")
+    }
+}
+
+/// Distance between parameter blocks in a uniform buffer.
+pub(crate) fn params_stride(limits: &wgpu::Limits) -> u64 {
+    MAX_PARAMS_SIZE.next_multiple_of(u64::from(limits.min_uniform_buffer_offset_alignment))
+}
+
+/// Splits `groups` workgroups into a 2D grid within the per-dimension limit.
+pub(crate) fn fold_groups(groups: u64, max_per_dim: u32) -> (u32, u32) {
+    let x = groups.min(u64::from(max_per_dim)).max(1);
+    (x as u32, groups.div_ceil(x) as u32)
+}
+
+/// The `groups_x` a kernel must be told for `groups` workgroups.
+pub(crate) fn groups_x(groups: u64, max_per_dim: u32) -> u32 {
+    fold_groups(groups, max_per_dim).0
+}
+
+enum Encoder<'e> {
+    Owned(wgpu::CommandEncoder),
+    Borrowed(&'e mut wgpu::CommandEncoder),
+}
+
+/// Records dispatches, each with its parameter block (gathered into one upload at the
+/// end), and copies, in order, into its own encoder or a caller's.
+pub(crate) struct Recorder<'e> {
+    encoder: Encoder<'e>,
+    params: Vec<u8>,
+    stride: u64,
+    max_per_dim: u32,
+}
+
+impl<'e> Recorder<'e> {
+    /// Records into a new encoder of `device`; finish with [`Recorder::submit`].
+    pub fn new(device: &wgpu::Device, limits: &wgpu::Limits) -> Recorder<'static> {
+        Recorder::with(
+            Encoder::Owned(device.create_command_encoder(&Default::default())),
+            limits,
+        )
+    }
+
+    /// Records into the caller's encoder; finish with [`Recorder::write_params`].
+    pub fn into_encoder(encoder: &'e mut wgpu::CommandEncoder, limits: &wgpu::Limits) -> Self {
+        Self::with(Encoder::Borrowed(encoder), limits)
+    }
+
+    fn with(encoder: Encoder<'e>, limits: &wgpu::Limits) -> Self {
+        Self {
+            encoder,
+            params: Vec::new(),
+            stride: params_stride(limits),
+            max_per_dim: limits.max_compute_workgroups_per_dimension,
+        }
+    }
+
+    fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        match &mut self.encoder {
+            Encoder::Owned(e) => e,
+            Encoder::Borrowed(e) => e,
+        }
+    }
+
+    /// Number of parameter blocks recorded.
+    pub fn blocks(&self) -> u64 {
+        self.params.len() as u64 / self.stride
+    }
+
+    /// Records `kernel` over `groups` workgroups (folded into 2D) with `params`.
+    pub fn dispatch<P: Pod>(
+        &mut self,
+        kernel: &Kernel,
+        bind_group: &wgpu::BindGroup,
+        params: &P,
+        groups: u64,
+    ) {
+        let offset = self.params.len() as u64;
+        self.params.extend_from_slice(bytemuck::bytes_of(params));
+        self.params.resize((offset + self.stride) as usize, 0);
+        let (gx, gy) = fold_groups(groups, self.max_per_dim);
+        let mut pass = self
+            .encoder()
+            .begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, bind_group, &[offset as u32]);
+        pass.dispatch_workgroups(gx, gy, 1);
+    }
+
+    /// Records a buffer copy.
+    pub fn copy(
+        &mut self,
+        src: &wgpu::Buffer,
+        src_at: u64,
+        dst: &wgpu::Buffer,
+        dst_at: u64,
+        bytes: u64,
+    ) {
+        if bytes > 0 {
+            self.encoder()
+                .copy_buffer_to_buffer(src, src_at, dst, dst_at, bytes);
+        }
+    }
+
+    /// Queues the parameter blocks for upload into `params`: applied at the next submit
+    /// on the queue, before the recorded commands run.
+    pub fn write_params(&self, queue: &wgpu::Queue, params: &wgpu::Buffer) {
+        if !self.params.is_empty() {
+            queue.write_buffer(params, 0, &self.params);
+        }
+    }
+
+    /// Uploads the parameters into `params` and submits the recorder's own encoder.
+    pub fn submit(self, queue: &wgpu::Queue, params: &wgpu::Buffer) -> wgpu::SubmissionIndex {
+        self.write_params(queue, params);
+        match self.encoder {
+            Encoder::Owned(e) => queue.submit([e.finish()]),
+            Encoder::Borrowed(_) => unreachable!("a caller's encoder is submitted by the caller"),
+        }
+    }
+}
+
+/// A bind group over `buffers` at bindings 1.. (whole buffers), with the uniform
+/// parameter block of `kernel` at binding 0.
+pub(crate) fn bind(
+    device: &wgpu::Device,
+    kernel: &Kernel,
+    params: &wgpu::Buffer,
+    buffers: &[&wgpu::Buffer],
+) -> wgpu::BindGroup {
+    let mut entries = vec![wgpu::BindGroupEntry {
+        binding: 0,
+        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: params,
+            offset: 0,
+            size: wgpu::BufferSize::new(kernel.params_size),
+        }),
+    }];
+    entries.extend(
+        buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: b.as_entire_binding(),
+            }),
+    );
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &kernel.layout,
+        entries: &entries,
+    })
+}
+
+/// Like [`bind`], with explicit (buffer, offset, size) ranges.
+pub(crate) fn bind_ranges(
+    device: &wgpu::Device,
+    kernel: &Kernel,
+    params: &wgpu::Buffer,
+    ranges: &[(&wgpu::Buffer, u64, u64)],
+) -> wgpu::BindGroup {
+    let mut entries = vec![wgpu::BindGroupEntry {
+        binding: 0,
+        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: params,
+            offset: 0,
+            size: wgpu::BufferSize::new(kernel.params_size),
+        }),
+    }];
+    entries.extend(
+        ranges
+            .iter()
+            .enumerate()
+            .map(|(i, &(buffer, offset, size))| wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer,
+                    offset,
+                    size: wgpu::BufferSize::new(size),
+                }),
+            }),
+    );
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &kernel.layout,
+        entries: &entries,
+    })
+}

@@ -1,0 +1,414 @@
+//! How a problem is cut into pieces that fit the device: a pure function of the shape,
+//! the device limits and the memory budget, tested without a GPU.
+//!
+//! Rows that fit in one binding go through the fused kernel, `rows_per_chunk` whole rows
+//! at a time ([`Layout::Rows`]). A row larger than one binding (or than the budget) is
+//! cut into column pieces ([`Layout::Split`]): each piece yields partial (max, sum)
+//! states that are merged per row with the [`crate::RowState`] rule, and the gradient,
+//! when asked for, is a second sweep over the pieces.
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+
+/// Device bytes a call may use by default for its streamed chunks.
+pub const DEFAULT_BUDGET: u64 = 1 << 30;
+/// Chunks in flight by default: two, so that one uploads while the other computes.
+pub const DEFAULT_RING: usize = 2;
+/// Columns reduced by one workgroup of the split-row kernels.
+pub const SPLIT_BLOCK_COLS: usize = 4096;
+/// Device bytes per row of the per-row buffers of a chunk (targets, loss, LSE, weight,
+/// statistics, their readback and reduction scratch).
+pub const ROW_OVERHEAD_BYTES: u64 = 48;
+
+/// What the device allows, and how much of it a call may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanLimits {
+    /// Largest storage binding in bytes (`max_storage_buffer_binding_size`, capped by
+    /// `max_buffer_size`).
+    pub max_binding: u64,
+    /// `max_compute_workgroups_per_dimension`.
+    pub max_workgroups_per_dim: u32,
+    /// Workgroup size of the kernels (a power of two).
+    pub workgroup_size: u32,
+    /// Device bytes all chunks in flight may use together.
+    pub budget: u64,
+    /// Chunks in flight at once (at least 1).
+    pub ring: usize,
+}
+
+impl PlanLimits {
+    /// The limits of a device, with the default budget and ring.
+    pub fn of(limits: &wgpu::Limits, workgroup_size: u32) -> Self {
+        Self {
+            max_binding: limits
+                .max_storage_buffer_binding_size
+                .min(limits.max_buffer_size),
+            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+            workgroup_size,
+            budget: DEFAULT_BUDGET,
+            ring: DEFAULT_RING,
+        }
+    }
+
+    fn max_groups(&self) -> u64 {
+        u64::from(self.max_workgroups_per_dim).pow(2)
+    }
+}
+
+/// Which gradient a call writes; it decides how many buffers of a chunk's size a slot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradKind {
+    /// Loss only.
+    None,
+    /// Gradient to a separate buffer.
+    Separate,
+    /// Gradient over the logits.
+    InPlace,
+}
+
+impl GradKind {
+    /// Buffers of the chunk's size per slot: the logits, a separate gradient, a readback.
+    fn buffers_per_element(self) -> u64 {
+        match self {
+            GradKind::None => 1,
+            GradKind::Separate => 3,
+            GradKind::InPlace => 2,
+        }
+    }
+}
+
+/// The shape of the chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Whole rows, `rows_per_chunk` at a time, `threads_per_row` invocations per row.
+    Rows {
+        /// Rows in each chunk (the last chunk may have fewer).
+        rows_per_chunk: usize,
+        /// Invocations per row in the fused kernel (a power of two ≤ the workgroup size).
+        threads_per_row: u32,
+    },
+    /// Every row cut into `pieces` column pieces of `piece_cols` (the last one ragged).
+    Split {
+        /// Columns per piece.
+        piece_cols: usize,
+        /// Pieces per row.
+        pieces: usize,
+        /// Workgroups (column blocks of [`SPLIT_BLOCK_COLS`]) per piece.
+        blocks_per_piece: usize,
+    },
+}
+
+/// One unit of streamed work: a block of the [rows, classes] matrix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Rows of the block.
+    pub rows: Range<usize>,
+    /// Columns of the block (all of them in the row layout).
+    pub cols: Range<usize>,
+}
+
+/// A plan for one call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Rows N.
+    pub rows: usize,
+    /// Classes V.
+    pub classes: usize,
+    /// The gradient written.
+    pub grad: GradKind,
+    /// The chunk shape.
+    pub layout: Layout,
+    /// Slots in flight.
+    pub ring: usize,
+    /// Elements of the largest chunk (the size of each slot's logits buffer).
+    pub chunk_elems: usize,
+    /// Rows of per-row output per slot.
+    pub slot_rows: usize,
+}
+
+impl Plan {
+    /// Plans an [rows, classes] problem. Fails only when nothing fits: the budget cannot
+    /// hold even a minimal piece, or the per-chunk results outgrow one binding.
+    pub fn new(rows: usize, classes: usize, grad: GradKind, limits: &PlanLimits) -> Result<Self> {
+        if classes == 0 {
+            return Err(Error::InvalidOption("classes must be at least 1".into()));
+        }
+        let ring = limits.ring.max(1);
+        let slot_budget = limits.budget / ring as u64;
+        let per_elem = 4 * grad.buffers_per_element();
+        let v = classes as u64;
+        let wg = u64::from(limits.workgroup_size);
+        // About four elements per invocation: short rows share a workgroup.
+        let threads_per_row = match (v / 4).min(wg) {
+            0 => 1,
+            t => 1u32 << (63 - t.leading_zeros()),
+        };
+        let rows_per_group = wg / u64::from(threads_per_row);
+        let fit_rows = [
+            limits.max_binding / (v * 4),
+            limits.max_binding / 16,
+            slot_budget / (v * per_elem + ROW_OVERHEAD_BYTES),
+            limits.max_groups() * rows_per_group,
+            u64::from(u32::MAX) / v.max(1),
+            rows.max(1) as u64,
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(0);
+        if fit_rows >= 1 {
+            return Ok(Self {
+                rows,
+                classes,
+                grad,
+                layout: Layout::Rows {
+                    rows_per_chunk: fit_rows as usize,
+                    threads_per_row,
+                },
+                ring,
+                chunk_elems: fit_rows as usize * classes,
+                slot_rows: fit_rows as usize,
+            });
+        }
+
+        // Split rows: the largest piece the binding and the budget allow, a multiple of
+        // 64 columns when it can be (aligned offsets, whole vectors).
+        let mut piece = (limits.max_binding / 4)
+            .min(slot_budget.saturating_sub(ROW_OVERHEAD_BYTES) / per_elem)
+            .min(limits.max_groups() * SPLIT_BLOCK_COLS as u64)
+            .min(v);
+        if piece >= 128 {
+            piece -= piece % 64;
+        }
+        if piece == 0 {
+            return Err(Error::InvalidOption(format!(
+                "memory budget of {} bytes over {ring} slots cannot hold a single column piece",
+                limits.budget
+            )));
+        }
+        let piece_cols = piece as usize;
+        let pieces = classes.div_ceil(piece_cols);
+        let blocks_per_piece = piece_cols.div_ceil(SPLIT_BLOCK_COLS);
+        let partial_bytes = (pieces * blocks_per_piece * 16) as u64;
+        if partial_bytes > limits.max_binding {
+            return Err(Error::TooLarge {
+                what: format!("partial states of a row of {classes} classes"),
+                needed: partial_bytes,
+                limit: limits.max_binding,
+                hint: "raise the memory budget so that pieces are larger".into(),
+            });
+        }
+        Ok(Self {
+            rows,
+            classes,
+            grad,
+            layout: Layout::Split {
+                piece_cols,
+                pieces,
+                blocks_per_piece,
+            },
+            ring,
+            chunk_elems: piece_cols,
+            slot_rows: 1,
+        })
+    }
+
+    /// The forward chunks, in order: blocks of whole rows, or the pieces of each row.
+    pub fn chunks(&self) -> impl Iterator<Item = Chunk> + '_ {
+        let (n, v) = (self.rows, self.classes);
+        let (row_step, col_step) = match self.layout {
+            Layout::Rows { rows_per_chunk, .. } => (rows_per_chunk, v),
+            Layout::Split { piece_cols, .. } => (1, piece_cols),
+        };
+        (0..n).step_by(row_step.max(1)).flat_map(move |r| {
+            let rows = r..(r + row_step).min(n);
+            (0..v).step_by(col_step).map(move |c| Chunk {
+                rows: rows.clone(),
+                cols: c..(c + col_step).min(v),
+            })
+        })
+    }
+
+    /// Number of row groups whose losses are reduced per chunk (chunks of whole rows, or
+    /// single split rows).
+    pub fn row_groups(&self) -> usize {
+        match self.layout {
+            Layout::Rows { rows_per_chunk, .. } => self.rows.div_ceil(rows_per_chunk),
+            Layout::Split { .. } => self.rows,
+        }
+    }
+
+    /// Device bytes of one slot (the buffers one chunk in flight uses).
+    pub fn slot_bytes(&self) -> u64 {
+        self.chunk_elems as u64 * 4 * self.grad.buffers_per_element()
+            + self.slot_rows as u64 * ROW_OVERHEAD_BYTES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lavapipe() -> PlanLimits {
+        PlanLimits {
+            max_binding: 128 << 20,
+            max_workgroups_per_dim: 65535,
+            workgroup_size: 256,
+            budget: DEFAULT_BUDGET,
+            ring: 2,
+        }
+    }
+
+    fn tiny(budget_chunks: u64) -> PlanLimits {
+        PlanLimits {
+            max_binding: 64 << 10,
+            max_workgroups_per_dim: 7,
+            workgroup_size: 256,
+            budget: budget_chunks * (64 << 10),
+            ring: 3,
+        }
+    }
+
+    /// Every element is covered exactly once, chunks respect the binding, the budget and
+    /// the dispatch limits.
+    fn check_invariants(plan: &Plan, limits: &PlanLimits) {
+        let mut covered = vec![0u8; plan.rows * plan.classes];
+        let mut count = 0;
+        for ch in plan.chunks() {
+            count += 1;
+            assert!(!ch.rows.is_empty() && !ch.cols.is_empty(), "{ch:?}");
+            assert!(ch.rows.len() * ch.cols.len() <= plan.chunk_elems);
+            assert!((ch.rows.len() * ch.cols.len() * 4) as u64 <= limits.max_binding);
+            for r in ch.rows.clone() {
+                for c in ch.cols.clone() {
+                    covered[r * plan.classes + c] += 1;
+                }
+            }
+        }
+        assert!(
+            covered.iter().all(|&c| c == 1),
+            "every element exactly once"
+        );
+        assert!(
+            plan.slot_bytes() * plan.ring as u64 <= limits.budget,
+            "{plan:?}"
+        );
+        match plan.layout {
+            Layout::Rows {
+                rows_per_chunk,
+                threads_per_row,
+            } => {
+                let per_group = (limits.workgroup_size / threads_per_row) as usize;
+                let groups = rows_per_chunk.div_ceil(per_group) as u64;
+                assert!(groups <= limits.max_groups());
+                assert_eq!(count, plan.rows.div_ceil(rows_per_chunk));
+            }
+            Layout::Split {
+                piece_cols,
+                pieces,
+                blocks_per_piece,
+            } => {
+                assert!(pieces >= 2);
+                assert!(blocks_per_piece as u64 <= limits.max_groups());
+                assert_eq!(count, plan.rows * pieces);
+                assert!(piece_cols * 4 <= limits.max_binding as usize);
+            }
+        }
+    }
+
+    #[test]
+    fn llm_batch_on_lavapipe_is_whole_rows_within_one_binding() {
+        let limits = lavapipe();
+        let plan = Plan::new(16385, 131072, GradKind::None, &limits).unwrap();
+        assert_eq!(
+            plan.layout,
+            Layout::Rows {
+                rows_per_chunk: 256,
+                threads_per_row: 256
+            }
+        );
+        assert_eq!(plan.chunks().count(), 65);
+        assert!(plan.slot_bytes() * 2 <= limits.budget);
+        let last = plan.chunks().last().unwrap();
+        assert_eq!(last.rows, 16384..16385, "ragged tail");
+        // With a gradient the chunks shrink to keep the budget.
+        let plan = Plan::new(16385, 131072, GradKind::Separate, &limits).unwrap();
+        assert!(plan.slot_bytes() * 2 <= limits.budget);
+    }
+
+    #[test]
+    fn tiny_limits_cover_every_chunking_path() {
+        // Many rows per chunk, with a ragged tail.
+        let l = tiny(3);
+        let p = Plan::new(1000, 10, GradKind::Separate, &l).unwrap();
+        assert!(matches!(p.layout, Layout::Rows { rows_per_chunk, .. } if rows_per_chunk > 1));
+        assert_ne!(
+            1000 % match p.layout {
+                Layout::Rows { rows_per_chunk, .. } => rows_per_chunk,
+                _ => 0,
+            },
+            0
+        );
+        check_invariants(&p, &l);
+        // One row per chunk.
+        let p = Plan::new(9, 12000, GradKind::None, &l).unwrap();
+        assert!(
+            matches!(
+                p.layout,
+                Layout::Rows {
+                    rows_per_chunk: 1,
+                    ..
+                }
+            ),
+            "{p:?}"
+        );
+        check_invariants(&p, &l);
+        // A row split over several chunks (larger than one 64 KiB binding), ragged piece.
+        let p = Plan::new(3, 40000, GradKind::InPlace, &l).unwrap();
+        assert!(
+            matches!(p.layout, Layout::Split { pieces, .. } if pieces >= 3),
+            "{p:?}"
+        );
+        assert_ne!(
+            40000
+                % match p.layout {
+                    Layout::Split { piece_cols, .. } => piece_cols,
+                    _ => 0,
+                },
+            0
+        );
+        check_invariants(&p, &l);
+        // The budget, not the binding, forces the split.
+        let small_budget = PlanLimits {
+            budget: 3 * 8192,
+            ..l
+        };
+        let p = Plan::new(2, 4000, GradKind::Separate, &small_budget).unwrap();
+        assert!(matches!(p.layout, Layout::Split { .. }), "{p:?}");
+        check_invariants(&p, &small_budget);
+        // The dispatch limit caps rows per chunk for tiny rows.
+        let p = Plan::new(100000, 1, GradKind::None, &l).unwrap();
+        check_invariants(&p, &l);
+    }
+
+    #[test]
+    fn a_budget_that_holds_nothing_is_an_error() {
+        let l = PlanLimits {
+            budget: 4,
+            ..tiny(1)
+        };
+        assert!(matches!(
+            Plan::new(2, 100, GradKind::None, &l),
+            Err(Error::InvalidOption(_))
+        ));
+    }
+
+    #[test]
+    fn the_plan_is_a_pure_function() {
+        let l = tiny(5);
+        assert_eq!(
+            Plan::new(77, 9999, GradKind::Separate, &l).unwrap(),
+            Plan::new(77, 9999, GradKind::Separate, &l).unwrap()
+        );
+    }
+}

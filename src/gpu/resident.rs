@@ -1,0 +1,365 @@
+//! The device-resident API, for engines whose logits and targets already live in GPU
+//! buffers: xent records its passes into the caller's `CommandEncoder`, reads the
+//! caller's buffers in place (no copies), and returns device buffers with the results.
+//! Nothing is read back unless asked ([`GpuContext::read_device_loss`]).
+
+use crate::error::{Error, Result};
+use crate::options::Reduction;
+
+use super::buffers::{Recorder, bind_ranges, groups_x, params_stride};
+use super::context::GpuContext;
+use super::kernels::{BackwardParams, GradMode, NO_INDEX, RowParams};
+use super::stream::reduce_levels;
+
+/// A whole-buffer binding range of at least `bytes`.
+fn whole(b: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, u64) {
+    (b, 0, bytes.max(16).min(b.size()))
+}
+
+/// Columns per workgroup of the backward kernel on the device path.
+const BACKWARD_BLOCK_COLS: usize = 4096;
+
+/// A batch in the caller's GPU buffers.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceBatch<'a> {
+    /// f32 logits [rows, classes], row major, at `logits_offset` bytes (a multiple of
+    /// `min_storage_buffer_offset_alignment`). Needs `BufferUsages::STORAGE`.
+    pub logits: &'a wgpu::Buffer,
+    /// Byte offset of the logits.
+    pub logits_offset: u64,
+    /// i32 class indices [rows] at `targets_offset`. Rows whose target equals
+    /// `ignore_index`, or lies outside [0, classes), are ignored (loss 0, gradient 0):
+    /// the device cannot report a bad target, so validate on the host if that matters.
+    pub targets: &'a wgpu::Buffer,
+    /// Byte offset of the targets.
+    pub targets_offset: u64,
+    /// Rows N.
+    pub rows: usize,
+    /// Classes V.
+    pub classes: usize,
+    /// The ignore index.
+    pub ignore_index: i32,
+}
+
+/// Where the device path writes the gradient.
+#[derive(Clone, Copy, Debug)]
+pub enum DeviceGradient<'a> {
+    /// No gradient.
+    None,
+    /// Over the logits, in the caller's buffer.
+    InPlace,
+    /// Into `buffer` at `offset` bytes: f32 [rows, classes].
+    Into {
+        /// The buffer (needs `STORAGE`).
+        buffer: &'a wgpu::Buffer,
+        /// Byte offset (aligned like the logits).
+        offset: u64,
+    },
+}
+
+/// Results of a recorded evaluation, as device buffers (all `STORAGE | COPY_SRC`).
+/// They are valid once the caller has submitted the encoder.
+pub struct DeviceLoss {
+    /// Per-row losses, f32 [rows].
+    pub row_loss: wgpu::Buffer,
+    /// Per-row log-sum-exp, f32 [rows].
+    pub lse: wgpu::Buffer,
+    /// The reduced loss at element 0 (f32), and the `mean` denominator (the number of
+    /// non-ignored rows) at element 1. For [`Reduction::None`] element 0 is the sum.
+    pub loss: wgpu::Buffer,
+    /// Rows N.
+    pub rows: usize,
+    // Kept alive until the caller's commands have run.
+    _scratch: Vec<wgpu::Buffer>,
+}
+
+impl GpuContext {
+    /// Records the loss (and gradient) of a batch held in the caller's buffers into the
+    /// caller's encoder. Forward and, for `mean` with a gradient, a separate backward pass
+    /// that reads the denominator reduced on the device: 2 reads + 1 write of the logits,
+    /// as in the fused host path.
+    pub fn record_cross_entropy(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        batch: &DeviceBatch<'_>,
+        reduction: Reduction,
+        gradient: DeviceGradient<'_>,
+    ) -> Result<DeviceLoss> {
+        self.scoped(|| self.record_inner(encoder, batch, reduction, gradient))
+    }
+
+    fn record_inner(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        batch: &DeviceBatch<'_>,
+        reduction: Reduction,
+        gradient: DeviceGradient<'_>,
+    ) -> Result<DeviceLoss> {
+        let (n, v) = (batch.rows, batch.classes);
+        if v == 0 {
+            return Err(Error::InvalidOption("classes must be at least 1".into()));
+        }
+        let align = u64::from(self.limits.min_storage_buffer_offset_alignment);
+        let bind_cap = self
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size);
+        let row_bytes = v as u64 * 4;
+        let total = n as u64 * row_bytes;
+        let check = |what: &str, buffer: &wgpu::Buffer, offset: u64, bytes: u64| -> Result<()> {
+            if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+                return Err(Error::InvalidOption(format!(
+                    "{what} buffer needs BufferUsages::STORAGE"
+                )));
+            }
+            if !offset.is_multiple_of(align) {
+                return Err(Error::InvalidOption(format!(
+                    "{what} offset {offset} is not a multiple of min_storage_buffer_offset_alignment ({align})"
+                )));
+            }
+            if offset + bytes > buffer.size() {
+                return Err(Error::Shape {
+                    what: format!("{what} buffer (bytes from offset {offset})"),
+                    got: buffer.size().saturating_sub(offset) as usize,
+                    expected: bytes as usize,
+                });
+            }
+            Ok(())
+        };
+        check("logits", batch.logits, batch.logits_offset, total)?;
+        check("targets", batch.targets, batch.targets_offset, n as u64 * 4)?;
+        if let DeviceGradient::Into { buffer, offset } = gradient {
+            check("gradient", buffer, offset, total)?;
+        }
+        if n as u64 * 8 > bind_cap {
+            return Err(Error::TooLarge {
+                what: format!("per-row results of {n} rows"),
+                needed: n as u64 * 8,
+                limit: bind_cap,
+                hint: "record the batch in parts".into(),
+            });
+        }
+        // Chunks of whole rows, each bound at an aligned offset of the caller's buffer.
+        let gcd = |mut a: u64, mut b: u64| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        let row_quantum = align / gcd(row_bytes, align);
+        let mut rows_per_chunk = (bind_cap / row_bytes) / row_quantum * row_quantum;
+        let wg = self.kernels.workgroup_size;
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let threads_per_row = match (v as u64 / 4).min(u64::from(wg)) {
+            0 => 1,
+            t => 1u32 << (63 - t.leading_zeros()),
+        };
+        let rows_per_group = u64::from(wg / threads_per_row);
+        let max_rows = u64::from(max_dim).pow(2) * rows_per_group;
+        rows_per_chunk = rows_per_chunk.min(max_rows / row_quantum * row_quantum);
+        if rows_per_chunk == 0 && n > 0 {
+            return Err(Error::TooLarge {
+                what: format!("{row_quantum} rows of {v} classes (one aligned chunk)"),
+                needed: row_quantum * row_bytes,
+                limit: bind_cap,
+                hint: "rows this long are supported for host arrays (split into column pieces), not on the device path".into(),
+            });
+        }
+        let rows_per_chunk = rows_per_chunk.max(1) as usize;
+
+        use wgpu::BufferUsages as U;
+        let d = &self.device;
+        let new_buffer = |label: &str, bytes: u64| {
+            d.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes.max(16).next_multiple_of(16),
+                usage: U::STORAGE | U::COPY_SRC | U::COPY_DST,
+                mapped_at_creation: false,
+            })
+        };
+        let rows = n.max(1) as u64;
+        let row_loss = new_buffer("xent row_loss", rows * 4);
+        let lse = new_buffer("xent lse", rows * 4);
+        let weight = new_buffer("xent row_weight", rows * 4);
+        let stats = new_buffer("xent row_stats", rows * 8);
+        let loss = new_buffer("xent loss", 8);
+        let dummy = new_buffer("xent unused", 16);
+        let norm = new_buffer("xent norm", 16);
+        // Scratch: weights' levels first (the count), then the losses' levels, which
+        // divide by the count for `mean`.
+        let count_levels = reduce_levels(rows, 0, wg, max_dim, 1.0, NO_INDEX);
+        let loss_src = count_levels.extent;
+        let (divisor, divisor_index) = match reduction {
+            Reduction::Mean => (1.0, count_levels.result),
+            _ => (1.0, NO_INDEX),
+        };
+        let loss_levels = reduce_levels(rows, loss_src, wg, max_dim, divisor, divisor_index);
+        let scratch = new_buffer("xent scratch", loss_levels.extent * 4);
+
+        let chunks = n.div_ceil(rows_per_chunk);
+        let mean_grad = reduction == Reduction::Mean && !matches!(gradient, DeviceGradient::None);
+        let blocks = (chunks * (1 + usize::from(mean_grad))
+            + count_levels.levels.len()
+            + loss_levels.levels.len()) as u64;
+        let params = d.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("xent params"),
+            size: blocks.max(1) * params_stride(&self.limits),
+            usage: U::UNIFORM | U::COPY_DST,
+            mapped_at_creation: false,
+        });
+
+        let mut rec = Recorder::into_encoder(encoder, &self.limits);
+        let fused_mode = match gradient {
+            _ if mean_grad => GradMode::None,
+            DeviceGradient::None => GradMode::None,
+            DeviceGradient::InPlace => GradMode::InPlace,
+            DeviceGradient::Into { .. } => GradMode::Separate,
+        };
+        for c in 0..chunks {
+            let first = c * rows_per_chunk;
+            let count = rows_per_chunk.min(n - first);
+            let at = first as u64 * row_bytes;
+            let bytes = count as u64 * row_bytes;
+            let grad_range = match gradient {
+                DeviceGradient::Into { buffer, offset } if !mean_grad => {
+                    (buffer, offset + at, bytes)
+                }
+                _ => (&dummy, 0, 16),
+            };
+            let bg = bind_ranges(
+                d,
+                &self.kernels.rows,
+                &params,
+                &[
+                    (batch.logits, batch.logits_offset + at, bytes),
+                    (batch.targets, batch.targets_offset, n as u64 * 4),
+                    whole(&row_loss, rows * 4),
+                    whole(&lse, rows * 4),
+                    grad_range,
+                    whole(&weight, rows * 4),
+                    whole(&stats, rows * 8),
+                ],
+            );
+            let groups = (count as u64).div_ceil(rows_per_group);
+            let p = RowParams {
+                rows: count as u32,
+                classes: v as u32,
+                row_base: first as u32,
+                groups_x: groups_x(groups, max_dim),
+                grad_scale: 1.0,
+                grad_mode: fused_mode as u32,
+                ignore_index: batch.ignore_index,
+                threads_per_row,
+            };
+            rec.dispatch(&self.kernels.rows, &bg, &p, groups);
+        }
+        // Reductions on the device: the count of non-ignored rows, then the loss.
+        let reduce_bg = bind_ranges(
+            d,
+            &self.kernels.reduce,
+            &params,
+            &[whole(&scratch, scratch.size())],
+        );
+        rec.copy(&weight, 0, &scratch, 0, n as u64 * 4);
+        rec.copy(&row_loss, 0, &scratch, loss_src * 4, n as u64 * 4);
+        for level in count_levels.levels.iter().chain(&loss_levels.levels) {
+            let groups = u64::from(level.count).div_ceil(2 * u64::from(wg));
+            rec.dispatch(&self.kernels.reduce, &reduce_bg, level, groups);
+        }
+        rec.copy(&scratch, u64::from(loss_levels.result) * 4, &loss, 0, 4);
+        rec.copy(&scratch, u64::from(count_levels.result) * 4, &loss, 4, 4);
+        rec.copy(&scratch, u64::from(count_levels.result) * 4, &norm, 0, 4);
+
+        if mean_grad {
+            let (gbuf, goff, mode) = match gradient {
+                DeviceGradient::Into { buffer, offset } => (buffer, offset, GradMode::Separate),
+                _ => (batch.logits, batch.logits_offset, GradMode::InPlace),
+            };
+            let blocks_per_row = v.div_ceil(BACKWARD_BLOCK_COLS) as u64;
+            let bw_rows = (u64::from(max_dim).pow(2) / blocks_per_row).max(1) as usize;
+            for c in 0..chunks {
+                let first = c * rows_per_chunk;
+                let count = rows_per_chunk.min(n - first);
+                let at = first as u64 * row_bytes;
+                let bytes = count as u64 * row_bytes;
+                let grad_range = if mode == GradMode::Separate {
+                    (gbuf, goff + at, bytes)
+                } else {
+                    (&dummy, 0, 16)
+                };
+                let bg = bind_ranges(
+                    d,
+                    &self.kernels.backward,
+                    &params,
+                    &[
+                        (batch.logits, batch.logits_offset + at, bytes),
+                        (batch.targets, batch.targets_offset, n as u64 * 4),
+                        whole(&stats, rows * 8),
+                        whole(&norm, 16),
+                        grad_range,
+                    ],
+                );
+                // The grid is rows x blocks; long chunks go in several dispatches.
+                let mut done = 0;
+                while done < count {
+                    let part = bw_rows.min(count - done);
+                    let groups = part as u64 * blocks_per_row;
+                    let p = BackwardParams {
+                        rows: part as u32,
+                        row_stride: v as u32,
+                        cols: v as u32,
+                        col_base: 0,
+                        block_cols: BACKWARD_BLOCK_COLS as u32,
+                        blocks: blocks_per_row as u32,
+                        row_base: (first + done) as u32,
+                        groups_x: groups_x(groups, max_dim),
+                        scale: 1.0,
+                        grad_mode: mode as u32,
+                        ignore_index: batch.ignore_index,
+                        classes: v as u32,
+                    };
+                    debug_assert!(done == 0, "one dispatch per chunk at these limits");
+                    rec.dispatch(&self.kernels.backward, &bg, &p, groups);
+                    done += part;
+                }
+            }
+        }
+        rec.write_params(&self.queue, &params);
+        Ok(DeviceLoss {
+            row_loss,
+            lse,
+            loss,
+            rows: n,
+            _scratch: vec![weight, stats, scratch, params, dummy, norm],
+        })
+    }
+
+    /// Reads the reduced loss of a recorded evaluation back to the host (after the
+    /// caller has submitted the encoder). An empty batch gives NaN for `mean` sums of 0/0.
+    pub fn read_device_loss(&self, out: &DeviceLoss) -> Result<f32> {
+        Ok(self.read_device_buffer(&out.loss, 1)?[0])
+    }
+
+    /// Reads `count` f32 values from the start of a result buffer (e.g.
+    /// [`DeviceLoss::row_loss`]).
+    pub fn read_device_buffer(&self, buffer: &wgpu::Buffer, count: usize) -> Result<Vec<f32>> {
+        self.scoped(|| {
+            let bytes = (count as u64 * 4).max(4);
+            let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("xent read"),
+                size: bytes.next_multiple_of(8),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+            let submission = self.queue.submit([enc.finish()]);
+            let map = self.request_map(&staging, bytes);
+            let mut out = Vec::new();
+            self.finish_map(&staging, map, Some(submission), |b| {
+                out = bytemuck::cast_slice::<u8, f32>(b)[..count].to_vec();
+            })?;
+            Ok(out)
+        })
+    }
+}

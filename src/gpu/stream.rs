@@ -1,0 +1,640 @@
+//! The host-array driver: streams a problem that lives in host memory through the
+//! device, chunk by chunk as [`Plan`] says, with a bounded number of chunks in flight:
+//! while the GPU computes chunk k, the host uploads chunk k+1 and copies out the results
+//! of chunk k−1. Per-chunk loss sums are tree-reduced on the device, then reduced again
+//! over the chunks, so the result depends only on the plan and is bit-identical run to run.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use crate::error::Result;
+use crate::options::{Batch, LossOptions, LossOutput, Reduction};
+
+use super::buffers::{Recorder, Slot, bind, groups_x};
+use super::context::{GpuContext, MapRequest};
+use super::kernels::{
+    BackwardParams, GradMode, MergeParams, NO_INDEX, PartialParams, ReduceParams, RowParams,
+};
+use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
+
+/// Parameter blocks one submission may use.
+const MAX_PARAM_BLOCKS: u64 = 16;
+
+/// Where the logits come from and where the gradient goes.
+pub(crate) enum Io<'a> {
+    Loss(&'a [f32]),
+    Separate(&'a [f32], &'a mut [f32]),
+    InPlace(&'a mut [f32]),
+}
+
+impl Io<'_> {
+    fn logits(&self) -> &[f32] {
+        match self {
+            Io::Loss(l) | Io::Separate(l, _) => l,
+            Io::InPlace(l) => l,
+        }
+    }
+    fn grad_kind(&self) -> GradKind {
+        match self {
+            Io::Loss(_) => GradKind::None,
+            Io::Separate(..) => GradKind::Separate,
+            Io::InPlace(_) => GradKind::InPlace,
+        }
+    }
+    fn grad_out(&mut self) -> Option<&mut [f32]> {
+        match self {
+            Io::Loss(_) => None,
+            Io::Separate(_, g) => Some(g),
+            Io::InPlace(l) => Some(l),
+        }
+    }
+}
+
+fn grad_mode(kind: GradKind) -> GradMode {
+    match kind {
+        GradKind::None => GradMode::None,
+        GradKind::Separate => GradMode::Separate,
+        GradKind::InPlace => GradMode::InPlace,
+    }
+}
+
+/// The levels of a tree sum of `count` values starting at element `src` of a buffer;
+/// each level writes its partial sums right after its input.
+pub(crate) struct Levels {
+    pub levels: Vec<ReduceParams>,
+    /// Index of the final value.
+    pub result: u32,
+    /// Elements of the buffer the reduction touches.
+    pub extent: u64,
+}
+
+pub(crate) fn reduce_levels(
+    count: u64,
+    src: u64,
+    wg: u32,
+    max_dim: u32,
+    divisor: f32,
+    divisor_index: u32,
+) -> Levels {
+    let per_group = 2 * u64::from(wg);
+    let mut levels = Vec::new();
+    let (mut count, mut src) = (count.max(1), src);
+    loop {
+        let groups = count.div_ceil(per_group);
+        let dst = src + count;
+        levels.push(ReduceParams {
+            count: count as u32,
+            src: src as u32,
+            dst: dst as u32,
+            groups_x: groups_x(groups, max_dim),
+            divisor: 1.0,
+            last: 0,
+            divisor_index: NO_INDEX,
+            _pad: 0,
+        });
+        if groups == 1 {
+            let last = levels.last_mut().expect("one level");
+            last.last = 1;
+            last.divisor = divisor;
+            last.divisor_index = divisor_index;
+            return Levels {
+                levels,
+                result: dst as u32,
+                extent: dst + 1,
+            };
+        }
+        (count, src) = (groups, dst);
+    }
+}
+
+/// Buffers and bind groups reused across calls.
+#[derive(Default)]
+pub(crate) struct Workspace {
+    logits: Slot,
+    grad: Slot,
+    targets: Slot,
+    row_loss: Slot,
+    row_lse: Slot,
+    row_weight: Slot,
+    row_stats: Slot,
+    scratch: Slot,
+    partials: Slot,
+    sums: Slot,
+    norm: Slot,
+    params: Slot,
+    readback: Vec<Slot>,
+    groups: Option<BindGroups>,
+    /// Buffers created so far (a steady state of same-shape calls creates none).
+    pub allocations: u64,
+}
+
+struct BindGroups {
+    rows: wgpu::BindGroup,
+    partials: wgpu::BindGroup,
+    merge: wgpu::BindGroup,
+    backward: wgpu::BindGroup,
+    reduce_scratch: wgpu::BindGroup,
+    reduce_sums: wgpu::BindGroup,
+}
+
+/// One submission in flight, and what to copy out of its readback slot when it is done.
+struct Pending {
+    slot: usize,
+    submission: wgpu::SubmissionIndex,
+    map: Option<MapRequest>,
+    /// Gradient elements in the readback (at 0) and where they go in the output.
+    grad_to: Option<Range<usize>>,
+    /// Rows whose loss and LSE are in the readback, and their offsets there.
+    rows_to: Option<(Range<usize>, u64, u64)>,
+}
+
+struct Outputs {
+    row_losses: Option<Vec<f32>>,
+    lse: Option<Vec<f32>>,
+}
+
+impl GpuContext {
+    pub(crate) fn run(
+        &self,
+        mut io: Io<'_>,
+        batch: &Batch,
+        opts: &LossOptions,
+    ) -> Result<LossOutput> {
+        if batch.rows == 0 {
+            return Ok(empty_output(opts));
+        }
+        let plan = Plan::new(
+            batch.rows,
+            batch.classes,
+            io.grad_kind(),
+            &self.plan_limits(),
+        )?;
+        let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
+        let (loss, outputs) = self.scoped(|| self.stream(&mut ws, &mut io, batch, opts, &plan))?;
+        Ok(LossOutput {
+            loss: match opts.get_reduction() {
+                Reduction::None => None,
+                // 0/0: every row ignored.
+                Reduction::Mean if batch.counted_rows == 0 => Some(f32::NAN),
+                _ => Some(loss),
+            },
+            row_losses: outputs.row_losses,
+            lse: outputs.lse,
+            gradient: None,
+        })
+    }
+
+    /// Makes every buffer big enough for `plan`, rebuilding the bind groups only when a
+    /// buffer was replaced.
+    fn prepare(&self, ws: &mut Workspace, plan: &Plan) {
+        use wgpu::BufferUsages as U;
+        let d = &self.device;
+        let bind_cap = self
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size);
+        let buf_cap = self.limits.max_buffer_size;
+        let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
+        let wg = self.kernels.workgroup_size;
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let chunk_bytes = plan.chunk_elems as u64 * 4;
+        let rows = plan.slot_rows as u64;
+        let partials = match plan.layout {
+            Layout::Split {
+                pieces,
+                blocks_per_piece,
+                ..
+            } => (pieces * blocks_per_piece * 16) as u64,
+            Layout::Rows { .. } => 16,
+        };
+        let scratch = reduce_levels(rows, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
+        let sums =
+            reduce_levels(plan.row_groups() as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
+        let grad_bytes = if plan.grad == GradKind::Separate {
+            chunk_bytes
+        } else {
+            16
+        };
+        let stride = super::buffers::params_stride(&self.limits);
+        let mut created = [
+            ws.logits
+                .ensure(d, "xent logits", st, chunk_bytes, bind_cap),
+            ws.grad.ensure(d, "xent grad", st, grad_bytes, bind_cap),
+            ws.targets.ensure(d, "xent targets", st, rows * 4, bind_cap),
+            ws.row_loss
+                .ensure(d, "xent row_loss", st, rows * 4, bind_cap),
+            ws.row_lse.ensure(d, "xent row_lse", st, rows * 4, bind_cap),
+            ws.row_weight
+                .ensure(d, "xent row_weight", st, rows * 4, bind_cap),
+            ws.row_stats
+                .ensure(d, "xent row_stats", st, rows * 8, bind_cap),
+            ws.scratch.ensure(d, "xent scratch", st, scratch, bind_cap),
+            ws.partials
+                .ensure(d, "xent partials", st, partials, bind_cap),
+            ws.sums.ensure(d, "xent sums", st, sums, bind_cap),
+            ws.norm.ensure(d, "xent norm", st, 16, bind_cap),
+            ws.params.ensure(
+                d,
+                "xent params",
+                U::UNIFORM | U::COPY_DST,
+                stride * MAX_PARAM_BLOCKS,
+                buf_cap,
+            ),
+        ]
+        .iter()
+        .filter(|&&c| c)
+        .count() as u64;
+        let readback = readback_layout(plan).2;
+        ws.readback
+            .resize_with(plan.ring.max(ws.readback.len()), Slot::default);
+        for slot in &mut ws.readback[..plan.ring] {
+            created += u64::from(slot.ensure(
+                d,
+                "xent readback",
+                U::MAP_READ | U::COPY_DST,
+                readback,
+                buf_cap,
+            ));
+        }
+        ws.allocations += created;
+        if ws.groups.is_none() || created > 0 {
+            let k = &self.kernels;
+            let p = ws.params.get();
+            ws.groups = Some(BindGroups {
+                rows: bind(
+                    d,
+                    &k.rows,
+                    p,
+                    &[
+                        ws.logits.get(),
+                        ws.targets.get(),
+                        ws.row_loss.get(),
+                        ws.row_lse.get(),
+                        ws.grad.get(),
+                        ws.row_weight.get(),
+                        ws.row_stats.get(),
+                    ],
+                ),
+                partials: bind(
+                    d,
+                    &k.partials,
+                    p,
+                    &[ws.logits.get(), ws.targets.get(), ws.partials.get()],
+                ),
+                merge: bind(
+                    d,
+                    &k.merge,
+                    p,
+                    &[
+                        ws.partials.get(),
+                        ws.targets.get(),
+                        ws.row_loss.get(),
+                        ws.row_lse.get(),
+                        ws.row_weight.get(),
+                        ws.row_stats.get(),
+                    ],
+                ),
+                backward: bind(
+                    d,
+                    &k.backward,
+                    p,
+                    &[
+                        ws.logits.get(),
+                        ws.targets.get(),
+                        ws.row_stats.get(),
+                        ws.norm.get(),
+                        ws.grad.get(),
+                    ],
+                ),
+                reduce_scratch: bind(d, &k.reduce, p, &[ws.scratch.get()]),
+                reduce_sums: bind(d, &k.reduce, p, &[ws.sums.get()]),
+            });
+        }
+    }
+
+    fn stream(
+        &self,
+        ws: &mut Workspace,
+        io: &mut Io<'_>,
+        batch: &Batch,
+        opts: &LossOptions,
+        plan: &Plan,
+    ) -> Result<(f32, Outputs)> {
+        self.prepare(ws, plan);
+        let ws = &*ws;
+        let groups = ws.groups.as_ref().expect("prepared");
+        let (n, v) = (batch.rows, batch.classes);
+        let wg = self.kernels.workgroup_size;
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let divisor = batch.divisor(opts.get_reduction());
+        let grad_scale = if divisor > 0.0 {
+            (1.0 / divisor) as f32
+        } else {
+            0.0
+        };
+        let mode = grad_mode(plan.grad);
+        let mut outputs = Outputs {
+            row_losses: opts.wants_row_losses().then(|| vec![0.0; n]),
+            lse: opts.wants_lse().then(|| vec![0.0; n]),
+        };
+        let want_rows = outputs.row_losses.is_some() || outputs.lse.is_some();
+        self.queue
+            .write_buffer(ws.norm.get(), 0, bytemuck::bytes_of(&1.0f32));
+
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let mut submitted = 0usize;
+        // Finishes the oldest submission when the ring is full (or all, with `all`).
+        let drain = |pending: &mut VecDeque<Pending>,
+                     io: &mut Io<'_>,
+                     outputs: &mut Outputs,
+                     all: bool|
+         -> Result<()> {
+            while pending.len() >= plan.ring || (all && !pending.is_empty()) {
+                let p = pending.pop_front().expect("non-empty");
+                self.finish(ws, p, io, outputs)?;
+            }
+            Ok(())
+        };
+        // Records the chunk's loss sum (rows 0..rows of row_loss) into sums[group].
+        let chunk_sum = |rec: &mut Recorder, rows: usize, group: usize| {
+            rec.copy(ws.row_loss.get(), 0, ws.scratch.get(), 0, rows as u64 * 4);
+            let levels = reduce_levels(rows as u64, 0, wg, max_dim, 1.0, NO_INDEX);
+            for level in &levels.levels {
+                let g = u64::from(level.count).div_ceil(2 * u64::from(wg));
+                rec.dispatch(&self.kernels.reduce, &groups.reduce_scratch, level, g);
+            }
+            rec.copy(
+                ws.scratch.get(),
+                u64::from(levels.result) * 4,
+                ws.sums.get(),
+                group as u64 * 4,
+                4,
+            );
+        };
+        let (rows_at, lse_at, _) = readback_layout(plan);
+        // Copies the chunk's per-row results into the readback slot.
+        let rows_readback = |rec: &mut Recorder, slot: usize, rows: usize| {
+            if want_rows {
+                let rb = ws.readback[slot].get();
+                rec.copy(ws.row_loss.get(), 0, rb, rows_at, rows as u64 * 4);
+                rec.copy(ws.row_lse.get(), 0, rb, lse_at, rows as u64 * 4);
+            }
+        };
+        let submit = |rec: Recorder,
+                      pending: &mut VecDeque<Pending>,
+                      slot: usize,
+                      grad_to: Option<Range<usize>>,
+                      rows_to: Option<Range<usize>>| {
+            debug_assert!(rec.blocks() <= MAX_PARAM_BLOCKS);
+            let submission = rec.submit(&self.queue, ws.params.get());
+            let map_bytes = match (&grad_to, &rows_to) {
+                (_, Some(r)) => lse_at + r.len() as u64 * 4,
+                (Some(g), None) => g.len() as u64 * 4,
+                (None, None) => 0,
+            };
+            let map = (map_bytes > 0).then(|| self.request_map(ws.readback[slot].get(), map_bytes));
+            pending.push_back(Pending {
+                slot,
+                submission,
+                map,
+                grad_to,
+                rows_to: rows_to.map(|r| (r, rows_at, lse_at)),
+            });
+        };
+
+        match plan.layout {
+            Layout::Rows {
+                rows_per_chunk: _,
+                threads_per_row,
+            } => {
+                let rows_per_group = (wg / threads_per_row) as usize;
+                for (group, chunk) in plan.chunks().enumerate() {
+                    drain(&mut pending, io, &mut outputs, false)?;
+                    let slot = submitted % plan.ring;
+                    let rows = chunk.rows.len();
+                    let elems = chunk.rows.start * v..chunk.rows.end * v;
+                    self.queue.write_buffer(
+                        ws.logits.get(),
+                        0,
+                        bytemuck::cast_slice(&io.logits()[elems.clone()]),
+                    );
+                    self.queue.write_buffer(
+                        ws.targets.get(),
+                        0,
+                        bytemuck::cast_slice(&batch.targets[chunk.rows.clone()]),
+                    );
+                    let mut rec = Recorder::new(&self.device, &self.limits);
+                    let wgs = rows.div_ceil(rows_per_group) as u64;
+                    let params = RowParams {
+                        rows: rows as u32,
+                        classes: v as u32,
+                        row_base: 0,
+                        groups_x: groups_x(wgs, max_dim),
+                        grad_scale,
+                        grad_mode: mode as u32,
+                        ignore_index: Batch::IGNORED,
+                        threads_per_row,
+                    };
+                    rec.dispatch(&self.kernels.rows, &groups.rows, &params, wgs);
+                    chunk_sum(&mut rec, rows, group);
+                    let grad_src = match plan.grad {
+                        GradKind::None => None,
+                        GradKind::Separate => Some(ws.grad.get()),
+                        GradKind::InPlace => Some(ws.logits.get()),
+                    };
+                    if let Some(src) = grad_src {
+                        rec.copy(src, 0, ws.readback[slot].get(), 0, elems.len() as u64 * 4);
+                    }
+                    rows_readback(&mut rec, slot, rows);
+                    submit(
+                        rec,
+                        &mut pending,
+                        slot,
+                        grad_src.map(|_| elems),
+                        want_rows.then_some(chunk.rows),
+                    );
+                    submitted += 1;
+                }
+            }
+            Layout::Split {
+                piece_cols,
+                pieces,
+                blocks_per_piece,
+            } => {
+                let piece_of = |r: usize, p: usize| {
+                    r * v + p * piece_cols..r * v + ((p + 1) * piece_cols).min(v)
+                };
+                for r in 0..n {
+                    self.queue.write_buffer(
+                        ws.targets.get(),
+                        0,
+                        bytemuck::cast_slice(&batch.targets[r..r + 1]),
+                    );
+                    for p in 0..pieces {
+                        drain(&mut pending, io, &mut outputs, false)?;
+                        let slot = submitted % plan.ring;
+                        let elems = piece_of(r, p);
+                        self.queue.write_buffer(
+                            ws.logits.get(),
+                            0,
+                            bytemuck::cast_slice(&io.logits()[elems.clone()]),
+                        );
+                        let mut rec = Recorder::new(&self.device, &self.limits);
+                        let wgs = blocks_per_piece as u64;
+                        let params = PartialParams {
+                            rows: 1,
+                            row_stride: elems.len() as u32,
+                            cols: elems.len() as u32,
+                            col_base: (p * piece_cols) as u32,
+                            block_cols: SPLIT_BLOCK_COLS as u32,
+                            blocks: blocks_per_piece as u32,
+                            row_base: 0,
+                            groups_x: groups_x(wgs, max_dim),
+                            out_base: (p * blocks_per_piece) as u32,
+                            out_stride: (pieces * blocks_per_piece) as u32,
+                            ignore_index: Batch::IGNORED,
+                            classes: v as u32,
+                        };
+                        rec.dispatch(&self.kernels.partials, &groups.partials, &params, wgs);
+                        let last = p + 1 == pieces;
+                        if last {
+                            let params = MergeParams {
+                                rows: 1,
+                                blocks: (pieces * blocks_per_piece) as u32,
+                                row_base: 0,
+                                groups_x: 1,
+                                classes: v as u32,
+                                ignore_index: Batch::IGNORED,
+                                _pad0: 0,
+                                _pad1: 0,
+                            };
+                            rec.dispatch(&self.kernels.merge, &groups.merge, &params, 1);
+                            chunk_sum(&mut rec, 1, r);
+                            rows_readback(&mut rec, slot, 1);
+                        }
+                        submit(
+                            rec,
+                            &mut pending,
+                            slot,
+                            None,
+                            (last && want_rows).then_some(r..r + 1),
+                        );
+                        submitted += 1;
+                    }
+                    if plan.grad == GradKind::None {
+                        continue;
+                    }
+                    for p in 0..pieces {
+                        drain(&mut pending, io, &mut outputs, false)?;
+                        let slot = submitted % plan.ring;
+                        let elems = piece_of(r, p);
+                        self.queue.write_buffer(
+                            ws.logits.get(),
+                            0,
+                            bytemuck::cast_slice(&io.logits()[elems.clone()]),
+                        );
+                        let mut rec = Recorder::new(&self.device, &self.limits);
+                        let wgs = blocks_per_piece as u64;
+                        let params = BackwardParams {
+                            rows: 1,
+                            row_stride: elems.len() as u32,
+                            cols: elems.len() as u32,
+                            col_base: (p * piece_cols) as u32,
+                            block_cols: SPLIT_BLOCK_COLS as u32,
+                            blocks: blocks_per_piece as u32,
+                            row_base: 0,
+                            groups_x: groups_x(wgs, max_dim),
+                            scale: grad_scale,
+                            grad_mode: mode as u32,
+                            ignore_index: Batch::IGNORED,
+                            classes: v as u32,
+                        };
+                        rec.dispatch(&self.kernels.backward, &groups.backward, &params, wgs);
+                        let src = if plan.grad == GradKind::Separate {
+                            ws.grad.get()
+                        } else {
+                            ws.logits.get()
+                        };
+                        rec.copy(src, 0, ws.readback[slot].get(), 0, elems.len() as u64 * 4);
+                        submit(rec, &mut pending, slot, Some(elems), None);
+                        submitted += 1;
+                    }
+                }
+            }
+        }
+        drain(&mut pending, io, &mut outputs, true)?;
+
+        // The sum over chunks, on the device; `mean` divides in the last level.
+        let mut rec = Recorder::new(&self.device, &self.limits);
+        let d = if divisor > 0.0 { divisor as f32 } else { 1.0 };
+        let levels = reduce_levels(plan.row_groups() as u64, 0, wg, max_dim, d, NO_INDEX);
+        for level in &levels.levels {
+            let g = u64::from(level.count).div_ceil(2 * u64::from(wg));
+            rec.dispatch(&self.kernels.reduce, &groups.reduce_sums, level, g);
+        }
+        let rb = ws.readback[0].get();
+        rec.copy(ws.sums.get(), u64::from(levels.result) * 4, rb, 0, 4);
+        let submission = rec.submit(&self.queue, ws.params.get());
+        let map = self.request_map(rb, 4);
+        let mut loss = f32::NAN;
+        self.finish_map(rb, map, Some(submission), |bytes| {
+            loss = bytemuck::cast_slice::<u8, f32>(bytes)[0];
+        })?;
+        Ok((loss, outputs))
+    }
+
+    /// Waits for a submission and copies its results out.
+    fn finish(
+        &self,
+        ws: &Workspace,
+        p: Pending,
+        io: &mut Io<'_>,
+        outputs: &mut Outputs,
+    ) -> Result<()> {
+        let Some(map) = p.map else {
+            return self.wait(Some(p.submission));
+        };
+        let rb = ws.readback[p.slot].get();
+        self.finish_map(rb, map, Some(p.submission), |bytes| {
+            let floats: &[f32] = bytemuck::cast_slice(bytes);
+            if let (Some(range), Some(dst)) = (&p.grad_to, io.grad_out()) {
+                dst[range.clone()].copy_from_slice(&floats[..range.len()]);
+            }
+            if let Some((rows, loss_at, lse_at)) = &p.rows_to {
+                let (l, e) = ((*loss_at / 4) as usize, (*lse_at / 4) as usize);
+                if let Some(out) = &mut outputs.row_losses {
+                    out[rows.clone()].copy_from_slice(&floats[l..l + rows.len()]);
+                }
+                if let Some(out) = &mut outputs.lse {
+                    out[rows.clone()].copy_from_slice(&floats[e..e + rows.len()]);
+                }
+            }
+        })
+    }
+}
+
+/// Offsets in a readback slot of the row losses and LSE (after the gradient chunk), and
+/// the slot's size.
+fn readback_layout(plan: &Plan) -> (u64, u64, u64) {
+    let grad = if plan.grad == GradKind::None {
+        0
+    } else {
+        plan.chunk_elems as u64 * 4
+    };
+    let rows_at = grad.next_multiple_of(16);
+    let lse_at = rows_at + (plan.slot_rows as u64 * 4).next_multiple_of(16);
+    (rows_at, lse_at, lse_at + plan.slot_rows as u64 * 4)
+}
+
+pub(crate) fn empty_output(opts: &LossOptions) -> LossOutput {
+    LossOutput {
+        loss: match opts.get_reduction() {
+            Reduction::None => None,
+            Reduction::Sum => Some(0.0),
+            Reduction::Mean => Some(f32::NAN),
+        },
+        row_losses: opts.wants_row_losses().then(Vec::new),
+        lse: opts.wants_lse().then(Vec::new),
+        gradient: opts.wants_gradient().then(Vec::new),
+    }
+}

@@ -1,0 +1,123 @@
+//! The device-resident API against the CPU reference, on every adapter.
+
+mod common;
+
+use wgpu::util::DeviceExt;
+use xent::check::{Tolerance, compare};
+use xent::gpu::{DeviceBatch, DeviceGradient};
+use xent::{GpuContext, LossOptions, LossOutput, Reduction, synth};
+
+fn buffer(gpu: &GpuContext, data: &[u8]) -> wgpu::Buffer {
+    gpu.device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: data,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        })
+}
+
+#[test]
+fn device_buffers_in_and_out_match_the_reference() {
+    let (n, v) = (77, 1003);
+    let logits = synth::logits(n, v, 2.0, 41);
+    let mut targets = synth::targets(n, v, 41);
+    targets[5] = -100;
+    targets[9] = -100;
+    let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+    for gpu in common::gpus("device_buffers_in_and_out") {
+        // Logits at an aligned offset inside a larger buffer, as an engine's arena would.
+        let align = gpu.limits().min_storage_buffer_offset_alignment as usize;
+        let pad = 2 * align / 4;
+        let mut arena = vec![f32::NAN; pad];
+        arena.extend_from_slice(&logits);
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            for mode in ["none", "into", "in place"] {
+                let what = format!("{} {reduction:?} {mode}", common::name(gpu));
+                let logits_buf = buffer(gpu, bytemuck::cast_slice(&arena));
+                let targets_buf = buffer(gpu, bytemuck::cast_slice(&t32));
+                let grad_buf = buffer(gpu, &vec![0u8; n * v * 4]);
+                let batch = DeviceBatch {
+                    logits: &logits_buf,
+                    logits_offset: (pad * 4) as u64,
+                    targets: &targets_buf,
+                    targets_offset: 0,
+                    rows: n,
+                    classes: v,
+                    ignore_index: -100,
+                };
+                let gradient = match mode {
+                    "none" => DeviceGradient::None,
+                    "into" => DeviceGradient::Into {
+                        buffer: &grad_buf,
+                        offset: 0,
+                    },
+                    _ => DeviceGradient::InPlace,
+                };
+                let mut enc = gpu.device().create_command_encoder(&Default::default());
+                let out = gpu
+                    .record_cross_entropy(&mut enc, &batch, reduction, gradient)
+                    .unwrap();
+                gpu.queue().submit([enc.finish()]);
+
+                let opts = LossOptions::new()
+                    .reduction(reduction)
+                    .gradient(mode != "none")
+                    .row_losses(true)
+                    .lse(true);
+                let want =
+                    xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+                let loss = gpu.read_device_loss(&out).unwrap();
+                let got = LossOutput {
+                    loss: (reduction != Reduction::None).then_some(loss),
+                    row_losses: Some(gpu.read_device_buffer(&out.row_loss, n).unwrap()),
+                    lse: Some(gpu.read_device_buffer(&out.lse, n).unwrap()),
+                    gradient: match mode {
+                        "none" => None,
+                        "into" => Some(gpu.read_device_buffer(&grad_buf, n * v).unwrap()),
+                        _ => Some(
+                            gpu.read_device_buffer(&logits_buf, pad + n * v).unwrap()[pad..]
+                                .to_vec(),
+                        ),
+                    },
+                };
+                compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let count = gpu.read_device_buffer(&out.loss, 2).unwrap()[1];
+                assert_eq!(
+                    count,
+                    (n - 2) as f32,
+                    "{what}: non-ignored rows counted on the device"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn misaligned_or_short_device_buffers_are_errors() {
+    for gpu in common::gpus("misaligned_or_short_device_buffers") {
+        let logits = buffer(gpu, &vec![0u8; 4 * 10 * 4 + 4]);
+        let targets = buffer(gpu, bytemuck::cast_slice(&[0i32, 1, 2, 3]));
+        let mut batch = DeviceBatch {
+            logits: &logits,
+            logits_offset: 4,
+            targets: &targets,
+            targets_offset: 0,
+            rows: 4,
+            classes: 10,
+            ignore_index: -100,
+        };
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let e = gpu.record_cross_entropy(&mut enc, &batch, Reduction::Mean, DeviceGradient::None);
+        assert!(
+            matches!(e, Err(xent::Error::InvalidOption(ref m)) if m.contains("alignment")),
+            "{:?}",
+            e.err()
+        );
+        batch.logits_offset = 0;
+        batch.rows = 5;
+        let e = gpu.record_cross_entropy(&mut enc, &batch, Reduction::Mean, DeviceGradient::None);
+        assert!(matches!(e, Err(xent::Error::Shape { .. })), "{:?}", e.err());
+    }
+}
