@@ -97,7 +97,7 @@ fn device_buffers_in_and_out_match_the_reference() {
 #[test]
 fn misaligned_or_short_device_buffers_are_errors() {
     for gpu in common::gpus("misaligned_or_short_device_buffers") {
-        let logits = buffer(gpu, &vec![0u8; 4 * 10 * 4 + 4]);
+        let logits = buffer(gpu, &[0u8; 4 * 10 * 4 + 4]);
         let targets = buffer(gpu, bytemuck::cast_slice(&[0i32, 1, 2, 3]));
         let mut batch = DeviceBatch {
             logits: &logits,
