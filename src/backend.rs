@@ -18,6 +18,15 @@ pub trait Backend: Send + Sync {
         targets: Targets<'_>,
         opts: &LossOptions,
     ) -> Result<LossOutput>;
+    /// See [`GpuContext::cross_entropy_into`].
+    fn cross_entropy_into(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        targets: Targets<'_>,
+        opts: &LossOptions,
+        grad: &mut [f32],
+    ) -> Result<LossOutput>;
     /// See [`GpuContext::cross_entropy_in_place`].
     fn cross_entropy_in_place(
         &self,
@@ -41,6 +50,16 @@ impl Backend for GpuContext {
         o: &LossOptions,
     ) -> Result<LossOutput> {
         GpuContext::cross_entropy(self, l, v, t, o)
+    }
+    fn cross_entropy_into(
+        &self,
+        l: &[f32],
+        v: usize,
+        t: Targets<'_>,
+        o: &LossOptions,
+        g: &mut [f32],
+    ) -> Result<LossOutput> {
+        GpuContext::cross_entropy_into(self, l, v, t, o, g)
     }
     fn cross_entropy_in_place(
         &self,
@@ -69,6 +88,16 @@ impl Backend for Reference {
         o: &LossOptions,
     ) -> Result<LossOutput> {
         cpu::reference::cross_entropy(l, v, t, o)
+    }
+    fn cross_entropy_into(
+        &self,
+        l: &[f32],
+        v: usize,
+        t: Targets<'_>,
+        o: &LossOptions,
+        g: &mut [f32],
+    ) -> Result<LossOutput> {
+        cpu::reference::cross_entropy_into(l, v, t, o, g)
     }
     fn cross_entropy_in_place(
         &self,

@@ -250,8 +250,9 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         ReductionArg::None => Reduction::None,
     };
 
-    let logits = npy::read(&args.logits)?;
-    let (rows, classes) = match logits.shape[..] {
+    // The logits are memory-mapped and used in place: no copy, whatever their size.
+    let logits = npy::MappedNpy::open(&args.logits)?;
+    let (rows, classes) = match logits.header().shape[..] {
         [n, v] => (n, v),
         ref s => {
             return Err(Error::Npy {
@@ -260,12 +261,10 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
             });
         }
     };
-    let NpyData::F32(mut logits_data) = logits.data else {
-        return Err(Error::Npy {
-            path: args.logits.clone(),
-            message: "logits must be float32".into(),
-        });
-    };
+    let logits_data = logits.as_f32().map_err(|_| Error::Npy {
+        path: args.logits.clone(),
+        message: format!("logits must be float32, found {:?}", logits.header().dtype),
+    })?;
     let targets = npy::read(&args.targets)?;
     if targets.shape.len() != 1 {
         return Err(Error::Npy {
@@ -295,8 +294,7 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     }
     let opts = LossOptions::new()
         .reduction(reduction)
-        .ignore_index(args.ignore_index)
-        .row_losses(true);
+        .ignore_index(args.ignore_index);
 
     let backend: Box<dyn Backend> = match args.device {
         DeviceArg::Gpu => {
@@ -313,14 +311,18 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         DeviceArg::Cpu | DeviceArg::Reference => Box::new(Reference),
     };
     let adapter = backend.describe();
+    // The gradient goes straight into a memory-mapped output file, renamed into place
+    // only when everything succeeded.
+    let mut grad_file = match &args.out_grad {
+        Some(p) => Some(npy::NpyWriter::create(p, &[rows, classes])?),
+        None => None,
+    };
     let start = Instant::now();
-    let out = if args.out_grad.is_some() {
-        let mut out =
-            backend.cross_entropy_in_place(&mut logits_data, classes, targets_ref, &opts)?;
-        out.gradient = Some(logits_data);
-        out
-    } else {
-        backend.cross_entropy(&logits_data, classes, targets_ref, &opts)?
+    let out = match &mut grad_file {
+        Some(w) => {
+            backend.cross_entropy_into(logits_data, classes, targets_ref, &opts, w.data_mut())?
+        }
+        None => backend.cross_entropy(logits_data, classes, targets_ref, &opts)?,
     };
     let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
 
@@ -330,8 +332,8 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
             None => npy::write_f32(p, &[rows], out.row_losses.as_deref().unwrap_or_default())?,
         }
     }
-    if let (Some(p), Some(g)) = (&args.out_grad, &out.gradient) {
-        npy::write_f32(p, &[rows, classes], g)?;
+    if let Some(w) = grad_file {
+        w.commit()?;
     }
     let device = match args.device {
         DeviceArg::Gpu => "gpu",

@@ -176,17 +176,139 @@ fn parse_dict(text: &str) -> std::result::Result<(DType, bool, Vec<usize>), Stri
     Ok((dtype, fortran, dims))
 }
 
-/// Reads a whole `.npy` file (the data is read straight into the typed vector: one copy).
-pub fn read(path: impl AsRef<Path>) -> Result<NpyArray> {
-    let path = path.as_ref();
-    let mut file = File::open(path).map_err(io(path))?;
-    let header = read_header(path, &mut file)?;
-    let count = header
+/// A `.npy` file mapped into memory: its data is used in place, never copied, so a file
+/// larger than half the machine's memory still works.
+pub struct MappedNpy {
+    path: PathBuf,
+    header: Header,
+    map: memmap2::Mmap,
+}
+
+impl MappedNpy {
+    /// Maps `path` read-only after checking its header and length.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let mut file = File::open(path).map_err(io(path))?;
+        let header = read_header(path, &mut file)?;
+        let count = element_count(path, &header)?;
+        check_length(
+            path,
+            &header,
+            count,
+            file.metadata().map_err(io(path))?.len(),
+        )?;
+        // SAFETY: the map is read-only; like every reader of a file, we rely on no other
+        // process truncating it while it is in use.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            header,
+            map,
+        })
+    }
+
+    /// The header (dtype and shape).
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The data as f32, in place. Fails unless the dtype is float32.
+    pub fn as_f32(&self) -> Result<&[f32]> {
+        if self.header.dtype != DType::F32 {
+            return Err(bad(
+                &self.path,
+                format!("expected float32 data, found {:?}", self.header.dtype),
+            ));
+        }
+        bytemuck::try_cast_slice(&self.map[self.header.data_offset..]).map_err(|e| {
+            bad(
+                &self.path,
+                format!("data is not 4-byte aligned in the file: {e}"),
+            )
+        })
+    }
+}
+
+/// A float32 `.npy` output written through a memory map: created under a temporary name
+/// beside `path`, renamed into place by [`NpyWriter::commit`], and removed if dropped
+/// before that, so no half-written file is ever left at `path`.
+pub struct NpyWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    offset: usize,
+    map: Option<memmap2::MmapMut>,
+}
+
+impl NpyWriter {
+    /// Creates the temporary file with `shape` and maps its data for writing.
+    pub fn create(path: impl AsRef<Path>, shape: &[usize]) -> Result<Self> {
+        let path = path.as_ref();
+        let tmp = temp_path(path);
+        let header = header_bytes("<f4", shape);
+        let count: usize = shape.iter().product();
+        let mut writer = Self {
+            path: path.to_path_buf(),
+            tmp: tmp.clone(),
+            offset: header.len(),
+            map: None,
+        };
+        let err = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(err)?;
+        file.set_len((header.len() + count * 4) as u64)
+            .map_err(err)?;
+        // SAFETY: the file was just created by us under a private temporary name.
+        let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(err)?;
+        map[..header.len()].copy_from_slice(&header);
+        writer.map = Some(map);
+        Ok(writer)
+    }
+
+    /// The data to fill, as f32.
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        let offset = self.offset;
+        let map = self.map.as_mut().expect("mapped until commit");
+        bytemuck::cast_slice_mut(&mut map[offset..])
+    }
+
+    /// Flushes the data and renames the file into place.
+    pub fn commit(mut self) -> Result<()> {
+        let map = self.map.take().expect("mapped until commit");
+        let err = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        map.flush().map_err(err)?;
+        drop(map);
+        std::fs::rename(&self.tmp, &self.path).map_err(err)
+    }
+}
+
+impl Drop for NpyWriter {
+    fn drop(&mut self) {
+        if self.map.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn element_count(path: &Path, header: &Header) -> Result<usize> {
+    header
         .shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| bad(path, "shape overflows"))?;
-    let file_len = file.metadata().map_err(io(path))?.len();
+        .ok_or_else(|| bad(path, "shape overflows"))
+}
+
+fn check_length(path: &Path, header: &Header, count: usize, file_len: u64) -> Result<()> {
     let needed = (count as u64) * header.dtype.size() as u64;
     let available = file_len.saturating_sub(header.data_offset as u64);
     if available != needed {
@@ -198,6 +320,21 @@ pub fn read(path: impl AsRef<Path>) -> Result<NpyArray> {
             ),
         ));
     }
+    Ok(())
+}
+
+/// Reads a whole `.npy` file (the data is read straight into the typed vector: one copy).
+pub fn read(path: impl AsRef<Path>) -> Result<NpyArray> {
+    let path = path.as_ref();
+    let mut file = File::open(path).map_err(io(path))?;
+    let header = read_header(path, &mut file)?;
+    let count = element_count(path, &header)?;
+    check_length(
+        path,
+        &header,
+        count,
+        file.metadata().map_err(io(path))?.len(),
+    )?;
     fn fill<T: bytemuck::Pod + Default>(
         path: &Path,
         file: &mut File,
@@ -331,6 +468,24 @@ mod tests {
         h.extend_from_slice(bytemuck::cast_slice(&[0f32; 4]));
         std::fs::write(&q, &h).unwrap();
         assert!(read(&q).unwrap_err().to_string().contains("Fortran"));
+        // Mapped reading and writing.
+        let m = dir.join("m.npy");
+        let mut w = NpyWriter::create(&m, &[2, 2]).unwrap();
+        w.data_mut().copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
+        assert!(!m.exists(), "not visible before commit");
+        w.commit().unwrap();
+        let mapped = MappedNpy::open(&m).unwrap();
+        assert_eq!(mapped.header().shape, vec![2, 2]);
+        assert_eq!(mapped.as_f32().unwrap(), &[1.0, 2.0, 3.0, 4.0]);
+        let dropped = dir.join("dropped.npy");
+        drop(NpyWriter::create(&dropped, &[3]).unwrap());
+        assert!(
+            std::fs::read_dir(&dir).unwrap().all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("dropped"))
+        );
         // Missing file names its path.
         let e = read(dir.join("missing.npy")).unwrap_err().to_string();
         assert!(e.contains("missing.npy"), "{e}");

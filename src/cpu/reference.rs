@@ -46,6 +46,22 @@ pub fn cross_entropy<'t>(
     Ok(out)
 }
 
+/// As [`cross_entropy`], with the gradient written into `grad`.
+pub fn cross_entropy_into<'t>(
+    logits: &[f32],
+    classes: usize,
+    targets: impl Into<Targets<'t>>,
+    opts: &LossOptions,
+    grad: &mut [f32],
+) -> Result<LossOutput> {
+    let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
+    crate::gpu::check_grad_len(grad.len(), logits.len())?;
+    let rows = rows_f64(logits, &batch);
+    let out = assemble(&rows, &batch, opts);
+    grad.copy_from_slice(&gradient(logits, &rows, &batch, opts));
+    Ok(out)
+}
+
 /// As [`cross_entropy`], with the gradient written over `logits`.
 pub fn cross_entropy_in_place<'t>(
     logits: &mut [f32],

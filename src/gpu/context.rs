@@ -267,6 +267,22 @@ impl GpuContext {
         Ok(out)
     }
 
+    /// As [`GpuContext::cross_entropy`], with the gradient written into `grad` (the
+    /// logits' length) instead of a new vector: for outputs the caller already holds,
+    /// such as a memory-mapped file.
+    pub fn cross_entropy_into<'t>(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        targets: impl Into<Targets<'t>>,
+        opts: &LossOptions,
+        grad: &mut [f32],
+    ) -> Result<LossOutput> {
+        let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
+        check_grad_len(grad.len(), logits.len())?;
+        self.run(Io::Separate(logits, grad), &batch, opts)
+    }
+
     /// As [`GpuContext::cross_entropy`], with the gradient written over `logits`
     /// (no second buffer of the logits' size on the host or the device).
     pub fn cross_entropy_in_place<'t>(
@@ -372,6 +388,18 @@ impl GpuContext {
         buffer.unmap();
         Ok(())
     }
+}
+
+/// The gradient output must match the logits.
+pub(crate) fn check_grad_len(grad: usize, logits: usize) -> Result<()> {
+    if grad != logits {
+        return Err(Error::Shape {
+            what: "gradient output".into(),
+            got: grad,
+            expected: logits,
+        });
+    }
+    Ok(())
 }
 
 /// A pending `map_async`.

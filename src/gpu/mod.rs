@@ -8,6 +8,7 @@ pub mod plan;
 mod resident;
 mod stream;
 
+pub(crate) use context::check_grad_len;
 pub use context::{GpuContext, adapters, instance, select_adapters};
 pub use kernels::shaders;
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
