@@ -109,3 +109,41 @@ impl Backend for Reference {
         cpu::reference::cross_entropy_in_place(l, v, t, o)
     }
 }
+
+/// The fast multi-threaded CPU path as a [`Backend`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuFast;
+
+impl Backend for CpuFast {
+    fn describe(&self) -> String {
+        format!("cpu fast ({} threads)", rayon::current_num_threads())
+    }
+    fn cross_entropy(
+        &self,
+        l: &[f32],
+        v: usize,
+        t: Targets<'_>,
+        o: &LossOptions,
+    ) -> Result<LossOutput> {
+        cpu::fast::cross_entropy(l, v, t, o)
+    }
+    fn cross_entropy_into(
+        &self,
+        l: &[f32],
+        v: usize,
+        t: Targets<'_>,
+        o: &LossOptions,
+        g: &mut [f32],
+    ) -> Result<LossOutput> {
+        cpu::fast::cross_entropy_into(l, v, t, o, g)
+    }
+    fn cross_entropy_in_place(
+        &self,
+        l: &mut [f32],
+        v: usize,
+        t: Targets<'_>,
+        o: &LossOptions,
+    ) -> Result<LossOutput> {
+        cpu::fast::cross_entropy_in_place(l, v, t, o)
+    }
+}

@@ -31,7 +31,7 @@ mod options;
 pub mod row_state;
 pub mod synth;
 
-pub use backend::{Backend, Reference};
+pub use backend::{Backend, CpuFast, Reference};
 pub use error::{Error, Result};
 pub use gpu::GpuContext;
 pub use options::{Batch, DEFAULT_IGNORE_INDEX, LossOptions, LossOutput, Reduction, Targets};

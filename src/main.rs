@@ -148,60 +148,67 @@ fn info() -> xent::Result<ExitCode> {
 fn check(adapter: Option<&str>) -> xent::Result<ExitCode> {
     let adapters = xent::gpu::select_adapters(adapter)?;
     let cases = xent::check::conformance_cases();
-    let mut failures = 0;
+    println!("== {} ==", xent::CpuFast.describe());
+    let mut failures = check_backend(&xent::CpuFast, &cases);
     for a in &adapters {
         let info = a.get_info();
         println!("\n== {} ({:?}) ==", info.name, info.backend);
-        let ctx = match GpuContext::from_adapter_blocking(a) {
-            Ok(c) => c,
+        match GpuContext::from_adapter_blocking(a) {
+            Ok(ctx) => failures += check_backend(&ctx, &cases),
             Err(e) => {
                 println!("FAIL  could not open the adapter: {e}");
                 failures += 1;
-                continue;
-            }
-        };
-        println!(
-            "{:<28} {:>14}  {:<5} {:>10} {:>10}  detail",
-            "case", "shape", "", "loss err", "grad err"
-        );
-        for case in &cases {
-            let shape = format!("{}x{}", case.rows(), case.classes);
-            let t = Instant::now();
-            match case.verify(&ctx) {
-                Ok(a) => println!(
-                    "{:<28} {:>14}  {:<5} {:>10.3} {:>10.2e}  {:.0} ms",
-                    case.name,
-                    shape,
-                    "ok",
-                    a.loss_ratio,
-                    a.grad_err,
-                    t.elapsed().as_secs_f64() * 1e3
-                ),
-                Err(e) => {
-                    failures += 1;
-                    println!(
-                        "{:<28} {:>14}  {:<5} {:>10} {:>10}  {e}",
-                        case.name, shape, "FAIL", "-", "-"
-                    );
-                }
             }
         }
     }
+    let verdict = if failures == 0 {
+        "all passed".to_string()
+    } else {
+        format!("{failures} FAILED")
+    };
     println!(
-        "\n{} adapters, {} cases each: {}",
+        "\ncpu fast + {} adapters, {} cases each: {verdict}",
         adapters.len(),
-        cases.len(),
-        if failures == 0 {
-            "all passed".to_string()
-        } else {
-            format!("{failures} FAILED")
-        }
+        cases.len()
     );
     Ok(if failures == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Runs the conformance cases on one backend against the reference, prints a table,
+/// returns the number of failures.
+fn check_backend(backend: &dyn Backend, cases: &[xent::check::Case]) -> usize {
+    println!(
+        "{:<28} {:>14}  {:<5} {:>10} {:>10}  detail",
+        "case", "shape", "", "loss err", "grad err"
+    );
+    let mut failures = 0;
+    for case in cases {
+        let shape = format!("{}x{}", case.rows(), case.classes);
+        let t = Instant::now();
+        match case.verify(backend) {
+            Ok(a) => println!(
+                "{:<28} {:>14}  {:<5} {:>10.3} {:>10.2e}  {:.0} ms",
+                case.name,
+                shape,
+                "ok",
+                a.loss_ratio,
+                a.grad_err,
+                t.elapsed().as_secs_f64() * 1e3
+            ),
+            Err(e) => {
+                failures += 1;
+                println!(
+                    "{:<28} {:>14}  {:<5} {:>10} {:>10}  {e}",
+                    case.name, shape, "FAIL", "-", "-"
+                );
+            }
+        }
+    }
+    failures
 }
 
 fn not_built(flag: &str) -> Error {

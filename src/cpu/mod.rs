@@ -1,3 +1,6 @@
-//! The CPU paths: [`reference`], plain f64 code that every GPU result is checked against.
+//! The CPU paths: [`reference`], plain f64 code that every other result is checked
+//! against, and [`fast`], the fused multi-threaded path that GPU numbers are compared
+//! with.
 
+pub mod fast;
 pub mod reference;

@@ -1,0 +1,334 @@
+//! The fast CPU path: fused, multi-threaded over rows (rayon), with an f32 polynomial
+//! `exp` that the compiler vectorises (AVX2+FMA when the CPU has it, picked at run time).
+//!
+//! Per row: one read for the max and the sum together (an online softmax over blocks of
+//! [`BLOCK`] elements: the block's max, one rescale of the running sum when it grows,
+//! then `exp(x − max)` summed in f32 lanes and added to an f64 total, so long rows never
+//! form one long f32 chain); and, for the gradient, one more read and one write. Same
+//! options and results as [`crate::cpu::reference`].
+
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets};
+
+/// Elements per block of the online softmax (a whole number of SIMD vectors).
+const BLOCK: usize = 64;
+/// Lanes the inner loops are written for (LLVM maps them to 2 AVX2 or 4 SSE registers).
+const LANES: usize = 16;
+
+/// `exp(x)` for f32 with a relative error of a few ULP: `2^n · p(r)` with `n =
+/// round(x / ln 2)`, `r = x − n ln 2` in two parts, and a degree-6 polynomial. −inf
+/// gives 0, large x gives +inf, NaN stays NaN. Written branch-free so that it vectorises.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Clamp so that 2^n stays representable; the clamps also make -inf → 0, +inf → inf.
+    let xc = x.clamp(-110.0, 88.8);
+    let n = (xc * LOG2E).round();
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (0.166_666_67
+                    + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+    // 2^n in two factors so that n down to -126 - 23 stays exact (subnormal results).
+    let n = n as i32;
+    let a = n / 2;
+    let b = n - a;
+    let pow = |k: i32| f32::from_bits(((k + 127).clamp(0, 255) as u32) << 23);
+    let y = p * pow(a) * pow(b);
+    // NaN in, NaN out (the clamp above would have turned it into a number).
+    if x.is_nan() { x } else { y }
+}
+
+/// Max of a slice in lanes (NaN-propagating where it matters is handled by the sum).
+#[inline(always)]
+fn block_max(xs: &[f32]) -> f32 {
+    let mut m = [f32::MIN; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    let mut out = rest
+        .iter()
+        .fold(f32::MIN, |a, &b| if b > a { b } else { a });
+    for v in m {
+        out = if v > out { v } else { out };
+    }
+    out
+}
+
+/// Σ exp(x − m) over a slice, in f32 lanes.
+#[inline(always)]
+fn block_sum_exp(xs: &[f32], m: f32) -> f32 {
+    let mut s = [0.0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            s[i] += exp_f32(c[i] - m);
+        }
+    }
+    rest.iter().map(|&x| exp_f32(x - m)).sum::<f32>() + s.iter().sum::<f32>()
+}
+
+/// (max, Σ exp(x − max)) of a row in one read: the online softmax over blocks.
+#[inline(always)]
+fn row_stats(row: &[f32]) -> (f32, f64) {
+    let mut m = crate::row_state::EMPTY_MAX;
+    let mut total = 0.0f64;
+    for block in row.chunks(BLOCK) {
+        let bm = block_max(block);
+        if bm > m {
+            total *= f64::from(m - bm).exp();
+            m = bm;
+        }
+        total += f64::from(block_sum_exp(block, m));
+    }
+    (m, total)
+}
+
+/// Writes `(exp(x − m − log s) − onehot) · scale` for one row.
+#[inline(always)]
+fn row_grad(row: &[f32], out: &mut [f32], m: f32, log_s: f32, target: usize, scale: f32) {
+    let shift = m + log_s;
+    let (xs, os) = (row.chunks_exact(LANES), out.chunks_exact_mut(LANES));
+    let done = xs.len() * LANES;
+    for (x, o) in xs.zip(os) {
+        for i in 0..LANES {
+            // (x − m) − log s: exact subtraction first, as in the kernels.
+            o[i] = exp_f32((x[i] - m) - log_s) * scale;
+        }
+    }
+    for (x, o) in row[done..].iter().zip(&mut out[done..]) {
+        *o = exp_f32((*x - m) - log_s) * scale;
+    }
+    let _ = shift;
+    // p − 1 for the target, computed from p before scaling, in f32.
+    out[target] = (exp_f32((row[target] - m) - log_s) - 1.0) * scale;
+}
+
+/// Everything about one row: loss, LSE, and its gradient if `out` is given.
+#[inline(always)]
+fn process_row(row: &[f32], target: i32, scale: f32, out: Option<&mut [f32]>) -> (f32, f32) {
+    let (m, s) = row_stats(row);
+    let log_s = s.ln() as f32;
+    let lse = m + log_s;
+    if target == Batch::IGNORED {
+        if let Some(o) = out {
+            o.fill(0.0);
+        }
+        return (0.0, lse);
+    }
+    let t = target as usize;
+    if let Some(o) = out {
+        row_grad(row, o, m, log_s, t, scale);
+    }
+    ((m - row[t]) + log_s, lse)
+}
+
+/// One batch of rows, compiled twice: for AVX2+FMA and for the baseline.
+macro_rules! rows_kernel {
+    ($name:ident $(, #[$attr:meta])?) => {
+        $(#[$attr])?
+        fn $name(logits: &[f32], v: usize, targets: &[i32], scale: f32, grad: Option<&mut [f32]>, loss: &mut [f32], lse: &mut [f32]) {
+            match grad {
+                Some(g) => {
+                    for (r, ((row, o), &t)) in logits.chunks_exact(v).zip(g.chunks_exact_mut(v)).zip(targets).enumerate() {
+                        (loss[r], lse[r]) = process_row(row, t, scale, Some(o));
+                    }
+                }
+                None => {
+                    for (r, (row, &t)) in logits.chunks_exact(v).zip(targets).enumerate() {
+                        (loss[r], lse[r]) = process_row(row, t, scale, None);
+                    }
+                }
+            }
+        }
+    };
+}
+
+rows_kernel!(rows_baseline);
+#[cfg(target_arch = "x86_64")]
+rows_kernel!(rows_avx2, #[target_feature(enable = "avx2,fma")]);
+
+fn rows(
+    logits: &[f32],
+    v: usize,
+    targets: &[i32],
+    scale: f32,
+    grad: Option<&mut [f32]>,
+    loss: &mut [f32],
+    lse: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function was compiled for.
+        return unsafe { rows_avx2(logits, v, targets, scale, grad, loss, lse) };
+    }
+    rows_baseline(logits, v, targets, scale, grad, loss, lse)
+}
+
+/// Rows per parallel task: about 256 KiB of logits, at least one row.
+fn rows_per_task(v: usize) -> usize {
+    ((1 << 16) / v.max(1)).max(1)
+}
+
+fn run(
+    logits: &[f32],
+    batch: &Batch,
+    opts: &LossOptions,
+    mut grad: Option<&mut [f32]>,
+) -> LossOutput {
+    let (n, v) = (batch.rows, batch.classes);
+    let divisor = batch.divisor(opts.get_reduction());
+    let scale = if divisor > 0.0 {
+        (1.0 / divisor) as f32
+    } else {
+        0.0
+    };
+    let mut loss = vec![0.0f32; n];
+    let mut lse = vec![0.0f32; n];
+    let step = rows_per_task(v);
+    let tasks = logits
+        .par_chunks(step * v)
+        .zip(batch.targets.par_chunks(step))
+        .zip(loss.par_chunks_mut(step).zip(lse.par_chunks_mut(step)));
+    match grad.as_deref_mut() {
+        Some(g) => tasks
+            .zip(g.par_chunks_mut(step * v))
+            .for_each(|(((l, t), (lo, ls)), g)| rows(l, v, t, scale, Some(g), lo, ls)),
+        None => tasks.for_each(|((l, t), (lo, ls))| rows(l, v, t, scale, None, lo, ls)),
+    }
+    // The reduction: per-task partial sums in f64, added in a fixed order, so the result
+    // does not depend on the thread count.
+    let total: f64 = loss
+        .chunks(step)
+        .map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>())
+        .sum();
+    LossOutput {
+        loss: match opts.get_reduction() {
+            Reduction::None => None,
+            r => Some((total / batch.divisor(r)) as f32),
+        },
+        row_losses: opts.wants_row_losses().then_some(loss),
+        lse: opts.wants_lse().then_some(lse),
+        gradient: None,
+    }
+}
+
+/// The fast CPU loss (and gradient, if asked).
+pub fn cross_entropy<'t>(
+    logits: &[f32],
+    classes: usize,
+    targets: impl Into<Targets<'t>>,
+    opts: &LossOptions,
+) -> Result<LossOutput> {
+    let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
+    if !opts.wants_gradient() {
+        return Ok(run(logits, &batch, opts, None));
+    }
+    let mut grad = vec![0.0f32; logits.len()];
+    let mut out = run(logits, &batch, opts, Some(&mut grad));
+    out.gradient = Some(grad);
+    Ok(out)
+}
+
+/// As [`cross_entropy`], with the gradient written into `grad`.
+pub fn cross_entropy_into<'t>(
+    logits: &[f32],
+    classes: usize,
+    targets: impl Into<Targets<'t>>,
+    opts: &LossOptions,
+    grad: &mut [f32],
+) -> Result<LossOutput> {
+    let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
+    crate::gpu::check_grad_len(grad.len(), logits.len())?;
+    Ok(run(logits, &batch, opts, Some(grad)))
+}
+
+/// As [`cross_entropy`], with the gradient written over `logits`. Each row is read for
+/// its statistics before its gradient overwrites it.
+pub fn cross_entropy_in_place<'t>(
+    logits: &mut [f32],
+    classes: usize,
+    targets: impl Into<Targets<'t>>,
+    opts: &LossOptions,
+) -> Result<LossOutput> {
+    let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
+    let (n, v) = (batch.rows, batch.classes);
+    let divisor = batch.divisor(opts.get_reduction());
+    let scale = if divisor > 0.0 {
+        (1.0 / divisor) as f32
+    } else {
+        0.0
+    };
+    let mut loss = vec![0.0f32; n];
+    let mut lse = vec![0.0f32; n];
+    let step = rows_per_task(v);
+    logits
+        .par_chunks_mut(step * v)
+        .zip(batch.targets.par_chunks(step))
+        .zip(loss.par_chunks_mut(step).zip(lse.par_chunks_mut(step)))
+        .for_each(|((l, t), (lo, ls))| {
+            // One row at a time through a row-sized buffer, so the row is still intact
+            // while its statistics are taken.
+            let mut tmp = vec![0.0f32; v];
+            for (r, row) in l.chunks_exact_mut(v).enumerate() {
+                rows(
+                    row,
+                    v,
+                    &t[r..r + 1],
+                    scale,
+                    Some(&mut tmp),
+                    &mut lo[r..r + 1],
+                    &mut ls[r..r + 1],
+                );
+                row.copy_from_slice(&tmp);
+            }
+        });
+    let total: f64 = loss
+        .chunks(step)
+        .map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>())
+        .sum();
+    Ok(LossOutput {
+        loss: match opts.get_reduction() {
+            Reduction::None => None,
+            r => Some((total / batch.divisor(r)) as f32),
+        },
+        row_losses: opts.wants_row_losses().then_some(loss),
+        lse: opts.wants_lse().then_some(lse),
+        gradient: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polynomial_exp_is_accurate_and_safe_at_the_edges() {
+        let mut worst = 0.0f64;
+        let mut x = -100.0f32;
+        while x < 88.0 {
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_f32(x));
+            if want > 1e-37 {
+                worst = worst.max((got - want).abs() / want);
+            }
+            x += 0.0137;
+        }
+        assert!(worst < 4e-7, "relative error {worst}");
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-1000.0), 0.0);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
+}
