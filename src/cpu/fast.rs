@@ -200,7 +200,7 @@ fn run(
         .par_chunks(step * v)
         .zip(batch.targets.par_chunks(step))
         .zip(loss.par_chunks_mut(step).zip(lse.par_chunks_mut(step)));
-    match grad.as_deref_mut() {
+    match grad {
         Some(g) => tasks
             .zip(g.par_chunks_mut(step * v))
             .for_each(|(((l, t), (lo, ls)), g)| rows(l, v, t, scale, Some(g), lo, ls)),
