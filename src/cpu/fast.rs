@@ -180,12 +180,7 @@ fn rows_per_task(v: usize) -> usize {
     ((1 << 16) / v.max(1)).max(1)
 }
 
-fn run(
-    logits: &[f32],
-    batch: &Batch,
-    opts: &LossOptions,
-    mut grad: Option<&mut [f32]>,
-) -> LossOutput {
+fn run(logits: &[f32], batch: &Batch, opts: &LossOptions, grad: Option<&mut [f32]>) -> LossOutput {
     let (n, v) = (batch.rows, batch.classes);
     let divisor = batch.divisor(opts.get_reduction());
     let scale = if divisor > 0.0 {
