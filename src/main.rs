@@ -314,8 +314,8 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
                 None => GpuContext::new_blocking()?,
             })
         }
-        // The fast CPU path arrives with issue 5; until then `cpu` is the reference.
-        DeviceArg::Cpu | DeviceArg::Reference => Box::new(Reference),
+        DeviceArg::Cpu => Box::new(xent::CpuFast),
+        DeviceArg::Reference => Box::new(Reference),
     };
     let adapter = backend.describe();
     // The gradient goes straight into a memory-mapped output file, renamed into place
