@@ -18,6 +18,10 @@ pub const CROSS_ENTROPY_BACKWARD_WGSL: &str =
     include_str!("../../shaders/cross_entropy_backward.wgsl");
 /// One level of the deterministic tree sum used for `sum` and `mean`.
 pub const REDUCE_SUM_WGSL: &str = include_str!("../../shaders/reduce_sum.wgsl");
+/// The bench's copy roofline (1 read + 1 write).
+pub const BENCH_COPY_WGSL: &str = include_str!("../../shaders/bench_copy.wgsl");
+/// The bench's read roofline (1 read).
+pub const BENCH_READ_WGSL: &str = include_str!("../../shaders/bench_read.wgsl");
 
 /// Every compute shader as (file name, complete source: shared prelude included), for
 /// validation and tooling. One entry point, `main`, per shader.
@@ -35,6 +39,8 @@ pub fn shaders() -> Vec<(&'static str, String)> {
             with_state(CROSS_ENTROPY_BACKWARD_WGSL),
         ),
         ("reduce_sum.wgsl", REDUCE_SUM_WGSL.to_string()),
+        ("bench_copy.wgsl", BENCH_COPY_WGSL.to_string()),
+        ("bench_read.wgsl", BENCH_READ_WGSL.to_string()),
     ]
 }
 
@@ -125,6 +131,16 @@ pub(crate) struct ReduceParams {
     pub _pad: u32,
 }
 
+/// `Params` of `bench_copy.wgsl` and `bench_read.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct BenchParams {
+    pub count: u32,
+    pub groups_x: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+}
+
 /// `divisor_index` meaning "use the uniform divisor".
 pub(crate) const NO_INDEX: u32 = u32::MAX;
 
@@ -171,7 +187,7 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    fn new<P: Pod>(
+    pub(crate) fn new<P: Pod>(
         device: &wgpu::Device,
         name: &str,
         source: &str,
@@ -213,8 +229,8 @@ impl Kernel {
     }
 }
 
-const RO: bool = true;
-const RW: bool = false;
+pub(crate) const RO: bool = true;
+pub(crate) const RW: bool = false;
 
 /// Every pipeline the context needs, built once per device.
 pub(crate) struct Kernels {

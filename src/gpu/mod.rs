@@ -1,6 +1,7 @@
 //! The device side: the WGSL kernels ([`shaders`]), the chunking [`Plan`], and
 //! [`GpuContext`], which owns a device, its pipelines and buffers.
 
+pub mod bench;
 mod buffers;
 mod context;
 mod kernels;

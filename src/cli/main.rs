@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use xent::gpu::bench::{GpuBench, Pass, Repeats};
 use xent::npy::{self, NpyData};
 use xent::{Backend, Error, GpuContext, LossOptions, Reduction, Reference, Targets};
 
@@ -31,6 +32,45 @@ enum Command {
     },
     /// Evaluate the loss of a saved batch.
     Eval(Box<EvalArgs>),
+    /// Time the GPU kernels (against an in-run copy kernel) and the fast CPU path.
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BenchDevice {
+    Gpu,
+    Cpu,
+    All,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PassArg {
+    Forward,
+    ForwardBackward,
+    All,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, value_enum, default_value = "all")]
+    device: BenchDevice,
+    /// Rows of a synthetic batch (with --classes); default: a set of realistic shapes.
+    #[arg(long, requires = "classes")]
+    rows: Option<usize>,
+    /// Classes of a synthetic batch (with --rows).
+    #[arg(long, requires = "rows")]
+    classes: Option<usize>,
+    #[arg(long, value_enum, default_value = "all")]
+    pass: PassArg,
+    /// Timed repetitions per measurement (after 2 warm-up runs).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    iters: u64,
+    /// Adapter name (substring, case-insensitive); default: the high-performance one.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Print one JSON array instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -98,6 +138,7 @@ fn main() -> ExitCode {
         Command::Info => info(),
         Command::Check { adapter } => check(adapter.as_deref()),
         Command::Eval(args) => eval(&args),
+        Command::Bench(args) => run_bench(&args),
     };
     match result {
         Ok(code) => code,
@@ -106,6 +147,139 @@ fn main() -> ExitCode {
             ExitCode::from(if e.is_bad_input() { 2 } else { 1 })
         }
     }
+}
+
+mod bench;
+
+/// Shapes timed by default: realistic LLM vocabularies and a square one.
+const BENCH_SHAPES: &[(usize, usize)] = &[(256, 32000), (1024, 32000), (64, 131072), (4096, 4096)];
+/// Shapes whose whole host-API call is timed: the per-call latency of small problems.
+const LATENCY_SHAPES: &[(usize, usize)] = &[(1, 32000), (64, 32000)];
+const WARMUP: usize = 2;
+
+fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
+    let passes: &[Pass] = match args.pass {
+        PassArg::Forward => &[Pass::Forward],
+        PassArg::ForwardBackward => &[Pass::ForwardBackward],
+        PassArg::All => &[Pass::Forward, Pass::ForwardBackward],
+    };
+    let (gpu, cpu) = (
+        args.device != BenchDevice::Cpu,
+        args.device != BenchDevice::Gpu,
+    );
+    let (shapes, latency): (Vec<_>, Vec<_>) = match (args.rows, args.classes) {
+        (Some(n), Some(v)) => (vec![(n, v)], vec![]),
+        _ => (BENCH_SHAPES.to_vec(), LATENCY_SHAPES.to_vec()),
+    };
+    let ctx = if gpu {
+        Some(match &args.adapter {
+            Some(name) => {
+                GpuContext::from_adapter_blocking(&xent::gpu::select_adapters(Some(name))?[0])?
+            }
+            None => GpuContext::new_blocking()?,
+        })
+    } else {
+        None
+    };
+    let gpu_bench = ctx.as_ref().map(GpuBench::new).transpose()?;
+    let repeats = Repeats {
+        warmup: WARMUP,
+        iters: args.iters as usize,
+    };
+    let per = repeats.total() as u64;
+    let gpu_ticks = if gpu { 3 * per } else { 0 };
+    let total = (shapes.len() + latency.len()) as u64
+        * passes.len() as u64
+        * (gpu_ticks + u64::from(cpu) * per);
+    let mut progress = bench::Progress::new(total);
+    let mut rows = Vec::new();
+    let adapter = ctx.as_ref().map(|c| c.describe()).unwrap_or_default();
+    for (i, &(n, v)) in shapes.iter().chain(&latency).enumerate() {
+        let host_api = i >= shapes.len();
+        progress.message(format!("{n}x{v}: generating"));
+        let logits = xent::synth::logits(n, v, 2.0, 42);
+        let targets = xent::synth::targets(n, v, 42);
+        for &pass in passes {
+            if let (Some(ctx), Some(b)) = (&ctx, &gpu_bench) {
+                progress.message(format!("{n}x{v} {} gpu", pass.name()));
+                let mut tick = || progress.tick();
+                if host_api {
+                    let samples =
+                        bench::gpu_host_call(ctx, &logits, &targets, v, pass, repeats, &mut tick)?;
+                    rows.push(bench::Row {
+                        device: "gpu",
+                        adapter: adapter.clone(),
+                        rows: n,
+                        classes: v,
+                        pass,
+                        samples,
+                        copy_ms: None,
+                        read_ms: None,
+                        api: "host",
+                    });
+                } else if b.fits(n, v) {
+                    let (samples, copy, read) =
+                        bench::gpu_kernels(b, &logits, &targets, v, pass, repeats, &mut tick)?;
+                    rows.push(bench::Row {
+                        device: "gpu",
+                        adapter: adapter.clone(),
+                        rows: n,
+                        classes: v,
+                        pass,
+                        samples,
+                        copy_ms: Some(copy),
+                        read_ms: read,
+                        api: "device",
+                    });
+                } else {
+                    eprintln!(
+                        "skipping gpu {n}x{v}: larger than one device buffer ({} MiB)",
+                        ctx.limits().max_buffer_size >> 20
+                    );
+                }
+            }
+            if cpu {
+                progress.message(format!("{n}x{v} {} cpu", pass.name()));
+                let mut tick = || progress.tick();
+                let samples = bench::cpu(&logits, &targets, v, pass, repeats, &mut tick)?;
+                rows.push(bench::Row {
+                    device: "cpu",
+                    adapter: xent::CpuFast.describe(),
+                    rows: n,
+                    classes: v,
+                    pass,
+                    samples,
+                    copy_ms: None,
+                    read_ms: None,
+                    api: "host",
+                });
+            }
+        }
+    }
+    progress.finish();
+    if args.json {
+        println!(
+            "[{}]",
+            rows.iter()
+                .map(bench::Row::json)
+                .collect::<Vec<_>>()
+                .join(",\n ")
+        );
+    } else {
+        bench::print_table(&rows);
+        if rows.iter().any(|r| r.device == "gpu") {
+            println!(
+                "\n÷copy: GPU time over an in-run copy kernel moving N×V f32 once each way (1 read + 1 write);"
+            );
+            println!(
+                "÷read: loss-only time over an in-run read-only reduction of the same bytes. api device: kernels on"
+            );
+            println!(
+                "data already on the GPU; api host: whole calls from host memory (upload + kernels + readback)."
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn info() -> xent::Result<ExitCode> {
