@@ -1,15 +1,25 @@
-// Fused log-softmax + cross-entropy (row_state.wgsl is prepended). Each row is
-// handled by `threads_per_row` invocations (a power of two up to WG, chosen by the host from V), so a workgroup
-// serves WG / threads_per_row rows: one row per workgroup for long rows, many short
-// rows per workgroup for small vocabularies.
+// Fused log-softmax + cross-entropy (row_state.wgsl and an element type, elem_vec4.wgsl
+// or elem_f32.wgsl, are prepended: vec4 loads and stores when V is a multiple of 4).
+// Indices below count elements of WIDTH columns. Each row is handled
+// by `threads_per_row` invocations (a power of two up to WG, chosen by the host from V),
+// so a workgroup serves WG / threads_per_row rows: one row per workgroup for long rows,
+// many short rows per workgroup for small vocabularies.
 //
-// Pass 1 reads the row once and keeps an online-softmax state (running max, rescaled
-// sum) per invocation; the states are merged by a workgroup tree with `combine`, the
-// same monoid as `RowState::combine` in src/row_state.rs. Pass 2, only when a gradient
-// is asked for, reads the row again and writes `(softmax - onehot) * scale`, either to
-// `grad` or over the logits. Loss only: 1 read. Loss + gradient: 2 reads + 1 write.
+// Two ways through a row, chosen by the host (`cached`):
+// - Cached (V <= threads_per_row * CACHED): each invocation loads its elements into
+//   registers once, takes their max, and keeps e = exp(x - local max). The workgroup
+//   merges the (max, sum) states with `combine`; the gradient is e * exp(local max - max)
+//   / sum. One read, one write, one exp per element.
+// - Streaming (longer rows): pass 1 reads the row once, four elements per step: their
+//   max, one rescale of the running sum when it grows, four exps. Pass 2, only when a
+//   gradient is asked for, reads the row again and writes (softmax - onehot) * scale.
+//   Loss only: 1 read; loss + gradient: 2 reads + 1 write.
+// The gradient goes to `grad` or over the logits.
 
 override WG: u32 = 256u;
+
+// Elements (of WIDTH columns) each invocation keeps in registers on the cached path.
+const CACHED: u32 = 8u;
 
 const GRAD_NONE: u32 = 0u;
 const GRAD_SEPARATE: u32 = 1u;
@@ -18,24 +28,29 @@ const GRAD_IN_PLACE: u32 = 2u;
 struct Params {
     rows: u32,          // rows in this dispatch
     classes: u32,       // V
-    row_base: u32,      // first row of this dispatch in `targets`, `row_loss`, `row_lse`
+    row_base: u32,      // first row of this dispatch in `targets` and the row outputs
     groups_x: u32,      // x size of the (folded) 2D dispatch
-    grad_scale: f32,    // upstream gradient / mean denominator
+    grad_scale: f32,    // upstream gradient (divided by norm[0] below)
     grad_mode: u32,
     ignore_index: i32,
     threads_per_row: u32, // power of two, <= WG
+    cached: u32,        // 1: V <= threads_per_row * CACHED, take the cached path
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read_write> logits: array<f32>;
+@group(0) @binding(1) var<storage, read_write> logits: array<Elem>;
 @group(0) @binding(2) var<storage, read> targets: array<i32>;
 @group(0) @binding(3) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(4) var<storage, read_write> row_lse: array<f32>;
-@group(0) @binding(5) var<storage, read_write> grad: array<f32>;
-// Weight of each row in the `mean` denominator: 1, or 0 for an ignored row.
-@group(0) @binding(6) var<storage, read_write> row_weight: array<f32>;
+@group(0) @binding(5) var<storage, read_write> grad: array<Elem>;
 // (max, log(sum)) of each row, for a later cross_entropy_backward.wgsl pass.
-@group(0) @binding(7) var<storage, read_write> row_stats: array<vec2<f32>>;
+@group(0) @binding(6) var<storage, read_write> row_stats: array<vec2<f32>>;
+// The `mean` denominator (1 for sum/none), possibly reduced on the device from
+// row_weights.wgsl: the gradient scale is grad_scale / norm[0].
+@group(0) @binding(7) var<storage, read> norm: array<f32>;
 
 var<workgroup> wg_max: array<f32, WG>;
 var<workgroup> wg_sum: array<f32, WG>;
@@ -51,15 +66,57 @@ fn main(
     let r = (wid.y * params.groups_x + wid.x) * (WG / tpr) + lid / tpr;
     // Invocations past the last row still take part in the barriers below.
     let in_batch = r < params.rows;
-    let v = params.classes;
-    let base = r * v;
+    let v = select(0u, params.classes / WIDTH, in_batch);
+    let base = r * (params.classes / WIDTH);
+    let cached = params.cached != 0u;
 
+    // Pass 1: this invocation's (max, sum) state.
+    var e: array<Elem, CACHED>;
     var st = RowState(EMPTY_MAX, 0.0);
-    if (in_batch) {
-        for (var c = lane; c < v; c += tpr) {
-            st = push(st, logits[base + c]);
+    if (cached) {
+        var m = EMPTY_MAX;
+        for (var j = 0u; j < CACHED; j++) {
+            let c = lane + j * tpr;
+            if (c < v) {
+                e[j] = logits[base + c];
+                m = max(m, hmax(e[j]));
+            }
+        }
+        var s = 0.0;
+        for (var j = 0u; j < CACHED; j++) {
+            if (lane + j * tpr < v) {
+                e[j] = exp(e[j] - m);
+                s += hsum(e[j]);
+            }
+        }
+        st = RowState(m, s);
+    } else {
+        let step = 4u * tpr;
+        let pad = splat(EMPTY_MAX);
+        let zero = splat(0.0);
+        for (var c = lane; c < v; c += step) {
+            let c1 = c + tpr;
+            let c2 = c + 2u * tpr;
+            let c3 = c + 3u * tpr;
+            let x0 = logits[base + c];
+            let x1 = select(pad, logits[base + min(c1, v - 1u)], c1 < v);
+            let x2 = select(pad, logits[base + min(c2, v - 1u)], c2 < v);
+            let x3 = select(pad, logits[base + min(c3, v - 1u)], c3 < v);
+            let m4 = hmax(max(max(x0, x1), max(x2, x3)));
+            if (m4 > st.max) {
+                st.sum = st.sum * exp(st.max - m4);
+                st.max = m4;
+            }
+            let m = st.max;
+            st.sum += hsum(exp(x0 - m)
+                + select(zero, exp(x1 - m), c1 < v)
+                + select(zero, exp(x2 - m), c2 < v)
+                + select(zero, exp(x3 - m), c3 < v));
         }
     }
+    let local = st;
+
+    // Merge the row's states across its invocations.
     wg_max[lid] = st.max;
     wg_sum[lid] = st.sum;
     workgroupBarrier();
@@ -73,7 +130,8 @@ fn main(
         workgroupBarrier();
     }
     let m = wg_max[seg];
-    let log_s = log(wg_sum[seg]);
+    let sum = wg_sum[seg];
+    let log_s = log(sum);
 
     var t = -1;
     if (in_batch) {
@@ -81,17 +139,17 @@ fn main(
     }
     // Out-of-range targets never reach here from the host API (checked before
     // dispatch); treating them as ignored keeps every index in bounds regardless.
-    let ignored = t == params.ignore_index || t < 0 || u32(t) >= v;
+    let ignored = t == params.ignore_index || t < 0 || u32(t) >= v * WIDTH;
     if (in_batch && lane == 0u) {
         var loss = 0.0;
         if (!ignored) {
             // (max - x_t) is exact for nearby values; adding log(sum) last keeps the
             // loss accurate under large offsets, where max + log(sum) would round.
-            loss = (m - logits[base + u32(t)]) + log_s;
+            let x_t = lane_of(logits[base + u32(t) / WIDTH], u32(t) % WIDTH);
+            loss = (m - x_t) + log_s;
         }
         row_loss[params.row_base + r] = loss;
         row_lse[params.row_base + r] = m + log_s;
-        row_weight[params.row_base + r] = select(1.0, 0.0, ignored);
         row_stats[params.row_base + r] = vec2<f32>(m, log_s);
     }
     if (params.grad_mode == GRAD_NONE) {
@@ -102,21 +160,40 @@ fn main(
     if (!in_batch) {
         return;
     }
-    let scale = params.grad_scale;
-    let tc = select(v, u32(t), !ignored);
-    for (var c = lane; c < v; c += tpr) {
-        var g = 0.0;
-        if (!ignored) {
-            var p = exp((logits[base + c] - m) - log_s);
-            if (c == tc) {
-                p = p - 1.0;
-            }
-            g = p * scale;
+    let scale = params.grad_scale / norm[0];
+    let tc = select(v * WIDTH, u32(t), !ignored);
+    // Branches on the mode and on `ignored` stay outside the loops: they are uniform per
+    // row, and CPU adapters would otherwise mask every store of both sides.
+    let in_place = params.grad_mode == GRAD_IN_PLACE;
+    if (ignored) {
+        for (var c = lane; c < v; c += tpr) {
+            if (in_place) { logits[base + c] = splat(0.0); } else { grad[base + c] = splat(0.0); }
         }
-        if (params.grad_mode == GRAD_IN_PLACE) {
-            logits[base + c] = g;
+    } else if (cached) {
+        // p = e * exp(local max - max) / sum: one exp per invocation.
+        let factor = exp(local.max - m) / sum;
+        if (in_place) {
+            for (var j = 0u; j < CACHED; j++) {
+                let c = lane + j * tpr;
+                if (c < v) {
+                    logits[base + c] = (e[j] * factor - onehot(c * WIDTH, tc)) * scale;
+                }
+            }
         } else {
-            grad[base + c] = g;
+            for (var j = 0u; j < CACHED; j++) {
+                let c = lane + j * tpr;
+                if (c < v) {
+                    grad[base + c] = (e[j] * factor - onehot(c * WIDTH, tc)) * scale;
+                }
+            }
+        }
+    } else if (in_place) {
+        for (var c = lane; c < v; c += tpr) {
+            logits[base + c] = (exp((logits[base + c] - m) - log_s) - onehot(c * WIDTH, tc)) * scale;
+        }
+    } else {
+        for (var c = lane; c < v; c += tpr) {
+            grad[base + c] = (exp((logits[base + c] - m) - log_s) - onehot(c * WIDTH, tc)) * scale;
         }
     }
 }

@@ -344,3 +344,55 @@ fn reference_is_its_own_backend() {
     assert!(out.loss.unwrap() > 0.0);
     assert_eq!(logits.len(), 12);
 }
+
+#[test]
+fn every_kernel_tuning_passes_the_conformance_set() {
+    // The adapter picks its tuning; check the others on this adapter too, so that the
+    // register-cached path, the streaming path and every workgroup shape are covered.
+    let gpus = common::gpus("every_kernel_tuning_passes");
+    let Some(first) = gpus.first() else { return };
+    let adapter = xent::gpu::select_adapters(Some(&first.adapter_info().name))
+        .unwrap()
+        .into_iter()
+        .find(|a| a.get_info().backend == first.adapter_info().backend)
+        .unwrap();
+    let tunings = [
+        xent::gpu::Tuning::GPU,
+        xent::gpu::Tuning::CPU,
+        xent::gpu::Tuning {
+            workgroup_size: 32,
+            elems_per_thread: 1,
+            cached_per_thread: 256,
+        },
+        xent::gpu::Tuning {
+            workgroup_size: 128,
+            elems_per_thread: 100_000,
+            cached_per_thread: 4,
+        },
+    ];
+    let cases = conformance_cases();
+    for tuning in tunings {
+        let gpu =
+            pollster::block_on(xent::GpuContext::from_adapter_tuned(&adapter, tuning)).unwrap();
+        for case in &cases {
+            case.verify(&gpu)
+                .unwrap_or_else(|e| panic!("{} with {tuning:?}: {e}", case.name));
+        }
+        // Both element widths on both paths.
+        for (n, v) in [
+            (5usize, 4099usize),
+            (5, 4100),
+            (3, 40000),
+            (3, 40001),
+            (70, 12),
+        ] {
+            let logits = synth::logits(n, v, 3.0, 61);
+            let targets = synth::targets(n, v, 61);
+            let opts = LossOptions::new().gradient(true).row_losses(true);
+            let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+            let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+            compare(&got, &want, Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{n}x{v} {tuning:?}: {e}"));
+        }
+    }
+}

@@ -11,8 +11,71 @@ use super::kernels::Kernels;
 use super::plan::{DEFAULT_BUDGET, DEFAULT_RING, PlanLimits};
 use super::stream::{Io, Workspace};
 
-/// Default workgroup size of the kernels.
-const WORKGROUP_SIZE: u32 = 256;
+/// How the kernels are shaped for an adapter: chosen from the adapter type by
+/// [`Tuning::for_adapter`] (measured on lavapipe; GPU values follow the usual practice
+/// and await measurement on real GPUs), overridable through `XENT_WORKGROUP_SIZE`,
+/// `XENT_ELEMS_PER_THREAD` and `XENT_CACHED`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Invocations per workgroup (a power of two; the `WG` override constant).
+    pub workgroup_size: u32,
+    /// Elements per invocation, at least, on the fused kernel's streaming path: fewer,
+    /// longer invocations per row for larger values.
+    pub elems_per_thread: u64,
+    /// Floats per invocation kept in registers on the fused kernel's one-read path: rows
+    /// up to `workgroup_size × cached_per_thread` take it.
+    pub cached_per_thread: u32,
+}
+
+impl Tuning {
+    /// GPUs: wide workgroups, many invocations per row (memory parallelism), rows up to
+    /// 8192 classes cached in registers.
+    pub const GPU: Tuning = Tuning {
+        workgroup_size: 256,
+        elems_per_thread: 8,
+        cached_per_thread: 32,
+    };
+    /// CPU adapters (lavapipe, llvmpipe) run invocations as SIMD lanes on one thread per
+    /// dispatch: few invocations per row and small workgroups measured fastest there, and
+    /// large private arrays are slow.
+    pub const CPU: Tuning = Tuning {
+        workgroup_size: 64,
+        elems_per_thread: 8192,
+        cached_per_thread: 4,
+    };
+
+    /// The tuning for an adapter, with the `XENT_*` environment overrides applied.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Tuning {
+        let mut t = match info.device_type {
+            wgpu::DeviceType::Cpu => Self::CPU,
+            _ => Self::GPU,
+        };
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+        if let Some(w) = var("XENT_WORKGROUP_SIZE") {
+            t.workgroup_size = w as u32;
+        }
+        if let Some(e) = var("XENT_ELEMS_PER_THREAD") {
+            t.elems_per_thread = e;
+        }
+        if let Some(c) = var("XENT_CACHED") {
+            t.cached_per_thread = c as u32;
+        }
+        t
+    }
+
+    /// Clamped to what the device allows: a power-of-two workgroup within its limits.
+    pub fn within(self, limits: &wgpu::Limits) -> Tuning {
+        let max = limits
+            .max_compute_invocations_per_workgroup
+            .min(limits.max_compute_workgroup_size_x);
+        let wg = self.workgroup_size.clamp(1, max.max(1));
+        Tuning {
+            workgroup_size: 1 << (31 - wg.leading_zeros()),
+            elems_per_thread: self.elems_per_thread.max(1),
+            cached_per_thread: self.cached_per_thread.clamp(4, 1024),
+        }
+    }
+}
 
 /// What went wrong outside an error scope: set by the device-lost callback and the
 /// uncaptured-error handler, read before and after every call.
@@ -49,6 +112,8 @@ pub struct GpuContext {
     pub(crate) timeout: Duration,
     pub(crate) budget: u64,
     pub(crate) ring: usize,
+    /// Elements per invocation of the streaming row kernels (see [`PlanLimits`]).
+    pub(crate) elems_per_thread: u64,
 }
 
 /// A fresh wgpu instance over every backend (honouring `WGPU_BACKEND` and friends).
@@ -162,6 +227,48 @@ impl GpuContext {
         Self::build(device, queue, info, Arc::new(Faults::default()))
     }
 
+    /// As [`GpuContext::from_adapter`], with explicit kernel tuning.
+    pub async fn from_adapter_tuned(adapter: &wgpu::Adapter, tuning: Tuning) -> Result<Self> {
+        let mut ctx = Self::from_adapter(adapter).await?;
+        ctx.retune(tuning)?;
+        Ok(ctx)
+    }
+
+    /// As [`GpuContext::from_device`], with explicit kernel tuning.
+    pub fn from_device_tuned(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        tuning: Tuning,
+    ) -> Result<Self> {
+        let mut ctx = Self::from_device(device, queue)?;
+        ctx.retune(tuning)?;
+        Ok(ctx)
+    }
+
+    /// The kernel tuning in use.
+    pub fn tuning(&self) -> Tuning {
+        Tuning {
+            workgroup_size: self.kernels.workgroup_size,
+            elems_per_thread: self.elems_per_thread,
+            cached_per_thread: self.kernels.cached,
+        }
+    }
+
+    fn retune(&mut self, tuning: Tuning) -> Result<()> {
+        let tuning = tuning.within(&self.limits);
+        let scopes = Scopes::push(&self.device);
+        let kernels = Kernels::new(
+            &self.device,
+            tuning.workgroup_size,
+            tuning.cached_per_thread,
+        );
+        scopes.pop(&self.faults)?;
+        self.kernels = kernels;
+        self.elems_per_thread = tuning.elems_per_thread;
+        *self.workspace.lock().unwrap_or_else(|p| p.into_inner()) = Workspace::default();
+        Ok(())
+    }
+
     fn build(
         device: wgpu::Device,
         queue: wgpu::Queue,
@@ -169,12 +276,13 @@ impl GpuContext {
         faults: Arc<Faults>,
     ) -> Result<Self> {
         let limits = device.limits();
-        let wg = WORKGROUP_SIZE
-            .min(limits.max_compute_invocations_per_workgroup)
-            .min(limits.max_compute_workgroup_size_x);
-        let wg = 1 << (31 - wg.leading_zeros());
+        let Tuning {
+            workgroup_size: wg,
+            elems_per_thread,
+            cached_per_thread: cached,
+        } = Tuning::for_adapter(&info).within(&limits);
         let scopes = Scopes::push(&device);
-        let kernels = Kernels::new(&device, wg);
+        let kernels = Kernels::new(&device, wg, cached);
         scopes.pop(&faults)?;
         Ok(Self {
             device,
@@ -187,6 +295,7 @@ impl GpuContext {
             timeout: Duration::from_secs(300),
             budget: DEFAULT_BUDGET,
             ring: DEFAULT_RING,
+            elems_per_thread,
         })
     }
 
@@ -233,7 +342,12 @@ impl GpuContext {
         PlanLimits {
             budget: self.budget,
             ring: self.ring,
-            ..PlanLimits::of(&self.limits, self.kernels.workgroup_size)
+            ..PlanLimits::of(
+                &self.limits,
+                self.kernels.workgroup_size,
+                self.elems_per_thread,
+                self.kernels.cached,
+            )
         }
     }
 

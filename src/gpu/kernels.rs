@@ -7,6 +7,10 @@ use bytemuck::{Pod, Zeroable};
 
 /// The online-softmax monoid, prepended to every row kernel.
 pub const ROW_STATE_WGSL: &str = include_str!("../../shaders/row_state.wgsl");
+/// Element type of the fused row kernel for V not a multiple of 4 (scalar loads).
+pub const ELEM_F32_WGSL: &str = include_str!("../../shaders/elem_f32.wgsl");
+/// Element type of the fused row kernel for V a multiple of 4 (vec4 loads).
+pub const ELEM_VEC4_WGSL: &str = include_str!("../../shaders/elem_vec4.wgsl");
 /// The fused row kernel: online softmax, row loss, LSE and the gradient.
 pub const CROSS_ENTROPY_ROWS_WGSL: &str = include_str!("../../shaders/cross_entropy_rows.wgsl");
 /// Partial (max, sum) states of column blocks, for rows split across dispatches.
@@ -16,6 +20,8 @@ pub const MERGE_PARTIALS_WGSL: &str = include_str!("../../shaders/merge_partials
 /// The gradient from saved row statistics, over a (row, column block) grid.
 pub const CROSS_ENTROPY_BACKWARD_WGSL: &str =
     include_str!("../../shaders/cross_entropy_backward.wgsl");
+/// Row weights (the `mean` denominator's terms) from targets alone.
+pub const ROW_WEIGHTS_WGSL: &str = include_str!("../../shaders/row_weights.wgsl");
 /// One level of the deterministic tree sum used for `sum` and `mean`.
 pub const REDUCE_SUM_WGSL: &str = include_str!("../../shaders/reduce_sum.wgsl");
 /// The bench's copy roofline (1 read + 1 write).
@@ -28,9 +34,10 @@ pub const BENCH_READ_WGSL: &str = include_str!("../../shaders/bench_read.wgsl");
 pub fn shaders() -> Vec<(&'static str, String)> {
     let with_state = |s: &str| format!("{ROW_STATE_WGSL}\n{s}");
     vec![
+        ("cross_entropy_rows.wgsl", rows_source(false, ROWS_CACHED)),
         (
-            "cross_entropy_rows.wgsl",
-            with_state(CROSS_ENTROPY_ROWS_WGSL),
+            "cross_entropy_rows.wgsl (vec4)",
+            rows_source(true, ROWS_CACHED),
         ),
         ("row_partials.wgsl", with_state(ROW_PARTIALS_WGSL)),
         ("merge_partials.wgsl", with_state(MERGE_PARTIALS_WGSL)),
@@ -38,10 +45,26 @@ pub fn shaders() -> Vec<(&'static str, String)> {
             "cross_entropy_backward.wgsl",
             with_state(CROSS_ENTROPY_BACKWARD_WGSL),
         ),
+        ("row_weights.wgsl", ROW_WEIGHTS_WGSL.to_string()),
         ("reduce_sum.wgsl", REDUCE_SUM_WGSL.to_string()),
         ("bench_copy.wgsl", BENCH_COPY_WGSL.to_string()),
         ("bench_read.wgsl", BENCH_READ_WGSL.to_string()),
     ]
+}
+
+/// The fused row kernel's source for an element type and a register cache of
+/// `cached` floats per invocation.
+pub(crate) fn rows_source(vec4: bool, cached: u32) -> String {
+    let (elem, width) = if vec4 {
+        (ELEM_VEC4_WGSL, 4)
+    } else {
+        (ELEM_F32_WGSL, 1)
+    };
+    let kernel = CROSS_ENTROPY_ROWS_WGSL.replace(
+        "const CACHED: u32 = 8u;",
+        &format!("const CACHED: u32 = {}u;", (cached / width).max(1)),
+    );
+    format!("{ROW_STATE_WGSL}\n{elem}\n{kernel}")
 }
 
 /// Gradient modes of the kernels (`GRAD_*` there).
@@ -65,6 +88,33 @@ pub(crate) struct RowParams {
     pub grad_mode: u32,
     pub ignore_index: i32,
     pub threads_per_row: u32,
+    pub cached: u32,
+    pub _pad: [u32; 3],
+}
+
+/// Elements each invocation of `cross_entropy_rows.wgsl` keeps in registers on its
+/// one-read path by default (`CACHED` there; the host may build it with another value).
+pub(crate) const ROWS_CACHED: u32 = 32;
+
+/// Invocations per row of `cross_entropy_rows.wgsl` for `classes` columns, and whether
+/// the row fits the one-read (register-cached) path: rows up to `CACHED` elements per
+/// invocation of a workgroup are cached; longer rows stream with `elems_per_thread`
+/// (tuned per adapter) elements per invocation at least.
+pub(crate) fn rows_layout(
+    classes: u64,
+    workgroup_size: u32,
+    elems_per_thread: u64,
+    cached: u32,
+) -> (u32, bool) {
+    let wg = u64::from(workgroup_size);
+    let pow2_at_least = |x: u64| x.max(1).next_power_of_two();
+    let cached = u64::from(cached);
+    if classes <= wg * cached {
+        (pow2_at_least(classes.div_ceil(cached)) as u32, true)
+    } else {
+        let t = (classes / elems_per_thread.max(1)).clamp(1, wg);
+        (1u32 << (63 - t.leading_zeros()), false)
+    }
 }
 
 /// `Params` of `row_partials.wgsl`.
@@ -141,6 +191,16 @@ pub(crate) struct BenchParams {
     pub _pad1: u32,
 }
 
+/// `Params` of `row_weights.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct WeightParams {
+    pub rows: u32,
+    pub groups_x: u32,
+    pub classes: u32,
+    pub ignore_index: i32,
+}
+
 /// `divisor_index` meaning "use the uniform divisor".
 pub(crate) const NO_INDEX: u32 = u32::MAX;
 
@@ -194,16 +254,28 @@ impl Kernel {
         storage: &[(bool, u64)],
         wg: u32,
     ) -> Self {
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(name),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
         let entries: Vec<_> = std::iter::once(uniform_entry(size_of::<P>()))
             .chain(storage_entries(storage))
             .collect();
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some(name),
             entries: &entries,
+        });
+        Self::with_layout::<P>(device, name, source, layout, wg)
+    }
+
+    /// A pipeline for `source` with an existing bind group layout, so that variants of a
+    /// kernel share one layout and one bind group.
+    pub(crate) fn with_layout<P: Pod>(
+        device: &wgpu::Device,
+        name: &str,
+        source: &str,
+        layout: wgpu::BindGroupLayout,
+        wg: u32,
+    ) -> Self {
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some(name),
@@ -235,35 +307,61 @@ pub(crate) const RW: bool = false;
 /// Every pipeline the context needs, built once per device.
 pub(crate) struct Kernels {
     pub rows: Kernel,
+    /// The fused kernel with vec4 loads, for V a multiple of 4.
+    pub rows_vec4: Kernel,
     pub partials: Kernel,
     pub merge: Kernel,
     pub backward: Kernel,
     pub reduce: Kernel,
+    pub weights: Kernel,
     /// Workgroup size of every kernel (a power of two).
     pub workgroup_size: u32,
+    /// Elements per invocation of the fused kernel's register-cached path.
+    pub cached: u32,
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device, wg: u32) -> Self {
+    /// The fused kernel for rows of `classes` columns starting at 16-byte aligned
+    /// offsets: vec4 loads when the row length allows.
+    pub fn rows_for(&self, classes: usize) -> &Kernel {
+        if classes.is_multiple_of(4) {
+            &self.rows_vec4
+        } else {
+            &self.rows
+        }
+    }
+
+    pub fn new(device: &wgpu::Device, wg: u32, cached: u32) -> Self {
         debug_assert!(wg.is_power_of_two());
         let src: std::collections::HashMap<_, _> = shaders().into_iter().collect();
+        // logits (written in place), targets, row_loss, row_lse, grad, row_stats, norm.
+        // Logits and grad have no minimum size: the scalar and vec4 variants share this
+        // layout.
+        let rows = Kernel::new::<RowParams>(
+            device,
+            "cross_entropy_rows",
+            &rows_source(false, cached),
+            &[
+                (RW, 0),
+                (RO, 4),
+                (RW, 4),
+                (RW, 4),
+                (RW, 0),
+                (RW, 8),
+                (RO, 4),
+            ],
+            wg,
+        );
+        let rows_vec4 = Kernel::with_layout::<RowParams>(
+            device,
+            "cross_entropy_rows_vec4",
+            &rows_source(true, cached),
+            rows.layout.clone(),
+            wg,
+        );
         Self {
-            // logits (written in place), targets, row_loss, row_lse, grad, row_weight, row_stats
-            rows: Kernel::new::<RowParams>(
-                device,
-                "cross_entropy_rows",
-                &src["cross_entropy_rows.wgsl"],
-                &[
-                    (RW, 4),
-                    (RO, 4),
-                    (RW, 4),
-                    (RW, 4),
-                    (RW, 4),
-                    (RW, 4),
-                    (RW, 8),
-                ],
-                wg,
-            ),
+            rows,
+            rows_vec4,
             // logits, targets, partials
             partials: Kernel::new::<PartialParams>(
                 device,
@@ -296,7 +394,16 @@ impl Kernels {
                 &[(RW, 4)],
                 wg,
             ),
+            // targets, row_weight
+            weights: Kernel::new::<WeightParams>(
+                device,
+                "row_weights",
+                &src["row_weights.wgsl"],
+                &[(RO, 4), (RW, 4)],
+                wg,
+            ),
             workgroup_size: wg,
+            cached,
         }
     }
 }

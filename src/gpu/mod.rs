@@ -10,7 +10,7 @@ mod resident;
 mod stream;
 
 pub(crate) use context::check_grad_len;
-pub use context::{GpuContext, adapters, instance, select_adapters};
+pub use context::{GpuContext, Tuning, adapters, instance, select_adapters};
 pub use kernels::shaders;
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
 pub use resident::{DeviceBatch, DeviceGradient, DeviceLoss};

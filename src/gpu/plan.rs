@@ -31,6 +31,11 @@ pub struct PlanLimits {
     pub max_workgroups_per_dim: u32,
     /// Workgroup size of the kernels (a power of two).
     pub workgroup_size: u32,
+    /// Elements per invocation, at least, for rows too long for the register-cached path
+    /// (tuned per adapter: CPU adapters like fewer, wider invocations).
+    pub elems_per_thread: u64,
+    /// Elements per invocation of the fused kernel's register-cached path.
+    pub cached_per_thread: u32,
     /// Device bytes all chunks in flight may use together.
     pub budget: u64,
     /// Chunks in flight at once (at least 1).
@@ -39,13 +44,20 @@ pub struct PlanLimits {
 
 impl PlanLimits {
     /// The limits of a device, with the default budget and ring.
-    pub fn of(limits: &wgpu::Limits, workgroup_size: u32) -> Self {
+    pub fn of(
+        limits: &wgpu::Limits,
+        workgroup_size: u32,
+        elems_per_thread: u64,
+        cached_per_thread: u32,
+    ) -> Self {
         Self {
             max_binding: limits
                 .max_storage_buffer_binding_size
                 .min(limits.max_buffer_size),
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             workgroup_size,
+            elems_per_thread,
+            cached_per_thread,
             budget: DEFAULT_BUDGET,
             ring: DEFAULT_RING,
         }
@@ -87,6 +99,8 @@ pub enum Layout {
         rows_per_chunk: usize,
         /// Invocations per row in the fused kernel (a power of two ≤ the workgroup size).
         threads_per_row: u32,
+        /// Whether rows take the fused kernel's one-read, register-cached path.
+        cached: bool,
     },
     /// Every row cut into `pieces` column pieces of `piece_cols` (the last one ragged).
     Split {
@@ -139,11 +153,12 @@ impl Plan {
         let per_elem = 4 * grad.buffers_per_element();
         let v = classes as u64;
         let wg = u64::from(limits.workgroup_size);
-        // About four elements per invocation: short rows share a workgroup.
-        let threads_per_row = match (v / 4).min(wg) {
-            0 => 1,
-            t => 1u32 << (63 - t.leading_zeros()),
-        };
+        let (threads_per_row, cached) = super::kernels::rows_layout(
+            v,
+            limits.workgroup_size,
+            limits.elems_per_thread,
+            limits.cached_per_thread,
+        );
         let rows_per_group = wg / u64::from(threads_per_row);
         let fit_rows = [
             limits.max_binding / (v * 4),
@@ -164,6 +179,7 @@ impl Plan {
                 layout: Layout::Rows {
                     rows_per_chunk: fit_rows as usize,
                     threads_per_row,
+                    cached,
                 },
                 ring,
                 chunk_elems: fit_rows as usize * classes,
@@ -254,6 +270,8 @@ mod tests {
             max_binding: 128 << 20,
             max_workgroups_per_dim: 65535,
             workgroup_size: 256,
+            elems_per_thread: 8,
+            cached_per_thread: 32,
             budget: DEFAULT_BUDGET,
             ring: 2,
         }
@@ -264,6 +282,8 @@ mod tests {
             max_binding: 64 << 10,
             max_workgroups_per_dim: 7,
             workgroup_size: 256,
+            elems_per_thread: 8,
+            cached_per_thread: 32,
             budget: budget_chunks * (64 << 10),
             ring: 3,
         }
@@ -297,6 +317,7 @@ mod tests {
             Layout::Rows {
                 rows_per_chunk,
                 threads_per_row,
+                ..
             } => {
                 let per_group = (limits.workgroup_size / threads_per_row) as usize;
                 let groups = rows_per_chunk.div_ceil(per_group) as u64;
@@ -324,7 +345,8 @@ mod tests {
             plan.layout,
             Layout::Rows {
                 rows_per_chunk: 256,
-                threads_per_row: 256
+                threads_per_row: 256,
+                cached: false
             }
         );
         assert_eq!(plan.chunks().count(), 65);

@@ -8,16 +8,13 @@ use crate::options::Reduction;
 
 use super::buffers::{Recorder, bind_ranges, groups_x, params_stride};
 use super::context::GpuContext;
-use super::kernels::{BackwardParams, GradMode, NO_INDEX, RowParams};
+use super::kernels::{GradMode, NO_INDEX, RowParams, WeightParams, rows_layout};
 use super::stream::reduce_levels;
 
 /// A whole-buffer binding range of at least `bytes`.
 fn whole(b: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, u64) {
     (b, 0, bytes.max(16).min(b.size()))
 }
-
-/// Columns per workgroup of the backward kernel on the device path.
-const BACKWARD_BLOCK_COLS: usize = 4096;
 
 /// A batch in the caller's GPU buffers.
 #[derive(Clone, Copy, Debug)]
@@ -150,10 +147,8 @@ impl GpuContext {
         let mut rows_per_chunk = (bind_cap / row_bytes) / row_quantum * row_quantum;
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let threads_per_row = match (v as u64 / 4).min(u64::from(wg)) {
-            0 => 1,
-            t => 1u32 << (63 - t.leading_zeros()),
-        };
+        let (threads_per_row, cached) =
+            rows_layout(v as u64, wg, self.elems_per_thread, self.kernels.cached);
         let rows_per_group = u64::from(wg / threads_per_row);
         let max_rows = u64::from(max_dim).pow(2) * rows_per_group;
         rows_per_chunk = rows_per_chunk.min(max_rows / row_quantum * row_quantum);
@@ -184,7 +179,18 @@ impl GpuContext {
         let stats = new_buffer("xent row_stats", rows * 8);
         let loss = new_buffer("xent loss", 8);
         let dummy = new_buffer("xent unused", 16);
-        let norm = new_buffer("xent norm", 16);
+        // The gradient's denominator: 1, or the count of non-ignored rows for `mean`.
+        let norm = d.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("xent norm"),
+            size: 16,
+            usage: U::STORAGE | U::COPY_DST | U::COPY_SRC,
+            mapped_at_creation: true,
+        });
+        norm.slice(..)
+            .get_mapped_range_mut()
+            .map_err(|e| Error::Gpu(e.to_string()))?
+            .copy_from_slice(bytemuck::cast_slice(&[1.0f32, 0.0, 0.0, 0.0]));
+        norm.unmap();
         // Scratch: weights' levels first (the count), then the losses' levels, which
         // divide by the count for `mean`.
         let count_levels = reduce_levels(rows, 0, wg, max_dim, 1.0, NO_INDEX);
@@ -197,20 +203,51 @@ impl GpuContext {
         let scratch = new_buffer("xent scratch", loss_levels.extent * 4);
 
         let chunks = n.div_ceil(rows_per_chunk);
-        let mean_grad = reduction == Reduction::Mean && !matches!(gradient, DeviceGradient::None);
-        let blocks = (chunks * (1 + usize::from(mean_grad))
-            + count_levels.levels.len()
-            + loss_levels.levels.len()) as u64;
+        let blocks = (chunks + 1 + count_levels.levels.len() + loss_levels.levels.len()) as u64;
         let params = d.create_buffer(&wgpu::BufferDescriptor {
             label: Some("xent params"),
-            size: blocks.max(1) * params_stride(&self.limits),
+            size: blocks * params_stride(&self.limits),
             usage: U::UNIFORM | U::COPY_DST,
             mapped_at_creation: false,
         });
 
         let mut rec = Recorder::into_encoder(encoder, &self.limits);
-        let fused_mode = match gradient {
-            _ if mean_grad => GradMode::None,
+        // 1. Row weights from the targets, and their sum (the `mean` denominator), before
+        //    the fused kernel: a `mean` gradient is then scaled in the pass that makes it.
+        let weights_bg = bind_ranges(
+            d,
+            &self.kernels.weights,
+            &params,
+            &[
+                (batch.targets, batch.targets_offset, n as u64 * 4),
+                whole(&weight, rows * 4),
+            ],
+        );
+        let groups = (n as u64).div_ceil(u64::from(wg));
+        let p = WeightParams {
+            rows: n as u32,
+            groups_x: groups_x(groups, max_dim),
+            classes: v as u32,
+            ignore_index: batch.ignore_index,
+        };
+        rec.dispatch(&self.kernels.weights, &weights_bg, &p, groups);
+        let reduce_bg = bind_ranges(
+            d,
+            &self.kernels.reduce,
+            &params,
+            &[whole(&scratch, scratch.size())],
+        );
+        rec.copy(&weight, 0, &scratch, 0, n as u64 * 4);
+        for level in &count_levels.levels {
+            let groups = u64::from(level.count).div_ceil(2 * u64::from(wg));
+            rec.dispatch(&self.kernels.reduce, &reduce_bg, level, groups);
+        }
+        if reduction == Reduction::Mean {
+            rec.copy(&scratch, u64::from(count_levels.result) * 4, &norm, 0, 4);
+        }
+
+        // 2. The fused kernel over chunks of whole rows, gradient included.
+        let mode = match gradient {
             DeviceGradient::None => GradMode::None,
             DeviceGradient::InPlace => GradMode::InPlace,
             DeviceGradient::Into { .. } => GradMode::Separate,
@@ -221,9 +258,7 @@ impl GpuContext {
             let at = first as u64 * row_bytes;
             let bytes = count as u64 * row_bytes;
             let grad_range = match gradient {
-                DeviceGradient::Into { buffer, offset } if !mean_grad => {
-                    (buffer, offset + at, bytes)
-                }
+                DeviceGradient::Into { buffer, offset } => (buffer, offset + at, bytes),
                 _ => (&dummy, 0, 16),
             };
             let bg = bind_ranges(
@@ -236,8 +271,8 @@ impl GpuContext {
                     whole(&row_loss, rows * 4),
                     whole(&lse, rows * 4),
                     grad_range,
-                    whole(&weight, rows * 4),
                     whole(&stats, rows * 8),
+                    whole(&norm, 16),
                 ],
             );
             let groups = (count as u64).div_ceil(rows_per_group);
@@ -247,83 +282,23 @@ impl GpuContext {
                 row_base: first as u32,
                 groups_x: groups_x(groups, max_dim),
                 grad_scale: 1.0,
-                grad_mode: fused_mode as u32,
+                grad_mode: mode as u32,
                 ignore_index: batch.ignore_index,
                 threads_per_row,
+                cached: u32::from(cached),
+                _pad: [0; 3],
             };
-            rec.dispatch(&self.kernels.rows, &bg, &p, groups);
+            rec.dispatch(self.kernels.rows_for(v), &bg, &p, groups);
         }
-        // Reductions on the device: the count of non-ignored rows, then the loss.
-        let reduce_bg = bind_ranges(
-            d,
-            &self.kernels.reduce,
-            &params,
-            &[whole(&scratch, scratch.size())],
-        );
-        rec.copy(&weight, 0, &scratch, 0, n as u64 * 4);
+
+        // 3. The loss, reduced on the device (`mean` divides by the count in its last level).
         rec.copy(&row_loss, 0, &scratch, loss_src * 4, n as u64 * 4);
-        for level in count_levels.levels.iter().chain(&loss_levels.levels) {
+        for level in &loss_levels.levels {
             let groups = u64::from(level.count).div_ceil(2 * u64::from(wg));
             rec.dispatch(&self.kernels.reduce, &reduce_bg, level, groups);
         }
         rec.copy(&scratch, u64::from(loss_levels.result) * 4, &loss, 0, 4);
         rec.copy(&scratch, u64::from(count_levels.result) * 4, &loss, 4, 4);
-        rec.copy(&scratch, u64::from(count_levels.result) * 4, &norm, 0, 4);
-
-        if mean_grad {
-            let (gbuf, goff, mode) = match gradient {
-                DeviceGradient::Into { buffer, offset } => (buffer, offset, GradMode::Separate),
-                _ => (batch.logits, batch.logits_offset, GradMode::InPlace),
-            };
-            let blocks_per_row = v.div_ceil(BACKWARD_BLOCK_COLS) as u64;
-            let bw_rows = (u64::from(max_dim).pow(2) / blocks_per_row).max(1) as usize;
-            for c in 0..chunks {
-                let first = c * rows_per_chunk;
-                let count = rows_per_chunk.min(n - first);
-                let at = first as u64 * row_bytes;
-                let bytes = count as u64 * row_bytes;
-                let grad_range = if mode == GradMode::Separate {
-                    (gbuf, goff + at, bytes)
-                } else {
-                    (&dummy, 0, 16)
-                };
-                let bg = bind_ranges(
-                    d,
-                    &self.kernels.backward,
-                    &params,
-                    &[
-                        (batch.logits, batch.logits_offset + at, bytes),
-                        (batch.targets, batch.targets_offset, n as u64 * 4),
-                        whole(&stats, rows * 8),
-                        whole(&norm, 16),
-                        grad_range,
-                    ],
-                );
-                // The grid is rows x blocks; long chunks go in several dispatches.
-                let mut done = 0;
-                while done < count {
-                    let part = bw_rows.min(count - done);
-                    let groups = part as u64 * blocks_per_row;
-                    let p = BackwardParams {
-                        rows: part as u32,
-                        row_stride: v as u32,
-                        cols: v as u32,
-                        col_base: 0,
-                        block_cols: BACKWARD_BLOCK_COLS as u32,
-                        blocks: blocks_per_row as u32,
-                        row_base: (first + done) as u32,
-                        groups_x: groups_x(groups, max_dim),
-                        scale: 1.0,
-                        grad_mode: mode as u32,
-                        ignore_index: batch.ignore_index,
-                        classes: v as u32,
-                    };
-                    debug_assert!(done == 0, "one dispatch per chunk at these limits");
-                    rec.dispatch(&self.kernels.backward, &bg, &p, groups);
-                    done += part;
-                }
-            }
-        }
         rec.write_params(&self.queue, &params);
         Ok(DeviceLoss {
             row_loss,

@@ -271,8 +271,8 @@ impl GpuContext {
                         ws.row_loss.get(),
                         ws.row_lse.get(),
                         ws.grad.get(),
-                        ws.row_weight.get(),
                         ws.row_stats.get(),
+                        ws.norm.get(),
                     ],
                 ),
                 partials: bind(
@@ -404,8 +404,9 @@ impl GpuContext {
 
         match plan.layout {
             Layout::Rows {
-                rows_per_chunk: _,
                 threads_per_row,
+                cached,
+                ..
             } => {
                 let rows_per_group = (wg / threads_per_row) as usize;
                 for (group, chunk) in plan.chunks().enumerate() {
@@ -434,8 +435,10 @@ impl GpuContext {
                         grad_mode: mode as u32,
                         ignore_index: Batch::IGNORED,
                         threads_per_row,
+                        cached: u32::from(cached),
+                        _pad: [0; 3],
                     };
-                    rec.dispatch(&self.kernels.rows, &groups.rows, &params, wgs);
+                    rec.dispatch(self.kernels.rows_for(v), &groups.rows, &params, wgs);
                     chunk_sum(&mut rec, rows, group);
                     let grad_src = match plan.grad {
                         GradKind::None => None,

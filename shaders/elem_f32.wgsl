@@ -1,0 +1,12 @@
+// Element type of the row kernels when V is not a multiple of 4: one f32 per load.
+// The host prepends this or elem_vec4.wgsl (and row_state.wgsl) to the kernel.
+
+alias Elem = f32;
+const WIDTH: u32 = 1u;
+
+fn splat(x: f32) -> Elem { return x; }
+fn hmax(e: Elem) -> f32 { return e; }
+fn hsum(e: Elem) -> f32 { return e; }
+fn lane_of(e: Elem, i: u32) -> f32 { return e; }
+// 1.0 where column `first + component` is `col`, else 0.0.
+fn onehot(first: u32, col: u32) -> Elem { return select(0.0, 1.0, first == col); }

@@ -1,0 +1,14 @@
+// Element type of the row kernels when V is a multiple of 4: vec4 loads and stores.
+// The host prepends this or elem_f32.wgsl (and row_state.wgsl) to the kernel.
+
+alias Elem = vec4<f32>;
+const WIDTH: u32 = 4u;
+
+fn splat(x: f32) -> Elem { return vec4<f32>(x); }
+fn hmax(e: Elem) -> f32 { return max(max(e.x, e.y), max(e.z, e.w)); }
+fn hsum(e: Elem) -> f32 { return (e.x + e.y) + (e.z + e.w); }
+fn lane_of(e: Elem, i: u32) -> f32 { return e[i]; }
+// 1.0 where column `first + component` is `col`, else 0.0.
+fn onehot(first: u32, col: u32) -> Elem {
+    return select(vec4<f32>(0.0), vec4<f32>(1.0), vec4<u32>(first) + vec4<u32>(0u, 1u, 2u, 3u) == vec4<u32>(col));
+}
