@@ -17,6 +17,8 @@ pub const DEFAULT_BUDGET: u64 = 1 << 30;
 pub const DEFAULT_RING: usize = 2;
 /// Columns reduced by one workgroup of the split-row kernels.
 pub const SPLIT_BLOCK_COLS: usize = 4096;
+/// Below this many rows, long rows are spread over a (row × column block) grid.
+pub const FEW_ROWS: usize = 64;
 /// Device bytes per row of the per-row buffers of a chunk (targets, loss, LSE, weight,
 /// statistics, their readback and reduction scratch).
 pub const ROW_OVERHEAD_BYTES: u64 = 48;
@@ -101,6 +103,10 @@ pub enum Layout {
         threads_per_row: u32,
         /// Whether rows take the fused kernel's one-read, register-cached path.
         cached: bool,
+        /// For few long rows: column blocks per row of a (row × block) grid of
+        /// workgroups (partial states, a merge, and the gradient kernel) instead of one
+        /// workgroup per row, so that a handful of rows still fills the device.
+        blocks_per_row: Option<usize>,
     },
     /// Every row cut into `pieces` column pieces of `piece_cols` (the last one ragged).
     Split {
@@ -180,6 +186,8 @@ impl Plan {
                     rows_per_chunk: fit_rows as usize,
                     threads_per_row,
                     cached,
+                    blocks_per_row: (rows < FEW_ROWS && classes >= 2 * SPLIT_BLOCK_COLS)
+                        .then(|| classes.div_ceil(SPLIT_BLOCK_COLS)),
                 },
                 ring,
                 chunk_elems: fit_rows as usize * classes,
@@ -346,7 +354,8 @@ mod tests {
             Layout::Rows {
                 rows_per_chunk: 256,
                 threads_per_row: 256,
-                cached: false
+                cached: false,
+                blocks_per_row: None,
             }
         );
         assert_eq!(plan.chunks().count(), 65);

@@ -8,7 +8,11 @@ use crate::options::Reduction;
 
 use super::buffers::{Recorder, bind_ranges, groups_x, params_stride};
 use super::context::GpuContext;
-use super::kernels::{GradMode, NO_INDEX, RowParams, WeightParams, rows_layout};
+use super::kernels::{
+    BackwardParams, GradMode, MergeParams, NO_INDEX, PartialParams, RowParams, WeightParams,
+    rows_layout,
+};
+use super::plan::{FEW_ROWS, SPLIT_BLOCK_COLS};
 use super::stream::reduce_levels;
 
 /// A whole-buffer binding range of at least `bytes`.
@@ -203,7 +207,8 @@ impl GpuContext {
         let scratch = new_buffer("xent scratch", loss_levels.extent * 4);
 
         let chunks = n.div_ceil(rows_per_chunk);
-        let blocks = (chunks + 1 + count_levels.levels.len() + loss_levels.levels.len()) as u64;
+        let blocks = (chunks + 4 + count_levels.levels.len() + loss_levels.levels.len()) as u64;
+        let mut _scratch = Vec::new();
         let params = d.create_buffer(&wgpu::BufferDescriptor {
             label: Some("xent params"),
             size: blocks * params_stride(&self.limits),
@@ -252,7 +257,101 @@ impl GpuContext {
             DeviceGradient::InPlace => GradMode::InPlace,
             DeviceGradient::Into { .. } => GradMode::Separate,
         };
-        for c in 0..chunks {
+        // Few long rows: a (row × column block) grid of workgroups fills the device where
+        // one workgroup per row would not.
+        let grid = n < FEW_ROWS && v >= 2 * SPLIT_BLOCK_COLS && total <= bind_cap;
+        if grid {
+            let bpr = v.div_ceil(SPLIT_BLOCK_COLS);
+            let partials = new_buffer("xent partials", (n * bpr * 16) as u64);
+            let logits_range = (batch.logits, batch.logits_offset, total);
+            let targets_range = (batch.targets, batch.targets_offset, n as u64 * 4);
+            let wgs = (n * bpr) as u64;
+            let bg = bind_ranges(
+                d,
+                &self.kernels.partials,
+                &params,
+                &[
+                    logits_range,
+                    targets_range,
+                    whole(&partials, partials.size()),
+                ],
+            );
+            let p = PartialParams {
+                rows: n as u32,
+                row_stride: v as u32,
+                cols: v as u32,
+                col_base: 0,
+                block_cols: SPLIT_BLOCK_COLS as u32,
+                blocks: bpr as u32,
+                row_base: 0,
+                groups_x: groups_x(wgs, max_dim),
+                out_base: 0,
+                out_stride: bpr as u32,
+                ignore_index: batch.ignore_index,
+                classes: v as u32,
+            };
+            rec.dispatch(&self.kernels.partials, &bg, &p, wgs);
+            let bg = bind_ranges(
+                d,
+                &self.kernels.merge,
+                &params,
+                &[
+                    whole(&partials, partials.size()),
+                    targets_range,
+                    whole(&row_loss, rows * 4),
+                    whole(&lse, rows * 4),
+                    whole(&weight, rows * 4),
+                    whole(&stats, rows * 8),
+                ],
+            );
+            let merge_groups = (n as u64).div_ceil(u64::from(wg));
+            let p = MergeParams {
+                rows: n as u32,
+                blocks: bpr as u32,
+                row_base: 0,
+                groups_x: groups_x(merge_groups, max_dim),
+                classes: v as u32,
+                ignore_index: batch.ignore_index,
+                _pad0: 0,
+                _pad1: 0,
+            };
+            rec.dispatch(&self.kernels.merge, &bg, &p, merge_groups);
+            if mode != GradMode::None {
+                let grad_range = match gradient {
+                    DeviceGradient::Into { buffer, offset } => (buffer, offset, total),
+                    _ => (&dummy, 0, 16),
+                };
+                let bg = bind_ranges(
+                    d,
+                    &self.kernels.backward,
+                    &params,
+                    &[
+                        logits_range,
+                        targets_range,
+                        whole(&stats, rows * 8),
+                        whole(&norm, 16),
+                        grad_range,
+                    ],
+                );
+                let p = BackwardParams {
+                    rows: n as u32,
+                    row_stride: v as u32,
+                    cols: v as u32,
+                    col_base: 0,
+                    block_cols: SPLIT_BLOCK_COLS as u32,
+                    blocks: bpr as u32,
+                    row_base: 0,
+                    groups_x: groups_x(wgs, max_dim),
+                    scale: 1.0,
+                    grad_mode: mode as u32,
+                    ignore_index: batch.ignore_index,
+                    classes: v as u32,
+                };
+                rec.dispatch(&self.kernels.backward, &bg, &p, wgs);
+            }
+            _scratch.push(partials);
+        }
+        for c in 0..if grid { 0 } else { chunks } {
             let first = c * rows_per_chunk;
             let count = rows_per_chunk.min(n - first);
             let at = first as u64 * row_bytes;
@@ -305,7 +404,10 @@ impl GpuContext {
             lse,
             loss,
             rows: n,
-            _scratch: vec![weight, stats, scratch, params, dummy, norm],
+            _scratch: [weight, stats, scratch, params, dummy, norm]
+                .into_iter()
+                .chain(_scratch)
+                .collect(),
         })
     }
 

@@ -205,7 +205,9 @@ impl GpuContext {
                 blocks_per_piece,
                 ..
             } => (pieces * blocks_per_piece * 16) as u64,
-            Layout::Rows { .. } => 16,
+            Layout::Rows { blocks_per_row, .. } => {
+                (plan.slot_rows * blocks_per_row.unwrap_or(1) * 16) as u64
+            }
         };
         let scratch = reduce_levels(rows, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
         let sums =
@@ -406,6 +408,7 @@ impl GpuContext {
             Layout::Rows {
                 threads_per_row,
                 cached,
+                blocks_per_row,
                 ..
             } => {
                 let rows_per_group = (wg / threads_per_row) as usize;
@@ -425,20 +428,28 @@ impl GpuContext {
                         bytemuck::cast_slice(&batch.targets[chunk.rows.clone()]),
                     );
                     let mut rec = Recorder::new(&self.device, &self.limits);
-                    let wgs = rows.div_ceil(rows_per_group) as u64;
-                    let params = RowParams {
-                        rows: rows as u32,
-                        classes: v as u32,
-                        row_base: 0,
-                        groups_x: groups_x(wgs, max_dim),
-                        grad_scale,
-                        grad_mode: mode as u32,
-                        ignore_index: Batch::IGNORED,
-                        threads_per_row,
-                        cached: u32::from(cached),
-                        _pad: [0; 3],
-                    };
-                    rec.dispatch(self.kernels.rows_for(v), &groups.rows, &params, wgs);
+                    match blocks_per_row {
+                        // One workgroup per (row, column block): few rows still fill the device.
+                        Some(bpr) => {
+                            self.record_row_grid(&mut rec, groups, rows, v, bpr, grad_scale, mode)
+                        }
+                        None => {
+                            let wgs = rows.div_ceil(rows_per_group) as u64;
+                            let params = RowParams {
+                                rows: rows as u32,
+                                classes: v as u32,
+                                row_base: 0,
+                                groups_x: groups_x(wgs, max_dim),
+                                grad_scale,
+                                grad_mode: mode as u32,
+                                ignore_index: Batch::IGNORED,
+                                threads_per_row,
+                                cached: u32::from(cached),
+                                _pad: [0; 3],
+                            };
+                            rec.dispatch(self.kernels.rows_for(v), &groups.rows, &params, wgs);
+                        }
+                    }
                     chunk_sum(&mut rec, rows, group);
                     let grad_src = match plan.grad {
                         GradKind::None => None,
@@ -584,6 +595,68 @@ impl GpuContext {
             loss = bytemuck::cast_slice::<u8, f32>(bytes)[0];
         })?;
         Ok((loss, outputs))
+    }
+
+    /// Few long rows: partial states over a (row × block) grid, a merge per row, and the
+    /// gradient over the same grid — 1 read for the loss, 2 reads + 1 write with the
+    /// gradient, as the fused kernel, but with `rows × blocks` workgroups.
+    #[allow(clippy::too_many_arguments)]
+    fn record_row_grid(
+        &self,
+        rec: &mut Recorder<'_>,
+        groups: &BindGroups,
+        rows: usize,
+        v: usize,
+        bpr: usize,
+        grad_scale: f32,
+        mode: GradMode,
+    ) {
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let wgs = (rows * bpr) as u64;
+        let partial = PartialParams {
+            rows: rows as u32,
+            row_stride: v as u32,
+            cols: v as u32,
+            col_base: 0,
+            block_cols: SPLIT_BLOCK_COLS as u32,
+            blocks: bpr as u32,
+            row_base: 0,
+            groups_x: groups_x(wgs, max_dim),
+            out_base: 0,
+            out_stride: bpr as u32,
+            ignore_index: Batch::IGNORED,
+            classes: v as u32,
+        };
+        rec.dispatch(&self.kernels.partials, &groups.partials, &partial, wgs);
+        let merge_groups = (rows as u64).div_ceil(u64::from(self.kernels.workgroup_size));
+        let merge = MergeParams {
+            rows: rows as u32,
+            blocks: bpr as u32,
+            row_base: 0,
+            groups_x: groups_x(merge_groups, max_dim),
+            classes: v as u32,
+            ignore_index: Batch::IGNORED,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        rec.dispatch(&self.kernels.merge, &groups.merge, &merge, merge_groups);
+        if mode != GradMode::None {
+            let backward = BackwardParams {
+                rows: rows as u32,
+                row_stride: v as u32,
+                cols: v as u32,
+                col_base: 0,
+                block_cols: SPLIT_BLOCK_COLS as u32,
+                blocks: bpr as u32,
+                row_base: 0,
+                groups_x: groups_x(wgs, max_dim),
+                scale: grad_scale,
+                grad_mode: mode as u32,
+                ignore_index: Batch::IGNORED,
+                classes: v as u32,
+            };
+            rec.dispatch(&self.kernels.backward, &groups.backward, &backward, wgs);
+        }
     }
 
     /// Waits for a submission and copies its results out.
