@@ -27,7 +27,12 @@ fn exp_f32(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Clamp so that 2^n stays representable; the clamps also make -inf → 0, +inf → inf.
     let xc = x.clamp(-110.0, 88.8);
-    let n = (xc * LOG2E).round();
+    // Round to the nearest integer with the 1.5·2^23 trick: the sum's low mantissa bits
+    // then hold n as an integer, so no float-to-int conversion (which would not
+    // vectorise with Rust's saturating `as`) is needed.
+    const MAGIC: f32 = 12_582_912.0;
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -35,7 +40,7 @@ fn exp_f32(x: f32) -> f32 {
                 + r * (0.166_666_67
                     + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
     // 2^n in two factors so that n down to -126 - 23 stays exact (subnormal results).
-    let n = n as i32;
+    let n = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let a = n / 2;
     let b = n - a;
     let pow = |k: i32| f32::from_bits(((k + 127).clamp(0, 255) as u32) << 23);
@@ -157,6 +162,8 @@ macro_rules! rows_kernel {
 rows_kernel!(rows_baseline);
 #[cfg(target_arch = "x86_64")]
 rows_kernel!(rows_avx2, #[target_feature(enable = "avx2,fma")]);
+#[cfg(target_arch = "x86_64")]
+rows_kernel!(rows_avx512, #[target_feature(enable = "avx512f,avx2,fma")]);
 
 fn rows(
     logits: &[f32],
@@ -167,6 +174,11 @@ fn rows(
     loss: &mut [f32],
     lse: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function was compiled for.
+        return unsafe { rows_avx512(logits, v, targets, scale, grad, loss, lse) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function was compiled for.
