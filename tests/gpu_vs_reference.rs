@@ -362,11 +362,13 @@ fn every_kernel_tuning_passes_the_conformance_set() {
         xent::gpu::Tuning {
             workgroup_size: 32,
             elems_per_thread: 1,
+            max_threads_per_row: 1024,
             cached_per_thread: 256,
         },
         xent::gpu::Tuning {
             workgroup_size: 128,
             elems_per_thread: 100_000,
+            max_threads_per_row: 1024,
             cached_per_thread: 4,
         },
     ];

@@ -95,6 +95,9 @@ impl Samples {
     }
 }
 
+/// Workgroup size of the roofline kernels.
+const ROOFLINE_WG: u32 = 256;
+
 struct Timestamps {
     set: wgpu::QuerySet,
     resolve: wgpu::Buffer,
@@ -105,6 +108,7 @@ struct Timestamps {
 /// The GPU side of the benchmark, on one context.
 pub struct GpuBench<'a> {
     ctx: &'a GpuContext,
+    roofline_wg: u32,
     copy: Kernel,
     read: Kernel,
     timestamps: Option<Timestamps>,
@@ -115,7 +119,9 @@ impl<'a> GpuBench<'a> {
     pub fn new(ctx: &'a GpuContext) -> Result<Self> {
         ctx.scoped(|| {
             let d = &ctx.device;
-            let wg = ctx.kernels.workgroup_size;
+            // The rooflines keep one shape whatever the loss kernels' tuning: 256
+            // invocations (or the device's maximum), each moving 4 vec4s.
+            let wg = ROOFLINE_WG.min(ctx.limits.max_compute_invocations_per_workgroup);
             let copy = Kernel::new::<BenchParams>(
                 d,
                 "bench_copy",
@@ -155,6 +161,7 @@ impl<'a> GpuBench<'a> {
                 });
             Ok(Self {
                 ctx,
+                roofline_wg: wg,
                 copy,
                 read,
                 timestamps,
@@ -325,7 +332,7 @@ impl<'a> GpuBench<'a> {
     ) -> Result<Samples> {
         let ctx = self.ctx;
         ctx.scoped(|| {
-            let wg = u64::from(ctx.kernels.workgroup_size);
+            let wg = u64::from(self.roofline_wg);
             let max_dim = ctx.limits.max_compute_workgroups_per_dimension;
             let vec4s = (elems as u64).div_ceil(4);
             let bytes = vec4s * 16;

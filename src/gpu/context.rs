@@ -22,6 +22,8 @@ pub struct Tuning {
     /// Elements per invocation, at least, on the fused kernel's streaming path: fewer,
     /// longer invocations per row for larger values.
     pub elems_per_thread: u64,
+    /// At most this many invocations per row on the streaming path.
+    pub max_threads_per_row: u32,
     /// Floats per invocation kept in registers on the fused kernel's one-read path: rows
     /// up to `workgroup_size × cached_per_thread` take it.
     pub cached_per_thread: u32,
@@ -33,6 +35,7 @@ impl Tuning {
     pub const GPU: Tuning = Tuning {
         workgroup_size: 256,
         elems_per_thread: 8,
+        max_threads_per_row: 1024,
         cached_per_thread: 32,
     };
     /// CPU adapters (lavapipe, llvmpipe) run invocations as SIMD lanes on one thread per
@@ -40,7 +43,8 @@ impl Tuning {
     /// large private arrays are slow.
     pub const CPU: Tuning = Tuning {
         workgroup_size: 64,
-        elems_per_thread: 8192,
+        elems_per_thread: 1024,
+        max_threads_per_row: 4,
         cached_per_thread: 4,
     };
 
@@ -57,6 +61,9 @@ impl Tuning {
         if let Some(e) = var("XENT_ELEMS_PER_THREAD") {
             t.elems_per_thread = e;
         }
+        if let Some(m) = var("XENT_MAX_THREADS_PER_ROW") {
+            t.max_threads_per_row = m as u32;
+        }
         if let Some(c) = var("XENT_CACHED") {
             t.cached_per_thread = c as u32;
         }
@@ -72,6 +79,7 @@ impl Tuning {
         Tuning {
             workgroup_size: 1 << (31 - wg.leading_zeros()),
             elems_per_thread: self.elems_per_thread.max(1),
+            max_threads_per_row: self.max_threads_per_row.max(1),
             cached_per_thread: self.cached_per_thread.clamp(4, 1024),
         }
     }
@@ -112,8 +120,8 @@ pub struct GpuContext {
     pub(crate) timeout: Duration,
     pub(crate) budget: u64,
     pub(crate) ring: usize,
-    /// Elements per invocation of the streaming row kernels (see [`PlanLimits`]).
-    pub(crate) elems_per_thread: u64,
+    /// The kernels' shape (see [`Tuning`]).
+    pub(crate) tuning: Tuning,
 }
 
 /// A fresh wgpu instance over every backend (honouring `WGPU_BACKEND` and friends).
@@ -247,11 +255,7 @@ impl GpuContext {
 
     /// The kernel tuning in use.
     pub fn tuning(&self) -> Tuning {
-        Tuning {
-            workgroup_size: self.kernels.workgroup_size,
-            elems_per_thread: self.elems_per_thread,
-            cached_per_thread: self.kernels.cached,
-        }
+        self.tuning
     }
 
     fn retune(&mut self, tuning: Tuning) -> Result<()> {
@@ -264,7 +268,7 @@ impl GpuContext {
         );
         scopes.pop(&self.faults)?;
         self.kernels = kernels;
-        self.elems_per_thread = tuning.elems_per_thread;
+        self.tuning = tuning;
         *self.workspace.lock().unwrap_or_else(|p| p.into_inner()) = Workspace::default();
         Ok(())
     }
@@ -276,13 +280,9 @@ impl GpuContext {
         faults: Arc<Faults>,
     ) -> Result<Self> {
         let limits = device.limits();
-        let Tuning {
-            workgroup_size: wg,
-            elems_per_thread,
-            cached_per_thread: cached,
-        } = Tuning::for_adapter(&info).within(&limits);
+        let tuning = Tuning::for_adapter(&info).within(&limits);
         let scopes = Scopes::push(&device);
-        let kernels = Kernels::new(&device, wg, cached);
+        let kernels = Kernels::new(&device, tuning.workgroup_size, tuning.cached_per_thread);
         scopes.pop(&faults)?;
         Ok(Self {
             device,
@@ -295,7 +295,7 @@ impl GpuContext {
             timeout: Duration::from_secs(300),
             budget: DEFAULT_BUDGET,
             ring: DEFAULT_RING,
-            elems_per_thread,
+            tuning,
         })
     }
 
@@ -342,12 +342,7 @@ impl GpuContext {
         PlanLimits {
             budget: self.budget,
             ring: self.ring,
-            ..PlanLimits::of(
-                &self.limits,
-                self.kernels.workgroup_size,
-                self.elems_per_thread,
-                self.kernels.cached,
-            )
+            ..PlanLimits::of(&self.limits, self.tuning)
         }
     }
 

@@ -100,19 +100,17 @@ pub(crate) const ROWS_CACHED: u32 = 32;
 /// the row fits the one-read (register-cached) path: rows up to `CACHED` elements per
 /// invocation of a workgroup are cached; longer rows stream with `elems_per_thread`
 /// (tuned per adapter) elements per invocation at least.
-pub(crate) fn rows_layout(
-    classes: u64,
-    workgroup_size: u32,
-    elems_per_thread: u64,
-    cached: u32,
-) -> (u32, bool) {
-    let wg = u64::from(workgroup_size);
-    let pow2_at_least = |x: u64| x.max(1).next_power_of_two();
-    let cached = u64::from(cached);
+pub(crate) fn rows_layout(classes: u64, tuning: &super::context::Tuning) -> (u32, bool) {
+    let wg = u64::from(tuning.workgroup_size);
+    let cached = u64::from(tuning.cached_per_thread);
     if classes <= wg * cached {
-        (pow2_at_least(classes.div_ceil(cached)) as u32, true)
+        (
+            classes.div_ceil(cached).max(1).next_power_of_two() as u32,
+            true,
+        )
     } else {
-        let t = (classes / elems_per_thread.max(1)).clamp(1, wg);
+        let most = wg.min(u64::from(tuning.max_threads_per_row.max(1)));
+        let t = (classes / tuning.elems_per_thread.max(1)).clamp(1, most);
         (1u32 << (63 - t.leading_zeros()), false)
     }
 }
@@ -316,8 +314,6 @@ pub(crate) struct Kernels {
     pub weights: Kernel,
     /// Workgroup size of every kernel (a power of two).
     pub workgroup_size: u32,
-    /// Elements per invocation of the fused kernel's register-cached path.
-    pub cached: u32,
 }
 
 impl Kernels {
@@ -403,7 +399,6 @@ impl Kernels {
                 wg,
             ),
             workgroup_size: wg,
-            cached,
         }
     }
 }

@@ -11,6 +11,8 @@ use std::ops::Range;
 
 use crate::error::{Error, Result};
 
+use super::context::Tuning;
+
 /// Device bytes a call may use by default for its streamed chunks.
 pub const DEFAULT_BUDGET: u64 = 1 << 30;
 /// Chunks in flight by default: two, so that one uploads while the other computes.
@@ -31,13 +33,8 @@ pub struct PlanLimits {
     pub max_binding: u64,
     /// `max_compute_workgroups_per_dimension`.
     pub max_workgroups_per_dim: u32,
-    /// Workgroup size of the kernels (a power of two).
-    pub workgroup_size: u32,
-    /// Elements per invocation, at least, for rows too long for the register-cached path
-    /// (tuned per adapter: CPU adapters like fewer, wider invocations).
-    pub elems_per_thread: u64,
-    /// Elements per invocation of the fused kernel's register-cached path.
-    pub cached_per_thread: u32,
+    /// The kernels' shape on this adapter.
+    pub tuning: Tuning,
     /// Device bytes all chunks in flight may use together.
     pub budget: u64,
     /// Chunks in flight at once (at least 1).
@@ -46,20 +43,13 @@ pub struct PlanLimits {
 
 impl PlanLimits {
     /// The limits of a device, with the default budget and ring.
-    pub fn of(
-        limits: &wgpu::Limits,
-        workgroup_size: u32,
-        elems_per_thread: u64,
-        cached_per_thread: u32,
-    ) -> Self {
+    pub fn of(limits: &wgpu::Limits, tuning: Tuning) -> Self {
         Self {
             max_binding: limits
                 .max_storage_buffer_binding_size
                 .min(limits.max_buffer_size),
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
-            workgroup_size,
-            elems_per_thread,
-            cached_per_thread,
+            tuning,
             budget: DEFAULT_BUDGET,
             ring: DEFAULT_RING,
         }
@@ -158,13 +148,8 @@ impl Plan {
         let slot_budget = limits.budget / ring as u64;
         let per_elem = 4 * grad.buffers_per_element();
         let v = classes as u64;
-        let wg = u64::from(limits.workgroup_size);
-        let (threads_per_row, cached) = super::kernels::rows_layout(
-            v,
-            limits.workgroup_size,
-            limits.elems_per_thread,
-            limits.cached_per_thread,
-        );
+        let wg = u64::from(limits.tuning.workgroup_size);
+        let (threads_per_row, cached) = super::kernels::rows_layout(v, &limits.tuning);
         let rows_per_group = wg / u64::from(threads_per_row);
         let fit_rows = [
             limits.max_binding / (v * 4),
@@ -277,9 +262,7 @@ mod tests {
         PlanLimits {
             max_binding: 128 << 20,
             max_workgroups_per_dim: 65535,
-            workgroup_size: 256,
-            elems_per_thread: 8,
-            cached_per_thread: 32,
+            tuning: Tuning::GPU,
             budget: DEFAULT_BUDGET,
             ring: 2,
         }
@@ -289,9 +272,7 @@ mod tests {
         PlanLimits {
             max_binding: 64 << 10,
             max_workgroups_per_dim: 7,
-            workgroup_size: 256,
-            elems_per_thread: 8,
-            cached_per_thread: 32,
+            tuning: Tuning::GPU,
             budget: budget_chunks * (64 << 10),
             ring: 3,
         }
@@ -327,7 +308,7 @@ mod tests {
                 threads_per_row,
                 ..
             } => {
-                let per_group = (limits.workgroup_size / threads_per_row) as usize;
+                let per_group = (limits.tuning.workgroup_size / threads_per_row) as usize;
                 let groups = rows_per_chunk.div_ceil(per_group) as u64;
                 assert!(groups <= limits.max_groups());
                 assert_eq!(count, plan.rows.div_ceil(rows_per_chunk));

@@ -151,8 +151,7 @@ impl GpuContext {
         let mut rows_per_chunk = (bind_cap / row_bytes) / row_quantum * row_quantum;
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let (threads_per_row, cached) =
-            rows_layout(v as u64, wg, self.elems_per_thread, self.kernels.cached);
+        let (threads_per_row, cached) = rows_layout(v as u64, &self.tuning);
         let rows_per_group = u64::from(wg / threads_per_row);
         let max_rows = u64::from(max_dim).pow(2) * rows_per_group;
         rows_per_chunk = rows_per_chunk.min(max_rows / row_quantum * row_quantum);
