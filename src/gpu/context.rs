@@ -122,6 +122,10 @@ pub struct GpuContext {
     pub(crate) ring: usize,
     /// The kernels' shape (see [`Tuning`]).
     pub(crate) tuning: Tuning,
+    /// Out-of-memory errors still to inject (tests of the retry path).
+    injected_oom: std::sync::atomic::AtomicU32,
+    /// Poll timeouts still to inject (tests of the recovery path).
+    injected_timeouts: std::sync::atomic::AtomicU32,
 }
 
 /// A fresh wgpu instance over every backend (honouring `WGPU_BACKEND` and friends).
@@ -296,6 +300,8 @@ impl GpuContext {
             budget: DEFAULT_BUDGET,
             ring: DEFAULT_RING,
             tuning,
+            injected_oom: std::sync::atomic::AtomicU32::new(0),
+            injected_timeouts: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -405,6 +411,39 @@ impl GpuContext {
         self.run(Io::InPlace(logits), &batch, opts)
     }
 
+    /// Makes the next `times` buffer preparations fail as if the device were out of
+    /// memory: for testing the retry with smaller chunks.
+    #[doc(hidden)]
+    pub fn inject_out_of_memory(&self, times: u32) {
+        self.injected_oom
+            .store(times, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Makes the next `times` waits for the GPU report a timeout: for testing the
+    /// recovery on adapters that finish work before they can be polled (lavapipe
+    /// executes submissions synchronously).
+    #[doc(hidden)]
+    pub fn inject_timeout(&self, times: u32) {
+        self.injected_timeouts
+            .store(times, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn take_injected_oom(&self) -> Result<()> {
+        match take_one(&self.injected_oom) {
+            true => Err(Error::OutOfMemory("injected for testing".into())),
+            false => Ok(()),
+        }
+    }
+
+    /// Destroys the device, as a driver reset would: every later call fails with
+    /// [`Error::DeviceLost`]; build a new context to continue.
+    pub fn destroy_device(&self) {
+        self.device.destroy();
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        let mut lost = self.faults.lost.lock().unwrap_or_else(|p| p.into_inner());
+        lost.get_or_insert_with(|| "the device was destroyed".into());
+    }
+
     pub(crate) fn check_lost(&self) -> Result<()> {
         match self
             .faults
@@ -430,13 +469,18 @@ impl GpuContext {
         result
     }
 
-    /// Waits for `submission` (or everything, for `None`).
+    /// Waits for `submission` (or everything, for `None`), at most the context's timeout.
     pub(crate) fn wait(&self, submission: Option<wgpu::SubmissionIndex>) -> Result<()> {
+        if take_one(&self.injected_timeouts) {
+            return Err(Error::Timeout(self.timeout));
+        }
         let waited = self.device.poll(wgpu::PollType::Wait {
             submission_index: submission,
             timeout: Some(self.timeout),
         });
         match waited {
+            // Waiting for everything reports an unfinished queue as `Poll`, not an error.
+            Ok(wgpu::PollStatus::Poll) => Err(Error::Timeout(self.timeout)),
             Ok(_) => Ok(()),
             Err(e) => {
                 self.check_lost()?;
@@ -509,6 +553,14 @@ pub(crate) fn check_grad_len(grad: usize, logits: usize) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Takes one from a countdown; false when it is already 0.
+fn take_one(counter: &std::sync::atomic::AtomicU32) -> bool {
+    use std::sync::atomic::Ordering;
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 /// A pending `map_async`.

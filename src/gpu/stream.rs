@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::options::{Batch, LossOptions, LossOutput, Reduction};
 
 use super::buffers::{Recorder, Slot, bind, groups_x};
@@ -19,6 +19,8 @@ use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
 
 /// Parameter blocks one submission may use.
 const MAX_PARAM_BLOCKS: u64 = 16;
+/// Out-of-memory retries halve the budget down to this, then give up.
+const MIN_RETRY_BUDGET: u64 = 1 << 20;
 
 /// Where the logits come from and where the gradient goes.
 pub(crate) enum Io<'a> {
@@ -128,6 +130,16 @@ pub(crate) struct Workspace {
     pub allocations: u64,
 }
 
+impl Workspace {
+    /// Drops every buffer (kept: the allocation count), after an error or to free memory.
+    pub fn release(&mut self) {
+        *self = Workspace {
+            allocations: self.allocations,
+            ..Workspace::default()
+        };
+    }
+}
+
 struct BindGroups {
     rows: wgpu::BindGroup,
     partials: wgpu::BindGroup,
@@ -163,14 +175,39 @@ impl GpuContext {
         if batch.rows == 0 {
             return Ok(empty_output(opts));
         }
-        let plan = Plan::new(
-            batch.rows,
-            batch.classes,
-            io.grad_kind(),
-            &self.plan_limits(),
-        )?;
+        let mut limits = self.plan_limits();
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
-        let (loss, outputs) = self.scoped(|| self.stream(&mut ws, &mut io, batch, opts, &plan))?;
+        let (loss, outputs) = loop {
+            let plan = Plan::new(batch.rows, batch.classes, io.grad_kind(), &limits)?;
+            // Buffers first, in their own error scope: an out-of-memory is known before
+            // anything is streamed (or written over in-place logits), and is retried
+            // with half the budget, so smaller chunks.
+            let prepared = self.scoped(|| {
+                self.take_injected_oom()?;
+                self.prepare(&mut ws, &plan);
+                Ok(())
+            });
+            match prepared {
+                Err(Error::OutOfMemory(_)) if limits.budget / 2 >= MIN_RETRY_BUDGET => {
+                    ws.release();
+                    limits.budget /= 2;
+                    continue;
+                }
+                Err(e) => {
+                    ws.release();
+                    return Err(e);
+                }
+                Ok(()) => {}
+            }
+            match self.scoped(|| self.stream(&mut ws, &mut io, batch, opts, &plan)) {
+                Ok(done) => break done,
+                Err(e) => {
+                    // Buffers may still be in flight or mapped: start afresh next call.
+                    ws.release();
+                    return Err(e);
+                }
+            }
+        };
         Ok(LossOutput {
             loss: match opts.get_reduction() {
                 Reduction::None => None,
@@ -186,7 +223,7 @@ impl GpuContext {
 
     /// Makes every buffer big enough for `plan`, rebuilding the bind groups only when a
     /// buffer was replaced.
-    fn prepare(&self, ws: &mut Workspace, plan: &Plan) {
+    pub(crate) fn prepare(&self, ws: &mut Workspace, plan: &Plan) {
         use wgpu::BufferUsages as U;
         let d = &self.device;
         let bind_cap = self
