@@ -13,7 +13,8 @@ pub struct ReferenceRows {
     pub lse: Vec<f64>,
 }
 
-/// Log-sum-exp of one row in f64. NaN for a row with a NaN or +inf entry, or only −inf.
+/// Log-sum-exp of one row in f64: NaN for a row with a NaN or +inf entry, −inf for a row
+/// of only −inf (as `torch.logsumexp`; its loss `lse − x_t` is then NaN).
 pub fn row_lse(row: &[f32]) -> f64 {
     let mut max = f64::NEG_INFINITY;
     for &x in row {
@@ -24,7 +25,7 @@ pub fn row_lse(row: &[f32]) -> f64 {
         max = max.max(x);
     }
     if max == f64::NEG_INFINITY {
-        return f64::NAN;
+        return f64::NEG_INFINITY;
     }
     let sum: f64 = row.iter().map(|&x| (f64::from(x) - max).exp()).sum();
     max + sum.ln()

@@ -1,0 +1,183 @@
+//! Randomised cases, GPU against the f64 reference on every adapter: at least 500 cases
+//! a run over shapes, options and awkward values, from a fixed seed (`XENT_PROPTEST_SEED`
+//! to vary it). A failure shrinks towards the smallest shape and plainest values.
+
+mod common;
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
+use xent::check::{Tolerance, compare};
+use xent::synth::Rng;
+use xent::{Backend, LossOptions, Reduction};
+
+#[derive(Clone, Debug)]
+struct Case {
+    rows: usize,
+    classes: usize,
+    /// 0 normal, 1 offset +1e4, 2 spread ×1000, 3 tiny (1e-30), 4 huge (1e30),
+    /// 5 half the vocabulary masked with −inf, 6 a NaN/+inf/all −inf row, 7 constant rows.
+    style: u8,
+    reduction: u8,
+    /// 0 none, 1 separate, 2 in place.
+    gradient: u8,
+    /// ignore_index: −100 or a valid class id (class 0).
+    ignore_class_zero: bool,
+    ignored_share: u8,
+    seed: u64,
+}
+
+impl Case {
+    fn data(&self) -> (Vec<f32>, Vec<i64>) {
+        let (n, v) = (self.rows, self.classes);
+        let mut rng = Rng::new(self.seed);
+        let mut targets: Vec<i64> = (0..n).map(|_| rng.below(v as u64) as i64).collect();
+        let ignore = if self.ignore_class_zero { 0 } else { -100 };
+        for t in targets.iter_mut() {
+            if rng.below(8) < u64::from(self.ignored_share) {
+                *t = ignore;
+            }
+        }
+        let mut logits: Vec<f32> = (0..n * v).map(|_| (rng.normal() * 2.0) as f32).collect();
+        match self.style {
+            1 => logits.iter_mut().for_each(|x| *x += 1e4),
+            2 => logits.iter_mut().for_each(|x| *x *= 1000.0),
+            3 => logits.iter_mut().for_each(|x| *x *= 1e-30),
+            4 => logits.iter_mut().for_each(|x| *x *= 1e30),
+            5 => {
+                for (r, row) in logits.chunks_mut(v).enumerate() {
+                    for (c, x) in row.iter_mut().enumerate() {
+                        if c as i64 != targets[r] && rng.below(2) == 0 {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+            6 if n > 0 => {
+                let r = rng.below(n as u64) as usize;
+                let row = &mut logits[r * v..(r + 1) * v];
+                match rng.below(3) {
+                    0 => row[rng.below(v as u64) as usize] = f32::NAN,
+                    1 => row[rng.below(v as u64) as usize] = f32::INFINITY,
+                    _ => row.iter_mut().for_each(|x| *x = f32::NEG_INFINITY),
+                }
+            }
+            7 => logits.iter_mut().for_each(|x| *x = 0.5),
+            _ => {}
+        }
+        (logits, targets)
+    }
+
+    fn opts(&self) -> LossOptions {
+        let reduction = [Reduction::Mean, Reduction::Sum, Reduction::None][self.reduction as usize];
+        LossOptions::new()
+            .reduction(reduction)
+            .ignore_index(if self.ignore_class_zero { 0 } else { -100 })
+            .gradient(self.gradient == 1)
+            .row_losses(true)
+            .lse(true)
+    }
+}
+
+fn cases() -> impl Strategy<Value = Case> {
+    let classes = prop_oneof![
+        4 => 1usize..40,
+        3 => 40usize..700,
+        1 => prop::sample::select(vec![4096usize, 8191, 8192, 9000, 20000]),
+    ];
+    (
+        0usize..40,
+        classes,
+        0u8..8,
+        0u8..3,
+        0u8..3,
+        any::<bool>(),
+        0u8..4,
+        any::<u64>(),
+    )
+        .prop_map(
+            |(
+                rows,
+                classes,
+                style,
+                reduction,
+                gradient,
+                ignore_class_zero,
+                ignored_share,
+                seed,
+            )| Case {
+                rows: if classes >= 4096 { rows.min(6) } else { rows },
+                classes,
+                style,
+                reduction,
+                gradient,
+                ignore_class_zero,
+                ignored_share,
+                seed,
+            },
+        )
+}
+
+fn run(backend: &dyn Backend, case: &Case) -> Result<(), TestCaseError> {
+    let (logits, targets) = case.data();
+    let opts = case.opts();
+    let reference = |opts: &LossOptions| {
+        xent::cpu::reference::cross_entropy(&logits, case.classes, &targets, opts)
+    };
+    let (got, want) = if case.gradient == 2 {
+        let mut in_place = logits.clone();
+        let got =
+            backend.cross_entropy_in_place(&mut in_place, case.classes, (&targets).into(), &opts);
+        let got = got.map(|o| xent::LossOutput {
+            gradient: Some(in_place),
+            ..o
+        });
+        (got, reference(&opts.clone().gradient(true)))
+    } else {
+        (
+            backend.cross_entropy(&logits, case.classes, (&targets).into(), &opts),
+            reference(&opts),
+        )
+    };
+    let (got, want) = (
+        got.map_err(|e| TestCaseError::fail(e.to_string()))?,
+        want.unwrap(),
+    );
+    compare(&got, &want, Tolerance::F32)
+        .map_err(|e| TestCaseError::fail(format!("{}: {e}", backend.describe())))?;
+    Ok(())
+}
+
+fn seed() -> u64 {
+    std::env::var("XENT_PROPTEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5EED_0001)
+}
+
+#[test]
+fn random_cases_match_the_reference_on_every_adapter() {
+    let gpus = common::gpus("random_cases_match_the_reference");
+    let config = Config {
+        cases: 500,
+        rng_seed: RngSeed::Fixed(seed()),
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new(config);
+    let ran = std::sync::atomic::AtomicUsize::new(0);
+    runner
+        .run(&cases(), |case| {
+            ran.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for gpu in gpus {
+                run(gpu, &case)?;
+            }
+            run(&xent::CpuFast, &case)
+        })
+        .unwrap();
+    let ran = ran.into_inner();
+    assert!(ran >= 500, "only {ran} cases ran");
+    eprintln!(
+        "{ran} random cases on {} adapters and the fast CPU path: no mismatch",
+        gpus.len()
+    );
+}
