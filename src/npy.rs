@@ -309,7 +309,9 @@ fn element_count(path: &Path, header: &Header) -> Result<usize> {
 }
 
 fn check_length(path: &Path, header: &Header, count: usize, file_len: u64) -> Result<()> {
-    let needed = (count as u64) * header.dtype.size() as u64;
+    let needed = (count as u64)
+        .checked_mul(header.dtype.size() as u64)
+        .ok_or_else(|| bad(path, format!("shape {:?} is too large", header.shape)))?;
     let available = file_len.saturating_sub(header.data_offset as u64);
     if available != needed {
         return Err(bad(
@@ -327,29 +329,35 @@ fn check_length(path: &Path, header: &Header, count: usize, file_len: u64) -> Re
 pub fn read(path: impl AsRef<Path>) -> Result<NpyArray> {
     let path = path.as_ref();
     let mut file = File::open(path).map_err(io(path))?;
-    let header = read_header(path, &mut file)?;
+    let len = file.metadata().map_err(io(path))?.len();
+    read_from(path, &mut file, len)
+}
+
+/// Parses a whole `.npy` image held in memory (`path` only names it in messages).
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<NpyArray> {
+    read_from(path, &mut &bytes[..], bytes.len() as u64)
+}
+
+fn read_from(path: &Path, reader: &mut impl Read, total_len: u64) -> Result<NpyArray> {
+    let header = read_header(path, reader)?;
     let count = element_count(path, &header)?;
-    check_length(
-        path,
-        &header,
-        count,
-        file.metadata().map_err(io(path))?.len(),
-    )?;
+    check_length(path, &header, count, total_len)?;
     fn fill<T: bytemuck::Pod + Default>(
         path: &Path,
-        file: &mut File,
+        reader: &mut impl Read,
         count: usize,
     ) -> Result<Vec<T>> {
         let mut v = vec![T::default(); count];
-        file.read_exact(bytemuck::cast_slice_mut(&mut v))
+        reader
+            .read_exact(bytemuck::cast_slice_mut(&mut v))
             .map_err(io(path))?;
         Ok(v)
     }
     let data = match header.dtype {
-        DType::F32 => NpyData::F32(fill(path, &mut file, count)?),
-        DType::F64 => NpyData::F64(fill(path, &mut file, count)?),
-        DType::I32 => NpyData::I32(fill(path, &mut file, count)?),
-        DType::I64 => NpyData::I64(fill(path, &mut file, count)?),
+        DType::F32 => NpyData::F32(fill(path, reader, count)?),
+        DType::F64 => NpyData::F64(fill(path, reader, count)?),
+        DType::I32 => NpyData::I32(fill(path, reader, count)?),
+        DType::I64 => NpyData::I64(fill(path, reader, count)?),
     };
     Ok(NpyArray {
         shape: header.shape,

@@ -57,6 +57,12 @@ pub struct LossOptions {
     gradient: bool,
     row_losses: bool,
     lse: bool,
+    weights: Option<Vec<f32>>,
+    label_smoothing: f64,
+    z_loss: f64,
+    softcap: Option<f64>,
+    logit_scale: f64,
+    n_items: Option<f64>,
 }
 
 impl Default for LossOptions {
@@ -74,7 +80,116 @@ impl LossOptions {
             gradient: false,
             row_losses: false,
             lse: false,
+            weights: None,
+            label_smoothing: 0.0,
+            z_loss: 0.0,
+            softcap: None,
+            logit_scale: 1.0,
+            n_items: None,
         }
+    }
+    /// Class weights, one per class (PyTorch's `weight`): row losses are weighted by
+    /// their target's weight, and `mean` divides by the sum of the counted rows' weights.
+    pub fn weights(mut self, weights: Vec<f32>) -> Self {
+        self.weights = Some(weights);
+        self
+    }
+    /// Label smoothing ε in [0, 1] (PyTorch's `label_smoothing`).
+    pub fn label_smoothing(mut self, epsilon: f64) -> Self {
+        self.label_smoothing = epsilon;
+        self
+    }
+    /// z-loss scale s ≥ 0: each counted row adds `s · lse²` (PaLM).
+    pub fn z_loss(mut self, scale: f64) -> Self {
+        self.z_loss = scale;
+        self
+    }
+    /// Logit softcap c > 0: the loss sees `c · tanh(x / c)` (Gemma 2).
+    pub fn softcap(mut self, cap: f64) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
+    /// Multiplies the logits by `scale` before anything else (a temperature of 1/scale).
+    pub fn logit_scale(mut self, scale: f64) -> Self {
+        self.logit_scale = scale;
+        self
+    }
+    /// A caller-given normaliser that replaces the `mean` denominator, so that gradient
+    /// accumulation over micro-batches matches one big batch.
+    pub fn n_items(mut self, n: f64) -> Self {
+        self.n_items = Some(n);
+        self
+    }
+    /// The class weights.
+    pub fn get_weights(&self) -> Option<&[f32]> {
+        self.weights.as_deref()
+    }
+    /// Label smoothing ε.
+    pub fn get_label_smoothing(&self) -> f64 {
+        self.label_smoothing
+    }
+    /// z-loss scale.
+    pub fn get_z_loss(&self) -> f64 {
+        self.z_loss
+    }
+    /// Logit softcap.
+    pub fn get_softcap(&self) -> Option<f64> {
+        self.softcap
+    }
+    /// Logit scale.
+    pub fn get_logit_scale(&self) -> f64 {
+        self.logit_scale
+    }
+    /// The caller-given `mean` denominator.
+    pub fn get_n_items(&self) -> Option<f64> {
+        self.n_items
+    }
+    /// True when only PyTorch's plain options are in use (no weights, smoothing, z-loss,
+    /// softcap, scale or normaliser).
+    pub fn is_plain(&self) -> bool {
+        self.weights.is_none()
+            && self.label_smoothing == 0.0
+            && self.z_loss == 0.0
+            && self.softcap.is_none()
+            && self.logit_scale == 1.0
+            && self.n_items.is_none()
+    }
+
+    /// Checks every option against the number of classes.
+    pub fn validate(&self, classes: usize) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidOption(m));
+        if !(0.0..=1.0).contains(&self.label_smoothing) {
+            return bad(format!(
+                "label smoothing must be in [0, 1], got {}",
+                self.label_smoothing
+            ));
+        }
+        if !(self.z_loss.is_finite() && self.z_loss >= 0.0) {
+            return bad(format!(
+                "z-loss scale must be finite and >= 0, got {}",
+                self.z_loss
+            ));
+        }
+        if let Some(c) = self.softcap
+            && !(c.is_finite() && c > 0.0)
+        {
+            return bad(format!("softcap must be finite and > 0, got {c}"));
+        }
+        if !(self.logit_scale.is_finite() && self.logit_scale != 0.0) {
+            return bad(format!(
+                "logit scale must be finite and non-zero, got {}",
+                self.logit_scale
+            ));
+        }
+        if let Some(n) = self.n_items
+            && !(n.is_finite() && n > 0.0)
+        {
+            return bad(format!("n_items must be finite and > 0, got {n}"));
+        }
+        if let Some(w) = &self.weights {
+            check_class_vector("weights", w, classes)?;
+        }
+        Ok(())
     }
     /// Sets the reduction.
     pub fn reduction(mut self, reduction: Reduction) -> Self {
@@ -123,6 +238,28 @@ impl LossOptions {
     pub fn wants_lse(&self) -> bool {
         self.lse
     }
+}
+
+/// Checks a per-class vector (class weights, pos_weight): one finite, non-negative value
+/// per class.
+pub fn check_class_vector(what: &str, values: &[f32], classes: usize) -> Result<()> {
+    if values.len() != classes {
+        return Err(Error::Shape {
+            what: format!("{what} (one per class; there are {classes} classes)"),
+            got: values.len(),
+            expected: classes,
+        });
+    }
+    if let Some((i, w)) = values
+        .iter()
+        .enumerate()
+        .find(|(_, w)| !(w.is_finite() && **w >= 0.0))
+    {
+        return Err(Error::InvalidOption(format!(
+            "{what}[{i}] is {w}: every value must be finite and >= 0"
+        )));
+    }
+    Ok(())
 }
 
 /// Class-index targets, one per row, borrowed from the caller.
@@ -209,6 +346,11 @@ pub struct Batch {
     pub targets: Vec<i32>,
     /// Number of rows that are not ignored.
     pub counted_rows: usize,
+    /// Σ over counted rows of their target's class weight (= `counted_rows` without
+    /// weights): PyTorch's `mean` denominator.
+    pub weighted_count: f64,
+    /// The `mean` denominator in force: `n_items` when given, else `weighted_count`.
+    pub mean_denominator: f64,
 }
 
 impl Batch {
@@ -239,6 +381,7 @@ impl Batch {
                 expected,
             });
         }
+        opts.validate(classes)?;
         if classes > i32::MAX as usize {
             return Err(Error::InvalidOption(format!(
                 "{classes} classes is more than the kernels' i32 class index can address"
@@ -263,19 +406,30 @@ impl Batch {
                 counted_rows += 1;
             }
         }
+        let weighted_count = match opts.get_weights() {
+            Some(w) => out
+                .iter()
+                .filter(|&&t| t != Self::IGNORED)
+                .map(|&t| f64::from(w[t as usize]))
+                .sum(),
+            None => counted_rows as f64,
+        };
         Ok(Self {
             rows,
             classes,
             targets: out,
             counted_rows,
+            weighted_count,
+            mean_denominator: opts.get_n_items().unwrap_or(weighted_count),
         })
     }
 
-    /// The divisor that turns the sum into the reduced loss, and scales the gradient:
-    /// the non-ignored row count for `mean`, 1 otherwise.
+    /// The divisor that turns the sum into the reduced loss, and scales the gradient: for
+    /// `mean` the caller's `n_items` or the weighted count of non-ignored rows (0/0 = NaN
+    /// when every row is ignored), 1 otherwise.
     pub fn divisor(&self, reduction: Reduction) -> f64 {
         match reduction {
-            Reduction::Mean => self.counted_rows as f64,
+            Reduction::Mean => self.mean_denominator,
             _ => 1.0,
         }
     }

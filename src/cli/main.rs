@@ -1,136 +1,16 @@
 //! The `xent` command line: `info`, `check`, `eval`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+mod args;
+use args::{BenchArgs, BenchDevice, Cli, Command, DeviceArg, EvalArgs, PassArg};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use xent::gpu::bench::{GpuBench, Pass, Repeats};
 use xent::npy::{self, NpyData};
-use xent::{Backend, Error, GpuContext, LossOptions, Reduction, Reference, Targets};
-
-#[derive(Parser)]
-#[command(
-    name = "xent",
-    version,
-    about = "Fused log-softmax + cross-entropy on wgpu, checked against an f64 CPU reference"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// List every adapter wgpu finds, with the limits and features that matter here.
-    Info,
-    /// Run the built-in conformance set on every adapter against the CPU reference.
-    Check {
-        /// Only adapters whose name contains this (case-insensitive).
-        #[arg(long)]
-        adapter: Option<String>,
-    },
-    /// Evaluate the loss of a saved batch.
-    Eval(Box<EvalArgs>),
-    /// Time the GPU kernels (against an in-run copy kernel) and the fast CPU path.
-    Bench(BenchArgs),
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum BenchDevice {
-    Gpu,
-    Cpu,
-    All,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum PassArg {
-    Forward,
-    ForwardBackward,
-    All,
-}
-
-#[derive(clap::Args)]
-struct BenchArgs {
-    #[arg(long, value_enum, default_value = "all")]
-    device: BenchDevice,
-    /// Rows of a synthetic batch (with --classes); default: a set of realistic shapes.
-    #[arg(long, requires = "classes")]
-    rows: Option<usize>,
-    /// Classes of a synthetic batch (with --rows).
-    #[arg(long, requires = "rows")]
-    classes: Option<usize>,
-    #[arg(long, value_enum, default_value = "all")]
-    pass: PassArg,
-    /// Timed repetitions per measurement (after 2 warm-up runs).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
-    iters: u64,
-    /// Adapter name (substring, case-insensitive); default: the high-performance one.
-    #[arg(long)]
-    adapter: Option<String>,
-    /// Print one JSON array instead of the table.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum DeviceArg {
-    Gpu,
-    Cpu,
-    Reference,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LossKind {
-    Ce,
-    Bce,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum ReductionArg {
-    Mean,
-    Sum,
-    None,
-}
-
-#[derive(clap::Args)]
-struct EvalArgs {
-    /// Logits: float32 [N, V], C order.
-    #[arg(long)]
-    logits: PathBuf,
-    /// Targets: int64 or int32 [N] class indices.
-    #[arg(long)]
-    targets: PathBuf,
-    #[arg(long, value_enum, default_value = "ce")]
-    loss_kind: LossKind,
-    /// Class weights, float32 [V].
-    #[arg(long)]
-    weights: Option<PathBuf>,
-    /// Positive-class weights for bce, float32 [V].
-    #[arg(long)]
-    pos_weight: Option<PathBuf>,
-    #[arg(long, default_value_t = xent::DEFAULT_IGNORE_INDEX, allow_hyphen_values = true)]
-    ignore_index: i64,
-    #[arg(long)]
-    label_smoothing: Option<f64>,
-    #[arg(long, value_enum, default_value = "mean")]
-    reduction: ReductionArg,
-    #[arg(long)]
-    z_loss: Option<f64>,
-    #[arg(long)]
-    softcap: Option<f64>,
-    #[arg(long, value_enum, default_value = "gpu")]
-    device: DeviceArg,
-    /// Adapter name (substring, case-insensitive) for --device gpu.
-    #[arg(long)]
-    adapter: Option<String>,
-    /// Write the loss: 0-d float32, or float32 [N] for --reduction none.
-    #[arg(long)]
-    out_loss: Option<PathBuf>,
-    /// Write d(loss)/d(logits) as float32 [N, V].
-    #[arg(long)]
-    out_grad: Option<PathBuf>,
-}
+use xent::{Backend, Error, GpuContext, Reference, Targets};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -385,12 +265,6 @@ fn check_backend(backend: &dyn Backend, cases: &[xent::check::Case]) -> usize {
     failures
 }
 
-fn not_built(flag: &str) -> Error {
-    Error::InvalidOption(format!(
-        "{flag} is not supported yet in this build; it is never silently ignored"
-    ))
-}
-
 /// Fails before any work when `path` cannot be created.
 fn check_writable(path: &Path) -> xent::Result<()> {
     let tmp = npy::temp_path(path);
@@ -403,33 +277,10 @@ fn check_writable(path: &Path) -> xent::Result<()> {
 }
 
 fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
-    if args.loss_kind == LossKind::Bce {
-        return Err(not_built("--loss-kind bce"));
-    }
-    for (flag, set) in [
-        ("--weights", args.weights.is_some()),
-        ("--pos-weight", args.pos_weight.is_some()),
-        ("--label-smoothing", args.label_smoothing.is_some()),
-        ("--z-loss", args.z_loss.is_some()),
-        ("--softcap", args.softcap.is_some()),
-    ] {
-        if set {
-            return Err(not_built(flag));
-        }
-    }
-    if args.adapter.is_some() && args.device != DeviceArg::Gpu {
-        return Err(Error::InvalidOption(
-            "--adapter only applies to --device gpu".into(),
-        ));
-    }
+    let opts = args::eval_options(args)?;
     for p in args.out_loss.iter().chain(&args.out_grad) {
         check_writable(p)?;
     }
-    let reduction = match args.reduction {
-        ReductionArg::Mean => Reduction::Mean,
-        ReductionArg::Sum => Reduction::Sum,
-        ReductionArg::None => Reduction::None,
-    };
 
     // The logits are memory-mapped and used in place: no copy, whatever their size.
     let logits = npy::MappedNpy::open(&args.logits)?;
@@ -473,9 +324,6 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
             expected: rows,
         });
     }
-    let opts = LossOptions::new()
-        .reduction(reduction)
-        .ignore_index(args.ignore_index);
 
     let backend: Box<dyn Backend> = match args.device {
         DeviceArg::Gpu => {

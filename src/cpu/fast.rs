@@ -119,6 +119,112 @@ fn row_grad(row: &[f32], out: &mut [f32], m: f32, log_s: f32, target: usize, sca
     out[target] = (exp_f32((row[target] - m) - log_s) - 1.0) * scale;
 }
 
+/// The non-plain options of a call, in the form the row loop uses.
+struct RowOpts<'a> {
+    /// Gradient scale: upstream gradient over the `mean` denominator.
+    scale: f32,
+    plain: bool,
+    eps: f32,
+    z_loss: f32,
+    alpha: f32,
+    cap: Option<f32>,
+    weights: Option<&'a [f32]>,
+    total_weight: f32,
+}
+
+impl<'a> RowOpts<'a> {
+    fn new(opts: &'a LossOptions, classes: usize, scale: f32) -> Self {
+        let weights = opts.get_weights();
+        Self {
+            scale,
+            plain: opts.is_plain(),
+            eps: opts.get_label_smoothing() as f32,
+            z_loss: opts.get_z_loss() as f32,
+            alpha: opts.get_logit_scale() as f32,
+            cap: opts.get_softcap().map(|c| c as f32),
+            weights,
+            total_weight: weights.map_or(classes as f64, |w| w.iter().map(|&x| f64::from(x)).sum())
+                as f32,
+        }
+    }
+    #[inline(always)]
+    fn weight(&self, c: usize) -> f32 {
+        self.weights.map_or(1.0, |w| w[c])
+    }
+}
+
+/// tanh through the vectorised exp: 1 − 2 / (exp(2u) + 1), exact at ±inf.
+#[inline(always)]
+fn tanh_f32(u: f32) -> f32 {
+    1.0 - 2.0 / (exp_f32(2.0 * u) + 1.0)
+}
+
+/// One row with options: the logits transformed into `z` (scale, softcap), then the
+/// weighted, smoothed loss with z-loss, and its gradient through the transform.
+#[inline(always)]
+fn process_row_with_options(
+    row: &[f32],
+    target: i32,
+    scale: f32,
+    out: Option<&mut [f32]>,
+    o: &RowOpts<'_>,
+    z: &mut [f32],
+) -> (f32, f32) {
+    let v = row.len();
+    match o.cap {
+        Some(cap) => z
+            .iter_mut()
+            .zip(row)
+            .for_each(|(z, &x)| *z = cap * tanh_f32(o.alpha * x / cap)),
+        None => z.iter_mut().zip(row).for_each(|(z, &x)| *z = o.alpha * x),
+    }
+    let (m, s) = row_stats(z);
+    let log_s = s.ln() as f32;
+    let lse = m + log_s;
+    if target == Batch::IGNORED {
+        if let Some(g) = out {
+            g.fill(0.0);
+        }
+        return (0.0, lse);
+    }
+    let y = target as usize;
+    let (eps, wy) = (o.eps, o.weight(y));
+    let mut loss = f64::from((1.0 - eps) * wy) * f64::from((m - z[y]) + log_s);
+    if eps > 0.0 {
+        // Σ_c w_c (lse − z_c), each term formed as (m − z_c) + log s, summed in f64.
+        let smooth: f64 = (0..v)
+            .map(|c| f64::from(o.weight(c)) * f64::from((m - z[c]) + log_s))
+            .sum();
+        loss += f64::from(eps) / v as f64 * smooth;
+    }
+    if o.z_loss > 0.0 {
+        loss += f64::from(o.z_loss) * f64::from(lse) * f64::from(lse);
+    }
+    if let Some(g) = out {
+        let mut k = (1.0 - eps) * wy;
+        if eps > 0.0 {
+            k += eps / v as f32 * o.total_weight;
+        }
+        if o.z_loss > 0.0 {
+            k += 2.0 * o.z_loss * lse;
+        }
+        let smooth_w = eps / v as f32;
+        for c in 0..v {
+            let p = exp_f32((z[c] - m) - log_s);
+            let dz = match o.cap {
+                Some(cap) => o.alpha * (1.0 - (z[c] / cap) * (z[c] / cap)),
+                None => o.alpha,
+            };
+            let mut d = p * k - smooth_w * o.weight(c);
+            if c == y {
+                d -= (1.0 - eps) * wy;
+            }
+            g[c] = d * dz * scale;
+        }
+    }
+    (loss as f32, lse)
+}
+
 /// Everything about one row: loss, LSE, and its gradient if `out` is given.
 #[inline(always)]
 fn process_row(row: &[f32], target: i32, scale: f32, out: Option<&mut [f32]>) -> (f32, f32) {
@@ -142,7 +248,24 @@ fn process_row(row: &[f32], target: i32, scale: f32, out: Option<&mut [f32]>) ->
 macro_rules! rows_kernel {
     ($name:ident $(, #[$attr:meta])?) => {
         $(#[$attr])?
-        fn $name(logits: &[f32], v: usize, targets: &[i32], scale: f32, grad: Option<&mut [f32]>, loss: &mut [f32], lse: &mut [f32]) {
+        fn $name(logits: &[f32], v: usize, targets: &[i32], grad: Option<&mut [f32]>, loss: &mut [f32], lse: &mut [f32], o: &RowOpts<'_>) {
+            let scale = o.scale;
+            if !o.plain {
+                let mut z = vec![0.0f32; v];
+                match grad {
+                    Some(g) => {
+                        for (r, ((row, out), &t)) in logits.chunks_exact(v).zip(g.chunks_exact_mut(v)).zip(targets).enumerate() {
+                            (loss[r], lse[r]) = process_row_with_options(row, t, scale, Some(out), o, &mut z);
+                        }
+                    }
+                    None => {
+                        for (r, (row, &t)) in logits.chunks_exact(v).zip(targets).enumerate() {
+                            (loss[r], lse[r]) = process_row_with_options(row, t, scale, None, o, &mut z);
+                        }
+                    }
+                }
+                return;
+            }
             match grad {
                 Some(g) => {
                     for (r, ((row, o), &t)) in logits.chunks_exact(v).zip(g.chunks_exact_mut(v)).zip(targets).enumerate() {
@@ -169,22 +292,22 @@ fn rows(
     logits: &[f32],
     v: usize,
     targets: &[i32],
-    scale: f32,
     grad: Option<&mut [f32]>,
     loss: &mut [f32],
     lse: &mut [f32],
+    o: &RowOpts<'_>,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function was compiled for.
-        return unsafe { rows_avx512(logits, v, targets, scale, grad, loss, lse) };
+        return unsafe { rows_avx512(logits, v, targets, grad, loss, lse, o) };
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function was compiled for.
-        return unsafe { rows_avx2(logits, v, targets, scale, grad, loss, lse) };
+        return unsafe { rows_avx2(logits, v, targets, grad, loss, lse, o) };
     }
-    rows_baseline(logits, v, targets, scale, grad, loss, lse)
+    rows_baseline(logits, v, targets, grad, loss, lse, o)
 }
 
 /// Rows per parallel task: about 256 KiB of logits, at least one row.
@@ -203,6 +326,7 @@ fn run(logits: &[f32], batch: &Batch, opts: &LossOptions, grad: Option<&mut [f32
     let mut loss = vec![0.0f32; n];
     let mut lse = vec![0.0f32; n];
     let step = rows_per_task(v);
+    let o = RowOpts::new(opts, v, scale);
     let tasks = logits
         .par_chunks(step * v)
         .zip(batch.targets.par_chunks(step))
@@ -210,8 +334,8 @@ fn run(logits: &[f32], batch: &Batch, opts: &LossOptions, grad: Option<&mut [f32
     match grad {
         Some(g) => tasks
             .zip(g.par_chunks_mut(step * v))
-            .for_each(|(((l, t), (lo, ls)), g)| rows(l, v, t, scale, Some(g), lo, ls)),
-        None => tasks.for_each(|((l, t), (lo, ls))| rows(l, v, t, scale, None, lo, ls)),
+            .for_each(|(((l, t), (lo, ls)), g)| rows(l, v, t, Some(g), lo, ls, &o)),
+        None => tasks.for_each(|((l, t), (lo, ls))| rows(l, v, t, None, lo, ls, &o)),
     }
     // The reduction: per-task partial sums in f64, added in a fixed order, so the result
     // does not depend on the thread count.
@@ -279,6 +403,7 @@ pub fn cross_entropy_in_place<'t>(
     let mut loss = vec![0.0f32; n];
     let mut lse = vec![0.0f32; n];
     let step = rows_per_task(v);
+    let o = RowOpts::new(opts, v, scale);
     logits
         .par_chunks_mut(step * v)
         .zip(batch.targets.par_chunks(step))
@@ -292,10 +417,10 @@ pub fn cross_entropy_in_place<'t>(
                     row,
                     v,
                     &t[r..r + 1],
-                    scale,
                     Some(&mut tmp),
                     &mut lo[r..r + 1],
                     &mut ls[r..r + 1],
+                    &o,
                 );
                 row.copy_from_slice(&tmp);
             }

@@ -39,7 +39,7 @@ pub fn cross_entropy<'t>(
     opts: &LossOptions,
 ) -> Result<LossOutput> {
     let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
-    let rows = rows_f64(logits, &batch);
+    let rows = rows_f64(logits, &batch, opts);
     let mut out = assemble(&rows, &batch, opts);
     if opts.wants_gradient() {
         out.gradient = Some(gradient(logits, &rows, &batch, opts));
@@ -57,7 +57,7 @@ pub fn cross_entropy_into<'t>(
 ) -> Result<LossOutput> {
     let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
     crate::gpu::check_grad_len(grad.len(), logits.len())?;
-    let rows = rows_f64(logits, &batch);
+    let rows = rows_f64(logits, &batch, opts);
     let out = assemble(&rows, &batch, opts);
     grad.copy_from_slice(&gradient(logits, &rows, &batch, opts));
     Ok(out)
@@ -71,29 +71,71 @@ pub fn cross_entropy_in_place<'t>(
     opts: &LossOptions,
 ) -> Result<LossOutput> {
     let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
-    let rows = rows_f64(logits, &batch);
+    let rows = rows_f64(logits, &batch, opts);
     let out = assemble(&rows, &batch, opts);
     let grad = gradient(logits, &rows, &batch, opts);
     logits.copy_from_slice(&grad);
     Ok(out)
 }
 
+/// The logit transform in f64: scale, then softcap (the loss sees `c · tanh(α x / c)`),
+/// and its derivative.
+fn transform(x: f64, opts: &LossOptions) -> (f64, f64) {
+    let alpha = opts.get_logit_scale();
+    match opts.get_softcap() {
+        Some(c) => {
+            let t = (alpha * x / c).tanh();
+            (c * t, alpha * (1.0 - t * t))
+        }
+        None => (alpha * x, alpha),
+    }
+}
+
 /// Per-row losses and LSE in f64 (for tests that want the unrounded values).
-pub fn rows_f64(logits: &[f32], batch: &Batch) -> ReferenceRows {
+pub fn rows_f64(logits: &[f32], batch: &Batch, opts: &LossOptions) -> ReferenceRows {
     let v = batch.classes;
+    let eps = opts.get_label_smoothing();
+    let zl = opts.get_z_loss();
+    let w = |c: usize| opts.get_weights().map_or(1.0, |w| f64::from(w[c]));
     let mut losses = Vec::with_capacity(batch.rows);
     let mut lse = Vec::with_capacity(batch.rows);
     for (r, &t) in batch.targets.iter().enumerate() {
-        let row = &logits[r * v..(r + 1) * v];
-        let l = row_lse(row);
+        let z: Vec<f64> = logits[r * v..(r + 1) * v]
+            .iter()
+            .map(|&x| transform(f64::from(x), opts).0)
+            .collect();
+        let l = lse_f64(&z);
         lse.push(l);
-        losses.push(if t == Batch::IGNORED {
-            0.0
-        } else {
-            l - f64::from(row[t as usize])
-        });
+        if t == Batch::IGNORED {
+            losses.push(0.0);
+            continue;
+        }
+        let y = t as usize;
+        let mut loss = (1.0 - eps) * w(y) * (l - z[y]);
+        if eps > 0.0 {
+            loss += eps / v as f64 * (0..v).map(|c| w(c) * (l - z[c])).sum::<f64>();
+        }
+        if zl > 0.0 {
+            loss += zl * l * l;
+        }
+        losses.push(loss);
     }
     ReferenceRows { losses, lse }
+}
+
+/// Log-sum-exp of f64 values: NaN with a NaN or +inf, −inf when all are −inf.
+fn lse_f64(z: &[f64]) -> f64 {
+    let mut max = f64::NEG_INFINITY;
+    for &x in z {
+        if x.is_nan() || x == f64::INFINITY {
+            return f64::NAN;
+        }
+        max = max.max(x);
+    }
+    if max == f64::NEG_INFINITY {
+        return f64::NEG_INFINITY;
+    }
+    max + z.iter().map(|&x| (x - max).exp()).sum::<f64>().ln()
 }
 
 fn assemble(rows: &ReferenceRows, batch: &Batch, opts: &LossOptions) -> LossOutput {
@@ -118,16 +160,35 @@ fn assemble(rows: &ReferenceRows, batch: &Batch, opts: &LossOptions) -> LossOutp
 fn gradient(logits: &[f32], rows: &ReferenceRows, batch: &Batch, opts: &LossOptions) -> Vec<f32> {
     let v = batch.classes;
     let scale = 1.0 / batch.divisor(opts.get_reduction());
+    let eps = opts.get_label_smoothing();
+    let zl = opts.get_z_loss();
+    let w = |c: usize| opts.get_weights().map_or(1.0, |w| f64::from(w[c]));
+    let total_w: f64 = (0..v).map(w).sum();
     let mut grad = vec![0.0f32; logits.len()];
     for (r, &t) in batch.targets.iter().enumerate() {
         if t == Batch::IGNORED {
             continue;
         }
-        let lse = rows.lse[r];
+        let (y, lse) = (t as usize, rows.lse[r]);
+        // d loss / d z_j = p_j · k − (1 − ε) w_y δ_jy − (ε / V) w_j
+        let mut k = (1.0 - eps) * w(y);
+        if eps > 0.0 {
+            k += eps / v as f64 * total_w;
+        }
+        if zl > 0.0 {
+            k += 2.0 * zl * lse;
+        }
         for c in 0..v {
-            let p = (f64::from(logits[r * v + c]) - lse).exp();
-            let onehot = if c == t as usize { 1.0 } else { 0.0 };
-            grad[r * v + c] = ((p - onehot) * scale) as f32;
+            let (z, dz) = transform(f64::from(logits[r * v + c]), opts);
+            let p = (z - lse).exp();
+            let mut g = p * k;
+            if c == y {
+                g -= (1.0 - eps) * w(y);
+            }
+            if eps > 0.0 {
+                g -= eps / v as f64 * w(c);
+            }
+            grad[r * v + c] = (g * dz * scale) as f32;
         }
     }
     grad

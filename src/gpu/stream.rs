@@ -172,6 +172,13 @@ impl GpuContext {
         batch: &Batch,
         opts: &LossOptions,
     ) -> Result<LossOutput> {
+        if !opts.is_plain() {
+            return Err(Error::InvalidOption(
+                "class weights, label smoothing, z-loss, softcap, logit scale and n_items are not \
+                 supported on the GPU path yet; use the CPU reference"
+                    .into(),
+            ));
+        }
         if batch.rows == 0 {
             return Ok(empty_output(opts));
         }
@@ -212,7 +219,7 @@ impl GpuContext {
             loss: match opts.get_reduction() {
                 Reduction::None => None,
                 // 0/0: every row ignored.
-                Reduction::Mean if batch.counted_rows == 0 => Some(f32::NAN),
+                Reduction::Mean if batch.mean_denominator == 0.0 => Some(f32::NAN),
                 _ => Some(loss),
             },
             row_losses: outputs.row_losses,

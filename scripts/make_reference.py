@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Regenerate tests/data: small cross-entropy cases computed by PyTorch in float64.
+
+Usage: python3 scripts/make_reference.py   (needs numpy and torch; not crate deps)
+
+Each case is a folder with logits.npy (float32 [N, V]), targets.npy (int64 [N]),
+weights.npy (float32 [V], optional), options.txt (key = value lines), and for each
+reduction r in mean/sum/none: loss_r.npy (float64: 0-d, or [N] for none) and grad_r.npy
+(float64 [N, V]: d(loss)/d(logits) with upstream gradient 1, or 1 per row for none).
+The float32 logits are widened to float64 before PyTorch sees them, so the data is the
+exact answer for the stored inputs. Options PyTorch has (weight, ignore_index,
+label_smoothing) go through F.cross_entropy; the extensions (z-loss, softcap, logit
+scale, n_items) follow shared/docs/semantics.md on top of it.
+"""
+import os
+import shutil
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
+
+
+def case(name, n, v, seed, weights=False, ignore_index=-100, ignored=0, label_smoothing=0.0,
+         z_loss=0.0, softcap=None, logit_scale=1.0, n_items=None, offset=0.0, masked=False):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, v)) * 2 + offset).astype(np.float32)
+    t = rng.integers(0, v, size=n).astype(np.int64)
+    if masked:
+        mask = rng.random((n, v)) < 0.4
+        mask[np.arange(n), t] = False
+        x[mask] = -np.inf
+    for i in range(ignored):
+        t[(i * 5) % n] = ignore_index
+    w = (rng.random(v) * 2).astype(np.float32) if weights else None
+    d = os.path.join(OUT, name)
+    os.makedirs(d)
+    np.save(os.path.join(d, "logits.npy"), x)
+    np.save(os.path.join(d, "targets.npy"), t)
+    if w is not None:
+        np.save(os.path.join(d, "weights.npy"), w)
+    opts = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss,
+            "logit_scale": logit_scale}
+    if softcap is not None:
+        opts["softcap"] = softcap
+    if n_items is not None:
+        opts["n_items"] = n_items
+    with open(os.path.join(d, "options.txt"), "w") as f:
+        for k, val in opts.items():
+            f.write(f"{k} = {val!r}\n")
+
+    wt = torch.from_numpy(w.astype(np.float64)) if w is not None else None
+    tt = torch.from_numpy(t)
+    for reduction in ["mean", "sum", "none"]:
+        xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+        z = xt * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        rows = F.cross_entropy(z, tt, weight=wt, ignore_index=ignore_index, reduction="none",
+                               label_smoothing=label_smoothing)
+        keep = (tt != ignore_index).to(torch.float64)
+        if z_loss:
+            lse = torch.logsumexp(z, dim=1)
+            rows = rows + z_loss * lse.square() * keep
+        if reduction == "none":
+            loss = rows
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            safe_t = torch.where(tt == ignore_index, torch.zeros_like(tt), tt)
+            den = (keep * (wt[safe_t] if wt is not None else 1.0)).sum()
+            if n_items is not None:
+                den = torch.tensor(float(n_items), dtype=torch.float64)
+            loss = rows.sum() / den
+            if n_items is None and not z_loss and not softcap and logit_scale == 1.0:
+                direct = F.cross_entropy(z, tt, weight=wt, ignore_index=ignore_index,
+                                         label_smoothing=label_smoothing)
+                assert torch.allclose(loss, direct, rtol=1e-12, atol=1e-12, equal_nan=True), (name, loss, direct)
+        loss.backward(torch.ones_like(loss))
+        np.save(os.path.join(d, f"loss_{reduction}.npy"), loss.detach().numpy())
+        np.save(os.path.join(d, f"grad_{reduction}.npy"), xt.grad.numpy())
+
+
+def main():
+    shutil.rmtree(OUT, ignore_errors=True)
+    os.makedirs(OUT)
+    case("plain", 13, 37, 1)
+    case("ignore_default", 16, 29, 2, ignored=4)
+    case("ignore_valid_class", 16, 29, 3, ignore_index=3, ignored=3)
+    case("weights", 15, 33, 4, weights=True)
+    case("weights_ignore", 15, 33, 5, weights=True, ignored=3)
+    case("smoothing", 12, 40, 6, label_smoothing=0.1)
+    case("smoothing_weights_ignore", 14, 31, 7, weights=True, ignored=3, label_smoothing=0.2)
+    case("smoothing_full", 9, 17, 8, label_smoothing=1.0)
+    case("z_loss", 11, 50, 9, z_loss=1e-2, ignored=2)
+    case("softcap", 10, 45, 10, softcap=3.0)
+    case("logit_scale", 10, 45, 11, logit_scale=0.5)
+    case("n_items", 12, 30, 12, n_items=100.0, ignored=2)
+    case("everything", 17, 64, 13, weights=True, ignored=4, label_smoothing=0.05, z_loss=1e-3,
+         softcap=20.0, logit_scale=1.5, n_items=40.0)
+    case("offset_masked", 12, 64, 14, offset=1e4, masked=True)
+    case("smoothing_offset", 12, 64, 15, offset=1e3, label_smoothing=0.1, weights=True)
+    print("wrote", sorted(os.listdir(OUT)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+//! The command line's shape (clap) and the checks of `eval`'s options, apart from any
+//! I/O, so that the fuzz target in `fuzz/` can drive them.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use xent::{Error, LossOptions, Reduction};
+
+#[derive(Parser)]
+#[command(
+    name = "xent",
+    version,
+    about = "Fused log-softmax + cross-entropy on wgpu, checked against an f64 CPU reference"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// List every adapter wgpu finds, with the limits and features that matter here.
+    Info,
+    /// Run the built-in conformance set on every adapter against the CPU reference.
+    Check {
+        /// Only adapters whose name contains this (case-insensitive).
+        #[arg(long)]
+        adapter: Option<String>,
+    },
+    /// Evaluate the loss of a saved batch.
+    Eval(Box<EvalArgs>),
+    /// Time the GPU kernels (against an in-run copy kernel) and the fast CPU path.
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchDevice {
+    Gpu,
+    Cpu,
+    All,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PassArg {
+    Forward,
+    ForwardBackward,
+    All,
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value = "all")]
+    pub device: BenchDevice,
+    /// Rows of a synthetic batch (with --classes); default: a set of realistic shapes.
+    #[arg(long, requires = "classes")]
+    pub rows: Option<usize>,
+    /// Classes of a synthetic batch (with --rows).
+    #[arg(long, requires = "rows")]
+    pub classes: Option<usize>,
+    #[arg(long, value_enum, default_value = "all")]
+    pub pass: PassArg,
+    /// Timed repetitions per measurement (after 2 warm-up runs).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub iters: u64,
+    /// Adapter name (substring, case-insensitive); default: the high-performance one.
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// Print one JSON array instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Gpu,
+    Cpu,
+    Reference,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LossKind {
+    Ce,
+    Bce,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReductionArg {
+    Mean,
+    Sum,
+    None,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Logits: float32 [N, V], C order.
+    #[arg(long)]
+    pub logits: PathBuf,
+    /// Targets: int64 or int32 [N] class indices.
+    #[arg(long)]
+    pub targets: PathBuf,
+    #[arg(long, value_enum, default_value = "ce")]
+    pub loss_kind: LossKind,
+    /// Class weights, float32 [V].
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Positive-class weights for bce, float32 [V].
+    #[arg(long)]
+    pub pos_weight: Option<PathBuf>,
+    #[arg(long, default_value_t = xent::DEFAULT_IGNORE_INDEX, allow_hyphen_values = true)]
+    pub ignore_index: i64,
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    #[arg(long, value_enum, default_value = "mean")]
+    pub reduction: ReductionArg,
+    #[arg(long)]
+    pub z_loss: Option<f64>,
+    #[arg(long)]
+    pub softcap: Option<f64>,
+    #[arg(long, value_enum, default_value = "gpu")]
+    pub device: DeviceArg,
+    /// Adapter name (substring, case-insensitive) for --device gpu.
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// Write the loss: 0-d float32, or float32 [N] for --reduction none.
+    #[arg(long)]
+    pub out_loss: Option<PathBuf>,
+    /// Write d(loss)/d(logits) as float32 [N, V].
+    #[arg(long)]
+    pub out_grad: Option<PathBuf>,
+}
+
+fn not_built(flag: &str) -> Error {
+    Error::InvalidOption(format!(
+        "{flag} is not supported yet in this build; it is never silently ignored"
+    ))
+}
+
+/// Checks `eval`'s options and builds the loss options, before any file is touched.
+pub fn eval_options(args: &EvalArgs) -> xent::Result<LossOptions> {
+    if args.loss_kind == LossKind::Bce {
+        return Err(not_built("--loss-kind bce"));
+    }
+    for (flag, set) in [
+        ("--weights", args.weights.is_some()),
+        ("--pos-weight", args.pos_weight.is_some()),
+        ("--label-smoothing", args.label_smoothing.is_some()),
+        ("--z-loss", args.z_loss.is_some()),
+        ("--softcap", args.softcap.is_some()),
+    ] {
+        if set {
+            return Err(not_built(flag));
+        }
+    }
+    if args.adapter.is_some() && args.device != DeviceArg::Gpu {
+        return Err(Error::InvalidOption(
+            "--adapter only applies to --device gpu".into(),
+        ));
+    }
+    let reduction = match args.reduction {
+        ReductionArg::Mean => Reduction::Mean,
+        ReductionArg::Sum => Reduction::Sum,
+        ReductionArg::None => Reduction::None,
+    };
+    Ok(LossOptions::new()
+        .reduction(reduction)
+        .ignore_index(args.ignore_index))
+}

@@ -1,0 +1,166 @@
+//! Every path against PyTorch (float64) on the committed cases in tests/data, made by
+//! scripts/make_reference.py: every option and their combinations, every reduction,
+//! loss and gradient.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use xent::check::{Tolerance, compare};
+use xent::npy::{self, NpyData};
+use xent::{Backend, LossOptions, LossOutput, Reduction};
+
+struct Case {
+    name: String,
+    logits: Vec<f32>,
+    classes: usize,
+    targets: Vec<i64>,
+    opts: LossOptions,
+}
+
+fn f64s(path: &Path) -> Vec<f64> {
+    match npy::read(path).unwrap().data {
+        NpyData::F64(v) => v,
+        other => panic!("{}: {other:?}", path.display()),
+    }
+}
+
+fn load(dir: &Path) -> Case {
+    let logits = npy::read(dir.join("logits.npy")).unwrap();
+    let classes = logits.shape[1];
+    let NpyData::F32(logits) = logits.data else {
+        panic!("logits")
+    };
+    let NpyData::I64(targets) = npy::read(dir.join("targets.npy")).unwrap().data else {
+        panic!("targets")
+    };
+    let mut opts = LossOptions::new();
+    if dir.join("weights.npy").exists() {
+        let NpyData::F32(w) = npy::read(dir.join("weights.npy")).unwrap().data else {
+            panic!("weights")
+        };
+        opts = opts.weights(w);
+    }
+    for line in std::fs::read_to_string(dir.join("options.txt"))
+        .unwrap()
+        .lines()
+    {
+        let (key, value) = line.split_once(" = ").unwrap();
+        let x: f64 = value.parse().unwrap();
+        opts = match key {
+            "ignore_index" => opts.ignore_index(x as i64),
+            "label_smoothing" => opts.label_smoothing(x),
+            "z_loss" => opts.z_loss(x),
+            "softcap" => opts.softcap(x),
+            "logit_scale" => opts.logit_scale(x),
+            "n_items" => opts.n_items(x),
+            other => panic!("unknown option {other}"),
+        };
+    }
+    Case {
+        name: dir.file_name().unwrap().to_string_lossy().into_owned(),
+        logits,
+        classes,
+        targets,
+        opts,
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.sort();
+    assert!(
+        dirs.len() >= 15,
+        "tests/data holds {} cases; run scripts/make_reference.py",
+        dirs.len()
+    );
+    dirs.iter().map(|d| load(d)).collect()
+}
+
+fn expected(case: &Case, reduction: Reduction) -> LossOutput {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(&case.name);
+    let r = reduction.name();
+    let loss = f64s(&dir.join(format!("loss_{r}.npy")));
+    let grad = f64s(&dir.join(format!("grad_{r}.npy")));
+    let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+    LossOutput {
+        loss: (reduction != Reduction::None).then(|| loss[0] as f32),
+        row_losses: (reduction == Reduction::None).then(|| as_f32(&loss)),
+        lse: None,
+        gradient: Some(as_f32(&grad)),
+    }
+}
+
+fn check_backend(backend: &dyn Backend) {
+    check_backend_where(backend, |_| true);
+}
+
+fn check_backend_where(backend: &dyn Backend, include: impl Fn(&LossOptions) -> bool) {
+    for case in cases().into_iter().filter(|c| include(&c.opts)) {
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            let opts = case.opts.clone().reduction(reduction).gradient(true);
+            let want = expected(&case, reduction);
+            let got = backend
+                .cross_entropy(&case.logits, case.classes, (&case.targets).into(), &opts)
+                .unwrap_or_else(|e| {
+                    panic!("{} {reduction:?} on {}: {e}", case.name, backend.describe())
+                });
+            compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| {
+                panic!("{} {reduction:?} on {}: {e}", case.name, backend.describe())
+            });
+            let mut in_place = case.logits.clone();
+            let got = backend
+                .cross_entropy_in_place(&mut in_place, case.classes, (&case.targets).into(), &opts)
+                .unwrap();
+            compare(
+                &LossOutput {
+                    gradient: Some(in_place),
+                    ..got
+                },
+                &want,
+                Tolerance::F32,
+            )
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} {reduction:?} in place on {}: {e}",
+                    case.name,
+                    backend.describe()
+                )
+            });
+        }
+    }
+}
+
+#[test]
+fn the_reference_matches_pytorch() {
+    check_backend(&xent::Reference);
+}
+
+#[test]
+fn the_fast_cpu_path_matches_pytorch() {
+    check_backend(&xent::CpuFast);
+}
+
+#[test]
+fn every_gpu_matches_pytorch() {
+    for gpu in common::gpus("every_gpu_matches_pytorch") {
+        check_backend_where(gpu, |opts| opts.is_plain());
+        // Options the kernels do not have yet are refused, never ignored.
+        for case in cases().iter().filter(|c| !c.opts.is_plain()) {
+            let e = gpu
+                .cross_entropy(&case.logits, case.classes, &case.targets, &case.opts)
+                .unwrap_err();
+            assert!(
+                matches!(e, xent::Error::InvalidOption(_)),
+                "{}: {e}",
+                case.name
+            );
+        }
+    }
+}
