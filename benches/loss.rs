@@ -20,37 +20,26 @@ fn bytes(n: usize, v: usize, pass: Pass) -> u64 {
 }
 
 fn data(n: usize, v: usize) -> (Vec<f32>, Vec<i64>) {
-    (
-        xent::synth::logits(n, v, 2.0, 42),
-        xent::synth::targets(n, v, 42),
-    )
+    (xent::synth::logits(n, v, 2.0, 42), xent::synth::targets(n, v, 42))
 }
 
 fn cpu(c: &mut Criterion) {
     let mut group = c.benchmark_group("cpu");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(3));
+    group.sample_size(10).measurement_time(Duration::from_secs(3));
     for &(n, v) in SHAPES {
         let (logits, targets) = data(n, v);
         let mut grad = vec![0.0f32; n * v];
         for &pass in PASSES {
             group.throughput(Throughput::Bytes(bytes(n, v, pass)));
             let opts = LossOptions::new().gradient(pass == Pass::ForwardBackward);
-            group.bench_with_input(
-                BenchmarkId::new(pass.name(), format!("{n}x{v}")),
-                &pass,
-                |b, &pass| {
-                    b.iter(|| match pass {
-                        Pass::Forward => CpuFast
-                            .cross_entropy(&logits, v, (&targets).into(), &opts)
-                            .unwrap(),
-                        Pass::ForwardBackward => CpuFast
-                            .cross_entropy_into(&logits, v, (&targets).into(), &opts, &mut grad)
-                            .unwrap(),
-                    })
-                },
-            );
+            group.bench_with_input(BenchmarkId::new(pass.name(), format!("{n}x{v}")), &pass, |b, &pass| {
+                b.iter(|| match pass {
+                    Pass::Forward => CpuFast.cross_entropy(&logits, v, (&targets).into(), &opts).unwrap(),
+                    Pass::ForwardBackward => {
+                        CpuFast.cross_entropy_into(&logits, v, (&targets).into(), &opts, &mut grad).unwrap()
+                    }
+                })
+            });
         }
     }
     group.finish();
@@ -66,12 +55,9 @@ fn gpu(c: &mut Criterion) {
     };
     let bench = GpuBench::new(&ctx).expect("bench kernels");
     let mut group = c.benchmark_group(format!("gpu {}", ctx.describe()));
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(3));
-    let gpu_time = |samples: xent::gpu::bench::Samples| {
-        Duration::from_secs_f64(samples.ms.iter().sum::<f64>() / 1e3)
-    };
+    group.sample_size(10).measurement_time(Duration::from_secs(3));
+    let gpu_time =
+        |samples: xent::gpu::bench::Samples| Duration::from_secs_f64(samples.ms.iter().sum::<f64>() / 1e3);
     for &(n, v) in SHAPES {
         if !bench.fits(n, v) {
             continue;
@@ -81,34 +67,24 @@ fn gpu(c: &mut Criterion) {
         for &pass in PASSES {
             group.throughput(Throughput::Bytes(bytes(n, v, pass)));
             let id = format!("{n}x{v}");
-            group.bench_function(
-                BenchmarkId::new(format!("kernels {}", pass.name()), &id),
-                |b| {
-                    b.iter_custom(|iters| {
-                        let r = Repeats {
-                            warmup: 1,
-                            iters: iters as usize,
-                        };
-                        gpu_time(bench.loss(&logits, &t32, v, pass, r, &mut || {}).unwrap())
-                    })
-                },
-            );
+            group.bench_function(BenchmarkId::new(format!("kernels {}", pass.name()), &id), |b| {
+                b.iter_custom(|iters| {
+                    let r = Repeats { warmup: 1, iters: iters as usize };
+                    gpu_time(bench.loss(&logits, &t32, v, pass, r, &mut || {}).unwrap())
+                })
+            });
             if pass == Pass::ForwardBackward {
                 group.bench_function(BenchmarkId::new("copy roofline", &id), |b| {
                     b.iter_custom(|iters| {
-                        let r = Repeats {
-                            warmup: 1,
-                            iters: iters as usize,
-                        };
+                        let r = Repeats { warmup: 1, iters: iters as usize };
                         gpu_time(bench.copy(n * v, r, &mut || {}).unwrap())
                     })
                 });
             }
             let opts = LossOptions::new().gradient(pass == Pass::ForwardBackward);
-            group.bench_function(
-                BenchmarkId::new(format!("host call {}", pass.name()), &id),
-                |b| b.iter(|| ctx.cross_entropy(&logits, v, &targets, &opts).unwrap()),
-            );
+            group.bench_function(BenchmarkId::new(format!("host call {}", pass.name()), &id), |b| {
+                b.iter(|| ctx.cross_entropy(&logits, v, &targets, &opts).unwrap())
+            });
         }
     }
     group.finish();

@@ -11,8 +11,7 @@ use xent::{GpuContext, LossOptions, Reduction};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The engine's own device.
     let instance = xent::gpu::instance();
-    let adapter =
-        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))?;
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))?;
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         required_limits: adapter.limits(),
         ..Default::default()
@@ -22,10 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The engine's own buffers: 1000 rows of a 32000-class vocabulary.
     let (rows, classes) = (1000, 32000);
     let logits: Vec<f32> = xent::synth::logits(rows, classes, 2.0, 1);
-    let mut targets: Vec<i32> = xent::synth::targets(rows, classes, 1)
-        .iter()
-        .map(|&t| t as i32)
-        .collect();
+    let mut targets: Vec<i32> = xent::synth::targets(rows, classes, 1).iter().map(|&t| t as i32).collect();
     targets[7] = -100; // padding token: ignored
     let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
     let logits_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -57,11 +53,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         classes,
         ignore_index: -100,
     };
-    let grad = DeviceGradient::Into {
-        buffer: &grad_buf,
-        offset: 0,
-    };
-    let out = xent.record_cross_entropy(&mut encoder, &batch, Reduction::Mean, grad)?;
+    let grad = DeviceGradient::Into { buffer: &grad_buf, offset: 0 };
+    let out = xent.record_cross_entropy(
+        &mut encoder,
+        &batch,
+        &LossOptions::new().reduction(Reduction::Mean),
+        grad,
+    )?;
     queue.submit([encoder.finish()]);
 
     // Read back only what we want to print.
@@ -71,11 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("first gradient values:   {gradient:?}");
 
     let t64: Vec<i64> = targets.iter().map(|&t| i64::from(t)).collect();
-    let reference =
-        xent::cpu::reference::cross_entropy(&logits, classes, &t64, &LossOptions::new())?;
-    println!(
-        "f64 CPU reference:       {:.6}",
-        reference.loss.unwrap_or(f32::NAN)
-    );
+    let reference = xent::cpu::reference::cross_entropy(&logits, classes, &t64, &LossOptions::new())?;
+    println!("f64 CPU reference:       {:.6}", reference.loss.unwrap_or(f32::NAN));
     Ok(())
 }

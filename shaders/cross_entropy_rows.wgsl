@@ -1,20 +1,22 @@
 // Fused log-softmax + cross-entropy (row_state.wgsl and an element type, elem_vec4.wgsl
 // or elem_f32.wgsl, are prepended: vec4 loads and stores when V is a multiple of 4).
-// Indices below count elements of WIDTH columns. Each row is handled
-// by `threads_per_row` invocations (a power of two up to WG, chosen by the host from V),
+// Indices below count elements of WIDTH columns. Each row is handled by
+// `threads_per_row` invocations (a power of two up to WG, chosen by the host from V),
 // so a workgroup serves WG / threads_per_row rows: one row per workgroup for long rows,
 // many short rows per workgroup for small vocabularies.
 //
 // Two ways through a row, chosen by the host (`cached`):
-// - Cached (V <= threads_per_row * CACHED): each invocation loads its elements into
-//   registers once, takes their max, and keeps e = exp(x - local max). The workgroup
-//   merges the (max, sum) states with `combine`; the gradient is e * exp(local max - max)
-//   / sum. One read, one write, one exp per element.
+// - Cached (V <= threads_per_row * CACHED * WIDTH): each invocation loads its elements
+//   into registers once, takes their max, and keeps e = exp(z - local max). The
+//   workgroup merges the (max, sum) states with `combine`; the gradient is
+//   e * exp(local max - max) / sum. One read, one write, one exp per element.
 // - Streaming (longer rows): pass 1 reads the row once, four elements per step: their
 //   max, one rescale of the running sum when it grows, four exps. Pass 2, only when a
-//   gradient is asked for, reads the row again and writes (softmax - onehot) * scale.
-//   Loss only: 1 read; loss + gradient: 2 reads + 1 write.
-// The gradient goes to `grad` or over the logits.
+//   gradient is asked for, reads the row again and writes it. Loss only: 1 read; loss +
+//   gradient: 2 reads + 1 write.
+// The loss sees z = transform(x) (logit scale, softcap); class weights, label smoothing
+// and z-loss follow shared/docs/semantics.md. The gradient goes to `grad` or over the
+// logits.
 
 override WG: u32 = 256u;
 
@@ -34,10 +36,14 @@ struct Params {
     grad_mode: u32,
     ignore_index: i32,
     threads_per_row: u32, // power of two, <= WG
-    cached: u32,        // 1: V <= threads_per_row * CACHED, take the cached path
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    cached: u32,        // 1: the row fits the cached path
+    has_weights: u32,   // 1: class weights in `weights`
+    logit_scale: f32,
+    softcap: f32,       // 0: none
+    smoothing: f32,
+    z_loss: f32,
+    weight_total: f32,  // Σ_c w_c
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -51,15 +57,27 @@ struct Params {
 // The `mean` denominator (1 for sum/none), possibly reduced on the device from
 // row_weights.wgsl: the gradient scale is grad_scale / norm[0].
 @group(0) @binding(7) var<storage, read> norm: array<f32>;
+// Class weights [V] (a dummy when has_weights is 0).
+@group(0) @binding(8) var<storage, read> weights: array<f32>;
 
 var<workgroup> wg_max: array<f32, WG>;
 var<workgroup> wg_sum: array<f32, WG>;
+// Σ w_c (z_c - shift) over the invocation's columns, for label smoothing.
+var<workgroup> wg_aux: array<f32, WG>;
+
+fn opts() -> LossOpts {
+    return LossOpts(params.logit_scale, params.softcap, params.smoothing, params.z_loss,
+                    params.weight_total, params.classes);
+}
 
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    let o = opts();
+    let has_w = params.has_weights != 0u;
+    let smoothing = o.eps > 0.0;
     let tpr = params.threads_per_row;
     let lane = lid % tpr;
     let seg = lid - lane; // first invocation of this row's segment
@@ -69,17 +87,26 @@ fn main(
     let v = select(0u, params.classes / WIDTH, in_batch);
     let base = r * (params.classes / WIDTH);
     let cached = params.cached != 0u;
+    // A common reference for the smoothing sum, so that it is exact under offsets.
+    var shift = 0.0;
+    if (in_batch && smoothing) {
+        shift = lane_of(transform(logits[base], o), 0u);
+    }
 
-    // Pass 1: this invocation's (max, sum) state.
+    // Pass 1: this invocation's (max, sum) state, and its smoothing sum.
     var e: array<Elem, CACHED>;
     var st = RowState(EMPTY_MAX, 0.0);
+    var aux = 0.0;
     if (cached) {
         var m = EMPTY_MAX;
         for (var j = 0u; j < CACHED; j++) {
             let c = lane + j * tpr;
             if (c < v) {
-                e[j] = logits[base + c];
+                e[j] = transform(logits[base + c], o);
                 m = max(m, hmax(e[j]));
+                if (smoothing) {
+                    aux += hsum(weights_of(c, has_w) * (e[j] - shift));
+                }
             }
         }
         var s = 0.0;
@@ -98,10 +125,10 @@ fn main(
             let c1 = c + tpr;
             let c2 = c + 2u * tpr;
             let c3 = c + 3u * tpr;
-            let x0 = logits[base + c];
-            let x1 = select(pad, logits[base + min(c1, v - 1u)], c1 < v);
-            let x2 = select(pad, logits[base + min(c2, v - 1u)], c2 < v);
-            let x3 = select(pad, logits[base + min(c3, v - 1u)], c3 < v);
+            let x0 = transform(logits[base + c], o);
+            let x1 = select(pad, transform(logits[base + min(c1, v - 1u)], o), c1 < v);
+            let x2 = select(pad, transform(logits[base + min(c2, v - 1u)], o), c2 < v);
+            let x3 = select(pad, transform(logits[base + min(c3, v - 1u)], o), c3 < v);
             let m4 = hmax(max(max(x0, x1), max(x2, x3)));
             if (m4 > st.max) {
                 st.sum = st.sum * exp(st.max - m4);
@@ -112,6 +139,12 @@ fn main(
                 + select(zero, exp(x1 - m), c1 < v)
                 + select(zero, exp(x2 - m), c2 < v)
                 + select(zero, exp(x3 - m), c3 < v));
+            if (smoothing) {
+                aux += hsum(weights_of(c, has_w) * (x0 - shift));
+                if (c1 < v) { aux += hsum(weights_of(c1, has_w) * (x1 - shift)); }
+                if (c2 < v) { aux += hsum(weights_of(c2, has_w) * (x2 - shift)); }
+                if (c3 < v) { aux += hsum(weights_of(c3, has_w) * (x3 - shift)); }
+            }
         }
     }
     let local = st;
@@ -119,13 +152,15 @@ fn main(
     // Merge the row's states across its invocations.
     wg_max[lid] = st.max;
     wg_sum[lid] = st.sum;
+    wg_aux[lid] = aux;
     workgroupBarrier();
     for (var stride = tpr / 2u; stride > 0u; stride = stride / 2u) {
         if (lane < stride) {
-            let o = combine(RowState(wg_max[lid], wg_sum[lid]),
-                            RowState(wg_max[lid + stride], wg_sum[lid + stride]));
-            wg_max[lid] = o.max;
-            wg_sum[lid] = o.sum;
+            let o2 = combine(RowState(wg_max[lid], wg_sum[lid]),
+                             RowState(wg_max[lid + stride], wg_sum[lid + stride]));
+            wg_max[lid] = o2.max;
+            wg_sum[lid] = o2.sum;
+            wg_aux[lid] = wg_aux[lid] + wg_aux[lid + stride];
         }
         workgroupBarrier();
     }
@@ -140,13 +175,17 @@ fn main(
     // Out-of-range targets never reach here from the host API (checked before
     // dispatch); treating them as ignored keeps every index in bounds regardless.
     let ignored = t == params.ignore_index || t < 0 || u32(t) >= v * WIDTH;
+    var w_y = 1.0;
+    if (has_w && !ignored) {
+        w_y = weights[u32(t)];
+    }
     if (in_batch && lane == 0u) {
         var loss = 0.0;
         if (!ignored) {
-            // (max - x_t) is exact for nearby values; adding log(sum) last keeps the
-            // loss accurate under large offsets, where max + log(sum) would round.
-            let x_t = lane_of(logits[base + u32(t) / WIDTH], u32(t) % WIDTH);
-            loss = (m - x_t) + log_s;
+            let z_t = lane_of(transform(logits[base + u32(t) / WIDTH], o), u32(t) % WIDTH);
+            // Σ_c w_c (max - z_c) = W (max - shift) - Σ_c w_c (z_c - shift).
+            let smooth_sum = o.weight_total * (m - shift) - wg_aux[seg];
+            loss = row_loss_of(o, m, log_s, z_t, w_y, smooth_sum);
         }
         row_loss[params.row_base + r] = loss;
         row_lse[params.row_base + r] = m + log_s;
@@ -162,6 +201,9 @@ fn main(
     }
     let scale = params.grad_scale / norm[0];
     let tc = select(v * WIDTH, u32(t), !ignored);
+    let k = grad_k(o, m, log_s, w_y);
+    let smooth_w = o.eps / f32(o.classes);
+    let target_w = (1.0 - o.eps) * w_y;
     // Branches on the mode and on `ignored` stay outside the loops: they are uniform per
     // row, and CPU adapters would otherwise mask every store of both sides.
     let in_place = params.grad_mode == GRAD_IN_PLACE;
@@ -172,28 +214,32 @@ fn main(
     } else if (cached) {
         // p = e * exp(local max - max) / sum: one exp per invocation.
         let factor = exp(local.max - m) / sum;
-        if (in_place) {
-            for (var j = 0u; j < CACHED; j++) {
-                let c = lane + j * tpr;
-                if (c < v) {
-                    logits[base + c] = (e[j] * factor - onehot(c * WIDTH, tc)) * scale;
+        for (var j = 0u; j < CACHED; j++) {
+            let c = lane + j * tpr;
+            if (c < v) {
+                let d = e[j] * factor * k - smooth_w * weights_of(c, has_w) - onehot(c * WIDTH, tc) * target_w;
+                // Only a softcap needs x again for its derivative.
+                var dz = splat(o.scale);
+                if (o.softcap > 0.0) {
+                    dz = dtransform(logits[base + c], o);
                 }
-            }
-        } else {
-            for (var j = 0u; j < CACHED; j++) {
-                let c = lane + j * tpr;
-                if (c < v) {
-                    grad[base + c] = (e[j] * factor - onehot(c * WIDTH, tc)) * scale;
-                }
+                let g = d * dz * scale;
+                if (in_place) { logits[base + c] = g; } else { grad[base + c] = g; }
             }
         }
     } else if (in_place) {
         for (var c = lane; c < v; c += tpr) {
-            logits[base + c] = (exp((logits[base + c] - m) - log_s) - onehot(c * WIDTH, tc)) * scale;
+            let x = logits[base + c];
+            let p = exp((transform(x, o) - m) - log_s);
+            let d = p * k - smooth_w * weights_of(c, has_w) - onehot(c * WIDTH, tc) * target_w;
+            logits[base + c] = d * dtransform(x, o) * scale;
         }
     } else {
         for (var c = lane; c < v; c += tpr) {
-            grad[base + c] = (exp((logits[base + c] - m) - log_s) - onehot(c * WIDTH, tc)) * scale;
+            let x = logits[base + c];
+            let p = exp((transform(x, o) - m) - log_s);
+            let d = p * k - smooth_w * weights_of(c, has_w) - onehot(c * WIDTH, tc) * target_w;
+            grad[base + c] = d * dtransform(x, o) * scale;
         }
     }
 }

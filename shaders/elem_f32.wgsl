@@ -10,3 +10,11 @@ fn hsum(e: Elem) -> f32 { return e; }
 fn lane_of(e: Elem, i: u32) -> f32 { return e; }
 // 1.0 where column `first + component` is `col`, else 0.0.
 fn onehot(first: u32, col: u32) -> Elem { return select(0.0, 1.0, first == col); }
+
+fn transform(x: Elem, o: LossOpts) -> Elem { return transform1(x, o); }
+fn dtransform(x: Elem, o: LossOpts) -> Elem { return dtransform1(x, o); }
+// Class weights of the WIDTH columns of element `c` (1 without weights).
+fn weights_of(c: u32, has: bool) -> Elem {
+    if (has) { return weights[c]; }
+    return 1.0;
+}

@@ -12,3 +12,26 @@ fn lane_of(e: Elem, i: u32) -> f32 { return e[i]; }
 fn onehot(first: u32, col: u32) -> Elem {
     return select(vec4<f32>(0.0), vec4<f32>(1.0), vec4<u32>(first) + vec4<u32>(0u, 1u, 2u, 3u) == vec4<u32>(col));
 }
+
+fn transform(x: Elem, o: LossOpts) -> Elem {
+    let z = x * o.scale;
+    if (o.softcap > 0.0) {
+        return o.softcap * tanh(z / o.softcap);
+    }
+    return z;
+}
+fn dtransform(x: Elem, o: LossOpts) -> Elem {
+    if (o.softcap > 0.0) {
+        let t = tanh(x * o.scale / o.softcap);
+        return o.scale * (vec4<f32>(1.0) - t * t);
+    }
+    return vec4<f32>(o.scale);
+}
+// Class weights of the WIDTH columns of element `c` (1 without weights).
+fn weights_of(c: u32, has: bool) -> Elem {
+    if (has) {
+        let i = 4u * c;
+        return vec4<f32>(weights[i], weights[i + 1u], weights[i + 2u], weights[i + 3u]);
+    }
+    return vec4<f32>(1.0);
+}

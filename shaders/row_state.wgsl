@@ -19,3 +19,58 @@ fn push(s: RowState, x: f32) -> RowState {
     let m = max(s.max, x);
     return RowState(m, s.sum * exp(s.max - m) + exp(x - m));
 }
+
+// The loss options every row kernel shares (each kernel fills one from its parameters).
+struct LossOpts {
+    scale: f32,         // logit scale α
+    softcap: f32,       // c, or 0 for none
+    eps: f32,           // label smoothing ε
+    z_loss: f32,        // z-loss scale s
+    weight_total: f32,  // W = Σ_c w_c (V without weights)
+    classes: u32,       // V
+}
+
+// The logit the loss sees: α x, then c · tanh(α x / c) with a softcap.
+fn transform1(x: f32, o: LossOpts) -> f32 {
+    let z = x * o.scale;
+    if (o.softcap > 0.0) {
+        return o.softcap * tanh(z / o.softcap);
+    }
+    return z;
+}
+
+// d(transform1)/dx.
+fn dtransform1(x: f32, o: LossOpts) -> f32 {
+    if (o.softcap > 0.0) {
+        let t = tanh(x * o.scale / o.softcap);
+        return o.scale * (1.0 - t * t);
+    }
+    return o.scale;
+}
+
+// A counted row's loss from its statistics: the target term, label smoothing with
+// smooth_sum = Σ_c w_c (max − z_c), and z-loss. (max − z) first, log(sum) last: exact under
+// large offsets.
+fn row_loss_of(o: LossOpts, m: f32, log_s: f32, z_t: f32, w_y: f32, smooth_sum: f32) -> f32 {
+    var loss = (1.0 - o.eps) * w_y * ((m - z_t) + log_s);
+    if (o.eps > 0.0) {
+        loss += o.eps / f32(o.classes) * (smooth_sum + o.weight_total * log_s);
+    }
+    if (o.z_loss > 0.0) {
+        let l = m + log_s;
+        loss += o.z_loss * l * l;
+    }
+    return loss;
+}
+
+// d loss / d z_j = p_j · k − (ε/V) w_j − (1 − ε) w_y δ_jy: this is k.
+fn grad_k(o: LossOpts, m: f32, log_s: f32, w_y: f32) -> f32 {
+    var k = (1.0 - o.eps) * w_y;
+    if (o.eps > 0.0) {
+        k += o.eps / f32(o.classes) * o.weight_total;
+    }
+    if (o.z_loss > 0.0) {
+        k += 2.0 * o.z_loss * (m + log_s);
+    }
+    return k;
+}

@@ -1,5 +1,5 @@
-// Weight of each row in the `mean` denominator, from the targets alone: 1, or 0 for an
-// ignored row. Reduced on the device before the fused kernel, so that a `mean` gradient
+// Weight of each row in the `mean` denominator, from the targets alone: its target's
+// class weight (1 without weights), or 0 for an ignored row. Reduced on the device before the fused kernel, so that a `mean` gradient
 // over device-resident targets is scaled in the same pass that computes it.
 
 override WG: u32 = 256u;
@@ -9,11 +9,16 @@ struct Params {
     groups_x: u32,
     classes: u32,
     ignore_index: i32,
+    has_weights: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> targets: array<i32>;
 @group(0) @binding(2) var<storage, read_write> row_weight: array<f32>;
+@group(0) @binding(3) var<storage, read> weights: array<f32>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -23,5 +28,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let t = targets[r];
     let ignored = t == params.ignore_index || t < 0 || u32(t) >= params.classes;
-    row_weight[r] = select(1.0, 0.0, ignored);
+    var w = 0.0;
+    if (!ignored) {
+        w = select(1.0, weights[u32(t)], params.has_weights != 0u);
+    }
+    row_weight[r] = w;
 }

@@ -42,13 +42,7 @@ impl Backend for GpuContext {
         let info = self.adapter_info();
         format!("{} ({:?})", info.name, info.backend)
     }
-    fn cross_entropy(
-        &self,
-        l: &[f32],
-        v: usize,
-        t: Targets<'_>,
-        o: &LossOptions,
-    ) -> Result<LossOutput> {
+    fn cross_entropy(&self, l: &[f32], v: usize, t: Targets<'_>, o: &LossOptions) -> Result<LossOutput> {
         GpuContext::cross_entropy(self, l, v, t, o)
     }
     fn cross_entropy_into(
@@ -80,13 +74,7 @@ impl Backend for Reference {
     fn describe(&self) -> String {
         "cpu reference (f64)".into()
     }
-    fn cross_entropy(
-        &self,
-        l: &[f32],
-        v: usize,
-        t: Targets<'_>,
-        o: &LossOptions,
-    ) -> Result<LossOutput> {
+    fn cross_entropy(&self, l: &[f32], v: usize, t: Targets<'_>, o: &LossOptions) -> Result<LossOutput> {
         cpu::reference::cross_entropy(l, v, t, o)
     }
     fn cross_entropy_into(
@@ -118,13 +106,7 @@ impl Backend for CpuFast {
     fn describe(&self) -> String {
         format!("cpu fast ({} threads)", rayon::current_num_threads())
     }
-    fn cross_entropy(
-        &self,
-        l: &[f32],
-        v: usize,
-        t: Targets<'_>,
-        o: &LossOptions,
-    ) -> Result<LossOutput> {
+    fn cross_entropy(&self, l: &[f32], v: usize, t: Targets<'_>, o: &LossOptions) -> Result<LossOutput> {
         cpu::fast::cross_entropy(l, v, t, o)
     }
     fn cross_entropy_into(

@@ -27,11 +27,7 @@ pub struct Tolerance {
 
 impl Tolerance {
     /// The f32 tolerances: loss rtol 1e-5 (floor 1e-6), gradient atol 1e-6.
-    pub const F32: Tolerance = Tolerance {
-        loss_rtol: 1e-5,
-        loss_atol: 1e-6,
-        grad_atol: 1e-6,
-    };
+    pub const F32: Tolerance = Tolerance { loss_rtol: 1e-5, loss_atol: 1e-6, grad_atol: 1e-6 };
 }
 
 /// Largest errors seen in a comparison.
@@ -66,10 +62,7 @@ pub fn compare(got: &LossOutput, want: &LossOutput, tol: Tolerance) -> Result<Ag
         let ratio = (g - w).abs() / (tol.loss_rtol * w.abs() + tol.loss_atol);
         agreement.loss_ratio = agreement.loss_ratio.max(ratio);
         if ratio > 1.0 {
-            return Err(format!(
-                "{what}: got {g}, want {w} (error {:.3e})",
-                (g - w).abs()
-            ));
+            return Err(format!("{what}: got {g}, want {w} (error {:.3e})", (g - w).abs()));
         }
         Ok(())
     };
@@ -78,10 +71,7 @@ pub fn compare(got: &LossOutput, want: &LossOutput, tol: Tolerance) -> Result<Ag
         (None, None) => {}
         (g, w) => return Err(format!("loss: got {g:?}, want {w:?}")),
     }
-    let pairs = [
-        ("row loss", &got.row_losses, &want.row_losses),
-        ("lse", &got.lse, &want.lse),
-    ];
+    let pairs = [("row loss", &got.row_losses, &want.row_losses), ("lse", &got.lse, &want.lse)];
     for (what, g, w) in pairs {
         match (g, w) {
             (Some(g), Some(w)) => {
@@ -99,11 +89,7 @@ pub fn compare(got: &LossOutput, want: &LossOutput, tol: Tolerance) -> Result<Ag
     match (&got.gradient, &want.gradient) {
         (Some(g), Some(w)) => {
             if g.len() != w.len() {
-                return Err(format!(
-                    "gradient: got {} values, want {}",
-                    g.len(),
-                    w.len()
-                ));
+                return Err(format!("gradient: got {} values, want {}", g.len(), w.len()));
             }
             for (i, (&a, &b)) in g.iter().zip(w).enumerate() {
                 let (a, b) = (f64::from(a), f64::from(b));
@@ -115,9 +101,7 @@ pub fn compare(got: &LossOutput, want: &LossOutput, tol: Tolerance) -> Result<Ag
                 let err = (a - b).abs();
                 agreement.grad_err = agreement.grad_err.max(err);
                 if err > tol.grad_atol {
-                    return Err(format!(
-                        "gradient[{i}]: got {a}, want {b} (error {err:.3e})"
-                    ));
+                    return Err(format!("gradient[{i}]: got {a}, want {b} (error {err:.3e})"));
                 }
             }
         }
@@ -186,12 +170,7 @@ impl Case {
             out.gradient = Some(logits);
             Ok(out)
         } else {
-            backend.cross_entropy(
-                &self.logits,
-                self.classes,
-                (&self.targets).into(),
-                &self.opts,
-            )
+            backend.cross_entropy(&self.logits, self.classes, (&self.targets).into(), &self.opts)
         }
     }
 
@@ -227,8 +206,7 @@ pub fn conformance_cases() -> Vec<Case> {
         Case::new("1x1 (V=1: loss 0)", 1, 1, 1.0, 1).opts(grad()),
         Case::new("3x5 mean", 3, 5, 1.0, 2).opts(rows_too(Reduction::Mean)),
         Case::new("257x1000 sum", 257, 1000, 2.0, 3).opts(rows_too(Reduction::Sum)),
-        Case::new("100x77 none", 100, 77, 3.0, 4)
-            .opts(LossOptions::new().reduction(Reduction::None)),
+        Case::new("100x77 none", 100, 77, 3.0, 4).opts(LossOptions::new().reduction(Reduction::None)),
         Case::new("ignore -100 mean+grad", 64, 300, 2.0, 5)
             .opts(grad())
             .edit(|_, t| t.iter_mut().step_by(3).for_each(|x| *x = -100)),
@@ -237,24 +215,20 @@ pub fn conformance_cases() -> Vec<Case> {
         Case::new("all ignored mean (NaN)", 8, 16, 1.0, 7)
             .opts(grad())
             .edit(|_, t| t.iter_mut().for_each(|x| *x = -100)),
-        Case::new("in-place grad mean", 33, 4099, 2.0, 8)
-            .opts(LossOptions::new())
-            .in_place(),
+        Case::new("in-place grad mean", 33, 4099, 2.0, 8).opts(LossOptions::new()).in_place(),
         Case::new("in-place grad none", 17, 513, 2.0, 9)
             .opts(LossOptions::new().reduction(Reduction::None))
             .in_place(),
-        Case::new("-inf masked vocab", 40, 1000, 2.0, 10)
-            .opts(grad().lse(true))
-            .edit(|l, t| {
-                for (r, row) in l.chunks_mut(1000).enumerate() {
-                    let keep = t[r] as usize;
-                    for (c, x) in row.iter_mut().enumerate() {
-                        if c % 3 != 0 && c != keep {
-                            *x = f32::NEG_INFINITY;
-                        }
+        Case::new("-inf masked vocab", 40, 1000, 2.0, 10).opts(grad().lse(true)).edit(|l, t| {
+            for (r, row) in l.chunks_mut(1000).enumerate() {
+                let keep = t[r] as usize;
+                for (c, x) in row.iter_mut().enumerate() {
+                    if c % 3 != 0 && c != keep {
+                        *x = f32::NEG_INFINITY;
                     }
                 }
-            }),
+            }
+        }),
         Case::new("offset +1e4", 32, 2000, 3.0, 11)
             .opts(grad().row_losses(true))
             .edit(|l, _| l.iter_mut().for_each(|x| *x += 1e4)),
@@ -271,8 +245,7 @@ pub fn conformance_cases() -> Vec<Case> {
         Case::new("70000x8 (rows > 65535)", 70000, 8, 2.0, 14).opts(grad().row_losses(true)),
         Case::new("2x131072", 2, 131072, 2.0, 15).opts(grad().row_losses(true)),
         Case::new("empty batch mean", 0, 10, 1.0, 16).opts(grad()),
-        Case::new("empty batch sum", 0, 10, 1.0, 17)
-            .opts(LossOptions::new().reduction(Reduction::Sum)),
+        Case::new("empty batch sum", 0, 10, 1.0, 17).opts(LossOptions::new().reduction(Reduction::Sum)),
         Case::new("bad target (error)", 5, 10, 1.0, 18).edit(|_, t| t[2] = 10),
     ]
 }

@@ -54,17 +54,11 @@ pub struct NpyArray {
 }
 
 fn bad(path: &Path, message: impl Into<String>) -> Error {
-    Error::Npy {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
+    Error::Npy { path: path.to_path_buf(), message: message.into() }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
 /// The parsed header of a `.npy` file.
@@ -81,22 +75,19 @@ pub struct Header {
 /// Reads and checks the header of `path`.
 pub fn read_header(path: &Path, file: &mut impl Read) -> Result<Header> {
     let mut pre = [0u8; 8];
-    file.read_exact(&mut pre)
-        .map_err(|_| bad(path, "not a .npy file: shorter than the 8-byte preamble"))?;
+    file.read_exact(&mut pre).map_err(|_| bad(path, "not a .npy file: shorter than the 8-byte preamble"))?;
     if &pre[..6] != b"\x93NUMPY" {
         return Err(bad(path, "not a .npy file: missing the \\x93NUMPY magic"));
     }
     let (len, pre_len) = match pre[6] {
         1 => {
             let mut b = [0u8; 2];
-            file.read_exact(&mut b)
-                .map_err(|_| bad(path, "truncated header"))?;
+            file.read_exact(&mut b).map_err(|_| bad(path, "truncated header"))?;
             (u16::from_le_bytes(b) as usize, 10)
         }
         2 | 3 => {
             let mut b = [0u8; 4];
-            file.read_exact(&mut b)
-                .map_err(|_| bad(path, "truncated header"))?;
+            file.read_exact(&mut b).map_err(|_| bad(path, "truncated header"))?;
             (u32::from_le_bytes(b) as usize, 12)
         }
         v => return Err(bad(path, format!("unsupported .npy version {v}"))),
@@ -105,8 +96,7 @@ pub fn read_header(path: &Path, file: &mut impl Read) -> Result<Header> {
         return Err(bad(path, format!("header length {len} is implausible")));
     }
     let mut text = vec![0u8; len];
-    file.read_exact(&mut text)
-        .map_err(|_| bad(path, "truncated header"))?;
+    file.read_exact(&mut text).map_err(|_| bad(path, "truncated header"))?;
     let text = String::from_utf8(text).map_err(|_| bad(path, "header is not text"))?;
     let (dtype, fortran, shape) = parse_dict(&text).map_err(|m| bad(path, m))?;
     if fortran && shape.len() > 1 {
@@ -115,30 +105,19 @@ pub fn read_header(path: &Path, file: &mut impl Read) -> Result<Header> {
             "Fortran-order (column-major) arrays are not supported; save with np.ascontiguousarray",
         ));
     }
-    Ok(Header {
-        dtype,
-        shape,
-        data_offset: pre_len + len,
-    })
+    Ok(Header { dtype, shape, data_offset: pre_len + len })
 }
 
 /// Parses `{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }`.
 fn parse_dict(text: &str) -> std::result::Result<(DType, bool, Vec<usize>), String> {
     let field = |key: &str| -> std::result::Result<&str, String> {
-        let at = text
-            .find(&format!("'{key}'"))
-            .ok_or_else(|| format!("header has no '{key}'"))?;
+        let at = text.find(&format!("'{key}'")).ok_or_else(|| format!("header has no '{key}'"))?;
         let rest = &text[at + key.len() + 2..];
         let rest = rest.trim_start();
-        rest.strip_prefix(':')
-            .map(str::trim_start)
-            .ok_or_else(|| format!("malformed header near '{key}'"))
+        rest.strip_prefix(':').map(str::trim_start).ok_or_else(|| format!("malformed header near '{key}'"))
     };
     let descr = field("descr")?;
-    let descr = descr
-        .strip_prefix('\'')
-        .and_then(|d| d.split('\'').next())
-        .ok_or("malformed 'descr'")?;
+    let descr = descr.strip_prefix('\'').and_then(|d| d.split('\'').next()).ok_or("malformed 'descr'")?;
     let dtype = match descr {
         "<f4" => DType::F32,
         "<f8" => DType::F64,
@@ -159,18 +138,13 @@ fn parse_dict(text: &str) -> std::result::Result<(DType, bool, Vec<usize>), Stri
         return Err("malformed 'fortran_order'".into());
     };
     let shape = field("shape")?;
-    let shape = shape
-        .strip_prefix('(')
-        .and_then(|s| s.split(')').next())
-        .ok_or("malformed 'shape'")?;
+    let shape = shape.strip_prefix('(').and_then(|s| s.split(')').next()).ok_or("malformed 'shape'")?;
     let dims = shape
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| {
-            s.trim_end_matches('L')
-                .parse::<usize>()
-                .map_err(|_| format!("bad dimension '{s}' in shape"))
+            s.trim_end_matches('L').parse::<usize>().map_err(|_| format!("bad dimension '{s}' in shape"))
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok((dtype, fortran, dims))
@@ -191,20 +165,11 @@ impl MappedNpy {
         let mut file = File::open(path).map_err(io(path))?;
         let header = read_header(path, &mut file)?;
         let count = element_count(path, &header)?;
-        check_length(
-            path,
-            &header,
-            count,
-            file.metadata().map_err(io(path))?.len(),
-        )?;
+        check_length(path, &header, count, file.metadata().map_err(io(path))?.len())?;
         // SAFETY: the map is read-only; like every reader of a file, we rely on no other
         // process truncating it while it is in use.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(path))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            header,
-            map,
-        })
+        Ok(Self { path: path.to_path_buf(), header, map })
     }
 
     /// The header (dtype and shape).
@@ -215,17 +180,10 @@ impl MappedNpy {
     /// The data as f32, in place. Fails unless the dtype is float32.
     pub fn as_f32(&self) -> Result<&[f32]> {
         if self.header.dtype != DType::F32 {
-            return Err(bad(
-                &self.path,
-                format!("expected float32 data, found {:?}", self.header.dtype),
-            ));
+            return Err(bad(&self.path, format!("expected float32 data, found {:?}", self.header.dtype)));
         }
-        bytemuck::try_cast_slice(&self.map[self.header.data_offset..]).map_err(|e| {
-            bad(
-                &self.path,
-                format!("data is not 4-byte aligned in the file: {e}"),
-            )
-        })
+        bytemuck::try_cast_slice(&self.map[self.header.data_offset..])
+            .map_err(|e| bad(&self.path, format!("data is not 4-byte aligned in the file: {e}")))
     }
 }
 
@@ -246,16 +204,8 @@ impl NpyWriter {
         let tmp = temp_path(path);
         let header = header_bytes("<f4", shape);
         let count: usize = shape.iter().product();
-        let mut writer = Self {
-            path: path.to_path_buf(),
-            tmp: tmp.clone(),
-            offset: header.len(),
-            map: None,
-        };
-        let err = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let mut writer = Self { path: path.to_path_buf(), tmp: tmp.clone(), offset: header.len(), map: None };
+        let err = |source| Error::Io { path: path.to_path_buf(), source };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -263,8 +213,7 @@ impl NpyWriter {
             .truncate(true)
             .open(&tmp)
             .map_err(err)?;
-        file.set_len((header.len() + count * 4) as u64)
-            .map_err(err)?;
+        file.set_len((header.len() + count * 4) as u64).map_err(err)?;
         // SAFETY: the file was just created by us under a private temporary name.
         let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(err)?;
         map[..header.len()].copy_from_slice(&header);
@@ -282,10 +231,7 @@ impl NpyWriter {
     /// Flushes the data and renames the file into place.
     pub fn commit(mut self) -> Result<()> {
         let map = self.map.take().expect("mapped until commit");
-        let err = |source| Error::Io {
-            path: self.path.clone(),
-            source,
-        };
+        let err = |source| Error::Io { path: self.path.clone(), source };
         map.flush().map_err(err)?;
         drop(map);
         std::fs::rename(&self.tmp, &self.path).map_err(err)
@@ -301,11 +247,7 @@ impl Drop for NpyWriter {
 }
 
 fn element_count(path: &Path, header: &Header) -> Result<usize> {
-    header
-        .shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| bad(path, "shape overflows"))
+    header.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(path, "shape overflows"))
 }
 
 fn check_length(path: &Path, header: &Header, count: usize, file_len: u64) -> Result<()> {
@@ -342,15 +284,9 @@ fn read_from(path: &Path, reader: &mut impl Read, total_len: u64) -> Result<NpyA
     let header = read_header(path, reader)?;
     let count = element_count(path, &header)?;
     check_length(path, &header, count, total_len)?;
-    fn fill<T: bytemuck::Pod + Default>(
-        path: &Path,
-        reader: &mut impl Read,
-        count: usize,
-    ) -> Result<Vec<T>> {
+    fn fill<T: bytemuck::Pod + Default>(path: &Path, reader: &mut impl Read, count: usize) -> Result<Vec<T>> {
         let mut v = vec![T::default(); count];
-        reader
-            .read_exact(bytemuck::cast_slice_mut(&mut v))
-            .map_err(io(path))?;
+        reader.read_exact(bytemuck::cast_slice_mut(&mut v)).map_err(io(path))?;
         Ok(v)
     }
     let data = match header.dtype {
@@ -359,21 +295,14 @@ fn read_from(path: &Path, reader: &mut impl Read, total_len: u64) -> Result<NpyA
         DType::I32 => NpyData::I32(fill(path, reader, count)?),
         DType::I64 => NpyData::I64(fill(path, reader, count)?),
     };
-    Ok(NpyArray {
-        shape: header.shape,
-        data,
-    })
+    Ok(NpyArray { shape: header.shape, data })
 }
 
 fn header_bytes(descr: &str, shape: &[usize]) -> Vec<u8> {
     let dims = match shape {
         [] => String::new(),
         [d] => format!("{d},"),
-        ds => ds
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        ds => ds.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
     };
     let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
     // Pad with spaces so that the data starts on a 64-byte boundary; end with a newline.
@@ -390,11 +319,7 @@ fn header_bytes(descr: &str, shape: &[usize]) -> Vec<u8> {
 /// renamed into place only when complete, so no half-written file is ever left.
 pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Result<()> {
     let path = path.as_ref();
-    assert_eq!(
-        shape.iter().product::<usize>(),
-        data.len(),
-        "shape and data disagree"
-    );
+    assert_eq!(shape.iter().product::<usize>(), data.len(), "shape and data disagree");
     let tmp = temp_path(path);
     let result = (|| -> std::io::Result<()> {
         let mut f = std::io::BufWriter::new(File::create(&tmp)?);
@@ -405,10 +330,7 @@ pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Resul
     })();
     if let Err(source) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Io {
-            path: path.to_path_buf(),
-            source,
-        });
+        return Err(Error::Io { path: path.to_path_buf(), source });
     }
     Ok(())
 }
@@ -425,19 +347,13 @@ pub fn write_i64(path: impl AsRef<Path>, data: &[i64]) -> Result<()> {
     })();
     result.map_err(|source| {
         let _ = std::fs::remove_file(&tmp);
-        Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        Error::Io { path: path.to_path_buf(), source }
     })
 }
 
 /// The temporary name used while writing `path`.
 pub fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(format!(".xent-tmp-{}", std::process::id()));
     path.with_file_name(name)
 }

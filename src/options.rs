@@ -159,16 +159,10 @@ impl LossOptions {
     pub fn validate(&self, classes: usize) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidOption(m));
         if !(0.0..=1.0).contains(&self.label_smoothing) {
-            return bad(format!(
-                "label smoothing must be in [0, 1], got {}",
-                self.label_smoothing
-            ));
+            return bad(format!("label smoothing must be in [0, 1], got {}", self.label_smoothing));
         }
         if !(self.z_loss.is_finite() && self.z_loss >= 0.0) {
-            return bad(format!(
-                "z-loss scale must be finite and >= 0, got {}",
-                self.z_loss
-            ));
+            return bad(format!("z-loss scale must be finite and >= 0, got {}", self.z_loss));
         }
         if let Some(c) = self.softcap
             && !(c.is_finite() && c > 0.0)
@@ -176,10 +170,7 @@ impl LossOptions {
             return bad(format!("softcap must be finite and > 0, got {c}"));
         }
         if !(self.logit_scale.is_finite() && self.logit_scale != 0.0) {
-            return bad(format!(
-                "logit scale must be finite and non-zero, got {}",
-                self.logit_scale
-            ));
+            return bad(format!("logit scale must be finite and non-zero, got {}", self.logit_scale));
         }
         if let Some(n) = self.n_items
             && !(n.is_finite() && n > 0.0)
@@ -250,14 +241,8 @@ pub fn check_class_vector(what: &str, values: &[f32], classes: usize) -> Result<
             expected: classes,
         });
     }
-    if let Some((i, w)) = values
-        .iter()
-        .enumerate()
-        .find(|(_, w)| !(w.is_finite() && **w >= 0.0))
-    {
-        return Err(Error::InvalidOption(format!(
-            "{what}[{i}] is {w}: every value must be finite and >= 0"
-        )));
+    if let Some((i, w)) = values.iter().enumerate().find(|(_, w)| !(w.is_finite() && **w >= 0.0)) {
+        return Err(Error::InvalidOption(format!("{what}[{i}] is {w}: every value must be finite and >= 0")));
     }
     Ok(())
 }
@@ -359,12 +344,7 @@ impl Batch {
 
     /// Checks `logits_len` against `rows × classes` and every target against the range,
     /// before any work is dispatched.
-    pub fn new(
-        logits_len: usize,
-        classes: usize,
-        targets: Targets<'_>,
-        opts: &LossOptions,
-    ) -> Result<Self> {
+    pub fn new(logits_len: usize, classes: usize, targets: Targets<'_>, opts: &LossOptions) -> Result<Self> {
         let rows = targets.len();
         if classes == 0 {
             return Err(Error::InvalidOption("classes must be at least 1".into()));
@@ -395,23 +375,14 @@ impl Batch {
             if t == ignore {
                 out.push(Self::IGNORED);
             } else if t < 0 || t >= classes as i64 {
-                return Err(Error::TargetOutOfRange {
-                    row,
-                    value: t,
-                    classes,
-                    ignore_index: ignore,
-                });
+                return Err(Error::TargetOutOfRange { row, value: t, classes, ignore_index: ignore });
             } else {
                 out.push(t as i32);
                 counted_rows += 1;
             }
         }
         let weighted_count = match opts.get_weights() {
-            Some(w) => out
-                .iter()
-                .filter(|&&t| t != Self::IGNORED)
-                .map(|&t| f64::from(w[t as usize]))
-                .sum(),
+            Some(w) => out.iter().filter(|&&t| t != Self::IGNORED).map(|&t| f64::from(w[t as usize])).sum(),
             None => counted_rows as f64,
         };
         Ok(Self {

@@ -25,10 +25,7 @@ impl Default for RowState {
 
 impl RowState {
     /// The identity of [`RowState::combine`].
-    pub const EMPTY: RowState = RowState {
-        max: EMPTY_MAX,
-        sum: 0.0,
-    };
+    pub const EMPTY: RowState = RowState { max: EMPTY_MAX, sum: 0.0 };
 
     /// The state of one element.
     #[inline]
@@ -41,20 +38,14 @@ impl RowState {
     #[inline]
     pub fn push(self, x: f32) -> Self {
         let max = if x > self.max { x } else { self.max };
-        RowState {
-            max,
-            sum: self.sum * (self.max - max).exp() + (x - max).exp(),
-        }
+        RowState { max, sum: self.sum * (self.max - max).exp() + (x - max).exp() }
     }
 
     /// The monoid rule: the state of the concatenation of two parts.
     #[inline]
     pub fn combine(self, other: Self) -> Self {
         let max = self.max.max(other.max);
-        RowState {
-            max,
-            sum: self.sum * (self.max - max).exp() + other.sum * (other.max - max).exp(),
-        }
+        RowState { max, sum: self.sum * (self.max - max).exp() + other.sum * (other.max - max).exp() }
     }
 
     /// `log Σ exp(x)`, as `max + ln(sum)`.
@@ -70,14 +61,7 @@ mod tests {
 
     #[test]
     fn combine_matches_push_and_is_safe_for_masked_parts() {
-        let xs = [
-            1.0f32,
-            -3.0,
-            f32::NEG_INFINITY,
-            7.5,
-            0.25,
-            f32::NEG_INFINITY,
-        ];
+        let xs = [1.0f32, -3.0, f32::NEG_INFINITY, 7.5, 0.25, f32::NEG_INFINITY];
         let serial = xs.iter().fold(RowState::EMPTY, |s, &x| s.push(x));
         let (a, b) = xs.split_at(3);
         let left = a.iter().fold(RowState::EMPTY, |s, &x| s.push(x));
@@ -87,9 +71,7 @@ mod tests {
         assert!((f64::from(serial.lse()) - exact).abs() < 1e-5);
         assert!((f64::from(merged.lse()) - exact).abs() < 1e-5);
         // Fully masked parts stay finite-free of NaN and act as the identity.
-        let masked = RowState::EMPTY
-            .push(f32::NEG_INFINITY)
-            .push(f32::NEG_INFINITY);
+        let masked = RowState::EMPTY.push(f32::NEG_INFINITY).push(f32::NEG_INFINITY);
         assert_eq!(masked.sum, 0.0);
         assert_eq!(masked.combine(left), left.combine(RowState::EMPTY));
         assert_eq!(masked.lse(), f32::NEG_INFINITY);
@@ -97,14 +79,7 @@ mod tests {
 
     #[test]
     fn nan_and_positive_infinity_poison_the_sum() {
-        assert!(
-            RowState::EMPTY
-                .push(1.0)
-                .push(f32::NAN)
-                .push(2.0)
-                .sum
-                .is_nan()
-        );
+        assert!(RowState::EMPTY.push(1.0).push(f32::NAN).push(2.0).sum.is_nan());
         assert!(RowState::EMPTY.push(1.0).push(f32::INFINITY).sum.is_nan());
     }
 }

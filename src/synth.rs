@@ -38,15 +38,11 @@ impl Rng {
 /// Logits ~ N(0, `scale`²), row major [rows, classes].
 pub fn logits(rows: usize, classes: usize, scale: f64, seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed);
-    (0..rows * classes)
-        .map(|_| (rng.normal() * scale) as f32)
-        .collect()
+    (0..rows * classes).map(|_| (rng.normal() * scale) as f32).collect()
 }
 
 /// Uniform class-index targets in [0, classes).
 pub fn targets(rows: usize, classes: usize, seed: u64) -> Vec<i64> {
     let mut rng = Rng::new(seed ^ 0x5151);
-    (0..rows)
-        .map(|_| rng.below(classes as u64) as i64)
-        .collect()
+    (0..rows).map(|_| rng.below(classes as u64) as i64).collect()
 }

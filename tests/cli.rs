@@ -27,10 +27,7 @@ impl Drop for Dir {
 }
 
 fn xent(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_xent"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xent")).args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -39,11 +36,7 @@ fn xent(args: &[&str]) -> (i32, String, String) {
 }
 
 fn json_field<'a>(json: &'a str, key: &str) -> &'a str {
-    let at = json
-        .find(&format!("\"{key}\": "))
-        .unwrap_or_else(|| panic!("{key} in {json}"))
-        + key.len()
-        + 4;
+    let at = json.find(&format!("\"{key}\": ")).unwrap_or_else(|| panic!("{key} in {json}")) + key.len() + 4;
     json[at..].split([',', '}']).next().unwrap().trim()
 }
 
@@ -70,16 +63,9 @@ fn eval_matches_the_reference_on_every_device_and_reduction() {
     npy::write_f32(&l, &[n, v], &logits).unwrap();
     npy::write_i64(&t, &targets).unwrap();
     let gpu = !common::gpus("eval_matches_the_reference").is_empty();
-    let devices: &[&str] = if gpu {
-        &["gpu", "cpu", "reference"]
-    } else {
-        &["cpu", "reference"]
-    };
+    let devices: &[&str] = if gpu { &["gpu", "cpu", "reference"] } else { &["cpu", "reference"] };
     for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-        let opts = LossOptions::new()
-            .reduction(reduction)
-            .gradient(true)
-            .row_losses(true);
+        let opts = LossOptions::new().reduction(reduction).gradient(true).row_losses(true);
         let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
         for device in devices {
             let (lo, go) = (dir.path("loss.npy"), dir.path("grad.npy"));
@@ -111,21 +97,13 @@ fn eval_matches_the_reference_on_every_device_and_reduction() {
                 Reduction::None => {
                     assert_eq!(shape, vec![n]);
                     assert_eq!(json_field(&stdout, "loss"), "null");
-                    xent::LossOutput {
-                        row_losses: Some(loss),
-                        gradient: Some(grad),
-                        ..Default::default()
-                    }
+                    xent::LossOutput { row_losses: Some(loss), gradient: Some(grad), ..Default::default() }
                 }
                 _ => {
                     assert!(shape.is_empty());
                     let printed: f32 = json_field(&stdout, "loss").parse().unwrap();
                     assert_eq!(printed, loss[0]);
-                    xent::LossOutput {
-                        loss: Some(loss[0]),
-                        gradient: Some(grad),
-                        ..Default::default()
-                    }
+                    xent::LossOutput { loss: Some(loss[0]), gradient: Some(grad), ..Default::default() }
                 }
             };
             let mut want = want.clone();
@@ -157,37 +135,22 @@ fn bad_input_exits_2_with_a_message_and_writes_nothing() {
         (vec!["--targets", s(&garbage)], "magic"),
         (vec!["--targets", s(&missing)], "missing.npy"),
         (vec!["--targets", s(&t), "--reduction", "avg"], "avg"),
-        (
-            vec!["--targets", s(&t), "--label-smoothing", "0.1"],
-            "--label-smoothing",
-        ),
+        (vec!["--targets", s(&t), "--label-smoothing", "0.1"], "--label-smoothing"),
         (vec!["--targets", s(&t), "--loss-kind", "bce"], "bce"),
         (vec!["--targets", s(&t), "--z-loss", "1e-4"], "--z-loss"),
     ];
     for (extra, needle) in cases {
-        let mut args = vec![
-            "eval",
-            "--logits",
-            s(&l),
-            "--device",
-            "reference",
-            "--out-loss",
-            s(&out),
-        ];
+        let mut args = vec!["eval", "--logits", s(&l), "--device", "reference", "--out-loss", s(&out)];
         args.extend(extra);
         let (code, stdout, stderr) = xent(&args);
         assert_eq!(code, 2, "{args:?}: {stdout} {stderr}");
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: '{needle}' not in {stderr}"
-        );
+        assert!(stderr.contains(needle), "{args:?}: '{needle}' not in {stderr}");
         assert!(!out.exists(), "{args:?} left an output file");
-        assert!(std::fs::read_dir(&dir.0).unwrap().all(|e| {
-            !e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .contains("xent-tmp")
-        }));
+        assert!(
+            std::fs::read_dir(&dir.0)
+                .unwrap()
+                .all(|e| { !e.unwrap().file_name().to_string_lossy().contains("xent-tmp") })
+        );
     }
     // Logits of the wrong dtype and rank.
     npy::write_i64(dir.path("int_logits.npy"), &[1, 2, 3]).unwrap();
@@ -226,10 +189,7 @@ fn info_and_check_run_on_the_machine() {
     }
     let (code, stdout, stderr) = xent(&["info"]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(
-        stdout.contains("max_storage_buffer_binding_size"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("max_storage_buffer_binding_size"), "{stdout}");
     let (code, stdout, stderr) = xent(&["check"]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("all passed"), "{stdout}");

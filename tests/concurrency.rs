@@ -16,14 +16,7 @@ fn the_context_is_send_and_sync() {
 fn eight_threads_of_a_hundred_mixed_calls_on_one_context() {
     for gpu in common::gpus("eight_threads_of_a_hundred_mixed_calls") {
         // Inputs and reference results prepared up front: the threads only call the GPU.
-        let shapes = [
-            (1usize, 10usize),
-            (7, 300),
-            (33, 1000),
-            (2, 9000),
-            (64, 77),
-            (5, 4096),
-        ];
+        let shapes = [(1usize, 10usize), (7, 300), (33, 1000), (2, 9000), (64, 77), (5, 4096)];
         let cases: Vec<_> = shapes
             .iter()
             .enumerate()
@@ -32,8 +25,7 @@ fn eight_threads_of_a_hundred_mixed_calls_on_one_context() {
                 let targets = synth::targets(n, v, 90 + i as u64);
                 let reduction = [Reduction::Mean, Reduction::Sum, Reduction::None][i % 3];
                 let opts = LossOptions::new().reduction(reduction).gradient(i % 2 == 0);
-                let want =
-                    xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+                let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
                 (logits, targets, v, opts, want)
             })
             .collect();
@@ -44,9 +36,8 @@ fn eight_threads_of_a_hundred_mixed_calls_on_one_context() {
                     for k in 0..100 {
                         let (logits, targets, v, opts, want) = &cases[(t * 7 + k) % cases.len()];
                         let got = gpu.cross_entropy(logits, *v, targets, opts).unwrap();
-                        compare(&got, want, Tolerance::F32).unwrap_or_else(|e| {
-                            panic!("thread {t} call {k} on {}: {e}", common::name(gpu))
-                        });
+                        compare(&got, want, Tolerance::F32)
+                            .unwrap_or_else(|e| panic!("thread {t} call {k} on {}: {e}", common::name(gpu)));
                     }
                 });
             }

@@ -6,8 +6,7 @@ use xent::{Backend, CpuFast, LossOptions, Reduction, synth};
 #[test]
 fn conformance_set_on_the_fast_cpu_path() {
     for case in conformance_cases() {
-        case.verify(&CpuFast)
-            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        case.verify(&CpuFast).unwrap_or_else(|e| panic!("{}: {e}", case.name));
     }
 }
 
@@ -33,43 +32,19 @@ fn sweep_separate_into_and_in_place() {
             }
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
                 let what = format!("{n}x{v} {reduction:?}");
-                let opts = LossOptions::new()
-                    .reduction(reduction)
-                    .gradient(true)
-                    .row_losses(true)
-                    .lse(true);
-                let want =
-                    xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
-                let got = CpuFast
-                    .cross_entropy(&logits, v, (&targets).into(), &opts)
-                    .unwrap();
+                let opts = LossOptions::new().reduction(reduction).gradient(true).row_losses(true).lse(true);
+                let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+                let got = CpuFast.cross_entropy(&logits, v, (&targets).into(), &opts).unwrap();
                 compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what}: {e}"));
                 let mut grad = vec![f32::NAN; n * v];
-                let got = CpuFast
-                    .cross_entropy_into(&logits, v, (&targets).into(), &opts, &mut grad)
-                    .unwrap();
-                compare(
-                    &xent::LossOutput {
-                        gradient: Some(grad),
-                        ..got
-                    },
-                    &want,
-                    Tolerance::F32,
-                )
-                .unwrap_or_else(|e| panic!("{what} into: {e}"));
+                let got =
+                    CpuFast.cross_entropy_into(&logits, v, (&targets).into(), &opts, &mut grad).unwrap();
+                compare(&xent::LossOutput { gradient: Some(grad), ..got }, &want, Tolerance::F32)
+                    .unwrap_or_else(|e| panic!("{what} into: {e}"));
                 let mut in_place = logits.clone();
-                let got = CpuFast
-                    .cross_entropy_in_place(&mut in_place, v, (&targets).into(), &opts)
-                    .unwrap();
-                compare(
-                    &xent::LossOutput {
-                        gradient: Some(in_place),
-                        ..got
-                    },
-                    &want,
-                    Tolerance::F32,
-                )
-                .unwrap_or_else(|e| panic!("{what} in place: {e}"));
+                let got = CpuFast.cross_entropy_in_place(&mut in_place, v, (&targets).into(), &opts).unwrap();
+                compare(&xent::LossOutput { gradient: Some(in_place), ..got }, &want, Tolerance::F32)
+                    .unwrap_or_else(|e| panic!("{what} in place: {e}"));
             }
         }
     }
@@ -86,11 +61,7 @@ fn result_does_not_depend_on_the_thread_count() {
             .num_threads(threads)
             .build()
             .unwrap()
-            .install(|| {
-                CpuFast
-                    .cross_entropy(&logits, v, (&targets).into(), &opts)
-                    .unwrap()
-            })
+            .install(|| CpuFast.cross_entropy(&logits, v, (&targets).into(), &opts).unwrap())
     };
     let (a, b) = (run(1), run(3));
     assert_eq!(a.loss.map(f32::to_bits), b.loss.map(f32::to_bits));

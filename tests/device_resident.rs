@@ -8,14 +8,11 @@ use xent::gpu::{DeviceBatch, DeviceGradient};
 use xent::{GpuContext, LossOptions, LossOutput, Reduction, synth};
 
 fn buffer(gpu: &GpuContext, data: &[u8]) -> wgpu::Buffer {
-    gpu.device()
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: data,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
-        })
+    gpu.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: data,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+    })
 }
 
 #[test]
@@ -54,15 +51,17 @@ fn device_case(n: usize, v: usize) {
                 };
                 let gradient = match mode {
                     "none" => DeviceGradient::None,
-                    "into" => DeviceGradient::Into {
-                        buffer: &grad_buf,
-                        offset: 0,
-                    },
+                    "into" => DeviceGradient::Into { buffer: &grad_buf, offset: 0 },
                     _ => DeviceGradient::InPlace,
                 };
                 let mut enc = gpu.device().create_command_encoder(&Default::default());
                 let out = gpu
-                    .record_cross_entropy(&mut enc, &batch, reduction, gradient)
+                    .record_cross_entropy(
+                        &mut enc,
+                        &batch,
+                        &LossOptions::new().reduction(reduction),
+                        gradient,
+                    )
                     .unwrap();
                 gpu.queue().submit([enc.finish()]);
 
@@ -71,8 +70,7 @@ fn device_case(n: usize, v: usize) {
                     .gradient(mode != "none")
                     .row_losses(true)
                     .lse(true);
-                let want =
-                    xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+                let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
                 let loss = gpu.read_device_loss(&out).unwrap();
                 let got = LossOutput {
                     loss: (reduction != Reduction::None).then_some(loss),
@@ -81,19 +79,12 @@ fn device_case(n: usize, v: usize) {
                     gradient: match mode {
                         "none" => None,
                         "into" => Some(gpu.read_device_buffer(&grad_buf, n * v).unwrap()),
-                        _ => Some(
-                            gpu.read_device_buffer(&logits_buf, pad + n * v).unwrap()[pad..]
-                                .to_vec(),
-                        ),
+                        _ => Some(gpu.read_device_buffer(&logits_buf, pad + n * v).unwrap()[pad..].to_vec()),
                     },
                 };
                 compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what}: {e}"));
                 let count = gpu.read_device_buffer(&out.loss, 2).unwrap()[1];
-                assert_eq!(
-                    count,
-                    (n - 2) as f32,
-                    "{what}: non-ignored rows counted on the device"
-                );
+                assert_eq!(count, (n - 2) as f32, "{what}: non-ignored rows counted on the device");
             }
         }
     }
@@ -114,7 +105,7 @@ fn misaligned_or_short_device_buffers_are_errors() {
             ignore_index: -100,
         };
         let mut enc = gpu.device().create_command_encoder(&Default::default());
-        let e = gpu.record_cross_entropy(&mut enc, &batch, Reduction::Mean, DeviceGradient::None);
+        let e = gpu.record_cross_entropy(&mut enc, &batch, &LossOptions::new(), DeviceGradient::None);
         assert!(
             matches!(e, Err(xent::Error::InvalidOption(ref m)) if m.contains("alignment")),
             "{:?}",
@@ -122,7 +113,7 @@ fn misaligned_or_short_device_buffers_are_errors() {
         );
         batch.logits_offset = 0;
         batch.rows = 5;
-        let e = gpu.record_cross_entropy(&mut enc, &batch, Reduction::Mean, DeviceGradient::None);
+        let e = gpu.record_cross_entropy(&mut enc, &batch, &LossOptions::new(), DeviceGradient::None);
         assert!(matches!(e, Err(xent::Error::Shape { .. })), "{:?}", e.err());
     }
 }

@@ -53,9 +53,7 @@ fn a_destroyed_device_is_a_typed_error_and_a_new_context_works() {
             }
         });
         // Afterwards every call says the device is lost.
-        let e = gpu
-            .cross_entropy(&logits[..v], v, &targets[..1], &LossOptions::new())
-            .unwrap_err();
+        let e = gpu.cross_entropy(&logits[..v], v, &targets[..1], &LossOptions::new()).unwrap_err();
         assert!(matches!(e, Error::DeviceLost(_)), "{e:?}");
         assert!(e.to_string().contains("new context"), "{e}");
         // A new context on the same adapter works.
@@ -78,21 +76,10 @@ fn out_of_memory_is_retried_with_smaller_chunks() {
         let targets = synth::targets(n, v, 8);
         let opts = LossOptions::new();
         let want =
-            xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts.clone().gradient(true))
-                .unwrap();
+            xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts.clone().gradient(true)).unwrap();
         let mut in_place = logits.clone();
-        let got = gpu
-            .cross_entropy_in_place(&mut in_place, v, &targets, &opts)
-            .unwrap();
-        compare(
-            &xent::LossOutput {
-                gradient: Some(in_place),
-                ..got
-            },
-            &want,
-            Tolerance::F32,
-        )
-        .unwrap();
+        let got = gpu.cross_entropy_in_place(&mut in_place, v, &targets, &opts).unwrap();
+        compare(&xent::LossOutput { gradient: Some(in_place), ..got }, &want, Tolerance::F32).unwrap();
         // Failures that do not stop: a typed error, and the context still works.
         gpu.inject_out_of_memory(1000);
         let e = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap_err();

@@ -21,17 +21,14 @@ fn conformance_set_on_every_adapter() {
     let cases = conformance_cases();
     for gpu in common::gpus("conformance_set_on_every_adapter") {
         for case in &cases {
-            case.verify(gpu)
-                .unwrap_or_else(|e| panic!("{} on {}: {e}", case.name, common::name(gpu)));
+            case.verify(gpu).unwrap_or_else(|e| panic!("{} on {}: {e}", case.name, common::name(gpu)));
         }
     }
 }
 
 #[test]
 fn sweep_of_class_counts_row_counts_and_reductions() {
-    let classes = [
-        1usize, 2, 3, 31, 255, 256, 257, 513, 1000, 4097, 32000, 131072,
-    ];
+    let classes = [1usize, 2, 3, 31, 255, 256, 257, 513, 1000, 4097, 32000, 131072];
     let rows = [1usize, 7, 129];
     let mut seed = 100;
     for &v in &classes {
@@ -46,18 +43,8 @@ fn sweep_of_class_counts_row_counts_and_reductions() {
                 targets[n / 2] = -100;
             }
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                let opts = LossOptions::new()
-                    .reduction(reduction)
-                    .gradient(true)
-                    .row_losses(true)
-                    .lse(true);
-                verify(
-                    &logits,
-                    v,
-                    &targets,
-                    &opts,
-                    &format!("{n}x{v} {reduction:?}"),
-                );
+                let opts = LossOptions::new().reduction(reduction).gradient(true).row_losses(true).lse(true);
+                verify(&logits, v, &targets, &opts, &format!("{n}x{v} {reduction:?}"));
             }
         }
     }
@@ -74,16 +61,10 @@ fn in_place_gradient_is_bit_identical_to_separate_and_runs_are_deterministic() {
         let b = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
         assert_eq!(a, b, "two runs differ on {}", common::name(gpu));
         let mut in_place = logits.clone();
-        let c = gpu
-            .cross_entropy_in_place(&mut in_place, v, &targets, &opts)
-            .unwrap();
+        let c = gpu.cross_entropy_in_place(&mut in_place, v, &targets, &opts).unwrap();
         assert_eq!(c.loss.map(f32::to_bits), a.loss.map(f32::to_bits));
         let sep = a.gradient.as_ref().unwrap();
-        assert!(
-            sep.iter()
-                .zip(&in_place)
-                .all(|(x, y)| x.to_bits() == y.to_bits())
-        );
+        assert!(sep.iter().zip(&in_place).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 }
 
@@ -95,10 +76,7 @@ fn ignored_rows_have_zero_loss_and_exactly_zero_gradient() {
     let mut targets = synth::targets(n, v, 9);
     targets[3] = 4;
     targets[5] = 4;
-    let opts = LossOptions::new()
-        .ignore_index(4)
-        .gradient(true)
-        .row_losses(true);
+    let opts = LossOptions::new().ignore_index(4).gradient(true).row_losses(true);
     for gpu in common::gpus("ignored_rows_have_zero_loss") {
         let out = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
         let rows = out.row_losses.unwrap();
@@ -143,33 +121,14 @@ fn bad_targets_are_typed_errors_before_dispatch() {
         for (bad, value) in [(5i64, 5i64), (-1, -1), (-101, -101)] {
             let targets = [0, 1, bad, 2];
             match gpu.cross_entropy(&logits, 5, &targets, &LossOptions::new()) {
-                Err(Error::TargetOutOfRange {
-                    row: 2,
-                    value: v,
-                    classes: 5,
-                    ..
-                }) => assert_eq!(v, value),
+                Err(Error::TargetOutOfRange { row: 2, value: v, classes: 5, .. }) => assert_eq!(v, value),
                 other => panic!("expected TargetOutOfRange at row 2, got {other:?}"),
             }
         }
-        let e = gpu
-            .cross_entropy(&logits, 6, &[0i64, 1, 2, 3], &LossOptions::new())
-            .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::Shape {
-                    got: 20,
-                    expected: 24,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        let e = gpu.cross_entropy(&logits, 6, &[0i64, 1, 2, 3], &LossOptions::new()).unwrap_err();
+        assert!(matches!(e, Error::Shape { got: 20, expected: 24, .. }), "{e}");
         // The context still works afterwards.
-        let ok = gpu
-            .cross_entropy(&logits, 5, &[0i64, 1, 2, 3], &LossOptions::new())
-            .unwrap();
+        let ok = gpu.cross_entropy(&logits, 5, &[0i64, 1, 2, 3], &LossOptions::new()).unwrap();
         assert!(ok.loss.unwrap().is_finite());
     }
 }
@@ -177,28 +136,14 @@ fn bad_targets_are_typed_errors_before_dispatch() {
 #[test]
 fn empty_and_degenerate_batches() {
     for gpu in common::gpus("empty_and_degenerate_batches") {
-        let mean = gpu
-            .cross_entropy(&[], 3, &[] as &[i64; 0], &LossOptions::new())
-            .unwrap();
+        let mean = gpu.cross_entropy(&[], 3, &[] as &[i64; 0], &LossOptions::new()).unwrap();
         assert!(mean.loss.unwrap().is_nan());
         let sum = gpu
-            .cross_entropy(
-                &[],
-                3,
-                &[] as &[i64; 0],
-                &LossOptions::new().reduction(Reduction::Sum),
-            )
+            .cross_entropy(&[], 3, &[] as &[i64; 0], &LossOptions::new().reduction(Reduction::Sum))
             .unwrap();
         assert_eq!(sum.loss, Some(0.0));
         // V = 1: loss 0, gradient 0.
-        let one = gpu
-            .cross_entropy(
-                &[3.5, -2.0],
-                1,
-                &[0i64, 0],
-                &LossOptions::new().gradient(true),
-            )
-            .unwrap();
+        let one = gpu.cross_entropy(&[3.5, -2.0], 1, &[0i64, 0], &LossOptions::new().gradient(true)).unwrap();
         assert_eq!(one.loss, Some(0.0));
         assert_eq!(one.gradient, Some(vec![0.0, 0.0]));
     }
@@ -216,12 +161,7 @@ fn repeated_calls_of_one_shape_allocate_nothing_new() {
         for _ in 0..3 {
             gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
         }
-        assert_eq!(
-            gpu.buffer_allocations(),
-            before,
-            "steady state allocated on {}",
-            common::name(gpu)
-        );
+        assert_eq!(gpu.buffer_allocations(), before, "steady state allocated on {}", common::name(gpu));
     }
 }
 
@@ -237,10 +177,9 @@ fn tiny_device(gpus: &[xent::GpuContext]) -> Option<xent::GpuContext> {
     let mut limits = adapter.limits();
     limits.max_storage_buffer_binding_size = 64 << 10;
     limits.max_compute_workgroups_per_dimension = 7;
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_limits: limits,
-        ..Default::default()
-    }))
+    let (device, queue) = pollster::block_on(
+        adapter.request_device(&wgpu::DeviceDescriptor { required_limits: limits, ..Default::default() }),
+    )
     .unwrap();
     let gpu = xent::GpuContext::from_device(device, queue).unwrap();
     assert_eq!(gpu.limits().max_compute_workgroups_per_dimension, 7);
@@ -270,36 +209,24 @@ fn tiny_device_limits_exercise_every_chunking_path() {
     for (n, v, budget_chunks, ring) in cases {
         gpu.set_memory_budget(budget_chunks * (64 << 10));
         gpu.set_chunks_in_flight(ring);
-        let plan =
-            xent::gpu::Plan::new(n, v, xent::gpu::GradKind::Separate, &gpu.plan_limits()).unwrap();
+        let plan = xent::gpu::Plan::new(n, v, xent::gpu::GradKind::Separate, &gpu.plan_limits()).unwrap();
         let logits = synth::logits(n, v, 2.0, 13);
         let mut targets = synth::targets(n, v, 13);
         targets[n / 3] = -100;
         for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
             let what = format!("{n}x{v} {reduction:?} {:?}", plan.layout);
-            let opts = LossOptions::new()
-                .reduction(reduction)
-                .gradient(true)
-                .row_losses(true)
-                .lse(true);
+            let opts = LossOptions::new().reduction(reduction).gradient(true).row_losses(true).lse(true);
             let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
             let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
             compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what}: {e}"));
             let mut in_place = logits.clone();
-            let got = gpu
-                .cross_entropy_in_place(&mut in_place, v, &targets, &opts)
-                .unwrap();
-            let got = LossOutput {
-                gradient: Some(in_place),
-                ..got
-            };
+            let got = gpu.cross_entropy_in_place(&mut in_place, v, &targets, &opts).unwrap();
+            let got = LossOutput { gradient: Some(in_place), ..got };
             compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what} in place: {e}"));
             let loss_only = LossOptions::new().reduction(reduction);
             let got = gpu.cross_entropy(&logits, v, &targets, &loss_only).unwrap();
-            let want =
-                xent::cpu::reference::cross_entropy(&logits, v, &targets, &loss_only).unwrap();
-            compare(&got, &want, Tolerance::F32)
-                .unwrap_or_else(|e| panic!("{what} loss only: {e}"));
+            let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &loss_only).unwrap();
+            compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what} loss only: {e}"));
         }
     }
 }
@@ -334,10 +261,7 @@ fn reference_is_its_own_backend() {
     // The Backend trait object path used by the CLI.
     let logits = synth::logits(3, 4, 1.0, 15);
     let out: LossOutput = xent::check::Case::run(
-        &conformance_cases()
-            .into_iter()
-            .find(|c| c.name.starts_with("3x5"))
-            .unwrap(),
+        &conformance_cases().into_iter().find(|c| c.name.starts_with("3x5")).unwrap(),
         &Reference,
     )
     .unwrap();
@@ -374,27 +298,18 @@ fn every_kernel_tuning_passes_the_conformance_set() {
     ];
     let cases = conformance_cases();
     for tuning in tunings {
-        let gpu =
-            pollster::block_on(xent::GpuContext::from_adapter_tuned(&adapter, tuning)).unwrap();
+        let gpu = pollster::block_on(xent::GpuContext::from_adapter_tuned(&adapter, tuning)).unwrap();
         for case in &cases {
-            case.verify(&gpu)
-                .unwrap_or_else(|e| panic!("{} with {tuning:?}: {e}", case.name));
+            case.verify(&gpu).unwrap_or_else(|e| panic!("{} with {tuning:?}: {e}", case.name));
         }
         // Both element widths on both paths.
-        for (n, v) in [
-            (5usize, 4099usize),
-            (5, 4100),
-            (3, 40000),
-            (3, 40001),
-            (70, 12),
-        ] {
+        for (n, v) in [(5usize, 4099usize), (5, 4100), (3, 40000), (3, 40001), (70, 12)] {
             let logits = synth::logits(n, v, 3.0, 61);
             let targets = synth::targets(n, v, 61);
             let opts = LossOptions::new().gradient(true).row_losses(true);
             let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
             let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
-            compare(&got, &want, Tolerance::F32)
-                .unwrap_or_else(|e| panic!("{n}x{v} {tuning:?}: {e}"));
+            compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{n}x{v} {tuning:?}: {e}"));
         }
     }
 }

@@ -28,23 +28,14 @@ fn f64s(path: &Path) -> Vec<f64> {
 fn load(dir: &Path) -> Case {
     let logits = npy::read(dir.join("logits.npy")).unwrap();
     let classes = logits.shape[1];
-    let NpyData::F32(logits) = logits.data else {
-        panic!("logits")
-    };
-    let NpyData::I64(targets) = npy::read(dir.join("targets.npy")).unwrap().data else {
-        panic!("targets")
-    };
+    let NpyData::F32(logits) = logits.data else { panic!("logits") };
+    let NpyData::I64(targets) = npy::read(dir.join("targets.npy")).unwrap().data else { panic!("targets") };
     let mut opts = LossOptions::new();
     if dir.join("weights.npy").exists() {
-        let NpyData::F32(w) = npy::read(dir.join("weights.npy")).unwrap().data else {
-            panic!("weights")
-        };
+        let NpyData::F32(w) = npy::read(dir.join("weights.npy")).unwrap().data else { panic!("weights") };
         opts = opts.weights(w);
     }
-    for line in std::fs::read_to_string(dir.join("options.txt"))
-        .unwrap()
-        .lines()
-    {
+    for line in std::fs::read_to_string(dir.join("options.txt")).unwrap().lines() {
         let (key, value) = line.split_once(" = ").unwrap();
         let x: f64 = value.parse().unwrap();
         opts = match key {
@@ -57,34 +48,19 @@ fn load(dir: &Path) -> Case {
             other => panic!("unknown option {other}"),
         };
     }
-    Case {
-        name: dir.file_name().unwrap().to_string_lossy().into_owned(),
-        logits,
-        classes,
-        targets,
-        opts,
-    }
+    Case { name: dir.file_name().unwrap().to_string_lossy().into_owned(), logits, classes, targets, opts }
 }
 
 fn cases() -> Vec<Case> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut dirs: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
     dirs.sort();
-    assert!(
-        dirs.len() >= 15,
-        "tests/data holds {} cases; run scripts/make_reference.py",
-        dirs.len()
-    );
+    assert!(dirs.len() >= 15, "tests/data holds {} cases; run scripts/make_reference.py", dirs.len());
     dirs.iter().map(|d| load(d)).collect()
 }
 
 fn expected(case: &Case, reduction: Reduction) -> LossOutput {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(&case.name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(&case.name);
     let r = reduction.name();
     let loss = f64s(&dir.join(format!("loss_{r}.npy")));
     let grad = f64s(&dir.join(format!("grad_{r}.npy")));
@@ -108,31 +84,16 @@ fn check_backend_where(backend: &dyn Backend, include: impl Fn(&LossOptions) -> 
             let want = expected(&case, reduction);
             let got = backend
                 .cross_entropy(&case.logits, case.classes, (&case.targets).into(), &opts)
-                .unwrap_or_else(|e| {
-                    panic!("{} {reduction:?} on {}: {e}", case.name, backend.describe())
-                });
-            compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| {
-                panic!("{} {reduction:?} on {}: {e}", case.name, backend.describe())
-            });
+                .unwrap_or_else(|e| panic!("{} {reduction:?} on {}: {e}", case.name, backend.describe()));
+            compare(&got, &want, Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{} {reduction:?} on {}: {e}", case.name, backend.describe()));
             let mut in_place = case.logits.clone();
             let got = backend
                 .cross_entropy_in_place(&mut in_place, case.classes, (&case.targets).into(), &opts)
                 .unwrap();
-            compare(
-                &LossOutput {
-                    gradient: Some(in_place),
-                    ..got
-                },
-                &want,
-                Tolerance::F32,
-            )
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{} {reduction:?} in place on {}: {e}",
-                    case.name,
-                    backend.describe()
-                )
-            });
+            compare(&LossOutput { gradient: Some(in_place), ..got }, &want, Tolerance::F32).unwrap_or_else(
+                |e| panic!("{} {reduction:?} in place on {}: {e}", case.name, backend.describe()),
+            );
         }
     }
 }
@@ -150,17 +111,35 @@ fn the_fast_cpu_path_matches_pytorch() {
 #[test]
 fn every_gpu_matches_pytorch() {
     for gpu in common::gpus("every_gpu_matches_pytorch") {
-        check_backend_where(gpu, |opts| opts.is_plain());
-        // Options the kernels do not have yet are refused, never ignored.
-        for case in cases().iter().filter(|c| !c.opts.is_plain()) {
-            let e = gpu
-                .cross_entropy(&case.logits, case.classes, &case.targets, &case.opts)
-                .unwrap_err();
-            assert!(
-                matches!(e, xent::Error::InvalidOption(_)),
-                "{}: {e}",
-                case.name
-            );
-        }
+        check_backend(gpu);
+    }
+}
+
+#[test]
+fn every_gpu_tuning_matches_pytorch() {
+    // Both kernel paths (register-cached and streaming) and both element widths with
+    // every option: the cases have V from 17 to 64; 8 invocations of 4 cached values
+    // each send most of them down the streaming path.
+    let gpus = common::gpus("every_gpu_tuning_matches_pytorch");
+    let Some(first) = gpus.first() else { return };
+    let adapter = xent::gpu::select_adapters(None)
+        .unwrap()
+        .into_iter()
+        .find(|a| {
+            a.get_info().name == first.adapter_info().name
+                && a.get_info().backend == first.adapter_info().backend
+        })
+        .unwrap();
+    for tuning in [
+        xent::gpu::Tuning::GPU,
+        xent::gpu::Tuning {
+            workgroup_size: 8,
+            elems_per_thread: 4,
+            max_threads_per_row: 8,
+            cached_per_thread: 4,
+        },
+    ] {
+        let gpu = pollster::block_on(xent::GpuContext::from_adapter_tuned(&adapter, tuning)).unwrap();
+        check_backend(&gpu);
     }
 }

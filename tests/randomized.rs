@@ -84,74 +84,41 @@ fn cases() -> impl Strategy<Value = Case> {
         3 => 40usize..700,
         1 => prop::sample::select(vec![4096usize, 8191, 8192, 9000, 20000]),
     ];
-    (
-        0usize..40,
-        classes,
-        0u8..8,
-        0u8..3,
-        0u8..3,
-        any::<bool>(),
-        0u8..4,
-        any::<u64>(),
+    (0usize..40, classes, 0u8..8, 0u8..3, 0u8..3, any::<bool>(), 0u8..4, any::<u64>()).prop_map(
+        |(rows, classes, style, reduction, gradient, ignore_class_zero, ignored_share, seed)| Case {
+            rows: if classes >= 4096 { rows.min(6) } else { rows },
+            classes,
+            style,
+            reduction,
+            gradient,
+            ignore_class_zero,
+            ignored_share,
+            seed,
+        },
     )
-        .prop_map(
-            |(
-                rows,
-                classes,
-                style,
-                reduction,
-                gradient,
-                ignore_class_zero,
-                ignored_share,
-                seed,
-            )| Case {
-                rows: if classes >= 4096 { rows.min(6) } else { rows },
-                classes,
-                style,
-                reduction,
-                gradient,
-                ignore_class_zero,
-                ignored_share,
-                seed,
-            },
-        )
 }
 
 fn run(backend: &dyn Backend, case: &Case) -> Result<(), TestCaseError> {
     let (logits, targets) = case.data();
     let opts = case.opts();
-    let reference = |opts: &LossOptions| {
-        xent::cpu::reference::cross_entropy(&logits, case.classes, &targets, opts)
-    };
+    let reference =
+        |opts: &LossOptions| xent::cpu::reference::cross_entropy(&logits, case.classes, &targets, opts);
     let (got, want) = if case.gradient == 2 {
         let mut in_place = logits.clone();
-        let got =
-            backend.cross_entropy_in_place(&mut in_place, case.classes, (&targets).into(), &opts);
-        let got = got.map(|o| xent::LossOutput {
-            gradient: Some(in_place),
-            ..o
-        });
+        let got = backend.cross_entropy_in_place(&mut in_place, case.classes, (&targets).into(), &opts);
+        let got = got.map(|o| xent::LossOutput { gradient: Some(in_place), ..o });
         (got, reference(&opts.clone().gradient(true)))
     } else {
-        (
-            backend.cross_entropy(&logits, case.classes, (&targets).into(), &opts),
-            reference(&opts),
-        )
+        (backend.cross_entropy(&logits, case.classes, (&targets).into(), &opts), reference(&opts))
     };
-    let (got, want) = (
-        got.map_err(|e| TestCaseError::fail(e.to_string()))?,
-        want.unwrap(),
-    );
+    let (got, want) = (got.map_err(|e| TestCaseError::fail(e.to_string()))?, want.unwrap());
     compare(&got, &want, Tolerance::F32)
         .map_err(|e| TestCaseError::fail(format!("{}: {e}", backend.describe())))?;
     Ok(())
 }
 
 fn seed() -> u64 {
-    std::env::var("XENT_PROPTEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5EED_0001)
+    std::env::var("XENT_PROPTEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5EED_0001)
 }
 
 #[test]
@@ -176,8 +143,5 @@ fn random_cases_match_the_reference_on_every_adapter() {
         .unwrap();
     let ran = ran.into_inner();
     assert!(ran >= 500, "only {ran} cases ran");
-    eprintln!(
-        "{ran} random cases on {} adapters and the fast CPU path: no mismatch",
-        gpus.len()
-    );
+    eprintln!("{ran} random cases on {} adapters and the fast CPU path: no mismatch", gpus.len());
 }

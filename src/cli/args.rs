@@ -130,9 +130,7 @@ pub struct EvalArgs {
 }
 
 fn not_built(flag: &str) -> Error {
-    Error::InvalidOption(format!(
-        "{flag} is not supported yet in this build; it is never silently ignored"
-    ))
+    Error::InvalidOption(format!("{flag} is not supported yet in this build; it is never silently ignored"))
 }
 
 /// Checks `eval`'s options and builds the loss options, before any file is touched.
@@ -152,16 +150,12 @@ pub fn eval_options(args: &EvalArgs) -> xent::Result<LossOptions> {
         }
     }
     if args.adapter.is_some() && args.device != DeviceArg::Gpu {
-        return Err(Error::InvalidOption(
-            "--adapter only applies to --device gpu".into(),
-        ));
+        return Err(Error::InvalidOption("--adapter only applies to --device gpu".into()));
     }
     let reduction = match args.reduction {
         ReductionArg::Mean => Reduction::Mean,
         ReductionArg::Sum => Reduction::Sum,
         ReductionArg::None => Reduction::None,
     };
-    Ok(LossOptions::new()
-        .reduction(reduction)
-        .ignore_index(args.ignore_index))
+    Ok(LossOptions::new().reduction(reduction).ignore_index(args.ignore_index))
 }

@@ -123,16 +123,10 @@ impl Progress {
     pub fn new(total: u64) -> Self {
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
         bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        Self {
-            bar,
-            start: Instant::now(),
-            shown: false,
-        }
+        Self { bar, start: Instant::now(), shown: false }
     }
     pub fn message(&self, msg: String) {
         self.bar.set_message(msg);
@@ -159,14 +153,7 @@ pub fn cpu(
     tick: &mut dyn FnMut(),
 ) -> xent::Result<Samples> {
     let opts = LossOptions::new().gradient(pass == Pass::ForwardBackward);
-    let mut grad = vec![
-        0.0f32;
-        if pass == Pass::ForwardBackward {
-            logits.len()
-        } else {
-            0
-        }
-    ];
+    let mut grad = vec![0.0f32; if pass == Pass::ForwardBackward { logits.len() } else { 0 }];
     let mut ms = Vec::new();
     for i in 0..repeats.total() {
         let start = Instant::now();
@@ -181,10 +168,7 @@ pub fn cpu(
         }
         tick();
     }
-    Ok(Samples {
-        ms,
-        timing: Timing::Wall,
-    })
+    Ok(Samples { ms, timing: Timing::Wall })
 }
 
 /// Times whole host-API calls (upload, kernels, readback) on the GPU: the per-call
@@ -199,32 +183,20 @@ pub fn gpu_host_call(
     tick: &mut dyn FnMut(),
 ) -> xent::Result<Samples> {
     let opts = LossOptions::new().gradient(pass == Pass::ForwardBackward);
-    let mut grad = vec![
-        0.0f32;
-        if pass == Pass::ForwardBackward {
-            logits.len()
-        } else {
-            0
-        }
-    ];
+    let mut grad = vec![0.0f32; if pass == Pass::ForwardBackward { logits.len() } else { 0 }];
     let mut ms = Vec::new();
     for i in 0..repeats.total() {
         let start = Instant::now();
         match pass {
             Pass::Forward => ctx.cross_entropy(logits, classes, targets, &opts)?,
-            Pass::ForwardBackward => {
-                ctx.cross_entropy_into(logits, classes, targets, &opts, &mut grad)?
-            }
+            Pass::ForwardBackward => ctx.cross_entropy_into(logits, classes, targets, &opts, &mut grad)?,
         };
         if i >= repeats.warmup {
             ms.push(start.elapsed().as_secs_f64() * 1e3);
         }
         tick();
     }
-    Ok(Samples {
-        ms,
-        timing: Timing::Wall,
-    })
+    Ok(Samples { ms, timing: Timing::Wall })
 }
 
 /// The GPU kernels on device-resident data, with the rooflines.

@@ -43,34 +43,25 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
         PassArg::ForwardBackward => &[Pass::ForwardBackward],
         PassArg::All => &[Pass::Forward, Pass::ForwardBackward],
     };
-    let (gpu, cpu) = (
-        args.device != BenchDevice::Cpu,
-        args.device != BenchDevice::Gpu,
-    );
+    let (gpu, cpu) = (args.device != BenchDevice::Cpu, args.device != BenchDevice::Gpu);
     let (shapes, latency): (Vec<_>, Vec<_>) = match (args.rows, args.classes) {
         (Some(n), Some(v)) => (vec![(n, v)], vec![]),
         _ => (BENCH_SHAPES.to_vec(), LATENCY_SHAPES.to_vec()),
     };
     let ctx = if gpu {
         Some(match &args.adapter {
-            Some(name) => {
-                GpuContext::from_adapter_blocking(&xent::gpu::select_adapters(Some(name))?[0])?
-            }
+            Some(name) => GpuContext::from_adapter_blocking(&xent::gpu::select_adapters(Some(name))?[0])?,
             None => GpuContext::new_blocking()?,
         })
     } else {
         None
     };
     let gpu_bench = ctx.as_ref().map(GpuBench::new).transpose()?;
-    let repeats = Repeats {
-        warmup: WARMUP,
-        iters: args.iters as usize,
-    };
+    let repeats = Repeats { warmup: WARMUP, iters: args.iters as usize };
     let per = repeats.total() as u64;
     let gpu_ticks = if gpu { 3 * per } else { 0 };
-    let total = (shapes.len() + latency.len()) as u64
-        * passes.len() as u64
-        * (gpu_ticks + u64::from(cpu) * per);
+    let total =
+        (shapes.len() + latency.len()) as u64 * passes.len() as u64 * (gpu_ticks + u64::from(cpu) * per);
     let mut progress = bench::Progress::new(total);
     let mut rows = Vec::new();
     let adapter = ctx.as_ref().map(|c| c.describe()).unwrap_or_default();
@@ -84,8 +75,7 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
                 progress.message(format!("{n}x{v} {} gpu", pass.name()));
                 let mut tick = || progress.tick();
                 if host_api {
-                    let samples =
-                        bench::gpu_host_call(ctx, &logits, &targets, v, pass, repeats, &mut tick)?;
+                    let samples = bench::gpu_host_call(ctx, &logits, &targets, v, pass, repeats, &mut tick)?;
                     rows.push(bench::Row {
                         device: "gpu",
                         adapter: adapter.clone(),
@@ -138,13 +128,7 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
     }
     progress.finish();
     if args.json {
-        println!(
-            "[{}]",
-            rows.iter()
-                .map(bench::Row::json)
-                .collect::<Vec<_>>()
-                .join(",\n ")
-        );
+        println!("[{}]", rows.iter().map(bench::Row::json).collect::<Vec<_>>().join(",\n "));
     } else {
         bench::print_table(&rows);
         if rows.iter().any(|r| r.device == "gpu") {
@@ -168,10 +152,7 @@ fn info() -> xent::Result<ExitCode> {
         let info = a.get_info();
         let l = a.limits();
         let f = a.features();
-        println!(
-            "[{i}] {} ({:?}, {:?})",
-            info.name, info.backend, info.device_type
-        );
+        println!("[{i}] {} ({:?}, {:?})", info.name, info.backend, info.device_type);
         println!("    driver: {} {}", info.driver, info.driver_info);
         println!(
             "    max_storage_buffer_binding_size: {} MiB, max_buffer_size: {} MiB",
@@ -215,30 +196,15 @@ fn check(adapter: Option<&str>) -> xent::Result<ExitCode> {
             }
         }
     }
-    let verdict = if failures == 0 {
-        "all passed".to_string()
-    } else {
-        format!("{failures} FAILED")
-    };
-    println!(
-        "\ncpu fast + {} adapters, {} cases each: {verdict}",
-        adapters.len(),
-        cases.len()
-    );
-    Ok(if failures == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    let verdict = if failures == 0 { "all passed".to_string() } else { format!("{failures} FAILED") };
+    println!("\ncpu fast + {} adapters, {} cases each: {verdict}", adapters.len(), cases.len());
+    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// Runs the conformance cases on one backend against the reference, prints a table,
 /// returns the number of failures.
 fn check_backend(backend: &dyn Backend, cases: &[xent::check::Case]) -> usize {
-    println!(
-        "{:<28} {:>14}  {:<5} {:>10} {:>10}  detail",
-        "case", "shape", "", "loss err", "grad err"
-    );
+    println!("{:<28} {:>14}  {:<5} {:>10} {:>10}  detail", "case", "shape", "", "loss err", "grad err");
     let mut failures = 0;
     for case in cases {
         let shape = format!("{}x{}", case.rows(), case.classes);
@@ -255,10 +221,7 @@ fn check_backend(backend: &dyn Backend, cases: &[xent::check::Case]) -> usize {
             ),
             Err(e) => {
                 failures += 1;
-                println!(
-                    "{:<28} {:>14}  {:<5} {:>10} {:>10}  {e}",
-                    case.name, shape, "FAIL", "-", "-"
-                );
+                println!("{:<28} {:>14}  {:<5} {:>10} {:>10}  {e}", case.name, shape, "FAIL", "-", "-");
             }
         }
     }
@@ -268,10 +231,7 @@ fn check_backend(backend: &dyn Backend, cases: &[xent::check::Case]) -> usize {
 /// Fails before any work when `path` cannot be created.
 fn check_writable(path: &Path) -> xent::Result<()> {
     let tmp = npy::temp_path(path);
-    std::fs::File::create(&tmp).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    std::fs::File::create(&tmp).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     let _ = std::fs::remove_file(&tmp);
     Ok(())
 }
@@ -301,10 +261,7 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     if targets.shape.len() != 1 {
         return Err(Error::Npy {
             path: args.targets.clone(),
-            message: format!(
-                "class-index targets must be 1-D [N], got shape {:?}",
-                targets.shape
-            ),
+            message: format!("class-index targets must be 1-D [N], got shape {:?}", targets.shape),
         });
     }
     let targets_ref: Targets<'_> = match &targets.data {
@@ -348,9 +305,7 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     };
     let start = Instant::now();
     let out = match &mut grad_file {
-        Some(w) => {
-            backend.cross_entropy_into(logits_data, classes, targets_ref, &opts, w.data_mut())?
-        }
+        Some(w) => backend.cross_entropy_into(logits_data, classes, targets_ref, &opts, w.data_mut())?,
         None => backend.cross_entropy(logits_data, classes, targets_ref, &opts)?,
     };
     let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -383,11 +338,7 @@ fn json_number(x: f32) -> String {
     if x.is_nan() {
         "NaN".into()
     } else if x.is_infinite() {
-        if x > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        }
+        if x > 0.0 { "Infinity".into() } else { "-Infinity".into() }
     } else {
         format!("{x:?}")
     }

@@ -36,9 +36,7 @@ fn exp_f32(x: f32) -> f32 {
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
-            + r * (0.5
-                + r * (0.166_666_67
-                    + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+            + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
     // 2^n in two factors so that n down to -126 - 23 stays exact (subnormal results).
     let n = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let a = n / 2;
@@ -60,9 +58,7 @@ fn block_max(xs: &[f32]) -> f32 {
             m[i] = if c[i] > m[i] { c[i] } else { m[i] };
         }
     }
-    let mut out = rest
-        .iter()
-        .fold(f32::MIN, |a, &b| if b > a { b } else { a });
+    let mut out = rest.iter().fold(f32::MIN, |a, &b| if b > a { b } else { a });
     for v in m {
         out = if v > out { v } else { out };
     }
@@ -143,8 +139,7 @@ impl<'a> RowOpts<'a> {
             alpha: opts.get_logit_scale() as f32,
             cap: opts.get_softcap().map(|c| c as f32),
             weights,
-            total_weight: weights.map_or(classes as f64, |w| w.iter().map(|&x| f64::from(x)).sum())
-                as f32,
+            total_weight: weights.map_or(classes as f64, |w| w.iter().map(|&x| f64::from(x)).sum()) as f32,
         }
     }
     #[inline(always)]
@@ -172,10 +167,7 @@ fn process_row_with_options(
 ) -> (f32, f32) {
     let v = row.len();
     match o.cap {
-        Some(cap) => z
-            .iter_mut()
-            .zip(row)
-            .for_each(|(z, &x)| *z = cap * tanh_f32(o.alpha * x / cap)),
+        Some(cap) => z.iter_mut().zip(row).for_each(|(z, &x)| *z = cap * tanh_f32(o.alpha * x / cap)),
         None => z.iter_mut().zip(row).for_each(|(z, &x)| *z = o.alpha * x),
     }
     let (m, s) = row_stats(z);
@@ -192,9 +184,7 @@ fn process_row_with_options(
     let mut loss = f64::from((1.0 - eps) * wy) * f64::from((m - z[y]) + log_s);
     if eps > 0.0 {
         // Σ_c w_c (lse − z_c), each term formed as (m − z_c) + log s, summed in f64.
-        let smooth: f64 = (0..v)
-            .map(|c| f64::from(o.weight(c)) * f64::from((m - z[c]) + log_s))
-            .sum();
+        let smooth: f64 = (0..v).map(|c| f64::from(o.weight(c)) * f64::from((m - z[c]) + log_s)).sum();
         loss += f64::from(eps) / v as f64 * smooth;
     }
     if o.z_loss > 0.0 {
@@ -318,11 +308,7 @@ fn rows_per_task(v: usize) -> usize {
 fn run(logits: &[f32], batch: &Batch, opts: &LossOptions, grad: Option<&mut [f32]>) -> LossOutput {
     let (n, v) = (batch.rows, batch.classes);
     let divisor = batch.divisor(opts.get_reduction());
-    let scale = if divisor > 0.0 {
-        (1.0 / divisor) as f32
-    } else {
-        0.0
-    };
+    let scale = if divisor > 0.0 { (1.0 / divisor) as f32 } else { 0.0 };
     let mut loss = vec![0.0f32; n];
     let mut lse = vec![0.0f32; n];
     let step = rows_per_task(v);
@@ -339,10 +325,7 @@ fn run(logits: &[f32], batch: &Batch, opts: &LossOptions, grad: Option<&mut [f32
     }
     // The reduction: per-task partial sums in f64, added in a fixed order, so the result
     // does not depend on the thread count.
-    let total: f64 = loss
-        .chunks(step)
-        .map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>())
-        .sum();
+    let total: f64 = loss.chunks(step).map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>()).sum();
     LossOutput {
         loss: match opts.get_reduction() {
             Reduction::None => None,
@@ -395,11 +378,7 @@ pub fn cross_entropy_in_place<'t>(
     let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
     let (n, v) = (batch.rows, batch.classes);
     let divisor = batch.divisor(opts.get_reduction());
-    let scale = if divisor > 0.0 {
-        (1.0 / divisor) as f32
-    } else {
-        0.0
-    };
+    let scale = if divisor > 0.0 { (1.0 / divisor) as f32 } else { 0.0 };
     let mut loss = vec![0.0f32; n];
     let mut lse = vec![0.0f32; n];
     let step = rows_per_task(v);
@@ -413,22 +392,11 @@ pub fn cross_entropy_in_place<'t>(
             // while its statistics are taken.
             let mut tmp = vec![0.0f32; v];
             for (r, row) in l.chunks_exact_mut(v).enumerate() {
-                rows(
-                    row,
-                    v,
-                    &t[r..r + 1],
-                    Some(&mut tmp),
-                    &mut lo[r..r + 1],
-                    &mut ls[r..r + 1],
-                    &o,
-                );
+                rows(row, v, &t[r..r + 1], Some(&mut tmp), &mut lo[r..r + 1], &mut ls[r..r + 1], &o);
                 row.copy_from_slice(&tmp);
             }
         });
-    let total: f64 = loss
-        .chunks(step)
-        .map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>())
-        .sum();
+    let total: f64 = loss.chunks(step).map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>()).sum();
     Ok(LossOutput {
         loss: match opts.get_reduction() {
             Reduction::None => None,

@@ -100,10 +100,8 @@ pub fn rows_f64(logits: &[f32], batch: &Batch, opts: &LossOptions) -> ReferenceR
     let mut losses = Vec::with_capacity(batch.rows);
     let mut lse = Vec::with_capacity(batch.rows);
     for (r, &t) in batch.targets.iter().enumerate() {
-        let z: Vec<f64> = logits[r * v..(r + 1) * v]
-            .iter()
-            .map(|&x| transform(f64::from(x), opts).0)
-            .collect();
+        let z: Vec<f64> =
+            logits[r * v..(r + 1) * v].iter().map(|&x| transform(f64::from(x), opts).0).collect();
         let l = lse_f64(&z);
         lse.push(l);
         if t == Batch::IGNORED {
@@ -147,12 +145,8 @@ fn assemble(rows: &ReferenceRows, batch: &Batch, opts: &LossOptions) -> LossOutp
     };
     LossOutput {
         loss,
-        row_losses: opts
-            .wants_row_losses()
-            .then(|| rows.losses.iter().map(|&l| l as f32).collect()),
-        lse: opts
-            .wants_lse()
-            .then(|| rows.lse.iter().map(|&l| l as f32).collect()),
+        row_losses: opts.wants_row_losses().then(|| rows.losses.iter().map(|&l| l as f32).collect()),
+        lse: opts.wants_lse().then(|| rows.lse.iter().map(|&l| l as f32).collect()),
         gradient: None,
     }
 }

@@ -8,7 +8,6 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::options::Reduction;
 
 use super::buffers::{Recorder, bind_ranges, groups_x};
 use super::context::GpuContext;
@@ -122,50 +121,30 @@ impl<'a> GpuBench<'a> {
             // The rooflines keep one shape whatever the loss kernels' tuning: 256
             // invocations (or the device's maximum), each moving 4 vec4s.
             let wg = ROOFLINE_WG.min(ctx.limits.max_compute_invocations_per_workgroup);
-            let copy = Kernel::new::<BenchParams>(
-                d,
-                "bench_copy",
-                BENCH_COPY_WGSL,
-                &[(RO, 16), (RW, 16)],
-                wg,
-            );
-            let read = Kernel::new::<BenchParams>(
-                d,
-                "bench_read",
-                BENCH_READ_WGSL,
-                &[(RO, 16), (RW, 4)],
-                wg,
-            );
-            let timestamps = d
-                .features()
-                .contains(wgpu::Features::TIMESTAMP_QUERY)
-                .then(|| Timestamps {
-                    set: d.create_query_set(&wgpu::QuerySetDescriptor {
-                        label: Some("xent bench"),
-                        ty: wgpu::QueryType::Timestamp,
-                        count: 2,
-                    }),
-                    resolve: d.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("xent timestamps"),
-                        size: 16,
-                        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                        mapped_at_creation: false,
-                    }),
-                    readback: d.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("xent timestamps readback"),
-                        size: 16,
-                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                        mapped_at_creation: false,
-                    }),
-                    period_ns: f64::from(ctx.queue.get_timestamp_period()),
-                });
-            Ok(Self {
-                ctx,
-                roofline_wg: wg,
-                copy,
-                read,
-                timestamps,
-            })
+            let copy =
+                Kernel::new::<BenchParams>(d, "bench_copy", BENCH_COPY_WGSL, &[(RO, 16), (RW, 16)], wg);
+            let read = Kernel::new::<BenchParams>(d, "bench_read", BENCH_READ_WGSL, &[(RO, 16), (RW, 4)], wg);
+            let timestamps = d.features().contains(wgpu::Features::TIMESTAMP_QUERY).then(|| Timestamps {
+                set: d.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("xent bench"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2,
+                }),
+                resolve: d.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("xent timestamps"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                }),
+                readback: d.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("xent timestamps readback"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }),
+                period_ns: f64::from(ctx.queue.get_timestamp_period()),
+            });
+            Ok(Self { ctx, roofline_wg: wg, copy, read, timestamps })
         })
     }
 
@@ -225,23 +204,14 @@ impl<'a> GpuBench<'a> {
             }
             on_iter();
         }
-        Ok(Samples {
-            ms,
-            timing: if self.timestamps.is_some() {
-                Timing::Timestamp
-            } else {
-                Timing::Wall
-            },
-        })
+        Ok(Samples { ms, timing: if self.timestamps.is_some() { Timing::Timestamp } else { Timing::Wall } })
     }
 
     fn storage(&self, bytes: u64, label: &str) -> wgpu::Buffer {
         self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: bytes.max(16).next_multiple_of(16),
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_DST
-                | wgpu::BufferUsages::COPY_SRC,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         })
     }
@@ -270,12 +240,9 @@ impl<'a> GpuBench<'a> {
             let bytes = (logits.len() * 4) as u64;
             let logits_buf = self.storage(bytes, "xent bench logits");
             let targets_buf = self.storage(rows as u64 * 4, "xent bench targets");
-            let grad_buf =
-                (pass == Pass::ForwardBackward).then(|| self.storage(bytes, "xent bench grad"));
-            ctx.queue
-                .write_buffer(&logits_buf, 0, bytemuck::cast_slice(logits));
-            ctx.queue
-                .write_buffer(&targets_buf, 0, bytemuck::cast_slice(targets));
+            let grad_buf = (pass == Pass::ForwardBackward).then(|| self.storage(bytes, "xent bench grad"));
+            ctx.queue.write_buffer(&logits_buf, 0, bytemuck::cast_slice(logits));
+            ctx.queue.write_buffer(&targets_buf, 0, bytemuck::cast_slice(targets));
             let batch = DeviceBatch {
                 logits: &logits_buf,
                 logits_offset: 0,
@@ -285,41 +252,26 @@ impl<'a> GpuBench<'a> {
                 classes,
                 ignore_index: -100,
             };
+            let opts = crate::LossOptions::new();
             let gradient = match &grad_buf {
-                Some(b) => DeviceGradient::Into {
-                    buffer: b,
-                    offset: 0,
-                },
+                Some(b) => DeviceGradient::Into { buffer: b, offset: 0 },
                 None => DeviceGradient::None,
             };
             self.time(
                 repeats,
-                |enc| {
-                    ctx.record_cross_entropy(enc, &batch, Reduction::Mean, gradient)
-                        .map(drop)
-                },
+                |enc| ctx.record_cross_entropy(enc, &batch, &opts, gradient).map(drop),
                 on_iter,
             )
         })
     }
 
     /// The copy roofline: 1 read + 1 write of `elems` f32.
-    pub fn copy(
-        &self,
-        elems: usize,
-        repeats: Repeats,
-        on_iter: &mut dyn FnMut(),
-    ) -> Result<Samples> {
+    pub fn copy(&self, elems: usize, repeats: Repeats, on_iter: &mut dyn FnMut()) -> Result<Samples> {
         self.roofline(elems, true, repeats, on_iter)
     }
 
     /// The read roofline: 1 read of `elems` f32.
-    pub fn read(
-        &self,
-        elems: usize,
-        repeats: Repeats,
-        on_iter: &mut dyn FnMut(),
-    ) -> Result<Samples> {
+    pub fn read(&self, elems: usize, repeats: Repeats, on_iter: &mut dyn FnMut()) -> Result<Samples> {
         self.roofline(elems, false, repeats, on_iter)
     }
 
@@ -339,10 +291,7 @@ impl<'a> GpuBench<'a> {
             let src = self.storage(bytes, "xent bench src");
             // Bind in chunks within the binding limit, at aligned offsets.
             let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment).max(16);
-            let bind_cap = ctx
-                .limits
-                .max_storage_buffer_binding_size
-                .min(ctx.limits.max_buffer_size);
+            let bind_cap = ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size);
             let chunk_bytes = (bind_cap / align * align).min(bytes).max(16);
             let chunks = bytes.div_ceil(chunk_bytes);
             let per_group = wg * 4;
@@ -371,10 +320,7 @@ impl<'a> GpuBench<'a> {
                     &ctx.device,
                     kernel,
                     &params,
-                    &[
-                        (&src, at, len),
-                        (&dst, if copy { at } else { dst_at }, out_len),
-                    ],
+                    &[(&src, at, len), (&dst, if copy { at } else { dst_at }, out_len)],
                 );
                 if !copy {
                     dst_at += out_len.next_multiple_of(align);

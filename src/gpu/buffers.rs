@@ -74,10 +74,7 @@ pub(crate) struct Recorder<'e> {
 impl<'e> Recorder<'e> {
     /// Records into a new encoder of `device`; finish with [`Recorder::submit`].
     pub fn new(device: &wgpu::Device, limits: &wgpu::Limits) -> Recorder<'static> {
-        Recorder::with(
-            Encoder::Owned(device.create_command_encoder(&Default::default())),
-            limits,
-        )
+        Recorder::with(Encoder::Owned(device.create_command_encoder(&Default::default())), limits)
     }
 
     /// Records into the caller's encoder; finish with [`Recorder::write_params`].
@@ -118,26 +115,16 @@ impl<'e> Recorder<'e> {
         self.params.extend_from_slice(bytemuck::bytes_of(params));
         self.params.resize((offset + self.stride) as usize, 0);
         let (gx, gy) = fold_groups(groups, self.max_per_dim);
-        let mut pass = self
-            .encoder()
-            .begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+        let mut pass = self.encoder().begin_compute_pass(&wgpu::ComputePassDescriptor::default());
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, bind_group, &[offset as u32]);
         pass.dispatch_workgroups(gx, gy, 1);
     }
 
     /// Records a buffer copy.
-    pub fn copy(
-        &mut self,
-        src: &wgpu::Buffer,
-        src_at: u64,
-        dst: &wgpu::Buffer,
-        dst_at: u64,
-        bytes: u64,
-    ) {
+    pub fn copy(&mut self, src: &wgpu::Buffer, src_at: u64, dst: &wgpu::Buffer, dst_at: u64, bytes: u64) {
         if bytes > 0 {
-            self.encoder()
-                .copy_buffer_to_buffer(src, src_at, dst, dst_at, bytes);
+            self.encoder().copy_buffer_to_buffer(src, src_at, dst, dst_at, bytes);
         }
     }
 
@@ -179,10 +166,7 @@ pub(crate) fn bind(
         buffers
             .iter()
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: b.as_entire_binding(),
-            }),
+            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() }),
     );
     device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: None,
@@ -206,19 +190,14 @@ pub(crate) fn bind_ranges(
             size: wgpu::BufferSize::new(kernel.params_size),
         }),
     }];
-    entries.extend(
-        ranges
-            .iter()
-            .enumerate()
-            .map(|(i, &(buffer, offset, size))| wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer,
-                    offset,
-                    size: wgpu::BufferSize::new(size),
-                }),
-            }),
-    );
+    entries.extend(ranges.iter().enumerate().map(|(i, &(buffer, offset, size))| wgpu::BindGroupEntry {
+        binding: i as u32 + 1,
+        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer,
+            offset,
+            size: wgpu::BufferSize::new(size),
+        }),
+    }));
     device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: None,
         layout: &kernel.layout,

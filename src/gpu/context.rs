@@ -32,21 +32,13 @@ pub struct Tuning {
 impl Tuning {
     /// GPUs: wide workgroups, many invocations per row (memory parallelism), rows up to
     /// 8192 classes cached in registers.
-    pub const GPU: Tuning = Tuning {
-        workgroup_size: 256,
-        elems_per_thread: 8,
-        max_threads_per_row: 1024,
-        cached_per_thread: 32,
-    };
+    pub const GPU: Tuning =
+        Tuning { workgroup_size: 256, elems_per_thread: 8, max_threads_per_row: 1024, cached_per_thread: 32 };
     /// CPU adapters (lavapipe, llvmpipe) run invocations as SIMD lanes on one thread per
     /// dispatch: few invocations per row and small workgroups measured fastest there, and
     /// large private arrays are slow.
-    pub const CPU: Tuning = Tuning {
-        workgroup_size: 64,
-        elems_per_thread: 1024,
-        max_threads_per_row: 4,
-        cached_per_thread: 4,
-    };
+    pub const CPU: Tuning =
+        Tuning { workgroup_size: 64, elems_per_thread: 1024, max_threads_per_row: 4, cached_per_thread: 4 };
 
     /// The tuning for an adapter, with the `XENT_*` environment overrides applied.
     pub fn for_adapter(info: &wgpu::AdapterInfo) -> Tuning {
@@ -72,9 +64,7 @@ impl Tuning {
 
     /// Clamped to what the device allows: a power-of-two workgroup within its limits.
     pub fn within(self, limits: &wgpu::Limits) -> Tuning {
-        let max = limits
-            .max_compute_invocations_per_workgroup
-            .min(limits.max_compute_workgroup_size_x);
+        let max = limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x);
         let wg = self.workgroup_size.clamp(1, max.max(1));
         Tuning {
             workgroup_size: 1 << (31 - wg.leading_zeros()),
@@ -143,29 +133,21 @@ pub async fn adapters() -> Vec<wgpu::Adapter> {
 pub fn select_adapters(name: Option<&str>) -> Result<Vec<wgpu::Adapter>> {
     let all = pollster::block_on(adapters());
     if all.is_empty() {
-        return Err(Error::NoAdapter {
-            detail: String::new(),
-        });
+        return Err(Error::NoAdapter { detail: String::new() });
     }
     let Some(name) = name else { return Ok(all) };
     let needle = name.to_lowercase();
-    let names: Vec<String> = all
-        .iter()
-        .map(|a| format!("{} ({:?})", a.get_info().name, a.get_info().backend))
-        .collect();
+    let names: Vec<String> =
+        all.iter().map(|a| format!("{} ({:?})", a.get_info().name, a.get_info().backend)).collect();
     let chosen: Vec<_> = all
         .into_iter()
         .filter(|a| {
             let i = a.get_info();
-            format!("{} ({:?})", i.name, i.backend)
-                .to_lowercase()
-                .contains(&needle)
+            format!("{} ({:?})", i.name, i.backend).to_lowercase().contains(&needle)
         })
         .collect();
     if chosen.is_empty() {
-        return Err(Error::NoAdapter {
-            detail: format!(" matching '{name}' (found: {})", names.join(", ")),
-        });
+        return Err(Error::NoAdapter { detail: format!(" matching '{name}' (found: {})", names.join(", ")) });
     }
     Ok(chosen)
 }
@@ -179,9 +161,7 @@ impl GpuContext {
                 ..Default::default()
             })
             .await
-            .map_err(|e| Error::NoAdapter {
-                detail: format!(" ({e})"),
-            })?;
+            .map_err(|e| Error::NoAdapter { detail: format!(" ({e})") })?;
         Self::from_adapter(&adapter).await
     }
 
@@ -205,23 +185,16 @@ impl GpuContext {
             })
             .await
             .map_err(|e| {
-                Error::Gpu(format!(
-                    "could not open a device on {}: {e}",
-                    adapter.get_info().name
-                ))
+                Error::Gpu(format!("could not open a device on {}: {e}", adapter.get_info().name))
             })?;
         let faults = Arc::new(Faults::default());
         let f = faults.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            f.uncaptured
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(e.to_string());
+            f.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
         }));
         let f = faults.clone();
         device.set_device_lost_callback(move |reason, message| {
-            *f.lost.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(format!("{reason:?}: {message}"));
+            *f.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{reason:?}: {message}"));
         });
         Self::build(device, queue, adapter.get_info(), faults)
     }
@@ -247,11 +220,7 @@ impl GpuContext {
     }
 
     /// As [`GpuContext::from_device`], with explicit kernel tuning.
-    pub fn from_device_tuned(
-        device: wgpu::Device,
-        queue: wgpu::Queue,
-        tuning: Tuning,
-    ) -> Result<Self> {
+    pub fn from_device_tuned(device: wgpu::Device, queue: wgpu::Queue, tuning: Tuning) -> Result<Self> {
         let mut ctx = Self::from_device(device, queue)?;
         ctx.retune(tuning)?;
         Ok(ctx)
@@ -265,11 +234,7 @@ impl GpuContext {
     fn retune(&mut self, tuning: Tuning) -> Result<()> {
         let tuning = tuning.within(&self.limits);
         let scopes = Scopes::push(&self.device);
-        let kernels = Kernels::new(
-            &self.device,
-            tuning.workgroup_size,
-            tuning.cached_per_thread,
-        );
+        let kernels = Kernels::new(&self.device, tuning.workgroup_size, tuning.cached_per_thread);
         scopes.pop(&self.faults)?;
         self.kernels = kernels;
         self.tuning = tuning;
@@ -345,20 +310,13 @@ impl GpuContext {
 
     /// The limits that plan this context's calls.
     pub fn plan_limits(&self) -> PlanLimits {
-        PlanLimits {
-            budget: self.budget,
-            ring: self.ring,
-            ..PlanLimits::of(&self.limits, self.tuning)
-        }
+        PlanLimits { budget: self.budget, ring: self.ring, ..PlanLimits::of(&self.limits, self.tuning) }
     }
 
     /// Number of GPU buffers this context has created so far. Repeated calls of the same
     /// shape create none.
     pub fn buffer_allocations(&self) -> u64 {
-        self.workspace
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .allocations
+        self.workspace.lock().unwrap_or_else(|p| p.into_inner()).allocations
     }
 
     /// Cross-entropy of `logits` ([rows, classes], row major, any length) against
@@ -415,8 +373,7 @@ impl GpuContext {
     /// memory: for testing the retry with smaller chunks.
     #[doc(hidden)]
     pub fn inject_out_of_memory(&self, times: u32) {
-        self.injected_oom
-            .store(times, std::sync::atomic::Ordering::SeqCst);
+        self.injected_oom.store(times, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Makes the next `times` waits for the GPU report a timeout: for testing the
@@ -424,8 +381,7 @@ impl GpuContext {
     /// executes submissions synchronously).
     #[doc(hidden)]
     pub fn inject_timeout(&self, times: u32) {
-        self.injected_timeouts
-            .store(times, std::sync::atomic::Ordering::SeqCst);
+        self.injected_timeouts.store(times, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub(crate) fn take_injected_oom(&self) -> Result<()> {
@@ -445,13 +401,7 @@ impl GpuContext {
     }
 
     pub(crate) fn check_lost(&self) -> Result<()> {
-        match self
-            .faults
-            .lost
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        match self.faults.lost.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             Some(reason) => Err(Error::DeviceLost(reason.clone())),
             None => Ok(()),
         }
@@ -474,10 +424,9 @@ impl GpuContext {
         if take_one(&self.injected_timeouts) {
             return Err(Error::Timeout(self.timeout));
         }
-        let waited = self.device.poll(wgpu::PollType::Wait {
-            submission_index: submission,
-            timeout: Some(self.timeout),
-        });
+        let waited = self
+            .device
+            .poll(wgpu::PollType::Wait { submission_index: submission, timeout: Some(self.timeout) });
         match waited {
             // Waiting for everything reports an unfinished queue as `Poll`, not an error.
             Ok(wgpu::PollStatus::Poll) => Err(Error::Timeout(self.timeout)),
@@ -495,11 +444,9 @@ impl GpuContext {
     /// Asks for `buffer[..size]` to be mapped for reading once the GPU is done with it.
     pub(crate) fn request_map(&self, buffer: &wgpu::Buffer, size: u64) -> MapRequest {
         let (tx, rx) = std::sync::mpsc::channel();
-        buffer
-            .slice(0..size)
-            .map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
+        buffer.slice(0..size).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
         MapRequest { rx, size }
     }
 
@@ -526,9 +473,7 @@ impl GpuContext {
             }
             Err(_) => {
                 self.check_lost()?;
-                return Err(Error::Gpu(
-                    "the GPU finished but the results were never mapped".into(),
-                ));
+                return Err(Error::Gpu("the GPU finished but the results were never mapped".into()));
             }
         }
         {
@@ -546,11 +491,7 @@ impl GpuContext {
 /// The gradient output must match the logits.
 pub(crate) fn check_grad_len(grad: usize, logits: usize) -> Result<()> {
     if grad != logits {
-        return Err(Error::Shape {
-            what: "gradient output".into(),
-            got: grad,
-            expected: logits,
-        });
+        return Err(Error::Shape { what: "gradient output".into(), got: grad, expected: logits });
     }
     Ok(())
 }
@@ -558,9 +499,7 @@ pub(crate) fn check_grad_len(grad: usize, logits: usize) -> Result<()> {
 /// Takes one from a countdown; false when it is already 0.
 fn take_one(counter: &std::sync::atomic::AtomicU32) -> bool {
     use std::sync::atomic::Ordering;
-    counter
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok()
+    counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
 }
 
 /// A pending `map_async`.
@@ -586,12 +525,7 @@ impl Scopes {
         let internal = pollster::block_on(internal.pop());
         let oom = pollster::block_on(oom.pop());
         let validation = pollster::block_on(validation.pop());
-        if let Some(reason) = faults
-            .lost
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        if let Some(reason) = faults.lost.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Err(Error::DeviceLost(reason.clone()));
         }
         if let Some(e) = oom {

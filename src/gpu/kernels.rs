@@ -18,8 +18,7 @@ pub const ROW_PARTIALS_WGSL: &str = include_str!("../../shaders/row_partials.wgs
 /// Merges the block states of each row.
 pub const MERGE_PARTIALS_WGSL: &str = include_str!("../../shaders/merge_partials.wgsl");
 /// The gradient from saved row statistics, over a (row, column block) grid.
-pub const CROSS_ENTROPY_BACKWARD_WGSL: &str =
-    include_str!("../../shaders/cross_entropy_backward.wgsl");
+pub const CROSS_ENTROPY_BACKWARD_WGSL: &str = include_str!("../../shaders/cross_entropy_backward.wgsl");
 /// Row weights (the `mean` denominator's terms) from targets alone.
 pub const ROW_WEIGHTS_WGSL: &str = include_str!("../../shaders/row_weights.wgsl");
 /// One level of the deterministic tree sum used for `sum` and `mean`.
@@ -35,16 +34,10 @@ pub fn shaders() -> Vec<(&'static str, String)> {
     let with_state = |s: &str| format!("{ROW_STATE_WGSL}\n{s}");
     vec![
         ("cross_entropy_rows.wgsl", rows_source(false, ROWS_CACHED)),
-        (
-            "cross_entropy_rows.wgsl (vec4)",
-            rows_source(true, ROWS_CACHED),
-        ),
+        ("cross_entropy_rows.wgsl (vec4)", rows_source(true, ROWS_CACHED)),
         ("row_partials.wgsl", with_state(ROW_PARTIALS_WGSL)),
         ("merge_partials.wgsl", with_state(MERGE_PARTIALS_WGSL)),
-        (
-            "cross_entropy_backward.wgsl",
-            with_state(CROSS_ENTROPY_BACKWARD_WGSL),
-        ),
+        ("cross_entropy_backward.wgsl", with_state(CROSS_ENTROPY_BACKWARD_WGSL)),
         ("row_weights.wgsl", ROW_WEIGHTS_WGSL.to_string()),
         ("reduce_sum.wgsl", REDUCE_SUM_WGSL.to_string()),
         ("bench_copy.wgsl", BENCH_COPY_WGSL.to_string()),
@@ -55,15 +48,9 @@ pub fn shaders() -> Vec<(&'static str, String)> {
 /// The fused row kernel's source for an element type and a register cache of
 /// `cached` floats per invocation.
 pub(crate) fn rows_source(vec4: bool, cached: u32) -> String {
-    let (elem, width) = if vec4 {
-        (ELEM_VEC4_WGSL, 4)
-    } else {
-        (ELEM_F32_WGSL, 1)
-    };
-    let kernel = CROSS_ENTROPY_ROWS_WGSL.replace(
-        "const CACHED: u32 = 8u;",
-        &format!("const CACHED: u32 = {}u;", (cached / width).max(1)),
-    );
+    let (elem, width) = if vec4 { (ELEM_VEC4_WGSL, 4) } else { (ELEM_F32_WGSL, 1) };
+    let kernel = CROSS_ENTROPY_ROWS_WGSL
+        .replace("const CACHED: u32 = 8u;", &format!("const CACHED: u32 = {}u;", (cached / width).max(1)));
     format!("{ROW_STATE_WGSL}\n{elem}\n{kernel}")
 }
 
@@ -89,7 +76,13 @@ pub(crate) struct RowParams {
     pub ignore_index: i32,
     pub threads_per_row: u32,
     pub cached: u32,
-    pub _pad: [u32; 3],
+    pub has_weights: u32,
+    pub logit_scale: f32,
+    pub softcap: f32,
+    pub smoothing: f32,
+    pub z_loss: f32,
+    pub weight_total: f32,
+    pub _pad: u32,
 }
 
 /// Elements each invocation of `cross_entropy_rows.wgsl` keeps in registers on its
@@ -104,14 +97,36 @@ pub(crate) fn rows_layout(classes: u64, tuning: &super::context::Tuning) -> (u32
     let wg = u64::from(tuning.workgroup_size);
     let cached = u64::from(tuning.cached_per_thread);
     if classes <= wg * cached {
-        (
-            classes.div_ceil(cached).max(1).next_power_of_two() as u32,
-            true,
-        )
+        (classes.div_ceil(cached).max(1).next_power_of_two() as u32, true)
     } else {
         let most = wg.min(u64::from(tuning.max_threads_per_row.max(1)));
         let t = (classes / tuning.elems_per_thread.max(1)).clamp(1, most);
         (1u32 << (63 - t.leading_zeros()), false)
+    }
+}
+
+/// The loss options as the kernels take them (see `LossOpts` in row_state.wgsl).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct KernelOpts {
+    pub has_weights: u32,
+    pub logit_scale: f32,
+    pub softcap: f32,
+    pub smoothing: f32,
+    pub z_loss: f32,
+    pub weight_total: f32,
+}
+
+impl KernelOpts {
+    pub fn new(opts: &crate::LossOptions, classes: usize) -> Self {
+        let weights = opts.get_weights();
+        Self {
+            has_weights: u32::from(weights.is_some()),
+            logit_scale: opts.get_logit_scale() as f32,
+            softcap: opts.get_softcap().unwrap_or(0.0) as f32,
+            smoothing: opts.get_label_smoothing() as f32,
+            z_loss: opts.get_z_loss() as f32,
+            weight_total: weights.map_or(classes as f64, |w| w.iter().map(|&x| f64::from(x)).sum()) as f32,
+        }
     }
 }
 
@@ -197,6 +212,8 @@ pub(crate) struct WeightParams {
     pub groups_x: u32,
     pub classes: u32,
     pub ignore_index: i32,
+    pub has_weights: u32,
+    pub _pad: [u32; 3],
 }
 
 /// `divisor_index` meaning "use the uniform divisor".
@@ -204,7 +221,7 @@ pub(crate) const NO_INDEX: u32 = u32::MAX;
 
 /// Size of the largest parameter block; each dispatch's block sits at a multiple of
 /// the uniform offset alignment above it.
-pub(crate) const MAX_PARAMS_SIZE: u64 = 48;
+pub(crate) const MAX_PARAMS_SIZE: u64 = 64;
 
 fn uniform_entry(size: usize) -> wgpu::BindGroupLayoutEntry {
     wgpu::BindGroupLayoutEntry {
@@ -222,19 +239,16 @@ fn uniform_entry(size: usize) -> wgpu::BindGroupLayoutEntry {
 
 /// Storage bindings 1.. in order: `true` read-only, `false` read-write; `min` bytes.
 fn storage_entries(kinds: &[(bool, u64)]) -> impl Iterator<Item = wgpu::BindGroupLayoutEntry> + '_ {
-    kinds
-        .iter()
-        .enumerate()
-        .map(|(i, &(read_only, min))| wgpu::BindGroupLayoutEntry {
-            binding: i as u32 + 1,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Storage { read_only },
-                has_dynamic_offset: false,
-                min_binding_size: NonZeroU64::new(min),
-            },
-            count: None,
-        })
+    kinds.iter().enumerate().map(|(i, &(read_only, min))| wgpu::BindGroupLayoutEntry {
+        binding: i as u32 + 1,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: NonZeroU64::new(min),
+        },
+        count: None,
+    })
 }
 
 /// A compute pipeline with its one bind group layout.
@@ -252,9 +266,8 @@ impl Kernel {
         storage: &[(bool, u64)],
         wg: u32,
     ) -> Self {
-        let entries: Vec<_> = std::iter::once(uniform_entry(size_of::<P>()))
-            .chain(storage_entries(storage))
-            .collect();
+        let entries: Vec<_> =
+            std::iter::once(uniform_entry(size_of::<P>())).chain(storage_entries(storage)).collect();
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some(name),
             entries: &entries,
@@ -291,11 +304,7 @@ impl Kernel {
             },
             cache: None,
         });
-        Self {
-            layout,
-            pipeline,
-            params_size: size_of::<P>() as u64,
-        }
+        Self { layout, pipeline, params_size: size_of::<P>() as u64 }
     }
 }
 
@@ -320,32 +329,21 @@ impl Kernels {
     /// The fused kernel for rows of `classes` columns starting at 16-byte aligned
     /// offsets: vec4 loads when the row length allows.
     pub fn rows_for(&self, classes: usize) -> &Kernel {
-        if classes.is_multiple_of(4) {
-            &self.rows_vec4
-        } else {
-            &self.rows
-        }
+        if classes.is_multiple_of(4) { &self.rows_vec4 } else { &self.rows }
     }
 
     pub fn new(device: &wgpu::Device, wg: u32, cached: u32) -> Self {
         debug_assert!(wg.is_power_of_two());
         let src: std::collections::HashMap<_, _> = shaders().into_iter().collect();
-        // logits (written in place), targets, row_loss, row_lse, grad, row_stats, norm.
+        // logits (written in place), targets, row_loss, row_lse, grad, row_stats, norm,
+        // weights.
         // Logits and grad have no minimum size: the scalar and vec4 variants share this
         // layout.
         let rows = Kernel::new::<RowParams>(
             device,
             "cross_entropy_rows",
             &rows_source(false, cached),
-            &[
-                (RW, 0),
-                (RO, 4),
-                (RW, 4),
-                (RW, 4),
-                (RW, 0),
-                (RW, 8),
-                (RO, 4),
-            ],
+            &[(RW, 0), (RO, 4), (RW, 4), (RW, 4), (RW, 0), (RW, 8), (RO, 4), (RO, 4)],
             wg,
         );
         let rows_vec4 = Kernel::with_layout::<RowParams>(
@@ -395,7 +393,7 @@ impl Kernels {
                 device,
                 "row_weights",
                 &src["row_weights.wgsl"],
-                &[(RO, 4), (RW, 4)],
+                &[(RO, 4), (RW, 4), (RO, 4)],
                 wg,
             ),
             workgroup_size: wg,

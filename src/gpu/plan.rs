@@ -45,9 +45,7 @@ impl PlanLimits {
     /// The limits of a device, with the default budget and ring.
     pub fn of(limits: &wgpu::Limits, tuning: Tuning) -> Self {
         Self {
-            max_binding: limits
-                .max_storage_buffer_binding_size
-                .min(limits.max_buffer_size),
+            max_binding: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             tuning,
             budget: DEFAULT_BUDGET,
@@ -211,11 +209,7 @@ impl Plan {
             rows,
             classes,
             grad,
-            layout: Layout::Split {
-                piece_cols,
-                pieces,
-                blocks_per_piece,
-            },
+            layout: Layout::Split { piece_cols, pieces, blocks_per_piece },
             ring,
             chunk_elems: piece_cols,
             slot_rows: 1,
@@ -231,10 +225,9 @@ impl Plan {
         };
         (0..n).step_by(row_step.max(1)).flat_map(move |r| {
             let rows = r..(r + row_step).min(n);
-            (0..v).step_by(col_step).map(move |c| Chunk {
-                rows: rows.clone(),
-                cols: c..(c + col_step).min(v),
-            })
+            (0..v)
+                .step_by(col_step)
+                .map(move |c| Chunk { rows: rows.clone(), cols: c..(c + col_step).min(v) })
         })
     }
 
@@ -294,30 +287,16 @@ mod tests {
                 }
             }
         }
-        assert!(
-            covered.iter().all(|&c| c == 1),
-            "every element exactly once"
-        );
-        assert!(
-            plan.slot_bytes() * plan.ring as u64 <= limits.budget,
-            "{plan:?}"
-        );
+        assert!(covered.iter().all(|&c| c == 1), "every element exactly once");
+        assert!(plan.slot_bytes() * plan.ring as u64 <= limits.budget, "{plan:?}");
         match plan.layout {
-            Layout::Rows {
-                rows_per_chunk,
-                threads_per_row,
-                ..
-            } => {
+            Layout::Rows { rows_per_chunk, threads_per_row, .. } => {
                 let per_group = (limits.tuning.workgroup_size / threads_per_row) as usize;
                 let groups = rows_per_chunk.div_ceil(per_group) as u64;
                 assert!(groups <= limits.max_groups());
                 assert_eq!(count, plan.rows.div_ceil(rows_per_chunk));
             }
-            Layout::Split {
-                piece_cols,
-                pieces,
-                blocks_per_piece,
-            } => {
+            Layout::Split { piece_cols, pieces, blocks_per_piece } => {
                 assert!(pieces >= 2);
                 assert!(blocks_per_piece as u64 <= limits.max_groups());
                 assert_eq!(count, plan.rows * pieces);
@@ -332,12 +311,7 @@ mod tests {
         let plan = Plan::new(16385, 131072, GradKind::None, &limits).unwrap();
         assert_eq!(
             plan.layout,
-            Layout::Rows {
-                rows_per_chunk: 256,
-                threads_per_row: 256,
-                cached: false,
-                blocks_per_row: None,
-            }
+            Layout::Rows { rows_per_chunk: 256, threads_per_row: 256, cached: false, blocks_per_row: None }
         );
         assert_eq!(plan.chunks().count(), 65);
         assert!(plan.slot_bytes() * 2 <= limits.budget);
@@ -364,23 +338,11 @@ mod tests {
         check_invariants(&p, &l);
         // One row per chunk.
         let p = Plan::new(9, 12000, GradKind::None, &l).unwrap();
-        assert!(
-            matches!(
-                p.layout,
-                Layout::Rows {
-                    rows_per_chunk: 1,
-                    ..
-                }
-            ),
-            "{p:?}"
-        );
+        assert!(matches!(p.layout, Layout::Rows { rows_per_chunk: 1, .. }), "{p:?}");
         check_invariants(&p, &l);
         // A row split over several chunks (larger than one 64 KiB binding), ragged piece.
         let p = Plan::new(3, 40000, GradKind::InPlace, &l).unwrap();
-        assert!(
-            matches!(p.layout, Layout::Split { pieces, .. } if pieces >= 3),
-            "{p:?}"
-        );
+        assert!(matches!(p.layout, Layout::Split { pieces, .. } if pieces >= 3), "{p:?}");
         assert_ne!(
             40000
                 % match p.layout {
@@ -391,10 +353,7 @@ mod tests {
         );
         check_invariants(&p, &l);
         // The budget, not the binding, forces the split.
-        let small_budget = PlanLimits {
-            budget: 3 * 8192,
-            ..l
-        };
+        let small_budget = PlanLimits { budget: 3 * 8192, ..l };
         let p = Plan::new(2, 4000, GradKind::Separate, &small_budget).unwrap();
         assert!(matches!(p.layout, Layout::Split { .. }), "{p:?}");
         check_invariants(&p, &small_budget);
@@ -405,14 +364,8 @@ mod tests {
 
     #[test]
     fn a_budget_that_holds_nothing_is_an_error() {
-        let l = PlanLimits {
-            budget: 4,
-            ..tiny(1)
-        };
-        assert!(matches!(
-            Plan::new(2, 100, GradKind::None, &l),
-            Err(Error::InvalidOption(_))
-        ));
+        let l = PlanLimits { budget: 4, ..tiny(1) };
+        assert!(matches!(Plan::new(2, 100, GradKind::None, &l), Err(Error::InvalidOption(_))));
     }
 
     #[test]

@@ -4,12 +4,12 @@
 //! Nothing is read back unless asked ([`GpuContext::read_device_loss`]).
 
 use crate::error::{Error, Result};
-use crate::options::Reduction;
+use crate::options::{LossOptions, Reduction};
 
 use super::buffers::{Recorder, bind_ranges, groups_x, params_stride};
 use super::context::GpuContext;
 use super::kernels::{
-    BackwardParams, GradMode, MergeParams, NO_INDEX, PartialParams, RowParams, WeightParams,
+    BackwardParams, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams, RowParams, WeightParams,
     rows_layout,
 };
 use super::plan::{FEW_ROWS, SPLIT_BLOCK_COLS};
@@ -83,35 +83,33 @@ impl GpuContext {
         &self,
         encoder: &mut wgpu::CommandEncoder,
         batch: &DeviceBatch<'_>,
-        reduction: Reduction,
+        opts: &LossOptions,
         gradient: DeviceGradient<'_>,
     ) -> Result<DeviceLoss> {
-        self.scoped(|| self.record_inner(encoder, batch, reduction, gradient))
+        self.scoped(|| self.record_inner(encoder, batch, opts, gradient))
     }
 
     fn record_inner(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         batch: &DeviceBatch<'_>,
-        reduction: Reduction,
+        opts: &LossOptions,
         gradient: DeviceGradient<'_>,
     ) -> Result<DeviceLoss> {
         let (n, v) = (batch.rows, batch.classes);
         if v == 0 {
             return Err(Error::InvalidOption("classes must be at least 1".into()));
         }
+        opts.validate(v)?;
+        let reduction = opts.get_reduction();
+        let kopts = KernelOpts::new(opts, v);
         let align = u64::from(self.limits.min_storage_buffer_offset_alignment);
-        let bind_cap = self
-            .limits
-            .max_storage_buffer_binding_size
-            .min(self.limits.max_buffer_size);
+        let bind_cap = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
         let row_bytes = v as u64 * 4;
         let total = n as u64 * row_bytes;
         let check = |what: &str, buffer: &wgpu::Buffer, offset: u64, bytes: u64| -> Result<()> {
             if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-                return Err(Error::InvalidOption(format!(
-                    "{what} buffer needs BufferUsages::STORAGE"
-                )));
+                return Err(Error::InvalidOption(format!("{what} buffer needs BufferUsages::STORAGE")));
             }
             if !offset.is_multiple_of(align) {
                 return Err(Error::InvalidOption(format!(
@@ -182,7 +180,10 @@ impl GpuContext {
         let stats = new_buffer("xent row_stats", rows * 8);
         let loss = new_buffer("xent loss", 8);
         let dummy = new_buffer("xent unused", 16);
-        // The gradient's denominator: 1, or the count of non-ignored rows for `mean`.
+        // The gradient's denominator: 1, `n_items`, or (copied in below) the weighted count
+        // of non-ignored rows for `mean`.
+        let n_items = opts.get_n_items().filter(|_| reduction == Reduction::Mean);
+        let norm_init = n_items.map_or(1.0, |x| x as f32);
         let norm = d.create_buffer(&wgpu::BufferDescriptor {
             label: Some("xent norm"),
             size: 16,
@@ -192,14 +193,33 @@ impl GpuContext {
         norm.slice(..)
             .get_mapped_range_mut()
             .map_err(|e| Error::Gpu(e.to_string()))?
-            .copy_from_slice(bytemuck::cast_slice(&[1.0f32, 0.0, 0.0, 0.0]));
+            .copy_from_slice(bytemuck::cast_slice(&[norm_init, 0.0, 0.0, 0.0]));
         norm.unmap();
+        // The class weights (a dummy without them), and `n_items` as the denominator.
+        let class_weights = d.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("xent class weights"),
+            size: (v as u64 * 4).max(16).next_multiple_of(16),
+            usage: U::STORAGE | U::COPY_DST,
+            mapped_at_creation: true,
+        });
+        if let Some(w) = opts.get_weights() {
+            class_weights
+                .slice(..)
+                .get_mapped_range_mut()
+                .map_err(|e| Error::Gpu(e.to_string()))?
+                .slice(..w.len() * 4)
+                .copy_from_slice(bytemuck::cast_slice(w));
+        }
+        class_weights.unmap();
         // Scratch: weights' levels first (the count), then the losses' levels, which
         // divide by the count for `mean`.
         let count_levels = reduce_levels(rows, 0, wg, max_dim, 1.0, NO_INDEX);
         let loss_src = count_levels.extent;
         let (divisor, divisor_index) = match reduction {
-            Reduction::Mean => (1.0, count_levels.result),
+            Reduction::Mean => match n_items {
+                Some(x) => (x as f32, NO_INDEX),
+                None => (1.0, count_levels.result),
+            },
             _ => (1.0, NO_INDEX),
         };
         let loss_levels = reduce_levels(rows, loss_src, wg, max_dim, divisor, divisor_index);
@@ -225,6 +245,7 @@ impl GpuContext {
             &[
                 (batch.targets, batch.targets_offset, n as u64 * 4),
                 whole(&weight, rows * 4),
+                whole(&class_weights, class_weights.size()),
             ],
         );
         let groups = (n as u64).div_ceil(u64::from(wg));
@@ -233,20 +254,17 @@ impl GpuContext {
             groups_x: groups_x(groups, max_dim),
             classes: v as u32,
             ignore_index: batch.ignore_index,
+            has_weights: kopts.has_weights,
+            _pad: [0; 3],
         };
         rec.dispatch(&self.kernels.weights, &weights_bg, &p, groups);
-        let reduce_bg = bind_ranges(
-            d,
-            &self.kernels.reduce,
-            &params,
-            &[whole(&scratch, scratch.size())],
-        );
+        let reduce_bg = bind_ranges(d, &self.kernels.reduce, &params, &[whole(&scratch, scratch.size())]);
         rec.copy(&weight, 0, &scratch, 0, n as u64 * 4);
         for level in &count_levels.levels {
             let groups = u64::from(level.count).div_ceil(2 * u64::from(wg));
             rec.dispatch(&self.kernels.reduce, &reduce_bg, level, groups);
         }
-        if reduction == Reduction::Mean {
+        if reduction == Reduction::Mean && n_items.is_none() {
             rec.copy(&scratch, u64::from(count_levels.result) * 4, &norm, 0, 4);
         }
 
@@ -258,7 +276,7 @@ impl GpuContext {
         };
         // Few long rows: a (row × column block) grid of workgroups fills the device where
         // one workgroup per row would not.
-        let grid = n < FEW_ROWS && v >= 2 * SPLIT_BLOCK_COLS && total <= bind_cap;
+        let grid = n < FEW_ROWS && v >= 2 * SPLIT_BLOCK_COLS && total <= bind_cap && opts.is_plain();
         if grid {
             let bpr = v.div_ceil(SPLIT_BLOCK_COLS);
             let partials = new_buffer("xent partials", (n * bpr * 16) as u64);
@@ -269,11 +287,7 @@ impl GpuContext {
                 d,
                 &self.kernels.partials,
                 &params,
-                &[
-                    logits_range,
-                    targets_range,
-                    whole(&partials, partials.size()),
-                ],
+                &[logits_range, targets_range, whole(&partials, partials.size())],
             );
             let p = PartialParams {
                 rows: n as u32,
@@ -324,13 +338,7 @@ impl GpuContext {
                     d,
                     &self.kernels.backward,
                     &params,
-                    &[
-                        logits_range,
-                        targets_range,
-                        whole(&stats, rows * 8),
-                        whole(&norm, 16),
-                        grad_range,
-                    ],
+                    &[logits_range, targets_range, whole(&stats, rows * 8), whole(&norm, 16), grad_range],
                 );
                 let p = BackwardParams {
                     rows: n as u32,
@@ -371,6 +379,7 @@ impl GpuContext {
                     grad_range,
                     whole(&stats, rows * 8),
                     whole(&norm, 16),
+                    whole(&class_weights, class_weights.size()),
                 ],
             );
             let groups = (count as u64).div_ceil(rows_per_group);
@@ -384,7 +393,13 @@ impl GpuContext {
                 ignore_index: batch.ignore_index,
                 threads_per_row,
                 cached: u32::from(cached),
-                _pad: [0; 3],
+                has_weights: kopts.has_weights,
+                logit_scale: kopts.logit_scale,
+                softcap: kopts.softcap,
+                smoothing: kopts.smoothing,
+                z_loss: kopts.z_loss,
+                weight_total: kopts.weight_total,
+                _pad: 0,
             };
             rec.dispatch(self.kernels.rows_for(v), &bg, &p, groups);
         }
@@ -403,10 +418,7 @@ impl GpuContext {
             lse,
             loss,
             rows: n,
-            _scratch: [weight, stats, scratch, params, dummy, norm]
-                .into_iter()
-                .chain(_scratch)
-                .collect(),
+            _scratch: [weight, stats, scratch, params, dummy, norm].into_iter().chain(_scratch).collect(),
         })
     }
 

@@ -13,7 +13,7 @@ use crate::options::{Batch, LossOptions, LossOutput, Reduction};
 use super::buffers::{Recorder, Slot, bind, groups_x};
 use super::context::{GpuContext, MapRequest};
 use super::kernels::{
-    BackwardParams, GradMode, MergeParams, NO_INDEX, PartialParams, ReduceParams, RowParams,
+    BackwardParams, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams, ReduceParams, RowParams,
 };
 use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
 
@@ -99,11 +99,7 @@ pub(crate) fn reduce_levels(
             last.last = 1;
             last.divisor = divisor;
             last.divisor_index = divisor_index;
-            return Levels {
-                levels,
-                result: dst as u32,
-                extent: dst + 1,
-            };
+            return Levels { levels, result: dst as u32, extent: dst + 1 };
         }
         (count, src) = (groups, dst);
     }
@@ -123,6 +119,7 @@ pub(crate) struct Workspace {
     partials: Slot,
     sums: Slot,
     norm: Slot,
+    weights: Slot,
     params: Slot,
     readback: Vec<Slot>,
     groups: Option<BindGroups>,
@@ -133,10 +130,7 @@ pub(crate) struct Workspace {
 impl Workspace {
     /// Drops every buffer (kept: the allocation count), after an error or to free memory.
     pub fn release(&mut self) {
-        *self = Workspace {
-            allocations: self.allocations,
-            ..Workspace::default()
-        };
+        *self = Workspace { allocations: self.allocations, ..Workspace::default() };
     }
 }
 
@@ -166,19 +160,7 @@ struct Outputs {
 }
 
 impl GpuContext {
-    pub(crate) fn run(
-        &self,
-        mut io: Io<'_>,
-        batch: &Batch,
-        opts: &LossOptions,
-    ) -> Result<LossOutput> {
-        if !opts.is_plain() {
-            return Err(Error::InvalidOption(
-                "class weights, label smoothing, z-loss, softcap, logit scale and n_items are not \
-                 supported on the GPU path yet; use the CPU reference"
-                    .into(),
-            ));
-        }
+    pub(crate) fn run(&self, mut io: Io<'_>, batch: &Batch, opts: &LossOptions) -> Result<LossOutput> {
         if batch.rows == 0 {
             return Ok(empty_output(opts));
         }
@@ -186,12 +168,20 @@ impl GpuContext {
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
         let (loss, outputs) = loop {
             let plan = Plan::new(batch.rows, batch.classes, io.grad_kind(), &limits)?;
+            if matches!(plan.layout, Layout::Split { .. }) && !opts.is_plain() {
+                return Err(Error::InvalidOption(format!(
+                    "rows of {} classes are split across bindings, and the split kernels do not \
+                     take class weights, label smoothing, z-loss, softcap, logit scale or n_items \
+                     yet; use the CPU path",
+                    batch.classes
+                )));
+            }
             // Buffers first, in their own error scope: an out-of-memory is known before
             // anything is streamed (or written over in-place logits), and is retried
             // with half the budget, so smaller chunks.
             let prepared = self.scoped(|| {
                 self.take_injected_oom()?;
-                self.prepare(&mut ws, &plan);
+                self.prepare(&mut ws, &plan, opts.get_weights().map_or(0, <[f32]>::len));
                 Ok(())
             });
             match prepared {
@@ -206,7 +196,7 @@ impl GpuContext {
                 }
                 Ok(()) => {}
             }
-            match self.scoped(|| self.stream(&mut ws, &mut io, batch, opts, &plan)) {
+            match self.scoped(|| self.stream(&ws, &mut io, batch, opts, &plan)) {
                 Ok(done) => break done,
                 Err(e) => {
                     // Buffers may still be in flight or mapped: start afresh next call.
@@ -230,13 +220,10 @@ impl GpuContext {
 
     /// Makes every buffer big enough for `plan`, rebuilding the bind groups only when a
     /// buffer was replaced.
-    pub(crate) fn prepare(&self, ws: &mut Workspace, plan: &Plan) {
+    pub(crate) fn prepare(&self, ws: &mut Workspace, plan: &Plan, weights: usize) {
         use wgpu::BufferUsages as U;
         let d = &self.device;
-        let bind_cap = self
-            .limits
-            .max_storage_buffer_binding_size
-            .min(self.limits.max_buffer_size);
+        let bind_cap = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
         let buf_cap = self.limits.max_buffer_size;
         let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
         let wg = self.kernels.workgroup_size;
@@ -244,63 +231,36 @@ impl GpuContext {
         let chunk_bytes = plan.chunk_elems as u64 * 4;
         let rows = plan.slot_rows as u64;
         let partials = match plan.layout {
-            Layout::Split {
-                pieces,
-                blocks_per_piece,
-                ..
-            } => (pieces * blocks_per_piece * 16) as u64,
-            Layout::Rows { blocks_per_row, .. } => {
-                (plan.slot_rows * blocks_per_row.unwrap_or(1) * 16) as u64
-            }
+            Layout::Split { pieces, blocks_per_piece, .. } => (pieces * blocks_per_piece * 16) as u64,
+            Layout::Rows { blocks_per_row, .. } => (plan.slot_rows * blocks_per_row.unwrap_or(1) * 16) as u64,
         };
         let scratch = reduce_levels(rows, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
-        let sums =
-            reduce_levels(plan.row_groups() as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
-        let grad_bytes = if plan.grad == GradKind::Separate {
-            chunk_bytes
-        } else {
-            16
-        };
+        let sums = reduce_levels(plan.row_groups() as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
+        let grad_bytes = if plan.grad == GradKind::Separate { chunk_bytes } else { 16 };
         let stride = super::buffers::params_stride(&self.limits);
         let mut created = [
-            ws.logits
-                .ensure(d, "xent logits", st, chunk_bytes, bind_cap),
+            ws.logits.ensure(d, "xent logits", st, chunk_bytes, bind_cap),
             ws.grad.ensure(d, "xent grad", st, grad_bytes, bind_cap),
             ws.targets.ensure(d, "xent targets", st, rows * 4, bind_cap),
-            ws.row_loss
-                .ensure(d, "xent row_loss", st, rows * 4, bind_cap),
+            ws.row_loss.ensure(d, "xent row_loss", st, rows * 4, bind_cap),
             ws.row_lse.ensure(d, "xent row_lse", st, rows * 4, bind_cap),
-            ws.row_weight
-                .ensure(d, "xent row_weight", st, rows * 4, bind_cap),
-            ws.row_stats
-                .ensure(d, "xent row_stats", st, rows * 8, bind_cap),
+            ws.row_weight.ensure(d, "xent row_weight", st, rows * 4, bind_cap),
+            ws.row_stats.ensure(d, "xent row_stats", st, rows * 8, bind_cap),
             ws.scratch.ensure(d, "xent scratch", st, scratch, bind_cap),
-            ws.partials
-                .ensure(d, "xent partials", st, partials, bind_cap),
+            ws.partials.ensure(d, "xent partials", st, partials, bind_cap),
             ws.sums.ensure(d, "xent sums", st, sums, bind_cap),
             ws.norm.ensure(d, "xent norm", st, 16, bind_cap),
-            ws.params.ensure(
-                d,
-                "xent params",
-                U::UNIFORM | U::COPY_DST,
-                stride * MAX_PARAM_BLOCKS,
-                buf_cap,
-            ),
+            ws.weights.ensure(d, "xent weights", st, weights as u64 * 4, bind_cap),
+            ws.params.ensure(d, "xent params", U::UNIFORM | U::COPY_DST, stride * MAX_PARAM_BLOCKS, buf_cap),
         ]
         .iter()
         .filter(|&&c| c)
         .count() as u64;
         let readback = readback_layout(plan).2;
-        ws.readback
-            .resize_with(plan.ring.max(ws.readback.len()), Slot::default);
+        ws.readback.resize_with(plan.ring.max(ws.readback.len()), Slot::default);
         for slot in &mut ws.readback[..plan.ring] {
-            created += u64::from(slot.ensure(
-                d,
-                "xent readback",
-                U::MAP_READ | U::COPY_DST,
-                readback,
-                buf_cap,
-            ));
+            created +=
+                u64::from(slot.ensure(d, "xent readback", U::MAP_READ | U::COPY_DST, readback, buf_cap));
         }
         ws.allocations += created;
         if ws.groups.is_none() || created > 0 {
@@ -319,14 +279,10 @@ impl GpuContext {
                         ws.grad.get(),
                         ws.row_stats.get(),
                         ws.norm.get(),
+                        ws.weights.get(),
                     ],
                 ),
-                partials: bind(
-                    d,
-                    &k.partials,
-                    p,
-                    &[ws.logits.get(), ws.targets.get(), ws.partials.get()],
-                ),
+                partials: bind(d, &k.partials, p, &[ws.logits.get(), ws.targets.get(), ws.partials.get()]),
                 merge: bind(
                     d,
                     &k.merge,
@@ -344,13 +300,7 @@ impl GpuContext {
                     d,
                     &k.backward,
                     p,
-                    &[
-                        ws.logits.get(),
-                        ws.targets.get(),
-                        ws.row_stats.get(),
-                        ws.norm.get(),
-                        ws.grad.get(),
-                    ],
+                    &[ws.logits.get(), ws.targets.get(), ws.row_stats.get(), ws.norm.get(), ws.grad.get()],
                 ),
                 reduce_scratch: bind(d, &k.reduce, p, &[ws.scratch.get()]),
                 reduce_sums: bind(d, &k.reduce, p, &[ws.sums.get()]),
@@ -360,32 +310,31 @@ impl GpuContext {
 
     fn stream(
         &self,
-        ws: &mut Workspace,
+        ws: &Workspace,
         io: &mut Io<'_>,
         batch: &Batch,
         opts: &LossOptions,
         plan: &Plan,
     ) -> Result<(f32, Outputs)> {
-        self.prepare(ws, plan);
+        // Buffers were made ready by `prepare`, in its own error scope.
         let ws = &*ws;
         let groups = ws.groups.as_ref().expect("prepared");
         let (n, v) = (batch.rows, batch.classes);
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let divisor = batch.divisor(opts.get_reduction());
-        let grad_scale = if divisor > 0.0 {
-            (1.0 / divisor) as f32
-        } else {
-            0.0
-        };
+        let grad_scale = if divisor > 0.0 { (1.0 / divisor) as f32 } else { 0.0 };
         let mode = grad_mode(plan.grad);
         let mut outputs = Outputs {
             row_losses: opts.wants_row_losses().then(|| vec![0.0; n]),
             lse: opts.wants_lse().then(|| vec![0.0; n]),
         };
         let want_rows = outputs.row_losses.is_some() || outputs.lse.is_some();
-        self.queue
-            .write_buffer(ws.norm.get(), 0, bytemuck::bytes_of(&1.0f32));
+        self.queue.write_buffer(ws.norm.get(), 0, bytemuck::bytes_of(&1.0f32));
+        let kopts = KernelOpts::new(opts, v);
+        if let Some(w) = opts.get_weights() {
+            self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
+        }
 
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut submitted = 0usize;
@@ -409,13 +358,7 @@ impl GpuContext {
                 let g = u64::from(level.count).div_ceil(2 * u64::from(wg));
                 rec.dispatch(&self.kernels.reduce, &groups.reduce_scratch, level, g);
             }
-            rec.copy(
-                ws.scratch.get(),
-                u64::from(levels.result) * 4,
-                ws.sums.get(),
-                group as u64 * 4,
-                4,
-            );
+            rec.copy(ws.scratch.get(), u64::from(levels.result) * 4, ws.sums.get(), group as u64 * 4, 4);
         };
         let (rows_at, lse_at, _) = readback_layout(plan);
         // Copies the chunk's per-row results into the readback slot.
@@ -449,12 +392,7 @@ impl GpuContext {
         };
 
         match plan.layout {
-            Layout::Rows {
-                threads_per_row,
-                cached,
-                blocks_per_row,
-                ..
-            } => {
+            Layout::Rows { threads_per_row, cached, blocks_per_row, .. } => {
                 let rows_per_group = (wg / threads_per_row) as usize;
                 for (group, chunk) in plan.chunks().enumerate() {
                     drain(&mut pending, io, &mut outputs, false)?;
@@ -472,11 +410,11 @@ impl GpuContext {
                         bytemuck::cast_slice(&batch.targets[chunk.rows.clone()]),
                     );
                     let mut rec = Recorder::new(&self.device, &self.limits);
-                    match blocks_per_row {
+                    // The row grid's kernels take PyTorch's plain options only; the fused
+                    // kernel takes them all.
+                    match blocks_per_row.filter(|_| opts.is_plain()) {
                         // One workgroup per (row, column block): few rows still fill the device.
-                        Some(bpr) => {
-                            self.record_row_grid(&mut rec, groups, rows, v, bpr, grad_scale, mode)
-                        }
+                        Some(bpr) => self.record_row_grid(&mut rec, groups, rows, v, bpr, grad_scale, mode),
                         None => {
                             let wgs = rows.div_ceil(rows_per_group) as u64;
                             let params = RowParams {
@@ -489,7 +427,13 @@ impl GpuContext {
                                 ignore_index: Batch::IGNORED,
                                 threads_per_row,
                                 cached: u32::from(cached),
-                                _pad: [0; 3],
+                                has_weights: kopts.has_weights,
+                                logit_scale: kopts.logit_scale,
+                                softcap: kopts.softcap,
+                                smoothing: kopts.smoothing,
+                                z_loss: kopts.z_loss,
+                                weight_total: kopts.weight_total,
+                                _pad: 0,
                             };
                             rec.dispatch(self.kernels.rows_for(v), &groups.rows, &params, wgs);
                         }
@@ -504,24 +448,13 @@ impl GpuContext {
                         rec.copy(src, 0, ws.readback[slot].get(), 0, elems.len() as u64 * 4);
                     }
                     rows_readback(&mut rec, slot, rows);
-                    submit(
-                        rec,
-                        &mut pending,
-                        slot,
-                        grad_src.map(|_| elems),
-                        want_rows.then_some(chunk.rows),
-                    );
+                    submit(rec, &mut pending, slot, grad_src.map(|_| elems), want_rows.then_some(chunk.rows));
                     submitted += 1;
                 }
             }
-            Layout::Split {
-                piece_cols,
-                pieces,
-                blocks_per_piece,
-            } => {
-                let piece_of = |r: usize, p: usize| {
-                    r * v + p * piece_cols..r * v + ((p + 1) * piece_cols).min(v)
-                };
+            Layout::Split { piece_cols, pieces, blocks_per_piece } => {
+                let piece_of =
+                    |r: usize, p: usize| r * v + p * piece_cols..r * v + ((p + 1) * piece_cols).min(v);
                 for r in 0..n {
                     self.queue.write_buffer(
                         ws.targets.get(),
@@ -570,13 +503,7 @@ impl GpuContext {
                             chunk_sum(&mut rec, 1, r);
                             rows_readback(&mut rec, slot, 1);
                         }
-                        submit(
-                            rec,
-                            &mut pending,
-                            slot,
-                            None,
-                            (last && want_rows).then_some(r..r + 1),
-                        );
+                        submit(rec, &mut pending, slot, None, (last && want_rows).then_some(r..r + 1));
                         submitted += 1;
                     }
                     if plan.grad == GradKind::None {
@@ -608,11 +535,8 @@ impl GpuContext {
                             classes: v as u32,
                         };
                         rec.dispatch(&self.kernels.backward, &groups.backward, &params, wgs);
-                        let src = if plan.grad == GradKind::Separate {
-                            ws.grad.get()
-                        } else {
-                            ws.logits.get()
-                        };
+                        let src =
+                            if plan.grad == GradKind::Separate { ws.grad.get() } else { ws.logits.get() };
                         rec.copy(src, 0, ws.readback[slot].get(), 0, elems.len() as u64 * 4);
                         submit(rec, &mut pending, slot, Some(elems), None);
                         submitted += 1;
@@ -704,13 +628,7 @@ impl GpuContext {
     }
 
     /// Waits for a submission and copies its results out.
-    fn finish(
-        &self,
-        ws: &Workspace,
-        p: Pending,
-        io: &mut Io<'_>,
-        outputs: &mut Outputs,
-    ) -> Result<()> {
+    fn finish(&self, ws: &Workspace, p: Pending, io: &mut Io<'_>, outputs: &mut Outputs) -> Result<()> {
         let Some(map) = p.map else {
             return self.wait(Some(p.submission));
         };
@@ -736,11 +654,7 @@ impl GpuContext {
 /// Offsets in a readback slot of the row losses and LSE (after the gradient chunk), and
 /// the slot's size.
 fn readback_layout(plan: &Plan) -> (u64, u64, u64) {
-    let grad = if plan.grad == GradKind::None {
-        0
-    } else {
-        plan.chunk_elems as u64 * 4
-    };
+    let grad = if plan.grad == GradKind::None { 0 } else { plan.chunk_elems as u64 * 4 };
     let rows_at = grad.next_multiple_of(16);
     let lse_at = rows_at + (plan.slot_rows as u64 * 4).next_multiple_of(16);
     (rows_at, lse_at, lse_at + plan.slot_rows as u64 * 4)
