@@ -19,6 +19,18 @@
 // logits.
 
 override WG: u32 = 256u;
+// Which options this pipeline computes (F_* bits). The host builds one pipeline per
+// combination in use, so PyTorch's plain loss pays nothing for the options it lacks.
+override FEATURES: u32 = 0u;
+const F_WEIGHTS: u32 = 1u;
+const F_SMOOTHING: u32 = 2u;
+const F_Z_LOSS: u32 = 4u;
+const F_SOFTCAP: u32 = 8u;
+const F_SCALE: u32 = 16u;
+
+fn has(feature: u32) -> bool {
+    return (FEATURES & feature) != 0u;
+}
 
 // Elements (of WIDTH columns) each invocation keeps in registers on the cached path.
 const CACHED: u32 = 8u;
@@ -37,7 +49,7 @@ struct Params {
     ignore_index: i32,
     threads_per_row: u32, // power of two, <= WG
     cached: u32,        // 1: the row fits the cached path
-    has_weights: u32,   // 1: class weights in `weights`
+    has_weights: u32,   // 1: class weights in `weights` (F_WEIGHTS)
     logit_scale: f32,
     softcap: f32,       // 0: none
     smoothing: f32,
@@ -65,9 +77,15 @@ var<workgroup> wg_sum: array<f32, WG>;
 // Σ w_c (z_c - shift) over the invocation's columns, for label smoothing.
 var<workgroup> wg_aux: array<f32, WG>;
 
+// The options, with every feature this pipeline lacks a constant that folds away.
 fn opts() -> LossOpts {
-    return LossOpts(params.logit_scale, params.softcap, params.smoothing, params.z_loss,
-                    params.weight_total, params.classes);
+    return LossOpts(
+        select(1.0, params.logit_scale, has(F_SCALE)),
+        select(0.0, params.softcap, has(F_SOFTCAP)),
+        select(0.0, params.smoothing, has(F_SMOOTHING)),
+        select(0.0, params.z_loss, has(F_Z_LOSS)),
+        select(f32(params.classes), params.weight_total, has(F_WEIGHTS)),
+        params.classes);
 }
 
 @compute @workgroup_size(WG)
@@ -76,8 +94,8 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let o = opts();
-    let has_w = params.has_weights != 0u;
-    let smoothing = o.eps > 0.0;
+    let has_w = has(F_WEIGHTS);
+    let smoothing = has(F_SMOOTHING);
     let tpr = params.threads_per_row;
     let lane = lid % tpr;
     let seg = lid - lane; // first invocation of this row's segment

@@ -111,12 +111,23 @@ impl<'e> Recorder<'e> {
         params: &P,
         groups: u64,
     ) {
+        self.dispatch_pipeline(&kernel.pipeline, bind_group, params, groups);
+    }
+
+    /// Records `pipeline` over `groups` workgroups (folded into 2D) with `params`.
+    pub fn dispatch_pipeline<P: Pod>(
+        &mut self,
+        pipeline: &wgpu::ComputePipeline,
+        bind_group: &wgpu::BindGroup,
+        params: &P,
+        groups: u64,
+    ) {
         let offset = self.params.len() as u64;
         self.params.extend_from_slice(bytemuck::bytes_of(params));
         self.params.resize((offset + self.stride) as usize, 0);
         let (gx, gy) = fold_groups(groups, self.max_per_dim);
         let mut pass = self.encoder().begin_compute_pass(&wgpu::ComputePassDescriptor::default());
-        pass.set_pipeline(&kernel.pipeline);
+        pass.set_pipeline(pipeline);
         pass.set_bind_group(0, bind_group, &[offset as u32]);
         pass.dispatch_workgroups(gx, gy, 1);
     }

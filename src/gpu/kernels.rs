@@ -117,6 +117,27 @@ pub(crate) struct KernelOpts {
 }
 
 impl KernelOpts {
+    /// The `FEATURES` bits of `cross_entropy_rows.wgsl` these options need.
+    pub fn features(&self) -> u32 {
+        let mut f = 0;
+        if self.has_weights != 0 {
+            f |= 1;
+        }
+        if self.smoothing != 0.0 {
+            f |= 2;
+        }
+        if self.z_loss != 0.0 {
+            f |= 4;
+        }
+        if self.softcap != 0.0 {
+            f |= 8;
+        }
+        if self.logit_scale != 1.0 {
+            f |= 16;
+        }
+        f
+    }
+
     pub fn new(opts: &crate::LossOptions, classes: usize) -> Self {
         let weights = opts.get_weights();
         Self {
@@ -288,23 +309,63 @@ impl Kernel {
             label: Some(name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(name),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(name),
-            layout: Some(&pipeline_layout),
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &[("WG", f64::from(wg))],
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
-        });
+        let pipeline = pipeline(device, name, &module, &layout, &[("WG", f64::from(wg))]);
         Self { layout, pipeline, params_size: size_of::<P>() as u64 }
+    }
+}
+
+fn pipeline(
+    device: &wgpu::Device,
+    name: &str,
+    module: &wgpu::ShaderModule,
+    layout: &wgpu::BindGroupLayout,
+    constants: &[(&str, f64)],
+) -> wgpu::ComputePipeline {
+    let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(name),
+        bind_group_layouts: &[Some(layout)],
+        immediate_size: 0,
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(name),
+        layout: Some(&pipeline_layout),
+        module,
+        entry_point: Some("main"),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants,
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    })
+}
+
+/// The fused row kernel's pipelines for each option set in use (`FEATURES` bits), built
+/// on first use over one shared bind group layout.
+pub(crate) struct RowsVariants {
+    modules: [wgpu::ShaderModule; 2],
+    layout: wgpu::BindGroupLayout,
+    wg: u32,
+    built: std::sync::Mutex<std::collections::HashMap<(bool, u32), wgpu::ComputePipeline>>,
+}
+
+impl RowsVariants {
+    /// The pipeline for rows of `classes` columns (vec4 loads when it allows) computing
+    /// the options in `features`.
+    pub fn get(&self, device: &wgpu::Device, classes: usize, features: u32) -> wgpu::ComputePipeline {
+        let vec4 = classes.is_multiple_of(4);
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        built
+            .entry((vec4, features))
+            .or_insert_with(|| {
+                pipeline(
+                    device,
+                    "cross_entropy_rows",
+                    &self.modules[usize::from(vec4)],
+                    &self.layout,
+                    &[("WG", f64::from(self.wg)), ("FEATURES", f64::from(features))],
+                )
+            })
+            .clone()
     }
 }
 
@@ -313,9 +374,9 @@ pub(crate) const RW: bool = false;
 
 /// Every pipeline the context needs, built once per device.
 pub(crate) struct Kernels {
+    /// The fused kernel's bind group layout (the pipelines are in `rows_variants`).
     pub rows: Kernel,
-    /// The fused kernel with vec4 loads, for V a multiple of 4.
-    pub rows_vec4: Kernel,
+    pub rows_variants: RowsVariants,
     pub partials: Kernel,
     pub merge: Kernel,
     pub backward: Kernel,
@@ -326,12 +387,6 @@ pub(crate) struct Kernels {
 }
 
 impl Kernels {
-    /// The fused kernel for rows of `classes` columns starting at 16-byte aligned
-    /// offsets: vec4 loads when the row length allows.
-    pub fn rows_for(&self, classes: usize) -> &Kernel {
-        if classes.is_multiple_of(4) { &self.rows_vec4 } else { &self.rows }
-    }
-
     pub fn new(device: &wgpu::Device, wg: u32, cached: u32) -> Self {
         debug_assert!(wg.is_power_of_two());
         let src: std::collections::HashMap<_, _> = shaders().into_iter().collect();
@@ -346,16 +401,24 @@ impl Kernels {
             &[(RW, 0), (RO, 4), (RW, 4), (RW, 4), (RW, 0), (RW, 8), (RO, 4), (RO, 4)],
             wg,
         );
-        let rows_vec4 = Kernel::with_layout::<RowParams>(
-            device,
-            "cross_entropy_rows_vec4",
-            &rows_source(true, cached),
-            rows.layout.clone(),
+        let module = |vec4: bool| {
+            device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("cross_entropy_rows"),
+                source: wgpu::ShaderSource::Wgsl(rows_source(vec4, cached).into()),
+            })
+        };
+        let rows_variants = RowsVariants {
+            modules: [module(false), module(true)],
+            layout: rows.layout.clone(),
             wg,
-        );
+            built: Default::default(),
+        };
+        // The plain loss, both widths, up front: the common case never waits.
+        rows_variants.get(device, 1, 0);
+        rows_variants.get(device, 4, 0);
         Self {
             rows,
-            rows_vec4,
+            rows_variants,
             // logits, targets, partials
             partials: Kernel::new::<PartialParams>(
                 device,

@@ -401,7 +401,8 @@ impl GpuContext {
                 weight_total: kopts.weight_total,
                 _pad: 0,
             };
-            rec.dispatch(self.kernels.rows_for(v), &bg, &p, groups);
+            let pipeline = self.kernels.rows_variants.get(&self.device, v, kopts.features());
+            rec.dispatch_pipeline(&pipeline, &bg, &p, groups);
         }
 
         // 3. The loss, reduced on the device (`mean` divides by the count in its last level).

@@ -435,7 +435,8 @@ impl GpuContext {
                                 weight_total: kopts.weight_total,
                                 _pad: 0,
                             };
-                            rec.dispatch(self.kernels.rows_for(v), &groups.rows, &params, wgs);
+                            let pipeline = self.kernels.rows_variants.get(&self.device, v, kopts.features());
+                            rec.dispatch_pipeline(&pipeline, &groups.rows, &params, wgs);
                         }
                     }
                     chunk_sum(&mut rec, rows, group);
