@@ -317,7 +317,6 @@ impl GpuContext {
         plan: &Plan,
     ) -> Result<(f32, Outputs)> {
         // Buffers were made ready by `prepare`, in its own error scope.
-        let ws = &*ws;
         let groups = ws.groups.as_ref().expect("prepared");
         let (n, v) = (batch.rows, batch.classes);
         let wg = self.kernels.workgroup_size;
