@@ -74,8 +74,17 @@ struct Params {
 
 var<workgroup> wg_max: array<f32, WG>;
 var<workgroup> wg_sum: array<f32, WG>;
-// Σ w_c (z_c - shift) over the invocation's columns, for label smoothing.
+// For label smoothing: Σ w_c (max - z_c) over the invocation's columns, relative to its
+// own max, and Σ w_c; merged like the (max, sum) states. Every term is >= 0, so masked
+// (-inf) classes give +inf, never inf - inf.
 var<workgroup> wg_aux: array<f32, WG>;
+var<workgroup> wg_wsum: array<f32, WG>;
+
+// aux relative to `old_max`, moved to `new_max` (>= old_max). An empty part
+// (wsum 0, max still EMPTY_MAX) stays 0 rather than 0 * inf.
+fn rebase(aux: f32, wsum: f32, old_max: f32, new_max: f32) -> f32 {
+    return aux + select(0.0, wsum * (new_max - old_max), wsum > 0.0);
+}
 
 // The options, with every feature this pipeline lacks a constant that folds away.
 fn opts() -> LossOpts {
@@ -105,16 +114,11 @@ fn main(
     let v = select(0u, params.classes / WIDTH, in_batch);
     let base = r * (params.classes / WIDTH);
     let cached = params.cached != 0u;
-    // A common reference for the smoothing sum, so that it is exact under offsets.
-    var shift = 0.0;
-    if (in_batch && smoothing) {
-        shift = lane_of(transform(logits[base], o), 0u);
-    }
-
     // Pass 1: this invocation's (max, sum) state, and its smoothing sum.
     var e: array<Elem, CACHED>;
     var st = RowState(EMPTY_MAX, 0.0);
     var aux = 0.0;
+    var wsum = 0.0;
     if (cached) {
         var m = EMPTY_MAX;
         for (var j = 0u; j < CACHED; j++) {
@@ -122,14 +126,17 @@ fn main(
             if (c < v) {
                 e[j] = transform(logits[base + c], o);
                 m = max(m, hmax(e[j]));
-                if (smoothing) {
-                    aux += hsum(weights_of(c, has_w) * (e[j] - shift));
-                }
             }
         }
         var s = 0.0;
         for (var j = 0u; j < CACHED; j++) {
-            if (lane + j * tpr < v) {
+            let c = lane + j * tpr;
+            if (c < v) {
+                if (smoothing) {
+                    let w = weights_of(c, has_w);
+                    aux += hsum(w * (m - e[j]));
+                    wsum += hsum(w);
+                }
                 e[j] = exp(e[j] - m);
                 s += hsum(e[j]);
             }
@@ -150,6 +157,9 @@ fn main(
             let m4 = hmax(max(max(x0, x1), max(x2, x3)));
             if (m4 > st.max) {
                 st.sum = st.sum * exp(st.max - m4);
+                if (smoothing) {
+                    aux = rebase(aux, wsum, st.max, m4);
+                }
                 st.max = m4;
             }
             let m = st.max;
@@ -158,10 +168,12 @@ fn main(
                 + select(zero, exp(x2 - m), c2 < v)
                 + select(zero, exp(x3 - m), c3 < v));
             if (smoothing) {
-                aux += hsum(weights_of(c, has_w) * (x0 - shift));
-                if (c1 < v) { aux += hsum(weights_of(c1, has_w) * (x1 - shift)); }
-                if (c2 < v) { aux += hsum(weights_of(c2, has_w) * (x2 - shift)); }
-                if (c3 < v) { aux += hsum(weights_of(c3, has_w) * (x3 - shift)); }
+                let w0 = weights_of(c, has_w);
+                aux += hsum(w0 * (m - x0));
+                wsum += hsum(w0);
+                if (c1 < v) { let w = weights_of(c1, has_w); aux += hsum(w * (m - x1)); wsum += hsum(w); }
+                if (c2 < v) { let w = weights_of(c2, has_w); aux += hsum(w * (m - x2)); wsum += hsum(w); }
+                if (c3 < v) { let w = weights_of(c3, has_w); aux += hsum(w * (m - x3)); wsum += hsum(w); }
             }
         }
     }
@@ -171,14 +183,20 @@ fn main(
     wg_max[lid] = st.max;
     wg_sum[lid] = st.sum;
     wg_aux[lid] = aux;
+    wg_wsum[lid] = wsum;
     workgroupBarrier();
     for (var stride = tpr / 2u; stride > 0u; stride = stride / 2u) {
         if (lane < stride) {
-            let o2 = combine(RowState(wg_max[lid], wg_sum[lid]),
-                             RowState(wg_max[lid + stride], wg_sum[lid + stride]));
+            let a = RowState(wg_max[lid], wg_sum[lid]);
+            let b = RowState(wg_max[lid + stride], wg_sum[lid + stride]);
+            let o2 = combine(a, b);
+            if (smoothing) {
+                wg_aux[lid] = rebase(wg_aux[lid], wg_wsum[lid], a.max, o2.max)
+                    + rebase(wg_aux[lid + stride], wg_wsum[lid + stride], b.max, o2.max);
+                wg_wsum[lid] = wg_wsum[lid] + wg_wsum[lid + stride];
+            }
             wg_max[lid] = o2.max;
             wg_sum[lid] = o2.sum;
-            wg_aux[lid] = wg_aux[lid] + wg_aux[lid + stride];
         }
         workgroupBarrier();
     }
@@ -201,8 +219,7 @@ fn main(
         var loss = 0.0;
         if (!ignored) {
             let z_t = lane_of(transform(logits[base + u32(t) / WIDTH], o), u32(t) % WIDTH);
-            // Σ_c w_c (max - z_c) = W (max - shift) - Σ_c w_c (z_c - shift).
-            let smooth_sum = o.weight_total * (m - shift) - wg_aux[seg];
+            let smooth_sum = wg_aux[seg]; // Σ_c w_c (max - z_c)
             loss = row_loss_of(o, m, log_s, z_t, w_y, smooth_sum);
         }
         row_loss[params.row_base + r] = loss;

@@ -13,17 +13,29 @@ fn onehot(first: u32, col: u32) -> Elem {
     return select(vec4<f32>(0.0), vec4<f32>(1.0), vec4<u32>(first) + vec4<u32>(0u, 1u, 2u, 3u) == vec4<u32>(col));
 }
 
+// tanh_carrying_nan and sech2 (row_state.wgsl) on four lanes.
+fn tanh4(u: Elem) -> Elem {
+    let u2 = u * u;
+    let series = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0 + u2 * (-1382.0 / 155925.0 + u2 * (21844.0 / 6081075.0)))))));
+    let e = exp(-2.0 * abs(u));
+    let far = sign(u) * (1.0 - e) / (1.0 + e);
+    return select(far, series, abs(u) < vec4<f32>(0.4));
+}
+fn sech2_4(u: Elem) -> Elem {
+    let t = tanh4(u);
+    let e = exp(-2.0 * abs(u));
+    return select(4.0 * e / ((1.0 + e) * (1.0 + e)), 1.0 - t * t, abs(u) < vec4<f32>(0.4));
+}
 fn transform(x: Elem, o: LossOpts) -> Elem {
     let z = x * o.scale;
     if (o.softcap > 0.0) {
-        return o.softcap * tanh(z / o.softcap);
+        return o.softcap * tanh4(z / o.softcap);
     }
     return z;
 }
 fn dtransform(x: Elem, o: LossOpts) -> Elem {
     if (o.softcap > 0.0) {
-        let t = tanh(x * o.scale / o.softcap);
-        return o.scale * (vec4<f32>(1.0) - t * t);
+        return o.scale * sech2_4(x * o.scale / o.softcap);
     }
     return vec4<f32>(o.scale);
 }

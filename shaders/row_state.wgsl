@@ -30,11 +30,29 @@ struct LossOpts {
     classes: u32,       // V
 }
 
+// tanh from exp, which carries NaN through on every backend we test (a driver's tanh
+// need not: GL's returns a number for NaN): an odd series for |u| < 0.4, where 1 - exp
+// would cancel, and sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) elsewhere (±1 at ±inf).
+fn tanh_carrying_nan(u: f32) -> f32 {
+    let u2 = u * u;
+    let series = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0 + u2 * (-1382.0 / 155925.0 + u2 * (21844.0 / 6081075.0)))))));
+    let e = exp(-2.0 * abs(u));
+    let far = sign(u) * (1.0 - e) / (1.0 + e);
+    return select(far, series, abs(u) < 0.4);
+}
+
+// 1 - tanh(u)^2, without the cancellation near |tanh| = 1: 4e / (1 + e)^2 there.
+fn sech2(u: f32) -> f32 {
+    let t = tanh_carrying_nan(u);
+    let e = exp(-2.0 * abs(u));
+    return select(4.0 * e / ((1.0 + e) * (1.0 + e)), 1.0 - t * t, abs(u) < 0.4);
+}
+
 // The logit the loss sees: α x, then c · tanh(α x / c) with a softcap.
 fn transform1(x: f32, o: LossOpts) -> f32 {
     let z = x * o.scale;
     if (o.softcap > 0.0) {
-        return o.softcap * tanh(z / o.softcap);
+        return o.softcap * tanh_carrying_nan(z / o.softcap);
     }
     return z;
 }
@@ -42,8 +60,7 @@ fn transform1(x: f32, o: LossOpts) -> f32 {
 // d(transform1)/dx.
 fn dtransform1(x: f32, o: LossOpts) -> f32 {
     if (o.softcap > 0.0) {
-        let t = tanh(x * o.scale / o.softcap);
-        return o.scale * (1.0 - t * t);
+        return o.scale * sech2(x * o.scale / o.softcap);
     }
     return o.scale;
 }

@@ -117,6 +117,70 @@ fn eval_matches_the_reference_on_every_device_and_reduction() {
 }
 
 #[test]
+fn eval_takes_every_option() {
+    let dir = Dir::new("options");
+    let (n, v) = (40, 97);
+    let logits = synth::logits(n, v, 2.0, 23);
+    let mut targets = synth::targets(n, v, 23);
+    targets[3] = 5;
+    let weights: Vec<f32> = (0..v).map(|c| 0.5 + (c % 7) as f32 / 4.0).collect();
+    let (l, t, w) = (dir.path("l.npy"), dir.path("t.npy"), dir.path("w.npy"));
+    npy::write_f32(&l, &[n, v], &logits).unwrap();
+    npy::write_i64(&t, &targets).unwrap();
+    npy::write_f32(&w, &[v], &weights).unwrap();
+    let opts = LossOptions::new()
+        .ignore_index(5)
+        .weights(weights)
+        .label_smoothing(0.1)
+        .z_loss(1e-3)
+        .softcap(15.0)
+        .logit_scale(0.8)
+        .n_items(50.0)
+        .gradient(true);
+    let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+    let gpu = !common::gpus("eval_takes_every_option").is_empty();
+    for device in if gpu { &["gpu", "cpu", "reference"][..] } else { &["cpu", "reference"][..] } {
+        let (lo, go) = (dir.path("loss.npy"), dir.path("grad.npy"));
+        let (code, stdout, stderr) = xent(&[
+            "eval",
+            "--logits",
+            s(&l),
+            "--targets",
+            s(&t),
+            "--weights",
+            s(&w),
+            "--ignore-index",
+            "5",
+            "--label-smoothing",
+            "0.1",
+            "--z-loss",
+            "1e-3",
+            "--softcap",
+            "15",
+            "--logit-scale",
+            "0.8",
+            "--n-items",
+            "50",
+            "--device",
+            device,
+            "--out-loss",
+            s(&lo),
+            "--out-grad",
+            s(&go),
+        ]);
+        assert_eq!(code, 0, "{device}: {stderr}");
+        let got = xent::LossOutput {
+            loss: Some(f32s(&lo).1[0]),
+            gradient: Some(f32s(&go).1),
+            ..Default::default()
+        };
+        xent::check::compare(&got, &want, xent::check::Tolerance::F32)
+            .unwrap_or_else(|e| panic!("{device}: {e}"));
+        assert_eq!(json_field(&stdout, "loss").parse::<f32>().unwrap(), got.loss.unwrap());
+    }
+}
+
+#[test]
 fn bad_input_exits_2_with_a_message_and_writes_nothing() {
     let dir = Dir::new("bad");
     let (l, t, out) = (dir.path("l.npy"), dir.path("t.npy"), dir.path("out.npy"));
@@ -129,15 +193,24 @@ fn bad_input_exits_2_with_a_message_and_writes_nothing() {
     let garbage = dir.path("garbage.npy");
     std::fs::write(&garbage, b"not an npy file at all").unwrap();
     let missing = dir.path("missing.npy");
+    let (short_w, nan_w, neg_w) = (dir.path("short_w.npy"), dir.path("nan_w.npy"), dir.path("neg_w.npy"));
+    npy::write_f32(&short_w, &[3], &[1.0, 1.0, 1.0]).unwrap();
+    npy::write_f32(&nan_w, &[4], &[1.0, f32::NAN, 1.0, 1.0]).unwrap();
+    npy::write_f32(&neg_w, &[4], &[1.0, 1.0, -1.0, 1.0]).unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--targets", s(&bad_t)], "row 1: 7"),
         (vec!["--targets", s(&short_t)], "rows"),
         (vec!["--targets", s(&garbage)], "magic"),
         (vec!["--targets", s(&missing)], "missing.npy"),
         (vec!["--targets", s(&t), "--reduction", "avg"], "avg"),
-        (vec!["--targets", s(&t), "--label-smoothing", "0.1"], "--label-smoothing"),
+        (vec!["--targets", s(&t), "--label-smoothing", "1.5"], "label smoothing must be in [0, 1], got 1.5"),
         (vec!["--targets", s(&t), "--loss-kind", "bce"], "bce"),
-        (vec!["--targets", s(&t), "--z-loss", "1e-4"], "--z-loss"),
+        (vec!["--targets", s(&t), "--z-loss", "-1"], "z-loss"),
+        (vec!["--targets", s(&t), "--softcap", "0"], "softcap"),
+        (vec!["--targets", s(&t), "--n-items", "0"], "n_items"),
+        (vec!["--targets", s(&t), "--weights", s(&short_w)], "has 3 elements, expected 4"),
+        (vec!["--targets", s(&t), "--weights", s(&nan_w)], "weights[1] is NaN"),
+        (vec!["--targets", s(&t), "--weights", s(&neg_w)], "weights[2] is -1"),
     ];
     for (extra, needle) in cases {
         let mut args = vec!["eval", "--logits", s(&l), "--device", "reference", "--out-loss", s(&out)];

@@ -117,3 +117,49 @@ fn misaligned_or_short_device_buffers_are_errors() {
         assert!(matches!(e, Err(xent::Error::Shape { .. })), "{:?}", e.err());
     }
 }
+
+#[test]
+fn device_path_takes_every_option() {
+    let (n, v) = (21, 300);
+    let logits = synth::logits(n, v, 2.0, 44);
+    let mut targets = synth::targets(n, v, 44);
+    targets[2] = -100;
+    let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+    let weights: Vec<f32> = (0..v).map(|c| 0.25 + (c % 5) as f32 / 3.0).collect();
+    for gpu in common::gpus("device_path_takes_every_option") {
+        for (name, opts) in [
+            ("weights", LossOptions::new().weights(weights.clone())),
+            ("smoothing + weights", LossOptions::new().weights(weights.clone()).label_smoothing(0.2)),
+            ("z-loss + softcap + scale", LossOptions::new().z_loss(1e-2).softcap(5.0).logit_scale(1.3)),
+            ("n_items", LossOptions::new().n_items(64.0)),
+            ("sum + smoothing", LossOptions::new().reduction(Reduction::Sum).label_smoothing(0.1)),
+        ] {
+            let logits_buf = buffer(gpu, bytemuck::cast_slice(&logits));
+            let targets_buf = buffer(gpu, bytemuck::cast_slice(&t32));
+            let grad_buf = buffer(gpu, &vec![0u8; n * v * 4]);
+            let batch = DeviceBatch {
+                logits: &logits_buf,
+                logits_offset: 0,
+                targets: &targets_buf,
+                targets_offset: 0,
+                rows: n,
+                classes: v,
+                ignore_index: -100,
+            };
+            let mut enc = gpu.device().create_command_encoder(&Default::default());
+            let grad = DeviceGradient::Into { buffer: &grad_buf, offset: 0 };
+            let out = gpu.record_cross_entropy(&mut enc, &batch, &opts, grad).unwrap();
+            gpu.queue().submit([enc.finish()]);
+            let want =
+                xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts.clone().gradient(true))
+                    .unwrap();
+            let got = LossOutput {
+                loss: Some(gpu.read_device_loss(&out).unwrap()),
+                gradient: Some(gpu.read_device_buffer(&grad_buf, n * v).unwrap()),
+                ..Default::default()
+            };
+            compare(&got, &want, Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{name} on {}: {e}", common::name(gpu)));
+        }
+    }
+}

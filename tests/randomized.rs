@@ -23,6 +23,9 @@ struct Case {
     /// ignore_index: −100 or a valid class id (class 0).
     ignore_class_zero: bool,
     ignored_share: u8,
+    /// 0 plain; 1 class weights; 2 label smoothing (+ weights); 3 z-loss + softcap +
+    /// logit scale; 4 n_items; 5 everything.
+    options: u8,
     seed: u64,
 }
 
@@ -69,8 +72,26 @@ impl Case {
 
     fn opts(&self) -> LossOptions {
         let reduction = [Reduction::Mean, Reduction::Sum, Reduction::None][self.reduction as usize];
-        LossOptions::new()
-            .reduction(reduction)
+        let mut rng = Rng::new(self.seed ^ 0xABCD);
+        let weights: Vec<f32> = (0..self.classes).map(|_| (rng.uniform() * 2.0) as f32).collect();
+        let base = match self.options {
+            1 => LossOptions::new().weights(weights),
+            2 => LossOptions::new().weights(weights).label_smoothing(rng.uniform()),
+            3 => LossOptions::new()
+                .z_loss(1e-3)
+                .softcap(2.0 + 30.0 * rng.uniform())
+                .logit_scale(0.5 + rng.uniform()),
+            4 => LossOptions::new().n_items(1.0 + 100.0 * rng.uniform()),
+            5 => LossOptions::new()
+                .weights(weights)
+                .label_smoothing(0.1)
+                .z_loss(1e-4)
+                .softcap(30.0)
+                .logit_scale(1.1)
+                .n_items(17.0),
+            _ => LossOptions::new(),
+        };
+        base.reduction(reduction)
             .ignore_index(if self.ignore_class_zero { 0 } else { -100 })
             .gradient(self.gradient == 1)
             .row_losses(true)
@@ -84,8 +105,8 @@ fn cases() -> impl Strategy<Value = Case> {
         3 => 40usize..700,
         1 => prop::sample::select(vec![4096usize, 8191, 8192, 9000, 20000]),
     ];
-    (0usize..40, classes, 0u8..8, 0u8..3, 0u8..3, any::<bool>(), 0u8..4, any::<u64>()).prop_map(
-        |(rows, classes, style, reduction, gradient, ignore_class_zero, ignored_share, seed)| Case {
+    (0usize..40, classes, 0u8..8, 0u8..3, 0u8..3, any::<bool>(), 0u8..4, 0u8..6, any::<u64>()).prop_map(
+        |(rows, classes, style, reduction, gradient, ignore_class_zero, ignored_share, options, seed)| Case {
             rows: if classes >= 4096 { rows.min(6) } else { rows },
             classes,
             style,
@@ -93,6 +114,7 @@ fn cases() -> impl Strategy<Value = Case> {
             gradient,
             ignore_class_zero,
             ignored_share,
+            options,
             seed,
         },
     )

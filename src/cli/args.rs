@@ -108,14 +108,23 @@ pub struct EvalArgs {
     pub pos_weight: Option<PathBuf>,
     #[arg(long, default_value_t = xent::DEFAULT_IGNORE_INDEX, allow_hyphen_values = true)]
     pub ignore_index: i64,
-    #[arg(long)]
+    /// Label smoothing ε in [0, 1].
+    #[arg(long, allow_negative_numbers = true)]
     pub label_smoothing: Option<f64>,
     #[arg(long, value_enum, default_value = "mean")]
     pub reduction: ReductionArg,
-    #[arg(long)]
+    /// z-loss scale s: each counted row adds s · lse².
+    #[arg(long, allow_negative_numbers = true)]
     pub z_loss: Option<f64>,
-    #[arg(long)]
+    /// Logit softcap c: the loss sees c · tanh(x / c).
+    #[arg(long, allow_negative_numbers = true)]
     pub softcap: Option<f64>,
+    /// Multiplies the logits before anything else.
+    #[arg(long, allow_negative_numbers = true)]
+    pub logit_scale: Option<f64>,
+    /// Replaces the `mean` denominator (gradient accumulation over micro-batches).
+    #[arg(long, allow_negative_numbers = true)]
+    pub n_items: Option<f64>,
     #[arg(long, value_enum, default_value = "gpu")]
     pub device: DeviceArg,
     /// Adapter name (substring, case-insensitive) for --device gpu.
@@ -138,16 +147,8 @@ pub fn eval_options(args: &EvalArgs) -> xent::Result<LossOptions> {
     if args.loss_kind == LossKind::Bce {
         return Err(not_built("--loss-kind bce"));
     }
-    for (flag, set) in [
-        ("--weights", args.weights.is_some()),
-        ("--pos-weight", args.pos_weight.is_some()),
-        ("--label-smoothing", args.label_smoothing.is_some()),
-        ("--z-loss", args.z_loss.is_some()),
-        ("--softcap", args.softcap.is_some()),
-    ] {
-        if set {
-            return Err(not_built(flag));
-        }
+    if args.pos_weight.is_some() {
+        return Err(not_built("--pos-weight (binary cross-entropy)"));
     }
     if args.adapter.is_some() && args.device != DeviceArg::Gpu {
         return Err(Error::InvalidOption("--adapter only applies to --device gpu".into()));
@@ -157,5 +158,24 @@ pub fn eval_options(args: &EvalArgs) -> xent::Result<LossOptions> {
         ReductionArg::Sum => Reduction::Sum,
         ReductionArg::None => Reduction::None,
     };
-    Ok(LossOptions::new().reduction(reduction).ignore_index(args.ignore_index))
+    let mut opts = LossOptions::new().reduction(reduction).ignore_index(args.ignore_index);
+    if let Some(e) = args.label_smoothing {
+        opts = opts.label_smoothing(e);
+    }
+    if let Some(s) = args.z_loss {
+        opts = opts.z_loss(s);
+    }
+    if let Some(c) = args.softcap {
+        opts = opts.softcap(c);
+    }
+    if let Some(a) = args.logit_scale {
+        opts = opts.logit_scale(a);
+    }
+    if let Some(n) = args.n_items {
+        opts = opts.n_items(n);
+    }
+    // Every scalar option is checked here, before any file is read; the class weights
+    // (read from --weights later) are checked against V when the logits are known.
+    opts.validate(usize::MAX)?;
+    Ok(opts)
 }

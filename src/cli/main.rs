@@ -237,7 +237,7 @@ fn check_writable(path: &Path) -> xent::Result<()> {
 }
 
 fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
-    let opts = args::eval_options(args)?;
+    let mut opts = args::eval_options(args)?;
     for p in args.out_loss.iter().chain(&args.out_grad) {
         check_writable(p)?;
     }
@@ -281,6 +281,22 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
             expected: rows,
         });
     }
+
+    if let Some(path) = &args.weights {
+        let w = npy::read(path)?;
+        if w.shape.len() != 1 {
+            return Err(Error::Npy {
+                path: path.clone(),
+                message: format!("class weights must be 1-D [V], got shape {:?}", w.shape),
+            });
+        }
+        let NpyData::F32(w) = w.data else {
+            return Err(Error::Npy { path: path.clone(), message: "class weights must be float32".into() });
+        };
+        opts = opts.weights(w);
+    }
+    // Weights against V, targets against V: all before the backend is opened.
+    xent::Batch::new(logits_data.len(), classes, targets_ref, &opts)?;
 
     let backend: Box<dyn Backend> = match args.device {
         DeviceArg::Gpu => {

@@ -148,10 +148,24 @@ impl<'a> RowOpts<'a> {
     }
 }
 
-/// tanh through the vectorised exp: 1 − 2 / (exp(2u) + 1), exact at ±inf.
+/// tanh through the vectorised exp, as the kernels compute it: an odd series for
+/// |u| < 0.4 (where 1 − exp would cancel) and sign(u) (1 − e) / (1 + e) with
+/// e = exp(−2|u|) elsewhere; ±1 at ±inf, NaN for NaN. Also returns 1 − tanh², as
+/// 4e / (1 + e)² away from 0 (no cancellation near |tanh| = 1).
 #[inline(always)]
-fn tanh_f32(u: f32) -> f32 {
-    1.0 - 2.0 / (exp_f32(2.0 * u) + 1.0)
+fn tanh_sech2(u: f32) -> (f32, f32) {
+    let u2 = u * u;
+    let series = u
+        * (1.0
+            + u2 * (-1.0 / 3.0
+                + u2 * (2.0 / 15.0
+                    + u2 * (-17.0 / 315.0
+                        + u2 * (62.0 / 2835.0 + u2 * (-1382.0 / 155925.0 + u2 * (21844.0 / 6081075.0)))))));
+    let e = exp_f32(-2.0 * u.abs());
+    let far = (1.0 - e) / (1.0 + e);
+    let far = if u < 0.0 { -far } else { far };
+    let far = if u.is_nan() { u } else { far };
+    if u.abs() < 0.4 { (series, 1.0 - series * series) } else { (far, 4.0 * e / ((1.0 + e) * (1.0 + e))) }
 }
 
 /// One row with options: the logits transformed into `z` (scale, softcap), then the
@@ -167,7 +181,7 @@ fn process_row_with_options(
 ) -> (f32, f32) {
     let v = row.len();
     match o.cap {
-        Some(cap) => z.iter_mut().zip(row).for_each(|(z, &x)| *z = cap * tanh_f32(o.alpha * x / cap)),
+        Some(cap) => z.iter_mut().zip(row).for_each(|(z, &x)| *z = cap * tanh_sech2(o.alpha * x / cap).0),
         None => z.iter_mut().zip(row).for_each(|(z, &x)| *z = o.alpha * x),
     }
     let (m, s) = row_stats(z);
@@ -202,7 +216,7 @@ fn process_row_with_options(
         for c in 0..v {
             let p = exp_f32((z[c] - m) - log_s);
             let dz = match o.cap {
-                Some(cap) => o.alpha * (1.0 - (z[c] / cap) * (z[c] / cap)),
+                Some(cap) => o.alpha * tanh_sech2(o.alpha * row[c] / cap).1,
                 None => o.alpha,
             };
             let mut d = p * k - smooth_w * o.weight(c);

@@ -665,7 +665,8 @@ pub(crate) fn empty_output(opts: &LossOptions) -> LossOutput {
         loss: match opts.get_reduction() {
             Reduction::None => None,
             Reduction::Sum => Some(0.0),
-            Reduction::Mean => Some(f32::NAN),
+            // 0/0, unless the caller gave the denominator.
+            Reduction::Mean => Some(opts.get_n_items().map_or(f32::NAN, |_| 0.0)),
         },
         row_losses: opts.wants_row_losses().then(Vec::new),
         lse: opts.wants_lse().then(Vec::new),
