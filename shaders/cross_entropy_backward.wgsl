@@ -1,6 +1,8 @@
 // Gradient of cross-entropy from saved row statistics (row_state.wgsl is prepended):
-// `(exp((x - max) - log_sum) - onehot) * scale / norm[0]`, over a grid of
-// (row, column block) workgroups, so that few long rows still fill the device.
+// `g_r * scale / norm[0] * (p * k - (ε/V) w - (1 - ε) w_y onehot) * dz/dx`, with
+// p = exp((z - max) - log_sum) and z the transformed logit, over a grid of (row, column
+// block) workgroups, so that few long rows still fill the device. g_r is the upstream
+// gradient of the row (`upstream`, when per_row) or 1.
 // Reads each logit once and writes each gradient once, to `grad` or over the logits.
 //
 // Row statistics are (max, log(sum)) pairs rather than LSE: under large offsets
@@ -24,6 +26,14 @@ struct Params {
     grad_mode: u32,
     ignore_index: i32,
     classes: u32,       // V: targets outside [0, V) are treated as ignored
+    per_row: u32,       // 1: multiply row r by upstream[row_base + r]
+    has_weights: u32,
+    logit_scale: f32,
+    softcap: f32,       // 0: none
+    smoothing: f32,
+    z_loss: f32,
+    weight_total: f32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -33,6 +43,8 @@ struct Params {
 // The `mean` denominator (1 for sum/none), possibly computed on the device.
 @group(0) @binding(4) var<storage, read> norm: array<f32>;
 @group(0) @binding(5) var<storage, read_write> grad: array<f32>;
+@group(0) @binding(6) var<storage, read> weights: array<f32>;
+@group(0) @binding(7) var<storage, read> upstream: array<f32>;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -51,15 +63,34 @@ fn main(
     let ignored = t == params.ignore_index || t < 0 || u32(t) >= params.classes;
     let tc = select(u32(t) - params.col_base, 0xffffffffu, ignored || u32(t) < params.col_base);
     let stats = row_stats[params.row_base + r];
-    let scale = params.scale / norm[0];
+    let o = LossOpts(params.logit_scale, params.softcap, params.smoothing, params.z_loss,
+                     params.weight_total, params.classes);
+    let has_w = params.has_weights != 0u;
+    var w_y = 1.0;
+    if (has_w && !ignored) {
+        w_y = weights[u32(t)];
+    }
+    var up = 1.0;
+    if (params.per_row != 0u) {
+        up = upstream[params.row_base + r];
+    }
+    let scale = up * params.scale / norm[0];
+    let k = grad_k(o, stats.x, stats.y, w_y);
+    let smooth_w = o.eps / f32(o.classes);
+    let target_w = (1.0 - o.eps) * w_y;
     for (var c = first + lid; c < last; c += WG) {
         var g = 0.0;
         if (!ignored) {
-            var p = exp((logits[base + c] - stats.x) - stats.y);
-            if (c == tc) {
-                p = p - 1.0;
+            let x = logits[base + c];
+            let p = exp((transform1(x, o) - stats.x) - stats.y);
+            var d = p * k;
+            if (o.eps > 0.0) {
+                d -= smooth_w * select(1.0, weights[params.col_base + c], has_w);
             }
-            g = p * scale;
+            if (c == tc) {
+                d -= target_w;
+            }
+            g = d * dtransform1(x, o) * scale;
         }
         if (params.grad_mode == GRAD_IN_PLACE) {
             logits[base + c] = g;

@@ -4,7 +4,7 @@
 use crate::cpu;
 use crate::error::Result;
 use crate::gpu::GpuContext;
-use crate::options::{LossOptions, LossOutput, Targets};
+use crate::options::{LossOptions, LossOutput, Targets, Upstream};
 
 /// A way to evaluate the loss: the GPU, the CPU reference, ...
 pub trait Backend: Send + Sync {
@@ -27,6 +27,16 @@ pub trait Backend: Send + Sync {
         opts: &LossOptions,
         grad: &mut [f32],
     ) -> Result<LossOutput>;
+    /// See [`GpuContext::cross_entropy_backward`].
+    fn cross_entropy_backward(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        targets: Targets<'_>,
+        lse: &[f32],
+        upstream: Upstream<'_>,
+        opts: &LossOptions,
+    ) -> Result<Vec<f32>>;
     /// See [`GpuContext::cross_entropy_in_place`].
     fn cross_entropy_in_place(
         &self,
@@ -38,6 +48,17 @@ pub trait Backend: Send + Sync {
 }
 
 impl Backend for GpuContext {
+    fn cross_entropy_backward(
+        &self,
+        l: &[f32],
+        v: usize,
+        t: Targets<'_>,
+        lse: &[f32],
+        up: Upstream<'_>,
+        o: &LossOptions,
+    ) -> Result<Vec<f32>> {
+        GpuContext::cross_entropy_backward(self, l, v, t, lse, up, o)
+    }
     fn describe(&self) -> String {
         let info = self.adapter_info();
         format!("{} ({:?})", info.name, info.backend)
@@ -71,6 +92,17 @@ impl Backend for GpuContext {
 pub struct Reference;
 
 impl Backend for Reference {
+    fn cross_entropy_backward(
+        &self,
+        l: &[f32],
+        v: usize,
+        t: Targets<'_>,
+        lse: &[f32],
+        up: Upstream<'_>,
+        o: &LossOptions,
+    ) -> Result<Vec<f32>> {
+        cpu::reference::cross_entropy_backward(l, v, t, lse, up, o)
+    }
     fn describe(&self) -> String {
         "cpu reference (f64)".into()
     }
@@ -103,6 +135,17 @@ impl Backend for Reference {
 pub struct CpuFast;
 
 impl Backend for CpuFast {
+    fn cross_entropy_backward(
+        &self,
+        l: &[f32],
+        v: usize,
+        t: Targets<'_>,
+        lse: &[f32],
+        up: Upstream<'_>,
+        o: &LossOptions,
+    ) -> Result<Vec<f32>> {
+        cpu::fast::cross_entropy_backward(l, v, t, lse, up, o)
+    }
     fn describe(&self) -> String {
         format!("cpu fast ({} threads)", rayon::current_num_threads())
     }

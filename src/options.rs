@@ -303,6 +303,39 @@ impl<'a, const N: usize> From<&'a [i64; N]> for Targets<'a> {
     }
 }
 
+/// The upstream gradient of a separate backward: d(outer loss)/d(this loss).
+#[derive(Clone, Copy, Debug)]
+pub enum Upstream<'a> {
+    /// One value for the reduced loss (or for every row).
+    Scalar(f32),
+    /// One value per row (for `Reduction::None`).
+    PerRow(&'a [f32]),
+}
+
+impl Upstream<'_> {
+    /// The upstream gradient of row `r`.
+    pub fn of_row(&self, r: usize) -> f32 {
+        match self {
+            Upstream::Scalar(g) => *g,
+            Upstream::PerRow(g) => g[r],
+        }
+    }
+
+    /// Checks the per-row length against the rows.
+    pub fn check(&self, rows: usize) -> Result<()> {
+        if let Upstream::PerRow(g) = self
+            && g.len() != rows
+        {
+            return Err(Error::Shape {
+                what: "upstream gradient (one per row)".into(),
+                got: g.len(),
+                expected: rows,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// What a loss evaluation returns. Every path (GPU, CPU fast, CPU reference) fills the
 /// same fields for the same options.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets};
+use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets, Upstream};
 
 /// Elements per block of the online softmax (a whole number of SIMD vectors).
 const BLOCK: usize = 64;
@@ -445,4 +445,55 @@ mod tests {
         assert!(exp_f32(f32::NAN).is_nan());
         assert_eq!(exp_f32(0.0), 1.0);
     }
+}
+
+/// The separate backward on the CPU: the gradient from the logits and the per-row LSE a
+/// forward saved, times the upstream gradient; rows in parallel.
+pub fn cross_entropy_backward<'t>(
+    logits: &[f32],
+    classes: usize,
+    targets: impl Into<Targets<'t>>,
+    lse: &[f32],
+    upstream: Upstream<'_>,
+    opts: &LossOptions,
+) -> Result<Vec<f32>> {
+    let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
+    crate::cpu::reference::check_lse(lse, batch.rows)?;
+    upstream.check(batch.rows)?;
+    let v = classes;
+    let divisor = batch.divisor(opts.get_reduction());
+    let scale = if divisor > 0.0 { (1.0 / divisor) as f32 } else { 0.0 };
+    let o = RowOpts::new(opts, v, scale);
+    let mut grad = vec![0.0f32; logits.len()];
+    grad.par_chunks_mut(v).zip(logits.par_chunks(v)).enumerate().for_each(|(r, (g, row))| {
+        let t = batch.targets[r];
+        if t == Batch::IGNORED {
+            return;
+        }
+        let (y, l) = (t as usize, lse[r]);
+        let (eps, wy) = (o.eps, o.weight(y));
+        let mut k = (1.0 - eps) * wy;
+        if eps > 0.0 {
+            k += eps / v as f32 * o.total_weight;
+        }
+        if o.z_loss > 0.0 {
+            k += 2.0 * o.z_loss * l;
+        }
+        let s = o.scale * upstream.of_row(r);
+        for c in 0..v {
+            let (z, dz) = match o.cap {
+                Some(cap) => {
+                    let (t, sech2) = tanh_sech2(o.alpha * row[c] / cap);
+                    (cap * t, o.alpha * sech2)
+                }
+                None => (o.alpha * row[c], o.alpha),
+            };
+            let mut d = exp_f32(z - l) * k - eps / v as f32 * o.weight(c);
+            if c == y {
+                d -= (1.0 - eps) * wy;
+            }
+            g[c] = d * dz * s;
+        }
+    });
+    Ok(grad)
 }

@@ -2,7 +2,7 @@
 //! `shared/docs/semantics.md` line by line. Slow on purpose; it validates every other path.
 
 use crate::error::Result;
-use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets};
+use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets, Upstream};
 
 /// Per-row results of the reference, in f64.
 #[derive(Clone, Debug)]
@@ -149,6 +149,41 @@ fn assemble(rows: &ReferenceRows, batch: &Batch, opts: &LossOptions) -> LossOutp
         lse: opts.wants_lse().then(|| rows.lse.iter().map(|&l| l as f32).collect()),
         gradient: None,
     }
+}
+
+/// The separate backward: the gradient of the loss `opts` describes, from the logits and
+/// the per-row LSE a forward saved, times the upstream gradient (f64 inside).
+pub fn cross_entropy_backward<'t>(
+    logits: &[f32],
+    classes: usize,
+    targets: impl Into<Targets<'t>>,
+    lse: &[f32],
+    upstream: Upstream<'_>,
+    opts: &LossOptions,
+) -> Result<Vec<f32>> {
+    let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
+    check_lse(lse, batch.rows)?;
+    upstream.check(batch.rows)?;
+    let rows =
+        ReferenceRows { losses: vec![0.0; batch.rows], lse: lse.iter().map(|&l| f64::from(l)).collect() };
+    let mut grad = gradient(logits, &rows, &batch, opts);
+    for (r, row) in grad.chunks_mut(classes).enumerate() {
+        let g = f64::from(upstream.of_row(r));
+        row.iter_mut().for_each(|x| *x = (f64::from(*x) * g) as f32);
+    }
+    Ok(grad)
+}
+
+/// The saved LSE must have one value per row.
+pub(crate) fn check_lse(lse: &[f32], rows: usize) -> Result<()> {
+    if lse.len() != rows {
+        return Err(crate::Error::Shape {
+            what: "saved LSE (one per row)".into(),
+            got: lse.len(),
+            expected: rows,
+        });
+    }
+    Ok(())
 }
 
 fn gradient(logits: &[f32], rows: &ReferenceRows, batch: &Batch, opts: &LossOptions) -> Vec<f32> {

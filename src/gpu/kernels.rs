@@ -199,6 +199,34 @@ pub(crate) struct BackwardParams {
     pub grad_mode: u32,
     pub ignore_index: i32,
     pub classes: u32,
+    pub per_row: u32,
+    pub has_weights: u32,
+    pub logit_scale: f32,
+    pub softcap: f32,
+    pub smoothing: f32,
+    pub z_loss: f32,
+    pub weight_total: f32,
+    pub _pad: u32,
+}
+
+impl BackwardParams {
+    /// Plain options, upstream gradient 1: the split and grid paths of PyTorch's loss.
+    pub fn plain(self) -> Self {
+        Self { logit_scale: 1.0, weight_total: self.classes as f32, ..self }
+    }
+
+    /// With the options of `k`.
+    pub fn with_opts(self, k: &KernelOpts) -> Self {
+        Self {
+            has_weights: k.has_weights,
+            logit_scale: k.logit_scale,
+            softcap: k.softcap,
+            smoothing: k.smoothing,
+            z_loss: k.z_loss,
+            weight_total: k.weight_total,
+            ..self
+        }
+    }
 }
 
 /// `Params` of `reduce_sum.wgsl`.
@@ -242,7 +270,7 @@ pub(crate) const NO_INDEX: u32 = u32::MAX;
 
 /// Size of the largest parameter block; each dispatch's block sits at a multiple of
 /// the uniform offset alignment above it.
-pub(crate) const MAX_PARAMS_SIZE: u64 = 64;
+pub(crate) const MAX_PARAMS_SIZE: u64 = 80;
 
 fn uniform_entry(size: usize) -> wgpu::BindGroupLayoutEntry {
     wgpu::BindGroupLayoutEntry {
@@ -440,7 +468,8 @@ impl Kernels {
                 device,
                 "cross_entropy_backward",
                 &src["cross_entropy_backward.wgsl"],
-                &[(RW, 4), (RO, 4), (RO, 8), (RO, 4), (RW, 4)],
+                // logits, targets, row_stats, norm, grad, weights, upstream
+                &[(RW, 4), (RO, 4), (RO, 8), (RO, 4), (RW, 4), (RO, 4), (RO, 4)],
                 wg,
             ),
             // data

@@ -338,7 +338,15 @@ impl GpuContext {
                     d,
                     &self.kernels.backward,
                     &params,
-                    &[logits_range, targets_range, whole(&stats, rows * 8), whole(&norm, 16), grad_range],
+                    &[
+                        logits_range,
+                        targets_range,
+                        whole(&stats, rows * 8),
+                        whole(&norm, 16),
+                        grad_range,
+                        whole(&class_weights, class_weights.size()),
+                        whole(&norm, 16),
+                    ],
                 );
                 let p = BackwardParams {
                     rows: n as u32,
@@ -353,7 +361,9 @@ impl GpuContext {
                     grad_mode: mode as u32,
                     ignore_index: batch.ignore_index,
                     classes: v as u32,
-                };
+                    ..bytemuck::Zeroable::zeroed()
+                }
+                .plain();
                 rec.dispatch(&self.kernels.backward, &bg, &p, wgs);
             }
             _scratch.push(partials);

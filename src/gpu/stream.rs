@@ -120,6 +120,7 @@ pub(crate) struct Workspace {
     sums: Slot,
     norm: Slot,
     weights: Slot,
+    upstream: Slot,
     params: Slot,
     readback: Vec<Slot>,
     groups: Option<BindGroups>,
@@ -251,6 +252,7 @@ impl GpuContext {
             ws.sums.ensure(d, "xent sums", st, sums, bind_cap),
             ws.norm.ensure(d, "xent norm", st, 16, bind_cap),
             ws.weights.ensure(d, "xent weights", st, weights as u64 * 4, bind_cap),
+            ws.upstream.ensure(d, "xent upstream", st, rows * 4, bind_cap),
             ws.params.ensure(d, "xent params", U::UNIFORM | U::COPY_DST, stride * MAX_PARAM_BLOCKS, buf_cap),
         ]
         .iter()
@@ -300,7 +302,15 @@ impl GpuContext {
                     d,
                     &k.backward,
                     p,
-                    &[ws.logits.get(), ws.targets.get(), ws.row_stats.get(), ws.norm.get(), ws.grad.get()],
+                    &[
+                        ws.logits.get(),
+                        ws.targets.get(),
+                        ws.row_stats.get(),
+                        ws.norm.get(),
+                        ws.grad.get(),
+                        ws.weights.get(),
+                        ws.upstream.get(),
+                    ],
                 ),
                 reduce_scratch: bind(d, &k.reduce, p, &[ws.scratch.get()]),
                 reduce_sums: bind(d, &k.reduce, p, &[ws.sums.get()]),
@@ -533,7 +543,9 @@ impl GpuContext {
                             grad_mode: mode as u32,
                             ignore_index: Batch::IGNORED,
                             classes: v as u32,
-                        };
+                            ..bytemuck::Zeroable::zeroed()
+                        }
+                        .plain();
                         rec.dispatch(&self.kernels.backward, &groups.backward, &params, wgs);
                         let src =
                             if plan.grad == GradKind::Separate { ws.grad.get() } else { ws.logits.get() };
@@ -622,7 +634,9 @@ impl GpuContext {
                 grad_mode: mode as u32,
                 ignore_index: Batch::IGNORED,
                 classes: v as u32,
-            };
+                ..bytemuck::Zeroable::zeroed()
+            }
+            .plain();
             rec.dispatch(&self.kernels.backward, &groups.backward, &backward, wgs);
         }
     }
@@ -671,5 +685,136 @@ pub(crate) fn empty_output(opts: &LossOptions) -> LossOutput {
         row_losses: opts.wants_row_losses().then(Vec::new),
         lse: opts.wants_lse().then(Vec::new),
         gradient: opts.wants_gradient().then(Vec::new),
+    }
+}
+
+impl GpuContext {
+    /// The separate backward: the gradient of the loss `opts` describes, from the logits
+    /// and the per-row LSE a forward saved ([`LossOptions::lse`]), times the upstream
+    /// gradient — out of place, for callers that must keep their logits. One read of the
+    /// logits and one write of the gradient, chunk by chunk as [`Plan`] says (rows longer
+    /// than a binding in column pieces).
+    ///
+    /// The LSE is an f32 rounding of `max + log(sum)`: under offsets of 1e4 and more its
+    /// absolute error shows in the gradient, as in any saved-LSE backward; the fused
+    /// calls, which keep (max, log(sum)), do not have that limit.
+    pub fn cross_entropy_backward<'t>(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        targets: impl Into<crate::Targets<'t>>,
+        lse: &[f32],
+        upstream: crate::Upstream<'_>,
+        opts: &LossOptions,
+    ) -> Result<Vec<f32>> {
+        let mut grad = vec![0.0f32; logits.len()];
+        self.cross_entropy_backward_into(logits, classes, targets, lse, upstream, opts, &mut grad)?;
+        Ok(grad)
+    }
+
+    /// As [`GpuContext::cross_entropy_backward`], into the caller's `grad`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cross_entropy_backward_into<'t>(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        targets: impl Into<crate::Targets<'t>>,
+        lse: &[f32],
+        upstream: crate::Upstream<'_>,
+        opts: &LossOptions,
+        grad: &mut [f32],
+    ) -> Result<()> {
+        let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
+        crate::cpu::reference::check_lse(lse, batch.rows)?;
+        upstream.check(batch.rows)?;
+        super::context::check_grad_len(grad.len(), logits.len())?;
+        if batch.rows == 0 {
+            return Ok(());
+        }
+        let plan = Plan::new(batch.rows, batch.classes, GradKind::Separate, &self.plan_limits())?;
+        let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
+        let weights = opts.get_weights().map_or(0, <[f32]>::len);
+        self.scoped(|| {
+            self.prepare(&mut ws, &plan, weights);
+            Ok(())
+        })
+        .inspect_err(|_| ws.release())?;
+        let result =
+            self.scoped(|| self.backward_chunks(&ws, logits, &batch, lse, upstream, opts, &plan, grad));
+        if result.is_err() {
+            ws.release();
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_chunks(
+        &self,
+        ws: &Workspace,
+        logits: &[f32],
+        batch: &Batch,
+        lse: &[f32],
+        upstream: crate::Upstream<'_>,
+        opts: &LossOptions,
+        plan: &Plan,
+        grad: &mut [f32],
+    ) -> Result<()> {
+        let groups = ws.groups.as_ref().expect("prepared");
+        let v = batch.classes;
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let kopts = KernelOpts::new(opts, v);
+        let divisor = batch.divisor(opts.get_reduction());
+        let inv = if divisor > 0.0 { (1.0 / divisor) as f32 } else { 0.0 };
+        let (scale, per_row) = match upstream {
+            crate::Upstream::Scalar(g) => (g * inv, 0),
+            crate::Upstream::PerRow(_) => (inv, 1),
+        };
+        self.queue.write_buffer(ws.norm.get(), 0, bytemuck::bytes_of(&1.0f32));
+        if let Some(w) = opts.get_weights() {
+            self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
+        }
+        let rb = ws.readback[0].get();
+        for chunk in plan.chunks() {
+            let rows = chunk.rows.clone();
+            let cols = chunk.cols.len();
+            // Rows of the chunk, or one row's piece: contiguous in the logits either way.
+            let elems = rows.start * v + chunk.cols.start..(rows.end - 1) * v + chunk.cols.end;
+            self.queue.write_buffer(ws.logits.get(), 0, bytemuck::cast_slice(&logits[elems.clone()]));
+            self.queue.write_buffer(ws.targets.get(), 0, bytemuck::cast_slice(&batch.targets[rows.clone()]));
+            let stats: Vec<[f32; 2]> = lse[rows.clone()].iter().map(|&l| [l, 0.0]).collect();
+            self.queue.write_buffer(ws.row_stats.get(), 0, bytemuck::cast_slice(&stats));
+            if let crate::Upstream::PerRow(g) = upstream {
+                self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[rows.clone()]));
+            }
+            let blocks = cols.div_ceil(SPLIT_BLOCK_COLS);
+            let wgs = (rows.len() * blocks) as u64;
+            let params = BackwardParams {
+                rows: rows.len() as u32,
+                row_stride: cols as u32,
+                cols: cols as u32,
+                col_base: chunk.cols.start as u32,
+                block_cols: SPLIT_BLOCK_COLS as u32,
+                blocks: blocks as u32,
+                row_base: 0,
+                groups_x: groups_x(wgs, max_dim),
+                scale,
+                grad_mode: GradMode::Separate as u32,
+                ignore_index: Batch::IGNORED,
+                classes: v as u32,
+                per_row,
+                ..bytemuck::Zeroable::zeroed()
+            }
+            .with_opts(&kopts);
+            let mut rec = Recorder::new(&self.device, &self.limits);
+            rec.dispatch(&self.kernels.backward, &groups.backward, &params, wgs);
+            let bytes = elems.len() as u64 * 4;
+            rec.copy(ws.grad.get(), 0, rb, 0, bytes);
+            let submission = rec.submit(&self.queue, ws.params.get());
+            let map = self.request_map(rb, bytes);
+            self.finish_map(rb, map, Some(submission), |b| {
+                grad[elems.clone()].copy_from_slice(bytemuck::cast_slice(b));
+            })?;
+        }
+        Ok(())
     }
 }

@@ -42,3 +42,27 @@ pub fn name(gpu: &GpuContext) -> String {
     let i = gpu.adapter_info();
     format!("{} ({:?})", i.name, i.backend)
 }
+
+/// A context on the first adapter, its device opened with tiny limits: a 64 KiB binding
+/// and at most 7 workgroups per dispatch dimension.
+pub fn tiny_device(gpus: &[GpuContext]) -> Option<GpuContext> {
+    let first = gpus.first()?;
+    let adapter = xent::gpu::select_adapters(None)
+        .unwrap()
+        .into_iter()
+        .find(|a| {
+            a.get_info().name == first.adapter_info().name
+                && a.get_info().backend == first.adapter_info().backend
+        })
+        .unwrap();
+    let mut limits = adapter.limits();
+    limits.max_storage_buffer_binding_size = 64 << 10;
+    limits.max_compute_workgroups_per_dimension = 7;
+    let (device, queue) = pollster::block_on(
+        adapter.request_device(&wgpu::DeviceDescriptor { required_limits: limits, ..Default::default() }),
+    )
+    .unwrap();
+    let gpu = GpuContext::from_device(device, queue).unwrap();
+    assert_eq!(gpu.limits().max_compute_workgroups_per_dimension, 7);
+    Some(gpu)
+}
