@@ -422,31 +422,6 @@ pub fn cross_entropy_in_place<'t>(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn polynomial_exp_is_accurate_and_safe_at_the_edges() {
-        let mut worst = 0.0f64;
-        let mut x = -100.0f32;
-        while x < 88.0 {
-            let want = f64::from(x).exp();
-            let got = f64::from(exp_f32(x));
-            if want > 1e-37 {
-                worst = worst.max((got - want).abs() / want);
-            }
-            x += 0.0137;
-        }
-        assert!(worst < 4e-7, "relative error {worst}");
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_f32(-1000.0), 0.0);
-        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
-        assert!(exp_f32(f32::NAN).is_nan());
-        assert_eq!(exp_f32(0.0), 1.0);
-    }
-}
-
 /// The separate backward on the CPU: the gradient from the logits and the per-row LSE a
 /// forward saved, times the upstream gradient; rows in parallel.
 pub fn cross_entropy_backward<'t>(
@@ -496,4 +471,29 @@ pub fn cross_entropy_backward<'t>(
         }
     });
     Ok(grad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polynomial_exp_is_accurate_and_safe_at_the_edges() {
+        let mut worst = 0.0f64;
+        let mut x = -100.0f32;
+        while x < 88.0 {
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_f32(x));
+            if want > 1e-37 {
+                worst = worst.max((got - want).abs() / want);
+            }
+            x += 0.0137;
+        }
+        assert!(worst < 4e-7, "relative error {worst}");
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-1000.0), 0.0);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
 }
