@@ -82,6 +82,44 @@ def case(name, n, v, seed, weights=False, ignore_index=-100, ignored=0, label_sm
         np.save(os.path.join(d, f"grad_{reduction}.npy"), xt.grad.numpy())
 
 
+def bce_case(name, n, v, seed, weights=False, pos_weight=False, soft=False, n_items=None):
+    """Binary cross-entropy with logits: folder bce_<name>, targets float32 [N, V]."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, v)) * 3).astype(np.float32)
+    y = (rng.random((n, v)) if soft else (rng.random((n, v)) < 0.3)).astype(np.float32)
+    w = (rng.random(v) * 2).astype(np.float32) if weights else None
+    pw = (rng.random(v) * 3).astype(np.float32) if pos_weight else None
+    d = os.path.join(OUT, "bce_" + name)
+    os.makedirs(d)
+    np.save(os.path.join(d, "logits.npy"), x)
+    np.save(os.path.join(d, "targets.npy"), y)
+    if w is not None:
+        np.save(os.path.join(d, "weights.npy"), w)
+    if pw is not None:
+        np.save(os.path.join(d, "pos_weight.npy"), pw)
+    with open(os.path.join(d, "options.txt"), "w") as f:
+        if n_items is not None:
+            f.write(f"n_items = {n_items!r}\n")
+    wt = torch.from_numpy(w.astype(np.float64)) if w is not None else None
+    pwt = torch.from_numpy(pw.astype(np.float64)) if pw is not None else None
+    for reduction in ["mean", "sum", "none"]:
+        xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+        yt = torch.from_numpy(y.astype(np.float64))
+        rows = F.binary_cross_entropy_with_logits(xt, yt, weight=wt, pos_weight=pwt, reduction="none")
+        if reduction == "none":
+            loss = rows
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            loss = rows.sum() / (n_items if n_items is not None else rows.numel())
+            if n_items is None:
+                direct = F.binary_cross_entropy_with_logits(xt, yt, weight=wt, pos_weight=pwt)
+                assert torch.allclose(loss, direct, rtol=1e-12, atol=1e-12)
+        loss.backward(torch.ones_like(loss))
+        np.save(os.path.join(d, f"loss_{reduction}.npy"), loss.detach().numpy())
+        np.save(os.path.join(d, f"grad_{reduction}.npy"), xt.grad.numpy())
+
+
 def main():
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(OUT)
@@ -101,6 +139,11 @@ def main():
          softcap=20.0, logit_scale=1.5, n_items=40.0)
     case("offset_masked", 12, 64, 14, offset=1e4, masked=True)
     case("smoothing_offset", 12, 64, 15, offset=1e3, label_smoothing=0.1, weights=True)
+    bce_case("plain", 9, 13, 21)
+    bce_case("weights", 9, 13, 22, weights=True)
+    bce_case("pos_weight", 11, 7, 23, pos_weight=True)
+    bce_case("soft_weights_pos_weight", 10, 17, 24, weights=True, pos_weight=True, soft=True)
+    bce_case("n_items", 8, 6, 25, n_items=100.0)
     print("wrote", sorted(os.listdir(OUT)))
 
 

@@ -37,6 +37,14 @@ pub trait Backend: Send + Sync {
         upstream: Upstream<'_>,
         opts: &LossOptions,
     ) -> Result<Vec<f32>>;
+    /// See [`GpuContext::binary_cross_entropy`].
+    fn binary_cross_entropy(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        targets: &[f32],
+        opts: &LossOptions,
+    ) -> Result<LossOutput>;
     /// See [`GpuContext::cross_entropy_in_place`].
     fn cross_entropy_in_place(
         &self,
@@ -48,6 +56,9 @@ pub trait Backend: Send + Sync {
 }
 
 impl Backend for GpuContext {
+    fn binary_cross_entropy(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
+        GpuContext::binary_cross_entropy(self, l, v, t, o)
+    }
     fn cross_entropy_backward(
         &self,
         l: &[f32],
@@ -92,6 +103,9 @@ impl Backend for GpuContext {
 pub struct Reference;
 
 impl Backend for Reference {
+    fn binary_cross_entropy(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
+        cpu::reference::binary_cross_entropy(l, v, t, o)
+    }
     fn cross_entropy_backward(
         &self,
         l: &[f32],
@@ -135,6 +149,9 @@ impl Backend for Reference {
 pub struct CpuFast;
 
 impl Backend for CpuFast {
+    fn binary_cross_entropy(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
+        cpu::fast::binary_cross_entropy(l, v, t, o)
+    }
     fn cross_entropy_backward(
         &self,
         l: &[f32],

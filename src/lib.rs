@@ -34,5 +34,7 @@ pub mod synth;
 pub use backend::{Backend, CpuFast, Reference};
 pub use error::{Error, Result};
 pub use gpu::GpuContext;
-pub use options::{Batch, DEFAULT_IGNORE_INDEX, LossOptions, LossOutput, Reduction, Targets, Upstream};
+pub use options::{
+    Batch, DEFAULT_IGNORE_INDEX, LossOptions, LossOutput, Reduction, Targets, Upstream, check_binary,
+};
 pub use row_state::RowState;

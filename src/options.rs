@@ -63,6 +63,7 @@ pub struct LossOptions {
     softcap: Option<f64>,
     logit_scale: f64,
     n_items: Option<f64>,
+    pos_weight: Option<Vec<f32>>,
 }
 
 impl Default for LossOptions {
@@ -86,7 +87,18 @@ impl LossOptions {
             softcap: None,
             logit_scale: 1.0,
             n_items: None,
+            pos_weight: None,
         }
+    }
+    /// Positive-class weights, one per class, for binary cross-entropy (PyTorch's
+    /// `pos_weight`).
+    pub fn pos_weight(mut self, pos_weight: Vec<f32>) -> Self {
+        self.pos_weight = Some(pos_weight);
+        self
+    }
+    /// The positive-class weights.
+    pub fn get_pos_weight(&self) -> Option<&[f32]> {
+        self.pos_weight.as_deref()
     }
     /// Class weights, one per class (PyTorch's `weight`): row losses are weighted by
     /// their target's weight, and `mean` divides by the sum of the counted rows' weights.
@@ -180,7 +192,29 @@ impl LossOptions {
         if let Some(w) = &self.weights {
             check_class_vector("weights", w, classes)?;
         }
+        if let Some(w) = &self.pos_weight {
+            check_class_vector("pos_weight", w, classes)?;
+        }
         Ok(())
+    }
+
+    /// Checks the options of a binary cross-entropy: only `weights`, `pos_weight`, the
+    /// reduction and `n_items` apply there.
+    pub fn validate_binary(&self, classes: usize) -> Result<()> {
+        self.validate(classes)?;
+        let extra = [
+            ("label smoothing", self.label_smoothing != 0.0),
+            ("z-loss", self.z_loss != 0.0),
+            ("softcap", self.softcap.is_some()),
+            ("logit scale", self.logit_scale != 1.0),
+            ("ignore_index", self.ignore_index != DEFAULT_IGNORE_INDEX),
+        ];
+        match extra.iter().find(|(_, set)| *set) {
+            Some((name, _)) => {
+                Err(Error::InvalidOption(format!("{name} does not apply to binary cross-entropy")))
+            }
+            None => Ok(()),
+        }
     }
     /// Sets the reduction.
     pub fn reduction(mut self, reduction: Reduction) -> Self {
@@ -303,6 +337,30 @@ impl<'a, const N: usize> From<&'a [i64; N]> for Targets<'a> {
     }
 }
 
+/// Checks a binary cross-entropy problem: logits and targets both [rows, classes], and
+/// the options that apply. Returns the number of rows.
+pub fn check_binary(logits: usize, targets: usize, classes: usize, opts: &LossOptions) -> Result<usize> {
+    if classes == 0 {
+        return Err(Error::InvalidOption("classes must be at least 1".into()));
+    }
+    if !logits.is_multiple_of(classes) {
+        return Err(Error::Shape {
+            what: format!("logits (a whole number of rows of {classes} classes)"),
+            got: logits,
+            expected: logits / classes * classes,
+        });
+    }
+    if targets != logits {
+        return Err(Error::Shape {
+            what: "binary targets (one per logit)".into(),
+            got: targets,
+            expected: logits,
+        });
+    }
+    opts.validate_binary(classes)?;
+    Ok(logits / classes)
+}
+
 /// The upstream gradient of a separate backward: d(outer loss)/d(this loss).
 #[derive(Clone, Copy, Debug)]
 pub enum Upstream<'a> {
@@ -395,6 +453,9 @@ impl Batch {
             });
         }
         opts.validate(classes)?;
+        if opts.get_pos_weight().is_some() {
+            return Err(Error::InvalidOption("pos_weight applies to binary cross-entropy only".into()));
+        }
         if classes > i32::MAX as usize {
             return Err(Error::InvalidOption(format!(
                 "{classes} classes is more than the kernels' i32 class index can address"

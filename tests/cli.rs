@@ -181,6 +181,70 @@ fn eval_takes_every_option() {
 }
 
 #[test]
+fn eval_binary_cross_entropy() {
+    let dir = Dir::new("bce");
+    let (n, v) = (30, 11);
+    let logits = synth::logits(n, v, 3.0, 31);
+    let targets: Vec<f32> =
+        synth::logits(n, v, 1.0, 32).iter().map(|x| if *x > 0.3 { 1.0 } else { 0.0 }).collect();
+    let pos: Vec<f32> = (0..v).map(|c| 1.0 + c as f32 / 4.0).collect();
+    let (l, t, p) = (dir.path("l.npy"), dir.path("t.npy"), dir.path("p.npy"));
+    npy::write_f32(&l, &[n, v], &logits).unwrap();
+    npy::write_f32(&t, &[n, v], &targets).unwrap();
+    npy::write_f32(&p, &[v], &pos).unwrap();
+    let gpu = !common::gpus("eval_binary_cross_entropy").is_empty();
+    for reduction in [Reduction::Mean, Reduction::None] {
+        let opts = LossOptions::new().reduction(reduction).pos_weight(pos.clone()).gradient(true);
+        let want = xent::cpu::reference::binary_cross_entropy(&logits, v, &targets, &opts).unwrap();
+        for device in if gpu { &["gpu", "cpu", "reference"][..] } else { &["cpu", "reference"][..] } {
+            let (lo, go) = (dir.path("loss.npy"), dir.path("grad.npy"));
+            let (code, _, stderr) = xent(&[
+                "eval",
+                "--loss-kind",
+                "bce",
+                "--logits",
+                s(&l),
+                "--targets",
+                s(&t),
+                "--pos-weight",
+                s(&p),
+                "--reduction",
+                reduction.name(),
+                "--device",
+                device,
+                "--out-loss",
+                s(&lo),
+                "--out-grad",
+                s(&go),
+            ]);
+            assert_eq!(code, 0, "{device}: {stderr}");
+            let (shape, loss) = f32s(&lo);
+            let got = match reduction {
+                Reduction::None => {
+                    assert_eq!(shape, vec![n, v]);
+                    xent::LossOutput {
+                        row_losses: Some(loss),
+                        gradient: Some(f32s(&go).1),
+                        ..Default::default()
+                    }
+                }
+                _ => xent::LossOutput {
+                    loss: Some(loss[0]),
+                    gradient: Some(f32s(&go).1),
+                    ..Default::default()
+                },
+            };
+            let mut want = want.clone();
+            if reduction != Reduction::None {
+                want.row_losses = None;
+            }
+            xent::check::compare(&got, &want, xent::check::Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{device}: {e}"));
+        }
+    }
+}
+
+#[test]
 fn bad_input_exits_2_with_a_message_and_writes_nothing() {
     let dir = Dir::new("bad");
     let (l, t, out) = (dir.path("l.npy"), dir.path("t.npy"), dir.path("out.npy"));
@@ -204,7 +268,11 @@ fn bad_input_exits_2_with_a_message_and_writes_nothing() {
         (vec!["--targets", s(&missing)], "missing.npy"),
         (vec!["--targets", s(&t), "--reduction", "avg"], "avg"),
         (vec!["--targets", s(&t), "--label-smoothing", "1.5"], "label smoothing must be in [0, 1], got 1.5"),
-        (vec!["--targets", s(&t), "--loss-kind", "bce"], "bce"),
+        (vec!["--targets", s(&t), "--loss-kind", "bce"], "binary targets must be float32 [N, V]"),
+        (
+            vec!["--targets", s(&t), "--pos-weight", s(&short_w)],
+            "--pos-weight applies to --loss-kind bce only",
+        ),
         (vec!["--targets", s(&t), "--z-loss", "-1"], "z-loss"),
         (vec!["--targets", s(&t), "--softcap", "0"], "softcap"),
         (vec!["--targets", s(&t), "--n-items", "0"], "n_items"),

@@ -53,7 +53,11 @@ fn load(dir: &Path) -> Case {
 
 fn cases() -> Vec<Case> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("bce_"))
+        .collect();
     dirs.sort();
     assert!(dirs.len() >= 15, "tests/data holds {} cases; run scripts/make_reference.py", dirs.len());
     dirs.iter().map(|d| load(d)).collect()
@@ -142,4 +146,107 @@ fn every_gpu_tuning_matches_pytorch() {
         let gpu = pollster::block_on(xent::GpuContext::from_adapter_tuned(&adapter, tuning)).unwrap();
         check_backend(&gpu);
     }
+}
+
+/// A binary cross-entropy case (folders `bce_*`).
+struct BinaryCase {
+    name: String,
+    logits: Vec<f32>,
+    classes: usize,
+    targets: Vec<f32>,
+    opts: LossOptions,
+}
+
+fn binary_cases() -> Vec<BinaryCase> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("bce_"))
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 5, "tests/data holds {} binary cases", dirs.len());
+    let f32s = |p: PathBuf| match npy::read(p).unwrap().data {
+        NpyData::F32(v) => v,
+        other => panic!("{other:?}"),
+    };
+    dirs.iter()
+        .map(|dir| {
+            let shape = npy::read(dir.join("logits.npy")).unwrap().shape;
+            let mut opts = LossOptions::new();
+            if dir.join("weights.npy").exists() {
+                opts = opts.weights(f32s(dir.join("weights.npy")));
+            }
+            if dir.join("pos_weight.npy").exists() {
+                opts = opts.pos_weight(f32s(dir.join("pos_weight.npy")));
+            }
+            for line in std::fs::read_to_string(dir.join("options.txt")).unwrap().lines() {
+                let (key, value) = line.split_once(" = ").unwrap();
+                assert_eq!(key, "n_items");
+                opts = opts.n_items(value.parse().unwrap());
+            }
+            BinaryCase {
+                name: dir.file_name().unwrap().to_string_lossy().into_owned(),
+                logits: f32s(dir.join("logits.npy")),
+                classes: shape[1],
+                targets: f32s(dir.join("targets.npy")),
+                opts,
+            }
+        })
+        .collect()
+}
+
+fn check_binary(backend: &dyn Backend) {
+    for case in binary_cases() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(&case.name);
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            let r = reduction.name();
+            let loss = f64s(&dir.join(format!("loss_{r}.npy")));
+            let grad = f64s(&dir.join(format!("grad_{r}.npy")));
+            let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+            let want = LossOutput {
+                loss: (reduction != Reduction::None).then(|| loss[0] as f32),
+                row_losses: (reduction == Reduction::None).then(|| as_f32(&loss)),
+                lse: None,
+                gradient: Some(as_f32(&grad)),
+            };
+            let opts = case.opts.clone().reduction(reduction).gradient(true);
+            let got = backend
+                .binary_cross_entropy(&case.logits, case.classes, &case.targets, &opts)
+                .unwrap_or_else(|e| panic!("{} {reduction:?} on {}: {e}", case.name, backend.describe()));
+            compare(&got, &want, Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{} {reduction:?} on {}: {e}", case.name, backend.describe()));
+        }
+    }
+}
+
+#[test]
+fn binary_cross_entropy_matches_pytorch_on_every_path() {
+    check_binary(&xent::Reference);
+    check_binary(&xent::CpuFast);
+    for gpu in common::gpus("binary_cross_entropy_matches_pytorch") {
+        check_binary(gpu);
+    }
+}
+
+#[test]
+fn binary_cross_entropy_streams_through_tiny_limits() {
+    // Pieces of a 64 KiB binding that cut rows, against the reference.
+    let Some(mut gpu) = common::tiny_device(common::gpus("binary_cross_entropy_streams")) else { return };
+    gpu.set_memory_budget(200_000);
+    let (n, v) = (97, 401);
+    let logits = xent::synth::logits(n, v, 3.0, 81);
+    let targets: Vec<f32> =
+        xent::synth::logits(n, v, 1.0, 82).iter().map(|x| (x.abs() * 0.7).min(1.0)).collect();
+    let pos: Vec<f32> = (0..v).map(|c| 0.5 + (c % 4) as f32).collect();
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let opts = LossOptions::new().reduction(reduction).pos_weight(pos.clone()).gradient(true);
+        let want = xent::cpu::reference::binary_cross_entropy(&logits, v, &targets, &opts).unwrap();
+        let got = gpu.binary_cross_entropy(&logits, v, &targets, &opts).unwrap();
+        compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{reduction:?}: {e}"));
+    }
+    // Options that do not apply are refused.
+    let e =
+        gpu.binary_cross_entropy(&logits, v, &targets, &LossOptions::new().label_smoothing(0.1)).unwrap_err();
+    assert!(matches!(e, xent::Error::InvalidOption(_)), "{e}");
 }

@@ -138,17 +138,10 @@ pub struct EvalArgs {
     pub out_grad: Option<PathBuf>,
 }
 
-fn not_built(flag: &str) -> Error {
-    Error::InvalidOption(format!("{flag} is not supported yet in this build; it is never silently ignored"))
-}
-
 /// Checks `eval`'s options and builds the loss options, before any file is touched.
 pub fn eval_options(args: &EvalArgs) -> xent::Result<LossOptions> {
-    if args.loss_kind == LossKind::Bce {
-        return Err(not_built("--loss-kind bce"));
-    }
-    if args.pos_weight.is_some() {
-        return Err(not_built("--pos-weight (binary cross-entropy)"));
+    if args.pos_weight.is_some() && args.loss_kind != LossKind::Bce {
+        return Err(Error::InvalidOption("--pos-weight applies to --loss-kind bce only".into()));
     }
     if args.adapter.is_some() && args.device != DeviceArg::Gpu {
         return Err(Error::InvalidOption("--adapter only applies to --device gpu".into()));

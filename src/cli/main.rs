@@ -257,46 +257,78 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         path: args.logits.clone(),
         message: format!("logits must be float32, found {:?}", logits.header().dtype),
     })?;
-    let targets = npy::read(&args.targets)?;
-    if targets.shape.len() != 1 {
-        return Err(Error::Npy {
-            path: args.targets.clone(),
-            message: format!("class-index targets must be 1-D [N], got shape {:?}", targets.shape),
-        });
+    if let Some(path) = &args.weights {
+        opts = opts.weights(read_class_vector(path, "class weights")?);
     }
-    let targets_ref: Targets<'_> = match &targets.data {
-        NpyData::I64(t) => t.into(),
-        NpyData::I32(t) => t.into(),
-        _ => {
-            return Err(Error::Npy {
-                path: args.targets.clone(),
-                message: "class-index targets must be int64 or int32".into(),
-            });
+    if let Some(path) = &args.pos_weight {
+        opts = opts.pos_weight(read_class_vector(path, "pos_weight")?);
+    }
+    // Binary cross-entropy: float targets of the logits' shape, memory-mapped too.
+    let binary_targets = match args.loss_kind {
+        args::LossKind::Bce => {
+            let t = npy::MappedNpy::open(&args.targets)?;
+            if t.header().shape != [rows, classes] {
+                return Err(Error::Npy {
+                    path: args.targets.clone(),
+                    message: format!(
+                        "binary targets must be float32 [N, V] = [{rows}, {classes}], got shape {:?}",
+                        t.header().shape
+                    ),
+                });
+            }
+            Some(t)
+        }
+        args::LossKind::Ce => None,
+    };
+    let targets = match binary_targets {
+        Some(_) => None,
+        None => Some(npy::read(&args.targets)?),
+    };
+    let targets_ref: Option<Targets<'_>> = match &targets {
+        None => None,
+        Some(targets) => {
+            if targets.shape.len() != 1 {
+                return Err(Error::Npy {
+                    path: args.targets.clone(),
+                    message: format!("class-index targets must be 1-D [N], got shape {:?}", targets.shape),
+                });
+            }
+            let t: Targets<'_> = match &targets.data {
+                NpyData::I64(t) => t.into(),
+                NpyData::I32(t) => t.into(),
+                _ => {
+                    return Err(Error::Npy {
+                        path: args.targets.clone(),
+                        message:
+                            "class-index targets must be int64 or int32 (float targets: --loss-kind bce)"
+                                .into(),
+                    });
+                }
+            };
+            if t.len() != rows {
+                return Err(Error::Shape {
+                    what: format!("targets ({} rows; logits have {rows})", t.len()),
+                    got: t.len(),
+                    expected: rows,
+                });
+            }
+            Some(t)
         }
     };
-    if targets_ref.len() != rows {
-        return Err(Error::Shape {
-            what: format!("targets ({} rows; logits have {rows})", targets_ref.len()),
-            got: targets_ref.len(),
-            expected: rows,
-        });
-    }
-
-    if let Some(path) = &args.weights {
-        let w = npy::read(path)?;
-        if w.shape.len() != 1 {
-            return Err(Error::Npy {
-                path: path.clone(),
-                message: format!("class weights must be 1-D [V], got shape {:?}", w.shape),
-            });
+    let binary_data = match &binary_targets {
+        Some(t) => Some(t.as_f32()?),
+        None => None,
+    };
+    // Every option and target is checked before the backend is opened.
+    match (targets_ref, binary_data) {
+        (Some(t), _) => {
+            xent::Batch::new(logits_data.len(), classes, t, &opts)?;
         }
-        let NpyData::F32(w) = w.data else {
-            return Err(Error::Npy { path: path.clone(), message: "class weights must be float32".into() });
-        };
-        opts = opts.weights(w);
+        (None, Some(t)) => {
+            xent::check_binary(logits_data.len(), t.len(), classes, &opts)?;
+        }
+        (None, None) => unreachable!("targets of one kind or the other"),
     }
-    // Weights against V, targets against V: all before the backend is opened.
-    xent::Batch::new(logits_data.len(), classes, targets_ref, &opts)?;
 
     let backend: Box<dyn Backend> = match args.device {
         DeviceArg::Gpu => {
@@ -320,16 +352,30 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         None => None,
     };
     let start = Instant::now();
-    let out = match &mut grad_file {
-        Some(w) => backend.cross_entropy_into(logits_data, classes, targets_ref, &opts, w.data_mut())?,
-        None => backend.cross_entropy(logits_data, classes, targets_ref, &opts)?,
+    let out = match (targets_ref, binary_data, &mut grad_file) {
+        (Some(t), _, Some(w)) => backend.cross_entropy_into(logits_data, classes, t, &opts, w.data_mut())?,
+        (Some(t), _, None) => backend.cross_entropy(logits_data, classes, t, &opts)?,
+        (None, Some(t), grad_file) => {
+            let out = backend.binary_cross_entropy(
+                logits_data,
+                classes,
+                t,
+                &opts.clone().gradient(grad_file.is_some()),
+            )?;
+            if let (Some(w), Some(g)) = (grad_file, &out.gradient) {
+                w.data_mut().copy_from_slice(g);
+            }
+            out
+        }
+        (None, None, _) => unreachable!("targets of one kind or the other"),
     };
     let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
 
     if let Some(p) = &args.out_loss {
+        let none_shape: &[usize] = if binary_data.is_some() { &[rows, classes] } else { &[rows] };
         match out.loss {
             Some(l) => npy::write_f32(p, &[], &[l])?,
-            None => npy::write_f32(p, &[rows], out.row_losses.as_deref().unwrap_or_default())?,
+            None => npy::write_f32(p, none_shape, out.row_losses.as_deref().unwrap_or_default())?,
         }
     }
     if let Some(w) = grad_file {
@@ -346,6 +392,21 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         json_string(&adapter)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// A per-class float32 vector [V] from a `.npy` file.
+fn read_class_vector(path: &Path, what: &str) -> xent::Result<Vec<f32>> {
+    let w = npy::read(path)?;
+    if w.shape.len() != 1 {
+        return Err(Error::Npy {
+            path: path.to_path_buf(),
+            message: format!("{what} must be 1-D [V], got shape {:?}", w.shape),
+        });
+    }
+    match w.data {
+        NpyData::F32(w) => Ok(w),
+        _ => Err(Error::Npy { path: path.to_path_buf(), message: format!("{what} must be float32") }),
+    }
 }
 
 /// A number as Python's `json` writes it (NaN and infinities included, which its

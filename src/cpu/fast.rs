@@ -473,6 +473,80 @@ pub fn cross_entropy_backward<'t>(
     Ok(grad)
 }
 
+/// Binary cross-entropy with logits on the CPU (see
+/// [`crate::cpu::reference::binary_cross_entropy`]): elementwise, rows in parallel, the
+/// vectorised exp; f64 partial sums per task.
+pub fn binary_cross_entropy(
+    logits: &[f32],
+    classes: usize,
+    targets: &[f32],
+    opts: &LossOptions,
+) -> Result<LossOutput> {
+    let rows = crate::options::check_binary(logits.len(), targets.len(), classes, opts)?;
+    let v = classes;
+    let denom = match opts.get_reduction() {
+        Reduction::Mean => opts.get_n_items().unwrap_or((rows * v) as f64),
+        _ => 1.0,
+    };
+    let scale = (1.0 / denom) as f32;
+    let (weights, pos) = (opts.get_weights(), opts.get_pos_weight());
+    let step = rows_per_task(v) * v;
+    let mut losses = vec![0.0f32; logits.len()];
+    let mut grad = vec![0.0f32; if opts.wants_gradient() { logits.len() } else { 0 }];
+    let want_grad = opts.wants_gradient();
+    let element = |i: usize, x: f32, y: f32| -> (f32, f32) {
+        let c = i % v;
+        let (w, pw) = (weights.map_or(1.0, |w| w[c]), pos.map_or(1.0, |p| p[c]));
+        let e = exp_f32(-x.abs());
+        let softplus_neg = (-x).max(0.0) + e.ln_1p();
+        let coef = 1.0 + (pw - 1.0) * y;
+        let loss = w * ((1.0 - y) * x + coef * softplus_neg);
+        // σ(x) from the same e: 1/(1+e) for x >= 0, e/(1+e) below.
+        let sigma = if x >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+        let sigma = if x.is_nan() { x } else { sigma };
+        (loss, w * (coef * sigma - pw * y) * scale)
+    };
+    let partials: Vec<f64> = if want_grad {
+        losses
+            .par_chunks_mut(step)
+            .zip(grad.par_chunks_mut(step))
+            .enumerate()
+            .map(|(k, (l, g))| {
+                let first = k * step;
+                let mut sum = 0.0f64;
+                for (j, (l, g)) in l.iter_mut().zip(g).enumerate() {
+                    let i = first + j;
+                    (*l, *g) = element(i, logits[i], targets[i]);
+                    sum += f64::from(*l);
+                }
+                sum
+            })
+            .collect()
+    } else {
+        losses
+            .par_chunks_mut(step)
+            .enumerate()
+            .map(|(k, l)| {
+                let first = k * step;
+                let mut sum = 0.0f64;
+                for (j, l) in l.iter_mut().enumerate() {
+                    let i = first + j;
+                    *l = element(i, logits[i], targets[i]).0;
+                    sum += f64::from(*l);
+                }
+                sum
+            })
+            .collect()
+    };
+    let total: f64 = partials.iter().sum();
+    Ok(LossOutput {
+        loss: (opts.get_reduction() != Reduction::None).then(|| (total / denom) as f32),
+        row_losses: opts.wants_row_losses().then_some(losses),
+        lse: None,
+        gradient: want_grad.then_some(grad),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

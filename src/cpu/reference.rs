@@ -222,3 +222,42 @@ fn gradient(logits: &[f32], rows: &ReferenceRows, batch: &Batch, opts: &LossOpti
     }
     grad
 }
+
+/// Binary (multilabel) cross-entropy with logits, as PyTorch's
+/// `binary_cross_entropy_with_logits`: per element
+/// `w · [(1 − y) x + (1 + (pw − 1) y) softplus(−x)]`, `w` and `pw` per class;
+/// `mean` over N·V (or `n_items`). For `none`, `row_losses` holds the [N, V] element
+/// losses.
+pub fn binary_cross_entropy(
+    logits: &[f32],
+    classes: usize,
+    targets: &[f32],
+    opts: &LossOptions,
+) -> Result<LossOutput> {
+    let rows = crate::options::check_binary(logits.len(), targets.len(), classes, opts)?;
+    let w = |c: usize| opts.get_weights().map_or(1.0, |w| f64::from(w[c]));
+    let pw = |c: usize| opts.get_pos_weight().map_or(1.0, |w| f64::from(w[c]));
+    let denom = match opts.get_reduction() {
+        Reduction::Mean => opts.get_n_items().unwrap_or((rows * classes) as f64),
+        _ => 1.0,
+    };
+    let mut losses = Vec::with_capacity(logits.len());
+    let mut grad = vec![0.0f32; if opts.wants_gradient() { logits.len() } else { 0 }];
+    for (i, (&x, &y)) in logits.iter().zip(targets).enumerate() {
+        let (x, y, c) = (f64::from(x), f64::from(y), i % classes);
+        let softplus_neg = (-x).max(0.0) + (-x.abs()).exp().ln_1p();
+        let coef = 1.0 + (pw(c) - 1.0) * y;
+        losses.push(w(c) * ((1.0 - y) * x + coef * softplus_neg));
+        if opts.wants_gradient() {
+            let sigma = 1.0 / (1.0 + (-x).exp());
+            grad[i] = (w(c) * (coef * sigma - pw(c) * y) / denom) as f32;
+        }
+    }
+    let total: f64 = losses.iter().sum();
+    Ok(LossOutput {
+        loss: (opts.get_reduction() != Reduction::None).then(|| (total / denom) as f32),
+        row_losses: opts.wants_row_losses().then(|| losses.iter().map(|&l| l as f32).collect()),
+        lse: None,
+        gradient: opts.wants_gradient().then_some(grad),
+    })
+}

@@ -459,12 +459,22 @@ impl GpuContext {
         read: impl FnOnce(&[u8]),
     ) -> Result<()> {
         self.wait(submission)?;
-        let mut status = request.rx.try_recv();
-        if status.is_err() {
-            // The callback runs on a later poll when the submission finished first.
-            self.wait(None)?;
-            status = request.rx.try_recv();
-        }
+        // The callback runs inside some thread's poll: ours, or another thread's that
+        // polled the same device a moment earlier and is about to deliver it.
+        let deadline = std::time::Instant::now() + self.timeout;
+        let status = loop {
+            match request.rx.recv_timeout(Duration::from_millis(1)) {
+                Ok(status) => break Ok(status),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Err(()),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(Error::Timeout(self.timeout));
+                    }
+                    self.check_lost()?;
+                    let _ = self.device.poll(wgpu::PollType::Poll);
+                }
+            }
+        };
         match status {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {

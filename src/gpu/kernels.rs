@@ -23,6 +23,8 @@ pub const CROSS_ENTROPY_BACKWARD_WGSL: &str = include_str!("../../shaders/cross_
 pub const ROW_WEIGHTS_WGSL: &str = include_str!("../../shaders/row_weights.wgsl");
 /// One level of the deterministic tree sum used for `sum` and `mean`.
 pub const REDUCE_SUM_WGSL: &str = include_str!("../../shaders/reduce_sum.wgsl");
+/// Binary cross-entropy with logits, elementwise.
+pub const BINARY_CROSS_ENTROPY_WGSL: &str = include_str!("../../shaders/binary_cross_entropy.wgsl");
 /// The bench's copy roofline (1 read + 1 write).
 pub const BENCH_COPY_WGSL: &str = include_str!("../../shaders/bench_copy.wgsl");
 /// The bench's read roofline (1 read).
@@ -40,6 +42,7 @@ pub fn shaders() -> Vec<(&'static str, String)> {
         ("cross_entropy_backward.wgsl", with_state(CROSS_ENTROPY_BACKWARD_WGSL)),
         ("row_weights.wgsl", ROW_WEIGHTS_WGSL.to_string()),
         ("reduce_sum.wgsl", REDUCE_SUM_WGSL.to_string()),
+        ("binary_cross_entropy.wgsl", BINARY_CROSS_ENTROPY_WGSL.to_string()),
         ("bench_copy.wgsl", BENCH_COPY_WGSL.to_string()),
         ("bench_read.wgsl", BENCH_READ_WGSL.to_string()),
     ]
@@ -265,6 +268,20 @@ pub(crate) struct WeightParams {
     pub _pad: [u32; 3],
 }
 
+/// `Params` of `binary_cross_entropy.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct BinaryParams {
+    pub count: u32,
+    pub col_start: u32,
+    pub classes: u32,
+    pub groups_x: u32,
+    pub scale: f32,
+    pub has_weights: u32,
+    pub has_pos_weight: u32,
+    pub flags: u32,
+}
+
 /// `divisor_index` meaning "use the uniform divisor".
 pub(crate) const NO_INDEX: u32 = u32::MAX;
 
@@ -410,6 +427,7 @@ pub(crate) struct Kernels {
     pub backward: Kernel,
     pub reduce: Kernel,
     pub weights: Kernel,
+    pub binary: Kernel,
     /// Workgroup size of every kernel (a power of two).
     pub workgroup_size: u32,
 }
@@ -486,6 +504,14 @@ impl Kernels {
                 "row_weights",
                 &src["row_weights.wgsl"],
                 &[(RO, 4), (RW, 4), (RO, 4)],
+                wg,
+            ),
+            // logits, targets, weights, pos_weight, grad, losses, partials
+            binary: Kernel::new::<BinaryParams>(
+                device,
+                "binary_cross_entropy",
+                &src["binary_cross_entropy.wgsl"],
+                &[(RO, 4), (RO, 4), (RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4)],
                 wg,
             ),
             workgroup_size: wg,

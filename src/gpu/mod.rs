@@ -2,6 +2,7 @@
 //! [`GpuContext`], which owns a device, its pipelines and buffers.
 
 pub mod bench;
+mod binary;
 mod buffers;
 mod context;
 mod kernels;

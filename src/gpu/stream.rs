@@ -124,6 +124,7 @@ pub(crate) struct Workspace {
     params: Slot,
     readback: Vec<Slot>,
     groups: Option<BindGroups>,
+    pub(crate) binary: super::binary::BinaryWorkspace,
     /// Buffers created so far (a steady state of same-shape calls creates none).
     pub allocations: u64,
 }
