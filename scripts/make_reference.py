@@ -120,6 +120,58 @@ def bce_case(name, n, v, seed, weights=False, pos_weight=False, soft=False, n_it
         np.save(os.path.join(d, f"grad_{reduction}.npy"), xt.grad.numpy())
 
 
+def soft_case(name, n, v, seed, weights=False, label_smoothing=0.0, z_loss=0.0, softcap=None,
+              logit_scale=1.0, n_items=None, masked=False):
+    """Probability targets: folder soft_<name>, targets float32 [N, V] (rows sum to 1)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, v)) * 2).astype(np.float32)
+    p = rng.random((n, v)) ** 3
+    if masked:
+        zero = rng.random((n, v)) < 0.5
+        p[zero] = 0.0
+        x[zero & (rng.random((n, v)) < 0.5)] = -np.inf
+        p[:, 0] += 1e-3
+        x[:, 0] = np.abs(x[:, 0])
+    p = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+    w = (rng.random(v) * 2).astype(np.float32) if weights else None
+    d = os.path.join(OUT, "soft_" + name)
+    os.makedirs(d)
+    np.save(os.path.join(d, "logits.npy"), x)
+    np.save(os.path.join(d, "targets.npy"), p)
+    if w is not None:
+        np.save(os.path.join(d, "weights.npy"), w)
+    opts = {"label_smoothing": label_smoothing, "z_loss": z_loss, "logit_scale": logit_scale}
+    if softcap is not None:
+        opts["softcap"] = softcap
+    if n_items is not None:
+        opts["n_items"] = n_items
+    with open(os.path.join(d, "options.txt"), "w") as f:
+        for k, val in opts.items():
+            f.write(f"{k} = {val!r}\n")
+    wt = torch.from_numpy(w.astype(np.float64)) if w is not None else None
+    pt = torch.from_numpy(p.astype(np.float64))
+    for reduction in ["mean", "sum", "none"]:
+        xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+        z = xt * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        rows = F.cross_entropy(z, pt, weight=wt, reduction="none", label_smoothing=label_smoothing)
+        if z_loss:
+            rows = rows + z_loss * torch.logsumexp(z, dim=1).square()
+        if reduction == "none":
+            loss = rows
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            loss = rows.sum() / (n_items if n_items is not None else n)
+            if n_items is None and not z_loss and softcap is None and logit_scale == 1.0:
+                direct = F.cross_entropy(z, pt, weight=wt, label_smoothing=label_smoothing)
+                assert torch.allclose(loss, direct, rtol=1e-12, atol=1e-12), (name, loss, direct)
+        loss.backward(torch.ones_like(loss))
+        np.save(os.path.join(d, f"loss_{reduction}.npy"), loss.detach().numpy())
+        np.save(os.path.join(d, f"grad_{reduction}.npy"), xt.grad.numpy())
+
+
 def main():
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(OUT)
@@ -139,6 +191,11 @@ def main():
          softcap=20.0, logit_scale=1.5, n_items=40.0)
     case("offset_masked", 12, 64, 14, offset=1e4, masked=True)
     case("smoothing_offset", 12, 64, 15, offset=1e3, label_smoothing=0.1, weights=True)
+    soft_case("plain", 12, 29, 31)
+    soft_case("weights_smoothing", 12, 29, 32, weights=True, label_smoothing=0.15)
+    soft_case("everything", 10, 40, 33, weights=True, label_smoothing=0.05, z_loss=1e-3, softcap=10.0,
+              logit_scale=0.9, n_items=7.0)
+    soft_case("masked", 9, 21, 34)
     bce_case("plain", 9, 13, 21)
     bce_case("weights", 9, 13, 22, weights=True)
     bce_case("pos_weight", 11, 7, 23, pos_weight=True)

@@ -37,6 +37,14 @@ pub trait Backend: Send + Sync {
         upstream: Upstream<'_>,
         opts: &LossOptions,
     ) -> Result<Vec<f32>>;
+    /// See [`GpuContext::cross_entropy_soft`].
+    fn cross_entropy_soft(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        targets: &[f32],
+        opts: &LossOptions,
+    ) -> Result<LossOutput>;
     /// See [`GpuContext::binary_cross_entropy`].
     fn binary_cross_entropy(
         &self,
@@ -56,6 +64,9 @@ pub trait Backend: Send + Sync {
 }
 
 impl Backend for GpuContext {
+    fn cross_entropy_soft(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
+        GpuContext::cross_entropy_soft(self, l, v, t, o)
+    }
     fn binary_cross_entropy(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
         GpuContext::binary_cross_entropy(self, l, v, t, o)
     }
@@ -103,6 +114,9 @@ impl Backend for GpuContext {
 pub struct Reference;
 
 impl Backend for Reference {
+    fn cross_entropy_soft(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
+        cpu::reference::cross_entropy_soft(l, v, t, o)
+    }
     fn binary_cross_entropy(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
         cpu::reference::binary_cross_entropy(l, v, t, o)
     }
@@ -149,6 +163,9 @@ impl Backend for Reference {
 pub struct CpuFast;
 
 impl Backend for CpuFast {
+    fn cross_entropy_soft(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
+        cpu::fast::cross_entropy_soft(l, v, t, o)
+    }
     fn binary_cross_entropy(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
         cpu::fast::binary_cross_entropy(l, v, t, o)
     }

@@ -36,5 +36,6 @@ pub use error::{Error, Result};
 pub use gpu::GpuContext;
 pub use options::{
     Batch, DEFAULT_IGNORE_INDEX, LossOptions, LossOutput, Reduction, Targets, Upstream, check_binary,
+    check_soft,
 };
 pub use row_state::RowState;

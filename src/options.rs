@@ -361,6 +361,35 @@ pub fn check_binary(logits: usize, targets: usize, classes: usize, opts: &LossOp
     Ok(logits / classes)
 }
 
+/// Checks a cross-entropy with probability (soft) targets: logits and targets both
+/// [rows, classes], and the options. Returns the `mean` denominator (N, or `n_items`)
+/// and the number of rows.
+pub fn check_soft(logits: usize, targets: usize, classes: usize, opts: &LossOptions) -> Result<(f64, usize)> {
+    if classes == 0 {
+        return Err(Error::InvalidOption("classes must be at least 1".into()));
+    }
+    if !logits.is_multiple_of(classes) {
+        return Err(Error::Shape {
+            what: format!("logits (a whole number of rows of {classes} classes)"),
+            got: logits,
+            expected: logits / classes * classes,
+        });
+    }
+    if targets != logits {
+        return Err(Error::Shape {
+            what: "probability targets (one per logit)".into(),
+            got: targets,
+            expected: logits,
+        });
+    }
+    opts.validate(classes)?;
+    if opts.get_pos_weight().is_some() {
+        return Err(Error::InvalidOption("pos_weight applies to binary cross-entropy only".into()));
+    }
+    let rows = logits / classes;
+    Ok((opts.get_n_items().unwrap_or(rows as f64), rows))
+}
+
 /// The upstream gradient of a separate backward: d(outer loss)/d(this loss).
 #[derive(Clone, Copy, Debug)]
 pub enum Upstream<'a> {

@@ -181,6 +181,53 @@ fn eval_takes_every_option() {
 }
 
 #[test]
+fn eval_probability_targets() {
+    let dir = Dir::new("soft");
+    let (n, v) = (25, 19);
+    let logits = synth::logits(n, v, 2.0, 41);
+    let raw = synth::logits(n, v, 1.0, 42);
+    let probs: Vec<f32> = raw
+        .chunks(v)
+        .flat_map(|r| {
+            let s: f32 = r.iter().map(|x| x.abs()).sum();
+            r.iter().map(move |x| x.abs() / s).collect::<Vec<_>>()
+        })
+        .collect();
+    let (l, t) = (dir.path("l.npy"), dir.path("t.npy"));
+    npy::write_f32(&l, &[n, v], &logits).unwrap();
+    npy::write_f32(&t, &[n, v], &probs).unwrap();
+    let opts = LossOptions::new().label_smoothing(0.2).gradient(true);
+    let want = xent::cpu::reference::cross_entropy_soft(&logits, v, &probs, &opts).unwrap();
+    let gpu = !common::gpus("eval_probability_targets").is_empty();
+    for device in if gpu { &["gpu", "cpu", "reference"][..] } else { &["cpu", "reference"][..] } {
+        let (lo, go) = (dir.path("loss.npy"), dir.path("grad.npy"));
+        let (code, _, stderr) = xent(&[
+            "eval",
+            "--logits",
+            s(&l),
+            "--targets",
+            s(&t),
+            "--label-smoothing",
+            "0.2",
+            "--device",
+            device,
+            "--out-loss",
+            s(&lo),
+            "--out-grad",
+            s(&go),
+        ]);
+        assert_eq!(code, 0, "{device}: {stderr}");
+        let got = xent::LossOutput {
+            loss: Some(f32s(&lo).1[0]),
+            gradient: Some(f32s(&go).1),
+            ..Default::default()
+        };
+        xent::check::compare(&got, &want, xent::check::Tolerance::F32)
+            .unwrap_or_else(|e| panic!("{device}: {e}"));
+    }
+}
+
+#[test]
 fn eval_binary_cross_entropy() {
     let dir = Dir::new("bce");
     let (n, v) = (30, 11);

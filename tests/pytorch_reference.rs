@@ -56,7 +56,10 @@ fn cases() -> Vec<Case> {
     let mut dirs: Vec<_> = std::fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("bce_"))
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            !name.starts_with("bce_") && !name.starts_with("soft_")
+        })
         .collect();
     dirs.sort();
     assert!(dirs.len() >= 15, "tests/data holds {} cases; run scripts/make_reference.py", dirs.len());
@@ -249,4 +252,93 @@ fn binary_cross_entropy_streams_through_tiny_limits() {
     let e =
         gpu.binary_cross_entropy(&logits, v, &targets, &LossOptions::new().label_smoothing(0.1)).unwrap_err();
     assert!(matches!(e, xent::Error::InvalidOption(_)), "{e}");
+}
+
+fn check_soft(backend: &dyn Backend) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("soft_"))
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 4, "tests/data holds {} soft-target cases", dirs.len());
+    for dir in dirs {
+        // The same files as a class-index case, with float targets.
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let logits = npy::read(dir.join("logits.npy")).unwrap();
+        let classes = logits.shape[1];
+        let NpyData::F32(logits) = logits.data else { panic!("logits") };
+        let NpyData::F32(targets) = npy::read(dir.join("targets.npy")).unwrap().data else {
+            panic!("targets")
+        };
+        let mut opts = LossOptions::new();
+        if dir.join("weights.npy").exists() {
+            let NpyData::F32(w) = npy::read(dir.join("weights.npy")).unwrap().data else { panic!("weights") };
+            opts = opts.weights(w);
+        }
+        for line in std::fs::read_to_string(dir.join("options.txt")).unwrap().lines() {
+            let (key, value) = line.split_once(" = ").unwrap();
+            let x: f64 = value.parse().unwrap();
+            opts = match key {
+                "label_smoothing" => opts.label_smoothing(x),
+                "z_loss" => opts.z_loss(x),
+                "softcap" => opts.softcap(x),
+                "logit_scale" => opts.logit_scale(x),
+                "n_items" => opts.n_items(x),
+                other => panic!("unknown option {other}"),
+            };
+        }
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            let r = reduction.name();
+            let loss = f64s(&dir.join(format!("loss_{r}.npy")));
+            let grad = f64s(&dir.join(format!("grad_{r}.npy")));
+            let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+            let want = LossOutput {
+                loss: (reduction != Reduction::None).then(|| loss[0] as f32),
+                row_losses: (reduction == Reduction::None).then(|| as_f32(&loss)),
+                lse: None,
+                gradient: Some(as_f32(&grad)),
+            };
+            let o = opts.clone().reduction(reduction).gradient(true);
+            let got = backend
+                .cross_entropy_soft(&logits, classes, &targets, &o)
+                .unwrap_or_else(|e| panic!("{name} {reduction:?} on {}: {e}", backend.describe()));
+            compare(&got, &want, Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{name} {reduction:?} on {}: {e}", backend.describe()));
+        }
+    }
+}
+
+#[test]
+fn probability_targets_match_pytorch_on_every_path() {
+    check_soft(&xent::Reference);
+    check_soft(&xent::CpuFast);
+    for gpu in common::gpus("probability_targets_match_pytorch") {
+        check_soft(gpu);
+    }
+}
+
+#[test]
+fn probability_targets_stream_in_chunks() {
+    let Some(mut gpu) = common::tiny_device(common::gpus("probability_targets_stream_in_chunks")) else {
+        return;
+    };
+    gpu.set_memory_budget(100_000);
+    let (n, v) = (150, 300);
+    let logits = xent::synth::logits(n, v, 2.0, 91);
+    let raw = xent::synth::logits(n, v, 1.0, 92);
+    let targets: Vec<f32> = raw
+        .chunks(v)
+        .flat_map(|row| {
+            let s: f32 = row.iter().map(|x| x.abs()).sum();
+            row.iter().map(move |x| x.abs() / s).collect::<Vec<_>>()
+        })
+        .collect();
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let opts = LossOptions::new().reduction(reduction).label_smoothing(0.1).gradient(true).lse(true);
+        let want = xent::cpu::reference::cross_entropy_soft(&logits, v, &targets, &opts).unwrap();
+        let got = gpu.cross_entropy_soft(&logits, v, &targets, &opts).unwrap();
+        compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{reduction:?}: {e}"));
+    }
 }

@@ -263,23 +263,31 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     if let Some(path) = &args.pos_weight {
         opts = opts.pos_weight(read_class_vector(path, "pos_weight")?);
     }
-    // Binary cross-entropy: float targets of the logits' shape, memory-mapped too.
-    let binary_targets = match args.loss_kind {
-        args::LossKind::Bce => {
+    // Float targets of the logits' shape (binary cross-entropy, or probabilities for
+    // cross-entropy), memory-mapped too.
+    let float_targets = args.loss_kind == args::LossKind::Bce || {
+        let mut f = std::fs::File::open(&args.targets)
+            .map_err(|source| Error::Io { path: args.targets.clone(), source })?;
+        npy::read_header(&args.targets, &mut f)?.dtype == npy::DType::F32
+    };
+    let binary_targets = match float_targets {
+        true => {
             let t = npy::MappedNpy::open(&args.targets)?;
             if t.header().shape != [rows, classes] {
+                let what = if args.loss_kind == args::LossKind::Bce { "binary" } else { "probability" };
                 return Err(Error::Npy {
                     path: args.targets.clone(),
                     message: format!(
-                        "binary targets must be float32 [N, V] = [{rows}, {classes}], got shape {:?}",
+                        "{what} targets must be float32 [N, V] = [{rows}, {classes}], got shape {:?}",
                         t.header().shape
                     ),
                 });
             }
             Some(t)
         }
-        args::LossKind::Ce => None,
+        false => None,
     };
+    let soft = float_targets && args.loss_kind == args::LossKind::Ce;
     let targets = match binary_targets {
         Some(_) => None,
         None => Some(npy::read(&args.targets)?),
@@ -323,6 +331,9 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     match (targets_ref, binary_data) {
         (Some(t), _) => {
             xent::Batch::new(logits_data.len(), classes, t, &opts)?;
+        }
+        (None, Some(t)) if soft => {
+            xent::check_soft(logits_data.len(), t.len(), classes, &opts)?;
         }
         (None, Some(t)) => {
             xent::check_binary(logits_data.len(), t.len(), classes, &opts)?;
@@ -372,7 +383,7 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
 
     if let Some(p) = &args.out_loss {
-        let none_shape: &[usize] = if binary_data.is_some() { &[rows, classes] } else { &[rows] };
+        let none_shape: &[usize] = if binary_data.is_some() && !soft { &[rows, classes] } else { &[rows] };
         match out.loss {
             Some(l) => npy::write_f32(p, &[], &[l])?,
             None => npy::write_f32(p, none_shape, out.row_losses.as_deref().unwrap_or_default())?,

@@ -547,6 +547,83 @@ pub fn binary_cross_entropy(
     })
 }
 
+/// Cross-entropy with probability targets on the CPU (see
+/// [`crate::cpu::reference::cross_entropy_soft`]): rows in parallel, the vectorised exp.
+pub fn cross_entropy_soft(
+    logits: &[f32],
+    classes: usize,
+    targets: &[f32],
+    opts: &LossOptions,
+) -> Result<LossOutput> {
+    let (denom, rows) = crate::options::check_soft(logits.len(), targets.len(), classes, opts)?;
+    let v = classes;
+    let d = match opts.get_reduction() {
+        Reduction::Mean => denom,
+        _ => 1.0,
+    };
+    let o = RowOpts::new(opts, v, (1.0 / d) as f32);
+    let want_grad = opts.wants_gradient();
+    let mut losses = vec![0.0f32; rows];
+    let mut lses = vec![0.0f32; rows];
+    let mut grad = vec![0.0f32; if want_grad { logits.len() } else { 0 }];
+    let row = |r: usize, g: Option<&mut [f32]>| -> (f32, f32) {
+        let xs = &logits[r * v..(r + 1) * v];
+        let ts = &targets[r * v..(r + 1) * v];
+        let z: Vec<f32> = match o.cap {
+            Some(cap) => xs.iter().map(|&x| cap * tanh_sech2(o.alpha * x / cap).0).collect(),
+            None => xs.iter().map(|&x| o.alpha * x).collect(),
+        };
+        let (m, s) = row_stats(&z);
+        let log_s = s.ln() as f32;
+        let lse = m + log_s;
+        let smooth = o.eps / v as f32;
+        let t = |c: usize| (1.0 - o.eps) * ts[c] + smooth;
+        let mut a = 0.0f64;
+        let mut b = 0.0f64;
+        for c in 0..v {
+            let wt = o.weight(c) * t(c);
+            a += f64::from(wt);
+            if wt != 0.0 {
+                b += f64::from(wt) * f64::from((m - z[c]) + log_s);
+            }
+        }
+        let mut loss = b;
+        if o.z_loss > 0.0 {
+            loss += f64::from(o.z_loss) * f64::from(lse) * f64::from(lse);
+        }
+        if let Some(g) = g {
+            let k = a as f32 + 2.0 * o.z_loss * lse;
+            for c in 0..v {
+                let dz = match o.cap {
+                    Some(cap) => o.alpha * tanh_sech2(o.alpha * xs[c] / cap).1,
+                    None => o.alpha,
+                };
+                g[c] = (exp_f32((z[c] - m) - log_s) * k - o.weight(c) * t(c)) * dz * o.scale;
+            }
+        }
+        (loss as f32, lse)
+    };
+    if want_grad {
+        grad.par_chunks_mut(v)
+            .zip(losses.par_iter_mut().zip(lses.par_iter_mut()))
+            .enumerate()
+            .for_each(|(r, (g, (l, e)))| (*l, *e) = row(r, Some(g)));
+    } else {
+        losses
+            .par_iter_mut()
+            .zip(lses.par_iter_mut())
+            .enumerate()
+            .for_each(|(r, (l, e))| (*l, *e) = row(r, None));
+    }
+    let total: f64 = losses.iter().map(|&x| f64::from(x)).sum();
+    Ok(LossOutput {
+        loss: (opts.get_reduction() != Reduction::None).then(|| (total / d) as f32),
+        row_losses: opts.wants_row_losses().then_some(losses),
+        lse: opts.wants_lse().then_some(lses),
+        gradient: want_grad.then_some(grad),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -261,3 +261,54 @@ pub fn binary_cross_entropy(
         gradient: opts.wants_gradient().then_some(grad),
     })
 }
+
+/// Cross-entropy with probability (soft) targets [rows, classes], as PyTorch's
+/// `cross_entropy` with float targets: smoothing applies to the targets
+/// (`t' = (1 − ε) t + ε/V`), each class weighs by its own weight, `mean` divides by the
+/// number of rows (or `n_items`), never by weights; `ignore_index` does not apply.
+pub fn cross_entropy_soft(
+    logits: &[f32],
+    classes: usize,
+    targets: &[f32],
+    opts: &LossOptions,
+) -> Result<LossOutput> {
+    let (denom, rows) = crate::options::check_soft(logits.len(), targets.len(), classes, opts)?;
+    let v = classes;
+    let eps = opts.get_label_smoothing();
+    let zl = opts.get_z_loss();
+    let w = |c: usize| opts.get_weights().map_or(1.0, |w| f64::from(w[c]));
+    let d = match opts.get_reduction() {
+        Reduction::Mean => denom,
+        _ => 1.0,
+    };
+    let mut losses = Vec::with_capacity(rows);
+    let mut lses = Vec::with_capacity(rows);
+    let mut grad = vec![0.0f32; if opts.wants_gradient() { logits.len() } else { 0 }];
+    for r in 0..rows {
+        let xs = &logits[r * v..(r + 1) * v];
+        let zs: Vec<(f64, f64)> = xs.iter().map(|&x| transform(f64::from(x), opts)).collect();
+        let z: Vec<f64> = zs.iter().map(|p| p.0).collect();
+        let l = lse_f64(&z);
+        let t = |c: usize| (1.0 - eps) * f64::from(targets[r * v + c]) + eps / v as f64;
+        let a: f64 = (0..v).map(|c| w(c) * t(c)).sum();
+        let mut loss: f64 = (0..v).filter(|&c| w(c) * t(c) != 0.0).map(|c| w(c) * t(c) * (l - z[c])).sum();
+        if zl > 0.0 {
+            loss += zl * l * l;
+        }
+        losses.push(loss);
+        lses.push(l);
+        if opts.wants_gradient() {
+            for c in 0..v {
+                let p = (z[c] - l).exp();
+                grad[r * v + c] = ((p * (a + 2.0 * zl * l) - w(c) * t(c)) * zs[c].1 / d) as f32;
+            }
+        }
+    }
+    let total: f64 = losses.iter().sum();
+    Ok(LossOutput {
+        loss: (opts.get_reduction() != Reduction::None).then(|| (total / d) as f32),
+        row_losses: opts.wants_row_losses().then(|| losses.iter().map(|&l| l as f32).collect()),
+        lse: opts.wants_lse().then(|| lses.iter().map(|&l| l as f32).collect()),
+        gradient: opts.wants_gradient().then_some(grad),
+    })
+}

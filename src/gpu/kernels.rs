@@ -23,6 +23,8 @@ pub const CROSS_ENTROPY_BACKWARD_WGSL: &str = include_str!("../../shaders/cross_
 pub const ROW_WEIGHTS_WGSL: &str = include_str!("../../shaders/row_weights.wgsl");
 /// One level of the deterministic tree sum used for `sum` and `mean`.
 pub const REDUCE_SUM_WGSL: &str = include_str!("../../shaders/reduce_sum.wgsl");
+/// Cross-entropy with probability (soft) targets.
+pub const CROSS_ENTROPY_SOFT_WGSL: &str = include_str!("../../shaders/cross_entropy_soft.wgsl");
 /// Binary cross-entropy with logits, elementwise.
 pub const BINARY_CROSS_ENTROPY_WGSL: &str = include_str!("../../shaders/binary_cross_entropy.wgsl");
 /// The bench's copy roofline (1 read + 1 write).
@@ -42,6 +44,7 @@ pub fn shaders() -> Vec<(&'static str, String)> {
         ("cross_entropy_backward.wgsl", with_state(CROSS_ENTROPY_BACKWARD_WGSL)),
         ("row_weights.wgsl", ROW_WEIGHTS_WGSL.to_string()),
         ("reduce_sum.wgsl", REDUCE_SUM_WGSL.to_string()),
+        ("cross_entropy_soft.wgsl", with_state(CROSS_ENTROPY_SOFT_WGSL)),
         ("binary_cross_entropy.wgsl", BINARY_CROSS_ENTROPY_WGSL.to_string()),
         ("bench_copy.wgsl", BENCH_COPY_WGSL.to_string()),
         ("bench_read.wgsl", BENCH_READ_WGSL.to_string()),
@@ -282,6 +285,24 @@ pub(crate) struct BinaryParams {
     pub flags: u32,
 }
 
+/// `Params` of `cross_entropy_soft.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct SoftParams {
+    pub rows: u32,
+    pub classes: u32,
+    pub groups_x: u32,
+    pub want_grad: u32,
+    pub has_weights: u32,
+    pub grad_scale: f32,
+    pub logit_scale: f32,
+    pub softcap: f32,
+    pub smoothing: f32,
+    pub z_loss: f32,
+    pub weight_total: f32,
+    pub _pad: u32,
+}
+
 /// `divisor_index` meaning "use the uniform divisor".
 pub(crate) const NO_INDEX: u32 = u32::MAX;
 
@@ -428,6 +449,7 @@ pub(crate) struct Kernels {
     pub reduce: Kernel,
     pub weights: Kernel,
     pub binary: Kernel,
+    pub soft: Kernel,
     /// Workgroup size of every kernel (a power of two).
     pub workgroup_size: u32,
 }
@@ -512,6 +534,14 @@ impl Kernels {
                 "binary_cross_entropy",
                 &src["binary_cross_entropy.wgsl"],
                 &[(RO, 4), (RO, 4), (RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4)],
+                wg,
+            ),
+            // logits, probs, row_loss, row_lse, grad, weights
+            soft: Kernel::new::<SoftParams>(
+                device,
+                "cross_entropy_soft",
+                &src["cross_entropy_soft.wgsl"],
+                &[(RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RO, 4)],
                 wg,
             ),
             workgroup_size: wg,

@@ -8,6 +8,7 @@ mod context;
 mod kernels;
 pub mod plan;
 mod resident;
+mod soft;
 mod stream;
 
 pub(crate) use context::check_grad_len;

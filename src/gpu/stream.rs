@@ -125,6 +125,7 @@ pub(crate) struct Workspace {
     readback: Vec<Slot>,
     groups: Option<BindGroups>,
     pub(crate) binary: super::binary::BinaryWorkspace,
+    pub(crate) soft: super::soft::SoftWorkspace,
     /// Buffers created so far (a steady state of same-shape calls creates none).
     pub allocations: u64,
 }

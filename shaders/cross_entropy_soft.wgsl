@@ -1,0 +1,113 @@
+// Cross-entropy with probability (soft) targets (row_state.wgsl is prepended), one
+// workgroup per row: t' = (1 - ε) t + ε/V, loss = Σ_c w_c t'_c (lse - z_c) + s lse²
+// with z the transformed logit, and the gradient (p_j (Σ_c w_c t'_c + 2 s lse) -
+// w_j t'_j) dz/dx * scale. Pass 1 reads the logits and targets once with an online
+// softmax; the weighted target sum A and B = Σ w t' (max - z) are kept relative to the
+// running max (every term >= 0: masked classes add +inf or nothing, never inf - inf).
+// Pass 2 (gradient) reads both again and writes the gradient.
+
+override WG: u32 = 256u;
+
+struct Params {
+    rows: u32,
+    classes: u32,
+    groups_x: u32,
+    want_grad: u32,
+    has_weights: u32,
+    grad_scale: f32,    // 1 / denominator (N or n_items for mean)
+    logit_scale: f32,
+    softcap: f32,
+    smoothing: f32,
+    z_loss: f32,
+    weight_total: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> probs: array<f32>;
+@group(0) @binding(3) var<storage, read_write> row_loss: array<f32>;
+@group(0) @binding(4) var<storage, read_write> row_lse: array<f32>;
+@group(0) @binding(5) var<storage, read_write> grad: array<f32>;
+@group(0) @binding(6) var<storage, read> weights: array<f32>;
+
+var<workgroup> wg_max: array<f32, WG>;
+var<workgroup> wg_sum: array<f32, WG>;
+var<workgroup> wg_a: array<f32, WG>;
+var<workgroup> wg_b: array<f32, WG>;
+
+fn rebase(b: f32, a: f32, old_max: f32, new_max: f32) -> f32 {
+    return b + select(0.0, a * (new_max - old_max), a > 0.0);
+}
+
+fn target_weight(c: u32, base: u32, o: LossOpts) -> f32 {
+    let w = select(1.0, weights[c], params.has_weights != 0u);
+    return w * ((1.0 - o.eps) * probs[base + c] + o.eps / f32(o.classes));
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let r = wid.y * params.groups_x + wid.x;
+    if (r >= params.rows) {
+        return;
+    }
+    let o = LossOpts(params.logit_scale, params.softcap, params.smoothing, params.z_loss,
+                     params.weight_total, params.classes);
+    let v = params.classes;
+    let base = r * v;
+    var m = EMPTY_MAX;
+    var s = 0.0;
+    var a = 0.0;
+    var b = 0.0;
+    for (var c = lid; c < v; c += WG) {
+        let z = transform1(logits[base + c], o);
+        if (z > m) {
+            s = s * exp(m - z);
+            b = rebase(b, a, m, z);
+            m = z;
+        }
+        s += exp(z - m);
+        let wt = target_weight(c, base, o);
+        a += wt;
+        b += select(0.0, wt * (m - z), wt != 0.0);
+    }
+    wg_max[lid] = m;
+    wg_sum[lid] = s;
+    wg_a[lid] = a;
+    wg_b[lid] = b;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            let x = RowState(wg_max[lid], wg_sum[lid]);
+            let y = RowState(wg_max[lid + stride], wg_sum[lid + stride]);
+            let merged = combine(x, y);
+            wg_b[lid] = rebase(wg_b[lid], wg_a[lid], x.max, merged.max)
+                + rebase(wg_b[lid + stride], wg_a[lid + stride], y.max, merged.max);
+            wg_a[lid] = wg_a[lid] + wg_a[lid + stride];
+            wg_max[lid] = merged.max;
+            wg_sum[lid] = merged.sum;
+        }
+        workgroupBarrier();
+    }
+    let mx = wg_max[0];
+    let log_s = log(wg_sum[0]);
+    let lse = mx + log_s;
+    let a_total = wg_a[0];
+    if (lid == 0u) {
+        var loss = wg_b[0] + a_total * log_s;
+        if (o.z_loss > 0.0) {
+            loss += o.z_loss * lse * lse;
+        }
+        row_loss[r] = loss;
+        row_lse[r] = lse;
+    }
+    if (params.want_grad == 0u) {
+        return;
+    }
+    let k = a_total + 2.0 * o.z_loss * lse;
+    for (var c = lid; c < v; c += WG) {
+        let x = logits[base + c];
+        let p = exp((transform1(x, o) - mx) - log_s);
+        grad[base + c] = (p * k - target_weight(c, base, o)) * dtransform1(x, o) * params.grad_scale;
+    }
+}
