@@ -367,12 +367,12 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         (Some(t), _, Some(w)) => backend.cross_entropy_into(logits_data, classes, t, &opts, w.data_mut())?,
         (Some(t), _, None) => backend.cross_entropy(logits_data, classes, t, &opts)?,
         (None, Some(t), grad_file) => {
-            let out = backend.binary_cross_entropy(
-                logits_data,
-                classes,
-                t,
-                &opts.clone().gradient(grad_file.is_some()),
-            )?;
+            let o = opts.clone().gradient(grad_file.is_some());
+            let out = if soft {
+                backend.cross_entropy_soft(logits_data, classes, t, &o)?
+            } else {
+                backend.binary_cross_entropy(logits_data, classes, t, &o)?
+            };
             if let (Some(w), Some(g)) = (grad_file, &out.gradient) {
                 w.data_mut().copy_from_slice(g);
             }

@@ -580,11 +580,11 @@ pub fn cross_entropy_soft(
         let t = |c: usize| (1.0 - o.eps) * ts[c] + smooth;
         let mut a = 0.0f64;
         let mut b = 0.0f64;
-        for c in 0..v {
+        for (c, &zc) in z.iter().enumerate() {
             let wt = o.weight(c) * t(c);
             a += f64::from(wt);
             if wt != 0.0 {
-                b += f64::from(wt) * f64::from((m - z[c]) + log_s);
+                b += f64::from(wt) * f64::from((m - zc) + log_s);
             }
         }
         let mut loss = b;
