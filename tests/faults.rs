@@ -8,19 +8,7 @@ use xent::check::{Tolerance, compare};
 use xent::{Error, GpuContext, LossOptions, synth};
 
 fn adapters(test: &str) -> Vec<wgpu::Adapter> {
-    let gpus = common::gpus(test);
-    gpus.iter()
-        .map(|g| {
-            xent::gpu::select_adapters(None)
-                .unwrap()
-                .into_iter()
-                .find(|a| {
-                    a.get_info().name == g.adapter_info().name
-                        && a.get_info().backend == g.adapter_info().backend
-                })
-                .unwrap()
-        })
-        .collect()
+    common::gpus(test).iter().map(common::adapter_of).collect()
 }
 
 fn check(gpu: &GpuContext, n: usize, v: usize) {

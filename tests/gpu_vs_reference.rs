@@ -165,30 +165,9 @@ fn repeated_calls_of_one_shape_allocate_nothing_new() {
     }
 }
 
-/// A context on the first adapter whose device is opened with tiny limits: a 64 KiB
-/// binding and at most 7 workgroups per dispatch dimension.
-fn tiny_device(gpus: &[xent::GpuContext]) -> Option<xent::GpuContext> {
-    let first = gpus.first()?;
-    let adapter = xent::gpu::select_adapters(Some(&first.adapter_info().name))
-        .unwrap()
-        .into_iter()
-        .find(|a| a.get_info().backend == first.adapter_info().backend)
-        .unwrap();
-    let mut limits = adapter.limits();
-    limits.max_storage_buffer_binding_size = 64 << 10;
-    limits.max_compute_workgroups_per_dimension = 7;
-    let (device, queue) = pollster::block_on(
-        adapter.request_device(&wgpu::DeviceDescriptor { required_limits: limits, ..Default::default() }),
-    )
-    .unwrap();
-    let gpu = xent::GpuContext::from_device(device, queue).unwrap();
-    assert_eq!(gpu.limits().max_compute_workgroups_per_dimension, 7);
-    Some(gpu)
-}
-
 #[test]
 fn tiny_device_limits_exercise_every_chunking_path() {
-    let Some(mut gpu) = tiny_device(common::gpus("tiny_device_limits")) else {
+    let Some(mut gpu) = common::tiny_device(common::gpus("tiny_device_limits")) else {
         return;
     };
     // (rows, classes, budget in 64 KiB chunks, chunks in flight):
@@ -233,7 +212,7 @@ fn tiny_device_limits_exercise_every_chunking_path() {
 
 #[test]
 fn streamed_results_are_bit_identical_run_to_run() {
-    let Some(mut gpu) = tiny_device(common::gpus("streamed_results_are_bit_identical")) else {
+    let Some(mut gpu) = common::tiny_device(common::gpus("streamed_results_are_bit_identical")) else {
         return;
     };
     gpu.set_memory_budget(3 * (64 << 10));
@@ -275,11 +254,7 @@ fn every_kernel_tuning_passes_the_conformance_set() {
     // register-cached path, the streaming path and every workgroup shape are covered.
     let gpus = common::gpus("every_kernel_tuning_passes");
     let Some(first) = gpus.first() else { return };
-    let adapter = xent::gpu::select_adapters(Some(&first.adapter_info().name))
-        .unwrap()
-        .into_iter()
-        .find(|a| a.get_info().backend == first.adapter_info().backend)
-        .unwrap();
+    let adapter = common::adapter_of(first);
     let tunings = [
         xent::gpu::Tuning::GPU,
         xent::gpu::Tuning::CPU,

@@ -129,14 +129,7 @@ fn every_gpu_tuning_matches_pytorch() {
     // each send most of them down the streaming path.
     let gpus = common::gpus("every_gpu_tuning_matches_pytorch");
     let Some(first) = gpus.first() else { return };
-    let adapter = xent::gpu::select_adapters(None)
-        .unwrap()
-        .into_iter()
-        .find(|a| {
-            a.get_info().name == first.adapter_info().name
-                && a.get_info().backend == first.adapter_info().backend
-        })
-        .unwrap();
+    let adapter = common::adapter_of(first);
     for tuning in [
         xent::gpu::Tuning::GPU,
         xent::gpu::Tuning {

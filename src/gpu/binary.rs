@@ -189,20 +189,6 @@ impl GpuContext {
                 })?;
             }
         }
-        let mut rec = Recorder::new(d, &self.limits);
-        for level in &sum_levels.levels {
-            rec.dispatch(
-                &self.kernels.reduce,
-                sums_bg,
-                level,
-                u64::from(level.count).div_ceil(2 * u64::from(wg)),
-            );
-        }
-        rec.copy(ws.sums.get(), u64::from(sum_levels.result) * 4, rb, 0, 4);
-        let submission = rec.submit(&self.queue, ws.params.get());
-        let map = self.request_map(rb, 8);
-        let mut total = f32::NAN;
-        self.finish_map(rb, map, Some(submission), |b| total = bytemuck::cast_slice::<u8, f32>(b)[0])?;
-        Ok(total)
+        self.reduce_sums(ws.sums.get(), sums_bg, pieces as u64, denom as f32, ws.params.get(), rb)
     }
 }

@@ -667,6 +667,35 @@ impl GpuContext {
     }
 }
 
+impl GpuContext {
+    /// Reduces `count` per-chunk sums in `sums` (bound as `sums_bg`) on the device, the
+    /// last level dividing by `divisor`, and reads the total back through `readback`.
+    pub(crate) fn reduce_sums(
+        &self,
+        sums: &wgpu::Buffer,
+        sums_bg: &wgpu::BindGroup,
+        count: u64,
+        divisor: f32,
+        params: &wgpu::Buffer,
+        readback: &wgpu::Buffer,
+    ) -> Result<f32> {
+        let wg = self.kernels.workgroup_size;
+        let levels =
+            reduce_levels(count, 0, wg, self.limits.max_compute_workgroups_per_dimension, divisor, NO_INDEX);
+        let mut rec = Recorder::new(&self.device, &self.limits);
+        for level in &levels.levels {
+            let groups = u64::from(level.count).div_ceil(2 * u64::from(wg));
+            rec.dispatch(&self.kernels.reduce, sums_bg, level, groups);
+        }
+        rec.copy(sums, u64::from(levels.result) * 4, readback, 0, 4);
+        let submission = rec.submit(&self.queue, params);
+        let map = self.request_map(readback, 8);
+        let mut total = f32::NAN;
+        self.finish_map(readback, map, Some(submission), |b| total = bytemuck::cast_slice::<u8, f32>(b)[0])?;
+        Ok(total)
+    }
+}
+
 /// Offsets in a readback slot of the row losses and LSE (after the gradient chunk), and
 /// the slot's size.
 fn readback_layout(plan: &Plan) -> (u64, u64, u64) {

@@ -43,18 +43,20 @@ pub fn name(gpu: &GpuContext) -> String {
     format!("{} ({:?})", i.name, i.backend)
 }
 
+/// A fresh adapter handle for the adapter a context runs on (to open another device).
+pub fn adapter_of(gpu: &GpuContext) -> wgpu::Adapter {
+    let info = gpu.adapter_info();
+    xent::gpu::select_adapters(None)
+        .unwrap()
+        .into_iter()
+        .find(|a| a.get_info().name == info.name && a.get_info().backend == info.backend)
+        .unwrap()
+}
+
 /// A context on the first adapter, its device opened with tiny limits: a 64 KiB binding
 /// and at most 7 workgroups per dispatch dimension.
 pub fn tiny_device(gpus: &[GpuContext]) -> Option<GpuContext> {
-    let first = gpus.first()?;
-    let adapter = xent::gpu::select_adapters(None)
-        .unwrap()
-        .into_iter()
-        .find(|a| {
-            a.get_info().name == first.adapter_info().name
-                && a.get_info().backend == first.adapter_info().backend
-        })
-        .unwrap();
+    let adapter = adapter_of(gpus.first()?);
     let mut limits = adapter.limits();
     limits.max_storage_buffer_binding_size = 64 << 10;
     limits.max_compute_workgroups_per_dimension = 7;
