@@ -1,5 +1,7 @@
-// Fused log-softmax + cross-entropy (row_state.wgsl and an element type, elem_vec4.wgsl
-// or elem_f32.wgsl, are prepended: vec4 loads and stores when V is a multiple of 4).
+// Fused log-softmax + cross-entropy (row_state.wgsl and an element type are prepended:
+// elem_vec4.wgsl when V is a multiple of 4, elem_f32.wgsl otherwise, elem_half.wgsl with
+// elem_f16.wgsl or elem_bf16.wgsl for half-precision logits). The element type declares
+// the logits (binding 1) and gradient (binding 5) arrays and how to load and store them.
 // Indices below count elements of WIDTH columns. Each row is handled by
 // `threads_per_row` invocations (a power of two up to WG, chosen by the host from V),
 // so a workgroup serves WG / threads_per_row rows: one row per workgroup for long rows,
@@ -59,11 +61,9 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read_write> logits: array<Elem>;
 @group(0) @binding(2) var<storage, read> targets: array<i32>;
 @group(0) @binding(3) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(4) var<storage, read_write> row_lse: array<f32>;
-@group(0) @binding(5) var<storage, read_write> grad: array<Elem>;
 // (max, log(sum)) of each row, for a later cross_entropy_backward.wgsl pass.
 @group(0) @binding(6) var<storage, read_write> row_stats: array<vec2<f32>>;
 // The `mean` denominator (1 for sum/none), possibly reduced on the device from
@@ -124,7 +124,7 @@ fn main(
         for (var j = 0u; j < CACHED; j++) {
             let c = lane + j * tpr;
             if (c < v) {
-                e[j] = transform(logits[base + c], o);
+                e[j] = transform(load_logit(base + c), o);
                 m = max(m, hmax(e[j]));
             }
         }
@@ -150,10 +150,10 @@ fn main(
             let c1 = c + tpr;
             let c2 = c + 2u * tpr;
             let c3 = c + 3u * tpr;
-            let x0 = transform(logits[base + c], o);
-            let x1 = select(pad, transform(logits[base + min(c1, v - 1u)], o), c1 < v);
-            let x2 = select(pad, transform(logits[base + min(c2, v - 1u)], o), c2 < v);
-            let x3 = select(pad, transform(logits[base + min(c3, v - 1u)], o), c3 < v);
+            let x0 = transform(load_logit(base + c), o);
+            let x1 = select(pad, transform(load_logit(base + min(c1, v - 1u)), o), c1 < v);
+            let x2 = select(pad, transform(load_logit(base + min(c2, v - 1u)), o), c2 < v);
+            let x3 = select(pad, transform(load_logit(base + min(c3, v - 1u)), o), c3 < v);
             let m4 = hmax(max(max(x0, x1), max(x2, x3)));
             if (m4 > st.max) {
                 st.sum = st.sum * exp(st.max - m4);
@@ -218,7 +218,7 @@ fn main(
     if (in_batch && lane == 0u) {
         var loss = 0.0;
         if (!ignored) {
-            let z_t = lane_of(transform(logits[base + u32(t) / WIDTH], o), u32(t) % WIDTH);
+            let z_t = lane_of(transform(load_logit(base + u32(t) / WIDTH), o), u32(t) % WIDTH);
             let smooth_sum = wg_aux[seg]; // Σ_c w_c (max - z_c)
             loss = row_loss_of(o, m, log_s, z_t, w_y, smooth_sum);
         }
@@ -244,7 +244,7 @@ fn main(
     let in_place = params.grad_mode == GRAD_IN_PLACE;
     if (ignored) {
         for (var c = lane; c < v; c += tpr) {
-            if (in_place) { logits[base + c] = splat(0.0); } else { grad[base + c] = splat(0.0); }
+            if (in_place) { store_logit(base + c, splat(0.0)); } else { store_grad(base + c, splat(0.0)); }
         }
     } else if (cached) {
         // p = e * exp(local max - max) / sum: one exp per invocation.
@@ -256,25 +256,25 @@ fn main(
                 // Only a softcap needs x again for its derivative.
                 var dz = splat(o.scale);
                 if (o.softcap > 0.0) {
-                    dz = dtransform(logits[base + c], o);
+                    dz = dtransform(load_logit(base + c), o);
                 }
                 let g = d * dz * scale;
-                if (in_place) { logits[base + c] = g; } else { grad[base + c] = g; }
+                if (in_place) { store_logit(base + c, g); } else { store_grad(base + c, g); }
             }
         }
     } else if (in_place) {
         for (var c = lane; c < v; c += tpr) {
-            let x = logits[base + c];
+            let x = load_logit(base + c);
             let p = exp((transform(x, o) - m) - log_s);
             let d = p * k - smooth_w * weights_of(c, has_w) - onehot(c * WIDTH, tc) * target_w;
-            logits[base + c] = d * dtransform(x, o) * scale;
+            store_logit(base + c, d * dtransform(x, o) * scale);
         }
     } else {
         for (var c = lane; c < v; c += tpr) {
-            let x = logits[base + c];
+            let x = load_logit(base + c);
             let p = exp((transform(x, o) - m) - log_s);
             let d = p * k - smooth_w * weights_of(c, has_w) - onehot(c * WIDTH, tc) * target_w;
-            grad[base + c] = d * dtransform(x, o) * scale;
+            store_grad(base + c, d * dtransform(x, o) * scale);
         }
     }
 }

@@ -2,6 +2,11 @@
 // The host prepends this or elem_vec4.wgsl (and row_state.wgsl) to the kernel.
 
 alias Elem = f32;
+@group(0) @binding(1) var<storage, read_write> logits: array<f32>;
+@group(0) @binding(5) var<storage, read_write> grad: array<f32>;
+fn load_logit(i: u32) -> Elem { return logits[i]; }
+fn store_logit(i: u32, e: Elem) { logits[i] = e; }
+fn store_grad(i: u32, e: Elem) { grad[i] = e; }
 const WIDTH: u32 = 1u;
 
 fn splat(x: f32) -> Elem { return x; }

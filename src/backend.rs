@@ -4,7 +4,7 @@
 use crate::cpu;
 use crate::error::Result;
 use crate::gpu::GpuContext;
-use crate::options::{LossOptions, LossOutput, Targets, Upstream};
+use crate::options::{HalfFormat, LossOptions, LossOutput, Targets, Upstream};
 
 /// A way to evaluate the loss: the GPU, the CPU reference, ...
 pub trait Backend: Send + Sync {
@@ -37,6 +37,15 @@ pub trait Backend: Send + Sync {
         upstream: Upstream<'_>,
         opts: &LossOptions,
     ) -> Result<Vec<f32>>;
+    /// See [`GpuContext::cross_entropy_half`].
+    fn cross_entropy_half(
+        &self,
+        logits: &[u16],
+        format: HalfFormat,
+        classes: usize,
+        targets: Targets<'_>,
+        opts: &LossOptions,
+    ) -> Result<LossOutput>;
     /// See [`GpuContext::cross_entropy_soft`].
     fn cross_entropy_soft(
         &self,
@@ -64,6 +73,16 @@ pub trait Backend: Send + Sync {
 }
 
 impl Backend for GpuContext {
+    fn cross_entropy_half(
+        &self,
+        l: &[u16],
+        f: HalfFormat,
+        v: usize,
+        t: Targets<'_>,
+        o: &LossOptions,
+    ) -> Result<LossOutput> {
+        GpuContext::cross_entropy_half(self, l, f, v, t, o)
+    }
     fn cross_entropy_soft(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
         GpuContext::cross_entropy_soft(self, l, v, t, o)
     }
@@ -114,6 +133,16 @@ impl Backend for GpuContext {
 pub struct Reference;
 
 impl Backend for Reference {
+    fn cross_entropy_half(
+        &self,
+        l: &[u16],
+        f: HalfFormat,
+        v: usize,
+        t: Targets<'_>,
+        o: &LossOptions,
+    ) -> Result<LossOutput> {
+        cpu::reference::cross_entropy_half(l, f, v, t, o)
+    }
     fn cross_entropy_soft(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
         cpu::reference::cross_entropy_soft(l, v, t, o)
     }
@@ -163,6 +192,16 @@ impl Backend for Reference {
 pub struct CpuFast;
 
 impl Backend for CpuFast {
+    fn cross_entropy_half(
+        &self,
+        l: &[u16],
+        f: HalfFormat,
+        v: usize,
+        t: Targets<'_>,
+        o: &LossOptions,
+    ) -> Result<LossOutput> {
+        cpu::fast::cross_entropy_half(l, f, v, t, o)
+    }
     fn cross_entropy_soft(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
         cpu::fast::cross_entropy_soft(l, v, t, o)
     }

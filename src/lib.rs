@@ -35,7 +35,7 @@ pub use backend::{Backend, CpuFast, Reference};
 pub use error::{Error, Result};
 pub use gpu::GpuContext;
 pub use options::{
-    Batch, DEFAULT_IGNORE_INDEX, LossOptions, LossOutput, Reduction, Targets, Upstream, check_binary,
-    check_soft,
+    Batch, DEFAULT_IGNORE_INDEX, HalfFormat, LossOptions, LossOutput, Reduction, Targets, Upstream,
+    check_binary, check_soft,
 };
 pub use row_state::RowState;

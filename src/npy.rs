@@ -12,6 +12,8 @@ use crate::error::{Error, Result};
 /// The element type of an array.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
+    /// `<f2` (IEEE binary16)
+    F16,
     /// `<f4`
     F32,
     /// `<f8`
@@ -25,6 +27,7 @@ pub enum DType {
 impl DType {
     fn size(self) -> usize {
         match self {
+            DType::F16 => 2,
             DType::F32 | DType::I32 => 4,
             DType::F64 | DType::I64 => 8,
         }
@@ -34,6 +37,8 @@ impl DType {
 /// An array read from a `.npy` file.
 #[derive(Clone, Debug, PartialEq)]
 pub enum NpyData {
+    /// float16 values, as raw bits.
+    F16(Vec<u16>),
     /// float32 values.
     F32(Vec<f32>),
     /// float64 values.
@@ -119,13 +124,14 @@ fn parse_dict(text: &str) -> std::result::Result<(DType, bool, Vec<usize>), Stri
     let descr = field("descr")?;
     let descr = descr.strip_prefix('\'').and_then(|d| d.split('\'').next()).ok_or("malformed 'descr'")?;
     let dtype = match descr {
+        "<f2" => DType::F16,
         "<f4" => DType::F32,
         "<f8" => DType::F64,
         "<i4" => DType::I32,
         "<i8" => DType::I64,
         other => {
             return Err(format!(
-                "unsupported dtype '{other}' (supported: little-endian float32, float64, int32, int64)"
+                "unsupported dtype '{other}' (supported: little-endian float16, float32, float64, int32, int64)"
             ));
         }
     };
@@ -175,6 +181,15 @@ impl MappedNpy {
     /// The header (dtype and shape).
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The data as raw float16 bits, in place. Fails unless the dtype is float16.
+    pub fn as_f16_bits(&self) -> Result<&[u16]> {
+        if self.header.dtype != DType::F16 {
+            return Err(bad(&self.path, format!("expected float16 data, found {:?}", self.header.dtype)));
+        }
+        bytemuck::try_cast_slice(&self.map[self.header.data_offset..])
+            .map_err(|e| bad(&self.path, format!("data is not 2-byte aligned in the file: {e}")))
     }
 
     /// The data as f32, in place. Fails unless the dtype is float32.
@@ -290,6 +305,7 @@ fn read_from(path: &Path, reader: &mut impl Read, total_len: u64) -> Result<NpyA
         Ok(v)
     }
     let data = match header.dtype {
+        DType::F16 => NpyData::F16(fill(path, reader, count)?),
         DType::F32 => NpyData::F32(fill(path, reader, count)?),
         DType::F64 => NpyData::F64(fill(path, reader, count)?),
         DType::I32 => NpyData::I32(fill(path, reader, count)?),

@@ -390,6 +390,82 @@ pub fn check_soft(logits: usize, targets: usize, classes: usize, opts: &LossOpti
     Ok((opts.get_n_items().unwrap_or(rows as f64), rows))
 }
 
+/// A 16-bit floating-point format of logits held as raw `u16` bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HalfFormat {
+    /// IEEE binary16 (`torch.float16`, NumPy `float16`).
+    F16,
+    /// bfloat16 (`torch.bfloat16`): the high 16 bits of an f32.
+    Bf16,
+}
+
+impl HalfFormat {
+    /// The f32 value of `bits`.
+    pub fn to_f32(self, bits: u16) -> f32 {
+        match self {
+            HalfFormat::Bf16 => f32::from_bits(u32::from(bits) << 16),
+            HalfFormat::F16 => f16_to_f32(bits),
+        }
+    }
+
+    /// `x` rounded to the nearest value of the format (ties to even).
+    pub fn from_f32(self, x: f32) -> u16 {
+        match self {
+            HalfFormat::Bf16 => {
+                let u = x.to_bits();
+                if x.is_nan() {
+                    return ((u >> 16) | 0x40) as u16;
+                }
+                ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+            }
+            HalfFormat::F16 => f32_to_f16(x),
+        }
+    }
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h >> 15) << 31;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let mant = u32::from(h & 0x3ff);
+    let bits = match (exp, mant) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: m · 2^-24.
+            return f32::from_bits(sign)
+                + (if sign != 0 { -1.0 } else { 1.0 }) * m as f32 * (1.0 / 16_777_216.0);
+        }
+        (31, 0) => sign | 0x7f80_0000,
+        (31, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 112) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+fn f32_to_f16(x: f32) -> u16 {
+    let u = x.to_bits();
+    let sign = ((u >> 16) & 0x8000) as u16;
+    let a = x.abs();
+    if x.is_nan() {
+        return sign | 0x7e00;
+    }
+    if a >= 65520.0 {
+        return sign | 0x7c00; // rounds to infinity
+    }
+    if a < 6.103_515_6e-5 {
+        // Subnormal (or zero): a multiple of 2^-24, rounded to nearest even.
+        let m = (a * 16_777_216.0).round_ties_even() as u16;
+        return sign | m;
+    }
+    let exp = ((u >> 23) & 0xff) as i32 - 127 + 15;
+    let mant = u & 0x7f_ffff;
+    let mut h = ((exp as u32) << 10) | (mant >> 13);
+    let rest = mant & 0x1fff;
+    if rest > 0x1000 || (rest == 0x1000 && (h & 1) == 1) {
+        h += 1;
+    }
+    sign | h as u16
+}
+
 /// The upstream gradient of a separate backward: d(outer loss)/d(this loss).
 #[derive(Clone, Copy, Debug)]
 pub enum Upstream<'a> {

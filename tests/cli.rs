@@ -228,6 +228,54 @@ fn eval_probability_targets() {
 }
 
 #[test]
+fn eval_float16_logits() {
+    let dir = Dir::new("f16");
+    let (n, v) = (20, 64);
+    let format = xent::HalfFormat::F16;
+    let bits: Vec<u16> = synth::logits(n, v, 3.0, 51).iter().map(|&x| format.from_f32(x)).collect();
+    let wide: Vec<f32> = bits.iter().map(|&h| format.to_f32(h)).collect();
+    let targets = synth::targets(n, v, 51);
+    let (l, t) = (dir.path("l.npy"), dir.path("t.npy"));
+    // A float16 .npy written by hand: the header, then the raw bits.
+    let dict = format!("{{'descr': '<f2', 'fortran_order': False, 'shape': ({n}, {v}), }}");
+    let pad = (64 - (10 + dict.len() + 1) % 64) % 64;
+    let header = format!("{dict}{}\n", " ".repeat(pad));
+    let mut file = b"\x93NUMPY\x01\x00".to_vec();
+    file.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    file.extend_from_slice(header.as_bytes());
+    file.extend_from_slice(bytemuck::cast_slice(&bits));
+    std::fs::write(&l, file).unwrap();
+    npy::write_i64(&t, &targets).unwrap();
+    let opts = LossOptions::new().gradient(true);
+    let want = xent::cpu::reference::cross_entropy(&wide, v, &targets, &opts).unwrap();
+    let gpu = !common::gpus("eval_float16_logits").is_empty();
+    for device in if gpu { &["gpu", "cpu", "reference"][..] } else { &["cpu", "reference"][..] } {
+        let (lo, go) = (dir.path("loss.npy"), dir.path("grad.npy"));
+        let (code, _, stderr) = xent(&[
+            "eval",
+            "--logits",
+            s(&l),
+            "--targets",
+            s(&t),
+            "--device",
+            device,
+            "--out-loss",
+            s(&lo),
+            "--out-grad",
+            s(&go),
+        ]);
+        assert_eq!(code, 0, "{device}: {stderr}");
+        let got = xent::LossOutput {
+            loss: Some(f32s(&lo).1[0]),
+            gradient: Some(f32s(&go).1),
+            ..Default::default()
+        };
+        xent::check::compare(&got, &want, xent::check::Tolerance::F32)
+            .unwrap_or_else(|e| panic!("{device}: {e}"));
+    }
+}
+
+#[test]
 fn eval_binary_cross_entropy() {
     let dir = Dir::new("bce");
     let (n, v) = (30, 11);

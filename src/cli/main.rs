@@ -253,10 +253,19 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
             });
         }
     };
-    let logits_data = logits.as_f32().map_err(|_| Error::Npy {
-        path: args.logits.clone(),
-        message: format!("logits must be float32, found {:?}", logits.header().dtype),
-    })?;
+    // float16 logits are read as raw bits and widened by the kernels (or the CPU paths).
+    let half_data = match logits.header().dtype {
+        npy::DType::F16 => Some(logits.as_f16_bits()?),
+        _ => None,
+    };
+    let logits_data: &[f32] = match half_data {
+        Some(_) => &[],
+        None => logits.as_f32().map_err(|_| Error::Npy {
+            path: args.logits.clone(),
+            message: format!("logits must be float32 or float16, found {:?}", logits.header().dtype),
+        })?,
+    };
+    let logits_len = rows * classes;
     if let Some(path) = &args.weights {
         opts = opts.weights(read_class_vector(path, "class weights")?);
     }
@@ -330,15 +339,22 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     // Every option and target is checked before the backend is opened.
     match (targets_ref, binary_data) {
         (Some(t), _) => {
-            xent::Batch::new(logits_data.len(), classes, t, &opts)?;
+            xent::Batch::new(logits_len, classes, t, &opts)?;
         }
         (None, Some(t)) if soft => {
-            xent::check_soft(logits_data.len(), t.len(), classes, &opts)?;
+            xent::check_soft(logits_len, t.len(), classes, &opts)?;
         }
         (None, Some(t)) => {
-            xent::check_binary(logits_data.len(), t.len(), classes, &opts)?;
+            xent::check_binary(logits_len, t.len(), classes, &opts)?;
         }
         (None, None) => unreachable!("targets of one kind or the other"),
+    }
+
+    if half_data.is_some() && targets_ref.is_none() {
+        return Err(Error::InvalidOption(
+            "float16 logits take class-index targets; convert them to float32 for probability or binary targets"
+                .into(),
+        ));
     }
 
     let backend: Box<dyn Backend> = match args.device {
@@ -364,6 +380,20 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     };
     let start = Instant::now();
     let out = match (targets_ref, binary_data, &mut grad_file) {
+        (Some(t), _, grad_file) if half_data.is_some() => {
+            let o = opts.clone().gradient(grad_file.is_some());
+            let out = backend.cross_entropy_half(
+                half_data.unwrap_or_default(),
+                xent::HalfFormat::F16,
+                classes,
+                t,
+                &o,
+            )?;
+            if let (Some(w), Some(g)) = (grad_file, &out.gradient) {
+                w.data_mut().copy_from_slice(g);
+            }
+            out
+        }
         (Some(t), _, Some(w)) => backend.cross_entropy_into(logits_data, classes, t, &opts, w.data_mut())?,
         (Some(t), _, None) => backend.cross_entropy(logits_data, classes, t, &opts)?,
         (None, Some(t), grad_file) => {

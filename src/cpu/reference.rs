@@ -312,3 +312,16 @@ pub fn cross_entropy_soft(
         gradient: opts.wants_gradient().then_some(grad),
     })
 }
+
+/// Half-precision logits (raw f16 or bf16 bits): widened exactly to f32, then the
+/// reference. The gradient, when asked, is f32.
+pub fn cross_entropy_half<'t>(
+    logits: &[u16],
+    format: crate::HalfFormat,
+    classes: usize,
+    targets: impl Into<Targets<'t>>,
+    opts: &LossOptions,
+) -> Result<LossOutput> {
+    let wide: Vec<f32> = logits.iter().map(|&h| format.to_f32(h)).collect();
+    cross_entropy(&wide, classes, targets, opts)
+}

@@ -9,7 +9,7 @@ use crate::options::{Batch, LossOptions, LossOutput, Targets};
 
 use super::kernels::Kernels;
 use super::plan::{DEFAULT_BUDGET, DEFAULT_RING, PlanLimits};
-use super::stream::{Io, Workspace};
+use super::stream::{Data, GradOut, Io, Workspace};
 
 /// How the kernels are shaped for an adapter: chosen from the adapter type by
 /// [`Tuning::for_adapter`] (measured on lavapipe; GPU values follow the usual practice
@@ -332,10 +332,10 @@ impl GpuContext {
     ) -> Result<LossOutput> {
         let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
         if !opts.wants_gradient() {
-            return self.run(Io::Loss(logits), &batch, opts);
+            return self.run(Io::Loss(Data::F32(logits)), &batch, opts);
         }
         let mut grad = vec![0.0f32; logits.len()];
-        let mut out = self.run(Io::Separate(logits, &mut grad), &batch, opts)?;
+        let mut out = self.run(Io::Separate(Data::F32(logits), GradOut::F32(&mut grad)), &batch, opts)?;
         out.gradient = Some(grad);
         Ok(out)
     }
@@ -353,7 +353,61 @@ impl GpuContext {
     ) -> Result<LossOutput> {
         let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
         check_grad_len(grad.len(), logits.len())?;
-        self.run(Io::Separate(logits, grad), &batch, opts)
+        self.run(Io::Separate(Data::F32(logits), GradOut::F32(grad)), &batch, opts)
+    }
+
+    /// Cross-entropy of half-precision logits held as raw 16-bit values (`format`: f16
+    /// or bf16). The kernel reads them two per 32-bit word (V must be even) and computes
+    /// in f32, so the logits cross the bus and the device at half the bytes; the
+    /// gradient, when asked, comes back in f32 in [`LossOutput::gradient`].
+    pub fn cross_entropy_half<'t>(
+        &self,
+        logits: &[u16],
+        format: crate::HalfFormat,
+        classes: usize,
+        targets: impl Into<Targets<'t>>,
+        opts: &LossOptions,
+    ) -> Result<LossOutput> {
+        let batch = half_batch(logits.len(), classes, targets.into(), opts)?;
+        if !opts.wants_gradient() {
+            return self.run(Io::Loss(Data::Half(logits, format)), &batch, opts);
+        }
+        let mut grad = vec![0.0f32; logits.len()];
+        let mut out =
+            self.run(Io::Separate(Data::Half(logits, format), GradOut::F32(&mut grad)), &batch, opts)?;
+        out.gradient = Some(grad);
+        Ok(out)
+    }
+
+    /// As [`GpuContext::cross_entropy_half`], with the gradient written into `grad` in
+    /// the logits' own format (each value computed in f32, `p − 1` for the target
+    /// included, then rounded once).
+    pub fn cross_entropy_half_into<'t>(
+        &self,
+        logits: &[u16],
+        format: crate::HalfFormat,
+        classes: usize,
+        targets: impl Into<Targets<'t>>,
+        opts: &LossOptions,
+        grad: &mut [u16],
+    ) -> Result<LossOutput> {
+        let batch = half_batch(logits.len(), classes, targets.into(), opts)?;
+        check_grad_len(grad.len(), logits.len())?;
+        self.run(Io::Separate(Data::Half(logits, format), GradOut::Half(grad)), &batch, opts)
+    }
+
+    /// As [`GpuContext::cross_entropy_half`], with the gradient written over the logits
+    /// in their own format.
+    pub fn cross_entropy_half_in_place<'t>(
+        &self,
+        logits: &mut [u16],
+        format: crate::HalfFormat,
+        classes: usize,
+        targets: impl Into<Targets<'t>>,
+        opts: &LossOptions,
+    ) -> Result<LossOutput> {
+        let batch = half_batch(logits.len(), classes, targets.into(), opts)?;
+        self.run(Io::InPlace(GradOut::Half(logits), Some(format)), &batch, opts)
     }
 
     /// As [`GpuContext::cross_entropy`], with the gradient written over `logits`
@@ -366,7 +420,7 @@ impl GpuContext {
         opts: &LossOptions,
     ) -> Result<LossOutput> {
         let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
-        self.run(Io::InPlace(logits), &batch, opts)
+        self.run(Io::InPlace(GradOut::F32(logits), None), &batch, opts)
     }
 
     /// Makes the next `times` buffer preparations fail as if the device were out of
@@ -496,6 +550,17 @@ impl GpuContext {
         buffer.unmap();
         Ok(())
     }
+}
+
+/// Checks a half-precision problem: the usual checks, and an even number of classes.
+fn half_batch(len: usize, classes: usize, targets: Targets<'_>, opts: &LossOptions) -> Result<Batch> {
+    if !classes.is_multiple_of(2) {
+        return Err(Error::InvalidOption(format!(
+            "half-precision logits need an even number of classes (two per 32-bit word), got {classes}; \
+             convert them to f32"
+        )));
+    }
+    Batch::new(len, classes, targets, opts)
 }
 
 /// The gradient output must match the logits.

@@ -11,6 +11,30 @@ pub const ROW_STATE_WGSL: &str = include_str!("../../shaders/row_state.wgsl");
 pub const ELEM_F32_WGSL: &str = include_str!("../../shaders/elem_f32.wgsl");
 /// Element type of the fused row kernel for V a multiple of 4 (vec4 loads).
 pub const ELEM_VEC4_WGSL: &str = include_str!("../../shaders/elem_vec4.wgsl");
+/// Element type of the fused row kernel for half-precision logits (vec2 over u32).
+pub const ELEM_HALF_WGSL: &str = include_str!("../../shaders/elem_half.wgsl");
+/// IEEE binary16 storage of the half element type.
+pub const ELEM_F16_WGSL: &str = include_str!("../../shaders/elem_f16.wgsl");
+/// bfloat16 storage of the half element type.
+pub const ELEM_BF16_WGSL: &str = include_str!("../../shaders/elem_bf16.wgsl");
+
+/// How the fused kernel reads the logits and writes the gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum ElemFormat {
+    /// f32, one per load (V not a multiple of 4).
+    F32,
+    /// f32, four per load.
+    Vec4,
+    /// Half precision, two per u32 (V even); the gradient in f32, or in the input's type.
+    Half { format: crate::HalfFormat, half_grad: bool },
+}
+
+impl ElemFormat {
+    /// The f32 format for rows of `classes` columns.
+    pub fn f32_for(classes: usize) -> Self {
+        if classes.is_multiple_of(4) { ElemFormat::Vec4 } else { ElemFormat::F32 }
+    }
+}
 /// The fused row kernel: online softmax, row loss, LSE and the gradient.
 pub const CROSS_ENTROPY_ROWS_WGSL: &str = include_str!("../../shaders/cross_entropy_rows.wgsl");
 /// Partial (max, sum) states of column blocks, for rows split across dispatches.
@@ -37,8 +61,16 @@ pub const BENCH_READ_WGSL: &str = include_str!("../../shaders/bench_read.wgsl");
 pub fn shaders() -> Vec<(&'static str, String)> {
     let with_state = |s: &str| format!("{ROW_STATE_WGSL}\n{s}");
     vec![
-        ("cross_entropy_rows.wgsl", rows_source(false, ROWS_CACHED)),
-        ("cross_entropy_rows.wgsl (vec4)", rows_source(true, ROWS_CACHED)),
+        ("cross_entropy_rows.wgsl", rows_source(ElemFormat::F32, ROWS_CACHED)),
+        ("cross_entropy_rows.wgsl (vec4)", rows_source(ElemFormat::Vec4, ROWS_CACHED)),
+        (
+            "cross_entropy_rows.wgsl (f16, f32 gradient)",
+            rows_source(ElemFormat::Half { format: crate::HalfFormat::F16, half_grad: false }, ROWS_CACHED),
+        ),
+        (
+            "cross_entropy_rows.wgsl (bf16, bf16 gradient)",
+            rows_source(ElemFormat::Half { format: crate::HalfFormat::Bf16, half_grad: true }, ROWS_CACHED),
+        ),
         ("row_partials.wgsl", with_state(ROW_PARTIALS_WGSL)),
         ("merge_partials.wgsl", with_state(MERGE_PARTIALS_WGSL)),
         ("cross_entropy_backward.wgsl", with_state(CROSS_ENTROPY_BACKWARD_WGSL)),
@@ -51,10 +83,27 @@ pub fn shaders() -> Vec<(&'static str, String)> {
     ]
 }
 
-/// The fused row kernel's source for an element type and a register cache of
-/// `cached` floats per invocation.
-pub(crate) fn rows_source(vec4: bool, cached: u32) -> String {
-    let (elem, width) = if vec4 { (ELEM_VEC4_WGSL, 4) } else { (ELEM_F32_WGSL, 1) };
+/// The fused row kernel's source for an element format and a register cache of `cached`
+/// floats per invocation.
+pub(crate) fn rows_source(format: ElemFormat, cached: u32) -> String {
+    let (elem, width) = match format {
+        ElemFormat::F32 => (ELEM_F32_WGSL.to_string(), 1),
+        ElemFormat::Vec4 => (ELEM_VEC4_WGSL.to_string(), 4),
+        ElemFormat::Half { format, half_grad } => {
+            let storage = match format {
+                crate::HalfFormat::F16 => ELEM_F16_WGSL,
+                crate::HalfFormat::Bf16 => ELEM_BF16_WGSL,
+            };
+            let grad = if half_grad {
+                "@group(0) @binding(5) var<storage, read_write> grad: array<u32>;\n\
+                 fn store_grad(i: u32, e: Elem) { grad[i] = pack_elem(e); }\n"
+            } else {
+                "@group(0) @binding(5) var<storage, read_write> grad: array<vec2<f32>>;\n\
+                 fn store_grad(i: u32, e: Elem) { grad[i] = e; }\n"
+            };
+            (format!("{ELEM_HALF_WGSL}\n{storage}\n{grad}"), 2)
+        }
+    };
     let kernel = CROSS_ENTROPY_ROWS_WGSL
         .replace("const CACHED: u32 = 8u;", &format!("const CACHED: u32 = {}u;", (cached / width).max(1)));
     format!("{ROW_STATE_WGSL}\n{elem}\n{kernel}")
@@ -408,25 +457,31 @@ fn pipeline(
 /// The fused row kernel's pipelines for each option set in use (`FEATURES` bits), built
 /// on first use over one shared bind group layout.
 pub(crate) struct RowsVariants {
-    modules: [wgpu::ShaderModule; 2],
     layout: wgpu::BindGroupLayout,
     wg: u32,
-    built: std::sync::Mutex<std::collections::HashMap<(bool, u32), wgpu::ComputePipeline>>,
+    cached: u32,
+    modules: std::sync::Mutex<std::collections::HashMap<ElemFormat, wgpu::ShaderModule>>,
+    built: std::sync::Mutex<std::collections::HashMap<(ElemFormat, u32), wgpu::ComputePipeline>>,
 }
 
 impl RowsVariants {
-    /// The pipeline for rows of `classes` columns (vec4 loads when it allows) computing
-    /// the options in `features`.
-    pub fn get(&self, device: &wgpu::Device, classes: usize, features: u32) -> wgpu::ComputePipeline {
-        let vec4 = classes.is_multiple_of(4);
+    /// The pipeline for rows in `format` computing the options in `features`.
+    pub fn get(&self, device: &wgpu::Device, format: ElemFormat, features: u32) -> wgpu::ComputePipeline {
         let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
         built
-            .entry((vec4, features))
+            .entry((format, features))
             .or_insert_with(|| {
+                let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+                let module = modules.entry(format).or_insert_with(|| {
+                    device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some("cross_entropy_rows"),
+                        source: wgpu::ShaderSource::Wgsl(rows_source(format, self.cached).into()),
+                    })
+                });
                 pipeline(
                     device,
                     "cross_entropy_rows",
-                    &self.modules[usize::from(vec4)],
+                    module,
                     &self.layout,
                     &[("WG", f64::from(self.wg)), ("FEATURES", f64::from(features))],
                 )
@@ -465,25 +520,20 @@ impl Kernels {
         let rows = Kernel::new::<RowParams>(
             device,
             "cross_entropy_rows",
-            &rows_source(false, cached),
+            &rows_source(ElemFormat::F32, cached),
             &[(RW, 0), (RO, 4), (RW, 4), (RW, 4), (RW, 0), (RW, 8), (RO, 4), (RO, 4)],
             wg,
         );
-        let module = |vec4: bool| {
-            device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some("cross_entropy_rows"),
-                source: wgpu::ShaderSource::Wgsl(rows_source(vec4, cached).into()),
-            })
-        };
         let rows_variants = RowsVariants {
-            modules: [module(false), module(true)],
             layout: rows.layout.clone(),
             wg,
+            cached,
+            modules: Default::default(),
             built: Default::default(),
         };
         // The plain loss, both widths, up front: the common case never waits.
-        rows_variants.get(device, 1, 0);
-        rows_variants.get(device, 4, 0);
+        rows_variants.get(device, ElemFormat::F32, 0);
+        rows_variants.get(device, ElemFormat::Vec4, 0);
         Self {
             rows,
             rows_variants,

@@ -9,8 +9,8 @@ use crate::options::{LossOptions, Reduction};
 use super::buffers::{Recorder, bind_ranges, groups_x, params_stride};
 use super::context::GpuContext;
 use super::kernels::{
-    BackwardParams, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams, RowParams, WeightParams,
-    rows_layout,
+    BackwardParams, ElemFormat, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams, RowParams,
+    WeightParams, rows_layout,
 };
 use super::plan::{FEW_ROWS, SPLIT_BLOCK_COLS};
 use super::stream::reduce_levels;
@@ -411,7 +411,8 @@ impl GpuContext {
                 weight_total: kopts.weight_total,
                 _pad: 0,
             };
-            let pipeline = self.kernels.rows_variants.get(&self.device, v, kopts.features());
+            let pipeline =
+                self.kernels.rows_variants.get(&self.device, ElemFormat::f32_for(v), kopts.features());
             rec.dispatch_pipeline(&pipeline, &bg, &p, groups);
         }
 

@@ -13,7 +13,8 @@ use crate::options::{Batch, LossOptions, LossOutput, Reduction};
 use super::buffers::{Recorder, Slot, bind, groups_x};
 use super::context::{GpuContext, MapRequest};
 use super::kernels::{
-    BackwardParams, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams, ReduceParams, RowParams,
+    BackwardParams, ElemFormat, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams, ReduceParams,
+    RowParams,
 };
 use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
 
@@ -22,32 +23,74 @@ const MAX_PARAM_BLOCKS: u64 = 16;
 /// Out-of-memory retries halve the budget down to this, then give up.
 const MIN_RETRY_BUDGET: u64 = 1 << 20;
 
+/// Logits as the caller holds them.
+#[derive(Clone, Copy)]
+pub(crate) enum Data<'a> {
+    F32(&'a [f32]),
+    Half(&'a [u16], crate::HalfFormat),
+}
+
+/// A gradient destination: f32, or 16-bit in the logits' format.
+pub(crate) enum GradOut<'a> {
+    F32(&'a mut [f32]),
+    Half(&'a mut [u16]),
+}
+
 /// Where the logits come from and where the gradient goes.
 pub(crate) enum Io<'a> {
-    Loss(&'a [f32]),
-    Separate(&'a [f32], &'a mut [f32]),
-    InPlace(&'a mut [f32]),
+    Loss(Data<'a>),
+    Separate(Data<'a>, GradOut<'a>),
+    /// The gradient over the logits, in their own format.
+    InPlace(GradOut<'a>, Option<crate::HalfFormat>),
 }
 
 impl Io<'_> {
-    fn logits(&self) -> &[f32] {
+    /// Bytes of the logits' elements in `range`.
+    fn logit_bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
         match self {
-            Io::Loss(l) | Io::Separate(l, _) => l,
-            Io::InPlace(l) => l,
+            Io::Loss(Data::F32(l)) | Io::Separate(Data::F32(l), _) => bytemuck::cast_slice(&l[range]),
+            Io::Loss(Data::Half(l, _)) | Io::Separate(Data::Half(l, _), _) => bytemuck::cast_slice(&l[range]),
+            Io::InPlace(GradOut::F32(l), _) => bytemuck::cast_slice(&l[range]),
+            Io::InPlace(GradOut::Half(l), _) => bytemuck::cast_slice(&l[range]),
+        }
+    }
+    /// How the kernel reads these logits and writes this gradient.
+    fn format(&self, classes: usize) -> ElemFormat {
+        let half = match self {
+            Io::Loss(Data::Half(_, f)) | Io::Separate(Data::Half(_, f), _) => Some(*f),
+            Io::InPlace(_, f) => *f,
+            _ => None,
+        };
+        let half_grad = matches!(self, Io::Separate(_, GradOut::Half(_)) | Io::InPlace(GradOut::Half(_), _));
+        match half {
+            Some(format) => ElemFormat::Half { format, half_grad },
+            None => ElemFormat::f32_for(classes),
+        }
+    }
+    /// Bytes per gradient element read back.
+    fn grad_bytes(&self) -> u64 {
+        match self {
+            Io::Separate(_, GradOut::Half(_)) | Io::InPlace(GradOut::Half(_), _) => 2,
+            _ => 4,
         }
     }
     fn grad_kind(&self) -> GradKind {
         match self {
             Io::Loss(_) => GradKind::None,
             Io::Separate(..) => GradKind::Separate,
-            Io::InPlace(_) => GradKind::InPlace,
+            Io::InPlace(..) => GradKind::InPlace,
         }
     }
-    fn grad_out(&mut self) -> Option<&mut [f32]> {
+    /// Copies gradient elements read back (as bytes) into the destination at `range`.
+    fn write_grad(&mut self, range: std::ops::Range<usize>, bytes: &[u8]) {
         match self {
-            Io::Loss(_) => None,
-            Io::Separate(_, g) => Some(g),
-            Io::InPlace(l) => Some(l),
+            Io::Loss(_) => {}
+            Io::Separate(_, GradOut::F32(g)) | Io::InPlace(GradOut::F32(g), _) => {
+                g[range.clone()].copy_from_slice(&bytemuck::cast_slice::<u8, f32>(bytes)[..range.len()]);
+            }
+            Io::Separate(_, GradOut::Half(g)) | Io::InPlace(GradOut::Half(g), _) => {
+                g[range.clone()].copy_from_slice(&bytemuck::cast_slice::<u8, u16>(bytes)[..range.len()]);
+            }
         }
     }
 }
@@ -171,6 +214,15 @@ impl GpuContext {
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
         let (loss, outputs) = loop {
             let plan = Plan::new(batch.rows, batch.classes, io.grad_kind(), &limits)?;
+            if matches!(plan.layout, Layout::Split { .. })
+                && matches!(io.format(batch.classes), ElemFormat::Half { .. })
+            {
+                return Err(Error::InvalidOption(format!(
+                    "rows of {} classes are split across bindings, and the split kernels read f32 only; \
+                     convert half-precision logits to f32 first",
+                    batch.classes
+                )));
+            }
             if matches!(plan.layout, Layout::Split { .. }) && !opts.is_plain() {
                 return Err(Error::InvalidOption(format!(
                     "rows of {} classes are split across bindings, and the split kernels do not \
@@ -410,11 +462,7 @@ impl GpuContext {
                     let slot = submitted % plan.ring;
                     let rows = chunk.rows.len();
                     let elems = chunk.rows.start * v..chunk.rows.end * v;
-                    self.queue.write_buffer(
-                        ws.logits.get(),
-                        0,
-                        bytemuck::cast_slice(&io.logits()[elems.clone()]),
-                    );
+                    self.queue.write_buffer(ws.logits.get(), 0, io.logit_bytes(elems.clone()));
                     self.queue.write_buffer(
                         ws.targets.get(),
                         0,
@@ -423,7 +471,8 @@ impl GpuContext {
                     let mut rec = Recorder::new(&self.device, &self.limits);
                     // The row grid's kernels take PyTorch's plain options only; the fused
                     // kernel takes them all.
-                    match blocks_per_row.filter(|_| opts.is_plain()) {
+                    let f32_data = !matches!(io.format(v), ElemFormat::Half { .. });
+                    match blocks_per_row.filter(|_| opts.is_plain() && f32_data) {
                         // One workgroup per (row, column block): few rows still fill the device.
                         Some(bpr) => self.record_row_grid(&mut rec, groups, rows, v, bpr, grad_scale, mode),
                         None => {
@@ -446,7 +495,8 @@ impl GpuContext {
                                 weight_total: kopts.weight_total,
                                 _pad: 0,
                             };
-                            let pipeline = self.kernels.rows_variants.get(&self.device, v, kopts.features());
+                            let pipeline =
+                                self.kernels.rows_variants.get(&self.device, io.format(v), kopts.features());
                             rec.dispatch_pipeline(&pipeline, &groups.rows, &params, wgs);
                         }
                     }
@@ -457,7 +507,7 @@ impl GpuContext {
                         GradKind::InPlace => Some(ws.logits.get()),
                     };
                     if let Some(src) = grad_src {
-                        rec.copy(src, 0, ws.readback[slot].get(), 0, elems.len() as u64 * 4);
+                        rec.copy(src, 0, ws.readback[slot].get(), 0, elems.len() as u64 * io.grad_bytes());
                     }
                     rows_readback(&mut rec, slot, rows);
                     submit(rec, &mut pending, slot, grad_src.map(|_| elems), want_rows.then_some(chunk.rows));
@@ -477,11 +527,7 @@ impl GpuContext {
                         drain(&mut pending, io, &mut outputs, false)?;
                         let slot = submitted % plan.ring;
                         let elems = piece_of(r, p);
-                        self.queue.write_buffer(
-                            ws.logits.get(),
-                            0,
-                            bytemuck::cast_slice(&io.logits()[elems.clone()]),
-                        );
+                        self.queue.write_buffer(ws.logits.get(), 0, io.logit_bytes(elems.clone()));
                         let mut rec = Recorder::new(&self.device, &self.limits);
                         let wgs = blocks_per_piece as u64;
                         let params = PartialParams {
@@ -525,11 +571,7 @@ impl GpuContext {
                         drain(&mut pending, io, &mut outputs, false)?;
                         let slot = submitted % plan.ring;
                         let elems = piece_of(r, p);
-                        self.queue.write_buffer(
-                            ws.logits.get(),
-                            0,
-                            bytemuck::cast_slice(&io.logits()[elems.clone()]),
-                        );
+                        self.queue.write_buffer(ws.logits.get(), 0, io.logit_bytes(elems.clone()));
                         let mut rec = Recorder::new(&self.device, &self.limits);
                         let wgs = blocks_per_piece as u64;
                         let params = BackwardParams {
@@ -650,10 +692,10 @@ impl GpuContext {
         };
         let rb = ws.readback[p.slot].get();
         self.finish_map(rb, map, Some(p.submission), |bytes| {
-            let floats: &[f32] = bytemuck::cast_slice(bytes);
-            if let (Some(range), Some(dst)) = (&p.grad_to, io.grad_out()) {
-                dst[range.clone()].copy_from_slice(&floats[..range.len()]);
+            if let Some(range) = &p.grad_to {
+                io.write_grad(range.clone(), bytes);
             }
+            let floats: &[f32] = bytemuck::cast_slice(&bytes[..bytes.len() / 4 * 4]);
             if let Some((rows, loss_at, lse_at)) = &p.rows_to {
                 let (l, e) = ((*loss_at / 4) as usize, (*lse_at / 4) as usize);
                 if let Some(out) = &mut outputs.row_losses {

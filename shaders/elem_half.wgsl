@@ -1,0 +1,32 @@
+// Element type of the row kernels for half-precision logits: two 16-bit values packed in
+// each u32 (V even), computed in f32 as vec2. Followed by elem_f16.wgsl or elem_bf16.wgsl,
+// which declare the arrays and how to unpack and pack them.
+
+alias Elem = vec2<f32>;
+const WIDTH: u32 = 2u;
+
+fn splat(x: f32) -> Elem { return vec2<f32>(x); }
+fn hmax(e: Elem) -> f32 { return max(e.x, e.y); }
+fn hsum(e: Elem) -> f32 { return e.x + e.y; }
+fn lane_of(e: Elem, i: u32) -> f32 { return e[i]; }
+// 1.0 where column `first + component` is `col`, else 0.0.
+fn onehot(first: u32, col: u32) -> Elem {
+    return select(vec2<f32>(0.0), vec2<f32>(1.0), vec2<u32>(first) + vec2<u32>(0u, 1u) == vec2<u32>(col));
+}
+// tanh_carrying_nan and sech2 (row_state.wgsl) on two lanes.
+fn tanh2(u: Elem) -> Elem {
+    return vec2<f32>(tanh_carrying_nan(u.x), tanh_carrying_nan(u.y));
+}
+fn transform(x: Elem, o: LossOpts) -> Elem {
+    return vec2<f32>(transform1(x.x, o), transform1(x.y, o));
+}
+fn dtransform(x: Elem, o: LossOpts) -> Elem {
+    return vec2<f32>(dtransform1(x.x, o), dtransform1(x.y, o));
+}
+// Class weights of the two columns of element `c` (1 without weights).
+fn weights_of(c: u32, has: bool) -> Elem {
+    if (has) {
+        return vec2<f32>(weights[2u * c], weights[2u * c + 1u]);
+    }
+    return vec2<f32>(1.0);
+}
