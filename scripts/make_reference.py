@@ -172,6 +172,29 @@ def soft_case(name, n, v, seed, weights=False, label_smoothing=0.0, z_loss=0.0, 
         np.save(os.path.join(d, f"grad_{reduction}.npy"), xt.grad.numpy())
 
 
+def half_case(name, n, v, seed, dtype, **kw):
+    """float16 logits: folder half_<name>, logits.npy in float16; PyTorch computes in
+    float64 on the widened values (the exact answer for the stored inputs)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, v)) * 3).astype(dtype)
+    t = rng.integers(0, v, size=n).astype(np.int64)
+    t[1] = -100
+    d = os.path.join(OUT, "half_" + name)
+    os.makedirs(d)
+    np.save(os.path.join(d, "logits.npy"), x)
+    np.save(os.path.join(d, "targets.npy"), t)
+    ls = kw.get("label_smoothing", 0.0)
+    with open(os.path.join(d, "options.txt"), "w") as f:
+        f.write(f"label_smoothing = {ls!r}\n")
+    tt = torch.from_numpy(t)
+    for reduction in ["mean", "sum", "none"]:
+        xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+        loss = F.cross_entropy(xt, tt, reduction=reduction, label_smoothing=ls)
+        loss.backward(torch.ones_like(loss))
+        np.save(os.path.join(d, f"loss_{reduction}.npy"), loss.detach().numpy())
+        np.save(os.path.join(d, f"grad_{reduction}.npy"), xt.grad.numpy())
+
+
 def main():
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(OUT)
@@ -196,6 +219,8 @@ def main():
     soft_case("everything", 10, 40, 33, weights=True, label_smoothing=0.05, z_loss=1e-3, softcap=10.0,
               logit_scale=0.9, n_items=7.0)
     soft_case("masked", 9, 21, 34)
+    half_case("f16", 11, 40, 41, np.float16)
+    half_case("f16_smoothing", 9, 64, 42, np.float16, label_smoothing=0.1)
     bce_case("plain", 9, 13, 21)
     bce_case("weights", 9, 13, 22, weights=True)
     bce_case("pos_weight", 11, 7, 23, pos_weight=True)

@@ -58,7 +58,7 @@ fn cases() -> Vec<Case> {
         .map(|e| e.unwrap().path())
         .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            !name.starts_with("bce_") && !name.starts_with("soft_")
+            !name.starts_with("bce_") && !name.starts_with("soft_") && !name.starts_with("half_")
         })
         .collect();
     dirs.sort();
@@ -333,5 +333,53 @@ fn probability_targets_stream_in_chunks() {
         let want = xent::cpu::reference::cross_entropy_soft(&logits, v, &targets, &opts).unwrap();
         let got = gpu.cross_entropy_soft(&logits, v, &targets, &opts).unwrap();
         compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{reduction:?}: {e}"));
+    }
+}
+
+#[test]
+fn float16_logits_match_pytorch_on_every_path() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("half_"))
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 2, "tests/data holds {} float16 cases", dirs.len());
+    let gpus = common::gpus("float16_logits_match_pytorch");
+    for dir in dirs {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let logits = npy::read(dir.join("logits.npy")).unwrap();
+        let classes = logits.shape[1];
+        let NpyData::F16(bits) = logits.data else { panic!("float16 logits") };
+        let NpyData::I64(targets) = npy::read(dir.join("targets.npy")).unwrap().data else {
+            panic!("targets")
+        };
+        let line = std::fs::read_to_string(dir.join("options.txt")).unwrap();
+        let ls: f64 = line.trim().split_once(" = ").unwrap().1.parse().unwrap();
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            let r = reduction.name();
+            let loss = f64s(&dir.join(format!("loss_{r}.npy")));
+            let grad = f64s(&dir.join(format!("grad_{r}.npy")));
+            let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+            let want = LossOutput {
+                loss: (reduction != Reduction::None).then(|| loss[0] as f32),
+                row_losses: (reduction == Reduction::None).then(|| as_f32(&loss)),
+                lse: None,
+                gradient: Some(as_f32(&grad)),
+            };
+            let opts = LossOptions::new().reduction(reduction).label_smoothing(ls).gradient(true);
+            let backends: Vec<&dyn Backend> = [&xent::Reference as &dyn Backend, &xent::CpuFast]
+                .into_iter()
+                .chain(gpus.iter().map(|g| g as &dyn Backend))
+                .collect();
+            for backend in backends {
+                let got = backend
+                    .cross_entropy_half(&bits, xent::HalfFormat::F16, classes, (&targets).into(), &opts)
+                    .unwrap_or_else(|e| panic!("{name} {reduction:?} on {}: {e}", backend.describe()));
+                compare(&got, &want, Tolerance::F32)
+                    .unwrap_or_else(|e| panic!("{name} {reduction:?} on {}: {e}", backend.describe()));
+            }
+        }
     }
 }
