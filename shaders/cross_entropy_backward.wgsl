@@ -85,7 +85,11 @@ fn main(
             let p = exp((transform1(x, o) - stats.x) - stats.y);
             var d = p * k;
             if (o.eps > 0.0) {
-                d -= smooth_w * select(1.0, weights[params.col_base + c], has_w);
+                var w = 1.0;
+                if (has_w) {
+                    w = weights[params.col_base + c];
+                }
+                d -= smooth_w * w;
             }
             if (c == tc) {
                 d -= target_w;

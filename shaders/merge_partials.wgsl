@@ -1,6 +1,6 @@
 // Combines the block states of each row written by row_partials.wgsl (row_state.wgsl is
-// prepended), in block order, into the row's loss, LSE, mean weight and statistics.
-// One invocation per row; rows have few blocks.
+// prepended), in block order, into the row's loss (class weights, label smoothing,
+// z-loss), LSE, mean weight and statistics. One invocation per row; rows have few blocks.
 
 override WG: u32 = 256u;
 
@@ -11,6 +11,10 @@ struct Params {
     groups_x: u32,
     classes: u32,
     ignore_index: i32,
+    has_weights: u32,
+    smoothing: f32,
+    z_loss: f32,
+    weight_total: f32,
     _pad0: u32,
     _pad1: u32,
 }
@@ -22,6 +26,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> row_lse: array<f32>;
 @group(0) @binding(5) var<storage, read_write> row_weight: array<f32>;
 @group(0) @binding(6) var<storage, read_write> row_stats: array<vec2<f32>>;
+@group(0) @binding(7) var<storage, read> weights: array<f32>;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -32,21 +37,36 @@ fn main(
     if (r >= params.rows) {
         return;
     }
+    let o = LossOpts(1.0, 0.0, params.smoothing, params.z_loss, params.weight_total, params.classes);
     var st = RowState(EMPTY_MAX, 0.0);
-    var x_t = 0.0;
+    var z_t = 0.0;
+    var aux = 0.0;
+    var wsum = 0.0;
     for (var b = 0u; b < params.blocks; b++) {
-        let p = partials[r * params.blocks + b];
-        st = combine(st, RowState(p.x, p.y));
+        let p = partials[2u * (r * params.blocks + b)];
+        let q = partials[2u * (r * params.blocks + b) + 1u];
+        let merged = combine(st, RowState(p.x, p.y));
+        if (o.eps > 0.0) {
+            // Both parts' Σ w (max - z) moved to the merged max; empty parts add 0.
+            aux = aux + select(0.0, wsum * (merged.max - st.max), wsum > 0.0)
+                + q.x + select(0.0, q.y * (merged.max - p.x), q.y > 0.0);
+            wsum += q.y;
+        }
+        st = merged;
         if (p.w != 0.0) {
-            x_t = p.z;
+            z_t = p.z;
         }
     }
     let log_s = log(st.sum);
     let t = targets[params.row_base + r];
     let ignored = t == params.ignore_index || t < 0 || u32(t) >= params.classes;
+    var w_y = 1.0;
+    if (params.has_weights != 0u && !ignored) {
+        w_y = weights[u32(t)];
+    }
     let row = params.row_base + r;
-    row_loss[row] = select((st.max - x_t) + log_s, 0.0, ignored);
+    row_loss[row] = select(row_loss_of(o, st.max, log_s, z_t, w_y, aux), 0.0, ignored);
     row_lse[row] = st.max + log_s;
-    row_weight[row] = select(1.0, 0.0, ignored);
+    row_weight[row] = select(w_y, 0.0, ignored);
     row_stats[row] = vec2<f32>(st.max, log_s);
 }

@@ -1,7 +1,8 @@
 // Partial online-softmax states of column blocks (row_state.wgsl is prepended), for
 // rows split across several dispatches or workgroups: each workgroup reduces one
-// (row, block) to (max, sum) and, if the row's target falls in the block, captures
-// the target's logit. merge_partials.wgsl combines the blocks of a row.
+// (row, block) of transformed logits z to (max, sum), the smoothing sums
+// (Σ w (max - z), Σ w) relative to the block's max, and, if the row's target falls in
+// the block, the target's z. merge_partials.wgsl combines the blocks of a row.
 
 override WG: u32 = 256u;
 
@@ -14,20 +15,32 @@ struct Params {
     blocks: u32,        // blocks per row in this dispatch
     row_base: u32,      // global row of row 0 (targets)
     groups_x: u32,
-    out_base: u32,      // index in `partials` of (row 0, block 0)
+    out_base: u32,      // entry in `partials` of (row 0, block 0)
     out_stride: u32,    // entries per row in `partials`
     ignore_index: i32,
     classes: u32,
+    has_weights: u32,
+    logit_scale: f32,
+    softcap: f32,       // 0: none
+    smoothing: f32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> targets: array<i32>;
-// (max, sum, target logit, 1 if the target is in this block else 0)
+// Two vec4 per entry: (max, sum, target z, 1 if the target is in this block else 0)
+// and (Σ w (max - z), Σ w, 0, 0).
 @group(0) @binding(3) var<storage, read_write> partials: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> weights: array<f32>;
 
 var<workgroup> wg_max: array<f32, WG>;
 var<workgroup> wg_sum: array<f32, WG>;
+var<workgroup> wg_aux: array<f32, WG>;
+var<workgroup> wg_wsum: array<f32, WG>;
+
+fn rebase(aux: f32, wsum: f32, old_max: f32, new_max: f32) -> f32 {
+    return aux + select(0.0, wsum * (new_max - old_max), wsum > 0.0);
+}
 
 @compute @workgroup_size(WG)
 fn main(
@@ -39,36 +52,59 @@ fn main(
     if (r >= params.rows) {
         return;
     }
+    let o = LossOpts(params.logit_scale, params.softcap, params.smoothing, 0.0, 0.0, params.classes);
+    let smoothing = o.eps > 0.0;
     let block = g % params.blocks;
     let first = block * params.block_cols;
     let last = min(first + params.block_cols, params.cols);
     let base = r * params.row_stride;
     var st = RowState(EMPTY_MAX, 0.0);
+    var aux = 0.0;
+    var wsum = 0.0;
     for (var c = first + lid; c < last; c += WG) {
-        st = push(st, logits[base + c]);
+        let z = transform1(logits[base + c], o);
+        let m = max(st.max, z);
+        if (smoothing) {
+            aux = rebase(aux, wsum, st.max, m);
+            var w = 1.0;
+            if (params.has_weights != 0u) {
+                w = weights[params.col_base + c];
+            }
+            aux += w * (m - z);
+            wsum += w;
+        }
+        st = RowState(m, st.sum * exp(st.max - m) + exp(z - m));
     }
     wg_max[lid] = st.max;
     wg_sum[lid] = st.sum;
+    wg_aux[lid] = aux;
+    wg_wsum[lid] = wsum;
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
         if (lid < stride) {
-            let o = combine(RowState(wg_max[lid], wg_sum[lid]),
-                            RowState(wg_max[lid + stride], wg_sum[lid + stride]));
-            wg_max[lid] = o.max;
-            wg_sum[lid] = o.sum;
+            let a = RowState(wg_max[lid], wg_sum[lid]);
+            let b = RowState(wg_max[lid + stride], wg_sum[lid + stride]);
+            let merged = combine(a, b);
+            wg_aux[lid] = rebase(wg_aux[lid], wg_wsum[lid], a.max, merged.max)
+                + rebase(wg_aux[lid + stride], wg_wsum[lid + stride], b.max, merged.max);
+            wg_wsum[lid] = wg_wsum[lid] + wg_wsum[lid + stride];
+            wg_max[lid] = merged.max;
+            wg_sum[lid] = merged.sum;
         }
         workgroupBarrier();
     }
     if (lid == 0u) {
         let t = targets[params.row_base + r];
-        var x_t = 0.0;
+        var z_t = 0.0;
         var has_t = 0.0;
         let lo = params.col_base + first;
         let hi = params.col_base + last;
         if (t != params.ignore_index && t >= 0 && u32(t) < params.classes && u32(t) >= lo && u32(t) < hi) {
-            x_t = logits[base + (u32(t) - params.col_base)];
+            z_t = transform1(logits[base + (u32(t) - params.col_base)], o);
             has_t = 1.0;
         }
-        partials[params.out_base + r * params.out_stride + block] = vec4<f32>(wg_max[0], wg_sum[0], x_t, has_t);
+        let at = 2u * (params.out_base + r * params.out_stride + block);
+        partials[at] = vec4<f32>(wg_max[0], wg_sum[0], z_t, has_t);
+        partials[at + 1u] = vec4<f32>(wg_aux[0], wg_wsum[0], 0.0, 0.0);
     }
 }

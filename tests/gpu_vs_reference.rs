@@ -288,3 +288,40 @@ fn every_kernel_tuning_passes_the_conformance_set() {
         }
     }
 }
+
+#[test]
+fn every_option_through_split_rows_and_the_row_grid() {
+    // Rows longer than a 64 KiB binding (column pieces) and few long rows (the row ×
+    // block grid), with every option: the partial-state kernels carry them too. (Class
+    // weights with split rows are refused: they would not fit one binding either.)
+    let gpus = common::gpus("every_option_through_split_rows");
+    let Some(tiny) = common::tiny_device(gpus) else { return };
+    for (gpu, n, v) in [(&tiny, 3usize, 40000usize), (&gpus[0], 3, 20000), (&gpus[0], 5, 9000)] {
+        let logits = synth::logits(n, v, 2.0, 57);
+        let mut targets = synth::targets(n, v, 57);
+        targets[1] = -100;
+        let weights: Vec<f32> = (0..v).map(|c| 0.3 + (c % 7) as f32 / 4.0).collect();
+        let split = v == 40000;
+        for opts in [
+            LossOptions::new().weights(weights.clone()).label_smoothing(0.1),
+            LossOptions::new().label_smoothing(0.2),
+            LossOptions::new().reduction(Reduction::Sum).z_loss(1e-3).softcap(6.0).logit_scale(0.9),
+            LossOptions::new()
+                .reduction(Reduction::None)
+                .weights(weights.clone())
+                .label_smoothing(0.3)
+                .n_items(4.0),
+            LossOptions::new().reduction(Reduction::None).label_smoothing(0.3).n_items(4.0).z_loss(1e-2),
+        ] {
+            let opts = opts.gradient(true).row_losses(true).lse(true);
+            if split && opts.get_weights().is_some() {
+                let e = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap_err();
+                assert!(matches!(e, xent::Error::InvalidOption(_)), "{e}");
+                continue;
+            }
+            let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+            let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+            compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{n}x{v} {opts:?}: {e}"));
+        }
+    }
+}

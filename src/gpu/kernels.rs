@@ -222,6 +222,23 @@ pub(crate) struct PartialParams {
     pub out_stride: u32,
     pub ignore_index: i32,
     pub classes: u32,
+    pub has_weights: u32,
+    pub logit_scale: f32,
+    pub softcap: f32,
+    pub smoothing: f32,
+}
+
+impl PartialParams {
+    /// With the options of `k` (the plain loss when all are off).
+    pub fn with_opts(self, k: &KernelOpts) -> Self {
+        Self {
+            has_weights: k.has_weights,
+            logit_scale: k.logit_scale,
+            softcap: k.softcap,
+            smoothing: k.smoothing,
+            ..self
+        }
+    }
 }
 
 /// `Params` of `merge_partials.wgsl`.
@@ -234,8 +251,25 @@ pub(crate) struct MergeParams {
     pub groups_x: u32,
     pub classes: u32,
     pub ignore_index: i32,
+    pub has_weights: u32,
+    pub smoothing: f32,
+    pub z_loss: f32,
+    pub weight_total: f32,
     pub _pad0: u32,
     pub _pad1: u32,
+}
+
+impl MergeParams {
+    /// With the options of `k`.
+    pub fn with_opts(self, k: &KernelOpts) -> Self {
+        Self {
+            has_weights: k.has_weights,
+            smoothing: k.smoothing,
+            z_loss: k.z_loss,
+            weight_total: k.weight_total,
+            ..self
+        }
+    }
 }
 
 /// `Params` of `cross_entropy_backward.wgsl`.
@@ -542,7 +576,8 @@ impl Kernels {
                 device,
                 "row_partials",
                 &src["row_partials.wgsl"],
-                &[(RO, 4), (RO, 4), (RW, 16)],
+                // logits, targets, partials, weights
+                &[(RO, 4), (RO, 4), (RW, 32), (RO, 4)],
                 wg,
             ),
             // partials, targets, row_loss, row_lse, row_weight, row_stats
@@ -550,7 +585,8 @@ impl Kernels {
                 device,
                 "merge_partials",
                 &src["merge_partials.wgsl"],
-                &[(RO, 16), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RW, 8)],
+                // partials, targets, row_loss, row_lse, row_weight, row_stats, weights
+                &[(RO, 32), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RW, 8), (RO, 4)],
                 wg,
             ),
             // logits (written in place), targets, row_stats, norm, grad

@@ -276,10 +276,10 @@ impl GpuContext {
         };
         // Few long rows: a (row × column block) grid of workgroups fills the device where
         // one workgroup per row would not.
-        let grid = n < FEW_ROWS && v >= 2 * SPLIT_BLOCK_COLS && total <= bind_cap && opts.is_plain();
+        let grid = n < FEW_ROWS && v >= 2 * SPLIT_BLOCK_COLS && total <= bind_cap;
         if grid {
             let bpr = v.div_ceil(SPLIT_BLOCK_COLS);
-            let partials = new_buffer("xent partials", (n * bpr * 16) as u64);
+            let partials = new_buffer("xent partials", (n * bpr * 32) as u64);
             let logits_range = (batch.logits, batch.logits_offset, total);
             let targets_range = (batch.targets, batch.targets_offset, n as u64 * 4);
             let wgs = (n * bpr) as u64;
@@ -287,7 +287,12 @@ impl GpuContext {
                 d,
                 &self.kernels.partials,
                 &params,
-                &[logits_range, targets_range, whole(&partials, partials.size())],
+                &[
+                    logits_range,
+                    targets_range,
+                    whole(&partials, partials.size()),
+                    whole(&class_weights, class_weights.size()),
+                ],
             );
             let p = PartialParams {
                 rows: n as u32,
@@ -302,7 +307,9 @@ impl GpuContext {
                 out_stride: bpr as u32,
                 ignore_index: batch.ignore_index,
                 classes: v as u32,
-            };
+                ..bytemuck::Zeroable::zeroed()
+            }
+            .with_opts(&kopts);
             rec.dispatch(&self.kernels.partials, &bg, &p, wgs);
             let bg = bind_ranges(
                 d,
@@ -315,6 +322,7 @@ impl GpuContext {
                     whole(&lse, rows * 4),
                     whole(&weight, rows * 4),
                     whole(&stats, rows * 8),
+                    whole(&class_weights, class_weights.size()),
                 ],
             );
             let merge_groups = (n as u64).div_ceil(u64::from(wg));
@@ -327,7 +335,9 @@ impl GpuContext {
                 ignore_index: batch.ignore_index,
                 _pad0: 0,
                 _pad1: 0,
-            };
+                ..bytemuck::Zeroable::zeroed()
+            }
+            .with_opts(&kopts);
             rec.dispatch(&self.kernels.merge, &bg, &p, merge_groups);
             if mode != GradMode::None {
                 let grad_range = match gradient {
@@ -363,7 +373,8 @@ impl GpuContext {
                     classes: v as u32,
                     ..bytemuck::Zeroable::zeroed()
                 }
-                .plain();
+                .plain()
+                .with_opts(&kopts);
                 rec.dispatch(&self.kernels.backward, &bg, &p, wgs);
             }
             _scratch.push(partials);

@@ -223,13 +223,8 @@ impl GpuContext {
                     batch.classes
                 )));
             }
-            if matches!(plan.layout, Layout::Split { .. }) && !opts.is_plain() {
-                return Err(Error::InvalidOption(format!(
-                    "rows of {} classes are split across bindings, and the split kernels do not \
-                     take class weights, label smoothing, z-loss, softcap, logit scale or n_items \
-                     yet; use the CPU path",
-                    batch.classes
-                )));
+            if matches!(plan.layout, Layout::Split { .. }) && opts.get_weights().is_some() {
+                return Err(split_weights_error(batch.classes));
             }
             // Buffers first, in their own error scope: an out-of-memory is known before
             // anything is streamed (or written over in-place logits), and is retried
@@ -286,8 +281,8 @@ impl GpuContext {
         let chunk_bytes = plan.chunk_elems as u64 * 4;
         let rows = plan.slot_rows as u64;
         let partials = match plan.layout {
-            Layout::Split { pieces, blocks_per_piece, .. } => (pieces * blocks_per_piece * 16) as u64,
-            Layout::Rows { blocks_per_row, .. } => (plan.slot_rows * blocks_per_row.unwrap_or(1) * 16) as u64,
+            Layout::Split { pieces, blocks_per_piece, .. } => (pieces * blocks_per_piece * 32) as u64,
+            Layout::Rows { blocks_per_row, .. } => (plan.slot_rows * blocks_per_row.unwrap_or(1) * 32) as u64,
         };
         let scratch = reduce_levels(rows, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
         let sums = reduce_levels(plan.row_groups() as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
@@ -338,7 +333,12 @@ impl GpuContext {
                         ws.weights.get(),
                     ],
                 ),
-                partials: bind(d, &k.partials, p, &[ws.logits.get(), ws.targets.get(), ws.partials.get()]),
+                partials: bind(
+                    d,
+                    &k.partials,
+                    p,
+                    &[ws.logits.get(), ws.targets.get(), ws.partials.get(), ws.weights.get()],
+                ),
                 merge: bind(
                     d,
                     &k.merge,
@@ -350,6 +350,7 @@ impl GpuContext {
                         ws.row_lse.get(),
                         ws.row_weight.get(),
                         ws.row_stats.get(),
+                        ws.weights.get(),
                     ],
                 ),
                 backward: bind(
@@ -394,7 +395,7 @@ impl GpuContext {
         };
         let want_rows = outputs.row_losses.is_some() || outputs.lse.is_some();
         self.queue.write_buffer(ws.norm.get(), 0, bytemuck::bytes_of(&1.0f32));
-        let kopts = KernelOpts::new(opts, v);
+        let kopts = &KernelOpts::new(opts, v);
         if let Some(w) = opts.get_weights() {
             self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
         }
@@ -472,9 +473,11 @@ impl GpuContext {
                     // The row grid's kernels take PyTorch's plain options only; the fused
                     // kernel takes them all.
                     let f32_data = !matches!(io.format(v), ElemFormat::Half { .. });
-                    match blocks_per_row.filter(|_| opts.is_plain() && f32_data) {
+                    match blocks_per_row.filter(|_| f32_data) {
                         // One workgroup per (row, column block): few rows still fill the device.
-                        Some(bpr) => self.record_row_grid(&mut rec, groups, rows, v, bpr, grad_scale, mode),
+                        Some(bpr) => {
+                            self.record_row_grid(&mut rec, groups, rows, v, bpr, grad_scale, mode, kopts)
+                        }
                         None => {
                             let wgs = rows.div_ceil(rows_per_group) as u64;
                             let params = RowParams {
@@ -543,7 +546,9 @@ impl GpuContext {
                             out_stride: (pieces * blocks_per_piece) as u32,
                             ignore_index: Batch::IGNORED,
                             classes: v as u32,
-                        };
+                            ..bytemuck::Zeroable::zeroed()
+                        }
+                        .with_opts(kopts);
                         rec.dispatch(&self.kernels.partials, &groups.partials, &params, wgs);
                         let last = p + 1 == pieces;
                         if last {
@@ -556,7 +561,9 @@ impl GpuContext {
                                 ignore_index: Batch::IGNORED,
                                 _pad0: 0,
                                 _pad1: 0,
-                            };
+                                ..bytemuck::Zeroable::zeroed()
+                            }
+                            .with_opts(kopts);
                             rec.dispatch(&self.kernels.merge, &groups.merge, &params, 1);
                             chunk_sum(&mut rec, 1, r);
                             rows_readback(&mut rec, slot, 1);
@@ -589,7 +596,8 @@ impl GpuContext {
                             classes: v as u32,
                             ..bytemuck::Zeroable::zeroed()
                         }
-                        .plain();
+                        .plain()
+                        .with_opts(kopts);
                         rec.dispatch(&self.kernels.backward, &groups.backward, &params, wgs);
                         let src =
                             if plan.grad == GradKind::Separate { ws.grad.get() } else { ws.logits.get() };
@@ -634,6 +642,7 @@ impl GpuContext {
         bpr: usize,
         grad_scale: f32,
         mode: GradMode,
+        kopts: &KernelOpts,
     ) {
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let wgs = (rows * bpr) as u64;
@@ -650,7 +659,9 @@ impl GpuContext {
             out_stride: bpr as u32,
             ignore_index: Batch::IGNORED,
             classes: v as u32,
-        };
+            ..bytemuck::Zeroable::zeroed()
+        }
+        .with_opts(kopts);
         rec.dispatch(&self.kernels.partials, &groups.partials, &partial, wgs);
         let merge_groups = (rows as u64).div_ceil(u64::from(self.kernels.workgroup_size));
         let merge = MergeParams {
@@ -662,7 +673,9 @@ impl GpuContext {
             ignore_index: Batch::IGNORED,
             _pad0: 0,
             _pad1: 0,
-        };
+            ..bytemuck::Zeroable::zeroed()
+        }
+        .with_opts(kopts);
         rec.dispatch(&self.kernels.merge, &groups.merge, &merge, merge_groups);
         if mode != GradMode::None {
             let backward = BackwardParams {
@@ -680,7 +693,8 @@ impl GpuContext {
                 classes: v as u32,
                 ..bytemuck::Zeroable::zeroed()
             }
-            .plain();
+            .plain()
+            .with_opts(kopts);
             rec.dispatch(&self.kernels.backward, &groups.backward, &backward, wgs);
         }
     }
@@ -736,6 +750,14 @@ impl GpuContext {
         self.finish_map(readback, map, Some(submission), |b| total = bytemuck::cast_slice::<u8, f32>(b)[0])?;
         Ok(total)
     }
+}
+
+/// Class weights cannot be bound whole when a row is longer than one binding.
+fn split_weights_error(classes: usize) -> Error {
+    Error::InvalidOption(format!(
+        "rows of {classes} classes are split across bindings, and their class weights ({classes} values) \
+         do not fit one binding either; use the CPU path for class weights at this size"
+    ))
 }
 
 /// Offsets in a readback slot of the row losses and LSE (after the gradient chunk), and
@@ -805,6 +827,9 @@ impl GpuContext {
             return Ok(());
         }
         let plan = Plan::new(batch.rows, batch.classes, GradKind::Separate, &self.plan_limits())?;
+        if matches!(plan.layout, Layout::Split { .. }) && opts.get_weights().is_some() {
+            return Err(split_weights_error(batch.classes));
+        }
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
         let weights = opts.get_weights().map_or(0, <[f32]>::len);
         self.scoped(|| {
