@@ -282,7 +282,8 @@ impl GpuContext {
         let rows = plan.slot_rows as u64;
         let partials = match plan.layout {
             Layout::Split { pieces, blocks_per_piece, .. } => (pieces * blocks_per_piece * 32) as u64,
-            Layout::Rows { blocks_per_row, .. } => (plan.slot_rows * blocks_per_row.unwrap_or(1) * 32) as u64,
+            Layout::Rows { blocks_per_row: Some(b), .. } => (plan.slot_rows * b * 32) as u64,
+            Layout::Rows { blocks_per_row: None, .. } => 32,
         };
         let scratch = reduce_levels(rows, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
         let sums = reduce_levels(plan.row_groups() as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
