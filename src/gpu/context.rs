@@ -173,7 +173,7 @@ impl GpuContext {
     /// Opens a device on `adapter` with the adapter's own limits (the defaults are much
     /// smaller than what large batches need).
     pub async fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
-        let wanted = wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let wanted = wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SHADER_F16;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("xent"),
@@ -273,6 +273,13 @@ impl GpuContext {
     /// The adapter this context runs on.
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
+    }
+
+    /// Whether f16 logits are read as WGSL `f16` (the device has `SHADER_F16`) rather than
+    /// unpacked from u32 words; `XENT_PORTABLE_F16=1` forces the portable path.
+    pub fn native_f16(&self) -> bool {
+        self.device.features().contains(wgpu::Features::SHADER_F16)
+            && !std::env::var("XENT_PORTABLE_F16").is_ok_and(|v| v == "1")
     }
 
     /// The device's limits.

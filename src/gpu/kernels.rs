@@ -15,6 +15,8 @@ pub const ELEM_VEC4_WGSL: &str = include_str!("../../shaders/elem_vec4.wgsl");
 pub const ELEM_HALF_WGSL: &str = include_str!("../../shaders/elem_half.wgsl");
 /// IEEE binary16 storage of the half element type.
 pub const ELEM_F16_WGSL: &str = include_str!("../../shaders/elem_f16.wgsl");
+/// IEEE binary16 storage as WGSL `f16`, for adapters with `SHADER_F16`.
+pub const ELEM_F16_NATIVE_WGSL: &str = include_str!("../../shaders/elem_f16_native.wgsl");
 /// bfloat16 storage of the half element type.
 pub const ELEM_BF16_WGSL: &str = include_str!("../../shaders/elem_bf16.wgsl");
 
@@ -26,7 +28,9 @@ pub(crate) enum ElemFormat {
     /// f32, four per load.
     Vec4,
     /// Half precision, two per u32 (V even); the gradient in f32, or in the input's type.
-    Half { format: crate::HalfFormat, half_grad: bool },
+    /// `native`: f16 read as WGSL `f16` (the adapter has `SHADER_F16`); otherwise the
+    /// portable `unpack2x16float`.
+    Half { format: crate::HalfFormat, half_grad: bool, native: bool },
 }
 
 impl ElemFormat {
@@ -65,11 +69,24 @@ pub fn shaders() -> Vec<(&'static str, String)> {
         ("cross_entropy_rows.wgsl (vec4)", rows_source(ElemFormat::Vec4, ROWS_CACHED)),
         (
             "cross_entropy_rows.wgsl (f16, f32 gradient)",
-            rows_source(ElemFormat::Half { format: crate::HalfFormat::F16, half_grad: false }, ROWS_CACHED),
+            rows_source(
+                ElemFormat::Half { format: crate::HalfFormat::F16, half_grad: false, native: false },
+                ROWS_CACHED,
+            ),
+        ),
+        (
+            "cross_entropy_rows.wgsl (native f16, f16 gradient)",
+            rows_source(
+                ElemFormat::Half { format: crate::HalfFormat::F16, half_grad: true, native: true },
+                ROWS_CACHED,
+            ),
         ),
         (
             "cross_entropy_rows.wgsl (bf16, bf16 gradient)",
-            rows_source(ElemFormat::Half { format: crate::HalfFormat::Bf16, half_grad: true }, ROWS_CACHED),
+            rows_source(
+                ElemFormat::Half { format: crate::HalfFormat::Bf16, half_grad: true, native: false },
+                ROWS_CACHED,
+            ),
         ),
         ("row_partials.wgsl", with_state(ROW_PARTIALS_WGSL)),
         ("merge_partials.wgsl", with_state(MERGE_PARTIALS_WGSL)),
@@ -89,10 +106,11 @@ pub(crate) fn rows_source(format: ElemFormat, cached: u32) -> String {
     let (elem, width) = match format {
         ElemFormat::F32 => (ELEM_F32_WGSL.to_string(), 1),
         ElemFormat::Vec4 => (ELEM_VEC4_WGSL.to_string(), 4),
-        ElemFormat::Half { format, half_grad } => {
-            let storage = match format {
-                crate::HalfFormat::F16 => ELEM_F16_WGSL,
-                crate::HalfFormat::Bf16 => ELEM_BF16_WGSL,
+        ElemFormat::Half { format, half_grad, native } => {
+            let storage = match (format, native) {
+                (crate::HalfFormat::F16, true) => ELEM_F16_NATIVE_WGSL,
+                (crate::HalfFormat::F16, false) => ELEM_F16_WGSL,
+                (crate::HalfFormat::Bf16, _) => ELEM_BF16_WGSL,
             };
             let grad = if half_grad {
                 "@group(0) @binding(5) var<storage, read_write> grad: array<u32>;\n\
@@ -106,7 +124,11 @@ pub(crate) fn rows_source(format: ElemFormat, cached: u32) -> String {
     };
     let kernel = CROSS_ENTROPY_ROWS_WGSL
         .replace("const CACHED: u32 = 8u;", &format!("const CACHED: u32 = {}u;", (cached / width).max(1)));
-    format!("{ROW_STATE_WGSL}\n{elem}\n{kernel}")
+    let enable = match format {
+        ElemFormat::Half { format: crate::HalfFormat::F16, native: true, .. } => "enable f16;\n",
+        _ => "",
+    };
+    format!("{enable}{ROW_STATE_WGSL}\n{elem}\n{kernel}")
 }
 
 /// Gradient modes of the kernels (`GRAD_*` there).

@@ -54,8 +54,9 @@ impl Io<'_> {
             Io::InPlace(GradOut::Half(l), _) => bytemuck::cast_slice(&l[range]),
         }
     }
-    /// How the kernel reads these logits and writes this gradient.
-    fn format(&self, classes: usize) -> ElemFormat {
+    /// How the kernel reads these logits and writes this gradient (`native_f16`: the
+    /// device takes WGSL `f16`).
+    fn format(&self, classes: usize, native_f16: bool) -> ElemFormat {
         let half = match self {
             Io::Loss(Data::Half(_, f)) | Io::Separate(Data::Half(_, f), _) => Some(*f),
             Io::InPlace(_, f) => *f,
@@ -63,7 +64,9 @@ impl Io<'_> {
         };
         let half_grad = matches!(self, Io::Separate(_, GradOut::Half(_)) | Io::InPlace(GradOut::Half(_), _));
         match half {
-            Some(format) => ElemFormat::Half { format, half_grad },
+            Some(format) => {
+                ElemFormat::Half { format, half_grad, native: native_f16 && format == crate::HalfFormat::F16 }
+            }
             None => ElemFormat::f32_for(classes),
         }
     }
@@ -215,7 +218,7 @@ impl GpuContext {
         let (loss, outputs) = loop {
             let plan = Plan::new(batch.rows, batch.classes, io.grad_kind(), &limits)?;
             if matches!(plan.layout, Layout::Split { .. })
-                && matches!(io.format(batch.classes), ElemFormat::Half { .. })
+                && matches!(io.format(batch.classes, false), ElemFormat::Half { .. })
             {
                 return Err(Error::InvalidOption(format!(
                     "rows of {} classes are split across bindings, and the split kernels read f32 only; \
@@ -473,7 +476,7 @@ impl GpuContext {
                     let mut rec = Recorder::new(&self.device, &self.limits);
                     // The row grid's kernels take PyTorch's plain options only; the fused
                     // kernel takes them all.
-                    let f32_data = !matches!(io.format(v), ElemFormat::Half { .. });
+                    let f32_data = !matches!(io.format(v, self.native_f16()), ElemFormat::Half { .. });
                     match blocks_per_row.filter(|_| f32_data) {
                         // One workgroup per (row, column block): few rows still fill the device.
                         Some(bpr) => {
@@ -499,8 +502,11 @@ impl GpuContext {
                                 weight_total: kopts.weight_total,
                                 _pad: 0,
                             };
-                            let pipeline =
-                                self.kernels.rows_variants.get(&self.device, io.format(v), kopts.features());
+                            let pipeline = self.kernels.rows_variants.get(
+                                &self.device,
+                                io.format(v, self.native_f16()),
+                                kopts.features(),
+                            );
                             rec.dispatch_pipeline(&pipeline, &groups.rows, &params, wgs);
                         }
                     }
