@@ -72,176 +72,81 @@ pub trait Backend: Send + Sync {
     ) -> Result<LossOutput>;
 }
 
-impl Backend for GpuContext {
-    fn cross_entropy_half(
-        &self,
-        l: &[u16],
-        f: HalfFormat,
-        v: usize,
-        t: Targets<'_>,
-        o: &LossOptions,
-    ) -> Result<LossOutput> {
-        GpuContext::cross_entropy_half(self, l, f, v, t, o)
-    }
-    fn cross_entropy_soft(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
-        GpuContext::cross_entropy_soft(self, l, v, t, o)
-    }
-    fn binary_cross_entropy(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
-        GpuContext::binary_cross_entropy(self, l, v, t, o)
-    }
-    fn cross_entropy_backward(
-        &self,
-        l: &[f32],
-        v: usize,
-        t: Targets<'_>,
-        lse: &[f32],
-        up: Upstream<'_>,
-        o: &LossOptions,
-    ) -> Result<Vec<f32>> {
-        GpuContext::cross_entropy_backward(self, l, v, t, lse, up, o)
-    }
-    fn describe(&self) -> String {
-        let info = self.adapter_info();
-        format!("{} ({:?})", info.name, info.backend)
-    }
-    fn cross_entropy(&self, l: &[f32], v: usize, t: Targets<'_>, o: &LossOptions) -> Result<LossOutput> {
-        GpuContext::cross_entropy(self, l, v, t, o)
-    }
-    fn cross_entropy_into(
-        &self,
-        l: &[f32],
-        v: usize,
-        t: Targets<'_>,
-        o: &LossOptions,
-        g: &mut [f32],
-    ) -> Result<LossOutput> {
-        GpuContext::cross_entropy_into(self, l, v, t, o, g)
-    }
-    fn cross_entropy_in_place(
-        &self,
-        l: &mut [f32],
-        v: usize,
-        t: Targets<'_>,
-        o: &LossOptions,
-    ) -> Result<LossOutput> {
-        GpuContext::cross_entropy_in_place(self, l, v, t, o)
-    }
+/// Implements [`Backend`] by forwarding every method to the functions of the same names:
+/// inherent methods for the GPU, free functions of a module for the CPU paths.
+macro_rules! forward_backend {
+    ($ty:ty, |$me:ident| $describe:expr, $($call:tt)+) => {
+        impl Backend for $ty {
+            fn describe(&self) -> String {
+                let $me = self;
+                $describe
+            }
+            fn cross_entropy(&self, l: &[f32], v: usize, t: Targets<'_>, o: &LossOptions) -> Result<LossOutput> {
+                forward_backend!(@call self, $($call)+, cross_entropy(l, v, t, o))
+            }
+            fn cross_entropy_into(
+                &self,
+                l: &[f32],
+                v: usize,
+                t: Targets<'_>,
+                o: &LossOptions,
+                g: &mut [f32],
+            ) -> Result<LossOutput> {
+                forward_backend!(@call self, $($call)+, cross_entropy_into(l, v, t, o, g))
+            }
+            fn cross_entropy_backward(
+                &self,
+                l: &[f32],
+                v: usize,
+                t: Targets<'_>,
+                lse: &[f32],
+                up: Upstream<'_>,
+                o: &LossOptions,
+            ) -> Result<Vec<f32>> {
+                forward_backend!(@call self, $($call)+, cross_entropy_backward(l, v, t, lse, up, o))
+            }
+            fn cross_entropy_half(
+                &self,
+                l: &[u16],
+                f: HalfFormat,
+                v: usize,
+                t: Targets<'_>,
+                o: &LossOptions,
+            ) -> Result<LossOutput> {
+                forward_backend!(@call self, $($call)+, cross_entropy_half(l, f, v, t, o))
+            }
+            fn cross_entropy_soft(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
+                forward_backend!(@call self, $($call)+, cross_entropy_soft(l, v, t, o))
+            }
+            fn binary_cross_entropy(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
+                forward_backend!(@call self, $($call)+, binary_cross_entropy(l, v, t, o))
+            }
+            fn cross_entropy_in_place(&self, l: &mut [f32], v: usize, t: Targets<'_>, o: &LossOptions) -> Result<LossOutput> {
+                forward_backend!(@call self, $($call)+, cross_entropy_in_place(l, v, t, o))
+            }
+        }
+    };
+    (@call $self:ident, method, $name:ident($($arg:expr),*)) => { $self.$name($($arg),*) };
+    (@call $self:ident, module $module:path, $name:ident($($arg:expr),*)) => {{
+        use $module as m;
+        m::$name($($arg),*)
+    }};
 }
+
+forward_backend!(
+    GpuContext,
+    |gpu| format!("{} ({:?})", gpu.adapter_info().name, gpu.adapter_info().backend),
+    method
+);
 
 /// The f64 CPU reference as a [`Backend`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Reference;
 
-impl Backend for Reference {
-    fn cross_entropy_half(
-        &self,
-        l: &[u16],
-        f: HalfFormat,
-        v: usize,
-        t: Targets<'_>,
-        o: &LossOptions,
-    ) -> Result<LossOutput> {
-        cpu::reference::cross_entropy_half(l, f, v, t, o)
-    }
-    fn cross_entropy_soft(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
-        cpu::reference::cross_entropy_soft(l, v, t, o)
-    }
-    fn binary_cross_entropy(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
-        cpu::reference::binary_cross_entropy(l, v, t, o)
-    }
-    fn cross_entropy_backward(
-        &self,
-        l: &[f32],
-        v: usize,
-        t: Targets<'_>,
-        lse: &[f32],
-        up: Upstream<'_>,
-        o: &LossOptions,
-    ) -> Result<Vec<f32>> {
-        cpu::reference::cross_entropy_backward(l, v, t, lse, up, o)
-    }
-    fn describe(&self) -> String {
-        "cpu reference (f64)".into()
-    }
-    fn cross_entropy(&self, l: &[f32], v: usize, t: Targets<'_>, o: &LossOptions) -> Result<LossOutput> {
-        cpu::reference::cross_entropy(l, v, t, o)
-    }
-    fn cross_entropy_into(
-        &self,
-        l: &[f32],
-        v: usize,
-        t: Targets<'_>,
-        o: &LossOptions,
-        g: &mut [f32],
-    ) -> Result<LossOutput> {
-        cpu::reference::cross_entropy_into(l, v, t, o, g)
-    }
-    fn cross_entropy_in_place(
-        &self,
-        l: &mut [f32],
-        v: usize,
-        t: Targets<'_>,
-        o: &LossOptions,
-    ) -> Result<LossOutput> {
-        cpu::reference::cross_entropy_in_place(l, v, t, o)
-    }
-}
+forward_backend!(Reference, |_r| "cpu reference (f64)".into(), module cpu::reference);
 
 /// The fast multi-threaded CPU path as a [`Backend`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuFast;
 
-impl Backend for CpuFast {
-    fn cross_entropy_half(
-        &self,
-        l: &[u16],
-        f: HalfFormat,
-        v: usize,
-        t: Targets<'_>,
-        o: &LossOptions,
-    ) -> Result<LossOutput> {
-        cpu::fast::cross_entropy_half(l, f, v, t, o)
-    }
-    fn cross_entropy_soft(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
-        cpu::fast::cross_entropy_soft(l, v, t, o)
-    }
-    fn binary_cross_entropy(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
-        cpu::fast::binary_cross_entropy(l, v, t, o)
-    }
-    fn cross_entropy_backward(
-        &self,
-        l: &[f32],
-        v: usize,
-        t: Targets<'_>,
-        lse: &[f32],
-        up: Upstream<'_>,
-        o: &LossOptions,
-    ) -> Result<Vec<f32>> {
-        cpu::fast::cross_entropy_backward(l, v, t, lse, up, o)
-    }
-    fn describe(&self) -> String {
-        format!("cpu fast ({} threads)", rayon::current_num_threads())
-    }
-    fn cross_entropy(&self, l: &[f32], v: usize, t: Targets<'_>, o: &LossOptions) -> Result<LossOutput> {
-        cpu::fast::cross_entropy(l, v, t, o)
-    }
-    fn cross_entropy_into(
-        &self,
-        l: &[f32],
-        v: usize,
-        t: Targets<'_>,
-        o: &LossOptions,
-        g: &mut [f32],
-    ) -> Result<LossOutput> {
-        cpu::fast::cross_entropy_into(l, v, t, o, g)
-    }
-    fn cross_entropy_in_place(
-        &self,
-        l: &mut [f32],
-        v: usize,
-        t: Targets<'_>,
-        o: &LossOptions,
-    ) -> Result<LossOutput> {
-        cpu::fast::cross_entropy_in_place(l, v, t, o)
-    }
-}
+forward_backend!(CpuFast, |_c| format!("cpu fast ({} threads)", rayon::current_num_threads()), module cpu::fast);

@@ -340,6 +340,13 @@ impl<'a, const N: usize> From<&'a [i64; N]> for Targets<'a> {
 /// Checks a binary cross-entropy problem: logits and targets both [rows, classes], and
 /// the options that apply. Returns the number of rows.
 pub fn check_binary(logits: usize, targets: usize, classes: usize, opts: &LossOptions) -> Result<usize> {
+    let rows = check_dense(logits, targets, classes, "binary targets (one per logit)")?;
+    opts.validate_binary(classes)?;
+    Ok(rows)
+}
+
+/// Logits and dense targets, both [rows, classes]: returns the rows.
+fn check_dense(logits: usize, targets: usize, classes: usize, what: &str) -> Result<usize> {
     if classes == 0 {
         return Err(Error::InvalidOption("classes must be at least 1".into()));
     }
@@ -351,13 +358,8 @@ pub fn check_binary(logits: usize, targets: usize, classes: usize, opts: &LossOp
         });
     }
     if targets != logits {
-        return Err(Error::Shape {
-            what: "binary targets (one per logit)".into(),
-            got: targets,
-            expected: logits,
-        });
+        return Err(Error::Shape { what: what.into(), got: targets, expected: logits });
     }
-    opts.validate_binary(classes)?;
     Ok(logits / classes)
 }
 
@@ -365,28 +367,11 @@ pub fn check_binary(logits: usize, targets: usize, classes: usize, opts: &LossOp
 /// [rows, classes], and the options. Returns the `mean` denominator (N, or `n_items`)
 /// and the number of rows.
 pub fn check_soft(logits: usize, targets: usize, classes: usize, opts: &LossOptions) -> Result<(f64, usize)> {
-    if classes == 0 {
-        return Err(Error::InvalidOption("classes must be at least 1".into()));
-    }
-    if !logits.is_multiple_of(classes) {
-        return Err(Error::Shape {
-            what: format!("logits (a whole number of rows of {classes} classes)"),
-            got: logits,
-            expected: logits / classes * classes,
-        });
-    }
-    if targets != logits {
-        return Err(Error::Shape {
-            what: "probability targets (one per logit)".into(),
-            got: targets,
-            expected: logits,
-        });
-    }
+    let rows = check_dense(logits, targets, classes, "probability targets (one per logit)")?;
     opts.validate(classes)?;
     if opts.get_pos_weight().is_some() {
         return Err(Error::InvalidOption("pos_weight applies to binary cross-entropy only".into()));
     }
-    let rows = logits / classes;
     Ok((opts.get_n_items().unwrap_or(rows as f64), rows))
 }
 
