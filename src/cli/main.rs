@@ -65,20 +65,63 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
     let mut progress = bench::Progress::new(total);
     let mut rows = Vec::new();
     let adapter = ctx.as_ref().map(|c| c.describe()).unwrap_or_default();
-    for (i, &(n, v)) in shapes.iter().chain(&latency).enumerate() {
-        let host_api = i >= shapes.len();
-        progress.message(format!("{n}x{v}: generating"));
-        let logits = xent::synth::logits(n, v, 2.0, 42);
-        let targets = xent::synth::targets(n, v, 42);
-        for &pass in passes {
-            if let (Some(ctx), Some(b)) = (&ctx, &gpu_bench) {
-                progress.message(format!("{n}x{v} {} gpu", pass.name()));
-                let mut tick = || progress.tick();
-                if host_api {
-                    let samples = bench::gpu_host_call(ctx, &logits, &targets, v, pass, repeats, &mut tick)?;
+    // Every GPU measurement first, then the CPU ones: lavapipe's dispatches run on a
+    // host thread, so CPU work nearby (rayon's workers winding down) would skew them.
+    for phase in ["gpu", "cpu"] {
+        for (i, &(n, v)) in shapes.iter().chain(&latency).enumerate() {
+            if (phase == "gpu" && ctx.is_none()) || (phase == "cpu" && !cpu) {
+                continue;
+            }
+            let host_api = i >= shapes.len();
+            progress.message(format!("{n}x{v}: generating"));
+            let logits = xent::synth::logits(n, v, 2.0, 42);
+            let targets = xent::synth::targets(n, v, 42);
+            for &pass in passes {
+                if let (Some(ctx), Some(b), "gpu") = (&ctx, &gpu_bench, phase) {
+                    progress.message(format!("{n}x{v} {} gpu", pass.name()));
+                    let mut tick = || progress.tick();
+                    if host_api {
+                        let samples =
+                            bench::gpu_host_call(ctx, &logits, &targets, v, pass, repeats, &mut tick)?;
+                        rows.push(bench::Row {
+                            device: "gpu",
+                            adapter: adapter.clone(),
+                            rows: n,
+                            classes: v,
+                            pass,
+                            samples,
+                            copy_ms: None,
+                            read_ms: None,
+                            api: "host",
+                        });
+                    } else if b.fits(n, v) {
+                        let (samples, copy, read) =
+                            bench::gpu_kernels(b, &logits, &targets, v, pass, repeats, &mut tick)?;
+                        rows.push(bench::Row {
+                            device: "gpu",
+                            adapter: adapter.clone(),
+                            rows: n,
+                            classes: v,
+                            pass,
+                            samples,
+                            copy_ms: Some(copy),
+                            read_ms: read,
+                            api: "device",
+                        });
+                    } else {
+                        eprintln!(
+                            "skipping gpu {n}x{v}: larger than one device buffer ({} MiB)",
+                            ctx.limits().max_buffer_size >> 20
+                        );
+                    }
+                }
+                if phase == "cpu" {
+                    progress.message(format!("{n}x{v} {} cpu", pass.name()));
+                    let mut tick = || progress.tick();
+                    let samples = bench::cpu(&logits, &targets, v, pass, repeats, &mut tick)?;
                     rows.push(bench::Row {
-                        device: "gpu",
-                        adapter: adapter.clone(),
+                        device: "cpu",
+                        adapter: xent::CpuFast.describe(),
                         rows: n,
                         classes: v,
                         pass,
@@ -87,42 +130,7 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
                         read_ms: None,
                         api: "host",
                     });
-                } else if b.fits(n, v) {
-                    let (samples, copy, read) =
-                        bench::gpu_kernels(b, &logits, &targets, v, pass, repeats, &mut tick)?;
-                    rows.push(bench::Row {
-                        device: "gpu",
-                        adapter: adapter.clone(),
-                        rows: n,
-                        classes: v,
-                        pass,
-                        samples,
-                        copy_ms: Some(copy),
-                        read_ms: read,
-                        api: "device",
-                    });
-                } else {
-                    eprintln!(
-                        "skipping gpu {n}x{v}: larger than one device buffer ({} MiB)",
-                        ctx.limits().max_buffer_size >> 20
-                    );
                 }
-            }
-            if cpu {
-                progress.message(format!("{n}x{v} {} cpu", pass.name()));
-                let mut tick = || progress.tick();
-                let samples = bench::cpu(&logits, &targets, v, pass, repeats, &mut tick)?;
-                rows.push(bench::Row {
-                    device: "cpu",
-                    adapter: xent::CpuFast.describe(),
-                    rows: n,
-                    classes: v,
-                    pass,
-                    samples,
-                    copy_ms: None,
-                    read_ms: None,
-                    api: "host",
-                });
             }
         }
     }
