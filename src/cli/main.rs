@@ -48,14 +48,24 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
         (Some(n), Some(v)) => (vec![(n, v)], vec![]),
         _ => (BENCH_SHAPES.to_vec(), LATENCY_SHAPES.to_vec()),
     };
-    let ctx = if gpu {
-        Some(match &args.adapter {
-            Some(name) => GpuContext::from_adapter_blocking(&xent::gpu::select_adapters(Some(name))?[0])?,
-            None => GpuContext::new_blocking()?,
-        })
-    } else {
-        None
+    let opened = match (gpu, &args.adapter) {
+        (false, _) => None,
+        (true, Some(name)) => Some(
+            xent::gpu::select_adapters(Some(name)).and_then(|a| GpuContext::from_adapter_blocking(&a[0])),
+        ),
+        (true, None) => Some(GpuContext::new_blocking()),
     };
+    let ctx = match opened {
+        None => None,
+        Some(Ok(ctx)) => Some(ctx),
+        // `--device all` on a machine without an adapter still measures the CPU.
+        Some(Err(e @ Error::NoAdapter { .. })) if args.device == BenchDevice::All => {
+            eprintln!("warning: {e}\nmeasuring the CPU path only");
+            None
+        }
+        Some(Err(e)) => return Err(e),
+    };
+    let gpu = ctx.is_some();
     let gpu_bench = ctx.as_ref().map(GpuBench::new).transpose()?;
     let repeats = Repeats { warmup: WARMUP, iters: args.iters as usize };
     let per = repeats.total() as u64;
