@@ -593,7 +593,6 @@ impl Kernels {
         Self {
             rows,
             rows_variants,
-            // logits, targets, partials
             partials: Kernel::new::<PartialParams>(
                 device,
                 "row_partials",
@@ -602,7 +601,6 @@ impl Kernels {
                 &[(RO, 4), (RO, 4), (RW, 32), (RO, 4)],
                 wg,
             ),
-            // partials, targets, row_loss, row_lse, row_weight, row_stats
             merge: Kernel::new::<MergeParams>(
                 device,
                 "merge_partials",
@@ -611,12 +609,11 @@ impl Kernels {
                 &[(RO, 32), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RW, 8), (RO, 4)],
                 wg,
             ),
-            // logits (written in place), targets, row_stats, norm, grad
             backward: Kernel::new::<BackwardParams>(
                 device,
                 "cross_entropy_backward",
                 &src["cross_entropy_backward.wgsl"],
-                // logits, targets, row_stats, norm, grad, weights, upstream
+                // logits (gradient in place), targets, row_stats, norm, grad, weights, upstream
                 &[(RW, 4), (RO, 4), (RO, 8), (RO, 4), (RW, 4), (RO, 4), (RO, 4)],
                 wg,
             ),
@@ -628,7 +625,7 @@ impl Kernels {
                 &[(RW, 4)],
                 wg,
             ),
-            // targets, row_weight
+            // targets, row_weight, weights
             weights: Kernel::new::<WeightParams>(
                 device,
                 "row_weights",
