@@ -1,7 +1,10 @@
-// Fused log-softmax + cross-entropy (row_state.wgsl and an element type are prepended:
-// elem_vec4.wgsl when V is a multiple of 4, elem_f32.wgsl otherwise, elem_half.wgsl with
-// elem_f16.wgsl or elem_bf16.wgsl for half-precision logits). The element type declares
-// the logits (binding 1) and gradient (binding 5) arrays and how to load and store them.
+// Fused log-softmax + cross-entropy (row_state.wgsl, an element type and a row merge are
+// prepended: elem_vec4.wgsl when V is a multiple of 4, elem_f32.wgsl otherwise,
+// elem_half.wgsl with elem_f16.wgsl or elem_bf16.wgsl for half-precision logits; then
+// row_merge_subgroup.wgsl when the device has subgroups, row_merge_workgroup.wgsl
+// otherwise). The element type declares the logits (binding 1) and gradient (binding 5)
+// arrays and how to load and store them; the merge declares the entry point's builtins
+// (`Ids`) and `merge_row`.
 // Indices below count elements of WIDTH columns. Each row is handled by
 // `threads_per_row` invocations (a power of two up to WG, chosen by the host from V),
 // so a workgroup serves WG / threads_per_row rows: one row per workgroup for long rows,
@@ -97,17 +100,51 @@ fn opts() -> LossOpts {
         params.classes);
 }
 
+// A row's merged state: (max, sum) and the smoothing sum relative to that max.
+struct Merged {
+    st: RowState,
+    aux: f32,
+}
+
+// The merge through workgroup memory: a tree over each row's segment of `tpr`
+// invocations, log2(tpr) barriers. Every adapter has it; row_merge_subgroup.wgsl uses it
+// when a workgroup holds several rows.
+fn merge_tree(lid: u32, lane: u32, st: RowState, aux: f32, wsum: f32) -> Merged {
+    let tpr = params.threads_per_row;
+    let smoothing = has(F_SMOOTHING);
+    let seg = lid - lane; // first invocation of this row's segment
+    wg_max[lid] = st.max;
+    wg_sum[lid] = st.sum;
+    wg_aux[lid] = aux;
+    wg_wsum[lid] = wsum;
+    workgroupBarrier();
+    for (var stride = tpr / 2u; stride > 0u; stride = stride / 2u) {
+        if (lane < stride) {
+            let a = RowState(wg_max[lid], wg_sum[lid]);
+            let b = RowState(wg_max[lid + stride], wg_sum[lid + stride]);
+            let o2 = combine(a, b);
+            if (smoothing) {
+                wg_aux[lid] = rebase(wg_aux[lid], wg_wsum[lid], a.max, o2.max)
+                    + rebase(wg_aux[lid + stride], wg_wsum[lid + stride], b.max, o2.max);
+                wg_wsum[lid] = wg_wsum[lid] + wg_wsum[lid + stride];
+            }
+            wg_max[lid] = o2.max;
+            wg_sum[lid] = o2.sum;
+        }
+        workgroupBarrier();
+    }
+    return Merged(RowState(wg_max[seg], wg_sum[seg]), wg_aux[seg]);
+}
+
 @compute @workgroup_size(WG)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
+fn main(ids: Ids) {
+    let wid = ids.wid;
+    let lid = ids.lid;
     let o = opts();
     let has_w = has(F_WEIGHTS);
     let smoothing = has(F_SMOOTHING);
     let tpr = params.threads_per_row;
     let lane = lid % tpr;
-    let seg = lid - lane; // first invocation of this row's segment
     let r = (wid.y * params.groups_x + wid.x) * (WG / tpr) + lid / tpr;
     // Invocations past the last row still take part in the barriers below.
     let in_batch = r < params.rows;
@@ -179,29 +216,10 @@ fn main(
     }
     let local = st;
 
-    // Merge the row's states across its invocations.
-    wg_max[lid] = st.max;
-    wg_sum[lid] = st.sum;
-    wg_aux[lid] = aux;
-    wg_wsum[lid] = wsum;
-    workgroupBarrier();
-    for (var stride = tpr / 2u; stride > 0u; stride = stride / 2u) {
-        if (lane < stride) {
-            let a = RowState(wg_max[lid], wg_sum[lid]);
-            let b = RowState(wg_max[lid + stride], wg_sum[lid + stride]);
-            let o2 = combine(a, b);
-            if (smoothing) {
-                wg_aux[lid] = rebase(wg_aux[lid], wg_wsum[lid], a.max, o2.max)
-                    + rebase(wg_aux[lid + stride], wg_wsum[lid + stride], b.max, o2.max);
-                wg_wsum[lid] = wg_wsum[lid] + wg_wsum[lid + stride];
-            }
-            wg_max[lid] = o2.max;
-            wg_sum[lid] = o2.sum;
-        }
-        workgroupBarrier();
-    }
-    let m = wg_max[seg];
-    let sum = wg_sum[seg];
+    // Merge the row's states across its invocations (row_merge_*.wgsl).
+    let merged = merge_row(ids, lane, st, aux, wsum);
+    let m = merged.st.max;
+    let sum = merged.st.sum;
     let log_s = log(sum);
 
     var t = -1;
@@ -219,7 +237,7 @@ fn main(
         var loss = 0.0;
         if (!ignored) {
             let z_t = lane_of(transform(load_logit(base + u32(t) / WIDTH), o), u32(t) % WIDTH);
-            let smooth_sum = wg_aux[seg]; // Σ_c w_c (max - z_c)
+            let smooth_sum = merged.aux; // Σ_c w_c (max - z_c)
             loss = row_loss_of(o, m, log_s, z_t, w_y, smooth_sum);
         }
         row_loss[params.row_base + r] = loss;

@@ -251,24 +251,30 @@ fn reference_is_its_own_backend() {
 #[test]
 fn every_kernel_tuning_passes_the_conformance_set() {
     // The adapter picks its tuning; check the others on this adapter too, so that the
-    // register-cached path, the streaming path and every workgroup shape are covered.
+    // register-cached path, the streaming path, every workgroup shape and both row merges
+    // (subgroup operations, taken where the adapter has SUBGROUP and one row fills the
+    // workgroup as with Tuning::GPU for V > 4096, and the workgroup-memory tree) are
+    // covered.
     let gpus = common::gpus("every_kernel_tuning_passes");
     let Some(first) = gpus.first() else { return };
     let adapter = common::adapter_of(first);
     let tunings = [
         xent::gpu::Tuning::GPU,
+        xent::gpu::Tuning { subgroups: false, ..xent::gpu::Tuning::GPU },
         xent::gpu::Tuning::CPU,
         xent::gpu::Tuning {
             workgroup_size: 32,
             elems_per_thread: 1,
             max_threads_per_row: 1024,
             cached_per_thread: 256,
+            subgroups: true,
         },
         xent::gpu::Tuning {
             workgroup_size: 128,
             elems_per_thread: 100_000,
             max_threads_per_row: 1024,
             cached_per_thread: 4,
+            subgroups: true,
         },
     ];
     let cases = conformance_cases();
@@ -281,10 +287,16 @@ fn every_kernel_tuning_passes_the_conformance_set() {
         for (n, v) in [(5usize, 4099usize), (5, 4100), (3, 40000), (3, 40001), (70, 12)] {
             let logits = synth::logits(n, v, 3.0, 61);
             let targets = synth::targets(n, v, 61);
-            let opts = LossOptions::new().gradient(true).row_losses(true);
-            let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
-            let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
-            compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{n}x{v} {tuning:?}: {e}"));
+            let plain = LossOptions::new().gradient(true).row_losses(true);
+            // Every option through the same merges (label smoothing carries its own sum).
+            let weights: Vec<f32> = (0..v).map(|c| 0.5 + (c % 7) as f32 * 0.25).collect();
+            let every = plain.clone().weights(weights).label_smoothing(0.1).z_loss(1e-4).softcap(30.0);
+            for (name, opts) in [("plain", plain), ("every option", every)] {
+                let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+                let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+                compare(&got, &want, Tolerance::F32)
+                    .unwrap_or_else(|e| panic!("{n}x{v} {tuning:?} {name}: {e}"));
+            }
         }
     }
 }

@@ -137,6 +137,9 @@ fn every_gpu_tuning_matches_pytorch() {
             elems_per_thread: 4,
             max_threads_per_row: 8,
             cached_per_thread: 4,
+            // One row per 8-invocation workgroup: the subgroup merge where the adapter
+            // has SUBGROUP, with a subgroup that may be larger than the workgroup.
+            subgroups: true,
         },
     ] {
         let gpu = pollster::block_on(xent::GpuContext::from_adapter_tuned(&adapter, tuning)).unwrap();

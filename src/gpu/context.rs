@@ -14,7 +14,8 @@ use super::stream::{Data, GradOut, Io, Workspace};
 /// How the kernels are shaped for an adapter: chosen from the adapter type by
 /// [`Tuning::for_adapter`] (measured on lavapipe; GPU values follow the usual practice
 /// and await measurement on real GPUs), overridable through `XENT_WORKGROUP_SIZE`,
-/// `XENT_ELEMS_PER_THREAD` and `XENT_CACHED`.
+/// `XENT_ELEMS_PER_THREAD`, `XENT_MAX_THREADS_PER_ROW`, `XENT_CACHED` and `XENT_SUBGROUPS`
+/// (0: the workgroup-memory merge even where the device has subgroups).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
     /// Invocations per workgroup (a power of two; the `WG` override constant).
@@ -27,18 +28,31 @@ pub struct Tuning {
     /// Floats per invocation kept in registers on the fused kernel's one-read path: rows
     /// up to `workgroup_size × cached_per_thread` take it.
     pub cached_per_thread: u32,
+    /// Merge a row's states with subgroup operations when the device has `SUBGROUP` (and
+    /// one row fills the workgroup); workgroup memory alone otherwise.
+    pub subgroups: bool,
 }
 
 impl Tuning {
     /// GPUs: wide workgroups, many invocations per row (memory parallelism), rows up to
     /// 8192 classes cached in registers.
-    pub const GPU: Tuning =
-        Tuning { workgroup_size: 256, elems_per_thread: 8, max_threads_per_row: 1024, cached_per_thread: 32 };
+    pub const GPU: Tuning = Tuning {
+        workgroup_size: 256,
+        elems_per_thread: 8,
+        max_threads_per_row: 1024,
+        cached_per_thread: 32,
+        subgroups: true,
+    };
     /// CPU adapters (lavapipe, llvmpipe) run invocations as SIMD lanes on one thread per
     /// dispatch: few invocations per row and small workgroups measured fastest there, and
     /// large private arrays are slow.
-    pub const CPU: Tuning =
-        Tuning { workgroup_size: 64, elems_per_thread: 1024, max_threads_per_row: 4, cached_per_thread: 4 };
+    pub const CPU: Tuning = Tuning {
+        workgroup_size: 64,
+        elems_per_thread: 1024,
+        max_threads_per_row: 4,
+        cached_per_thread: 4,
+        subgroups: true,
+    };
 
     /// The tuning for an adapter, with the `XENT_*` environment overrides applied.
     pub fn for_adapter(info: &wgpu::AdapterInfo) -> Tuning {
@@ -59,6 +73,9 @@ impl Tuning {
         if let Some(c) = var("XENT_CACHED") {
             t.cached_per_thread = c as u32;
         }
+        if let Some(s) = var("XENT_SUBGROUPS") {
+            t.subgroups = s != 0;
+        }
         t
     }
 
@@ -71,6 +88,7 @@ impl Tuning {
             elems_per_thread: self.elems_per_thread.max(1),
             max_threads_per_row: self.max_threads_per_row.max(1),
             cached_per_thread: self.cached_per_thread.clamp(4, 1024),
+            subgroups: self.subgroups,
         }
     }
 }
@@ -234,7 +252,7 @@ impl GpuContext {
     fn retune(&mut self, tuning: Tuning) -> Result<()> {
         let tuning = tuning.within(&self.limits);
         let scopes = Scopes::push(&self.device);
-        let kernels = Kernels::new(&self.device, tuning.workgroup_size, tuning.cached_per_thread);
+        let kernels = Kernels::new(&self.device, &tuning);
         scopes.pop(&self.faults)?;
         self.kernels = kernels;
         self.tuning = tuning;
@@ -251,7 +269,7 @@ impl GpuContext {
         let limits = device.limits();
         let tuning = Tuning::for_adapter(&info).within(&limits);
         let scopes = Scopes::push(&device);
-        let kernels = Kernels::new(&device, tuning.workgroup_size, tuning.cached_per_thread);
+        let kernels = Kernels::new(&device, &tuning);
         scopes.pop(&faults)?;
         Ok(Self {
             device,

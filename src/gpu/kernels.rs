@@ -19,6 +19,10 @@ pub const ELEM_F16_WGSL: &str = include_str!("../../shaders/elem_f16.wgsl");
 pub const ELEM_F16_NATIVE_WGSL: &str = include_str!("../../shaders/elem_f16_native.wgsl");
 /// bfloat16 storage of the half element type.
 pub const ELEM_BF16_WGSL: &str = include_str!("../../shaders/elem_bf16.wgsl");
+/// The fused row kernel's merge of a row's states through workgroup memory alone.
+pub const ROW_MERGE_WORKGROUP_WGSL: &str = include_str!("../../shaders/row_merge_workgroup.wgsl");
+/// The fused row kernel's merge with subgroup operations (devices with `SUBGROUP`).
+pub const ROW_MERGE_SUBGROUP_WGSL: &str = include_str!("../../shaders/row_merge_subgroup.wgsl");
 
 /// How the fused kernel reads the logits and writes the gradient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -65,13 +69,16 @@ pub const BENCH_READ_WGSL: &str = include_str!("../../shaders/bench_read.wgsl");
 pub fn shaders() -> Vec<(&'static str, String)> {
     let with_state = |s: &str| format!("{ROW_STATE_WGSL}\n{s}");
     vec![
-        ("cross_entropy_rows.wgsl", rows_source(ElemFormat::F32, ROWS_CACHED)),
-        ("cross_entropy_rows.wgsl (vec4)", rows_source(ElemFormat::Vec4, ROWS_CACHED)),
+        ("cross_entropy_rows.wgsl", rows_source(ElemFormat::F32, ROWS_CACHED, false)),
+        ("cross_entropy_rows.wgsl (vec4)", rows_source(ElemFormat::Vec4, ROWS_CACHED, false)),
+        ("cross_entropy_rows.wgsl (subgroups)", rows_source(ElemFormat::F32, ROWS_CACHED, true)),
+        ("cross_entropy_rows.wgsl (vec4, subgroups)", rows_source(ElemFormat::Vec4, ROWS_CACHED, true)),
         (
             "cross_entropy_rows.wgsl (f16, f32 gradient)",
             rows_source(
                 ElemFormat::Half { format: crate::HalfFormat::F16, half_grad: false, native: false },
                 ROWS_CACHED,
+                false,
             ),
         ),
         (
@@ -79,6 +86,7 @@ pub fn shaders() -> Vec<(&'static str, String)> {
             rows_source(
                 ElemFormat::Half { format: crate::HalfFormat::F16, half_grad: true, native: true },
                 ROWS_CACHED,
+                false,
             ),
         ),
         (
@@ -86,6 +94,7 @@ pub fn shaders() -> Vec<(&'static str, String)> {
             rows_source(
                 ElemFormat::Half { format: crate::HalfFormat::Bf16, half_grad: true, native: false },
                 ROWS_CACHED,
+                false,
             ),
         ),
         ("row_partials.wgsl", with_state(ROW_PARTIALS_WGSL)),
@@ -101,8 +110,8 @@ pub fn shaders() -> Vec<(&'static str, String)> {
 }
 
 /// The fused row kernel's source for an element format and a register cache of `cached`
-/// floats per invocation.
-pub(crate) fn rows_source(format: ElemFormat, cached: u32) -> String {
+/// floats per invocation, merging row states with subgroup operations when `subgroups`.
+pub(crate) fn rows_source(format: ElemFormat, cached: u32, subgroups: bool) -> String {
     let (elem, width) = match format {
         ElemFormat::F32 => (ELEM_F32_WGSL.to_string(), 1),
         ElemFormat::Vec4 => (ELEM_VEC4_WGSL.to_string(), 4),
@@ -128,7 +137,8 @@ pub(crate) fn rows_source(format: ElemFormat, cached: u32) -> String {
         ElemFormat::Half { format: crate::HalfFormat::F16, native: true, .. } => "enable f16;\n",
         _ => "",
     };
-    format!("{enable}{ROW_STATE_WGSL}\n{elem}\n{kernel}")
+    let merge = if subgroups { ROW_MERGE_SUBGROUP_WGSL } else { ROW_MERGE_WORKGROUP_WGSL };
+    format!("{enable}{ROW_STATE_WGSL}\n{elem}\n{merge}\n{kernel}")
 }
 
 /// Gradient modes of the kernels (`GRAD_*` there).
@@ -516,6 +526,7 @@ pub(crate) struct RowsVariants {
     layout: wgpu::BindGroupLayout,
     wg: u32,
     cached: u32,
+    subgroups: bool,
     modules: std::sync::Mutex<std::collections::HashMap<ElemFormat, wgpu::ShaderModule>>,
     built: std::sync::Mutex<std::collections::HashMap<(ElemFormat, u32), wgpu::ComputePipeline>>,
 }
@@ -531,7 +542,9 @@ impl RowsVariants {
                 let module = modules.entry(format).or_insert_with(|| {
                     device.create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some("cross_entropy_rows"),
-                        source: wgpu::ShaderSource::Wgsl(rows_source(format, self.cached).into()),
+                        source: wgpu::ShaderSource::Wgsl(
+                            rows_source(format, self.cached, self.subgroups).into(),
+                        ),
                     })
                 });
                 pipeline(
@@ -566,8 +579,10 @@ pub(crate) struct Kernels {
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device, wg: u32, cached: u32) -> Self {
+    pub fn new(device: &wgpu::Device, tuning: &super::context::Tuning) -> Self {
+        let (wg, cached) = (tuning.workgroup_size, tuning.cached_per_thread);
         debug_assert!(wg.is_power_of_two());
+        let subgroups = tuning.subgroups && device.features().contains(wgpu::Features::SUBGROUP);
         let src: std::collections::HashMap<_, _> = shaders().into_iter().collect();
         // logits (written in place), targets, row_loss, row_lse, grad, row_stats, norm,
         // weights.
@@ -576,7 +591,7 @@ impl Kernels {
         let rows = Kernel::new::<RowParams>(
             device,
             "cross_entropy_rows",
-            &rows_source(ElemFormat::F32, cached),
+            &rows_source(ElemFormat::F32, cached, subgroups),
             &[(RW, 0), (RO, 4), (RW, 4), (RW, 4), (RW, 0), (RW, 8), (RO, 4), (RO, 4)],
             wg,
         );
@@ -584,6 +599,7 @@ impl Kernels {
             layout: rows.layout.clone(),
             wg,
             cached,
+            subgroups,
             modules: Default::default(),
             built: Default::default(),
         };

@@ -1,0 +1,11 @@
+// The row merge of cross_entropy_rows.wgsl on adapters without subgroups: the
+// workgroup-memory tree for every row layout.
+
+struct Ids {
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+}
+
+fn merge_row(ids: Ids, lane: u32, st: RowState, aux: f32, wsum: f32) -> Merged {
+    return merge_tree(ids.lid, lane, st, aux, wsum);
+}
