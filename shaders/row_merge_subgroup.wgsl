@@ -2,8 +2,8 @@
 // When one row fills the workgroup (long rows, the case where the merge costs most),
 // each subgroup folds its states with subgroupMax and subgroupAdd (the `combine` rule
 // applied to the whole subgroup at once: sum of s * exp(max - M) with M the subgroup's
-// max), and one barrier later every invocation folds the subgroups' states from
-// workgroup memory: 1 barrier instead of log2(WG). Several rows per workgroup take the
+// max), and one barrier later each subgroup folds the subgroups' states from workgroup
+// memory the same way: 1 barrier instead of log2(WG). Several rows per workgroup take the
 // tree (merge_tree): a subgroup may span rows, and nothing guarantees which invocations
 // form one.
 
@@ -11,8 +11,29 @@ struct Ids {
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
     @builtin(subgroup_invocation_id) sg_lane: u32,
+    @builtin(subgroup_size) sg_size: u32,
     @builtin(subgroup_id) sg: u32,
     @builtin(num_subgroups) sg_count: u32,
+}
+
+// A state with its smoothing sum (relative to the state's max) and class-weight sum.
+struct Part {
+    st: RowState,
+    aux: f32,
+    wsum: f32,
+}
+
+// The subgroup's parts combined, in every invocation of it. Empty states (max
+// EMPTY_MAX, sum 0) add 0; a NaN sum stays NaN.
+fn subgroup_fold(p: Part, smoothing: bool) -> Part {
+    let m = subgroupMax(p.st.max);
+    let s = subgroupAdd(p.st.sum * exp(p.st.max - m));
+    var out = Part(RowState(m, s), 0.0, 0.0);
+    if (smoothing) {
+        out.aux = subgroupAdd(rebase(p.aux, p.wsum, p.st.max, m));
+        out.wsum = subgroupAdd(p.wsum);
+    }
+    return out;
 }
 
 fn merge_row(ids: Ids, lane: u32, st: RowState, aux: f32, wsum: f32) -> Merged {
@@ -20,35 +41,27 @@ fn merge_row(ids: Ids, lane: u32, st: RowState, aux: f32, wsum: f32) -> Merged {
         return merge_tree(ids.lid, lane, st, aux, wsum);
     }
     let smoothing = has(F_SMOOTHING);
-    // Empty states (max EMPTY_MAX, sum 0) add 0; a NaN sum stays NaN.
-    let m = subgroupMax(st.max);
-    let s = subgroupAdd(st.sum * exp(st.max - m));
-    var a = 0.0;
-    var w = 0.0;
-    if (smoothing) {
-        a = subgroupAdd(rebase(aux, wsum, st.max, m));
-        w = subgroupAdd(wsum);
-    }
+    let mine = subgroup_fold(Part(st, aux, wsum), smoothing);
     if (ids.sg_lane == 0u) {
-        wg_max[ids.sg] = m;
-        wg_sum[ids.sg] = s;
-        wg_aux[ids.sg] = a;
-        wg_wsum[ids.sg] = w;
+        wg_max[ids.sg] = mine.st.max;
+        wg_sum[ids.sg] = mine.st.sum;
+        wg_aux[ids.sg] = mine.aux;
+        wg_wsum[ids.sg] = mine.wsum;
     }
     workgroupBarrier();
-    // Every invocation folds the few subgroup states itself (WG / subgroup size of them),
-    // in the same order, so all agree bit for bit.
-    var out = RowState(wg_max[0], wg_sum[0]);
-    var out_aux = wg_aux[0];
-    var out_wsum = wg_wsum[0];
-    for (var i = 1u; i < ids.sg_count; i++) {
+    // Every subgroup folds the subgroups' parts (WG / subgroup size of them, a few per
+    // invocation), so the whole row's state reaches every invocation without a second
+    // barrier.
+    var p = Part(RowState(EMPTY_MAX, 0.0), 0.0, 0.0);
+    for (var i = ids.sg_lane; i < ids.sg_count; i += ids.sg_size) {
         let b = RowState(wg_max[i], wg_sum[i]);
-        let c = combine(out, b);
+        let c = combine(p.st, b);
         if (smoothing) {
-            out_aux = rebase(out_aux, out_wsum, out.max, c.max) + rebase(wg_aux[i], wg_wsum[i], b.max, c.max);
-            out_wsum += wg_wsum[i];
+            p.aux = rebase(p.aux, p.wsum, p.st.max, c.max) + rebase(wg_aux[i], wg_wsum[i], b.max, c.max);
+            p.wsum += wg_wsum[i];
         }
-        out = c;
+        p.st = c;
     }
-    return Merged(out, out_aux);
+    let row = subgroup_fold(p, smoothing);
+    return Merged(row.st, row.aux);
 }
