@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (the `device` tool): Vulkan loader, build (or a
 # carried binary), `xent info`, `xent check`, `xent bench --json` with the default shapes
-# plus 8192 x 131072, and the criterion-free summary — everything under $OUT.
+# plus 8192 x 131072 and 2 x 262144, the subgroup merge against the workgroup tree at
+# 1024 x 32000 — everything under $OUT.
 #
 # Prepare here, once (x86-64 machine, in the repo root):
 #   echo /.gl/ >>.git/info/exclude; echo /.gpubin/ >>.git/info/exclude
@@ -43,5 +44,8 @@ tail -n 3 "$OUT/check.txt"
 timeout 300 "$XENT" bench --device all "${ADAPTER_ARG[@]}" --iters 20 --json > "$OUT/bench.json" 2> "$OUT/bench.err"
 timeout 300 "$XENT" bench --device gpu "${ADAPTER_ARG[@]}" --rows 8192 --classes 131072 --iters 10 --json > "$OUT/bench_8192x131072.json" 2>> "$OUT/bench.err"
 timeout 120 "$XENT" bench --device gpu "${ADAPTER_ARG[@]}" --rows 2 --classes 262144 --iters 20 --json > "$OUT/bench_2x262144.json" 2>> "$OUT/bench.err"
+# The same long-row shape with the workgroup-memory merge instead of the subgroup one.
+XENT_SUBGROUPS=0 timeout 120 "$XENT" bench --device gpu "${ADAPTER_ARG[@]}" --rows 1024 --classes 32000 --iters 20 --json > "$OUT/bench_1024x32000_tree.json" 2>> "$OUT/bench.err"
+timeout 120 "$XENT" bench --device gpu "${ADAPTER_ARG[@]}" --rows 1024 --classes 32000 --iters 20 --json > "$OUT/bench_1024x32000_subgroups.json" 2>> "$OUT/bench.err"
 cat "$OUT"/bench*.json
 echo "results in $OUT"
