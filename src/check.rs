@@ -120,7 +120,7 @@ pub struct Case {
     pub classes: usize,
     /// Logits [rows, classes].
     pub logits: Vec<f32>,
-    /// Targets [rows].
+    /// Targets \[rows\].
     pub targets: Vec<i64>,
     /// Options.
     pub opts: LossOptions,

@@ -2,7 +2,7 @@
 //! `exp` that the compiler vectorises (AVX2+FMA when the CPU has it, picked at run time).
 //!
 //! Per row: one read for the max and the sum together (an online softmax over blocks of
-//! [`BLOCK`] elements: the block's max, one rescale of the running sum when it grows,
+//! `BLOCK` elements: the block's max, one rescale of the running sum when it grows,
 //! then `exp(x − max)` summed in f32 lanes and added to an f64 total, so long rows never
 //! form one long f32 chain); and, for the gradient, one more read and one write. Same
 //! options and results as [`crate::cpu::reference`].

@@ -1,4 +1,4 @@
-//! The CPU paths: [`reference`], plain f64 code that every other result is checked
+//! The CPU paths: [`reference`](mod@reference), plain f64 code that every other result is checked
 //! against, and [`fast`], the fused multi-threaded path that GPU numbers are compared
 //! with.
 

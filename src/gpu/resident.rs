@@ -28,7 +28,7 @@ pub struct DeviceBatch<'a> {
     pub logits: &'a wgpu::Buffer,
     /// Byte offset of the logits.
     pub logits_offset: u64,
-    /// i32 class indices [rows] at `targets_offset`. Rows whose target equals
+    /// i32 class indices \[rows\] at `targets_offset`. Rows whose target equals
     /// `ignore_index`, or lies outside [0, classes), are ignored (loss 0, gradient 0):
     /// the device cannot report a bad target, so validate on the host if that matters.
     pub targets: &'a wgpu::Buffer,
@@ -61,9 +61,9 @@ pub enum DeviceGradient<'a> {
 /// Results of a recorded evaluation, as device buffers (all `STORAGE | COPY_SRC`).
 /// They are valid once the caller has submitted the encoder.
 pub struct DeviceLoss {
-    /// Per-row losses, f32 [rows].
+    /// Per-row losses, f32 \[rows\].
     pub row_loss: wgpu::Buffer,
-    /// Per-row log-sum-exp, f32 [rows].
+    /// Per-row log-sum-exp, f32 \[rows\].
     pub lse: wgpu::Buffer,
     /// The reduced loss at element 0 (f32), and the `mean` denominator (the number of
     /// non-ignored rows) at element 1. For [`Reduction::None`] element 0 is the sum.
