@@ -77,17 +77,9 @@ struct Params {
 
 var<workgroup> wg_max: array<f32, WG>;
 var<workgroup> wg_sum: array<f32, WG>;
-// For label smoothing: Σ w_c (max - z_c) over the invocation's columns, relative to its
-// own max, and Σ w_c; merged like the (max, sum) states. Every term is >= 0, so masked
-// (-inf) classes give +inf, never inf - inf.
+// The label-smoothing sums of `Part` (row_state.wgsl), merged with the states.
 var<workgroup> wg_aux: array<f32, WG>;
 var<workgroup> wg_wsum: array<f32, WG>;
-
-// aux relative to `old_max`, moved to `new_max` (>= old_max). An empty part
-// (wsum 0, max still EMPTY_MAX) stays 0 rather than 0 * inf.
-fn rebase(aux: f32, wsum: f32, old_max: f32, new_max: f32) -> f32 {
-    return aux + select(0.0, wsum * (new_max - old_max), wsum > 0.0);
-}
 
 // The options, with every feature this pipeline lacks a constant that folds away.
 fn opts() -> LossOpts {
@@ -100,40 +92,33 @@ fn opts() -> LossOpts {
         params.classes);
 }
 
-// A row's merged state: (max, sum) and the smoothing sum relative to that max.
-struct Merged {
-    st: RowState,
-    aux: f32,
+fn part_at(i: u32) -> Part {
+    return Part(RowState(wg_max[i], wg_sum[i]), wg_aux[i], wg_wsum[i]);
+}
+
+fn store_part(i: u32, p: Part, smoothing: bool) {
+    wg_max[i] = p.st.max;
+    wg_sum[i] = p.st.sum;
+    if (smoothing) {
+        wg_aux[i] = p.aux;
+        wg_wsum[i] = p.wsum;
+    }
 }
 
 // The merge through workgroup memory: a tree over each row's segment of `tpr`
 // invocations, log2(tpr) barriers. Every adapter has it; row_merge_subgroup.wgsl uses it
 // when a workgroup holds several rows.
-fn merge_tree(lid: u32, lane: u32, st: RowState, aux: f32, wsum: f32) -> Merged {
-    let tpr = params.threads_per_row;
+fn merge_tree(lid: u32, lane: u32, mine: Part) -> Part {
     let smoothing = has(F_SMOOTHING);
-    let seg = lid - lane; // first invocation of this row's segment
-    wg_max[lid] = st.max;
-    wg_sum[lid] = st.sum;
-    wg_aux[lid] = aux;
-    wg_wsum[lid] = wsum;
+    store_part(lid, mine, smoothing);
     workgroupBarrier();
-    for (var stride = tpr / 2u; stride > 0u; stride = stride / 2u) {
+    for (var stride = params.threads_per_row / 2u; stride > 0u; stride = stride / 2u) {
         if (lane < stride) {
-            let a = RowState(wg_max[lid], wg_sum[lid]);
-            let b = RowState(wg_max[lid + stride], wg_sum[lid + stride]);
-            let o2 = combine(a, b);
-            if (smoothing) {
-                wg_aux[lid] = rebase(wg_aux[lid], wg_wsum[lid], a.max, o2.max)
-                    + rebase(wg_aux[lid + stride], wg_wsum[lid + stride], b.max, o2.max);
-                wg_wsum[lid] = wg_wsum[lid] + wg_wsum[lid + stride];
-            }
-            wg_max[lid] = o2.max;
-            wg_sum[lid] = o2.sum;
+            store_part(lid, combine_parts(part_at(lid), part_at(lid + stride), smoothing), smoothing);
         }
         workgroupBarrier();
     }
-    return Merged(RowState(wg_max[seg], wg_sum[seg]), wg_aux[seg]);
+    return part_at(lid - lane); // the first invocation of this row's segment
 }
 
 @compute @workgroup_size(WG)
@@ -217,7 +202,7 @@ fn main(ids: Ids) {
     let local = st;
 
     // Merge the row's states across its invocations (row_merge_*.wgsl).
-    let merged = merge_row(ids, lane, st, aux, wsum);
+    let merged = merge_row(ids, lane, Part(st, aux, wsum));
     let m = merged.st.max;
     let sum = merged.st.sum;
     let log_s = log(sum);

@@ -36,10 +36,6 @@ var<workgroup> wg_sum: array<f32, WG>;
 var<workgroup> wg_a: array<f32, WG>;
 var<workgroup> wg_b: array<f32, WG>;
 
-fn rebase(b: f32, a: f32, old_max: f32, new_max: f32) -> f32 {
-    return b + select(0.0, a * (new_max - old_max), a > 0.0);
-}
-
 fn target_weight(c: u32, base: u32, o: LossOpts) -> f32 {
     let w = select(1.0, weights[c], params.has_weights != 0u);
     return w * ((1.0 - o.eps) * probs[base + c] + o.eps / f32(o.classes));
@@ -78,14 +74,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
         if (lid < stride) {
-            let x = RowState(wg_max[lid], wg_sum[lid]);
-            let y = RowState(wg_max[lid + stride], wg_sum[lid + stride]);
-            let merged = combine(x, y);
-            wg_b[lid] = rebase(wg_b[lid], wg_a[lid], x.max, merged.max)
-                + rebase(wg_b[lid + stride], wg_a[lid + stride], y.max, merged.max);
-            wg_a[lid] = wg_a[lid] + wg_a[lid + stride];
-            wg_max[lid] = merged.max;
-            wg_sum[lid] = merged.sum;
+            // (a, b) are a Part's (wsum, aux).
+            let x = Part(RowState(wg_max[lid], wg_sum[lid]), wg_b[lid], wg_a[lid]);
+            let j = lid + stride;
+            let p = combine_parts(x, Part(RowState(wg_max[j], wg_sum[j]), wg_b[j], wg_a[j]), true);
+            wg_max[lid] = p.st.max;
+            wg_sum[lid] = p.st.sum;
+            wg_a[lid] = p.wsum;
+            wg_b[lid] = p.aux;
         }
         workgroupBarrier();
     }

@@ -38,25 +38,17 @@ fn main(
         return;
     }
     let o = LossOpts(1.0, 0.0, params.smoothing, params.z_loss, params.weight_total, params.classes);
-    var st = RowState(EMPTY_MAX, 0.0);
+    var acc = Part(RowState(EMPTY_MAX, 0.0), 0.0, 0.0);
     var z_t = 0.0;
-    var aux = 0.0;
-    var wsum = 0.0;
     for (var b = 0u; b < params.blocks; b++) {
         let p = partials[2u * (r * params.blocks + b)];
         let q = partials[2u * (r * params.blocks + b) + 1u];
-        let merged = combine(st, RowState(p.x, p.y));
-        if (o.eps > 0.0) {
-            // Both parts' Σ w (max - z) moved to the merged max; empty parts add 0.
-            aux = aux + select(0.0, wsum * (merged.max - st.max), wsum > 0.0)
-                + q.x + select(0.0, q.y * (merged.max - p.x), q.y > 0.0);
-            wsum += q.y;
-        }
-        st = merged;
+        acc = combine_parts(acc, Part(RowState(p.x, p.y), q.x, q.y), o.eps > 0.0);
         if (p.w != 0.0) {
             z_t = p.z;
         }
     }
+    let st = acc.st;
     let log_s = log(st.sum);
     let t = targets[params.row_base + r];
     let ignored = t == params.ignore_index || t < 0 || u32(t) >= params.classes;
@@ -65,7 +57,7 @@ fn main(
         w_y = weights[u32(t)];
     }
     let row = params.row_base + r;
-    row_loss[row] = select(row_loss_of(o, st.max, log_s, z_t, w_y, aux), 0.0, ignored);
+    row_loss[row] = select(row_loss_of(o, st.max, log_s, z_t, w_y, acc.aux), 0.0, ignored);
     row_lse[row] = st.max + log_s;
     row_weight[row] = select(w_y, 0.0, ignored);
     row_stats[row] = vec2<f32>(st.max, log_s);

@@ -16,13 +16,6 @@ struct Ids {
     @builtin(num_subgroups) sg_count: u32,
 }
 
-// A state with its smoothing sum (relative to the state's max) and class-weight sum.
-struct Part {
-    st: RowState,
-    aux: f32,
-    wsum: f32,
-}
-
 // The subgroup's parts combined, in every invocation of it. Empty states (max
 // EMPTY_MAX, sum 0) add 0; a NaN sum stays NaN.
 fn subgroup_fold(p: Part, smoothing: bool) -> Part {
@@ -36,17 +29,14 @@ fn subgroup_fold(p: Part, smoothing: bool) -> Part {
     return out;
 }
 
-fn merge_row(ids: Ids, lane: u32, st: RowState, aux: f32, wsum: f32) -> Merged {
+fn merge_row(ids: Ids, lane: u32, mine: Part) -> Part {
     if (params.threads_per_row != WG) {
-        return merge_tree(ids.lid, lane, st, aux, wsum);
+        return merge_tree(ids.lid, lane, mine);
     }
     let smoothing = has(F_SMOOTHING);
-    let mine = subgroup_fold(Part(st, aux, wsum), smoothing);
+    let folded = subgroup_fold(mine, smoothing);
     if (ids.sg_lane == 0u) {
-        wg_max[ids.sg] = mine.st.max;
-        wg_sum[ids.sg] = mine.st.sum;
-        wg_aux[ids.sg] = mine.aux;
-        wg_wsum[ids.sg] = mine.wsum;
+        store_part(ids.sg, folded, smoothing);
     }
     workgroupBarrier();
     // Every subgroup folds the subgroups' parts (WG / subgroup size of them, a few per
@@ -54,14 +44,7 @@ fn merge_row(ids: Ids, lane: u32, st: RowState, aux: f32, wsum: f32) -> Merged {
     // barrier.
     var p = Part(RowState(EMPTY_MAX, 0.0), 0.0, 0.0);
     for (var i = ids.sg_lane; i < ids.sg_count; i += ids.sg_size) {
-        let b = RowState(wg_max[i], wg_sum[i]);
-        let c = combine(p.st, b);
-        if (smoothing) {
-            p.aux = rebase(p.aux, p.wsum, p.st.max, c.max) + rebase(wg_aux[i], wg_wsum[i], b.max, c.max);
-            p.wsum += wg_wsum[i];
-        }
-        p.st = c;
+        p = combine_parts(p, part_at(i), smoothing);
     }
-    let row = subgroup_fold(p, smoothing);
-    return Merged(row.st, row.aux);
+    return subgroup_fold(p, smoothing);
 }

@@ -6,6 +6,6 @@ struct Ids {
     @builtin(local_invocation_index) lid: u32,
 }
 
-fn merge_row(ids: Ids, lane: u32, st: RowState, aux: f32, wsum: f32) -> Merged {
-    return merge_tree(ids.lid, lane, st, aux, wsum);
+fn merge_row(ids: Ids, lane: u32, mine: Part) -> Part {
+    return merge_tree(ids.lid, lane, mine);
 }

@@ -38,10 +38,6 @@ var<workgroup> wg_sum: array<f32, WG>;
 var<workgroup> wg_aux: array<f32, WG>;
 var<workgroup> wg_wsum: array<f32, WG>;
 
-fn rebase(aux: f32, wsum: f32, old_max: f32, new_max: f32) -> f32 {
-    return aux + select(0.0, wsum * (new_max - old_max), wsum > 0.0);
-}
-
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -82,14 +78,13 @@ fn main(
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
         if (lid < stride) {
-            let a = RowState(wg_max[lid], wg_sum[lid]);
-            let b = RowState(wg_max[lid + stride], wg_sum[lid + stride]);
-            let merged = combine(a, b);
-            wg_aux[lid] = rebase(wg_aux[lid], wg_wsum[lid], a.max, merged.max)
-                + rebase(wg_aux[lid + stride], wg_wsum[lid + stride], b.max, merged.max);
-            wg_wsum[lid] = wg_wsum[lid] + wg_wsum[lid + stride];
-            wg_max[lid] = merged.max;
-            wg_sum[lid] = merged.sum;
+            let a = Part(RowState(wg_max[lid], wg_sum[lid]), wg_aux[lid], wg_wsum[lid]);
+            let j = lid + stride;
+            let p = combine_parts(a, Part(RowState(wg_max[j], wg_sum[j]), wg_aux[j], wg_wsum[j]), true);
+            wg_max[lid] = p.st.max;
+            wg_sum[lid] = p.st.sum;
+            wg_aux[lid] = p.aux;
+            wg_wsum[lid] = p.wsum;
         }
         workgroupBarrier();
     }

@@ -15,6 +15,31 @@ fn combine(a: RowState, b: RowState) -> RowState {
     return RowState(m, a.sum * exp(a.max - m) + b.sum * exp(b.max - m));
 }
 
+// A state with its label-smoothing sums: aux = Σ w_c (max - z_c) relative to the state's
+// own max, wsum = Σ w_c. Every aux term is >= 0, so masked (-inf) classes give +inf,
+// never inf - inf.
+struct Part {
+    st: RowState,
+    aux: f32,
+    wsum: f32,
+}
+
+// aux relative to `old_max`, moved to `new_max` (>= old_max). An empty part
+// (wsum 0, max still EMPTY_MAX) stays 0 rather than 0 * inf.
+fn rebase(aux: f32, wsum: f32, old_max: f32, new_max: f32) -> f32 {
+    return aux + select(0.0, wsum * (new_max - old_max), wsum > 0.0);
+}
+
+// `combine` for parts. Without smoothing the sums stay 0 (and their loads fold away).
+fn combine_parts(a: Part, b: Part, smoothing: bool) -> Part {
+    let st = combine(a.st, b.st);
+    if (!smoothing) {
+        return Part(st, 0.0, 0.0);
+    }
+    return Part(st, rebase(a.aux, a.wsum, a.st.max, st.max) + rebase(b.aux, b.wsum, b.st.max, st.max),
+        a.wsum + b.wsum);
+}
+
 fn push(s: RowState, x: f32) -> RowState {
     let m = max(s.max, x);
     return RowState(m, s.sum * exp(s.max - m) + exp(x - m));
