@@ -588,4 +588,18 @@ impl Batch {
             _ => 1.0,
         }
     }
+
+    /// The reduced loss from the sum of the row losses: `None` for [`Reduction::None`],
+    /// else the sum over [`divisor`](Self::divisor) (NaN for `mean` over no rows, as in
+    /// PyTorch).
+    pub fn reduce(&self, sum: f64, reduction: Reduction) -> Option<f32> {
+        (reduction != Reduction::None).then(|| (sum / self.divisor(reduction)) as f32)
+    }
+
+    /// The factor of every row's gradient in f32: 1 / [`divisor`](Self::divisor), or 0
+    /// when nothing is counted (every row ignored: the gradient is 0, not NaN).
+    pub fn gradient_scale(&self, reduction: Reduction) -> f32 {
+        let divisor = self.divisor(reduction);
+        if divisor > 0.0 { (1.0 / divisor) as f32 } else { 0.0 }
+    }
 }

@@ -120,7 +120,13 @@ fn misaligned_or_short_device_buffers_are_errors() {
 
 #[test]
 fn device_path_takes_every_option() {
-    let (n, v) = (21, 300);
+    // Whole rows per workgroup, and few long rows on the (row × column block) grid.
+    for (n, v) in [(21, 300), (3, 9000)] {
+        options_case(n, v);
+    }
+}
+
+fn options_case(n: usize, v: usize) {
     let logits = synth::logits(n, v, 2.0, 44);
     let mut targets = synth::targets(n, v, 44);
     targets[2] = -100;
@@ -159,7 +165,7 @@ fn device_path_takes_every_option() {
                 ..Default::default()
             };
             compare(&got, &want, Tolerance::F32)
-                .unwrap_or_else(|e| panic!("{name} on {}: {e}", common::name(gpu)));
+                .unwrap_or_else(|e| panic!("{name}, {n} x {v} on {}: {e}", common::name(gpu)));
         }
     }
 }

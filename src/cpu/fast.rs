@@ -321,8 +321,7 @@ fn rows_per_task(v: usize) -> usize {
 
 fn run(logits: &[f32], batch: &Batch, opts: &LossOptions, grad: Option<&mut [f32]>) -> LossOutput {
     let (n, v) = (batch.rows, batch.classes);
-    let divisor = batch.divisor(opts.get_reduction());
-    let scale = if divisor > 0.0 { (1.0 / divisor) as f32 } else { 0.0 };
+    let scale = batch.gradient_scale(opts.get_reduction());
     let mut loss = vec![0.0f32; n];
     let mut lse = vec![0.0f32; n];
     let step = rows_per_task(v);
@@ -341,10 +340,7 @@ fn run(logits: &[f32], batch: &Batch, opts: &LossOptions, grad: Option<&mut [f32
     // does not depend on the thread count.
     let total: f64 = loss.chunks(step).map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>()).sum();
     LossOutput {
-        loss: match opts.get_reduction() {
-            Reduction::None => None,
-            r => Some((total / batch.divisor(r)) as f32),
-        },
+        loss: batch.reduce(total, opts.get_reduction()),
         row_losses: opts.wants_row_losses().then_some(loss),
         lse: opts.wants_lse().then_some(lse),
         gradient: None,
@@ -391,8 +387,7 @@ pub fn cross_entropy_in_place<'t>(
 ) -> Result<LossOutput> {
     let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
     let (n, v) = (batch.rows, batch.classes);
-    let divisor = batch.divisor(opts.get_reduction());
-    let scale = if divisor > 0.0 { (1.0 / divisor) as f32 } else { 0.0 };
+    let scale = batch.gradient_scale(opts.get_reduction());
     let mut loss = vec![0.0f32; n];
     let mut lse = vec![0.0f32; n];
     let step = rows_per_task(v);
@@ -412,10 +407,7 @@ pub fn cross_entropy_in_place<'t>(
         });
     let total: f64 = loss.chunks(step).map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>()).sum();
     Ok(LossOutput {
-        loss: match opts.get_reduction() {
-            Reduction::None => None,
-            r => Some((total / batch.divisor(r)) as f32),
-        },
+        loss: batch.reduce(total, opts.get_reduction()),
         row_losses: opts.wants_row_losses().then_some(loss),
         lse: opts.wants_lse().then_some(lse),
         gradient: None,
@@ -436,8 +428,7 @@ pub fn cross_entropy_backward<'t>(
     crate::cpu::reference::check_lse(lse, batch.rows)?;
     upstream.check(batch.rows)?;
     let v = classes;
-    let divisor = batch.divisor(opts.get_reduction());
-    let scale = if divisor > 0.0 { (1.0 / divisor) as f32 } else { 0.0 };
+    let scale = batch.gradient_scale(opts.get_reduction());
     let o = RowOpts::new(opts, v, scale);
     let mut grad = vec![0.0f32; logits.len()];
     grad.par_chunks_mut(v).zip(logits.par_chunks(v)).enumerate().for_each(|(r, (g, row))| {

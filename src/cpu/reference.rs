@@ -138,11 +138,8 @@ fn lse_f64(z: &[f64]) -> f64 {
 
 fn assemble(rows: &ReferenceRows, batch: &Batch, opts: &LossOptions) -> LossOutput {
     let sum: f64 = rows.losses.iter().sum();
-    let loss = match opts.get_reduction() {
-        Reduction::None => None,
-        // 0/0 = NaN for an empty or fully ignored batch, as in PyTorch.
-        r => Some((sum / batch.divisor(r)) as f32),
-    };
+    // 0/0 = NaN for an empty or fully ignored batch, as in PyTorch.
+    let loss = batch.reduce(sum, opts.get_reduction());
     LossOutput {
         loss,
         row_losses: opts.wants_row_losses().then(|| rows.losses.iter().map(|&l| l as f32).collect()),

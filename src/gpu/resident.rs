@@ -8,12 +8,9 @@ use crate::options::{LossOptions, Reduction};
 
 use super::buffers::{Recorder, bind_ranges, groups_x, params_stride};
 use super::context::GpuContext;
-use super::kernels::{
-    BackwardParams, ElemFormat, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams, RowParams,
-    WeightParams, rows_layout,
-};
+use super::kernels::{ElemFormat, GradMode, KernelOpts, NO_INDEX, RowParams, WeightParams, rows_layout};
 use super::plan::{FEW_ROWS, SPLIT_BLOCK_COLS};
-use super::stream::reduce_levels;
+use super::stream::{RowGrid, record_row_grid, reduce_levels};
 
 /// A whole-buffer binding range of at least `bytes`.
 fn whole(b: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, u64) {
@@ -282,8 +279,7 @@ impl GpuContext {
             let partials = new_buffer("xent partials", (n * bpr * 32) as u64);
             let logits_range = (batch.logits, batch.logits_offset, total);
             let targets_range = (batch.targets, batch.targets_offset, n as u64 * 4);
-            let wgs = (n * bpr) as u64;
-            let bg = bind_ranges(
+            let partials_bg = bind_ranges(
                 d,
                 &self.kernels.partials,
                 &params,
@@ -294,24 +290,7 @@ impl GpuContext {
                     whole(&class_weights, class_weights.size()),
                 ],
             );
-            let p = PartialParams {
-                rows: n as u32,
-                row_stride: v as u32,
-                cols: v as u32,
-                col_base: 0,
-                block_cols: SPLIT_BLOCK_COLS as u32,
-                blocks: bpr as u32,
-                row_base: 0,
-                groups_x: groups_x(wgs, max_dim),
-                out_base: 0,
-                out_stride: bpr as u32,
-                ignore_index: batch.ignore_index,
-                classes: v as u32,
-                ..bytemuck::Zeroable::zeroed()
-            }
-            .with_opts(&kopts);
-            rec.dispatch(&self.kernels.partials, &bg, &p, wgs);
-            let bg = bind_ranges(
+            let merge_bg = bind_ranges(
                 d,
                 &self.kernels.merge,
                 &params,
@@ -325,58 +304,35 @@ impl GpuContext {
                     whole(&class_weights, class_weights.size()),
                 ],
             );
-            let merge_groups = (n as u64).div_ceil(u64::from(wg));
-            let p = MergeParams {
-                rows: n as u32,
-                blocks: bpr as u32,
-                row_base: 0,
-                groups_x: groups_x(merge_groups, max_dim),
-                classes: v as u32,
-                ignore_index: batch.ignore_index,
-                _pad0: 0,
-                _pad1: 0,
-                ..bytemuck::Zeroable::zeroed()
-            }
-            .with_opts(&kopts);
-            rec.dispatch(&self.kernels.merge, &bg, &p, merge_groups);
-            if mode != GradMode::None {
-                let grad_range = match gradient {
-                    DeviceGradient::Into { buffer, offset } => (buffer, offset, total),
-                    _ => (&dummy, 0, 16),
-                };
-                let bg = bind_ranges(
-                    d,
-                    &self.kernels.backward,
-                    &params,
-                    &[
-                        logits_range,
-                        targets_range,
-                        whole(&stats, rows * 8),
-                        whole(&norm, 16),
-                        grad_range,
-                        whole(&class_weights, class_weights.size()),
-                        whole(&norm, 16),
-                    ],
-                );
-                let p = BackwardParams {
-                    rows: n as u32,
-                    row_stride: v as u32,
-                    cols: v as u32,
-                    col_base: 0,
-                    block_cols: SPLIT_BLOCK_COLS as u32,
-                    blocks: bpr as u32,
-                    row_base: 0,
-                    groups_x: groups_x(wgs, max_dim),
-                    scale: 1.0,
-                    grad_mode: mode as u32,
-                    ignore_index: batch.ignore_index,
-                    classes: v as u32,
-                    ..bytemuck::Zeroable::zeroed()
-                }
-                .plain()
-                .with_opts(&kopts);
-                rec.dispatch(&self.kernels.backward, &bg, &p, wgs);
-            }
+            let grad_range = match gradient {
+                DeviceGradient::Into { buffer, offset } => (buffer, offset, total),
+                _ => (&dummy, 0, 16),
+            };
+            // The gradient's scale is the divisor the device reduced into `norm`.
+            let backward_bg = bind_ranges(
+                d,
+                &self.kernels.backward,
+                &params,
+                &[
+                    logits_range,
+                    targets_range,
+                    whole(&stats, rows * 8),
+                    whole(&norm, 16),
+                    grad_range,
+                    whole(&class_weights, class_weights.size()),
+                    whole(&norm, 16),
+                ],
+            );
+            let grid =
+                RowGrid { rows: n, classes: v, ignore_index: batch.ignore_index, grad_scale: 1.0, mode };
+            record_row_grid(
+                &mut rec,
+                &self.kernels,
+                [&partials_bg, &merge_bg, &backward_bg],
+                grid,
+                &kopts,
+                max_dim,
+            );
             _scratch.push(partials);
         }
         for c in 0..if grid { 0 } else { chunks } {

@@ -13,8 +13,8 @@ use crate::options::{Batch, LossOptions, LossOutput, Reduction};
 use super::buffers::{Recorder, Slot, bind, groups_x};
 use super::context::{GpuContext, MapRequest};
 use super::kernels::{
-    BackwardParams, ElemFormat, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams, ReduceParams,
-    RowParams,
+    BackwardParams, ElemFormat, GradMode, KernelOpts, Kernels, MergeParams, NO_INDEX, PartialParams,
+    ReduceParams, RowParams,
 };
 use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
 
@@ -390,8 +390,7 @@ impl GpuContext {
         let (n, v) = (batch.rows, batch.classes);
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let divisor = batch.divisor(opts.get_reduction());
-        let grad_scale = if divisor > 0.0 { (1.0 / divisor) as f32 } else { 0.0 };
+        let grad_scale = batch.gradient_scale(opts.get_reduction());
         let mode = grad_mode(plan.grad);
         let mut outputs = Outputs {
             row_losses: opts.wants_row_losses().then(|| vec![0.0; n]),
@@ -479,9 +478,14 @@ impl GpuContext {
                     let f32_data = !matches!(io.format(v, self.native_f16()), ElemFormat::Half { .. });
                     match blocks_per_row.filter(|_| f32_data) {
                         // One workgroup per (row, column block): few rows still fill the device.
-                        Some(bpr) => {
-                            self.record_row_grid(&mut rec, groups, rows, v, bpr, grad_scale, mode, kopts)
-                        }
+                        Some(_) => record_row_grid(
+                            &mut rec,
+                            &self.kernels,
+                            [&groups.partials, &groups.merge, &groups.backward],
+                            RowGrid { rows, classes: v, ignore_index: Batch::IGNORED, grad_scale, mode },
+                            kopts,
+                            self.limits.max_compute_workgroups_per_dimension,
+                        ),
                         None => {
                             let wgs = rows.div_ceil(rows_per_group) as u64;
                             let params = RowParams {
@@ -619,6 +623,8 @@ impl GpuContext {
 
         // The sum over chunks, on the device; `mean` divides in the last level.
         let mut rec = Recorder::new(&self.device, &self.limits);
+        // A zero divisor (every row ignored) divides by 1; the caller reports NaN.
+        let divisor = batch.divisor(opts.get_reduction());
         let d = if divisor > 0.0 { divisor as f32 } else { 1.0 };
         let levels = reduce_levels(plan.row_groups() as u64, 0, wg, max_dim, d, NO_INDEX);
         for level in &levels.levels {
@@ -634,76 +640,6 @@ impl GpuContext {
             loss = bytemuck::cast_slice::<u8, f32>(bytes)[0];
         })?;
         Ok((loss, outputs))
-    }
-
-    /// Few long rows: partial states over a (row × block) grid, a merge per row, and the
-    /// gradient over the same grid — 1 read for the loss, 2 reads + 1 write with the
-    /// gradient, as the fused kernel, but with `rows × blocks` workgroups.
-    #[allow(clippy::too_many_arguments)]
-    fn record_row_grid(
-        &self,
-        rec: &mut Recorder<'_>,
-        groups: &BindGroups,
-        rows: usize,
-        v: usize,
-        bpr: usize,
-        grad_scale: f32,
-        mode: GradMode,
-        kopts: &KernelOpts,
-    ) {
-        let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let wgs = (rows * bpr) as u64;
-        let partial = PartialParams {
-            rows: rows as u32,
-            row_stride: v as u32,
-            cols: v as u32,
-            col_base: 0,
-            block_cols: SPLIT_BLOCK_COLS as u32,
-            blocks: bpr as u32,
-            row_base: 0,
-            groups_x: groups_x(wgs, max_dim),
-            out_base: 0,
-            out_stride: bpr as u32,
-            ignore_index: Batch::IGNORED,
-            classes: v as u32,
-            ..bytemuck::Zeroable::zeroed()
-        }
-        .with_opts(kopts);
-        rec.dispatch(&self.kernels.partials, &groups.partials, &partial, wgs);
-        let merge_groups = (rows as u64).div_ceil(u64::from(self.kernels.workgroup_size));
-        let merge = MergeParams {
-            rows: rows as u32,
-            blocks: bpr as u32,
-            row_base: 0,
-            groups_x: groups_x(merge_groups, max_dim),
-            classes: v as u32,
-            ignore_index: Batch::IGNORED,
-            _pad0: 0,
-            _pad1: 0,
-            ..bytemuck::Zeroable::zeroed()
-        }
-        .with_opts(kopts);
-        rec.dispatch(&self.kernels.merge, &groups.merge, &merge, merge_groups);
-        if mode != GradMode::None {
-            let backward = BackwardParams {
-                rows: rows as u32,
-                row_stride: v as u32,
-                cols: v as u32,
-                col_base: 0,
-                block_cols: SPLIT_BLOCK_COLS as u32,
-                blocks: bpr as u32,
-                row_base: 0,
-                groups_x: groups_x(wgs, max_dim),
-                scale: grad_scale,
-                grad_mode: mode as u32,
-                ignore_index: Batch::IGNORED,
-                classes: v as u32,
-                ..bytemuck::Zeroable::zeroed()
-            }
-            .plain()
-            .with_opts(kopts);
-            rec.dispatch(&self.kernels.backward, &groups.backward, &backward, wgs);
-        }
     }
 
     /// Waits for a submission and copies its results out.
@@ -868,8 +804,7 @@ impl GpuContext {
         let v = batch.classes;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let kopts = KernelOpts::new(opts, v);
-        let divisor = batch.divisor(opts.get_reduction());
-        let inv = if divisor > 0.0 { (1.0 / divisor) as f32 } else { 0.0 };
+        let inv = batch.gradient_scale(opts.get_reduction());
         let (scale, per_row) = match upstream {
             crate::Upstream::Scalar(g) => (g * inv, 0),
             crate::Upstream::PerRow(_) => (inv, 1),
@@ -921,5 +856,82 @@ impl GpuContext {
             })?;
         }
         Ok(())
+    }
+}
+
+/// One problem on the (row × column block) grid: few long rows.
+pub(crate) struct RowGrid {
+    pub rows: usize,
+    pub classes: usize,
+    /// The target value that marks an ignored row in the bound targets.
+    pub ignore_index: i32,
+    /// Scale of the gradient (the upstream gradient over the divisor).
+    pub grad_scale: f32,
+    pub mode: GradMode,
+}
+
+/// Records the grid path: partial states over a (row × block) grid, a merge per row, and
+/// the gradient over the same grid — 1 read for the loss, 2 reads + 1 write with the
+/// gradient, as the fused kernel, but with `rows × blocks` workgroups. `groups` binds
+/// `row_partials`, `merge_partials` and `cross_entropy_backward`, in that order.
+pub(crate) fn record_row_grid(
+    rec: &mut Recorder<'_>,
+    kernels: &Kernels,
+    [partials_bg, merge_bg, backward_bg]: [&wgpu::BindGroup; 3],
+    grid: RowGrid,
+    kopts: &KernelOpts,
+    max_dim: u32,
+) {
+    let RowGrid { rows, classes: v, ignore_index, grad_scale, mode } = grid;
+    let bpr = v.div_ceil(SPLIT_BLOCK_COLS);
+    let wgs = (rows * bpr) as u64;
+    let partial = PartialParams {
+        rows: rows as u32,
+        row_stride: v as u32,
+        cols: v as u32,
+        col_base: 0,
+        block_cols: SPLIT_BLOCK_COLS as u32,
+        blocks: bpr as u32,
+        row_base: 0,
+        groups_x: groups_x(wgs, max_dim),
+        out_base: 0,
+        out_stride: bpr as u32,
+        ignore_index,
+        classes: v as u32,
+        ..bytemuck::Zeroable::zeroed()
+    }
+    .with_opts(kopts);
+    rec.dispatch(&kernels.partials, partials_bg, &partial, wgs);
+    let merge_groups = (rows as u64).div_ceil(u64::from(kernels.workgroup_size));
+    let merge = MergeParams {
+        rows: rows as u32,
+        blocks: bpr as u32,
+        row_base: 0,
+        groups_x: groups_x(merge_groups, max_dim),
+        classes: v as u32,
+        ignore_index,
+        ..bytemuck::Zeroable::zeroed()
+    }
+    .with_opts(kopts);
+    rec.dispatch(&kernels.merge, merge_bg, &merge, merge_groups);
+    if mode != GradMode::None {
+        let backward = BackwardParams {
+            rows: rows as u32,
+            row_stride: v as u32,
+            cols: v as u32,
+            col_base: 0,
+            block_cols: SPLIT_BLOCK_COLS as u32,
+            blocks: bpr as u32,
+            row_base: 0,
+            groups_x: groups_x(wgs, max_dim),
+            scale: grad_scale,
+            grad_mode: mode as u32,
+            ignore_index,
+            classes: v as u32,
+            ..bytemuck::Zeroable::zeroed()
+        }
+        .plain()
+        .with_opts(kopts);
+        rec.dispatch(&kernels.backward, backward_bg, &backward, wgs);
     }
 }
