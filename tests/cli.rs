@@ -52,6 +52,47 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The devices `eval` runs on: the GPU when there is an adapter (`common::gpus` fails the
+/// test when there is none, unless the user opted out), the fast CPU path, the reference.
+fn devices(test: &str) -> &'static [&'static str] {
+    if common::gpus(test).is_empty() { &["cpu", "reference"] } else { &["gpu", "cpu", "reference"] }
+}
+
+/// What one successful `xent eval` printed and wrote.
+struct Eval {
+    stdout: String,
+    /// Shape and values of `--out-loss` and `--out-grad`.
+    loss: (Vec<usize>, Vec<f32>),
+    grad: (Vec<usize>, Vec<f32>),
+}
+
+impl Eval {
+    /// `loss` as the reduced loss, or the per-row (per-element) losses for
+    /// `Reduction::None`, with the gradient.
+    fn output(&self, reduction: Reduction) -> xent::LossOutput {
+        let (loss, gradient) = (self.loss.1.clone(), Some(self.grad.1.clone()));
+        match reduction {
+            Reduction::None => xent::LossOutput { row_losses: Some(loss), gradient, ..Default::default() },
+            _ => {
+                assert!(self.loss.0.is_empty(), "reduced loss of shape {:?}", self.loss.0);
+                xent::LossOutput { loss: Some(loss[0]), gradient, ..Default::default() }
+            }
+        }
+    }
+}
+
+/// `xent eval ARGS --device DEVICE`, writing the loss and gradient into `dir`; a failed
+/// run fails the test with its message.
+fn eval(dir: &Dir, device: &str, args: &[&str]) -> Eval {
+    let (lo, go) = (dir.path("loss.npy"), dir.path("grad.npy"));
+    let mut all = vec!["eval"];
+    all.extend_from_slice(args);
+    all.extend(["--device", device, "--out-loss", s(&lo), "--out-grad", s(&go)]);
+    let (code, stdout, stderr) = xent(&all);
+    assert_eq!(code, 0, "{device}: {stderr}");
+    Eval { stdout, loss: f32s(&lo), grad: f32s(&go) }
+}
+
 #[test]
 fn eval_matches_the_reference_on_every_device_and_reduction() {
     let dir = Dir::new("eval");
@@ -62,53 +103,31 @@ fn eval_matches_the_reference_on_every_device_and_reduction() {
     let (l, t) = (dir.path("l.npy"), dir.path("t.npy"));
     npy::write_f32(&l, &[n, v], &logits).unwrap();
     npy::write_i64(&t, &targets).unwrap();
-    let gpu = !common::gpus("eval_matches_the_reference").is_empty();
-    let devices: &[&str] = if gpu { &["gpu", "cpu", "reference"] } else { &["cpu", "reference"] };
     for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
         let opts = LossOptions::new().reduction(reduction).gradient(true).row_losses(true);
-        let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
-        for device in devices {
-            let (lo, go) = (dir.path("loss.npy"), dir.path("grad.npy"));
-            let (code, stdout, stderr) = xent(&[
-                "eval",
-                "--logits",
-                s(&l),
-                "--targets",
-                s(&t),
-                "--reduction",
-                reduction.name(),
-                "--device",
-                device,
-                "--out-loss",
-                s(&lo),
-                "--out-grad",
-                s(&go),
-            ]);
-            assert_eq!(code, 0, "{stderr}");
-            assert_eq!(json_field(&stdout, "rows"), n.to_string());
-            assert_eq!(json_field(&stdout, "classes"), v.to_string());
-            assert_eq!(json_field(&stdout, "device"), format!("\"{device}\""));
-            let elapsed: f64 = json_field(&stdout, "elapsed_ms").parse().unwrap();
+        let mut want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+        if reduction != Reduction::None {
+            want.row_losses = None;
+        }
+        for device in devices("eval_matches_the_reference") {
+            let args = ["--logits", s(&l), "--targets", s(&t), "--reduction", reduction.name()];
+            let run = eval(&dir, device, &args);
+            assert_eq!(json_field(&run.stdout, "rows"), n.to_string());
+            assert_eq!(json_field(&run.stdout, "classes"), v.to_string());
+            assert_eq!(json_field(&run.stdout, "device"), format!("\"{device}\""));
+            let elapsed: f64 = json_field(&run.stdout, "elapsed_ms").parse().unwrap();
             assert!(elapsed >= 0.0);
-            let (shape, loss) = f32s(&lo);
-            let (gshape, grad) = f32s(&go);
-            assert_eq!(gshape, vec![n, v]);
-            let got = match reduction {
+            assert_eq!(run.grad.0, vec![n, v]);
+            let got = run.output(reduction);
+            match reduction {
                 Reduction::None => {
-                    assert_eq!(shape, vec![n]);
-                    assert_eq!(json_field(&stdout, "loss"), "null");
-                    xent::LossOutput { row_losses: Some(loss), gradient: Some(grad), ..Default::default() }
+                    assert_eq!(run.loss.0, vec![n]);
+                    assert_eq!(json_field(&run.stdout, "loss"), "null");
                 }
                 _ => {
-                    assert!(shape.is_empty());
-                    let printed: f32 = json_field(&stdout, "loss").parse().unwrap();
-                    assert_eq!(printed, loss[0]);
-                    xent::LossOutput { loss: Some(loss[0]), gradient: Some(grad), ..Default::default() }
+                    let printed: f32 = json_field(&run.stdout, "loss").parse().unwrap();
+                    assert_eq!(printed, run.loss.1[0]);
                 }
-            };
-            let mut want = want.clone();
-            if reduction != Reduction::None {
-                want.row_losses = None;
             }
             xent::check::compare(&got, &want, xent::check::Tolerance::F32)
                 .unwrap_or_else(|e| panic!("{device} {reduction:?}: {e}"));
@@ -138,45 +157,18 @@ fn eval_takes_every_option() {
         .n_items(50.0)
         .gradient(true);
     let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
-    let gpu = !common::gpus("eval_takes_every_option").is_empty();
-    for device in if gpu { &["gpu", "cpu", "reference"][..] } else { &["cpu", "reference"][..] } {
-        let (lo, go) = (dir.path("loss.npy"), dir.path("grad.npy"));
-        let (code, stdout, stderr) = xent(&[
-            "eval",
-            "--logits",
-            s(&l),
-            "--targets",
-            s(&t),
-            "--weights",
-            s(&w),
-            "--ignore-index",
-            "5",
-            "--label-smoothing",
-            "0.1",
-            "--z-loss",
-            "1e-3",
-            "--softcap",
-            "15",
-            "--logit-scale",
-            "0.8",
-            "--n-items",
-            "50",
-            "--device",
-            device,
-            "--out-loss",
-            s(&lo),
-            "--out-grad",
-            s(&go),
-        ]);
-        assert_eq!(code, 0, "{device}: {stderr}");
-        let got = xent::LossOutput {
-            loss: Some(f32s(&lo).1[0]),
-            gradient: Some(f32s(&go).1),
-            ..Default::default()
-        };
+    for device in devices("eval_takes_every_option") {
+        #[rustfmt::skip]
+        let args = [
+            "--logits", s(&l), "--targets", s(&t), "--weights", s(&w), "--ignore-index", "5",
+            "--label-smoothing", "0.1", "--z-loss", "1e-3", "--softcap", "15", "--logit-scale", "0.8",
+            "--n-items", "50",
+        ];
+        let run = eval(&dir, device, &args);
+        let got = run.output(Reduction::Mean);
         xent::check::compare(&got, &want, xent::check::Tolerance::F32)
             .unwrap_or_else(|e| panic!("{device}: {e}"));
-        assert_eq!(json_field(&stdout, "loss").parse::<f32>().unwrap(), got.loss.unwrap());
+        assert_eq!(json_field(&run.stdout, "loss").parse::<f32>().unwrap(), got.loss.unwrap());
     }
 }
 
@@ -198,31 +190,9 @@ fn eval_probability_targets() {
     npy::write_f32(&t, &[n, v], &probs).unwrap();
     let opts = LossOptions::new().label_smoothing(0.2).gradient(true);
     let want = xent::cpu::reference::cross_entropy_soft(&logits, v, &probs, &opts).unwrap();
-    let gpu = !common::gpus("eval_probability_targets").is_empty();
-    for device in if gpu { &["gpu", "cpu", "reference"][..] } else { &["cpu", "reference"][..] } {
-        let (lo, go) = (dir.path("loss.npy"), dir.path("grad.npy"));
-        let (code, _, stderr) = xent(&[
-            "eval",
-            "--logits",
-            s(&l),
-            "--targets",
-            s(&t),
-            "--label-smoothing",
-            "0.2",
-            "--device",
-            device,
-            "--out-loss",
-            s(&lo),
-            "--out-grad",
-            s(&go),
-        ]);
-        assert_eq!(code, 0, "{device}: {stderr}");
-        let got = xent::LossOutput {
-            loss: Some(f32s(&lo).1[0]),
-            gradient: Some(f32s(&go).1),
-            ..Default::default()
-        };
-        xent::check::compare(&got, &want, xent::check::Tolerance::F32)
+    for device in devices("eval_probability_targets") {
+        let run = eval(&dir, device, &["--logits", s(&l), "--targets", s(&t), "--label-smoothing", "0.2"]);
+        xent::check::compare(&run.output(Reduction::Mean), &want, xent::check::Tolerance::F32)
             .unwrap_or_else(|e| panic!("{device}: {e}"));
     }
 }
@@ -248,29 +218,9 @@ fn eval_float16_logits() {
     npy::write_i64(&t, &targets).unwrap();
     let opts = LossOptions::new().gradient(true);
     let want = xent::cpu::reference::cross_entropy(&wide, v, &targets, &opts).unwrap();
-    let gpu = !common::gpus("eval_float16_logits").is_empty();
-    for device in if gpu { &["gpu", "cpu", "reference"][..] } else { &["cpu", "reference"][..] } {
-        let (lo, go) = (dir.path("loss.npy"), dir.path("grad.npy"));
-        let (code, _, stderr) = xent(&[
-            "eval",
-            "--logits",
-            s(&l),
-            "--targets",
-            s(&t),
-            "--device",
-            device,
-            "--out-loss",
-            s(&lo),
-            "--out-grad",
-            s(&go),
-        ]);
-        assert_eq!(code, 0, "{device}: {stderr}");
-        let got = xent::LossOutput {
-            loss: Some(f32s(&lo).1[0]),
-            gradient: Some(f32s(&go).1),
-            ..Default::default()
-        };
-        xent::check::compare(&got, &want, xent::check::Tolerance::F32)
+    for device in devices("eval_float16_logits") {
+        let run = eval(&dir, device, &["--logits", s(&l), "--targets", s(&t)]);
+        xent::check::compare(&run.output(Reduction::Mean), &want, xent::check::Tolerance::F32)
             .unwrap_or_else(|e| panic!("{device}: {e}"));
     }
 }
@@ -287,53 +237,20 @@ fn eval_binary_cross_entropy() {
     npy::write_f32(&l, &[n, v], &logits).unwrap();
     npy::write_f32(&t, &[n, v], &targets).unwrap();
     npy::write_f32(&p, &[v], &pos).unwrap();
-    let gpu = !common::gpus("eval_binary_cross_entropy").is_empty();
     for reduction in [Reduction::Mean, Reduction::None] {
         let opts = LossOptions::new().reduction(reduction).pos_weight(pos.clone()).gradient(true);
         let want = xent::cpu::reference::binary_cross_entropy(&logits, v, &targets, &opts).unwrap();
-        for device in if gpu { &["gpu", "cpu", "reference"][..] } else { &["cpu", "reference"][..] } {
-            let (lo, go) = (dir.path("loss.npy"), dir.path("grad.npy"));
-            let (code, _, stderr) = xent(&[
-                "eval",
-                "--loss-kind",
-                "bce",
-                "--logits",
-                s(&l),
-                "--targets",
-                s(&t),
-                "--pos-weight",
-                s(&p),
-                "--reduction",
-                reduction.name(),
-                "--device",
-                device,
-                "--out-loss",
-                s(&lo),
-                "--out-grad",
-                s(&go),
-            ]);
-            assert_eq!(code, 0, "{device}: {stderr}");
-            let (shape, loss) = f32s(&lo);
-            let got = match reduction {
-                Reduction::None => {
-                    assert_eq!(shape, vec![n, v]);
-                    xent::LossOutput {
-                        row_losses: Some(loss),
-                        gradient: Some(f32s(&go).1),
-                        ..Default::default()
-                    }
-                }
-                _ => xent::LossOutput {
-                    loss: Some(loss[0]),
-                    gradient: Some(f32s(&go).1),
-                    ..Default::default()
-                },
-            };
-            let mut want = want.clone();
-            if reduction != Reduction::None {
-                want.row_losses = None;
+        for device in devices("eval_binary_cross_entropy") {
+            #[rustfmt::skip]
+            let args = [
+                "--loss-kind", "bce", "--logits", s(&l), "--targets", s(&t), "--pos-weight", s(&p),
+                "--reduction", reduction.name(),
+            ];
+            let run = eval(&dir, device, &args);
+            if reduction == Reduction::None {
+                assert_eq!(run.loss.0, vec![n, v]);
             }
-            xent::check::compare(&got, &want, xent::check::Tolerance::F32)
+            xent::check::compare(&run.output(reduction), &want, xent::check::Tolerance::F32)
                 .unwrap_or_else(|e| panic!("{device}: {e}"));
         }
     }

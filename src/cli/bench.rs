@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use xent::gpu::bench::{GpuBench, Pass, Repeats, Samples, Timing};
-use xent::{Backend, CpuFast, GpuContext, LossOptions};
+use xent::{Backend, LossOptions};
 
 /// One measured line of the report.
 pub struct Row {
@@ -143,8 +143,10 @@ impl Progress {
     }
 }
 
-/// Times the fast CPU path with the host clock.
-pub fn cpu(
+/// Times whole API calls with the host clock: the fast CPU path, and on the GPU the
+/// per-call latency of small problems (upload, kernels, readback).
+pub fn host_calls(
+    backend: &dyn Backend,
     logits: &[f32],
     targets: &[i64],
     classes: usize,
@@ -158,38 +160,10 @@ pub fn cpu(
     for i in 0..repeats.total() {
         let start = Instant::now();
         match pass {
-            Pass::Forward => CpuFast.cross_entropy(logits, classes, targets.into(), &opts)?,
+            Pass::Forward => backend.cross_entropy(logits, classes, targets.into(), &opts)?,
             Pass::ForwardBackward => {
-                CpuFast.cross_entropy_into(logits, classes, targets.into(), &opts, &mut grad)?
+                backend.cross_entropy_into(logits, classes, targets.into(), &opts, &mut grad)?
             }
-        };
-        if i >= repeats.warmup {
-            ms.push(start.elapsed().as_secs_f64() * 1e3);
-        }
-        tick();
-    }
-    Ok(Samples { ms, timing: Timing::Wall })
-}
-
-/// Times whole host-API calls (upload, kernels, readback) on the GPU: the per-call
-/// latency of small problems.
-pub fn gpu_host_call(
-    ctx: &GpuContext,
-    logits: &[f32],
-    targets: &[i64],
-    classes: usize,
-    pass: Pass,
-    repeats: Repeats,
-    tick: &mut dyn FnMut(),
-) -> xent::Result<Samples> {
-    let opts = LossOptions::new().gradient(pass == Pass::ForwardBackward);
-    let mut grad = vec![0.0f32; if pass == Pass::ForwardBackward { logits.len() } else { 0 }];
-    let mut ms = Vec::new();
-    for i in 0..repeats.total() {
-        let start = Instant::now();
-        match pass {
-            Pass::Forward => ctx.cross_entropy(logits, classes, targets, &opts)?,
-            Pass::ForwardBackward => ctx.cross_entropy_into(logits, classes, targets, &opts, &mut grad)?,
         };
         if i >= repeats.warmup {
             ms.push(start.elapsed().as_secs_f64() * 1e3);

@@ -91,8 +91,7 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
                     progress.message(format!("{n}x{v} {} gpu", pass.name()));
                     let mut tick = || progress.tick();
                     if host_api {
-                        let samples =
-                            bench::gpu_host_call(ctx, &logits, &targets, v, pass, repeats, &mut tick)?;
+                        let samples = bench::host_calls(ctx, &logits, &targets, v, pass, repeats, &mut tick)?;
                         rows.push(bench::Row {
                             device: "gpu",
                             adapter: adapter.clone(),
@@ -128,7 +127,8 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
                 if phase == "cpu" {
                     progress.message(format!("{n}x{v} {} cpu", pass.name()));
                     let mut tick = || progress.tick();
-                    let samples = bench::cpu(&logits, &targets, v, pass, repeats, &mut tick)?;
+                    let samples =
+                        bench::host_calls(&xent::CpuFast, &logits, &targets, v, pass, repeats, &mut tick)?;
                     rows.push(bench::Row {
                         device: "cpu",
                         adapter: xent::CpuFast.describe(),
