@@ -10,12 +10,27 @@ use xent::check::{Tolerance, compare};
 use xent::npy::{self, NpyData};
 use xent::{Backend, LossOptions, LossOutput, Reduction};
 
-struct Case {
-    name: String,
-    logits: Vec<f32>,
-    classes: usize,
-    targets: Vec<i64>,
-    opts: LossOptions,
+const REDUCTIONS: [Reduction; 3] = [Reduction::Mean, Reduction::Sum, Reduction::None];
+
+/// The case folders of tests/data whose names `keep` accepts, sorted; at least `min`.
+fn case_dirs(what: &str, min: usize, keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut dirs: Vec<_> =
+        std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).filter(|p| keep(&name(p))).collect();
+    dirs.sort();
+    assert!(dirs.len() >= min, "tests/data holds {} {what} cases; run scripts/make_reference.py", dirs.len());
+    dirs
+}
+
+fn name(dir: &Path) -> String {
+    dir.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+fn f32s(path: &Path) -> Vec<f32> {
+    match npy::read(path).unwrap().data {
+        NpyData::F32(v) => v,
+        other => panic!("{}: {other:?}", path.display()),
+    }
 }
 
 fn f64s(path: &Path) -> Vec<f64> {
@@ -25,15 +40,20 @@ fn f64s(path: &Path) -> Vec<f64> {
     }
 }
 
-fn load(dir: &Path) -> Case {
-    let logits = npy::read(dir.join("logits.npy")).unwrap();
-    let classes = logits.shape[1];
-    let NpyData::F32(logits) = logits.data else { panic!("logits") };
-    let NpyData::I64(targets) = npy::read(dir.join("targets.npy")).unwrap().data else { panic!("targets") };
+/// The classes of a case: the logits' second dimension.
+fn classes(dir: &Path) -> usize {
+    npy::read(dir.join("logits.npy")).unwrap().shape[1]
+}
+
+/// The options a case's folder holds: weights.npy, pos_weight.npy, and options.txt
+/// (`key = value` lines).
+fn options(dir: &Path) -> LossOptions {
     let mut opts = LossOptions::new();
     if dir.join("weights.npy").exists() {
-        let NpyData::F32(w) = npy::read(dir.join("weights.npy")).unwrap().data else { panic!("weights") };
-        opts = opts.weights(w);
+        opts = opts.weights(f32s(&dir.join("weights.npy")));
+    }
+    if dir.join("pos_weight.npy").exists() {
+        opts = opts.pos_weight(f32s(&dir.join("pos_weight.npy")));
     }
     for line in std::fs::read_to_string(dir.join("options.txt")).unwrap().lines() {
         let (key, value) = line.split_once(" = ").unwrap();
@@ -48,26 +68,11 @@ fn load(dir: &Path) -> Case {
             other => panic!("unknown option {other}"),
         };
     }
-    Case { name: dir.file_name().unwrap().to_string_lossy().into_owned(), logits, classes, targets, opts }
+    opts
 }
 
-fn cases() -> Vec<Case> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            !name.starts_with("bce_") && !name.starts_with("soft_") && !name.starts_with("half_")
-        })
-        .collect();
-    dirs.sort();
-    assert!(dirs.len() >= 15, "tests/data holds {} cases; run scripts/make_reference.py", dirs.len());
-    dirs.iter().map(|d| load(d)).collect()
-}
-
-fn expected(case: &Case, reduction: Reduction) -> LossOutput {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(&case.name);
+/// PyTorch's loss and gradient for one reduction, as f32.
+fn expected(dir: &Path, reduction: Reduction) -> LossOutput {
     let r = reduction.name();
     let loss = f64s(&dir.join(format!("loss_{r}.npy")));
     let grad = f64s(&dir.join(format!("grad_{r}.npy")));
@@ -80,15 +85,45 @@ fn expected(case: &Case, reduction: Reduction) -> LossOutput {
     }
 }
 
+/// A class-index case.
+struct Case {
+    dir: PathBuf,
+    name: String,
+    logits: Vec<f32>,
+    classes: usize,
+    targets: Vec<i64>,
+    opts: LossOptions,
+}
+
+fn cases() -> Vec<Case> {
+    let kinds = ["bce_", "soft_", "half_"];
+    let dirs = case_dirs("class-index", 15, |n| !kinds.iter().any(|k| n.starts_with(k)));
+    dirs.into_iter()
+        .map(|dir| {
+            let NpyData::I64(targets) = npy::read(dir.join("targets.npy")).unwrap().data else {
+                panic!("targets")
+            };
+            Case {
+                name: name(&dir),
+                logits: f32s(&dir.join("logits.npy")),
+                classes: classes(&dir),
+                targets,
+                opts: options(&dir),
+                dir,
+            }
+        })
+        .collect()
+}
+
 fn check_backend(backend: &dyn Backend) {
     check_backend_where(backend, |_| true);
 }
 
 fn check_backend_where(backend: &dyn Backend, include: impl Fn(&LossOptions) -> bool) {
     for case in cases().into_iter().filter(|c| include(&c.opts)) {
-        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        for reduction in REDUCTIONS {
             let opts = case.opts.clone().reduction(reduction).gradient(true);
-            let want = expected(&case, reduction);
+            let want = expected(&case.dir, reduction);
             let got = backend
                 .cross_entropy(&case.logits, case.classes, (&case.targets).into(), &opts)
                 .unwrap_or_else(|e| panic!("{} {reduction:?} on {}: {e}", case.name, backend.describe()));
@@ -147,74 +182,17 @@ fn every_gpu_tuning_matches_pytorch() {
     }
 }
 
-/// A binary cross-entropy case (folders `bce_*`).
-struct BinaryCase {
-    name: String,
-    logits: Vec<f32>,
-    classes: usize,
-    targets: Vec<f32>,
-    opts: LossOptions,
-}
-
-fn binary_cases() -> Vec<BinaryCase> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("bce_"))
-        .collect();
-    dirs.sort();
-    assert!(dirs.len() >= 5, "tests/data holds {} binary cases", dirs.len());
-    let f32s = |p: PathBuf| match npy::read(p).unwrap().data {
-        NpyData::F32(v) => v,
-        other => panic!("{other:?}"),
-    };
-    dirs.iter()
-        .map(|dir| {
-            let shape = npy::read(dir.join("logits.npy")).unwrap().shape;
-            let mut opts = LossOptions::new();
-            if dir.join("weights.npy").exists() {
-                opts = opts.weights(f32s(dir.join("weights.npy")));
-            }
-            if dir.join("pos_weight.npy").exists() {
-                opts = opts.pos_weight(f32s(dir.join("pos_weight.npy")));
-            }
-            for line in std::fs::read_to_string(dir.join("options.txt")).unwrap().lines() {
-                let (key, value) = line.split_once(" = ").unwrap();
-                assert_eq!(key, "n_items");
-                opts = opts.n_items(value.parse().unwrap());
-            }
-            BinaryCase {
-                name: dir.file_name().unwrap().to_string_lossy().into_owned(),
-                logits: f32s(dir.join("logits.npy")),
-                classes: shape[1],
-                targets: f32s(dir.join("targets.npy")),
-                opts,
-            }
-        })
-        .collect()
-}
-
 fn check_binary(backend: &dyn Backend) {
-    for case in binary_cases() {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(&case.name);
-        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-            let r = reduction.name();
-            let loss = f64s(&dir.join(format!("loss_{r}.npy")));
-            let grad = f64s(&dir.join(format!("grad_{r}.npy")));
-            let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
-            let want = LossOutput {
-                loss: (reduction != Reduction::None).then(|| loss[0] as f32),
-                row_losses: (reduction == Reduction::None).then(|| as_f32(&loss)),
-                lse: None,
-                gradient: Some(as_f32(&grad)),
-            };
-            let opts = case.opts.clone().reduction(reduction).gradient(true);
+    for dir in case_dirs("binary", 5, |n| n.starts_with("bce_")) {
+        let (name, logits, targets) =
+            (name(&dir), f32s(&dir.join("logits.npy")), f32s(&dir.join("targets.npy")));
+        for reduction in REDUCTIONS {
+            let opts = options(&dir).reduction(reduction).gradient(true);
             let got = backend
-                .binary_cross_entropy(&case.logits, case.classes, &case.targets, &opts)
-                .unwrap_or_else(|e| panic!("{} {reduction:?} on {}: {e}", case.name, backend.describe()));
-            compare(&got, &want, Tolerance::F32)
-                .unwrap_or_else(|e| panic!("{} {reduction:?} on {}: {e}", case.name, backend.describe()));
+                .binary_cross_entropy(&logits, classes(&dir), &targets, &opts)
+                .unwrap_or_else(|e| panic!("{name} {reduction:?} on {}: {e}", backend.describe()));
+            compare(&got, &expected(&dir, reduction), Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{name} {reduction:?} on {}: {e}", backend.describe()));
         }
     }
 }
@@ -251,56 +229,16 @@ fn binary_cross_entropy_streams_through_tiny_limits() {
 }
 
 fn check_soft(backend: &dyn Backend) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("soft_"))
-        .collect();
-    dirs.sort();
-    assert!(dirs.len() >= 4, "tests/data holds {} soft-target cases", dirs.len());
-    for dir in dirs {
-        // The same files as a class-index case, with float targets.
-        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        let logits = npy::read(dir.join("logits.npy")).unwrap();
-        let classes = logits.shape[1];
-        let NpyData::F32(logits) = logits.data else { panic!("logits") };
-        let NpyData::F32(targets) = npy::read(dir.join("targets.npy")).unwrap().data else {
-            panic!("targets")
-        };
-        let mut opts = LossOptions::new();
-        if dir.join("weights.npy").exists() {
-            let NpyData::F32(w) = npy::read(dir.join("weights.npy")).unwrap().data else { panic!("weights") };
-            opts = opts.weights(w);
-        }
-        for line in std::fs::read_to_string(dir.join("options.txt")).unwrap().lines() {
-            let (key, value) = line.split_once(" = ").unwrap();
-            let x: f64 = value.parse().unwrap();
-            opts = match key {
-                "label_smoothing" => opts.label_smoothing(x),
-                "z_loss" => opts.z_loss(x),
-                "softcap" => opts.softcap(x),
-                "logit_scale" => opts.logit_scale(x),
-                "n_items" => opts.n_items(x),
-                other => panic!("unknown option {other}"),
-            };
-        }
-        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-            let r = reduction.name();
-            let loss = f64s(&dir.join(format!("loss_{r}.npy")));
-            let grad = f64s(&dir.join(format!("grad_{r}.npy")));
-            let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
-            let want = LossOutput {
-                loss: (reduction != Reduction::None).then(|| loss[0] as f32),
-                row_losses: (reduction == Reduction::None).then(|| as_f32(&loss)),
-                lse: None,
-                gradient: Some(as_f32(&grad)),
-            };
-            let o = opts.clone().reduction(reduction).gradient(true);
+    // The same files as a class-index case, with float targets.
+    for dir in case_dirs("soft-target", 4, |n| n.starts_with("soft_")) {
+        let (name, logits, targets) =
+            (name(&dir), f32s(&dir.join("logits.npy")), f32s(&dir.join("targets.npy")));
+        for reduction in REDUCTIONS {
+            let opts = options(&dir).reduction(reduction).gradient(true);
             let got = backend
-                .cross_entropy_soft(&logits, classes, &targets, &o)
+                .cross_entropy_soft(&logits, classes(&dir), &targets, &opts)
                 .unwrap_or_else(|e| panic!("{name} {reduction:?} on {}: {e}", backend.describe()));
-            compare(&got, &want, Tolerance::F32)
+            compare(&got, &expected(&dir, reduction), Tolerance::F32)
                 .unwrap_or_else(|e| panic!("{name} {reduction:?} on {}: {e}", backend.describe()));
         }
     }
@@ -341,37 +279,19 @@ fn probability_targets_stream_in_chunks() {
 
 #[test]
 fn float16_logits_match_pytorch_on_every_path() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("half_"))
-        .collect();
-    dirs.sort();
-    assert!(dirs.len() >= 2, "tests/data holds {} float16 cases", dirs.len());
     let gpus = common::gpus("float16_logits_match_pytorch");
-    for dir in dirs {
-        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        let logits = npy::read(dir.join("logits.npy")).unwrap();
-        let classes = logits.shape[1];
-        let NpyData::F16(bits) = logits.data else { panic!("float16 logits") };
+    for dir in case_dirs("float16", 2, |n| n.starts_with("half_")) {
+        let name = name(&dir);
+        let NpyData::F16(bits) = npy::read(dir.join("logits.npy")).unwrap().data else {
+            panic!("float16 logits")
+        };
         let NpyData::I64(targets) = npy::read(dir.join("targets.npy")).unwrap().data else {
             panic!("targets")
         };
-        let line = std::fs::read_to_string(dir.join("options.txt")).unwrap();
-        let ls: f64 = line.trim().split_once(" = ").unwrap().1.parse().unwrap();
-        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-            let r = reduction.name();
-            let loss = f64s(&dir.join(format!("loss_{r}.npy")));
-            let grad = f64s(&dir.join(format!("grad_{r}.npy")));
-            let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
-            let want = LossOutput {
-                loss: (reduction != Reduction::None).then(|| loss[0] as f32),
-                row_losses: (reduction == Reduction::None).then(|| as_f32(&loss)),
-                lse: None,
-                gradient: Some(as_f32(&grad)),
-            };
-            let opts = LossOptions::new().reduction(reduction).label_smoothing(ls).gradient(true);
+        let classes = classes(&dir);
+        for reduction in REDUCTIONS {
+            let want = expected(&dir, reduction);
+            let opts = options(&dir).reduction(reduction).gradient(true);
             let backends: Vec<&dyn Backend> = [&xent::Reference as &dyn Backend, &xent::CpuFast]
                 .into_iter()
                 .chain(gpus.iter().map(|g| g as &dyn Backend))
