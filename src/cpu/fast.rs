@@ -336,8 +336,12 @@ fn run(logits: &[f32], batch: &Batch, opts: &LossOptions, grad: Option<&mut [f32
             .for_each(|(((l, t), (lo, ls)), g)| rows(l, v, t, Some(g), lo, ls, &o)),
         None => tasks.for_each(|((l, t), (lo, ls))| rows(l, v, t, None, lo, ls, &o)),
     }
-    // The reduction: per-task partial sums in f64, added in a fixed order, so the result
-    // does not depend on the thread count.
+    output(loss, lse, step, batch, opts)
+}
+
+/// The output from the row losses and LSEs. The reduction: per-task partial sums in f64,
+/// added in a fixed order, so the result does not depend on the thread count.
+fn output(loss: Vec<f32>, lse: Vec<f32>, step: usize, batch: &Batch, opts: &LossOptions) -> LossOutput {
     let total: f64 = loss.chunks(step).map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>()).sum();
     LossOutput {
         loss: batch.reduce(total, opts.get_reduction()),
@@ -405,13 +409,7 @@ pub fn cross_entropy_in_place<'t>(
                 row.copy_from_slice(&tmp);
             }
         });
-    let total: f64 = loss.chunks(step).map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>()).sum();
-    Ok(LossOutput {
-        loss: batch.reduce(total, opts.get_reduction()),
-        row_losses: opts.wants_row_losses().then_some(loss),
-        lse: opts.wants_lse().then_some(lse),
-        gradient: None,
-    })
+    Ok(output(loss, lse, step, &batch, opts))
 }
 
 /// The separate backward on the CPU: the gradient from the logits and the per-row LSE a

@@ -172,6 +172,21 @@ pub(crate) struct RowParams {
     pub _pad: u32,
 }
 
+impl RowParams {
+    /// With the options of `k`.
+    pub fn with_opts(self, k: &KernelOpts) -> Self {
+        Self {
+            has_weights: k.has_weights,
+            logit_scale: k.logit_scale,
+            softcap: k.softcap,
+            smoothing: k.smoothing,
+            z_loss: k.z_loss,
+            weight_total: k.weight_total,
+            ..self
+        }
+    }
+}
+
 /// Elements each invocation of `cross_entropy_rows.wgsl` keeps in registers on its
 /// one-read path by default (`CACHED` there; the host may build it with another value).
 pub(crate) const ROWS_CACHED: u32 = 32;

@@ -370,14 +370,9 @@ impl GpuContext {
                 ignore_index: batch.ignore_index,
                 threads_per_row,
                 cached: u32::from(cached),
-                has_weights: kopts.has_weights,
-                logit_scale: kopts.logit_scale,
-                softcap: kopts.softcap,
-                smoothing: kopts.smoothing,
-                z_loss: kopts.z_loss,
-                weight_total: kopts.weight_total,
-                _pad: 0,
-            };
+                ..bytemuck::Zeroable::zeroed()
+            }
+            .with_opts(&kopts);
             let pipeline =
                 self.kernels.rows_variants.get(&self.device, ElemFormat::f32_for(v), kopts.features());
             rec.dispatch_pipeline(&pipeline, &bg, &p, groups);

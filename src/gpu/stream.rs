@@ -498,14 +498,9 @@ impl GpuContext {
                                 ignore_index: Batch::IGNORED,
                                 threads_per_row,
                                 cached: u32::from(cached),
-                                has_weights: kopts.has_weights,
-                                logit_scale: kopts.logit_scale,
-                                softcap: kopts.softcap,
-                                smoothing: kopts.smoothing,
-                                z_loss: kopts.z_loss,
-                                weight_total: kopts.weight_total,
-                                _pad: 0,
-                            };
+                                ..bytemuck::Zeroable::zeroed()
+                            }
+                            .with_opts(kopts);
                             let pipeline = self.kernels.rows_variants.get(
                                 &self.device,
                                 io.format(v, self.native_f16()),
