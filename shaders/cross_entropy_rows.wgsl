@@ -121,16 +121,44 @@ fn merge_tree(lid: u32, lane: u32, mine: Part) -> Part {
     return part_at(lid - lane); // the first invocation of this row's segment
 }
 
+// ROW_LOOP: workgroups take row groups (WG / threads_per_row rows each) in turn: group g,
+// then g + the dispatch's size, ... The host dispatches fewer workgroups than row groups
+// (`Tuning::max_workgroups`) to bound the rows in flight, so that the second read of a
+// long row still finds it in the cache. The loop's bounds are per-workgroup values, so
+// the barriers inside stay in uniform control flow. Without it, one row group per
+// workgroup and no loop, which CPU adapters run markedly faster.
+override ROW_LOOP: bool = false;
+
 @compute @workgroup_size(WG)
-fn main(ids: Ids) {
-    let wid = ids.wid;
+fn main(ids: Ids, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let groups = (params.rows + WG / params.threads_per_row - 1u) / (WG / params.threads_per_row);
+    var g = wid.y * params.groups_x + wid.x;
+    // One call site: the row body is compiled once whether or not it loops.
+    loop {
+        row_group(ids, g);
+        g += nwg.x * nwg.y;
+        if (!ROW_LOOP || g >= groups) {
+            break;
+        }
+        // The next group reuses the merge's workgroup memory.
+        workgroupBarrier();
+    }
+}
+
+// How many of the columns lane, lane + tpr, ... fall below v.
+fn lane_steps(lane: u32, v: u32, tpr: u32) -> u32 {
+    return select(0u, (v - lane + tpr - 1u) / tpr, lane < v);
+}
+
+// One group of rows: `threads_per_row` invocations per row.
+fn row_group(ids: Ids, group: u32) {
     let lid = ids.lid;
     let o = opts();
     let has_w = has(F_WEIGHTS);
     let smoothing = has(F_SMOOTHING);
     let tpr = params.threads_per_row;
     let lane = lid % tpr;
-    let r = (wid.y * params.groups_x + wid.x) * (WG / tpr) + lid / tpr;
+    let r = group * (WG / tpr) + lid / tpr;
     // Invocations past the last row still take part in the barriers below.
     let in_batch = r < params.rows;
     let v = select(0u, params.classes / WIDTH, in_batch);
@@ -266,14 +294,18 @@ fn main(ids: Ids) {
             }
         }
     } else if (in_place) {
-        for (var c = lane; c < v; c += tpr) {
+        // Backwards through the row: its end, read last in pass 1, is the part most likely
+        // still in the cache.
+        for (var i = lane_steps(lane, v, tpr); i > 0u; i--) {
+            let c = lane + (i - 1u) * tpr;
             let x = load_logit(base + c);
             let p = exp((transform(x, o) - m) - log_s);
             let d = p * k - smooth_w * weights_of(c, has_w) - onehot(c * WIDTH, tc) * target_w;
             store_logit(base + c, d * dtransform(x, o) * scale);
         }
     } else {
-        for (var c = lane; c < v; c += tpr) {
+        for (var i = lane_steps(lane, v, tpr); i > 0u; i--) {
+            let c = lane + (i - 1u) * tpr;
             let x = load_logit(base + c);
             let p = exp((transform(x, o) - m) - log_s);
             let d = p * k - smooth_w * weights_of(c, has_w) - onehot(c * WIDTH, tc) * target_w;

@@ -2,7 +2,6 @@
 // workgroup-memory tree for every row layout.
 
 struct Ids {
-    @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 }
 

@@ -251,7 +251,8 @@ fn reference_is_its_own_backend() {
 #[test]
 fn every_kernel_tuning_passes_the_conformance_set() {
     // The adapter picks its tuning; check the others on this adapter too, so that the
-    // register-cached path, the streaming path, every workgroup shape and both row merges
+    // register-cached path, the streaming path, every workgroup shape, workgroups that
+    // take several row groups in turn, and both row merges
     // (subgroup operations, taken where the adapter has SUBGROUP and one row fills the
     // workgroup as with Tuning::GPU for V > 4096, and the workgroup-memory tree) are
     // covered.
@@ -268,6 +269,7 @@ fn every_kernel_tuning_passes_the_conformance_set() {
             max_threads_per_row: 1024,
             cached_per_thread: 256,
             subgroups: true,
+            max_workgroups: 0,
         },
         xent::gpu::Tuning {
             workgroup_size: 128,
@@ -275,7 +277,12 @@ fn every_kernel_tuning_passes_the_conformance_set() {
             max_threads_per_row: 1024,
             cached_per_thread: 4,
             subgroups: true,
+            max_workgroups: 0,
         },
+        // Fewer workgroups than row groups: each takes several in turn (one workgroup
+        // takes them all with the CPU tuning).
+        xent::gpu::Tuning { max_workgroups: 3, ..xent::gpu::Tuning::GPU },
+        xent::gpu::Tuning { max_workgroups: 1, ..xent::gpu::Tuning::CPU },
     ];
     let cases = conformance_cases();
     for tuning in tunings {

@@ -175,6 +175,8 @@ fn every_gpu_tuning_matches_pytorch() {
             // One row per 8-invocation workgroup: the subgroup merge where the adapter
             // has SUBGROUP, with a subgroup that may be larger than the workgroup.
             subgroups: true,
+            // Two workgroups, each taking every other row in turn.
+            max_workgroups: 2,
         },
     ] {
         let gpu = pollster::block_on(xent::GpuContext::from_adapter_tuned(&adapter, tuning)).unwrap();

@@ -14,8 +14,9 @@ use super::stream::{Data, GradOut, Io, Workspace};
 /// How the kernels are shaped for an adapter: chosen from the adapter type by
 /// [`Tuning::for_adapter`] (measured on lavapipe; GPU values follow the usual practice
 /// and await measurement on real GPUs), overridable through `XENT_WORKGROUP_SIZE`,
-/// `XENT_ELEMS_PER_THREAD`, `XENT_MAX_THREADS_PER_ROW`, `XENT_CACHED` and `XENT_SUBGROUPS`
-/// (0: the workgroup-memory merge even where the device has subgroups).
+/// `XENT_ELEMS_PER_THREAD`, `XENT_MAX_THREADS_PER_ROW`, `XENT_CACHED`, `XENT_SUBGROUPS`
+/// (0: the workgroup-memory merge even where the device has subgroups) and
+/// `XENT_MAX_WORKGROUPS`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
     /// Invocations per workgroup (a power of two; the `WG` override constant).
@@ -31,6 +32,10 @@ pub struct Tuning {
     /// Merge a row's states with subgroup operations when the device has `SUBGROUP` (and
     /// one row fills the workgroup); workgroup memory alone otherwise.
     pub subgroups: bool,
+    /// At most this many workgroups of the fused kernel per dispatch (0: one per row
+    /// group); each then takes row groups in turn. Fewer rows in flight keep a long row
+    /// in the cache between its two reads.
+    pub max_workgroups: u32,
 }
 
 impl Tuning {
@@ -42,6 +47,7 @@ impl Tuning {
         max_threads_per_row: 1024,
         cached_per_thread: 32,
         subgroups: true,
+        max_workgroups: 0,
     };
     /// CPU adapters (lavapipe, llvmpipe) run invocations as SIMD lanes on one thread per
     /// dispatch: few invocations per row and small workgroups measured fastest there, and
@@ -52,6 +58,7 @@ impl Tuning {
         max_threads_per_row: 4,
         cached_per_thread: 4,
         subgroups: true,
+        max_workgroups: 0,
     };
 
     /// The tuning for an adapter, with the `XENT_*` environment overrides applied.
@@ -76,6 +83,9 @@ impl Tuning {
         if let Some(s) = var("XENT_SUBGROUPS") {
             t.subgroups = s != 0;
         }
+        if let Some(m) = var("XENT_MAX_WORKGROUPS") {
+            t.max_workgroups = m.min(u64::from(u32::MAX)) as u32;
+        }
         t
     }
 
@@ -89,6 +99,15 @@ impl Tuning {
             max_threads_per_row: self.max_threads_per_row.max(1),
             cached_per_thread: self.cached_per_thread.clamp(4, 1024),
             subgroups: self.subgroups,
+            max_workgroups: self.max_workgroups,
+        }
+    }
+
+    /// Workgroups to dispatch for `row_groups` groups of rows of the fused kernel.
+    pub(crate) fn rows_workgroups(&self, row_groups: u64) -> u64 {
+        match self.max_workgroups {
+            0 => row_groups,
+            most => row_groups.min(u64::from(most)),
         }
     }
 }

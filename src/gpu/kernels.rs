@@ -542,6 +542,8 @@ pub(crate) struct RowsVariants {
     wg: u32,
     cached: u32,
     subgroups: bool,
+    /// `ROW_LOOP`: workgroups take row groups in turn (`Tuning::max_workgroups` set).
+    row_loop: bool,
     modules: std::sync::Mutex<std::collections::HashMap<ElemFormat, wgpu::ShaderModule>>,
     built: std::sync::Mutex<std::collections::HashMap<(ElemFormat, u32), wgpu::ComputePipeline>>,
 }
@@ -567,7 +569,11 @@ impl RowsVariants {
                     "cross_entropy_rows",
                     module,
                     &self.layout,
-                    &[("WG", f64::from(self.wg)), ("FEATURES", f64::from(features))],
+                    &[
+                        ("WG", f64::from(self.wg)),
+                        ("FEATURES", f64::from(features)),
+                        ("ROW_LOOP", f64::from(u8::from(self.row_loop))),
+                    ],
                 )
             })
             .clone()
@@ -615,6 +621,7 @@ impl Kernels {
             wg,
             cached,
             subgroups,
+            row_loop: tuning.max_workgroups != 0,
             modules: Default::default(),
             built: Default::default(),
         };

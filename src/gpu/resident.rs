@@ -359,7 +359,7 @@ impl GpuContext {
                     whole(&class_weights, class_weights.size()),
                 ],
             );
-            let groups = (count as u64).div_ceil(rows_per_group);
+            let groups = self.tuning.rows_workgroups((count as u64).div_ceil(rows_per_group));
             let p = RowParams {
                 rows: count as u32,
                 classes: v as u32,

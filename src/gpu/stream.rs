@@ -487,7 +487,7 @@ impl GpuContext {
                             self.limits.max_compute_workgroups_per_dimension,
                         ),
                         None => {
-                            let wgs = rows.div_ceil(rows_per_group) as u64;
+                            let wgs = self.tuning.rows_workgroups(rows.div_ceil(rows_per_group) as u64);
                             let params = RowParams {
                                 rows: rows as u32,
                                 classes: v as u32,
