@@ -1,7 +1,11 @@
-// The read-only roofline: sum `count` vec4s (1 read of every element) into one value per
-// workgroup, the bytes a loss-only pass must at least move. Used by `xent bench`.
+// The read-only roofline: every invocation sums READS vec4s (strided by the workgroup, so
+// that loads coalesce) and writes its one partial sum: 1 read of every element plus a
+// write of 1/64 of the bytes, no barriers — the bytes a loss-only pass must at least
+// move, at the speed the adapter moves them. Used by `xent bench`.
 
 override WG: u32 = 256u;
+// vec4s per invocation (`READ_VEC4S_PER_INVOCATION` on the host).
+const READS: u32 = 16u;
 
 struct Params {
     count: u32,      // vec4s to read
@@ -14,28 +18,16 @@ struct Params {
 @group(0) @binding(1) var<storage, read> src: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
-var<workgroup> part: array<f32, WG>;
-
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let group = wid.y * params.groups_x + wid.x;
-    let base = group * WG * 4u + lid;
+    let base = group * WG * READS + lid;
     var acc = vec4<f32>(0.0);
-    for (var k = 0u; k < 4u; k++) {
+    for (var k = 0u; k < READS; k++) {
         let i = base + k * WG;
         if (i < params.count) {
             acc += src[i];
         }
     }
-    part[lid] = acc.x + acc.y + acc.z + acc.w;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            part[lid] += part[lid + stride];
-        }
-        workgroupBarrier();
-    }
-    if (lid == 0u) {
-        dst[group] = part[0];
-    }
+    dst[group * WG + lid] = acc.x + acc.y + acc.z + acc.w;
 }

@@ -347,3 +347,42 @@ fn info_and_check_run_on_the_machine() {
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("all passed"), "{stdout}");
 }
+
+#[test]
+fn bench_json_has_the_fixed_fields() {
+    // A small shape on every device: the JSON array the issue fixes, with real timings.
+    let gpu = !common::gpus("bench_json_has_the_fixed_fields").is_empty();
+    let device = if gpu { "all" } else { "cpu" };
+    let (code, stdout, stderr) =
+        xent(&["bench", "--device", device, "--rows", "16", "--classes", "1000", "--iters", "2", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let devices: Vec<&str> = rows.iter().map(|r| r["device"].as_str().unwrap()).collect();
+    let want_rows = if gpu { 4 } else { 2 };
+    assert_eq!(rows.len(), want_rows, "{stdout}");
+    assert_eq!(devices.iter().filter(|&&d| d == "cpu").count(), 2, "{stdout}");
+    for r in &rows {
+        assert_eq!(r["rows"], 16);
+        assert_eq!(r["classes"], 1000);
+        assert!(["forward", "forward-backward"].contains(&r["pass"].as_str().unwrap()), "{r}");
+        assert!(r["adapter"].as_str().is_some_and(|a| !a.is_empty()), "{r}");
+        let (median, min) = (r["median_ms"].as_f64().unwrap(), r["min_ms"].as_f64().unwrap());
+        assert!(min > 0.0 && min <= median, "{r}");
+        assert!(r["gb_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(["timestamp", "wall"].contains(&r["timing"].as_str().unwrap()), "{r}");
+        if r["device"] == "gpu" {
+            // The in-run rooflines: the copy for both passes, the read for the loss alone.
+            let copy = r["copy_ms"].as_f64().unwrap();
+            let ratio = r["ratio_to_copy"].as_f64().unwrap();
+            assert!(copy > 0.0 && (ratio - median / copy).abs() <= 1e-3 * ratio, "{r}");
+            if r["pass"] == "forward" {
+                let read = r["read_ms"].as_f64().unwrap();
+                let ratio = r["ratio_to_read"].as_f64().unwrap();
+                assert!(read > 0.0 && (ratio - median / read).abs() <= 1e-3 * ratio, "{r}");
+            }
+        } else {
+            assert!(r.get("copy_ms").is_none_or(|c| c.is_null()), "{r}");
+        }
+    }
+}

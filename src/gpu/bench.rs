@@ -104,6 +104,9 @@ struct Timestamps {
     period_ns: f64,
 }
 
+/// vec4s each invocation of `bench_read.wgsl` sums (`READS` there).
+const READ_VEC4S_PER_INVOCATION: u64 = 16;
+
 /// The GPU side of the benchmark, on one context.
 pub struct GpuBench<'a> {
     ctx: &'a GpuContext,
@@ -294,12 +297,11 @@ impl<'a> GpuBench<'a> {
             let bind_cap = ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size);
             let chunk_bytes = (bind_cap / align * align).min(bytes).max(16);
             let chunks = bytes.div_ceil(chunk_bytes);
-            let per_group = wg * 4;
-            let dst_bytes = if copy {
-                bytes
-            } else {
-                chunks * (chunk_bytes / 16).div_ceil(per_group) * 4 + chunks * align
-            };
+            // vec4s per workgroup: 4 per invocation for the copy, 16 for the read (which
+            // writes one partial sum per invocation).
+            let per_group = wg * if copy { 4 } else { READ_VEC4S_PER_INVOCATION };
+            let dst_bytes =
+                if copy { bytes } else { chunks * ((chunk_bytes / 16).div_ceil(per_group) * wg * 4 + align) };
             let dst = self.storage(dst_bytes, "xent bench dst");
             let kernel = if copy { &self.copy } else { &self.read };
             let params = ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -315,7 +317,7 @@ impl<'a> GpuBench<'a> {
                 let len = chunk_bytes.min(bytes - at);
                 let count = len / 16;
                 let wgs = count.div_ceil(per_group);
-                let out_len = if copy { len } else { (wgs * 4).max(16) };
+                let out_len = if copy { len } else { (wgs * wg * 4).max(16) };
                 let bg = bind_ranges(
                     &ctx.device,
                     kernel,
