@@ -1,7 +1,8 @@
 //! Criterion benches: the fast CPU path, the GPU kernels on device-resident data (GPU
-//! time from timestamp queries where the adapter has them), the in-run copy roofline, and
-//! whole GPU host-API calls, over the same shapes as `xent bench`, with throughput in
-//! bytes moved (1 read for forward, 2 reads + 1 write for forward-backward).
+//! time from timestamp queries where the adapter has them), the in-run copy and read
+//! rooflines, and whole GPU host-API calls, over the same shapes as `xent bench`, with
+//! throughput in bytes moved (1 read for forward, 2 reads + 1 write for
+//! forward-backward).
 //!
 //! `cargo bench` (all), `cargo bench -- cpu` (one group). No GPU: the GPU groups are
 //! skipped with a message.
@@ -73,14 +74,23 @@ fn gpu(c: &mut Criterion) {
                     gpu_time(bench.loss(&logits, &t32, v, pass, r, &mut || {}).unwrap())
                 })
             });
-            if pass == Pass::ForwardBackward {
-                group.bench_function(BenchmarkId::new("copy roofline", &id), |b| {
-                    b.iter_custom(|iters| {
-                        let r = Repeats { warmup: 1, iters: iters as usize };
-                        gpu_time(bench.copy(n * v, r, &mut || {}).unwrap())
-                    })
-                });
-            }
+            // The in-run roofline of the pass: a copy (1 read + 1 write) for the gradient,
+            // a read for the loss alone.
+            let (roofline, copy) = match pass {
+                Pass::Forward => ("read roofline", false),
+                Pass::ForwardBackward => ("copy roofline", true),
+            };
+            group.bench_function(BenchmarkId::new(roofline, &id), |b| {
+                b.iter_custom(|iters| {
+                    let r = Repeats { warmup: 1, iters: iters as usize };
+                    let samples = if copy {
+                        bench.copy(n * v, r, &mut || {})
+                    } else {
+                        bench.read(n * v, r, &mut || {})
+                    };
+                    gpu_time(samples.unwrap())
+                })
+            });
             let opts = LossOptions::new().gradient(pass == Pass::ForwardBackward);
             group.bench_function(BenchmarkId::new(format!("host call {}", pass.name()), &id), |b| {
                 b.iter(|| ctx.cross_entropy(&logits, v, &targets, &opts).unwrap())
