@@ -1,12 +1,14 @@
 // Gradient of cross-entropy from saved row statistics (row_state.wgsl is prepended):
 // `g_r * scale / norm[0] * (p * k - (ε/V) w - (1 - ε) w_y onehot) * dz/dx`, with
-// p = exp((z - max) - log_sum) and z the transformed logit, over a grid of (row, column
+// p = exp(z - max) / sum and z the transformed logit, over a grid of (row, column
 // block) workgroups, so that few long rows still fill the device. g_r is the upstream
 // gradient of the row (`upstream`, when per_row) or 1.
 // Reads each logit once and writes each gradient once, to `grad` or over the logits.
 //
-// Row statistics are (max, log(sum)) pairs rather than LSE: under large offsets
-// max + log(sum) rounds in f32 and exp(x - lse) would lose digits.
+// Row statistics are (max, sum) pairs rather than LSE: under large offsets max + log(sum)
+// rounds in f32 and exp(x - lse) would lose digits, and GPUs may take log near 1 with an
+// absolute error of 2^-21, which p = exp(z - max - log(sum)) would carry as a relative
+// one. A saved LSE comes as (lse, 1).
 
 override WG: u32 = 256u;
 
@@ -75,14 +77,15 @@ fn main(
         up = upstream[params.row_base + r];
     }
     let scale = up * params.scale / norm[0];
-    let k = grad_k(o, stats.x, stats.y, w_y);
+    let k = grad_k(o, stats.x, log(stats.y), w_y);
+    let inv_sum = 1.0 / stats.y;
     let smooth_w = o.eps / f32(o.classes);
     let target_w = (1.0 - o.eps) * w_y;
     for (var c = first + lid; c < last; c += WG) {
         var g = 0.0;
         if (!ignored) {
             let x = logits[base + c];
-            let p = exp((transform1(x, o) - stats.x) - stats.y);
+            let p = exp(transform1(x, o) - stats.x) * inv_sum;
             var d = p * k;
             if (o.eps > 0.0) {
                 var w = 1.0;

@@ -67,7 +67,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> targets: array<i32>;
 @group(0) @binding(3) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(4) var<storage, read_write> row_lse: array<f32>;
-// (max, log(sum)) of each row, for a later cross_entropy_backward.wgsl pass.
+// (max, sum) of each row, for a later cross_entropy_backward.wgsl pass.
 @group(0) @binding(6) var<storage, read_write> row_stats: array<vec2<f32>>;
 // The `mean` denominator (1 for sum/none), possibly reduced on the device from
 // row_weights.wgsl: the gradient scale is grad_scale / norm[0].
@@ -196,6 +196,12 @@ fn row_group(ids: Ids, group: u32) {
         let step = 4u * tpr;
         let pad = splat(EMPTY_MAX);
         let zero = splat(0.0);
+        // Two-level sums: a block of up to 8 steps, then the block into the total, so an
+        // invocation that takes thousands of terms (CPU adapters give a row few
+        // invocations) adds no long serial chain (shared/docs/semantics.md, Precision).
+        var block = zero;
+        var total = zero;
+        var steps = 0u;
         for (var c = lane; c < v; c += step) {
             let c1 = c + tpr;
             let c2 = c + 2u * tpr;
@@ -206,17 +212,22 @@ fn row_group(ids: Ids, group: u32) {
             let x3 = select(pad, transform(load_logit(base + min(c3, v - 1u)), o), c3 < v);
             let m4 = hmax(max(max(x0, x1), max(x2, x3)));
             if (m4 > st.max) {
-                st.sum = st.sum * exp(st.max - m4);
+                let f = exp(st.max - m4);
+                block *= f;
+                total *= f;
                 if (smoothing) {
                     aux = rebase(aux, wsum, st.max, m4);
                 }
                 st.max = m4;
             }
             let m = st.max;
-            st.sum += hsum(exp(x0 - m)
-                + select(zero, exp(x1 - m), c1 < v)
-                + select(zero, exp(x2 - m), c2 < v)
-                + select(zero, exp(x3 - m), c3 < v));
+            block += (exp(x0 - m) + select(zero, exp(x1 - m), c1 < v))
+                + (select(zero, exp(x2 - m), c2 < v) + select(zero, exp(x3 - m), c3 < v));
+            steps++;
+            if (steps % 8u == 0u) {
+                total += block;
+                block = zero;
+            }
             if (smoothing) {
                 let w0 = weights_of(c, has_w);
                 aux += hsum(w0 * (m - x0));
@@ -226,6 +237,7 @@ fn row_group(ids: Ids, group: u32) {
                 if (c3 < v) { let w = weights_of(c3, has_w); aux += hsum(w * (m - x3)); wsum += hsum(w); }
             }
         }
+        st.sum = hsum(total + block);
     }
     let local = st;
 
@@ -255,7 +267,7 @@ fn row_group(ids: Ids, group: u32) {
         }
         row_loss[params.row_base + r] = loss;
         row_lse[params.row_base + r] = m + log_s;
-        row_stats[params.row_base + r] = vec2<f32>(m, log_s);
+        row_stats[params.row_base + r] = vec2<f32>(m, sum);
     }
     if (params.grad_mode == GRAD_NONE) {
         return;
@@ -268,6 +280,10 @@ fn row_group(ids: Ids, group: u32) {
     let scale = params.grad_scale / norm[0];
     let tc = select(v * WIDTH, u32(t), !ignored);
     let k = grad_k(o, m, log_s, w_y);
+    // p = exp(z - max) / sum, not exp(z - max - log(sum)): GPUs may compute log with an
+    // absolute error of 2^-21 for sums near 1, a relative error of p that a gradient of
+    // magnitude 2 (sum reduction, class weights) turns into several ULP.
+    let inv_sum = 1.0 / sum;
     let smooth_w = o.eps / f32(o.classes);
     let target_w = (1.0 - o.eps) * w_y;
     // Branches on the mode and on `ignored` stay outside the loops: they are uniform per
@@ -299,7 +315,7 @@ fn row_group(ids: Ids, group: u32) {
         for (var i = lane_steps(lane, v, tpr); i > 0u; i--) {
             let c = lane + (i - 1u) * tpr;
             let x = load_logit(base + c);
-            let p = exp((transform(x, o) - m) - log_s);
+            let p = exp(transform(x, o) - m) * inv_sum;
             let d = p * k - smooth_w * weights_of(c, has_w) - onehot(c * WIDTH, tc) * target_w;
             store_logit(base + c, d * dtransform(x, o) * scale);
         }
@@ -307,7 +323,7 @@ fn row_group(ids: Ids, group: u32) {
         for (var i = lane_steps(lane, v, tpr); i > 0u; i--) {
             let c = lane + (i - 1u) * tpr;
             let x = load_logit(base + c);
-            let p = exp((transform(x, o) - m) - log_s);
+            let p = exp(transform(x, o) - m) * inv_sum;
             let d = p * k - smooth_w * weights_of(c, has_w) - onehot(c * WIDTH, tc) * target_w;
             store_grad(base + c, d * dtransform(x, o) * scale);
         }

@@ -52,25 +52,45 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let v = params.classes;
     let base = r * v;
     var m = EMPTY_MAX;
-    var s = 0.0;
-    var a = 0.0;
-    var b = 0.0;
-    for (var c = lid; c < v; c += WG) {
-        let z = transform1(logits[base + c], o);
-        if (z > m) {
-            s = s * exp(m - z);
-            b = rebase(b, a, m, z);
-            m = z;
+    // (sum of exp(z - m), a = Σ target weights, b = Σ weight · (m − z)), four columns a
+    // step added pairwise, then in two levels (blocks of 16 steps, then the blocks): a
+    // long row adds no long serial chain, and the many tiny weights of a soft target are
+    // not added one by one to a large a.
+    var total = vec3<f32>(0.0);
+    var block = vec3<f32>(0.0);
+    var steps = 0u;
+    for (var c = lid; c < v; c += 4u * WG) {
+        let cs = vec4<u32>(c, c + WG, c + 2u * WG, c + 3u * WG);
+        let inside = cs < vec4<u32>(v);
+        var z = vec4<f32>(EMPTY_MAX);
+        var wt = vec4<f32>(0.0);
+        for (var i = 0u; i < 4u; i++) {
+            if (inside[i]) {
+                z[i] = transform1(logits[base + cs[i]], o);
+                wt[i] = target_weight(cs[i], base, o);
+            }
         }
-        s += exp(z - m);
-        let wt = target_weight(c, base, o);
-        a += wt;
-        b += select(0.0, wt * (m - z), wt != 0.0);
+        let m4 = max(max(z.x, z.y), max(z.z, z.w));
+        if (m4 > m) {
+            let f = exp(m - m4);
+            total = vec3<f32>(total.x * f, total.y, rebase(total.z, total.y, m, m4));
+            block = vec3<f32>(block.x * f, block.y, rebase(block.z, block.y, m, m4));
+            m = m4;
+        }
+        let e = select(vec4<f32>(0.0), exp(z - m), inside);
+        let bt = select(vec4<f32>(0.0), wt * (m - z), wt != vec4<f32>(0.0));
+        block += vec3<f32>((e.x + e.y) + (e.z + e.w), (wt.x + wt.y) + (wt.z + wt.w), (bt.x + bt.y) + (bt.z + bt.w));
+        steps++;
+        if (steps % 16u == 0u) {
+            total += block;
+            block = vec3<f32>(0.0);
+        }
     }
+    total += block;
     wg_max[lid] = m;
-    wg_sum[lid] = s;
-    wg_a[lid] = a;
-    wg_b[lid] = b;
+    wg_sum[lid] = total.x;
+    wg_a[lid] = total.y;
+    wg_b[lid] = total.z;
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
         if (lid < stride) {
@@ -101,9 +121,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
     let k = a_total + 2.0 * o.z_loss * lse;
+    // p = exp(z - max) / sum: see cross_entropy_rows.wgsl.
+    let inv_sum = 1.0 / wg_sum[0];
     for (var c = lid; c < v; c += WG) {
         let x = logits[base + c];
-        let p = exp((transform1(x, o) - mx) - log_s);
+        let p = exp(transform1(x, o) - mx) * inv_sum;
         grad[base + c] = (p * k - target_weight(c, base, o)) * dtransform1(x, o) * params.grad_scale;
     }
 }

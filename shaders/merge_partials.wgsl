@@ -60,5 +60,5 @@ fn main(
     row_loss[row] = select(row_loss_of(o, st.max, log_s, z_t, w_y, acc.aux), 0.0, ignored);
     row_lse[row] = st.max + log_s;
     row_weight[row] = select(w_y, 0.0, ignored);
-    row_stats[row] = vec2<f32>(st.max, log_s);
+    row_stats[row] = vec2<f32>(st.max, st.sum);
 }

@@ -344,3 +344,31 @@ fn every_option_through_split_rows_and_the_row_grid() {
         }
     }
 }
+
+#[test]
+fn gradients_of_order_one_keep_the_f32_tolerance() {
+    // `sum` with class weights: gradients up to 2.5, not scaled by 1/N, so atol 1e-6 is a
+    // few ULP. Long rows on few invocations (CPU adapters) once summed them in one serial
+    // chain and took p through log(sum), several ULP off; peaked rows (scale 6) make p
+    // large where that shows.
+    for (n, v) in [(64usize, 1000usize), (16, 4099), (8, 40000)] {
+        let logits = synth::logits(n, v, 6.0, 97 + v as u64);
+        let targets = synth::targets(n, v, 97);
+        let weights: Vec<f32> = (0..v).map(|c| 0.5 + (c % 5) as f32 / 2.0).collect();
+        let hard = LossOptions::new().reduction(Reduction::Sum).weights(weights.clone()).gradient(true);
+        verify(&logits, v, &targets, &hard, &format!("{n}x{v} sum with weights"));
+        verify(&logits, v, &targets, &hard.clone().label_smoothing(0.1), &format!("{n}x{v} smoothing"));
+        // Probability targets: a one-hot-ish distribution, the same scale of gradient.
+        let probs: Vec<f32> = targets
+            .iter()
+            .flat_map(|&t| (0..v).map(move |c| if c as i64 == t { 0.9 } else { 0.1 / (v - 1) as f32 }))
+            .collect();
+        let soft = LossOptions::new().reduction(Reduction::Sum).weights(weights).gradient(true);
+        let want = xent::cpu::reference::cross_entropy_soft(&logits, v, &probs, &soft).unwrap();
+        for gpu in common::gpus("gradients_of_order_one") {
+            let got = gpu.cross_entropy_soft(&logits, v, &probs, &soft).unwrap();
+            compare(&got, &want, Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{n}x{v} soft on {}: {e}", common::name(gpu)));
+        }
+    }
+}

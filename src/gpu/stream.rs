@@ -730,7 +730,7 @@ impl GpuContext {
     ///
     /// The LSE is an f32 rounding of `max + log(sum)`: under offsets of 1e4 and more its
     /// absolute error shows in the gradient, as in any saved-LSE backward; the fused
-    /// calls, which keep (max, log(sum)), do not have that limit.
+    /// calls, which keep (max, sum), do not have that limit.
     pub fn cross_entropy_backward<'t>(
         &self,
         logits: &[f32],
@@ -816,7 +816,8 @@ impl GpuContext {
             let elems = rows.start * v + chunk.cols.start..(rows.end - 1) * v + chunk.cols.end;
             self.queue.write_buffer(ws.logits.get(), 0, bytemuck::cast_slice(&logits[elems.clone()]));
             self.queue.write_buffer(ws.targets.get(), 0, bytemuck::cast_slice(&batch.targets[rows.clone()]));
-            let stats: Vec<[f32; 2]> = lse[rows.clone()].iter().map(|&l| [l, 0.0]).collect();
+            // (max, sum) = (lse, 1): the same row statistics.
+            let stats: Vec<[f32; 2]> = lse[rows.clone()].iter().map(|&l| [l, 1.0]).collect();
             self.queue.write_buffer(ws.row_stats.get(), 0, bytemuck::cast_slice(&stats));
             if let crate::Upstream::PerRow(g) = upstream {
                 self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[rows.clone()]));
