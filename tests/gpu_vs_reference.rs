@@ -3,7 +3,7 @@
 mod common;
 
 use xent::check::{Tolerance, compare, conformance_cases};
-use xent::{Error, LossOptions, LossOutput, Reduction, Reference, synth};
+use xent::{Backend, Error, LossOptions, LossOutput, Reduction, Reference, synth};
 
 fn verify(logits: &[f32], classes: usize, targets: &[i64], opts: &LossOptions, what: &str) {
     let want = xent::cpu::reference::cross_entropy(logits, classes, targets, opts).unwrap();
@@ -364,11 +364,18 @@ fn gradients_of_order_one_keep_the_f32_tolerance() {
             .flat_map(|&t| (0..v).map(move |c| if c as i64 == t { 0.9 } else { 0.1 / (v - 1) as f32 }))
             .collect();
         let soft = LossOptions::new().reduction(Reduction::Sum).weights(weights).gradient(true);
-        let want = xent::cpu::reference::cross_entropy_soft(&logits, v, &probs, &soft).unwrap();
-        for gpu in common::gpus("gradients_of_order_one") {
-            let got = gpu.cross_entropy_soft(&logits, v, &probs, &soft).unwrap();
-            compare(&got, &want, Tolerance::F32)
-                .unwrap_or_else(|e| panic!("{n}x{v} soft on {}: {e}", common::name(gpu)));
+        let want_soft = xent::cpu::reference::cross_entropy_soft(&logits, v, &probs, &soft).unwrap();
+        let want_hard = xent::cpu::reference::cross_entropy(&logits, v, &targets, &hard).unwrap();
+        let gpus = common::gpus("gradients_of_order_one");
+        let backends =
+            std::iter::once(&xent::CpuFast as &dyn Backend).chain(gpus.iter().map(|g| g as &dyn Backend));
+        for backend in backends {
+            let got = backend.cross_entropy_soft(&logits, v, &probs, &soft).unwrap();
+            compare(&got, &want_soft, Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{n}x{v} soft on {}: {e}", backend.describe()));
+            let got = backend.cross_entropy(&logits, v, (&targets).into(), &hard).unwrap();
+            compare(&got, &want_hard, Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{n}x{v} on {}: {e}", backend.describe()));
         }
     }
 }
