@@ -172,20 +172,26 @@ pub(crate) struct RowParams {
     pub _pad: u32,
 }
 
-impl RowParams {
-    /// With the options of `k`.
-    pub fn with_opts(self, k: &KernelOpts) -> Self {
-        Self {
-            has_weights: k.has_weights,
-            logit_scale: k.logit_scale,
-            softcap: k.softcap,
-            smoothing: k.smoothing,
-            z_loss: k.z_loss,
-            weight_total: k.weight_total,
-            ..self
+/// `with_opts` for the parameter blocks that carry every option.
+macro_rules! with_every_option {
+    ($($params:ty),*) => {$(
+        impl $params {
+            /// With the options of `k`.
+            pub fn with_opts(self, k: &KernelOpts) -> Self {
+                Self {
+                    has_weights: k.has_weights,
+                    logit_scale: k.logit_scale,
+                    softcap: k.softcap,
+                    smoothing: k.smoothing,
+                    z_loss: k.z_loss,
+                    weight_total: k.weight_total,
+                    ..self
+                }
+            }
         }
-    }
+    )*};
 }
+with_every_option!(RowParams, BackwardParams);
 
 /// Elements each invocation of `cross_entropy_rows.wgsl` keeps in registers on its
 /// one-read path by default (`CACHED` there; the host may build it with another value).
@@ -349,19 +355,6 @@ impl BackwardParams {
     /// Plain options, upstream gradient 1: the split and grid paths of PyTorch's loss.
     pub fn plain(self) -> Self {
         Self { logit_scale: 1.0, weight_total: self.classes as f32, ..self }
-    }
-
-    /// With the options of `k`.
-    pub fn with_opts(self, k: &KernelOpts) -> Self {
-        Self {
-            has_weights: k.has_weights,
-            logit_scale: k.logit_scale,
-            softcap: k.softcap,
-            smoothing: k.smoothing,
-            z_loss: k.z_loss,
-            weight_total: k.weight_total,
-            ..self
-        }
     }
 }
 
