@@ -343,6 +343,7 @@ fn info_and_check_run_on_the_machine() {
     let (code, stdout, stderr) = xent(&["info"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("max_storage_buffer_binding_size"), "{stdout}");
+    assert!(stdout.contains("kernel tuning: XENT_WORKGROUP_SIZE="), "{stdout}");
     let (code, stdout, stderr) = xent(&["check"]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("all passed"), "{stdout}");
@@ -373,6 +374,7 @@ fn bench_json_has_the_fixed_fields() {
         assert!(["timestamp", "wall"].contains(&r["timing"].as_str().unwrap()), "{r}");
         if r["device"] == "gpu" {
             // The in-run rooflines: the copy for both passes, the read for the loss alone.
+            assert!(r["tuning"].as_str().is_some_and(|t| t.contains("XENT_WORKGROUP_SIZE=")), "{r}");
             let copy = r["copy_ms"].as_f64().unwrap();
             let ratio = r["ratio_to_copy"].as_f64().unwrap();
             assert!(copy > 0.0 && (ratio - median / copy).abs() <= 1e-3 * ratio, "{r}");

@@ -20,6 +20,8 @@ pub struct Row {
     pub read_ms: Option<f64>,
     /// Host API per call, for the latency shapes.
     pub api: &'static str,
+    /// The kernels' tuning as `XENT_*` variables (GPU rows; empty for the CPU).
+    pub tuning: String,
 }
 
 impl Row {
@@ -63,11 +65,12 @@ impl Row {
         );
         if self.device == "gpu" {
             s += &format!(
-                ", \"copy_ms\": {}, \"ratio_to_copy\": {}, \"read_ms\": {}, \"ratio_to_read\": {}",
+                ", \"copy_ms\": {}, \"ratio_to_copy\": {}, \"read_ms\": {}, \"ratio_to_read\": {}, \"tuning\": {}",
                 num(self.copy_ms),
                 num(self.ratio_to_copy()),
                 num(self.read_ms),
-                num(self.ratio_to_read())
+                num(self.ratio_to_read()),
+                crate::json_string(&self.tuning)
             );
         }
         s + "}"

@@ -75,6 +75,7 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
     let mut progress = bench::Progress::new(total);
     let mut rows = Vec::new();
     let adapter = ctx.as_ref().map(|c| c.describe()).unwrap_or_default();
+    let tuning = ctx.as_ref().map(|c| c.tuning().to_string()).unwrap_or_default();
     // Every GPU measurement first, then the CPU ones: lavapipe's dispatches run on a
     // host thread, so CPU work nearby (rayon's workers winding down) would skew them.
     for phase in ["gpu", "cpu"] {
@@ -102,6 +103,7 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
                             copy_ms: None,
                             read_ms: None,
                             api: "host",
+                            tuning: tuning.clone(),
                         });
                     } else if b.fits(n, v) {
                         let (samples, copy, read) =
@@ -116,6 +118,7 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
                             copy_ms: Some(copy),
                             read_ms: read,
                             api: "device",
+                            tuning: tuning.clone(),
                         });
                     } else {
                         eprintln!(
@@ -139,6 +142,7 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
                         copy_ms: None,
                         read_ms: None,
                         api: "host",
+                        tuning: String::new(),
                     });
                 }
             }
@@ -159,6 +163,7 @@ fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
             println!(
                 "data already on the GPU; api host: whole calls from host memory (upload + kernels + readback)."
             );
+            println!("GPU kernels' tuning: {tuning}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -194,6 +199,7 @@ fn info() -> xent::Result<ExitCode> {
             has(wgpu::Features::SHADER_F16),
             has(wgpu::Features::TIMESTAMP_QUERY)
         );
+        println!("    kernel tuning: {}", xent::gpu::Tuning::for_adapter(&info).within(&l));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -112,6 +112,23 @@ impl Tuning {
     }
 }
 
+impl std::fmt::Display for Tuning {
+    /// The `XENT_*` variables that reproduce it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "XENT_WORKGROUP_SIZE={} XENT_ELEMS_PER_THREAD={} XENT_MAX_THREADS_PER_ROW={} XENT_CACHED={} \
+             XENT_SUBGROUPS={} XENT_MAX_WORKGROUPS={}",
+            self.workgroup_size,
+            self.elems_per_thread,
+            self.max_threads_per_row,
+            self.cached_per_thread,
+            u8::from(self.subgroups),
+            self.max_workgroups
+        )
+    }
+}
+
 /// What went wrong outside an error scope: set by the device-lost callback and the
 /// uncaptured-error handler, read before and after every call.
 #[derive(Default)]
