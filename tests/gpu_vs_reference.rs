@@ -270,6 +270,7 @@ fn every_kernel_tuning_passes_the_conformance_set() {
             cached_per_thread: 256,
             subgroups: true,
             max_workgroups: 0,
+            few_rows: 64,
         },
         xent::gpu::Tuning {
             workgroup_size: 128,
@@ -278,6 +279,7 @@ fn every_kernel_tuning_passes_the_conformance_set() {
             cached_per_thread: 4,
             subgroups: true,
             max_workgroups: 0,
+            few_rows: 0,
         },
         // Fewer workgroups than row groups: each takes several in turn (one workgroup
         // takes them all with the CPU tuning).

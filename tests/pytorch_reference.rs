@@ -177,6 +177,7 @@ fn every_gpu_tuning_matches_pytorch() {
             subgroups: true,
             // Two workgroups, each taking every other row in turn.
             max_workgroups: 2,
+            few_rows: 64,
         },
     ] {
         let gpu = pollster::block_on(xent::GpuContext::from_adapter_tuned(&adapter, tuning)).unwrap();

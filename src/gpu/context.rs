@@ -15,8 +15,8 @@ use super::stream::{Data, GradOut, Io, Workspace};
 /// [`Tuning::for_adapter`] (measured on lavapipe; GPU values follow the usual practice
 /// and await measurement on real GPUs), overridable through `XENT_WORKGROUP_SIZE`,
 /// `XENT_ELEMS_PER_THREAD`, `XENT_MAX_THREADS_PER_ROW`, `XENT_CACHED`, `XENT_SUBGROUPS`
-/// (0: the workgroup-memory merge even where the device has subgroups) and
-/// `XENT_MAX_WORKGROUPS`.
+/// (0: the workgroup-memory merge even where the device has subgroups),
+/// `XENT_MAX_WORKGROUPS` and `XENT_FEW_ROWS`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
     /// Invocations per workgroup (a power of two; the `WG` override constant).
@@ -36,6 +36,11 @@ pub struct Tuning {
     /// group); each then takes row groups in turn. Fewer rows in flight keep a long row
     /// in the cache between its two reads.
     pub max_workgroups: u32,
+    /// Batches of fewer rows than this, with rows of at least 8192 classes, are spread
+    /// over a (row × 4096-column block) grid of workgroups so that they fill a GPU (0:
+    /// never). CPU adapters gain nothing from more workgroups and pay the grid's extra
+    /// passes: 2–3× slower than whole rows on lavapipe at 2 × 262144.
+    pub few_rows: u32,
 }
 
 impl Tuning {
@@ -48,6 +53,7 @@ impl Tuning {
         cached_per_thread: 32,
         subgroups: true,
         max_workgroups: 0,
+        few_rows: 64,
     };
     /// CPU adapters (lavapipe, llvmpipe) run invocations as SIMD lanes on one thread per
     /// dispatch: few invocations per row and small workgroups measured fastest there, and
@@ -59,6 +65,7 @@ impl Tuning {
         cached_per_thread: 4,
         subgroups: true,
         max_workgroups: 0,
+        few_rows: 0,
     };
 
     /// The tuning for an adapter, with the `XENT_*` environment overrides applied.
@@ -86,6 +93,9 @@ impl Tuning {
         if let Some(m) = var("XENT_MAX_WORKGROUPS") {
             t.max_workgroups = m.min(u64::from(u32::MAX)) as u32;
         }
+        if let Some(f) = var("XENT_FEW_ROWS") {
+            t.few_rows = f.min(u64::from(u32::MAX)) as u32;
+        }
         t
     }
 
@@ -100,7 +110,13 @@ impl Tuning {
             cached_per_thread: self.cached_per_thread.clamp(4, 1024),
             subgroups: self.subgroups,
             max_workgroups: self.max_workgroups,
+            few_rows: self.few_rows,
         }
+    }
+
+    /// Whether `rows` rows of `classes` take the (row × column block) grid.
+    pub(crate) fn row_grid(&self, rows: usize, classes: usize) -> bool {
+        rows < self.few_rows as usize && classes >= 2 * super::plan::SPLIT_BLOCK_COLS
     }
 
     /// Workgroups to dispatch for `row_groups` groups of rows of the fused kernel.
@@ -118,13 +134,14 @@ impl std::fmt::Display for Tuning {
         write!(
             f,
             "XENT_WORKGROUP_SIZE={} XENT_ELEMS_PER_THREAD={} XENT_MAX_THREADS_PER_ROW={} XENT_CACHED={} \
-             XENT_SUBGROUPS={} XENT_MAX_WORKGROUPS={}",
+             XENT_SUBGROUPS={} XENT_MAX_WORKGROUPS={} XENT_FEW_ROWS={}",
             self.workgroup_size,
             self.elems_per_thread,
             self.max_threads_per_row,
             self.cached_per_thread,
             u8::from(self.subgroups),
-            self.max_workgroups
+            self.max_workgroups,
+            self.few_rows
         )
     }
 }

@@ -19,8 +19,6 @@ pub const DEFAULT_BUDGET: u64 = 1 << 30;
 pub const DEFAULT_RING: usize = 2;
 /// Columns reduced by one workgroup of the split-row kernels.
 pub const SPLIT_BLOCK_COLS: usize = 4096;
-/// Below this many rows, long rows are spread over a (row × column block) grid.
-pub const FEW_ROWS: usize = 64;
 /// Device bytes per row of the per-row buffers of a chunk (targets, loss, LSE, weight,
 /// statistics, their readback and reduction scratch).
 pub const ROW_OVERHEAD_BYTES: u64 = 48;
@@ -169,7 +167,9 @@ impl Plan {
                     rows_per_chunk: fit_rows as usize,
                     threads_per_row,
                     cached,
-                    blocks_per_row: (rows < FEW_ROWS && classes >= 2 * SPLIT_BLOCK_COLS)
+                    blocks_per_row: limits
+                        .tuning
+                        .row_grid(rows, classes)
                         .then(|| classes.div_ceil(SPLIT_BLOCK_COLS)),
                 },
                 ring,

@@ -9,7 +9,7 @@ use crate::options::{LossOptions, Reduction};
 use super::buffers::{Recorder, bind_ranges, groups_x, params_stride};
 use super::context::GpuContext;
 use super::kernels::{ElemFormat, GradMode, KernelOpts, NO_INDEX, RowParams, WeightParams, rows_layout};
-use super::plan::{FEW_ROWS, SPLIT_BLOCK_COLS};
+use super::plan::SPLIT_BLOCK_COLS;
 use super::stream::{RowGrid, record_row_grid, reduce_levels};
 
 /// A whole-buffer binding range of at least `bytes`.
@@ -273,7 +273,7 @@ impl GpuContext {
         };
         // Few long rows: a (row × column block) grid of workgroups fills the device where
         // one workgroup per row would not.
-        let grid = n < FEW_ROWS && v >= 2 * SPLIT_BLOCK_COLS && total <= bind_cap;
+        let grid = self.tuning.row_grid(n, v) && total <= bind_cap;
         if grid {
             let bpr = v.div_ceil(SPLIT_BLOCK_COLS);
             let partials = new_buffer("xent partials", (n * bpr * 32) as u64);

@@ -8,6 +8,12 @@ use xent::GpuContext;
 /// Every adapter of the machine (or those whose name contains `XENT_ADAPTER`), each with
 /// a context. Empty only when the user opted out with `XENT_SKIP_GPU=1`; with no
 /// adapter and no opt-out the test fails and says how to get one.
+///
+/// The contexts take the adapter's tuning with the (row × column block) grid on for
+/// batches under 64 rows, as on GPUs: CPU adapters turn it off by default, and the tests
+/// reach every path through their shapes (whole rows through 64 rows and more, the
+/// grid through fewer; `every_kernel_tuning_passes_the_conformance_set` and `xent check`
+/// run the default tunings).
 pub fn gpus(test: &str) -> &'static [GpuContext] {
     static GPUS: OnceLock<Vec<GpuContext>> = OnceLock::new();
     let gpus = GPUS.get_or_init(|| {
@@ -26,7 +32,7 @@ pub fn gpus(test: &str) -> &'static [GpuContext] {
         adapters
             .iter()
             .map(|a| {
-                GpuContext::from_adapter_blocking(a)
+                pollster::block_on(GpuContext::from_adapter_tuned(a, grid_on(a)))
                     .unwrap_or_else(|e| panic!("opening {}: {e}", a.get_info().name))
             })
             .collect()
@@ -35,6 +41,12 @@ pub fn gpus(test: &str) -> &'static [GpuContext] {
         eprintln!("SKIPPED {test}: XENT_SKIP_GPU=1 (no GPU test ran)");
     }
     gpus
+}
+
+/// The adapter's tuning with the row grid on for batches under 64 rows (see [`gpus`]).
+pub fn grid_on(adapter: &wgpu::Adapter) -> xent::gpu::Tuning {
+    let tuning = xent::gpu::Tuning::for_adapter(&adapter.get_info());
+    xent::gpu::Tuning { few_rows: tuning.few_rows.max(64), ..tuning }
 }
 
 /// Name of a context for failure messages.
@@ -64,7 +76,7 @@ pub fn tiny_device(gpus: &[GpuContext]) -> Option<GpuContext> {
         adapter.request_device(&wgpu::DeviceDescriptor { required_limits: limits, ..Default::default() }),
     )
     .unwrap();
-    let gpu = GpuContext::from_device(device, queue).unwrap();
+    let gpu = GpuContext::from_device_tuned(device, queue, grid_on(&adapter)).unwrap();
     assert_eq!(gpu.limits().max_compute_workgroups_per_dimension, 7);
     Some(gpu)
 }
