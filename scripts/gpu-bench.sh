@@ -65,6 +65,8 @@ timeout 300 "$XENT" bench --device all "${ADAPTER_ARG[@]}" --iters 20 --json > "
 {
   bench_line "" "${BIG[@]}" --iters "$ITERS"
   bench_line "" "${SPLIT[@]}" --iters 20
+  # Few long rows on whole rows instead of the (row x column block) grid.
+  bench_line XENT_FEW_ROWS=0 "${SPLIT[@]}" --iters 20
 } > "$OUT/bench_big.jsonl"
 # The fused kernel's tuning on long rows: workgroup size, workgroups in flight (each
 # looping over rows, so more of a row is still in L2 for its second read; H200: 132
