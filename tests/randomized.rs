@@ -15,7 +15,8 @@ struct Case {
     rows: usize,
     classes: usize,
     /// 0 normal, 1 offset +1e4, 2 spread ×1000, 3 tiny (1e-30), 4 huge (1e30),
-    /// 5 half the vocabulary masked with −inf, 6 a NaN/+inf/all −inf row, 7 constant rows.
+    /// 5 half the vocabulary masked with −inf, 6 a NaN/+inf/all −inf row, 7 constant rows,
+    /// 8 peaked rows (×3: p near 1, gradients near the class weight under `sum`).
     style: u8,
     reduction: u8,
     /// 0 none, 1 separate, 2 in place.
@@ -65,6 +66,7 @@ impl Case {
                 }
             }
             7 => logits.iter_mut().for_each(|x| *x = 0.5),
+            8 => logits.iter_mut().for_each(|x| *x *= 3.0),
             _ => {}
         }
         (logits, targets)
@@ -103,9 +105,9 @@ fn cases() -> impl Strategy<Value = Case> {
     let classes = prop_oneof![
         4 => 1usize..40,
         3 => 40usize..700,
-        1 => prop::sample::select(vec![4096usize, 8191, 8192, 9000, 20000]),
+        1 => prop::sample::select(vec![1000usize, 3001, 4096, 8191, 8192, 9000, 20000]),
     ];
-    (0usize..40, classes, 0u8..8, 0u8..3, 0u8..3, any::<bool>(), 0u8..4, 0u8..6, any::<u64>()).prop_map(
+    (0usize..40, classes, 0u8..9, 0u8..3, 0u8..3, any::<bool>(), 0u8..4, 0u8..6, any::<u64>()).prop_map(
         |(rows, classes, style, reduction, gradient, ignore_class_zero, ignored_share, options, seed)| Case {
             rows: if classes >= 4096 { rows.min(6) } else { rows },
             classes,
@@ -114,7 +116,12 @@ fn cases() -> impl Strategy<Value = Case> {
             gradient,
             ignore_class_zero,
             ignored_share,
-            options,
+            // Peaked rows under a softcap or logit scale: the transformed logit rounds to
+            // f32 with an error of ulp(|z|) (up to 1.9e-6 at softcap 30) that the f64
+            // reference does not have, and p carries it as a relative error — the fast CPU
+            // path and the GPU show the same 1.1e-6 on gradients near 2 there, a limit of
+            // f32 transforms, not of the kernels. Peaked rows take the other options.
+            options: if style == 8 && (options == 3 || options == 5) { 1 } else { options },
             seed,
         },
     )
