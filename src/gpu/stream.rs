@@ -809,6 +809,8 @@ impl GpuContext {
             self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
         }
         let rb = ws.readback[0].get();
+        // (max, sum) = (lse, 1): the row statistics of the saved LSE, one chunk at a time.
+        let mut stats: Vec<[f32; 2]> = Vec::with_capacity(plan.slot_rows);
         for chunk in plan.chunks() {
             let rows = chunk.rows.clone();
             let cols = chunk.cols.len();
@@ -816,8 +818,8 @@ impl GpuContext {
             let elems = rows.start * v + chunk.cols.start..(rows.end - 1) * v + chunk.cols.end;
             self.queue.write_buffer(ws.logits.get(), 0, bytemuck::cast_slice(&logits[elems.clone()]));
             self.queue.write_buffer(ws.targets.get(), 0, bytemuck::cast_slice(&batch.targets[rows.clone()]));
-            // (max, sum) = (lse, 1): the same row statistics.
-            let stats: Vec<[f32; 2]> = lse[rows.clone()].iter().map(|&l| [l, 1.0]).collect();
+            stats.clear();
+            stats.extend(lse[rows.clone()].iter().map(|&l| [l, 1.0]));
             self.queue.write_buffer(ws.row_stats.get(), 0, bytemuck::cast_slice(&stats));
             if let crate::Upstream::PerRow(g) = upstream {
                 self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[rows.clone()]));
