@@ -158,14 +158,7 @@ impl GpuContext {
             let mut rec = Recorder::new(d, &self.limits);
             rec.dispatch(&self.kernels.binary, bce_bg, &params, wgs);
             let levels = reduce_levels(wgs, 0, wg, max_dim, 1.0, NO_INDEX);
-            for level in &levels.levels {
-                rec.dispatch(
-                    &self.kernels.reduce,
-                    partials_bg,
-                    level,
-                    u64::from(level.count).div_ceil(2 * u64::from(wg)),
-                );
-            }
+            levels.record(&mut rec, &self.kernels, partials_bg);
             rec.copy(ws.partials.get(), u64::from(levels.result) * 4, ws.sums.get(), k as u64 * 4, 4);
             let piece_bytes = count as u64 * 4;
             if flags & 1 != 0 {

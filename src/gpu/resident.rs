@@ -257,10 +257,7 @@ impl GpuContext {
         rec.dispatch(&self.kernels.weights, &weights_bg, &p, groups);
         let reduce_bg = bind_ranges(d, &self.kernels.reduce, &params, &[whole(&scratch, scratch.size())]);
         rec.copy(&weight, 0, &scratch, 0, n as u64 * 4);
-        for level in &count_levels.levels {
-            let groups = u64::from(level.count).div_ceil(2 * u64::from(wg));
-            rec.dispatch(&self.kernels.reduce, &reduce_bg, level, groups);
-        }
+        count_levels.record(&mut rec, &self.kernels, &reduce_bg);
         if reduction == Reduction::Mean && n_items.is_none() {
             rec.copy(&scratch, u64::from(count_levels.result) * 4, &norm, 0, 4);
         }
@@ -380,10 +377,7 @@ impl GpuContext {
 
         // 3. The loss, reduced on the device (`mean` divides by the count in its last level).
         rec.copy(&row_loss, 0, &scratch, loss_src * 4, n as u64 * 4);
-        for level in &loss_levels.levels {
-            let groups = u64::from(level.count).div_ceil(2 * u64::from(wg));
-            rec.dispatch(&self.kernels.reduce, &reduce_bg, level, groups);
-        }
+        loss_levels.record(&mut rec, &self.kernels, &reduce_bg);
         rec.copy(&scratch, u64::from(loss_levels.result) * 4, &loss, 0, 4);
         rec.copy(&scratch, u64::from(count_levels.result) * 4, &loss, 4, 4);
         rec.write_params(&self.queue, &params);

@@ -167,14 +167,7 @@ impl GpuContext {
             rec.dispatch(&self.kernels.soft, soft_bg, &params, rows as u64);
             rec.copy(ws.row_loss.get(), 0, ws.scratch.get(), 0, rows as u64 * 4);
             let levels = reduce_levels(rows as u64, 0, wg, max_dim, 1.0, NO_INDEX);
-            for level in &levels.levels {
-                rec.dispatch(
-                    &self.kernels.reduce,
-                    scratch_bg,
-                    level,
-                    u64::from(level.count).div_ceil(2 * u64::from(wg)),
-                );
-            }
+            levels.record(&mut rec, &self.kernels, scratch_bg);
             rec.copy(ws.scratch.get(), u64::from(levels.result) * 4, ws.sums.get(), c as u64 * 4, 4);
             if out.gradient.is_some() {
                 rec.copy(ws.grad.get(), 0, rb, 0, span.len() as u64 * 4);

@@ -116,6 +116,16 @@ pub(crate) struct Levels {
     pub extent: u64,
 }
 
+impl Levels {
+    /// Records the levels' dispatches of `reduce_sum.wgsl` over the buffer `bg` binds.
+    pub fn record(&self, rec: &mut Recorder<'_>, kernels: &Kernels, bg: &wgpu::BindGroup) {
+        let per_group = 2 * u64::from(kernels.workgroup_size);
+        for level in &self.levels {
+            rec.dispatch(&kernels.reduce, bg, level, u64::from(level.count).div_ceil(per_group));
+        }
+    }
+}
+
 pub(crate) fn reduce_levels(
     count: u64,
     src: u64,
@@ -421,10 +431,7 @@ impl GpuContext {
         let chunk_sum = |rec: &mut Recorder, rows: usize, group: usize| {
             rec.copy(ws.row_loss.get(), 0, ws.scratch.get(), 0, rows as u64 * 4);
             let levels = reduce_levels(rows as u64, 0, wg, max_dim, 1.0, NO_INDEX);
-            for level in &levels.levels {
-                let g = u64::from(level.count).div_ceil(2 * u64::from(wg));
-                rec.dispatch(&self.kernels.reduce, &groups.reduce_scratch, level, g);
-            }
+            levels.record(rec, &self.kernels, &groups.reduce_scratch);
             rec.copy(ws.scratch.get(), u64::from(levels.result) * 4, ws.sums.get(), group as u64 * 4, 4);
         };
         let (rows_at, lse_at, _) = readback_layout(plan);
@@ -622,10 +629,7 @@ impl GpuContext {
         let divisor = batch.divisor(opts.get_reduction());
         let d = if divisor > 0.0 { divisor as f32 } else { 1.0 };
         let levels = reduce_levels(plan.row_groups() as u64, 0, wg, max_dim, d, NO_INDEX);
-        for level in &levels.levels {
-            let g = u64::from(level.count).div_ceil(2 * u64::from(wg));
-            rec.dispatch(&self.kernels.reduce, &groups.reduce_sums, level, g);
-        }
+        levels.record(&mut rec, &self.kernels, &groups.reduce_sums);
         let rb = ws.readback[0].get();
         rec.copy(ws.sums.get(), u64::from(levels.result) * 4, rb, 0, 4);
         let submission = rec.submit(&self.queue, ws.params.get());
@@ -677,10 +681,7 @@ impl GpuContext {
         let levels =
             reduce_levels(count, 0, wg, self.limits.max_compute_workgroups_per_dimension, divisor, NO_INDEX);
         let mut rec = Recorder::new(&self.device, &self.limits);
-        for level in &levels.levels {
-            let groups = u64::from(level.count).div_ceil(2 * u64::from(wg));
-            rec.dispatch(&self.kernels.reduce, sums_bg, level, groups);
-        }
+        levels.record(&mut rec, &self.kernels, sums_bg);
         rec.copy(sums, u64::from(levels.result) * 4, readback, 0, 4);
         let submission = rec.submit(&self.queue, params);
         let map = self.request_map(readback, 8);
