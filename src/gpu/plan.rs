@@ -89,9 +89,10 @@ pub enum Layout {
         threads_per_row: u32,
         /// Whether rows take the fused kernel's one-read, register-cached path.
         cached: bool,
-        /// For few long rows: column blocks per row of a (row × block) grid of
-        /// workgroups (partial states, a merge, and the gradient kernel) instead of one
-        /// workgroup per row, so that a handful of rows still fills the device.
+        /// For few long rows (`Tuning::few_rows`, GPUs): column blocks per row of a
+        /// (row × block) grid of workgroups (partial states, a merge, and the gradient
+        /// kernel) instead of one workgroup per row, so that a handful of rows still
+        /// fills the device.
         blocks_per_row: Option<usize>,
     },
     /// Every row cut into `pieces` column pieces of `piece_cols` (the last one ragged).
@@ -360,6 +361,22 @@ mod tests {
         // The dispatch limit caps rows per chunk for tiny rows.
         let p = Plan::new(100000, 1, GradKind::None, &l).unwrap();
         check_invariants(&p, &l);
+    }
+
+    #[test]
+    fn few_long_rows_take_the_grid_where_the_tuning_asks() {
+        let layout = |tuning| Plan::new(2, 262144, GradKind::Separate, &PlanLimits { tuning, ..lavapipe() });
+        let grid = |plan: Plan| match plan.layout {
+            Layout::Rows { blocks_per_row, .. } => blocks_per_row,
+            Layout::Split { .. } => panic!("split"),
+        };
+        // GPUs: 64 column blocks of 4096 per row; CPU adapters: whole rows.
+        assert_eq!(grid(layout(Tuning::GPU).unwrap()), Some(64));
+        assert_eq!(grid(layout(Tuning::CPU).unwrap()), None);
+        // 64 rows are no longer few, and 8191 classes are not long.
+        let many = Plan::new(64, 262144, GradKind::None, &lavapipe()).unwrap();
+        assert_eq!(grid(many), None);
+        assert_eq!(grid(Plan::new(2, 8191, GradKind::None, &lavapipe()).unwrap()), None);
     }
 
     #[test]
