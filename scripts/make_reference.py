@@ -22,6 +22,17 @@ import torch.nn.functional as F
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
 
 
+
+def write_options(d, opts, softcap, n_items):
+    """options.txt of a case: `key = value` lines, softcap and n_items only when set."""
+    if softcap is not None:
+        opts["softcap"] = softcap
+    if n_items is not None:
+        opts["n_items"] = n_items
+    with open(os.path.join(d, "options.txt"), "w") as f:
+        for k, val in opts.items():
+            f.write(f"{k} = {val!r}\n")
+
 def case(name, n, v, seed, weights=False, ignore_index=-100, ignored=0, label_smoothing=0.0,
          z_loss=0.0, softcap=None, logit_scale=1.0, n_items=None, offset=0.0, masked=False):
     rng = np.random.default_rng(seed)
@@ -42,13 +53,7 @@ def case(name, n, v, seed, weights=False, ignore_index=-100, ignored=0, label_sm
         np.save(os.path.join(d, "weights.npy"), w)
     opts = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss,
             "logit_scale": logit_scale}
-    if softcap is not None:
-        opts["softcap"] = softcap
-    if n_items is not None:
-        opts["n_items"] = n_items
-    with open(os.path.join(d, "options.txt"), "w") as f:
-        for k, val in opts.items():
-            f.write(f"{k} = {val!r}\n")
+    write_options(d, opts, softcap, n_items)
 
     wt = torch.from_numpy(w.astype(np.float64)) if w is not None else None
     tt = torch.from_numpy(t)
@@ -141,13 +146,7 @@ def soft_case(name, n, v, seed, weights=False, label_smoothing=0.0, z_loss=0.0, 
     if w is not None:
         np.save(os.path.join(d, "weights.npy"), w)
     opts = {"label_smoothing": label_smoothing, "z_loss": z_loss, "logit_scale": logit_scale}
-    if softcap is not None:
-        opts["softcap"] = softcap
-    if n_items is not None:
-        opts["n_items"] = n_items
-    with open(os.path.join(d, "options.txt"), "w") as f:
-        for k, val in opts.items():
-            f.write(f"{k} = {val!r}\n")
+    write_options(d, opts, softcap, n_items)
     wt = torch.from_numpy(w.astype(np.float64)) if w is not None else None
     pt = torch.from_numpy(p.astype(np.float64))
     for reduction in ["mean", "sum", "none"]:
