@@ -15,7 +15,8 @@ struct Params {
     scale: f32,         // gradient scale: 1 / denominator
     has_weights: u32,
     has_pos_weight: u32,
-    flags: u32,         // 1: write the gradient; 2: write the element losses
+    flags: u32,         // 1: write the gradient; 2: write the element losses;
+                        // 4: multiply each gradient by upstream[i] (a backward of `none`)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -26,6 +27,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(6) var<storage, read_write> losses: array<f32>;
 @group(0) @binding(7) var<storage, read_write> partials: array<f32>;
+@group(0) @binding(8) var<storage, read> upstream: array<f32>;
 
 var<workgroup> part: array<f32, WG>;
 
@@ -52,7 +54,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             if ((params.flags & 1u) != 0u) {
                 // σ(x) from the same e: 1/(1+e) for x >= 0, e/(1+e) below.
                 let sigma = select(e, 1.0, x >= 0.0) / (1.0 + e);
-                grad[i] = w * (coef * sigma - pw * y) * params.scale;
+                var g = w * (coef * sigma - pw * y) * params.scale;
+                if ((params.flags & 4u) != 0u) {
+                    g *= upstream[i];
+                }
+                grad[i] = g;
             }
         }
     }

@@ -35,7 +35,7 @@ struct Params {
     smoothing: f32,
     z_loss: f32,
     weight_total: f32,
-    _pad: u32,
+    z_grad: f32,        // the z-loss scale of the gradient (see LossOpts)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -66,7 +66,7 @@ fn main(
     let tc = select(u32(t) - params.col_base, 0xffffffffu, ignored || u32(t) < params.col_base);
     let stats = row_stats[params.row_base + r];
     let o = LossOpts(params.logit_scale, params.softcap, params.smoothing, params.z_loss,
-                     params.weight_total, params.classes);
+                     params.z_grad, params.weight_total, params.classes);
     let has_w = params.has_weights != 0u;
     var w_y = 1.0;
     if (has_w && !ignored) {

@@ -60,7 +60,7 @@ struct Params {
     smoothing: f32,
     z_loss: f32,
     weight_total: f32,  // Σ_c w_c
-    _pad: u32,
+    z_grad: f32,        // the z-loss scale of the gradient (see LossOpts)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -88,6 +88,7 @@ fn opts() -> LossOpts {
         select(0.0, params.softcap, has(F_SOFTCAP)),
         select(0.0, params.smoothing, has(F_SMOOTHING)),
         select(0.0, params.z_loss, has(F_Z_LOSS)),
+        select(0.0, params.z_grad, has(F_Z_LOSS)),
         select(f32(params.classes), params.weight_total, has(F_WEIGHTS)),
         params.classes);
 }

@@ -5,6 +5,9 @@
 // softmax; the weighted target sum A and B = Σ w t' (max - z) are kept relative to the
 // running max (every term >= 0: masked classes add +inf or nothing, never inf - inf).
 // Pass 2 (gradient) reads both again and writes the gradient.
+// As a separate backward (FLAG_SAVED_LSE), the row's saved LSE replaces the one of pass 1
+// (p = exp(z - lse)) and nothing but the gradient is written; FLAG_PER_ROW multiplies
+// row r's gradient by upstream[r].
 
 override WG: u32 = 256u;
 
@@ -12,7 +15,7 @@ struct Params {
     rows: u32,
     classes: u32,
     groups_x: u32,
-    want_grad: u32,
+    flags: u32,         // FLAG_* below
     has_weights: u32,
     grad_scale: f32,    // 1 / denominator (N or n_items for mean)
     logit_scale: f32,
@@ -30,6 +33,11 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> row_lse: array<f32>;
 @group(0) @binding(5) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(6) var<storage, read> weights: array<f32>;
+@group(0) @binding(7) var<storage, read> upstream: array<f32>;
+
+const FLAG_GRAD: u32 = 1u;
+const FLAG_SAVED_LSE: u32 = 2u;
+const FLAG_PER_ROW: u32 = 4u;
 
 var<workgroup> wg_max: array<f32, WG>;
 var<workgroup> wg_sum: array<f32, WG>;
@@ -48,7 +56,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
     let o = LossOpts(params.logit_scale, params.softcap, params.smoothing, params.z_loss,
-                     params.weight_total, params.classes);
+                     params.z_loss, params.weight_total, params.classes);
     let v = params.classes;
     let base = r * v;
     var m = EMPTY_MAX;
@@ -105,11 +113,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
     }
-    let mx = wg_max[0];
-    let log_s = log(wg_sum[0]);
+    let saved = (params.flags & FLAG_SAVED_LSE) != 0u;
+    let mx = select(wg_max[0], row_lse[r], saved);
+    let log_s = select(log(wg_sum[0]), 0.0, saved);
     let lse = mx + log_s;
     let a_total = wg_a[0];
-    if (lid == 0u) {
+    if (lid == 0u && !saved) {
         var loss = wg_b[0] + a_total * log_s;
         if (o.z_loss > 0.0) {
             loss += o.z_loss * lse * lse;
@@ -117,15 +126,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         row_loss[r] = loss;
         row_lse[r] = lse;
     }
-    if (params.want_grad == 0u) {
+    if ((params.flags & FLAG_GRAD) == 0u) {
         return;
     }
     let k = a_total + 2.0 * o.z_loss * lse;
-    // p = exp(z - max) / sum: see cross_entropy_rows.wgsl.
-    let inv_sum = 1.0 / wg_sum[0];
+    // p = exp(z - max) / sum: see cross_entropy_rows.wgsl (sum = 1 for a saved LSE).
+    let inv_sum = select(1.0 / wg_sum[0], 1.0, saved);
+    var scale = params.grad_scale;
+    if ((params.flags & FLAG_PER_ROW) != 0u) {
+        scale *= upstream[r];
+    }
     for (var c = lid; c < v; c += WG) {
         let x = logits[base + c];
         let p = exp(transform1(x, o) - mx) * inv_sum;
-        grad[base + c] = (p * k - target_weight(c, base, o)) * dtransform1(x, o) * params.grad_scale;
+        grad[base + c] = (p * k - target_weight(c, base, o)) * dtransform1(x, o) * scale;
     }
 }

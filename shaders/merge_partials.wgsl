@@ -37,7 +37,7 @@ fn main(
     if (r >= params.rows) {
         return;
     }
-    let o = LossOpts(1.0, 0.0, params.smoothing, params.z_loss, params.weight_total, params.classes);
+    let o = LossOpts(1.0, 0.0, params.smoothing, params.z_loss, params.z_loss, params.weight_total, params.classes);
     var acc = Part(RowState(EMPTY_MAX, 0.0), 0.0, 0.0);
     var z_t = 0.0;
     for (var b = 0u; b < params.blocks; b++) {

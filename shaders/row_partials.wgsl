@@ -48,7 +48,7 @@ fn main(
     if (r >= params.rows) {
         return;
     }
-    let o = LossOpts(params.logit_scale, params.softcap, params.smoothing, 0.0, 0.0, params.classes);
+    let o = LossOpts(params.logit_scale, params.softcap, params.smoothing, 0.0, 0.0, 0.0, params.classes);
     let smoothing = o.eps > 0.0;
     let block = g % params.blocks;
     let first = block * params.block_cols;

@@ -51,6 +51,7 @@ struct LossOpts {
     softcap: f32,       // c, or 0 for none
     eps: f32,           // label smoothing ε
     z_loss: f32,        // z-loss scale s
+    z_grad: f32,        // s in the gradient: s · D / D_z under `mean` with class weights
     weight_total: f32,  // W = Σ_c w_c (V without weights)
     classes: u32,       // V
 }
@@ -112,7 +113,7 @@ fn grad_k(o: LossOpts, m: f32, log_s: f32, w_y: f32) -> f32 {
         k += o.eps / f32(o.classes) * o.weight_total;
     }
     if (o.z_loss > 0.0) {
-        k += 2.0 * o.z_loss * (m + log_s);
+        k += 2.0 * o.z_grad * (m + log_s);
     }
     return k;
 }

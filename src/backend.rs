@@ -1,152 +1,96 @@
-//! [`Backend`]: the one interface every path implements, so that the CLI, `xent check`
-//! and the tests treat the GPU and the CPU alike.
+//! [`Backend`]: the one interface every path implements — a description of the problem,
+//! the options, one [`evaluate`](Backend::evaluate) — so that the CLI, `xent check` and
+//! the tests treat the GPU and the CPU alike. [`BackendExt`] adds two short
+//! conveniences for the common case, written on top of it.
 
-use crate::cpu;
 use crate::error::Result;
-use crate::gpu::GpuContext;
-use crate::options::{HalfFormat, LossOptions, LossOutput, Targets, Upstream};
+use crate::options::{LossOptions, LossOutput, Targets};
+use crate::problem::{Gradient, Logits, Problem};
 
-/// A way to evaluate the loss: the GPU, the CPU reference, ...
+/// A way to evaluate the loss: the GPU ([`GpuContext`](crate::GpuContext)), the fast CPU
+/// path ([`CpuFast`]), the f64 reference ([`Reference`]).
+///
+/// ```
+/// use xent::{Backend, CpuFast, Gradient, Labels, Logits, LossOptions, Problem, Reduction};
+/// let logits = vec![0.5f32, 1.5, -1.0, 2.0, 0.0, 0.0];
+/// let targets = [1i64, 0];
+/// let problem = Problem::new(Logits::F32(&logits), 3, Labels::from(&targets)).gradient(Gradient::Owned);
+/// let out = CpuFast.evaluate(problem, &LossOptions::new().reduction(Reduction::Sum))?;
+/// assert_eq!(out.gradient.unwrap().len(), 6);
+/// # Ok::<(), xent::Error>(())
+/// ```
 pub trait Backend: Send + Sync {
-    /// A short description ("gpu: llvmpipe (Vulkan)", "reference").
+    /// A short description ("gpu: llvmpipe (Vulkan)", "cpu reference (f64)").
     fn describe(&self) -> String;
-    /// See [`GpuContext::cross_entropy`].
-    fn cross_entropy(
-        &self,
-        logits: &[f32],
-        classes: usize,
-        targets: Targets<'_>,
-        opts: &LossOptions,
-    ) -> Result<LossOutput>;
-    /// See [`GpuContext::cross_entropy_into`].
-    fn cross_entropy_into(
-        &self,
-        logits: &[f32],
-        classes: usize,
-        targets: Targets<'_>,
-        opts: &LossOptions,
-        grad: &mut [f32],
-    ) -> Result<LossOutput>;
-    /// See [`GpuContext::cross_entropy_backward`].
-    fn cross_entropy_backward(
-        &self,
-        logits: &[f32],
-        classes: usize,
-        targets: Targets<'_>,
-        lse: &[f32],
-        upstream: Upstream<'_>,
-        opts: &LossOptions,
-    ) -> Result<Vec<f32>>;
-    /// See [`GpuContext::cross_entropy_half`].
-    fn cross_entropy_half(
-        &self,
-        logits: &[u16],
-        format: HalfFormat,
-        classes: usize,
-        targets: Targets<'_>,
-        opts: &LossOptions,
-    ) -> Result<LossOutput>;
-    /// See [`GpuContext::cross_entropy_soft`].
-    fn cross_entropy_soft(
-        &self,
-        logits: &[f32],
-        classes: usize,
-        targets: &[f32],
-        opts: &LossOptions,
-    ) -> Result<LossOutput>;
-    /// See [`GpuContext::binary_cross_entropy`].
-    fn binary_cross_entropy(
-        &self,
-        logits: &[f32],
-        classes: usize,
-        targets: &[f32],
-        opts: &LossOptions,
-    ) -> Result<LossOutput>;
-    /// See [`GpuContext::cross_entropy_in_place`].
-    fn cross_entropy_in_place(
-        &self,
-        logits: &mut [f32],
-        classes: usize,
-        targets: Targets<'_>,
-        opts: &LossOptions,
-    ) -> Result<LossOutput>;
+
+    /// Evaluates `problem` under `opts`: the loss (unless a backward), the row losses and
+    /// LSE when asked (always the row losses for `none`), the z-loss part, and the
+    /// gradient where [`Problem::gradient`] says. Every cell of the support matrix works
+    /// on every path; what a path cannot do is an [`Error::Unsupported`](crate::Error)
+    /// naming the combination.
+    fn evaluate(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput>;
 }
 
-/// Implements [`Backend`] by forwarding every method to the functions of the same names:
-/// inherent methods for the GPU, free functions of a module for the CPU paths.
-macro_rules! forward_backend {
-    ($ty:ty, |$me:ident| $describe:expr, $($call:tt)+) => {
-        impl Backend for $ty {
-            fn describe(&self) -> String {
-                let $me = self;
-                $describe
-            }
-            fn cross_entropy(&self, l: &[f32], v: usize, t: Targets<'_>, o: &LossOptions) -> Result<LossOutput> {
-                forward_backend!(@call self, $($call)+, cross_entropy(l, v, t, o))
-            }
-            fn cross_entropy_into(
-                &self,
-                l: &[f32],
-                v: usize,
-                t: Targets<'_>,
-                o: &LossOptions,
-                g: &mut [f32],
-            ) -> Result<LossOutput> {
-                forward_backend!(@call self, $($call)+, cross_entropy_into(l, v, t, o, g))
-            }
-            fn cross_entropy_backward(
-                &self,
-                l: &[f32],
-                v: usize,
-                t: Targets<'_>,
-                lse: &[f32],
-                up: Upstream<'_>,
-                o: &LossOptions,
-            ) -> Result<Vec<f32>> {
-                forward_backend!(@call self, $($call)+, cross_entropy_backward(l, v, t, lse, up, o))
-            }
-            fn cross_entropy_half(
-                &self,
-                l: &[u16],
-                f: HalfFormat,
-                v: usize,
-                t: Targets<'_>,
-                o: &LossOptions,
-            ) -> Result<LossOutput> {
-                forward_backend!(@call self, $($call)+, cross_entropy_half(l, f, v, t, o))
-            }
-            fn cross_entropy_soft(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
-                forward_backend!(@call self, $($call)+, cross_entropy_soft(l, v, t, o))
-            }
-            fn binary_cross_entropy(&self, l: &[f32], v: usize, t: &[f32], o: &LossOptions) -> Result<LossOutput> {
-                forward_backend!(@call self, $($call)+, binary_cross_entropy(l, v, t, o))
-            }
-            fn cross_entropy_in_place(&self, l: &mut [f32], v: usize, t: Targets<'_>, o: &LossOptions) -> Result<LossOutput> {
-                forward_backend!(@call self, $($call)+, cross_entropy_in_place(l, v, t, o))
-            }
-        }
-    };
-    (@call $self:ident, method, $name:ident($($arg:expr),*)) => { $self.$name($($arg),*) };
-    (@call $self:ident, module $module:path, $name:ident($($arg:expr),*)) => {{
-        use $module as m;
-        m::$name($($arg),*)
-    }};
+/// The common case in one line, on any [`Backend`].
+///
+/// ```
+/// use xent::{BackendExt, LossOptions, Reference};
+/// let logits = [2.0f32, 0.5, -1.0, 0.0, 0.0, 0.0];
+/// let out = Reference.cross_entropy(&logits, 3, &[0i64, 2], &LossOptions::new())?;
+/// assert!((out.loss.unwrap() - 0.66996).abs() < 1e-4);
+/// # Ok::<(), xent::Error>(())
+/// ```
+pub trait BackendExt: Backend {
+    /// Cross-entropy of f32 `logits` [rows, classes] against class indices: the loss (and
+    /// the row losses for `none`).
+    fn cross_entropy<'t>(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        targets: impl Into<Targets<'t>>,
+        opts: &LossOptions,
+    ) -> Result<LossOutput> {
+        self.evaluate(Problem::new(Logits::F32(logits), classes, targets.into()), opts)
+    }
+
+    /// As [`cross_entropy`](Self::cross_entropy), with the gradient d(loss)/d(logits) in
+    /// [`LossOutput::gradient`].
+    fn cross_entropy_with_grad<'t>(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        targets: impl Into<Targets<'t>>,
+        opts: &LossOptions,
+    ) -> Result<LossOutput> {
+        let problem = Problem::new(Logits::F32(logits), classes, targets.into()).gradient(Gradient::Owned);
+        self.evaluate(problem, opts)
+    }
 }
 
-forward_backend!(
-    GpuContext,
-    |gpu| format!("{} ({:?})", gpu.adapter_info().name, gpu.adapter_info().backend),
-    method
-);
+impl<B: Backend + ?Sized> BackendExt for B {}
 
-/// The f64 CPU reference as a [`Backend`].
+/// The f64 CPU reference as a [`Backend`]: plain code that validates every other path.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Reference;
 
-forward_backend!(Reference, |_r| "cpu reference (f64)".into(), module cpu::reference);
+impl Backend for Reference {
+    fn describe(&self) -> String {
+        "cpu reference (f64)".into()
+    }
+    fn evaluate(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput> {
+        crate::front::evaluate(self, problem, opts)
+    }
+}
 
 /// The fast multi-threaded CPU path as a [`Backend`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuFast;
 
-forward_backend!(CpuFast, |_c| format!("cpu fast ({} threads)", rayon::current_num_threads()), module cpu::fast);
+impl Backend for CpuFast {
+    fn describe(&self) -> String {
+        format!("cpu fast ({} threads)", rayon::current_num_threads())
+    }
+    fn evaluate(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput> {
+        crate::front::evaluate(self, problem, opts)
+    }
+}

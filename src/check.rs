@@ -5,6 +5,7 @@
 use crate::backend::{Backend, Reference};
 use crate::error::Error;
 use crate::options::{LossOptions, LossOutput, Reduction};
+use crate::problem::{Gradient, Labels, Logits, Problem};
 use crate::synth;
 
 /// f32 tolerances against the f64 reference.
@@ -124,7 +125,11 @@ pub struct Case {
     pub targets: Vec<i64>,
     /// Options.
     pub opts: LossOptions,
-    /// Use the in-place call (the gradient overwrites the logits).
+    /// Ask for the gradient (owned).
+    pub gradient: bool,
+    /// Ask for the row losses and the LSE.
+    pub rows_too: bool,
+    /// Ask for the gradient in place (it overwrites the logits).
     pub in_place: bool,
 }
 
@@ -136,11 +141,21 @@ impl Case {
             logits: synth::logits(rows, classes, scale, seed),
             targets: synth::targets(rows, classes, seed),
             opts: LossOptions::new(),
+            gradient: false,
+            rows_too: false,
             in_place: false,
         }
     }
     fn opts(mut self, opts: LossOptions) -> Self {
         self.opts = opts;
+        self
+    }
+    fn grad(mut self) -> Self {
+        self.gradient = true;
+        self
+    }
+    fn rows_too(mut self) -> Self {
+        self.rows_too = true;
         self
     }
     fn in_place(mut self) -> Self {
@@ -159,18 +174,22 @@ impl Case {
 
     /// Runs the case on `backend` (the in-place gradient is returned in `gradient`).
     pub fn run(&self, backend: &dyn Backend) -> crate::Result<LossOutput> {
+        let labels = Labels::from(&self.targets);
         if self.in_place {
             let mut logits = self.logits.clone();
-            let mut out = backend.cross_entropy_in_place(
-                &mut logits,
-                self.classes,
-                (&self.targets).into(),
-                &self.opts,
-            )?;
+            let problem = Problem::new(Logits::F32Mut(&mut logits), self.classes, labels)
+                .gradient(Gradient::InPlace)
+                .row_losses(self.rows_too)
+                .lse(self.rows_too);
+            let mut out = backend.evaluate(problem, &self.opts)?;
             out.gradient = Some(logits);
             Ok(out)
         } else {
-            backend.cross_entropy(&self.logits, self.classes, (&self.targets).into(), &self.opts)
+            let problem = Problem::new(Logits::F32(&self.logits), self.classes, labels)
+                .gradient(if self.gradient { Gradient::Owned } else { Gradient::None })
+                .row_losses(self.rows_too)
+                .lse(self.rows_too);
+            backend.evaluate(problem, &self.opts)
         }
     }
 
@@ -200,26 +219,22 @@ impl Case {
 /// that are not multiples of the workgroup, rows beyond one dispatch dimension, long
 /// rows, an empty batch and a bad target.
 pub fn conformance_cases() -> Vec<Case> {
-    let grad = || LossOptions::new().gradient(true);
-    let rows_too = |r: Reduction| LossOptions::new().reduction(r).row_losses(true).lse(true);
+    let with = |r: Reduction| LossOptions::new().reduction(r);
     vec![
-        Case::new("1x1 (V=1: loss 0)", 1, 1, 1.0, 1).opts(grad()),
-        Case::new("3x5 mean", 3, 5, 1.0, 2).opts(rows_too(Reduction::Mean)),
-        Case::new("257x1000 sum", 257, 1000, 2.0, 3).opts(rows_too(Reduction::Sum)),
-        Case::new("100x77 none", 100, 77, 3.0, 4).opts(LossOptions::new().reduction(Reduction::None)),
+        Case::new("1x1 (V=1: loss 0)", 1, 1, 1.0, 1).grad(),
+        Case::new("3x5 mean", 3, 5, 1.0, 2).rows_too(),
+        Case::new("257x1000 sum", 257, 1000, 2.0, 3).opts(with(Reduction::Sum)).rows_too(),
+        Case::new("100x77 none", 100, 77, 3.0, 4).opts(with(Reduction::None)),
         Case::new("ignore -100 mean+grad", 64, 300, 2.0, 5)
-            .opts(grad())
+            .grad()
             .edit(|_, t| t.iter_mut().step_by(3).for_each(|x| *x = -100)),
-        Case::new("ignore class 3 sum+grad", 64, 10, 2.0, 6)
-            .opts(grad().reduction(Reduction::Sum).ignore_index(3)),
+        Case::new("ignore class 3 sum+grad", 64, 10, 2.0, 6).opts(with(Reduction::Sum).ignore_index(3)).grad(),
         Case::new("all ignored mean (NaN)", 8, 16, 1.0, 7)
-            .opts(grad())
+            .grad()
             .edit(|_, t| t.iter_mut().for_each(|x| *x = -100)),
-        Case::new("in-place grad mean", 33, 4099, 2.0, 8).opts(LossOptions::new()).in_place(),
-        Case::new("in-place grad none", 17, 513, 2.0, 9)
-            .opts(LossOptions::new().reduction(Reduction::None))
-            .in_place(),
-        Case::new("-inf masked vocab", 40, 1000, 2.0, 10).opts(grad().lse(true)).edit(|l, t| {
+        Case::new("in-place grad mean", 33, 4099, 2.0, 8).in_place(),
+        Case::new("in-place grad none", 17, 513, 2.0, 9).opts(with(Reduction::None)).in_place(),
+        Case::new("-inf masked vocab", 40, 1000, 2.0, 10).grad().rows_too().edit(|l, t| {
             for (r, row) in l.chunks_mut(1000).enumerate() {
                 let keep = t[r] as usize;
                 for (c, x) in row.iter_mut().enumerate() {
@@ -230,22 +245,21 @@ pub fn conformance_cases() -> Vec<Case> {
             }
         }),
         Case::new("offset +1e4", 32, 2000, 3.0, 11)
-            .opts(grad().row_losses(true))
+            .grad()
+            .rows_too()
             .edit(|l, _| l.iter_mut().for_each(|x| *x += 1e4)),
-        Case::new("spread x1000", 32, 2000, 1000.0, 12).opts(grad().row_losses(true)),
-        Case::new("NaN/+inf/-inf rows", 6, 50, 1.0, 13)
-            .opts(LossOptions::new().reduction(Reduction::None).gradient(true))
-            .edit(|l, t| {
-                l[0] = f32::NAN;
-                l[50 + 7] = f32::INFINITY;
-                l[100..150].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
-                let target = t[3] as usize;
-                l[150 + target] = f32::NEG_INFINITY;
-            }),
-        Case::new("70000x8 (rows > 65535)", 70000, 8, 2.0, 14).opts(grad().row_losses(true)),
-        Case::new("2x131072", 2, 131072, 2.0, 15).opts(grad().row_losses(true)),
-        Case::new("empty batch mean", 0, 10, 1.0, 16).opts(grad()),
-        Case::new("empty batch sum", 0, 10, 1.0, 17).opts(LossOptions::new().reduction(Reduction::Sum)),
+        Case::new("spread x1000", 32, 2000, 1000.0, 12).grad().rows_too(),
+        Case::new("NaN/+inf/-inf rows", 6, 50, 1.0, 13).opts(with(Reduction::None)).grad().edit(|l, t| {
+            l[0] = f32::NAN;
+            l[50 + 7] = f32::INFINITY;
+            l[100..150].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+            let target = t[3] as usize;
+            l[150 + target] = f32::NEG_INFINITY;
+        }),
+        Case::new("70000x8 (rows > 65535)", 70000, 8, 2.0, 14).grad().rows_too(),
+        Case::new("2x131072", 2, 131072, 2.0, 15).grad().rows_too(),
+        Case::new("empty batch mean", 0, 10, 1.0, 16).grad(),
+        Case::new("empty batch sum", 0, 10, 1.0, 17).opts(with(Reduction::Sum)),
         Case::new("bad target (error)", 5, 10, 1.0, 18).edit(|_, t| t[2] = 10),
     ]
 }

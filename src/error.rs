@@ -36,6 +36,18 @@ pub enum Error {
     #[error("invalid option: {0}")]
     InvalidOption(String),
 
+    /// A combination of inputs and outputs this path does not compute (see the support
+    /// matrix in README): never a silent fallback to another path.
+    #[error("unsupported on {path}: {cell} ({why})")]
+    Unsupported {
+        /// The path ("gpu: llvmpipe (Vulkan)", "device-resident", ...).
+        path: String,
+        /// The combination, as [`crate::Cell`] prints it.
+        cell: String,
+        /// Why, and what to do instead.
+        why: String,
+    },
+
     /// A problem too large for this path (a single binding or buffer limit).
     #[error("too large: {what} needs {needed} bytes, but the limit is {limit} bytes ({hint})")]
     TooLarge {

@@ -5,18 +5,35 @@
 //! PyTorch's `F.cross_entropy` (see `shared/docs/semantics.md`), and CPU paths that check
 //! and compete with the GPU.
 //!
+//! One door: describe the evaluation as a [`Problem`] (the logits as you hold them —
+//! f32, f16 or bf16, read-only or mutable —, the labels — class indices, probabilities or
+//! binary targets —, where the gradient goes, fused or a separate backward), pass the
+//! loss's [`LossOptions`], and call [`Backend::evaluate`] on a path:
+//!
 //! - [`GpuContext`]: the device side; one fused kernel reads each row once for the loss
 //!   (online softmax) and once more for the gradient, written to a separate buffer or in
-//!   place over the logits; `sum`/`mean` are reduced on the device.
-//! - [`cpu::reference`]: plain f64 code that validates every GPU result.
-//! - [`LossOptions`], [`Targets`], [`LossOutput`], [`Error`]: the vocabulary both share.
+//!   place over the logits; `sum`/`mean` are reduced on the device. Engines with their own
+//!   buffers record into their own encoder ([`GpuContext::record`]).
+//! - [`CpuFast`]: the fused multi-threaded CPU path.
+//! - [`Reference`]: plain f64 code that validates every other result.
+//!
+//! Every combination works on every path (the support matrix, [`Cell::all`]); what a
+//! path cannot do is a typed [`Error::Unsupported`]. [`BackendExt`] adds the one-line
+//! common case.
 //!
 //! ```
-//! use xent::{LossOptions, Reduction, cpu};
+//! use xent::{Backend, BackendExt, Gradient, Labels, Logits, LossOptions, Problem, Reference};
 //! let logits = [2.0f32, 0.5, -1.0, /* row 2 */ 0.0, 0.0, 0.0];
 //! let targets = [0i64, 2];
-//! let out = cpu::reference::cross_entropy(&logits, 3, &targets, &LossOptions::new())?;
+//! let out = Reference.cross_entropy(&logits, 3, &targets, &LossOptions::new())?;
 //! assert!((out.loss.unwrap() - 0.66996).abs() < 1e-4);
+//!
+//! // Half-precision logits, the gradient rounded once into their own type:
+//! let half: Vec<u16> = logits.iter().map(|&x| xent::HalfFormat::F16.from_f32(x)).collect();
+//! let mut grad = vec![0u16; 6];
+//! let problem = Problem::new(Logits::Half(&half, xent::HalfFormat::F16), 3, Labels::from(&targets))
+//!     .gradient(Gradient::IntoHalf(&mut grad));
+//! Reference.evaluate(problem, &LossOptions::new())?;
 //! # Ok::<(), xent::Error>(())
 //! ```
 #![warn(missing_docs)]
@@ -25,17 +42,20 @@ mod backend;
 pub mod check;
 pub mod cpu;
 mod error;
+mod front;
 pub mod gpu;
 pub mod npy;
 mod options;
+mod problem;
 pub mod row_state;
 pub mod synth;
 
-pub use backend::{Backend, CpuFast, Reference};
+pub use backend::{Backend, BackendExt, CpuFast, Reference};
 pub use error::{Error, Result};
 pub use gpu::GpuContext;
 pub use options::{
     Batch, DEFAULT_IGNORE_INDEX, HalfFormat, LossOptions, LossOutput, Reduction, Targets, Upstream,
     check_binary, check_soft,
 };
+pub use problem::{Cell, Dtype, Gradient, LabelKind, Labels, Logits, LogitsRef, Mode, Output, Problem};
 pub use row_state::RowState;

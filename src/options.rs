@@ -64,6 +64,10 @@ pub struct LossOptions {
     logit_scale: f64,
     n_items: Option<f64>,
     pos_weight: Option<Vec<f32>>,
+    /// The `mean` denominators (cross-entropy part, z-loss part) of a whole batch, set by
+    /// the front door when it evaluates the batch in row blocks (not validated: they may
+    /// be 0 or negative, as sums of class weights may).
+    pub(crate) denominators: Option<(f64, f64)>,
 }
 
 impl Default for LossOptions {
@@ -88,6 +92,7 @@ impl LossOptions {
             logit_scale: 1.0,
             n_items: None,
             pos_weight: None,
+            denominators: None,
         }
     }
     /// Positive-class weights, one per class, for binary cross-entropy (PyTorch's
@@ -155,6 +160,11 @@ impl LossOptions {
     /// The caller-given `mean` denominator.
     pub fn get_n_items(&self) -> Option<f64> {
         self.n_items
+    }
+    /// The `mean` denominator in force for probability and binary targets, whose
+    /// natural one (`natural`: N, or N·V) is replaced by `n_items`.
+    pub(crate) fn mean_denominator(&self, natural: f64) -> f64 {
+        self.denominators.map(|d| d.0).or(self.n_items).unwrap_or(natural)
     }
     /// True when only PyTorch's plain options are in use (no weights, smoothing, z-loss,
     /// softcap, scale or normaliser).
@@ -265,8 +275,8 @@ impl LossOptions {
     }
 }
 
-/// Checks a per-class vector (class weights, pos_weight): one finite, non-negative value
-/// per class.
+/// Checks a per-class vector (class weights, pos_weight): one finite value per class.
+/// Negative and zero values are taken as given, as PyTorch does.
 pub fn check_class_vector(what: &str, values: &[f32], classes: usize) -> Result<()> {
     if values.len() != classes {
         return Err(Error::Shape {
@@ -275,8 +285,8 @@ pub fn check_class_vector(what: &str, values: &[f32], classes: usize) -> Result<
             expected: classes,
         });
     }
-    if let Some((i, w)) = values.iter().enumerate().find(|(_, w)| !(w.is_finite() && **w >= 0.0)) {
-        return Err(Error::InvalidOption(format!("{what}[{i}] is {w}: every value must be finite and >= 0")));
+    if let Some((i, w)) = values.iter().enumerate().find(|(_, w)| !w.is_finite()) {
+        return Err(Error::InvalidOption(format!("{what}[{i}] is {w}: every value must be finite")));
     }
     Ok(())
 }
@@ -372,7 +382,7 @@ pub fn check_soft(logits: usize, targets: usize, classes: usize, opts: &LossOpti
     if opts.get_pos_weight().is_some() {
         return Err(Error::InvalidOption("pos_weight applies to binary cross-entropy only".into()));
     }
-    Ok((opts.get_n_items().unwrap_or(rows as f64), rows))
+    Ok((opts.mean_denominator(rows as f64), rows))
 }
 
 /// A 16-bit floating-point format of logits held as raw `u16` bits.
@@ -458,14 +468,25 @@ pub enum Upstream<'a> {
     Scalar(f32),
     /// One value per row (for `Reduction::None`).
     PerRow(&'a [f32]),
+    /// One value per element (binary cross-entropy under `Reduction::None`).
+    PerElement(&'a [f32]),
 }
 
-impl Upstream<'_> {
-    /// The upstream gradient of row `r`.
+impl<'a> Upstream<'a> {
+    /// The upstream gradient of row `r` (of element `r` for [`Upstream::PerElement`]).
     pub fn of_row(&self, r: usize) -> f32 {
         match self {
             Upstream::Scalar(g) => *g,
-            Upstream::PerRow(g) => g[r],
+            Upstream::PerRow(g) | Upstream::PerElement(g) => g[r],
+        }
+    }
+
+    /// The part of a per-row (per-element) upstream gradient for rows (elements) `range`.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Upstream<'a> {
+        match *self {
+            Upstream::Scalar(g) => Upstream::Scalar(g),
+            Upstream::PerRow(g) => Upstream::PerRow(&g[range]),
+            Upstream::PerElement(g) => Upstream::PerElement(&g[range]),
         }
     }
 
@@ -497,6 +518,10 @@ pub struct LossOutput {
     /// The gradient d(loss)/d(logits), row major [rows, classes], when asked with
     /// [`LossOptions::gradient`] (the `*_in_place` calls write it over the logits instead).
     pub gradient: Option<Vec<f32>>,
+    /// The z-loss part of [`loss`](Self::loss) on its own (`s · Σ lse²` over the counted
+    /// rows, divided under `mean` by their number, or by `n_items`), when z-loss is on
+    /// and the loss is reduced (Liger's `return_z_loss`).
+    pub z_loss: Option<f32>,
 }
 
 /// A checked problem: the shape, the targets made ready for the kernels, and the
@@ -517,6 +542,9 @@ pub struct Batch {
     pub weighted_count: f64,
     /// The `mean` denominator in force: `n_items` when given, else `weighted_count`.
     pub mean_denominator: f64,
+    /// The `mean` denominator of the z-loss part: `n_items` when given, else
+    /// `counted_rows` (Liger's convention; the cross-entropy part keeps `Σ w_y`).
+    pub z_denominator: f64,
 }
 
 impl Batch {
@@ -575,7 +603,8 @@ impl Batch {
             targets: out,
             counted_rows,
             weighted_count,
-            mean_denominator: opts.get_n_items().unwrap_or(weighted_count),
+            mean_denominator: opts.denominators.map(|d| d.0).or(opts.get_n_items()).unwrap_or(weighted_count),
+            z_denominator: opts.denominators.map(|d| d.1).or(opts.get_n_items()).unwrap_or(counted_rows as f64),
         })
     }
 
@@ -600,6 +629,39 @@ impl Batch {
     /// when nothing is counted (every row ignored: the gradient is 0, not NaN).
     pub fn gradient_scale(&self, reduction: Reduction) -> f32 {
         let divisor = self.divisor(reduction);
-        if divisor > 0.0 { (1.0 / divisor) as f32 } else { 0.0 }
+        if divisor != 0.0 { (1.0 / divisor) as f32 } else { 0.0 }
+    }
+
+    /// The divisor of the z-loss part: for `mean` `n_items` or the number of counted
+    /// rows, 1 otherwise.
+    pub fn z_divisor(&self, reduction: Reduction) -> f64 {
+        match reduction {
+            Reduction::Mean => self.z_denominator,
+            _ => 1.0,
+        }
+    }
+
+    /// The z-loss scale that the kernels' gradient takes so that, multiplied by
+    /// [`gradient_scale`](Self::gradient_scale), the z-loss part of the gradient divides by
+    /// [`z_divisor`](Self::z_divisor) instead: `s · divisor / z_divisor` (`s` when they
+    /// agree: no class weights, or `n_items`).
+    pub fn z_gradient_loss_scale(&self, z_loss: f64, reduction: Reduction) -> f64 {
+        let (d, dz) = (self.divisor(reduction), self.z_divisor(reduction));
+        if d == dz || dz == 0.0 { z_loss } else { z_loss * d / dz }
+    }
+
+    /// The reduced loss and its z-loss part from the sum of the row losses (z-loss
+    /// included) and the sum of the z-loss terms `s · lse²` over the counted rows: the
+    /// cross-entropy part divides by [`divisor`](Self::divisor), the z-loss part by
+    /// [`z_divisor`](Self::z_divisor). `None` for [`Reduction::None`].
+    pub fn reduce_with_z(&self, sum: f64, z_sum: f64, reduction: Reduction) -> (Option<f32>, Option<f32>) {
+        if reduction == Reduction::None {
+            return (None, None);
+        }
+        if z_sum == 0.0 {
+            return (Some((sum / self.divisor(reduction)) as f32), Some(0.0));
+        }
+        let z = z_sum / self.z_divisor(reduction);
+        (Some(((sum - z_sum) / self.divisor(reduction) + z) as f32), Some(z as f32))
     }
 }

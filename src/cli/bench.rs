@@ -157,17 +157,17 @@ pub fn host_calls(
     repeats: Repeats,
     tick: &mut dyn FnMut(),
 ) -> xent::Result<Samples> {
-    let opts = LossOptions::new().gradient(pass == Pass::ForwardBackward);
+    let opts = LossOptions::new();
     let mut grad = vec![0.0f32; if pass == Pass::ForwardBackward { logits.len() } else { 0 }];
     let mut ms = Vec::new();
     for i in 0..repeats.total() {
         let start = Instant::now();
-        match pass {
-            Pass::Forward => backend.cross_entropy(logits, classes, targets.into(), &opts)?,
-            Pass::ForwardBackward => {
-                backend.cross_entropy_into(logits, classes, targets.into(), &opts, &mut grad)?
-            }
+        let gradient = match pass {
+            Pass::Forward => xent::Gradient::None,
+            Pass::ForwardBackward => xent::Gradient::IntoF32(&mut grad),
         };
+        let problem = xent::Problem::new(xent::Logits::F32(logits), classes, targets).gradient(gradient);
+        backend.evaluate(problem, &opts)?;
         if i >= repeats.warmup {
             ms.push(start.elapsed().as_secs_f64() * 1e3);
         }

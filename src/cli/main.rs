@@ -10,7 +10,7 @@ use std::time::Instant;
 use clap::Parser;
 use xent::gpu::bench::{GpuBench, Pass, Repeats};
 use xent::npy::{self, NpyData};
-use xent::{Backend, Error, GpuContext, Reference, Targets};
+use xent::{Backend, Error, GpuContext, Gradient, Labels, Logits, Problem, Reference, Targets};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -374,13 +374,6 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         (None, None) => unreachable!("targets of one kind or the other"),
     }
 
-    if half_data.is_some() && targets_ref.is_none() {
-        return Err(Error::InvalidOption(
-            "float16 logits take class-index targets; convert them to float32 for probability or binary targets"
-                .into(),
-        ));
-    }
-
     let backend: Box<dyn Backend> = match args.device {
         DeviceArg::Gpu => {
             let adapter = match &args.adapter {
@@ -402,38 +395,22 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         Some(p) => Some(npy::NpyWriter::create(p, &[rows, classes])?),
         None => None,
     };
-    let start = Instant::now();
-    let out = match (targets_ref, binary_data, &mut grad_file) {
-        (Some(t), _, grad_file) if half_data.is_some() => {
-            let o = opts.clone().gradient(grad_file.is_some());
-            let out = backend.cross_entropy_half(
-                half_data.unwrap_or_default(),
-                xent::HalfFormat::F16,
-                classes,
-                t,
-                &o,
-            )?;
-            if let (Some(w), Some(g)) = (grad_file, &out.gradient) {
-                w.data_mut().copy_from_slice(g);
-            }
-            out
-        }
-        (Some(t), _, Some(w)) => backend.cross_entropy_into(logits_data, classes, t, &opts, w.data_mut())?,
-        (Some(t), _, None) => backend.cross_entropy(logits_data, classes, t, &opts)?,
-        (None, Some(t), grad_file) => {
-            let o = opts.clone().gradient(grad_file.is_some());
-            let out = if soft {
-                backend.cross_entropy_soft(logits_data, classes, t, &o)?
-            } else {
-                backend.binary_cross_entropy(logits_data, classes, t, &o)?
-            };
-            if let (Some(w), Some(g)) = (grad_file, &out.gradient) {
-                w.data_mut().copy_from_slice(g);
-            }
-            out
-        }
-        (None, None, _) => unreachable!("targets of one kind or the other"),
+    let logits_view = match half_data {
+        Some(bits) => Logits::Half(bits, xent::HalfFormat::F16),
+        None => Logits::F32(logits_data),
     };
+    let labels = match (targets_ref, binary_data) {
+        (Some(t), _) => Labels::Classes(t),
+        (None, Some(t)) if soft => Labels::Probabilities(t),
+        (None, Some(t)) => Labels::Binary(t),
+        (None, None) => unreachable!("targets of one kind or the other"),
+    };
+    let gradient = match &mut grad_file {
+        Some(w) => Gradient::IntoF32(w.data_mut()),
+        None => Gradient::None,
+    };
+    let start = Instant::now();
+    let out = backend.evaluate(Problem::new(logits_view, classes, labels).gradient(gradient), &opts)?;
     let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
 
     if let Some(p) = &args.out_loss {
@@ -452,8 +429,9 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         DeviceArg::Reference => "reference",
     };
     println!(
-        "{{\"loss\": {}, \"rows\": {rows}, \"classes\": {classes}, \"device\": \"{device}\", \"adapter\": {}, \"elapsed_ms\": {elapsed_ms:.3}}}",
+        "{{\"loss\": {}, \"z_loss\": {}, \"rows\": {rows}, \"classes\": {classes}, \"device\": \"{device}\", \"adapter\": {}, \"elapsed_ms\": {elapsed_ms:.3}}}",
         out.loss.map_or("null".to_string(), json_number),
+        out.z_loss.map_or("null".to_string(), json_number),
         json_string(&adapter)
     );
     Ok(ExitCode::SUCCESS)

@@ -348,6 +348,7 @@ fn output(loss: Vec<f32>, lse: Vec<f32>, step: usize, batch: &Batch, opts: &Loss
         row_losses: opts.wants_row_losses().then_some(loss),
         lse: opts.wants_lse().then_some(lse),
         gradient: None,
+        z_loss: None,
     }
 }
 
@@ -474,7 +475,7 @@ pub fn binary_cross_entropy(
     let rows = crate::options::check_binary(logits.len(), targets.len(), classes, opts)?;
     let v = classes;
     let denom = match opts.get_reduction() {
-        Reduction::Mean => opts.get_n_items().unwrap_or((rows * v) as f64),
+        Reduction::Mean => opts.mean_denominator((rows * v) as f64),
         _ => 1.0,
     };
     let scale = (1.0 / denom) as f32;
@@ -533,6 +534,7 @@ pub fn binary_cross_entropy(
         row_losses: opts.wants_row_losses().then_some(losses),
         lse: None,
         gradient: want_grad.then_some(grad),
+        z_loss: None,
     })
 }
 
@@ -610,6 +612,7 @@ pub fn cross_entropy_soft(
         row_losses: opts.wants_row_losses().then_some(losses),
         lse: opts.wants_lse().then_some(lses),
         gradient: want_grad.then_some(grad),
+        z_loss: None,
     })
 }
 

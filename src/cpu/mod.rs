@@ -1,6 +1,8 @@
-//! The CPU paths: [`reference`](mod@reference), plain f64 code that every other result is checked
-//! against, and [`fast`], the fused multi-threaded path that GPU numbers are compared
-//! with.
+//! The CPU paths: [`reference`](mod@reference), plain f64 code that every other result is
+//! checked against ([`crate::Reference`]), and [`fast`], the fused multi-threaded path
+//! that GPU numbers are compared with ([`crate::CpuFast`]). Both are reached through
+//! [`crate::Backend::evaluate`].
 
-pub mod fast;
-pub mod reference;
+pub(crate) mod fast;
+mod fast_cells;
+pub(crate) mod reference;

@@ -3,7 +3,7 @@
 //! piece's losses tree-reduced on the device, then the pieces' sums.
 
 use crate::error::Result;
-use crate::options::{LossOptions, LossOutput, Reduction};
+use crate::options::{LossOptions, LossOutput, Reduction, Upstream};
 
 use super::buffers::{Recorder, Slot, bind, groups_x};
 use super::context::GpuContext;
@@ -20,6 +20,7 @@ pub(crate) struct BinaryWorkspace {
     grad: Slot,
     losses: Slot,
     partials: Slot,
+    upstream: Slot,
     sums: Slot,
     params: Slot,
     readback: Slot,
@@ -31,40 +32,39 @@ impl GpuContext {
     /// `binary_cross_entropy_with_logits`: `logits` and float `targets` (0/1 or soft) both
     /// [rows, classes]; [`LossOptions::weights`] and [`LossOptions::pos_weight`] per
     /// class; `mean` over N·V. For `none`, [`LossOutput::row_losses`] holds the [N, V]
-    /// element losses.
-    pub fn binary_cross_entropy(
+    /// element losses. The gradient, when `grad` is given, is times `upstream` (a scalar,
+    /// or one value per element); `backward` returns the gradient alone.
+    pub(crate) fn binary(
         &self,
         logits: &[f32],
         classes: usize,
         targets: &[f32],
+        grad: Option<&mut [f32]>,
+        upstream: Upstream<'_>,
+        backward: bool,
         opts: &LossOptions,
     ) -> Result<LossOutput> {
-        let rows = crate::options::check_binary(logits.len(), targets.len(), classes, opts)?;
+        crate::options::check_binary(logits.len(), targets.len(), classes, opts)?;
         let n = logits.len();
         let denom = match opts.get_reduction() {
-            Reduction::Mean => opts.get_n_items().unwrap_or(n as f64),
+            Reduction::Mean => opts.mean_denominator(n as f64),
             _ => 1.0,
         };
-        let want_losses = opts.wants_row_losses();
         let mut out = LossOutput {
-            loss: None,
-            row_losses: want_losses.then(|| vec![0.0; n]),
-            lse: None,
-            gradient: opts.wants_gradient().then(|| vec![0.0; n]),
+            row_losses: (!backward && opts.wants_row_losses()).then(|| vec![0.0; n]),
+            ..LossOutput::default()
         };
-        if n == 0 {
-            out.loss = (opts.get_reduction() != Reduction::None).then(|| (0.0 / denom) as f32);
-            return Ok(out);
-        }
-        let _ = rows;
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
-        let total = self
-            .scoped(|| self.binary_pieces(&mut ws.binary, logits, classes, targets, opts, denom, &mut out));
+        let io = BinaryIo { grad, upstream };
+        let total =
+            self.scoped(|| self.binary_pieces(&mut ws.binary, logits, classes, targets, io, opts, denom, &mut out));
         if total.is_err() {
             ws.release();
         }
         let total = total?;
-        out.loss = (opts.get_reduction() != Reduction::None).then_some(total);
+        if !backward && opts.get_reduction() != Reduction::None {
+            out.loss = Some(total);
+        }
         Ok(out)
     }
 
@@ -75,10 +75,12 @@ impl GpuContext {
         logits: &[f32],
         classes: usize,
         targets: &[f32],
+        io: BinaryIo<'_>,
         opts: &LossOptions,
         denom: f64,
         out: &mut LossOutput,
     ) -> Result<f32> {
+        let BinaryIo { mut grad, upstream } = io;
         use wgpu::BufferUsages as U;
         let d = &self.device;
         let n = logits.len();
@@ -103,6 +105,7 @@ impl GpuContext {
             ws.grad.ensure(d, "xent bce grad", st, bytes, bind_cap),
             ws.losses.ensure(d, "xent bce losses", st, bytes, bind_cap),
             ws.partials.ensure(d, "xent bce partials", st, piece_levels.extent * 4, bind_cap),
+            ws.upstream.ensure(d, "xent bce upstream", st, bytes, bind_cap),
             ws.sums.ensure(d, "xent bce sums", st, sum_levels.extent * 4, bind_cap),
             ws.params.ensure(d, "xent bce params", U::UNIFORM | U::COPY_DST, stride * 16, u64::MAX),
             ws.readback.ensure(d, "xent bce readback", U::MAP_READ | U::COPY_DST, 2 * bytes, u64::MAX),
@@ -123,6 +126,7 @@ impl GpuContext {
                         ws.grad.get(),
                         ws.losses.get(),
                         ws.partials.get(),
+                        ws.upstream.get(),
                     ],
                 ),
                 bind(d, &k.reduce, p, &[ws.partials.get()]),
@@ -137,20 +141,31 @@ impl GpuContext {
         if let Some(w) = opts.get_pos_weight() {
             self.queue.write_buffer(ws.pos_weight.get(), 0, bytemuck::cast_slice(w));
         }
-        let flags = u32::from(out.gradient.is_some()) | (u32::from(out.row_losses.is_some()) << 1);
+        // 1: gradient, 2: element losses, 4: per-element upstream gradient.
+        let per_element = matches!(upstream, Upstream::PerElement(_) | Upstream::PerRow(_));
+        let flags = u32::from(grad.is_some())
+            | (u32::from(out.row_losses.is_some()) << 1)
+            | (u32::from(grad.is_some() && per_element) << 2);
+        let scale = match upstream {
+            Upstream::Scalar(g) => (1.0 / denom) as f32 * g,
+            _ => (1.0 / denom) as f32,
+        };
         let rb = ws.readback.get();
         for k in 0..pieces {
             let span = k * piece..((k + 1) * piece).min(n);
             let count = span.len();
             self.queue.write_buffer(ws.logits.get(), 0, bytemuck::cast_slice(&logits[span.clone()]));
             self.queue.write_buffer(ws.targets.get(), 0, bytemuck::cast_slice(&targets[span.clone()]));
+            if let (Upstream::PerElement(g) | Upstream::PerRow(g), true) = (upstream, flags & 4 != 0) {
+                self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[span.clone()]));
+            }
             let wgs = count.div_ceil(per_group) as u64;
             let params = BinaryParams {
                 count: count as u32,
                 col_start: (span.start % classes) as u32,
                 classes: classes as u32,
                 groups_x: groups_x(wgs, max_dim),
-                scale: (1.0 / denom) as f32,
+                scale,
                 has_weights: u32::from(opts.get_weights().is_some()),
                 has_pos_weight: u32::from(opts.get_pos_weight().is_some()),
                 flags,
@@ -168,9 +183,9 @@ impl GpuContext {
                 rec.copy(ws.losses.get(), 0, rb, bytes, piece_bytes);
             }
             let submission = rec.submit(&self.queue, ws.params.get());
-            if flags != 0 {
+            if flags & 3 != 0 {
                 let map = self.request_map(rb, 2 * bytes);
-                let (g, l) = (&mut out.gradient, &mut out.row_losses);
+                let (g, l) = (&mut grad, &mut out.row_losses);
                 self.finish_map(rb, map, Some(submission), |b| {
                     let f: &[f32] = bytemuck::cast_slice(b);
                     if let Some(g) = g {
@@ -184,4 +199,10 @@ impl GpuContext {
         }
         self.reduce_sums(ws.sums.get(), sums_bg, pieces as u64, denom as f32, ws.params.get(), rb)
     }
+}
+
+/// Where a binary evaluation's gradient goes, and its upstream gradient.
+pub(crate) struct BinaryIo<'a> {
+    grad: Option<&'a mut [f32]>,
+    upstream: Upstream<'a>,
 }

@@ -5,11 +5,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::options::{Batch, LossOptions, LossOutput, Targets};
 
 use super::kernels::Kernels;
 use super::plan::{DEFAULT_BUDGET, DEFAULT_RING, PlanLimits};
-use super::stream::{Data, GradOut, Io, Workspace};
+use super::stream::Workspace;
 
 /// How the kernels are shaped for an adapter: chosen from the adapter type by
 /// [`Tuning::for_adapter`] (measured on lavapipe; GPU values follow the usual practice
@@ -397,110 +396,6 @@ impl GpuContext {
         self.workspace.lock().unwrap_or_else(|p| p.into_inner()).allocations
     }
 
-    /// Cross-entropy of `logits` ([rows, classes], row major, any length) against
-    /// class-index `targets` (one per row). The gradient, when [`LossOptions::gradient`]
-    /// asks for it, comes back in [`LossOutput::gradient`]. The logits are streamed to
-    /// the device in chunks; nothing copies them on the host.
-    pub fn cross_entropy<'t>(
-        &self,
-        logits: &[f32],
-        classes: usize,
-        targets: impl Into<Targets<'t>>,
-        opts: &LossOptions,
-    ) -> Result<LossOutput> {
-        let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
-        if !opts.wants_gradient() {
-            return self.run(Io::Loss(Data::F32(logits)), &batch, opts);
-        }
-        let mut grad = vec![0.0f32; logits.len()];
-        let mut out = self.run(Io::Separate(Data::F32(logits), GradOut::F32(&mut grad)), &batch, opts)?;
-        out.gradient = Some(grad);
-        Ok(out)
-    }
-
-    /// As [`GpuContext::cross_entropy`], with the gradient written into `grad` (the
-    /// logits' length) instead of a new vector: for outputs the caller already holds,
-    /// such as a memory-mapped file.
-    pub fn cross_entropy_into<'t>(
-        &self,
-        logits: &[f32],
-        classes: usize,
-        targets: impl Into<Targets<'t>>,
-        opts: &LossOptions,
-        grad: &mut [f32],
-    ) -> Result<LossOutput> {
-        let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
-        check_grad_len(grad.len(), logits.len())?;
-        self.run(Io::Separate(Data::F32(logits), GradOut::F32(grad)), &batch, opts)
-    }
-
-    /// Cross-entropy of half-precision logits held as raw 16-bit values (`format`: f16
-    /// or bf16). The kernel reads them two per 32-bit word (V must be even) and computes
-    /// in f32, so the logits cross the bus and the device at half the bytes; the
-    /// gradient, when asked, comes back in f32 in [`LossOutput::gradient`].
-    pub fn cross_entropy_half<'t>(
-        &self,
-        logits: &[u16],
-        format: crate::HalfFormat,
-        classes: usize,
-        targets: impl Into<Targets<'t>>,
-        opts: &LossOptions,
-    ) -> Result<LossOutput> {
-        let batch = half_batch(logits.len(), classes, targets.into(), opts)?;
-        if !opts.wants_gradient() {
-            return self.run(Io::Loss(Data::Half(logits, format)), &batch, opts);
-        }
-        let mut grad = vec![0.0f32; logits.len()];
-        let mut out =
-            self.run(Io::Separate(Data::Half(logits, format), GradOut::F32(&mut grad)), &batch, opts)?;
-        out.gradient = Some(grad);
-        Ok(out)
-    }
-
-    /// As [`GpuContext::cross_entropy_half`], with the gradient written into `grad` in
-    /// the logits' own format (each value computed in f32, `p − 1` for the target
-    /// included, then rounded once).
-    pub fn cross_entropy_half_into<'t>(
-        &self,
-        logits: &[u16],
-        format: crate::HalfFormat,
-        classes: usize,
-        targets: impl Into<Targets<'t>>,
-        opts: &LossOptions,
-        grad: &mut [u16],
-    ) -> Result<LossOutput> {
-        let batch = half_batch(logits.len(), classes, targets.into(), opts)?;
-        check_grad_len(grad.len(), logits.len())?;
-        self.run(Io::Separate(Data::Half(logits, format), GradOut::Half(grad)), &batch, opts)
-    }
-
-    /// As [`GpuContext::cross_entropy_half`], with the gradient written over the logits
-    /// in their own format.
-    pub fn cross_entropy_half_in_place<'t>(
-        &self,
-        logits: &mut [u16],
-        format: crate::HalfFormat,
-        classes: usize,
-        targets: impl Into<Targets<'t>>,
-        opts: &LossOptions,
-    ) -> Result<LossOutput> {
-        let batch = half_batch(logits.len(), classes, targets.into(), opts)?;
-        self.run(Io::InPlace(GradOut::Half(logits), Some(format)), &batch, opts)
-    }
-
-    /// As [`GpuContext::cross_entropy`], with the gradient written over `logits`
-    /// (no second buffer of the logits' size on the host or the device).
-    pub fn cross_entropy_in_place<'t>(
-        &self,
-        logits: &mut [f32],
-        classes: usize,
-        targets: impl Into<Targets<'t>>,
-        opts: &LossOptions,
-    ) -> Result<LossOutput> {
-        let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
-        self.run(Io::InPlace(GradOut::F32(logits), None), &batch, opts)
-    }
-
     /// Makes the next `times` buffer preparations fail as if the device were out of
     /// memory: for testing the retry with smaller chunks.
     #[doc(hidden)]
@@ -628,17 +523,6 @@ impl GpuContext {
         buffer.unmap();
         Ok(())
     }
-}
-
-/// Checks a half-precision problem: the usual checks, and an even number of classes.
-fn half_batch(len: usize, classes: usize, targets: Targets<'_>, opts: &LossOptions) -> Result<Batch> {
-    if !classes.is_multiple_of(2) {
-        return Err(Error::InvalidOption(format!(
-            "half-precision logits need an even number of classes (two per 32-bit word), got {classes}; \
-             convert them to f32"
-        )));
-    }
-    Batch::new(len, classes, targets, opts)
 }
 
 /// The gradient output must match the logits.

@@ -169,7 +169,7 @@ pub(crate) struct RowParams {
     pub smoothing: f32,
     pub z_loss: f32,
     pub weight_total: f32,
-    pub _pad: u32,
+    pub z_grad: f32,
 }
 
 /// `with_opts` for the parameter blocks that carry every option.
@@ -185,6 +185,7 @@ macro_rules! with_every_option {
                     smoothing: k.smoothing,
                     z_loss: k.z_loss,
                     weight_total: k.weight_total,
+                    z_grad: k.z_grad,
                     ..self
                 }
             }
@@ -222,6 +223,10 @@ pub(crate) struct KernelOpts {
     pub smoothing: f32,
     pub z_loss: f32,
     pub weight_total: f32,
+    /// The z-loss scale of the gradient: `z_loss` unless the z-loss part divides by
+    /// another denominator than the cross-entropy part (see
+    /// [`crate::Batch::z_gradient_loss_scale`]).
+    pub z_grad: f32,
 }
 
 impl KernelOpts {
@@ -255,7 +260,14 @@ impl KernelOpts {
             smoothing: opts.get_label_smoothing() as f32,
             z_loss: opts.get_z_loss() as f32,
             weight_total: weights.map_or(classes as f64, |w| w.iter().map(|&x| f64::from(x)).sum()) as f32,
+            z_grad: opts.get_z_loss() as f32,
         }
+    }
+
+    /// With the gradient's z-loss scale of `batch` under `reduction`.
+    pub fn for_batch(self, batch: &crate::Batch, opts: &crate::LossOptions) -> Self {
+        let z = batch.z_gradient_loss_scale(opts.get_z_loss(), opts.get_reduction());
+        Self { z_grad: z as f32, ..self }
     }
 }
 
@@ -348,7 +360,7 @@ pub(crate) struct BackwardParams {
     pub smoothing: f32,
     pub z_loss: f32,
     pub weight_total: f32,
-    pub _pad: u32,
+    pub z_grad: f32,
 }
 
 impl BackwardParams {
@@ -415,7 +427,8 @@ pub(crate) struct SoftParams {
     pub rows: u32,
     pub classes: u32,
     pub groups_x: u32,
-    pub want_grad: u32,
+    /// `FLAG_*` of the shader: gradient, saved LSE, per-row upstream.
+    pub flags: u32,
     pub has_weights: u32,
     pub grad_scale: f32,
     pub logit_scale: f32,
@@ -664,20 +677,20 @@ impl Kernels {
                 &[(RO, 4), (RW, 4), (RO, 4)],
                 wg,
             ),
-            // logits, targets, weights, pos_weight, grad, losses, partials
+            // logits, targets, weights, pos_weight, grad, losses, partials, upstream
             binary: Kernel::new::<BinaryParams>(
                 device,
                 "binary_cross_entropy",
                 &src["binary_cross_entropy.wgsl"],
-                &[(RO, 4), (RO, 4), (RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4)],
+                &[(RO, 4), (RO, 4), (RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RO, 4)],
                 wg,
             ),
-            // logits, probs, row_loss, row_lse, grad, weights
+            // logits, probs, row_loss, row_lse (read for a saved LSE), grad, weights, upstream
             soft: Kernel::new::<SoftParams>(
                 device,
                 "cross_entropy_soft",
                 &src["cross_entropy_soft.wgsl"],
-                &[(RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RO, 4)],
+                &[(RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RO, 4), (RO, 4)],
                 wg,
             ),
             workgroup_size: wg,

@@ -5,6 +5,7 @@ pub mod bench;
 mod binary;
 mod buffers;
 mod context;
+mod evaluate;
 mod kernels;
 pub mod plan;
 mod resident;

@@ -2,7 +2,8 @@
 //! and targets), one workgroup per row, per-chunk loss sums tree-reduced on the device.
 
 use crate::error::{Error, Result};
-use crate::options::{LossOptions, LossOutput, Reduction};
+use crate::options::{LossOptions, LossOutput, Reduction, Upstream};
+use crate::problem::Mode;
 
 use super::buffers::{Recorder, Slot, bind, groups_x};
 use super::context::GpuContext;
@@ -18,6 +19,7 @@ pub(crate) struct SoftWorkspace {
     row_lse: Slot,
     grad: Slot,
     weights: Slot,
+    upstream: Slot,
     scratch: Slot,
     sums: Slot,
     params: Slot,
@@ -25,40 +27,56 @@ pub(crate) struct SoftWorkspace {
     groups: Option<[wgpu::BindGroup; 3]>,
 }
 
+/// A soft-target evaluation's inputs beyond the logits and targets.
+pub(crate) struct SoftRun<'a> {
+    /// Fused, or a separate backward from a saved LSE.
+    pub mode: Mode<'a>,
+    /// Where the gradient goes (none: the loss only).
+    pub grad: Option<&'a mut [f32]>,
+}
+
 impl GpuContext {
     /// Cross-entropy with probability (soft) targets [rows, classes], as PyTorch's
     /// `cross_entropy` with float targets: label smoothing applies to the targets, class
     /// weights per class, `mean` divides by the number of rows (or `n_items`), and
-    /// `ignore_index` does not apply.
-    pub fn cross_entropy_soft(
+    /// `ignore_index` does not apply. As a separate backward, the saved LSE replaces the
+    /// row's own and only the gradient is written, times the upstream gradient.
+    pub(crate) fn soft(
         &self,
         logits: &[f32],
         classes: usize,
         targets: &[f32],
+        run: SoftRun<'_>,
         opts: &LossOptions,
     ) -> Result<LossOutput> {
         let (denom, rows) = crate::options::check_soft(logits.len(), targets.len(), classes, opts)?;
-        let d = match opts.get_reduction() {
-            Reduction::Mean => denom,
-            _ => 1.0,
-        };
+        let reduction = opts.get_reduction();
+        let d = if reduction == Reduction::Mean { denom } else { 1.0 };
+        let backward = matches!(run.mode, Mode::Backward { .. });
         let mut out = LossOutput {
-            loss: None,
-            row_losses: opts.wants_row_losses().then(|| vec![0.0; rows]),
-            lse: opts.wants_lse().then(|| vec![0.0; rows]),
-            gradient: opts.wants_gradient().then(|| vec![0.0; logits.len()]),
+            row_losses: (!backward && opts.wants_row_losses()).then(|| vec![0.0; rows]),
+            lse: Some(vec![0.0; rows]),
+            ..LossOutput::default()
         };
-        if rows == 0 {
-            out.loss = (opts.get_reduction() != Reduction::None).then(|| (0.0 / d) as f32);
-            return Ok(out);
-        }
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
-        let total =
-            self.scoped(|| self.soft_chunks(&mut ws.soft, logits, classes, targets, opts, d, &mut out));
+        let total = self.scoped(|| self.soft_chunks(&mut ws.soft, logits, classes, targets, run, opts, d, &mut out));
         if total.is_err() {
             ws.release();
         }
-        out.loss = (opts.get_reduction() != Reduction::None).then_some(total?);
+        let total = total?;
+        let lse = out.lse.take().unwrap_or_default();
+        if backward {
+            return Ok(LossOutput::default());
+        }
+        if reduction != Reduction::None {
+            out.loss = Some(total);
+            let s = opts.get_z_loss();
+            if s > 0.0 {
+                let z: f64 = lse.iter().map(|&l| s * f64::from(l) * f64::from(l)).sum();
+                out.z_loss = Some((z / d) as f32);
+            }
+        }
+        out.lse = opts.wants_lse().then_some(lse);
         Ok(out)
     }
 
@@ -69,10 +87,16 @@ impl GpuContext {
         logits: &[f32],
         v: usize,
         targets: &[f32],
+        run: SoftRun<'_>,
         opts: &LossOptions,
         d: f64,
         out: &mut LossOutput,
     ) -> Result<f32> {
+        let SoftRun { mode, mut grad } = run;
+        let (saved, upstream) = match mode {
+            Mode::Fused => (None, Upstream::Scalar(1.0)),
+            Mode::Backward { lse, upstream } => (lse, upstream),
+        };
         use wgpu::BufferUsages as U;
         let dev = &self.device;
         let n = logits.len() / v;
@@ -84,10 +108,14 @@ impl GpuContext {
         let rows_per_chunk =
             (bind_cap / row_bytes).min(self.budget / (4 * row_bytes + 64)).min(n as u64) as usize;
         if rows_per_chunk == 0 {
-            return Err(Error::InvalidOption(format!(
-                "a row of {v} classes is larger than one binding ({bind_cap} bytes); probability targets \
-                 do not split rows across bindings yet"
-            )));
+            return Err(Error::Unsupported {
+                path: self.path_name(),
+                cell: "probability targets in rows longer than one storage binding".into(),
+                why: format!(
+                    "a row of {v} classes is larger than one binding ({bind_cap} bytes) and the probability \
+                     kernel does not split rows; use the CPU path at this size"
+                ),
+            });
         }
         let chunks = n.div_ceil(rows_per_chunk);
         let chunk_bytes = rows_per_chunk as u64 * row_bytes;
@@ -103,6 +131,7 @@ impl GpuContext {
             ws.row_lse.ensure(dev, "xent soft row_lse", st, rows_out, bind_cap),
             ws.grad.ensure(dev, "xent soft grad", st, chunk_bytes, bind_cap),
             ws.weights.ensure(dev, "xent soft weights", st, row_bytes, bind_cap),
+            ws.upstream.ensure(dev, "xent soft upstream", st, rows_out, bind_cap),
             ws.scratch.ensure(dev, "xent soft scratch", st, scratch_levels.extent * 4, bind_cap),
             ws.sums.ensure(dev, "xent soft sums", st, sum_levels.extent * 4, bind_cap),
             ws.params.ensure(dev, "xent soft params", U::UNIFORM | U::COPY_DST, stride * 16, u64::MAX),
@@ -129,6 +158,7 @@ impl GpuContext {
                         ws.row_lse.get(),
                         ws.grad.get(),
                         ws.weights.get(),
+                        ws.upstream.get(),
                     ],
                 ),
                 bind(dev, &k.reduce, p, &[ws.scratch.get()]),
@@ -149,13 +179,27 @@ impl GpuContext {
             let span = r0 * v..(r0 + rows) * v;
             self.queue.write_buffer(ws.logits.get(), 0, bytemuck::cast_slice(&logits[span.clone()]));
             self.queue.write_buffer(ws.probs.get(), 0, bytemuck::cast_slice(&targets[span.clone()]));
+            // Flags of cross_entropy_soft.wgsl: gradient, saved LSE, per-row upstream.
+            let mut flags = u32::from(grad.is_some());
+            if let Some(saved) = saved {
+                flags |= 2;
+                self.queue.write_buffer(ws.row_lse.get(), 0, bytemuck::cast_slice(&saved[r0..r0 + rows]));
+            }
+            let mut scale = (1.0 / d) as f32;
+            match upstream {
+                Upstream::Scalar(g) => scale *= g,
+                Upstream::PerRow(g) | Upstream::PerElement(g) => {
+                    flags |= 4;
+                    self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[r0..r0 + rows]));
+                }
+            }
             let params = SoftParams {
                 rows: rows as u32,
                 classes: v as u32,
                 groups_x: groups_x(rows as u64, max_dim),
-                want_grad: u32::from(out.gradient.is_some()),
+                flags,
                 has_weights: k.has_weights,
-                grad_scale: (1.0 / d) as f32,
+                grad_scale: scale,
                 logit_scale: k.logit_scale,
                 softcap: k.softcap,
                 smoothing: k.smoothing,
@@ -169,14 +213,14 @@ impl GpuContext {
             let levels = reduce_levels(rows as u64, 0, wg, max_dim, 1.0, NO_INDEX);
             levels.record(&mut rec, &self.kernels, scratch_bg);
             rec.copy(ws.scratch.get(), u64::from(levels.result) * 4, ws.sums.get(), c as u64 * 4, 4);
-            if out.gradient.is_some() {
+            if grad.is_some() {
                 rec.copy(ws.grad.get(), 0, rb, 0, span.len() as u64 * 4);
             }
             rec.copy(ws.row_loss.get(), 0, rb, loss_at, rows as u64 * 4);
             rec.copy(ws.row_lse.get(), 0, rb, lse_at, rows as u64 * 4);
             let submission = rec.submit(&self.queue, ws.params.get());
             let map = self.request_map(rb, lse_at + rows_out);
-            let (g, l, e) = (&mut out.gradient, &mut out.row_losses, &mut out.lse);
+            let (g, l, e) = (&mut grad, &mut out.row_losses, &mut out.lse);
             self.finish_map(rb, map, Some(submission), |b| {
                 let f: &[f32] = bytemuck::cast_slice(b);
                 if let Some(g) = g {

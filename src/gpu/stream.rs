@@ -237,7 +237,7 @@ impl GpuContext {
                 )));
             }
             if matches!(plan.layout, Layout::Split { .. }) && opts.get_weights().is_some() {
-                return Err(split_weights_error(batch.classes));
+                return Err(split_weights_error(self.path_name(), batch.classes));
             }
             // Buffers first, in their own error scope: an out-of-memory is known before
             // anything is streamed (or written over in-place logits), and is retried
@@ -278,6 +278,7 @@ impl GpuContext {
             row_losses: outputs.row_losses,
             lse: outputs.lse,
             gradient: None,
+            z_loss: None,
         })
     }
 
@@ -408,7 +409,7 @@ impl GpuContext {
         };
         let want_rows = outputs.row_losses.is_some() || outputs.lse.is_some();
         self.queue.write_buffer(ws.norm.get(), 0, bytemuck::bytes_of(&1.0f32));
-        let kopts = &KernelOpts::new(opts, v);
+        let kopts = &KernelOpts::new(opts, v).for_batch(batch, opts);
         if let Some(w) = opts.get_weights() {
             self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
         }
@@ -692,11 +693,15 @@ impl GpuContext {
 }
 
 /// Class weights cannot be bound whole when a row is longer than one binding.
-fn split_weights_error(classes: usize) -> Error {
-    Error::InvalidOption(format!(
-        "rows of {classes} classes are split across bindings, and their class weights ({classes} values) \
-         do not fit one binding either; use the CPU path for class weights at this size"
-    ))
+fn split_weights_error(path: String, classes: usize) -> Error {
+    Error::Unsupported {
+        path,
+        cell: "class weights in rows longer than one storage binding".into(),
+        why: format!(
+            "rows of {classes} classes are split across bindings, and their class weights ({classes} values) \
+             do not fit one binding either; use the CPU path for class weights at this size"
+        ),
+    }
 }
 
 /// Offsets in a readback slot of the row losses and LSE (after the gradient chunk), and
@@ -719,6 +724,7 @@ pub(crate) fn empty_output(opts: &LossOptions) -> LossOutput {
         row_losses: opts.wants_row_losses().then(Vec::new),
         lse: opts.wants_lse().then(Vec::new),
         gradient: opts.wants_gradient().then(Vec::new),
+        z_loss: None,
     }
 }
 
@@ -767,7 +773,7 @@ impl GpuContext {
         }
         let plan = Plan::new(batch.rows, batch.classes, GradKind::Separate, &self.plan_limits())?;
         if matches!(plan.layout, Layout::Split { .. }) && opts.get_weights().is_some() {
-            return Err(split_weights_error(batch.classes));
+            return Err(split_weights_error(self.path_name(), batch.classes));
         }
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
         let weights = opts.get_weights().map_or(0, <[f32]>::len);
@@ -799,11 +805,11 @@ impl GpuContext {
         let groups = ws.groups.as_ref().expect("prepared");
         let v = batch.classes;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let kopts = KernelOpts::new(opts, v);
+        let kopts = KernelOpts::new(opts, v).for_batch(batch, opts);
         let inv = batch.gradient_scale(opts.get_reduction());
         let (scale, per_row) = match upstream {
             crate::Upstream::Scalar(g) => (g * inv, 0),
-            crate::Upstream::PerRow(_) => (inv, 1),
+            crate::Upstream::PerRow(_) | crate::Upstream::PerElement(_) => (inv, 1),
         };
         self.queue.write_buffer(ws.norm.get(), 0, bytemuck::bytes_of(&1.0f32));
         if let Some(w) = opts.get_weights() {

@@ -1,0 +1,71 @@
+//! The cells of the support matrix that the fast CPU path computes itself, each served by
+//! one of the functions of [`super::fast`]; the front door composes the rest (half
+//! precision, gradients in the input's type) from them in row blocks.
+
+use crate::error::Result;
+use crate::front::{Native, with_outputs};
+use crate::options::{LossOptions, LossOutput, Upstream};
+use crate::problem::{Gradient, Labels, Logits, Mode, Problem};
+
+use super::fast;
+
+impl Native for crate::CpuFast {
+    fn takes(&self, problem: &Problem<'_>, _: &LossOptions) -> bool {
+        match (&problem.logits, &problem.gradient, &problem.mode, &problem.labels) {
+            // The separate backward of probability targets is not written yet.
+            (_, _, Mode::Backward { .. }, Labels::Probabilities(_)) => false,
+            (Logits::F32(_), Gradient::None | Gradient::IntoF32(_), _, _) => true,
+            (Logits::F32Mut(_), Gradient::InPlace, Mode::Fused, Labels::Classes(_)) => true,
+            _ => false,
+        }
+    }
+
+    fn native(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput> {
+        let o = with_outputs(&problem, opts);
+        let v = problem.classes;
+        match (problem.logits, problem.gradient, problem.mode, problem.labels) {
+            (Logits::F32Mut(x), Gradient::InPlace, Mode::Fused, Labels::Classes(t)) => {
+                fast::cross_entropy_in_place(x, v, t, &o)
+            }
+            (Logits::F32(x), gradient, Mode::Fused, Labels::Classes(t)) => match gradient {
+                Gradient::IntoF32(g) => fast::cross_entropy_into(x, v, t, &o, g),
+                _ => fast::cross_entropy(x, v, t, &o),
+            },
+            (Logits::F32(x), gradient, Mode::Backward { lse, upstream }, Labels::Classes(t)) => {
+                let lse = lse.expect("checked: a cross-entropy backward has its LSE");
+                let g = fast::cross_entropy_backward(x, v, t, lse, upstream, &o)?;
+                if let Gradient::IntoF32(out) = gradient {
+                    out.copy_from_slice(&g);
+                }
+                Ok(LossOutput::default())
+            }
+            (Logits::F32(x), gradient, Mode::Fused, Labels::Probabilities(t)) => {
+                let mut out = fast::cross_entropy_soft(x, v, t, &o)?;
+                into(&mut out, gradient, Upstream::Scalar(1.0));
+                Ok(out)
+            }
+            (Logits::F32(x), gradient, mode, Labels::Binary(t)) => {
+                let mut out = fast::binary_cross_entropy(x, v, t, &o)?;
+                match mode {
+                    Mode::Fused => into(&mut out, gradient, Upstream::Scalar(1.0)),
+                    // Binary cross-entropy's gradient is linear in the upstream gradient.
+                    Mode::Backward { upstream, .. } => {
+                        into(&mut out, gradient, upstream);
+                        out = LossOutput::default();
+                    }
+                }
+                Ok(out)
+            }
+            _ => unreachable!("takes() accepted the problem"),
+        }
+    }
+}
+
+/// Moves the gradient of `out` into the caller's slice, times the upstream gradient.
+fn into(out: &mut LossOutput, gradient: Gradient<'_>, upstream: Upstream<'_>) {
+    let (Some(g), Gradient::IntoF32(dst)) = (out.gradient.take(), gradient) else { return };
+    match upstream {
+        Upstream::Scalar(s) if s == 1.0 => dst.copy_from_slice(&g),
+        _ => dst.iter_mut().zip(&g).enumerate().for_each(|(i, (d, &x))| *d = x * upstream.of_row(i)),
+    }
+}
