@@ -20,6 +20,16 @@ use crate::problem::{Gradient, LabelKind, Labels, Logits, LogitsRef, Mode, Probl
 /// Elements of one row block of [`by_blocks`] (16 MiB of f32), at least one row.
 pub(crate) const BLOCK_ELEMS: usize = 1 << 22;
 
+static BLOCK_ELEMS_NOW: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(BLOCK_ELEMS);
+
+/// Sets the elements of one row block of the front door's composition (default 4M), so
+/// that tests reach block boundaries with small problems. Results do not depend on it
+/// beyond f32 rounding.
+#[doc(hidden)]
+pub fn set_block_elems(elems: usize) {
+    BLOCK_ELEMS_NOW.store(elems.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A path's own computations.
 pub(crate) trait Native: Backend {
     /// Whether the path computes `problem` itself. It must for f32 logits with a gradient
@@ -142,7 +152,7 @@ pub(crate) fn by_blocks<B: Native>(
     let want_rows = !backward && wants_row_losses(&problem, opts);
     let want_lse = !backward && problem.lse;
     let reduced = !backward && opts.get_reduction() != Reduction::None;
-    let block_rows = (BLOCK_ELEMS / v).clamp(1, rows);
+    let block_rows = (BLOCK_ELEMS_NOW.load(std::sync::atomic::Ordering::Relaxed) / v).clamp(1, rows);
     let mut wide: Vec<f32> = Vec::new();
     let mut grad: Vec<f32> = Vec::new();
     let (mut loss, mut z_loss, mut any_z) = (0.0f64, 0.0f64, false);

@@ -52,6 +52,8 @@ pub mod synth;
 
 pub use backend::{Backend, BackendExt, CpuFast, Reference};
 pub use error::{Error, Result};
+#[doc(hidden)]
+pub use front::set_block_elems;
 pub use gpu::GpuContext;
 pub use options::{
     Batch, DEFAULT_IGNORE_INDEX, HalfFormat, LossOptions, LossOutput, Reduction, Targets, Upstream,

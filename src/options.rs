@@ -47,7 +47,7 @@ pub const DEFAULT_IGNORE_INDEX: i64 = -100;
 ///
 /// ```
 /// use xent::{LossOptions, Reduction};
-/// let opts = LossOptions::new().reduction(Reduction::Sum).ignore_index(0).gradient(true);
+/// let opts = LossOptions::new().reduction(Reduction::Sum).ignore_index(0).label_smoothing(0.1);
 /// assert_eq!(opts.get_reduction(), Reduction::Sum);
 /// ```
 #[derive(Clone, Debug, PartialEq)]
@@ -237,19 +237,20 @@ impl LossOptions {
         self.ignore_index = ignore_index;
         self
     }
-    /// Asks for the gradient d(loss)/d(logits) (upstream gradient 1) in a separate buffer.
-    /// The `*_in_place` calls always write it, over the logits.
-    pub fn gradient(mut self, yes: bool) -> Self {
+    /// Asks the paths' own functions for the gradient (the front door sets it from
+    /// [`crate::Problem::gradient`]).
+    pub(crate) fn gradient(mut self, yes: bool) -> Self {
         self.gradient = yes;
         self
     }
-    /// Also returns the per-row losses for `sum` and `mean` (always returned for `none`).
-    pub fn row_losses(mut self, yes: bool) -> Self {
+    /// Asks the paths' own functions for the per-row losses (from
+    /// [`crate::Problem::row_losses`]).
+    pub(crate) fn row_losses(mut self, yes: bool) -> Self {
         self.row_losses = yes;
         self
     }
-    /// Also returns each row's log-sum-exp.
-    pub fn lse(mut self, yes: bool) -> Self {
+    /// Asks the paths' own functions for the per-row LSE (from [`crate::Problem::lse`]).
+    pub(crate) fn lse(mut self, yes: bool) -> Self {
         self.lse = yes;
         self
     }
@@ -262,15 +263,15 @@ impl LossOptions {
         self.ignore_index
     }
     /// Whether a separate gradient is asked for.
-    pub fn wants_gradient(&self) -> bool {
+    pub(crate) fn wants_gradient(&self) -> bool {
         self.gradient
     }
     /// Whether per-row losses are returned (always for [`Reduction::None`]).
-    pub fn wants_row_losses(&self) -> bool {
+    pub(crate) fn wants_row_losses(&self) -> bool {
         self.row_losses || self.reduction == Reduction::None
     }
     /// Whether per-row log-sum-exp values are returned.
-    pub fn wants_lse(&self) -> bool {
+    pub(crate) fn wants_lse(&self) -> bool {
         self.lse
     }
 }
@@ -515,8 +516,8 @@ pub struct LossOutput {
     pub row_losses: Option<Vec<f32>>,
     /// Per-row log-sum-exp, when asked.
     pub lse: Option<Vec<f32>>,
-    /// The gradient d(loss)/d(logits), row major [rows, classes], when asked with
-    /// [`LossOptions::gradient`] (the `*_in_place` calls write it over the logits instead).
+    /// The gradient d(loss)/d(logits), row major [rows, classes], for
+    /// [`Gradient::Owned`](crate::Gradient::Owned) (other destinations hold it themselves).
     pub gradient: Option<Vec<f32>>,
     /// The z-loss part of [`loss`](Self::loss) on its own (`s · Σ lse²` over the counted
     /// rows, divided under `mean` by their number, or by `n_items`), when z-loss is on

@@ -1,0 +1,270 @@
+//! The support matrix: every cell ({f32, f16, bf16} × {class indices, probabilities,
+//! binary} × {loss, gradient owned / into f32 / into the input's type / in place,
+//! backward}) on every path — the reference, the fast CPU path and every adapter — gives
+//! the f64 reference's result on the same (widened) values, under several option sets,
+//! an even and an odd number of classes, and row blocks small enough that the front
+//! door's composition crosses block boundaries. A cell may instead answer
+//! `Error::Unsupported`; the test lists those and fails unless the list is the one
+//! README documents (empty today).
+
+mod common;
+
+use xent::{
+    Backend, Cell, Dtype, Error, Gradient, HalfFormat, LabelKind, Labels, Logits, LossOptions, LossOutput,
+    Output, Problem, Reduction, Upstream,
+};
+
+/// One problem's inputs, on values that every element type represents exactly.
+struct Fixture {
+    rows: usize,
+    classes: usize,
+    /// The logits as f32, already rounded to `dtype`.
+    logits: Vec<f32>,
+    bits: Vec<u16>,
+    targets: Vec<i64>,
+    probs: Vec<f32>,
+    binary: Vec<f32>,
+    upstream_rows: Vec<f32>,
+    upstream_elems: Vec<f32>,
+}
+
+impl Fixture {
+    fn new(rows: usize, classes: usize, dtype: Dtype, seed: u64) -> Self {
+        let raw = xent::synth::logits(rows, classes, 2.0, seed);
+        let (logits, bits) = match dtype.half() {
+            None => (raw, Vec::new()),
+            Some(f) => {
+                let bits: Vec<u16> = raw.iter().map(|&x| f.from_f32(x)).collect();
+                (bits.iter().map(|&b| f.to_f32(b)).collect(), bits)
+            }
+        };
+        let mut targets = xent::synth::targets(rows, classes, seed + 1);
+        targets.iter_mut().step_by(7).for_each(|t| *t = -100);
+        let u = xent::synth::logits(rows, classes, 1.0, seed + 2);
+        let mut probs = vec![0.0f32; rows * classes];
+        for (p, row) in probs.chunks_mut(classes).zip(u.chunks(classes)) {
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = row.iter().map(|&x| (x - m).exp()).collect();
+            let s: f32 = e.iter().sum();
+            p.iter_mut().zip(&e).for_each(|(p, &e)| *p = e / s);
+        }
+        let binary = u.iter().enumerate().map(|(i, &x)| if i % 3 == 0 { 0.3 } else { f32::from(x > 0.0) }).collect();
+        let upstream_rows = (0..rows).map(|r| 0.5 + (r % 5) as f32 * 0.25).collect();
+        let upstream_elems = (0..rows * classes).map(|i| 0.25 + (i % 7) as f32 * 0.125).collect();
+        Self { rows, classes, logits, bits, targets, probs, binary, upstream_rows, upstream_elems }
+    }
+
+    fn labels(&self, kind: LabelKind) -> Labels<'_> {
+        match kind {
+            LabelKind::Classes => Labels::from(&self.targets),
+            LabelKind::Probabilities => Labels::Probabilities(&self.probs),
+            LabelKind::Binary => Labels::Binary(&self.binary),
+        }
+    }
+
+    fn upstream(&self, kind: LabelKind, reduction: Reduction) -> Upstream<'_> {
+        match (reduction, kind) {
+            (Reduction::None, LabelKind::Binary) => Upstream::PerElement(&self.upstream_elems),
+            (Reduction::None, _) => Upstream::PerRow(&self.upstream_rows),
+            _ => Upstream::Scalar(0.75),
+        }
+    }
+}
+
+/// The option sets of a label kind: the plain loss and the options that apply to it.
+fn option_sets(kind: LabelKind, classes: usize) -> Vec<LossOptions> {
+    let weights: Vec<f32> = (0..classes).map(|c| 0.25 + (c % 4) as f32 * 0.5).collect();
+    match kind {
+        LabelKind::Classes => vec![
+            LossOptions::new(),
+            // The z-loss part divides by the counted rows, the cross-entropy part by Σ w_y.
+            LossOptions::new().weights(weights.clone()).label_smoothing(0.1).z_loss(1e-3),
+            LossOptions::new().reduction(Reduction::Sum).softcap(5.0).logit_scale(1.5),
+            LossOptions::new().reduction(Reduction::None).weights(weights).z_loss(1e-2),
+        ],
+        LabelKind::Probabilities => vec![
+            LossOptions::new(),
+            LossOptions::new().reduction(Reduction::Sum).weights(weights).label_smoothing(0.1).z_loss(1e-3),
+            LossOptions::new().reduction(Reduction::None).softcap(5.0),
+        ],
+        LabelKind::Binary => vec![
+            LossOptions::new(),
+            LossOptions::new().reduction(Reduction::Sum).weights(weights.clone()).pos_weight(weights),
+            LossOptions::new().reduction(Reduction::None),
+        ],
+    }
+}
+
+/// What a cell produced: the output and the gradient as f32 (None for the loss only).
+type Produced = (LossOutput, Option<Vec<f32>>);
+
+/// Runs `cell` of `fixture` on `backend`.
+fn run(backend: &dyn Backend, cell: Cell, f: &Fixture, opts: &LossOptions) -> xent::Result<Produced> {
+    let format = cell.dtype.half();
+    let v = f.classes;
+    let labels = f.labels(cell.labels);
+    let mut logits32 = f.logits.clone();
+    let mut bits = f.bits.clone();
+    let mut into32 = vec![f32::NAN; f.logits.len()];
+    let mut into16 = vec![0u16; f.logits.len()];
+    let lse = saved_lse(f, cell.labels, opts);
+    let logits = match (format, cell.output) {
+        (None, Output::InPlace) => Logits::F32Mut(&mut logits32),
+        (None, _) => Logits::F32(&logits32),
+        (Some(h), Output::InPlace) => Logits::HalfMut(&mut bits, h),
+        (Some(h), _) => Logits::Half(&bits, h),
+    };
+    let problem = Problem::new(logits, v, labels).row_losses(true).lse(cell.labels != LabelKind::Binary);
+    let problem = match cell.output {
+        Output::Loss => problem,
+        Output::Owned => problem.gradient(Gradient::Owned),
+        Output::IntoF32 => problem.gradient(Gradient::IntoF32(&mut into32)),
+        Output::IntoHalf => problem.gradient(Gradient::IntoHalf(&mut into16)),
+        Output::InPlace => problem.gradient(Gradient::InPlace),
+        Output::Backward => Problem { row_losses: false, lse: false, ..problem }
+            .gradient(Gradient::IntoF32(&mut into32))
+            .backward(lse.as_deref(), f.upstream(cell.labels, opts.get_reduction())),
+    };
+    let mut out = backend.evaluate(problem, opts)?;
+    let widen = |b: &[u16]| -> Vec<f32> { b.iter().map(|&x| format.unwrap().to_f32(x)).collect() };
+    let grad = match cell.output {
+        Output::Loss => None,
+        Output::Owned => out.gradient.take(),
+        Output::IntoF32 | Output::Backward => Some(into32),
+        Output::IntoHalf => Some(widen(&into16)),
+        Output::InPlace => Some(if format.is_some() { widen(&bits) } else { logits32 }),
+    };
+    Ok((out, grad))
+}
+
+/// The LSE a forward saved (the reference's, rounded to f32), for the cross-entropy kinds.
+fn saved_lse(f: &Fixture, kind: LabelKind, opts: &LossOptions) -> Option<Vec<f32>> {
+    if kind == LabelKind::Binary {
+        return None;
+    }
+    let problem = Problem::new(Logits::F32(&f.logits), f.classes, f.labels(kind)).lse(true);
+    xent::Reference.evaluate(problem, opts).unwrap().lse
+}
+
+/// The f64 reference on the widened values, computed directly (not composed).
+fn expected(cell: Cell, f: &Fixture, opts: &LossOptions) -> Produced {
+    let exact = Cell { dtype: Dtype::F32, output: if cell.output == Output::Backward { Output::Backward } else { Output::IntoF32 }, ..cell };
+    let mut out = run(&xent::Reference, exact, f, opts).unwrap();
+    if cell.output == Output::Loss {
+        out.1 = None;
+    }
+    out
+}
+
+fn close(got: f32, want: f32, rtol: f32, atol: f32) -> bool {
+    (got.is_nan() && want.is_nan()) || got == want || (got - want).abs() <= rtol * want.abs() + atol
+}
+
+/// Compares a cell's result with the reference's; the gradient under the tolerance of
+/// its destination type.
+fn compare(cell: Cell, got: &Produced, want: &Produced) -> Result<(), String> {
+    let (g, w) = (&got.0, &want.0);
+    let loss = |a: Option<f32>, b: Option<f32>, what: &str| -> Result<(), String> {
+        match (a, b) {
+            (Some(a), Some(b)) if close(a, b, 1e-5, 1e-6) => Ok(()),
+            (None, None) => Ok(()),
+            (a, b) => Err(format!("{what}: got {a:?}, want {b:?}")),
+        }
+    };
+    loss(g.loss, w.loss, "loss")?;
+    loss(g.z_loss, w.z_loss, "z_loss")?;
+    for (what, a, b) in [("row losses", &g.row_losses, &w.row_losses), ("lse", &g.lse, &w.lse)] {
+        match (a, b) {
+            (Some(a), Some(b)) if a.len() == b.len() => {
+                if let Some(i) = (0..a.len()).find(|&i| !close(a[i], b[i], 1e-5, 1e-6)) {
+                    return Err(format!("{what}[{i}]: got {}, want {}", a[i], b[i]));
+                }
+            }
+            (None, None) => {}
+            (a, b) => return Err(format!("{what}: got {:?} values, want {:?}", a.as_ref().map(Vec::len), b.as_ref().map(Vec::len))),
+        }
+    }
+    let half_out = matches!(cell.output, Output::IntoHalf | Output::InPlace) && cell.dtype != Dtype::F32;
+    let (rtol, atol) = match (half_out, cell.dtype) {
+        (false, _) => (0.0, 1e-6),
+        (true, Dtype::Bf16) => (1.6e-2, 1e-5),
+        (true, _) => (1e-3, 1e-5),
+    };
+    match (&got.1, &want.1) {
+        (Some(a), Some(b)) => {
+            if let Some(i) = (0..a.len()).find(|&i| !close(a[i], b[i], rtol, atol)) {
+                return Err(format!("gradient[{i}]: got {}, want {}", a[i], b[i]));
+            }
+        }
+        (None, None) => {}
+        (a, _) => return Err(format!("gradient: got {}", if a.is_some() { "one" } else { "none" })),
+    }
+    Ok(())
+}
+
+/// Walks every cell on `backend`; returns the unsupported cells and the failures.
+fn walk(backend: &dyn Backend) -> (Vec<String>, Vec<String>) {
+    let (mut unsupported, mut failures) = (Vec::new(), Vec::new());
+    let mut checked = 0;
+    for cell in Cell::all() {
+        for (rows, classes) in [(37, 50), (29, 33)] {
+            let f = Fixture::new(rows, classes, cell.dtype, 11 + classes as u64);
+            for opts in option_sets(cell.labels, classes) {
+                let want = expected(cell, &f, &opts);
+                match run(backend, cell, &f, &opts) {
+                    Ok(got) => {
+                        checked += 1;
+                        if let Err(e) = compare(cell, &got, &want) {
+                            failures.push(format!("{cell} ({rows}x{classes}, {opts:?}): {e}"));
+                        }
+                    }
+                    Err(Error::Unsupported { cell: c, why, .. }) => {
+                        let line = format!("{cell}: {c} ({why})");
+                        if !unsupported.contains(&line) {
+                            unsupported.push(line);
+                        }
+                    }
+                    Err(e) => failures.push(format!("{cell} ({rows}x{classes}, {opts:?}): error {e}")),
+                }
+            }
+        }
+    }
+    assert!(checked > 0, "{}: no cell ran", backend.describe());
+    eprintln!("{}: {checked} evaluations against the reference", backend.describe());
+    (unsupported, failures)
+}
+
+fn assert_whole_matrix(backend: &dyn Backend) {
+    // Row blocks of 3 or 4 rows: the composition crosses block boundaries.
+    xent::set_block_elems(150);
+    let (unsupported, failures) = walk(backend);
+    assert!(failures.is_empty(), "{}: {} failures:\n{}", backend.describe(), failures.len(), failures.join("\n"));
+    assert!(unsupported.is_empty(), "{}: unsupported cells:\n{}", backend.describe(), unsupported.join("\n"));
+}
+
+#[test]
+fn every_cell_on_the_reference() {
+    assert_whole_matrix(&xent::Reference);
+}
+
+#[test]
+fn every_cell_on_the_fast_cpu_path() {
+    assert_whole_matrix(&xent::CpuFast);
+}
+
+#[test]
+fn every_cell_on_every_adapter() {
+    for gpu in common::gpus("every_cell_on_every_adapter") {
+        assert_whole_matrix(gpu);
+    }
+}
+
+#[test]
+fn cells_of_the_matrix() {
+    let cells = Cell::all();
+    // 3 types × 3 label kinds × 6 outputs, less the half destination of f32 logits.
+    assert_eq!(cells.len(), 3 * 3 * 6 - 3);
+    let text = Cell { dtype: Dtype::F16, labels: LabelKind::Probabilities, output: Output::InPlace }.to_string();
+    assert_eq!(text, "float16 logits × probability targets × gradient in place");
+    let _ = HalfFormat::F16;
+}
