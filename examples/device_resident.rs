@@ -5,8 +5,8 @@
 //! Run: `cargo run --release --example device_resident`
 
 use wgpu::util::DeviceExt;
-use xent::gpu::{DeviceBatch, DeviceGradient};
-use xent::{GpuContext, LossOptions, Reduction};
+use xent::gpu::{DeviceGradient, DeviceLabels, DeviceLogits, DeviceProblem, DeviceWorkspace};
+use xent::{BackendExt, Dtype, GpuContext, LossOptions, Reduction};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The engine's own device.
@@ -21,7 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The engine's own buffers: 1000 rows of a 32000-class vocabulary.
     let (rows, classes) = (1000, 32000);
     let logits: Vec<f32> = xent::synth::logits(rows, classes, 2.0, 1);
-    let mut targets: Vec<i32> = xent::synth::targets(rows, classes, 1).iter().map(|&t| t as i32).collect();
+    // PyTorch's int64 class indices, as the engine holds them.
+    let mut targets: Vec<i64> = xent::synth::targets(rows, classes, 1);
     targets[7] = -100; // padding token: ignored
     let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
     let logits_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -44,22 +45,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // xent records into the engine's encoder; the engine submits.
     let xent = GpuContext::from_device(device.clone(), queue.clone())?;
     let mut encoder = device.create_command_encoder(&Default::default());
-    let batch = DeviceBatch {
-        logits: &logits_buf,
-        logits_offset: 0,
-        targets: &targets_buf,
-        targets_offset: 0,
+    let problem = DeviceProblem {
+        logits: DeviceLogits { buffer: &logits_buf, offset: 0, dtype: Dtype::F32 },
         rows,
         classes,
-        ignore_index: -100,
+        labels: DeviceLabels::ClassesI64 { buffer: &targets_buf, offset: 0 },
+        gradient: DeviceGradient::Into { buffer: &grad_buf, offset: 0 },
     };
-    let grad = DeviceGradient::Into { buffer: &grad_buf, offset: 0 };
-    let out = xent.record_cross_entropy(
-        &mut encoder,
-        &batch,
-        &LossOptions::new().reduction(Reduction::Mean),
-        grad,
-    )?;
+    // Reused by every later recording: one shape, no new buffers.
+    let mut workspace = DeviceWorkspace::new();
+    let opts = LossOptions::new().reduction(Reduction::Mean);
+    let out = xent.record(&mut encoder, &problem, &opts, &mut workspace)?;
     queue.submit([encoder.finish()]);
 
     // Read back only what we want to print.
@@ -68,8 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("mean loss on the device: {loss:.6}");
     println!("first gradient values:   {gradient:?}");
 
-    let t64: Vec<i64> = targets.iter().map(|&t| i64::from(t)).collect();
-    let reference = xent::cpu::reference::cross_entropy(&logits, classes, &t64, &LossOptions::new())?;
+    let reference = xent::Reference.cross_entropy(&logits, classes, &targets, &LossOptions::new())?;
     println!("f64 CPU reference:       {:.6}", reference.loss.unwrap_or(f32::NAN));
     Ok(())
 }

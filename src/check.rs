@@ -228,7 +228,9 @@ pub fn conformance_cases() -> Vec<Case> {
         Case::new("ignore -100 mean+grad", 64, 300, 2.0, 5)
             .grad()
             .edit(|_, t| t.iter_mut().step_by(3).for_each(|x| *x = -100)),
-        Case::new("ignore class 3 sum+grad", 64, 10, 2.0, 6).opts(with(Reduction::Sum).ignore_index(3)).grad(),
+        Case::new("ignore class 3 sum+grad", 64, 10, 2.0, 6)
+            .opts(with(Reduction::Sum).ignore_index(3))
+            .grad(),
         Case::new("all ignored mean (NaN)", 8, 16, 1.0, 7)
             .grad()
             .edit(|_, t| t.iter_mut().for_each(|x| *x = -100)),

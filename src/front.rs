@@ -14,7 +14,9 @@
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets, Upstream, check_binary, check_soft};
+use crate::options::{
+    Batch, LossOptions, LossOutput, Reduction, Targets, Upstream, check_binary, check_soft,
+};
 use crate::problem::{Gradient, LabelKind, Labels, Logits, LogitsRef, Mode, Problem, check_shape};
 
 /// Elements of one row block of [`by_blocks`] (16 MiB of f32), at least one row.

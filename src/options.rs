@@ -605,7 +605,11 @@ impl Batch {
             counted_rows,
             weighted_count,
             mean_denominator: opts.denominators.map(|d| d.0).or(opts.get_n_items()).unwrap_or(weighted_count),
-            z_denominator: opts.denominators.map(|d| d.1).or(opts.get_n_items()).unwrap_or(counted_rows as f64),
+            z_denominator: opts
+                .denominators
+                .map(|d| d.1)
+                .or(opts.get_n_items())
+                .unwrap_or(counted_rows as f64),
         })
     }
 

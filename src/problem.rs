@@ -428,7 +428,11 @@ pub(crate) fn check_shape(p: &Problem<'_>) -> Result<usize> {
                 expected: usize::MAX,
             })?;
             if n != expected {
-                return Err(Error::Shape { what: format!("logits (rows {rows} × classes {v})"), got: n, expected });
+                return Err(Error::Shape {
+                    what: format!("logits (rows {rows} × classes {v})"),
+                    got: n,
+                    expected,
+                });
             }
             rows
         }
@@ -459,7 +463,8 @@ pub(crate) fn check_shape(p: &Problem<'_>) -> Result<usize> {
         }
         Gradient::IntoHalf(_) if p.logits.dtype() == Dtype::F32 => {
             return Err(Error::InvalidOption(
-                "a gradient in the input's half type needs half-precision logits; use Gradient::IntoF32".into(),
+                "a gradient in the input's half type needs half-precision logits; use Gradient::IntoF32"
+                    .into(),
             ));
         }
         Gradient::InPlace if !p.logits.is_mut() => {
@@ -476,7 +481,8 @@ pub(crate) fn check_shape(p: &Problem<'_>) -> Result<usize> {
         match (p.labels.kind(), lse) {
             (LabelKind::Binary, Some(_)) => {
                 return Err(Error::InvalidOption(
-                    "binary cross-entropy's backward takes no saved LSE (it recomputes from the logits)".into(),
+                    "binary cross-entropy's backward takes no saved LSE (it recomputes from the logits)"
+                        .into(),
                 ));
             }
             (LabelKind::Binary, None) => {}
@@ -486,7 +492,11 @@ pub(crate) fn check_shape(p: &Problem<'_>) -> Result<usize> {
                 ));
             }
             (_, Some(l)) if l.len() != rows => {
-                return Err(Error::Shape { what: "saved LSE (one per row)".into(), got: l.len(), expected: rows });
+                return Err(Error::Shape {
+                    what: "saved LSE (one per row)".into(),
+                    got: l.len(),
+                    expected: rows,
+                });
             }
             _ => {}
         }

@@ -48,7 +48,8 @@ impl Fixture {
             let s: f32 = e.iter().sum();
             p.iter_mut().zip(&e).for_each(|(p, &e)| *p = e / s);
         }
-        let binary = u.iter().enumerate().map(|(i, &x)| if i % 3 == 0 { 0.3 } else { f32::from(x > 0.0) }).collect();
+        let binary =
+            u.iter().enumerate().map(|(i, &x)| if i % 3 == 0 { 0.3 } else { f32::from(x > 0.0) }).collect();
         let upstream_rows = (0..rows).map(|r| 0.5 + (r % 5) as f32 * 0.25).collect();
         let upstream_elems = (0..rows * classes).map(|i| 0.25 + (i % 7) as f32 * 0.125).collect();
         Self { rows, classes, logits, bits, targets, probs, binary, upstream_rows, upstream_elems }
@@ -148,7 +149,11 @@ fn saved_lse(f: &Fixture, kind: LabelKind, opts: &LossOptions) -> Option<Vec<f32
 
 /// The f64 reference on the widened values, computed directly (not composed).
 fn expected(cell: Cell, f: &Fixture, opts: &LossOptions) -> Produced {
-    let exact = Cell { dtype: Dtype::F32, output: if cell.output == Output::Backward { Output::Backward } else { Output::IntoF32 }, ..cell };
+    let exact = Cell {
+        dtype: Dtype::F32,
+        output: if cell.output == Output::Backward { Output::Backward } else { Output::IntoF32 },
+        ..cell
+    };
     let mut out = run(&xent::Reference, exact, f, opts).unwrap();
     if cell.output == Output::Loss {
         out.1 = None;
@@ -181,7 +186,13 @@ fn compare(cell: Cell, got: &Produced, want: &Produced) -> Result<(), String> {
                 }
             }
             (None, None) => {}
-            (a, b) => return Err(format!("{what}: got {:?} values, want {:?}", a.as_ref().map(Vec::len), b.as_ref().map(Vec::len))),
+            (a, b) => {
+                return Err(format!(
+                    "{what}: got {:?} values, want {:?}",
+                    a.as_ref().map(Vec::len),
+                    b.as_ref().map(Vec::len)
+                ));
+            }
         }
     }
     let half_out = matches!(cell.output, Output::IntoHalf | Output::InPlace) && cell.dtype != Dtype::F32;
@@ -238,7 +249,13 @@ fn assert_whole_matrix(backend: &dyn Backend) {
     // Row blocks of 3 or 4 rows: the composition crosses block boundaries.
     xent::set_block_elems(150);
     let (unsupported, failures) = walk(backend);
-    assert!(failures.is_empty(), "{}: {} failures:\n{}", backend.describe(), failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{}: {} failures:\n{}",
+        backend.describe(),
+        failures.len(),
+        failures.join("\n")
+    );
     assert!(unsupported.is_empty(), "{}: unsupported cells:\n{}", backend.describe(), unsupported.join("\n"));
 }
 
@@ -264,7 +281,8 @@ fn cells_of_the_matrix() {
     let cells = Cell::all();
     // 3 types × 3 label kinds × 6 outputs, less the half destination of f32 logits.
     assert_eq!(cells.len(), 3 * 3 * 6 - 3);
-    let text = Cell { dtype: Dtype::F16, labels: LabelKind::Probabilities, output: Output::InPlace }.to_string();
+    let text =
+        Cell { dtype: Dtype::F16, labels: LabelKind::Probabilities, output: Output::InPlace }.to_string();
     assert_eq!(text, "float16 logits × probability targets × gradient in place");
     let _ = HalfFormat::F16;
 }

@@ -47,7 +47,8 @@ fn transform(x: f64, opts: &LossOptions) -> (f64, f64) {
 
 impl Native for crate::Reference {
     fn takes(&self, problem: &Problem<'_>, _: &LossOptions) -> bool {
-        matches!(problem.logits, Logits::F32(_)) && matches!(problem.gradient, Gradient::None | Gradient::IntoF32(_))
+        matches!(problem.logits, Logits::F32(_))
+            && matches!(problem.gradient, Gradient::None | Gradient::IntoF32(_))
     }
 
     fn native(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput> {
@@ -209,7 +210,8 @@ fn probabilities(
     let mut lses = Vec::with_capacity(rows);
     let (mut sum, mut z_sum) = (0.0f64, 0.0f64);
     for r in 0..rows {
-        let zs: Vec<(f64, f64)> = x[r * v..(r + 1) * v].iter().map(|&x| transform(f64::from(x), opts)).collect();
+        let zs: Vec<(f64, f64)> =
+            x[r * v..(r + 1) * v].iter().map(|&x| transform(f64::from(x), opts)).collect();
         let z: Vec<f64> = zs.iter().map(|p| p.0).collect();
         let l = match saved {
             Some(saved) => f64::from(saved[r]),
@@ -281,7 +283,11 @@ fn binary(
 /// The saved LSE must have one value per row.
 pub(crate) fn check_lse(lse: &[f32], rows: usize) -> Result<()> {
     if lse.len() != rows {
-        return Err(crate::Error::Shape { what: "saved LSE (one per row)".into(), got: lse.len(), expected: rows });
+        return Err(crate::Error::Shape {
+            what: "saved LSE (one per row)".into(),
+            got: lse.len(),
+            expected: rows,
+        });
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use super::buffers::{Recorder, bind_ranges, groups_x};
 use super::context::GpuContext;
 use super::kernels::{BENCH_COPY_WGSL, BENCH_READ_WGSL, BenchParams, Kernel, RO, RW};
-use super::resident::{DeviceBatch, DeviceGradient};
+use super::resident::{DeviceGradient, DeviceLabels, DeviceLogits, DeviceProblem, DeviceWorkspace};
 
 /// Which passes a loss measurement runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,25 +246,20 @@ impl<'a> GpuBench<'a> {
             let grad_buf = (pass == Pass::ForwardBackward).then(|| self.storage(bytes, "xent bench grad"));
             ctx.queue.write_buffer(&logits_buf, 0, bytemuck::cast_slice(logits));
             ctx.queue.write_buffer(&targets_buf, 0, bytemuck::cast_slice(targets));
-            let batch = DeviceBatch {
-                logits: &logits_buf,
-                logits_offset: 0,
-                targets: &targets_buf,
-                targets_offset: 0,
-                rows,
-                classes,
-                ignore_index: -100,
-            };
             let opts = crate::LossOptions::new();
             let gradient = match &grad_buf {
                 Some(b) => DeviceGradient::Into { buffer: b, offset: 0 },
                 None => DeviceGradient::None,
             };
-            self.time(
-                repeats,
-                |enc| ctx.record_cross_entropy(enc, &batch, &opts, gradient).map(drop),
-                on_iter,
-            )
+            let problem = DeviceProblem {
+                logits: DeviceLogits { buffer: &logits_buf, offset: 0, dtype: crate::Dtype::F32 },
+                rows,
+                classes,
+                labels: DeviceLabels::ClassesI32 { buffer: &targets_buf, offset: 0 },
+                gradient,
+            };
+            let mut workspace = DeviceWorkspace::new();
+            self.time(repeats, |enc| ctx.record(enc, &problem, &opts, &mut workspace).map(drop), on_iter)
         })
     }
 

@@ -56,8 +56,9 @@ impl GpuContext {
         };
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
         let io = BinaryIo { grad, upstream };
-        let total =
-            self.scoped(|| self.binary_pieces(&mut ws.binary, logits, classes, targets, io, opts, denom, &mut out));
+        let total = self.scoped(|| {
+            self.binary_pieces(&mut ws.binary, logits, classes, targets, io, opts, denom, &mut out)
+        });
         if total.is_err() {
             ws.release();
         }

@@ -78,7 +78,12 @@ impl Native for GpuContext {
         match (&problem.logits, &problem.gradient, &problem.mode, &problem.labels) {
             (Logits::F32(_) | Logits::F32Mut(_), Gradient::None | Gradient::IntoF32(_), _, _) => true,
             (Logits::F32Mut(_), Gradient::InPlace, Mode::Fused, Labels::Classes(_)) => true,
-            (Logits::Half(..), Gradient::None | Gradient::IntoF32(_) | Gradient::IntoHalf(_), Mode::Fused, Labels::Classes(_))
+            (
+                Logits::Half(..),
+                Gradient::None | Gradient::IntoF32(_) | Gradient::IntoHalf(_),
+                Mode::Fused,
+                Labels::Classes(_),
+            )
             | (Logits::HalfMut(..), Gradient::InPlace, Mode::Fused, Labels::Classes(_)) => {
                 self.reads_half(problem.rows(), problem.classes, kind)
             }

@@ -53,6 +53,8 @@ pub const MERGE_PARTIALS_WGSL: &str = include_str!("../../shaders/merge_partials
 pub const CROSS_ENTROPY_BACKWARD_WGSL: &str = include_str!("../../shaders/cross_entropy_backward.wgsl");
 /// Row weights (the `mean` denominator's terms) from targets alone.
 pub const ROW_WEIGHTS_WGSL: &str = include_str!("../../shaders/row_weights.wgsl");
+/// 64-bit class indices narrowed to i32 on the device (device-resident i64 targets).
+pub const NARROW_TARGETS_WGSL: &str = include_str!("../../shaders/narrow_targets.wgsl");
 /// One level of the deterministic tree sum used for `sum` and `mean`.
 pub const REDUCE_SUM_WGSL: &str = include_str!("../../shaders/reduce_sum.wgsl");
 /// Cross-entropy with probability (soft) targets.
@@ -101,6 +103,7 @@ pub fn shaders() -> Vec<(&'static str, String)> {
         ("merge_partials.wgsl", with_state(MERGE_PARTIALS_WGSL)),
         ("cross_entropy_backward.wgsl", with_state(CROSS_ENTROPY_BACKWARD_WGSL)),
         ("row_weights.wgsl", ROW_WEIGHTS_WGSL.to_string()),
+        ("narrow_targets.wgsl", NARROW_TARGETS_WGSL.to_string()),
         ("reduce_sum.wgsl", REDUCE_SUM_WGSL.to_string()),
         ("cross_entropy_soft.wgsl", with_state(CROSS_ENTROPY_SOFT_WGSL)),
         ("binary_cross_entropy.wgsl", BINARY_CROSS_ENTROPY_WGSL.to_string()),
@@ -406,6 +409,16 @@ pub(crate) struct WeightParams {
     pub _pad: [u32; 3],
 }
 
+/// `Params` of `narrow_targets.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct NarrowParams {
+    pub rows: u32,
+    pub groups_x: u32,
+    pub ignore_lo: u32,
+    pub ignore_hi: u32,
+}
+
 /// `Params` of `binary_cross_entropy.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -599,6 +612,7 @@ pub(crate) struct Kernels {
     pub backward: Kernel,
     pub reduce: Kernel,
     pub weights: Kernel,
+    pub narrow: Kernel,
     pub binary: Kernel,
     pub soft: Kernel,
     /// Workgroup size of every kernel (a power of two).
@@ -675,6 +689,14 @@ impl Kernels {
                 "row_weights",
                 &src["row_weights.wgsl"],
                 &[(RO, 4), (RW, 4), (RO, 4)],
+                wg,
+            ),
+            // i64 targets, i32 targets
+            narrow: Kernel::new::<NarrowParams>(
+                device,
+                "narrow_targets",
+                &src["narrow_targets.wgsl"],
+                &[(RO, 8), (RW, 4)],
                 wg,
             ),
             // logits, targets, weights, pos_weight, grad, losses, partials, upstream

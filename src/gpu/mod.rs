@@ -16,4 +16,4 @@ pub(crate) use context::check_grad_len;
 pub use context::{GpuContext, Tuning, adapters, instance, select_adapters};
 pub use kernels::shaders;
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
-pub use resident::{DeviceBatch, DeviceGradient, DeviceLoss};
+pub use resident::{DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceProblem, DeviceWorkspace};

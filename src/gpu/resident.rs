@@ -5,10 +5,13 @@
 
 use crate::error::{Error, Result};
 use crate::options::{LossOptions, Reduction};
+use crate::problem::{Cell, Dtype, LabelKind, Output};
 
-use super::buffers::{Recorder, bind_ranges, groups_x, params_stride};
+use super::buffers::{Recorder, Slot, bind_ranges, groups_x, params_stride};
 use super::context::GpuContext;
-use super::kernels::{ElemFormat, GradMode, KernelOpts, NO_INDEX, RowParams, WeightParams, rows_layout};
+use super::kernels::{
+    ElemFormat, GradMode, KernelOpts, NO_INDEX, NarrowParams, RowParams, WeightParams, rows_layout,
+};
 use super::plan::SPLIT_BLOCK_COLS;
 use super::stream::{RowGrid, record_row_grid, reduce_levels};
 
@@ -17,26 +20,65 @@ fn whole(b: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, u64) {
     (b, 0, bytes.max(16).min(b.size()))
 }
 
-/// A batch in the caller's GPU buffers.
+/// A problem in the caller's GPU buffers: the device-resident twin of
+/// [`crate::Problem`]. Every buffer needs `BufferUsages::STORAGE`; every offset is in bytes
+/// and a multiple of `min_storage_buffer_offset_alignment`.
 #[derive(Clone, Copy, Debug)]
-pub struct DeviceBatch<'a> {
-    /// f32 logits [rows, classes], row major, at `logits_offset` bytes (a multiple of
-    /// `min_storage_buffer_offset_alignment`). Needs `BufferUsages::STORAGE`.
-    pub logits: &'a wgpu::Buffer,
-    /// Byte offset of the logits.
-    pub logits_offset: u64,
-    /// i32 class indices \[rows\] at `targets_offset`. Rows whose target equals
-    /// `ignore_index`, or lies outside [0, classes), are ignored (loss 0, gradient 0):
-    /// the device cannot report a bad target, so validate on the host if that matters.
-    pub targets: &'a wgpu::Buffer,
-    /// Byte offset of the targets.
-    pub targets_offset: u64,
+pub struct DeviceProblem<'a> {
+    /// The logits [rows, classes], row major.
+    pub logits: DeviceLogits<'a>,
     /// Rows N.
     pub rows: usize,
     /// Classes V.
     pub classes: usize,
-    /// The ignore index.
-    pub ignore_index: i32,
+    /// The labels.
+    pub labels: DeviceLabels<'a>,
+    /// Where the gradient goes.
+    pub gradient: DeviceGradient<'a>,
+}
+
+/// Logits in a caller's buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceLogits<'a> {
+    /// The buffer.
+    pub buffer: &'a wgpu::Buffer,
+    /// Byte offset.
+    pub offset: u64,
+    /// The element type.
+    pub dtype: Dtype,
+}
+
+/// Labels in a caller's buffer.
+#[derive(Clone, Copy, Debug)]
+pub enum DeviceLabels<'a> {
+    /// i32 class indices \[rows\].
+    ClassesI32 {
+        /// The buffer.
+        buffer: &'a wgpu::Buffer,
+        /// Byte offset.
+        offset: u64,
+    },
+    /// i64 class indices \[rows\] (PyTorch's `long`), narrowed on the device.
+    ClassesI64 {
+        /// The buffer.
+        buffer: &'a wgpu::Buffer,
+        /// Byte offset.
+        offset: u64,
+    },
+    /// f32 probabilities [rows, classes].
+    Probabilities {
+        /// The buffer.
+        buffer: &'a wgpu::Buffer,
+        /// Byte offset.
+        offset: u64,
+    },
+    /// f32 binary targets [rows, classes].
+    Binary {
+        /// The buffer.
+        buffer: &'a wgpu::Buffer,
+        /// Byte offset.
+        offset: u64,
+    },
 }
 
 /// Where the device path writes the gradient.
@@ -55,6 +97,38 @@ pub enum DeviceGradient<'a> {
     },
 }
 
+impl DeviceProblem<'_> {
+    /// The coordinates of this problem in the support matrix.
+    pub fn cell(&self) -> Cell {
+        Cell {
+            dtype: self.logits.dtype,
+            labels: match self.labels {
+                DeviceLabels::ClassesI32 { .. } | DeviceLabels::ClassesI64 { .. } => LabelKind::Classes,
+                DeviceLabels::Probabilities { .. } => LabelKind::Probabilities,
+                DeviceLabels::Binary { .. } => LabelKind::Binary,
+            },
+            output: match self.gradient {
+                DeviceGradient::None => Output::Loss,
+                DeviceGradient::InPlace => Output::InPlace,
+                DeviceGradient::Into { .. } => Output::IntoF32,
+            },
+        }
+    }
+}
+
+/// The checked inputs of the fused class-index kernels on caller buffers.
+struct DeviceBatch<'a> {
+    logits: &'a wgpu::Buffer,
+    logits_offset: u64,
+    targets: &'a wgpu::Buffer,
+    targets_offset: u64,
+    rows: usize,
+    classes: usize,
+    /// The ignore index as the kernels compare it (targets outside [0, V) are ignored
+    /// too).
+    ignore_index: i32,
+}
+
 /// Results of a recorded evaluation, as device buffers (all `STORAGE | COPY_SRC`).
 /// They are valid once the caller has submitted the encoder.
 pub struct DeviceLoss {
@@ -71,19 +145,186 @@ pub struct DeviceLoss {
     _scratch: Vec<wgpu::Buffer>,
 }
 
+/// The path's name in [`Error::Unsupported`].
+const PATH: &str = "device-resident";
+
+/// The buffers of device-resident recordings, owned by the caller and reused by every
+/// [`GpuContext::record`] that is given it: repeated recordings of one shape create no
+/// buffer. One workspace per recording in flight — the results of a recording live in
+/// the workspace until the next recording that uses it, so submit (and read) one before
+/// recording the next into the same workspace.
+#[derive(Default)]
+pub struct DeviceWorkspace {
+    slots: [Slot; 13],
+    allocations: u64,
+}
+
+impl DeviceWorkspace {
+    /// A workspace with no buffers yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Buffers this workspace has created so far.
+    pub fn buffer_allocations(&self) -> u64 {
+        self.allocations
+    }
+    /// Slot `i` with at least `bytes`, counting a new buffer.
+    fn buffer(
+        &mut self,
+        device: &wgpu::Device,
+        i: usize,
+        label: &str,
+        usage: wgpu::BufferUsages,
+        bytes: u64,
+    ) -> wgpu::Buffer {
+        if self.slots[i].ensure(device, label, usage, bytes, u64::MAX) {
+            self.allocations += 1;
+        }
+        self.slots[i].get().clone()
+    }
+}
+
+/// Slots of a [`DeviceWorkspace`].
+mod slot {
+    pub const ROW_LOSS: usize = 0;
+    pub const LSE: usize = 1;
+    pub const WEIGHT: usize = 2;
+    pub const STATS: usize = 3;
+    pub const LOSS: usize = 4;
+    pub const DUMMY: usize = 5;
+    pub const NORM: usize = 6;
+    pub const CLASS_WEIGHTS: usize = 7;
+    pub const SCRATCH: usize = 8;
+    pub const PARAMS: usize = 9;
+    pub const PARTIALS: usize = 10;
+    pub const NARROW: usize = 11;
+    pub const NARROW_PARAMS: usize = 12;
+}
+
 impl GpuContext {
-    /// Records the loss (and gradient) of a batch held in the caller's buffers into the
-    /// caller's encoder. Forward and, for `mean` with a gradient, a separate backward pass
-    /// that reads the denominator reduced on the device: 2 reads + 1 write of the logits,
-    /// as in the fused host path.
-    pub fn record_cross_entropy(
+    /// Records the loss (and gradient) of a problem held in the caller's buffers into the
+    /// caller's encoder: no copies of the logits, nothing read back
+    /// ([`GpuContext::read_device_loss`] when the caller wants the value). Forward and,
+    /// for `mean` with a gradient, the denominator reduced on the device before the fused
+    /// kernel: 2 reads + 1 write of the logits, as the fused host path.
+    ///
+    /// Takes f32 logits with i32 or i64 class indices, the gradient none, in place or
+    /// into a caller buffer, every class-index option. Targets the device cannot range
+    /// check are ignored rows (validate on the host if that matters). Other cells of the
+    /// support matrix are [`Error::Unsupported`] on this path for now (README, "Library"):
+    /// half-precision logits, probability and binary targets, a separate backward, and
+    /// z-loss with class weights under `mean` without `n_items` (its two denominators).
+    pub fn record(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        batch: &DeviceBatch<'_>,
+        problem: &DeviceProblem<'_>,
         opts: &LossOptions,
-        gradient: DeviceGradient<'_>,
+        workspace: &mut DeviceWorkspace,
     ) -> Result<DeviceLoss> {
-        self.scoped(|| self.record_inner(encoder, batch, opts, gradient))
+        let unsupported = |why: &str| Error::Unsupported {
+            path: PATH.into(),
+            cell: problem.cell().to_string(),
+            why: why.into(),
+        };
+        if problem.logits.dtype != Dtype::F32 {
+            return Err(unsupported("the device path reads f32 logits; use the host API for half precision"));
+        }
+        let (targets, targets_offset, wide) = match problem.labels {
+            DeviceLabels::ClassesI32 { buffer, offset } => (buffer, offset, false),
+            DeviceLabels::ClassesI64 { buffer, offset } => (buffer, offset, true),
+            DeviceLabels::Probabilities { .. } | DeviceLabels::Binary { .. } => {
+                return Err(unsupported("the device path takes class indices; use the host API"));
+            }
+        };
+        if opts.get_z_loss() > 0.0
+            && opts.get_weights().is_some()
+            && opts.get_reduction() == Reduction::Mean
+            && opts.get_n_items().is_none()
+        {
+            return Err(unsupported(
+                "z-loss with class weights under mean divides by two denominators the device path does not \
+                 reduce yet; give n_items",
+            ));
+        }
+        if opts.get_pos_weight().is_some() {
+            return Err(Error::InvalidOption("pos_weight applies to binary cross-entropy only".into()));
+        }
+        self.scoped(|| {
+            let ignore = opts.get_ignore_index();
+            let (targets, targets_offset, ignore_index) = if wide {
+                let narrow =
+                    self.narrow_targets(encoder, targets, targets_offset, problem.rows, ignore, workspace)?;
+                (narrow, 0, -1)
+            } else {
+                // An ignore_index no i32 holds matches no i32 target; -1 is ignored anyway.
+                (targets.clone(), targets_offset, i32::try_from(ignore).unwrap_or(-1))
+            };
+            let batch = DeviceBatch {
+                logits: problem.logits.buffer,
+                logits_offset: problem.logits.offset,
+                targets: &targets,
+                targets_offset,
+                rows: problem.rows,
+                classes: problem.classes,
+                ignore_index,
+            };
+            self.record_inner(encoder, &batch, opts, problem.gradient, workspace)
+        })
+    }
+
+    /// Records the narrowing of `rows` i64 targets to a new i32 buffer.
+    fn narrow_targets(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        wide: &wgpu::Buffer,
+        offset: u64,
+        rows: usize,
+        ignore_index: i64,
+        ws: &mut DeviceWorkspace,
+    ) -> Result<wgpu::Buffer> {
+        use wgpu::BufferUsages as U;
+        let bytes = rows as u64 * 8;
+        if offset + bytes > wide.size() {
+            return Err(Error::Shape {
+                what: format!("targets buffer (bytes from offset {offset})"),
+                got: wide.size().saturating_sub(offset) as usize,
+                expected: bytes as usize,
+            });
+        }
+        let narrow = ws.buffer(
+            &self.device,
+            slot::NARROW,
+            "xent narrowed targets",
+            U::STORAGE | U::COPY_SRC | U::COPY_DST,
+            rows as u64 * 4,
+        );
+        let params = ws.buffer(
+            &self.device,
+            slot::NARROW_PARAMS,
+            "xent narrow params",
+            U::UNIFORM | U::COPY_DST,
+            params_stride(&self.limits),
+        );
+        let wg = self.kernels.workgroup_size;
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let groups = (rows as u64).div_ceil(u64::from(wg)).max(1);
+        let bg = bind_ranges(
+            &self.device,
+            &self.kernels.narrow,
+            &params,
+            &[(wide, offset, bytes.max(8)), whole(&narrow, narrow.size())],
+        );
+        let bits = ignore_index as u64;
+        let p = NarrowParams {
+            rows: rows as u32,
+            groups_x: groups_x(groups, max_dim),
+            ignore_lo: bits as u32,
+            ignore_hi: (bits >> 32) as u32,
+        };
+        let mut rec = Recorder::into_encoder(encoder, &self.limits);
+        rec.dispatch(&self.kernels.narrow, &bg, &p, groups);
+        rec.write_params(&self.queue, &params);
+        Ok(narrow)
     }
 
     fn record_inner(
@@ -92,6 +333,7 @@ impl GpuContext {
         batch: &DeviceBatch<'_>,
         opts: &LossOptions,
         gradient: DeviceGradient<'_>,
+        ws: &mut DeviceWorkspace,
     ) -> Result<DeviceLoss> {
         let (n, v) = (batch.rows, batch.classes);
         if v == 0 {
@@ -162,52 +404,26 @@ impl GpuContext {
 
         use wgpu::BufferUsages as U;
         let d = &self.device;
-        let new_buffer = |label: &str, bytes: u64| {
-            d.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: bytes.max(16).next_multiple_of(16),
-                usage: U::STORAGE | U::COPY_SRC | U::COPY_DST,
-                mapped_at_creation: false,
-            })
-        };
+        let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
         let rows = n.max(1) as u64;
-        let row_loss = new_buffer("xent row_loss", rows * 4);
-        let lse = new_buffer("xent lse", rows * 4);
-        let weight = new_buffer("xent row_weight", rows * 4);
-        let stats = new_buffer("xent row_stats", rows * 8);
-        let loss = new_buffer("xent loss", 8);
-        let dummy = new_buffer("xent unused", 16);
+        let row_loss = ws.buffer(d, slot::ROW_LOSS, "xent row_loss", st, rows * 4);
+        let lse = ws.buffer(d, slot::LSE, "xent lse", st, rows * 4);
+        let weight = ws.buffer(d, slot::WEIGHT, "xent row_weight", st, rows * 4);
+        let stats = ws.buffer(d, slot::STATS, "xent row_stats", st, rows * 8);
+        let loss = ws.buffer(d, slot::LOSS, "xent loss", st, 8);
+        let dummy = ws.buffer(d, slot::DUMMY, "xent unused", st, 16);
         // The gradient's denominator: 1, `n_items`, or (copied in below) the weighted count
-        // of non-ignored rows for `mean`.
+        // of non-ignored rows for `mean`. Written through the queue: in place before the
+        // caller's next submission, which runs this recording.
         let n_items = opts.get_n_items().filter(|_| reduction == Reduction::Mean);
         let norm_init = n_items.map_or(1.0, |x| x as f32);
-        let norm = d.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("xent norm"),
-            size: 16,
-            usage: U::STORAGE | U::COPY_DST | U::COPY_SRC,
-            mapped_at_creation: true,
-        });
-        norm.slice(..)
-            .get_mapped_range_mut()
-            .map_err(|e| Error::Gpu(e.to_string()))?
-            .copy_from_slice(bytemuck::cast_slice(&[norm_init, 0.0, 0.0, 0.0]));
-        norm.unmap();
-        // The class weights (a dummy without them), and `n_items` as the denominator.
-        let class_weights = d.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("xent class weights"),
-            size: (v as u64 * 4).max(16).next_multiple_of(16),
-            usage: U::STORAGE | U::COPY_DST,
-            mapped_at_creation: true,
-        });
+        let norm = ws.buffer(d, slot::NORM, "xent norm", st, 16);
+        self.queue.write_buffer(&norm, 0, bytemuck::cast_slice(&[norm_init, 0.0, 0.0, 0.0]));
+        // The class weights (a dummy without them).
+        let class_weights = ws.buffer(d, slot::CLASS_WEIGHTS, "xent class weights", st, v as u64 * 4);
         if let Some(w) = opts.get_weights() {
-            class_weights
-                .slice(..)
-                .get_mapped_range_mut()
-                .map_err(|e| Error::Gpu(e.to_string()))?
-                .slice(..w.len() * 4)
-                .copy_from_slice(bytemuck::cast_slice(w));
+            self.queue.write_buffer(&class_weights, 0, bytemuck::cast_slice(w));
         }
-        class_weights.unmap();
         // Scratch: weights' levels first (the count), then the losses' levels, which
         // divide by the count for `mean`.
         let count_levels = reduce_levels(rows, 0, wg, max_dim, 1.0, NO_INDEX);
@@ -220,17 +436,17 @@ impl GpuContext {
             _ => (1.0, NO_INDEX),
         };
         let loss_levels = reduce_levels(rows, loss_src, wg, max_dim, divisor, divisor_index);
-        let scratch = new_buffer("xent scratch", loss_levels.extent * 4);
+        let scratch = ws.buffer(d, slot::SCRATCH, "xent scratch", st, loss_levels.extent * 4);
 
         let chunks = n.div_ceil(rows_per_chunk);
         let blocks = (chunks + 4 + count_levels.levels.len() + loss_levels.levels.len()) as u64;
-        let mut _scratch = Vec::new();
-        let params = d.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("xent params"),
-            size: blocks * params_stride(&self.limits),
-            usage: U::UNIFORM | U::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let params = ws.buffer(
+            d,
+            slot::PARAMS,
+            "xent params",
+            U::UNIFORM | U::COPY_DST,
+            blocks * params_stride(&self.limits),
+        );
 
         let mut rec = Recorder::into_encoder(encoder, &self.limits);
         // 1. Row weights from the targets, and their sum (the `mean` denominator), before
@@ -273,7 +489,7 @@ impl GpuContext {
         let grid = self.tuning.row_grid(n, v) && total <= bind_cap;
         if grid {
             let bpr = v.div_ceil(SPLIT_BLOCK_COLS);
-            let partials = new_buffer("xent partials", (n * bpr * 32) as u64);
+            let partials = ws.buffer(d, slot::PARTIALS, "xent partials", st, (n * bpr * 32) as u64);
             let logits_range = (batch.logits, batch.logits_offset, total);
             let targets_range = (batch.targets, batch.targets_offset, n as u64 * 4);
             let partials_bg = bind_ranges(
@@ -330,7 +546,6 @@ impl GpuContext {
                 &kopts,
                 max_dim,
             );
-            _scratch.push(partials);
         }
         for c in 0..if grid { 0 } else { chunks } {
             let first = c * rows_per_chunk;
@@ -386,7 +601,7 @@ impl GpuContext {
             lse,
             loss,
             rows: n,
-            _scratch: [weight, stats, scratch, params, dummy, norm].into_iter().chain(_scratch).collect(),
+            _scratch: vec![weight, stats, scratch, params, dummy, norm, class_weights],
         })
     }
 

@@ -59,7 +59,8 @@ impl GpuContext {
             ..LossOutput::default()
         };
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
-        let total = self.scoped(|| self.soft_chunks(&mut ws.soft, logits, classes, targets, run, opts, d, &mut out));
+        let total =
+            self.scoped(|| self.soft_chunks(&mut ws.soft, logits, classes, targets, run, opts, d, &mut out));
         if total.is_err() {
             ws.release();
         }
