@@ -201,22 +201,6 @@ with_every_option!(RowParams, BackwardParams);
 /// one-read path by default (`CACHED` there; the host may build it with another value).
 pub(crate) const ROWS_CACHED: u32 = 32;
 
-/// Invocations per row of `cross_entropy_rows.wgsl` for `classes` columns, and whether
-/// the row fits the one-read (register-cached) path: rows up to `CACHED` elements per
-/// invocation of a workgroup are cached; longer rows stream with `elems_per_thread`
-/// (tuned per adapter) elements per invocation at least.
-pub(crate) fn rows_layout(classes: u64, tuning: &super::context::Tuning) -> (u32, bool) {
-    let wg = u64::from(tuning.workgroup_size);
-    let cached = u64::from(tuning.cached_per_thread);
-    if classes <= wg * cached {
-        (classes.div_ceil(cached).max(1).next_power_of_two() as u32, true)
-    } else {
-        let most = wg.min(u64::from(tuning.max_threads_per_row.max(1)));
-        let t = (classes / tuning.elems_per_thread.max(1)).clamp(1, most);
-        (1u32 << (63 - t.leading_zeros()), false)
-    }
-}
-
 /// The loss options as the kernels take them (see `LossOpts` in row_state.wgsl).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct KernelOpts {
@@ -620,7 +604,7 @@ pub(crate) struct Kernels {
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device, tuning: &super::context::Tuning) -> Self {
+    pub fn new(device: &wgpu::Device, tuning: &super::tuning::Tuning) -> Self {
         let (wg, cached) = (tuning.workgroup_size, tuning.cached_per_thread);
         debug_assert!(wg.is_power_of_two());
         let subgroups = tuning.subgroups && device.features().contains(wgpu::Features::SUBGROUP);

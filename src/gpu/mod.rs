@@ -11,9 +11,11 @@ pub mod plan;
 mod resident;
 mod soft;
 mod stream;
+pub mod tuning;
 
 pub(crate) use context::check_grad_len;
-pub use context::{GpuContext, Tuning, adapters, instance, select_adapters};
+pub use context::{GpuContext, adapters, instance, select_adapters};
 pub use kernels::shaders;
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
 pub use resident::{DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceProblem, DeviceWorkspace};
+pub use tuning::Tuning;

@@ -11,14 +11,14 @@ use std::ops::Range;
 
 use crate::error::{Error, Result};
 
-use super::context::Tuning;
+pub use super::tuning::SPLIT_BLOCK_COLS;
+use super::tuning::{Tuning, rows_layout};
 
 /// Device bytes a call may use by default for its streamed chunks.
 pub const DEFAULT_BUDGET: u64 = 1 << 30;
 /// Chunks in flight by default: two, so that one uploads while the other computes.
 pub const DEFAULT_RING: usize = 2;
 /// Columns reduced by one workgroup of the split-row kernels.
-pub const SPLIT_BLOCK_COLS: usize = 4096;
 /// Device bytes per row of the per-row buffers of a chunk (targets, loss, LSE, weight,
 /// statistics, their readback and reduction scratch).
 pub const ROW_OVERHEAD_BYTES: u64 = 48;
@@ -146,7 +146,7 @@ impl Plan {
         let per_elem = 4 * grad.buffers_per_element();
         let v = classes as u64;
         let wg = u64::from(limits.tuning.workgroup_size);
-        let (threads_per_row, cached) = super::kernels::rows_layout(v, &limits.tuning);
+        let (threads_per_row, cached) = rows_layout(v, &limits.tuning);
         let rows_per_group = wg / u64::from(threads_per_row);
         let fit_rows = [
             limits.max_binding / (v * 4),

@@ -9,11 +9,9 @@ use crate::problem::{Cell, Dtype, LabelKind, Output};
 
 use super::buffers::{Recorder, Slot, bind_ranges, groups_x, params_stride};
 use super::context::GpuContext;
-use super::kernels::{
-    ElemFormat, GradMode, KernelOpts, NO_INDEX, NarrowParams, RowParams, WeightParams, rows_layout,
-};
-use super::plan::SPLIT_BLOCK_COLS;
+use super::kernels::{ElemFormat, GradMode, KernelOpts, NO_INDEX, NarrowParams, RowParams, WeightParams};
 use super::stream::{RowGrid, record_row_grid, reduce_levels};
+use super::tuning::{SPLIT_BLOCK_COLS, rows_layout};
 
 /// A whole-buffer binding range of at least `bytes`.
 fn whole(b: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, u64) {

@@ -1,0 +1,158 @@
+//! How the kernels are shaped for an adapter ([`Tuning`]) and how a row of V classes is
+//! laid over a workgroup ([`rows_layout`]): pure values, imported by the kernels, the plan
+//! and the context alike; this module depends on nothing that owns a device.
+
+/// Columns of one workgroup of the split and grid kernels (`row_partials`,
+/// `cross_entropy_backward`).
+pub const SPLIT_BLOCK_COLS: usize = 4096;
+
+/// How the kernels are shaped for an adapter: chosen from the adapter type by
+/// [`Tuning::for_adapter`] (measured on lavapipe; GPU values follow the usual practice
+/// and await measurement on real GPUs), overridable through `XENT_WORKGROUP_SIZE`,
+/// `XENT_ELEMS_PER_THREAD`, `XENT_MAX_THREADS_PER_ROW`, `XENT_CACHED`, `XENT_SUBGROUPS`
+/// (0: the workgroup-memory merge even where the device has subgroups),
+/// `XENT_MAX_WORKGROUPS` and `XENT_FEW_ROWS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Invocations per workgroup (a power of two; the `WG` override constant).
+    pub workgroup_size: u32,
+    /// Elements per invocation, at least, on the fused kernel's streaming path: fewer,
+    /// longer invocations per row for larger values.
+    pub elems_per_thread: u64,
+    /// At most this many invocations per row on the streaming path.
+    pub max_threads_per_row: u32,
+    /// Floats per invocation kept in registers on the fused kernel's one-read path: rows
+    /// up to `workgroup_size × cached_per_thread` take it.
+    pub cached_per_thread: u32,
+    /// Merge a row's states with subgroup operations when the device has `SUBGROUP` (and
+    /// one row fills the workgroup); workgroup memory alone otherwise.
+    pub subgroups: bool,
+    /// At most this many workgroups of the fused kernel per dispatch (0: one per row
+    /// group); each then takes row groups in turn. Fewer rows in flight keep a long row
+    /// in the cache between its two reads.
+    pub max_workgroups: u32,
+    /// Batches of fewer rows than this, with rows of at least 8192 classes, are spread
+    /// over a (row × 4096-column block) grid of workgroups so that they fill a GPU (0:
+    /// never). CPU adapters gain nothing from more workgroups and pay the grid's extra
+    /// passes: 2–3× slower than whole rows on lavapipe at 2 × 262144.
+    pub few_rows: u32,
+}
+
+impl Tuning {
+    /// GPUs: wide workgroups, many invocations per row (memory parallelism), rows up to
+    /// 8192 classes cached in registers.
+    pub const GPU: Tuning = Tuning {
+        workgroup_size: 256,
+        elems_per_thread: 8,
+        max_threads_per_row: 1024,
+        cached_per_thread: 32,
+        subgroups: true,
+        max_workgroups: 0,
+        few_rows: 64,
+    };
+    /// CPU adapters (lavapipe, llvmpipe) run invocations as SIMD lanes on one thread per
+    /// dispatch: few invocations per row and small workgroups measured fastest there, and
+    /// large private arrays are slow.
+    pub const CPU: Tuning = Tuning {
+        workgroup_size: 64,
+        elems_per_thread: 1024,
+        max_threads_per_row: 4,
+        cached_per_thread: 4,
+        subgroups: true,
+        max_workgroups: 0,
+        few_rows: 0,
+    };
+
+    /// The tuning for an adapter, with the `XENT_*` environment overrides applied.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Tuning {
+        let mut t = match info.device_type {
+            wgpu::DeviceType::Cpu => Self::CPU,
+            _ => Self::GPU,
+        };
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+        if let Some(w) = var("XENT_WORKGROUP_SIZE") {
+            t.workgroup_size = w as u32;
+        }
+        if let Some(e) = var("XENT_ELEMS_PER_THREAD") {
+            t.elems_per_thread = e;
+        }
+        if let Some(m) = var("XENT_MAX_THREADS_PER_ROW") {
+            t.max_threads_per_row = m as u32;
+        }
+        if let Some(c) = var("XENT_CACHED") {
+            t.cached_per_thread = c as u32;
+        }
+        if let Some(s) = var("XENT_SUBGROUPS") {
+            t.subgroups = s != 0;
+        }
+        if let Some(m) = var("XENT_MAX_WORKGROUPS") {
+            t.max_workgroups = m.min(u64::from(u32::MAX)) as u32;
+        }
+        if let Some(f) = var("XENT_FEW_ROWS") {
+            t.few_rows = f.min(u64::from(u32::MAX)) as u32;
+        }
+        t
+    }
+
+    /// Clamped to what the device allows: a power-of-two workgroup within its limits.
+    pub fn within(self, limits: &wgpu::Limits) -> Tuning {
+        let max = limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x);
+        let wg = self.workgroup_size.clamp(1, max.max(1));
+        Tuning {
+            workgroup_size: 1 << (31 - wg.leading_zeros()),
+            elems_per_thread: self.elems_per_thread.max(1),
+            max_threads_per_row: self.max_threads_per_row.max(1),
+            cached_per_thread: self.cached_per_thread.clamp(4, 1024),
+            subgroups: self.subgroups,
+            max_workgroups: self.max_workgroups,
+            few_rows: self.few_rows,
+        }
+    }
+
+    /// Whether `rows` rows of `classes` take the (row × column block) grid.
+    pub(crate) fn row_grid(&self, rows: usize, classes: usize) -> bool {
+        rows < self.few_rows as usize && classes >= 2 * SPLIT_BLOCK_COLS
+    }
+
+    /// Workgroups to dispatch for `row_groups` groups of rows of the fused kernel.
+    pub(crate) fn rows_workgroups(&self, row_groups: u64) -> u64 {
+        match self.max_workgroups {
+            0 => row_groups,
+            most => row_groups.min(u64::from(most)),
+        }
+    }
+}
+
+impl std::fmt::Display for Tuning {
+    /// The `XENT_*` variables that reproduce it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "XENT_WORKGROUP_SIZE={} XENT_ELEMS_PER_THREAD={} XENT_MAX_THREADS_PER_ROW={} XENT_CACHED={} \
+             XENT_SUBGROUPS={} XENT_MAX_WORKGROUPS={} XENT_FEW_ROWS={}",
+            self.workgroup_size,
+            self.elems_per_thread,
+            self.max_threads_per_row,
+            self.cached_per_thread,
+            u8::from(self.subgroups),
+            self.max_workgroups,
+            self.few_rows
+        )
+    }
+}
+
+/// Invocations per row of `cross_entropy_rows.wgsl` for `classes` columns, and whether
+/// the row fits the one-read (register-cached) path: rows up to `CACHED` elements per
+/// invocation of a workgroup are cached; longer rows stream with `elems_per_thread`
+/// (tuned per adapter) elements per invocation at least.
+pub fn rows_layout(classes: u64, tuning: &Tuning) -> (u32, bool) {
+    let wg = u64::from(tuning.workgroup_size);
+    let cached = u64::from(tuning.cached_per_thread);
+    if classes <= wg * cached {
+        (classes.div_ceil(cached).max(1).next_power_of_two() as u32, true)
+    } else {
+        let most = wg.min(u64::from(tuning.max_threads_per_row.max(1)));
+        let t = (classes / tuning.elems_per_thread.max(1)).clamp(1, most);
+        (1u32 << (63 - t.leading_zeros()), false)
+    }
+}
