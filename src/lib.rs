@@ -40,7 +40,7 @@
 
 mod backend;
 pub mod check;
-pub mod cpu;
+mod cpu;
 mod error;
 mod front;
 pub mod gpu;

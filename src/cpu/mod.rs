@@ -1,6 +1,6 @@
-//! The CPU paths: [`reference`](mod@reference), plain f64 code that every other result is
-//! checked against ([`crate::Reference`]), and [`fast`], the fused multi-threaded path
-//! that GPU numbers are compared with ([`crate::CpuFast`]). Both are reached through
+//! The CPU paths: `reference`, plain f64 code that every other result is checked against
+//! ([`crate::Reference`]), and `fast`, the fused multi-threaded path that GPU numbers are
+//! compared with ([`crate::CpuFast`]). Both are reached through
 //! [`crate::Backend::evaluate`].
 
 pub(crate) mod fast;
