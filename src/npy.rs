@@ -1,7 +1,22 @@
 //! A small, strict reader and writer for NumPy's `.npy` format (versions 1–3), enough
-//! for logits, targets and results: little-endian `f4`, `f8`, `i4`, `i8`, C order
-//! (Fortran order only for 1-D arrays, where it is the same thing). Everything else is
-//! refused with a message naming the file and what is wrong.
+//! for logits, targets and results: little-endian `f2`, `f4`, `f8`, `i4`, `i8`, in C or
+//! Fortran order. Everything else is refused with a message naming the file and what is
+//! wrong.
+//!
+//! # Fortran order
+//!
+//! Callers always see C order (row-major: element `(r, c)` of shape `[N, V]` at
+//! `r * V + c`). A Fortran-order (column-major) file, as scikit-learn and
+//! `np.asfortranarray` write them (header `'fortran_order': True`, element `(r, c)` at
+//! `c * N + r`), is **transposed into memory** when read: [`read`] returns the row-major
+//! vector, and [`MappedNpy::open`] fills one owned row-major buffer by a cache-blocked
+//! transpose (64×64 tiles, bands of rows in parallel) straight from the mapped file. So
+//! such a file costs one buffer of its data's size in RAM (N×V elements for logits) and
+//! a pass over it when opened, where a C-order file is mapped and used in place. Arrays
+//! with at most one dimension longer than 1 (0-D, 1-D, `[N, 1]`, `[1, V]`) and empty ones
+//! are laid out identically in both orders: they are used as they are, still mapped.
+//! Arrays of three or more dimensions are transposed in general (Fortran order of
+//! `[d0, …, dk]` is C order of `[dk, …, d0]`: every axis is reversed).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -73,11 +88,24 @@ pub struct Header {
     pub dtype: DType,
     /// Shape.
     pub shape: Vec<usize>,
-    /// Byte offset of the data.
+    /// Whether the data is in Fortran (column-major) order. [`read_header`] reports what
+    /// the file says; [`MappedNpy::header`] describes the data it hands out, which is
+    /// always in C order, so it is `false` there.
+    pub fortran_order: bool,
+    /// Byte offset of the data in the file.
     pub data_offset: usize,
 }
 
-/// Reads and checks the header of `path`.
+impl Header {
+    /// Whether the data must be transposed to be seen in C order: Fortran order with more
+    /// than one dimension longer than 1 (otherwise both orders are the same layout).
+    fn needs_transpose(&self) -> bool {
+        self.fortran_order && !self.shape.contains(&0) && self.shape.iter().filter(|&&d| d > 1).count() > 1
+    }
+}
+
+/// Reads and checks the header of `path`. Fortran-order files are accepted and reported
+/// in [`Header::fortran_order`]; [`read`] and [`MappedNpy`] transpose their data.
 pub fn read_header(path: &Path, file: &mut impl Read) -> Result<Header> {
     let mut pre = [0u8; 8];
     file.read_exact(&mut pre).map_err(|_| bad(path, "not a .npy file: shorter than the 8-byte preamble"))?;
@@ -103,14 +131,8 @@ pub fn read_header(path: &Path, file: &mut impl Read) -> Result<Header> {
     let mut text = vec![0u8; len];
     file.read_exact(&mut text).map_err(|_| bad(path, "truncated header"))?;
     let text = String::from_utf8(text).map_err(|_| bad(path, "header is not text"))?;
-    let (dtype, fortran, shape) = parse_dict(&text).map_err(|m| bad(path, m))?;
-    if fortran && shape.len() > 1 {
-        return Err(bad(
-            path,
-            "Fortran-order (column-major) arrays are not supported; save with np.ascontiguousarray",
-        ));
-    }
-    Ok(Header { dtype, shape, data_offset: pre_len + len })
+    let (dtype, fortran_order, shape) = parse_dict(&text).map_err(|m| bad(path, m))?;
+    Ok(Header { dtype, shape, fortran_order, data_offset: pre_len + len })
 }
 
 /// Parses `{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }`.
@@ -158,47 +180,80 @@ fn parse_dict(text: &str) -> std::result::Result<(DType, bool, Vec<usize>), Stri
 
 /// A `.npy` file mapped into memory: its data is used in place, never copied, so a file
 /// larger than half the machine's memory still works.
+///
+/// The exception is a Fortran-order file with more than one dimension longer than 1: its
+/// data is transposed into one owned row-major buffer when opened (see the
+/// [module docs](self#fortran-order)), so it costs its data's size in RAM. Either way the
+/// accessors hand out the data in C order and [`MappedNpy::header`] describes it so.
 pub struct MappedNpy {
     path: PathBuf,
     header: Header,
-    map: memmap2::Mmap,
+    data: Backing,
+}
+
+/// Where the data of a [`MappedNpy`] lives.
+enum Backing {
+    /// The file, mapped; the data starts at the header's `data_offset`.
+    Mapped(memmap2::Mmap),
+    /// A Fortran-order file's data, transposed into C order.
+    Owned(NpyData),
 }
 
 impl MappedNpy {
-    /// Maps `path` read-only after checking its header and length.
+    /// Maps `path` read-only after checking its header and length. A Fortran-order file
+    /// is transposed into memory from the map, which is then dropped.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let mut file = File::open(path).map_err(io(path))?;
-        let header = read_header(path, &mut file)?;
-        let count = element_count(path, &header)?;
-        check_length(path, &header, count, file.metadata().map_err(io(path))?.len())?;
+        let len = file.metadata().map_err(io(path))?.len();
+        let (mut header, count) = checked_header(path, &mut file, len)?;
         // SAFETY: the map is read-only; like every reader of a file, we rely on no other
         // process truncating it while it is in use.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(path))?;
-        Ok(Self { path: path.to_path_buf(), header, map })
+        let data = match header.needs_transpose() {
+            true => Backing::Owned(transposed(path, &header, count, &map[header.data_offset..])?),
+            false => Backing::Mapped(map),
+        };
+        // The data handed out is in C order either way.
+        header.fortran_order = false;
+        Ok(Self { path: path.to_path_buf(), header, data })
     }
 
-    /// The header (dtype and shape).
+    /// The header (dtype and shape), describing the data as handed out: C order.
     pub fn header(&self) -> &Header {
         &self.header
     }
 
-    /// The data as raw float16 bits, in place. Fails unless the dtype is float16.
-    pub fn as_f16_bits(&self) -> Result<&[u16]> {
-        if self.header.dtype != DType::F16 {
-            return Err(bad(&self.path, format!("expected float16 data, found {:?}", self.header.dtype)));
-        }
-        bytemuck::try_cast_slice(&self.map[self.header.data_offset..])
-            .map_err(|e| bad(&self.path, format!("data is not 2-byte aligned in the file: {e}")))
+    /// True when the data is used in place from the mapped file; false for a Fortran-order
+    /// file transposed into memory.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, Backing::Mapped(_))
     }
 
-    /// The data as f32, in place. Fails unless the dtype is float32.
-    pub fn as_f32(&self) -> Result<&[f32]> {
-        if self.header.dtype != DType::F32 {
-            return Err(bad(&self.path, format!("expected float32 data, found {:?}", self.header.dtype)));
+    /// The data as raw float16 bits, in place (or transposed, for Fortran order). Fails
+    /// unless the dtype is float16.
+    pub fn as_f16_bits(&self) -> Result<&[u16]> {
+        match &self.data {
+            Backing::Owned(NpyData::F16(v)) => Ok(v),
+            Backing::Mapped(map) if self.header.dtype == DType::F16 => {
+                bytemuck::try_cast_slice(&map[self.header.data_offset..])
+                    .map_err(|e| bad(&self.path, format!("data is not 2-byte aligned in the file: {e}")))
+            }
+            _ => Err(bad(&self.path, format!("expected float16 data, found {:?}", self.header.dtype))),
         }
-        bytemuck::try_cast_slice(&self.map[self.header.data_offset..])
-            .map_err(|e| bad(&self.path, format!("data is not 4-byte aligned in the file: {e}")))
+    }
+
+    /// The data as f32, in place (or transposed, for Fortran order). Fails unless the
+    /// dtype is float32.
+    pub fn as_f32(&self) -> Result<&[f32]> {
+        match &self.data {
+            Backing::Owned(NpyData::F32(v)) => Ok(v),
+            Backing::Mapped(map) if self.header.dtype == DType::F32 => {
+                bytemuck::try_cast_slice(&map[self.header.data_offset..])
+                    .map_err(|e| bad(&self.path, format!("data is not 4-byte aligned in the file: {e}")))
+            }
+            _ => Err(bad(&self.path, format!("expected float32 data, found {:?}", self.header.dtype))),
+        }
     }
 }
 
@@ -282,36 +337,147 @@ fn check_length(path: &Path, header: &Header, count: usize, file_len: u64) -> Re
     Ok(())
 }
 
+/// Reads the header of `path` from `reader` and checks it against `total_len`, the
+/// length of the whole file; returns it with the element count.
+fn checked_header(path: &Path, reader: &mut impl Read, total_len: u64) -> Result<(Header, usize)> {
+    let header = read_header(path, reader)?;
+    let count = element_count(path, &header)?;
+    check_length(path, &header, count, total_len)?;
+    Ok((header, count))
+}
+
 /// Reads a whole `.npy` file (the data is read straight into the typed vector: one copy).
+/// A Fortran-order file is transposed into the vector from a map of the file instead, so
+/// the data is in C order either way.
 pub fn read(path: impl AsRef<Path>) -> Result<NpyArray> {
     let path = path.as_ref();
     let mut file = File::open(path).map_err(io(path))?;
     let len = file.metadata().map_err(io(path))?.len();
-    read_from(path, &mut file, len)
+    let (header, count) = checked_header(path, &mut file, len)?;
+    let data = match header.needs_transpose() {
+        true => {
+            // SAFETY: as in `MappedNpy::open`.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(path))?;
+            transposed(path, &header, count, &map[header.data_offset..])?
+        }
+        false => read_data(path, &mut file, header.dtype, count)?,
+    };
+    Ok(NpyArray { shape: header.shape, data })
 }
 
-/// Parses a whole `.npy` image held in memory (`path` only names it in messages).
+/// Parses a whole `.npy` image held in memory (`path` only names it in messages). The
+/// data is in C order, Fortran-order images being transposed.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<NpyArray> {
-    read_from(path, &mut &bytes[..], bytes.len() as u64)
+    let mut reader = bytes;
+    let (header, count) = checked_header(path, &mut reader, bytes.len() as u64)?;
+    let data = match header.needs_transpose() {
+        true => transposed(path, &header, count, &bytes[header.data_offset..])?,
+        false => read_data(path, &mut reader, header.dtype, count)?,
+    };
+    Ok(NpyArray { shape: header.shape, data })
 }
 
-fn read_from(path: &Path, reader: &mut impl Read, total_len: u64) -> Result<NpyArray> {
-    let header = read_header(path, reader)?;
-    let count = element_count(path, &header)?;
-    check_length(path, &header, count, total_len)?;
+/// Reads `count` elements of `dtype` from `reader`, in the file's order.
+fn read_data(path: &Path, reader: &mut impl Read, dtype: DType, count: usize) -> Result<NpyData> {
     fn fill<T: bytemuck::Pod + Default>(path: &Path, reader: &mut impl Read, count: usize) -> Result<Vec<T>> {
         let mut v = vec![T::default(); count];
         reader.read_exact(bytemuck::cast_slice_mut(&mut v)).map_err(io(path))?;
         Ok(v)
     }
-    let data = match header.dtype {
+    Ok(match dtype {
         DType::F16 => NpyData::F16(fill(path, reader, count)?),
         DType::F32 => NpyData::F32(fill(path, reader, count)?),
         DType::F64 => NpyData::F64(fill(path, reader, count)?),
         DType::I32 => NpyData::I32(fill(path, reader, count)?),
         DType::I64 => NpyData::I64(fill(path, reader, count)?),
-    };
-    Ok(NpyArray { shape: header.shape, data })
+    })
+}
+
+/// The side of the square tiles of the blocked transpose: 64×64 elements of 8 bytes are
+/// 32 KiB, read and written, which stay in L1/L2 while a tile is copied.
+const TILE: usize = 64;
+
+/// The Fortran-order data `src` (exactly `count` elements of `header.dtype`, at any
+/// alignment) transposed into a new vector in C order.
+fn transposed(path: &Path, header: &Header, count: usize, src: &[u8]) -> Result<NpyData> {
+    fn go<T: bytemuck::Pod>(path: &Path, shape: &[usize], count: usize, src: &[u8]) -> Result<Vec<T>> {
+        let size = std::mem::size_of::<T>();
+        debug_assert_eq!(src.len(), count * size);
+        // A probe for the typed error (the allocation itself would abort), then the
+        // buffer from the zeroing allocator: its pages are zeroed lazily, as the transpose
+        // first writes them on every core, instead of by one pass here.
+        Vec::<T>::new().try_reserve_exact(count).map_err(|_| {
+            bad(
+                path,
+                format!(
+                    "Fortran-order data is transposed into memory, but a buffer of {} bytes \
+                     for shape {shape:?} could not be allocated (save with \
+                     np.ascontiguousarray to have it mapped instead)",
+                    count * size
+                ),
+            )
+        })?;
+        let mut v = vec![T::zeroed(); count];
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut v);
+        // The elements are moved as byte arrays: the mapped source need not be aligned.
+        match size {
+            2 => fortran_to_c::<[u8; 2]>(bytemuck::cast_slice(src), shape, bytemuck::cast_slice_mut(dst)),
+            4 => fortran_to_c::<[u8; 4]>(bytemuck::cast_slice(src), shape, bytemuck::cast_slice_mut(dst)),
+            8 => fortran_to_c::<[u8; 8]>(bytemuck::cast_slice(src), shape, bytemuck::cast_slice_mut(dst)),
+            _ => unreachable!("element sizes are 2, 4 or 8 bytes"),
+        }
+        Ok(v)
+    }
+    let shape = &header.shape[..];
+    Ok(match header.dtype {
+        DType::F16 => NpyData::F16(go(path, shape, count, src)?),
+        DType::F32 => NpyData::F32(go(path, shape, count, src)?),
+        DType::F64 => NpyData::F64(go(path, shape, count, src)?),
+        DType::I32 => NpyData::I32(go(path, shape, count, src)?),
+        DType::I64 => NpyData::I64(go(path, shape, count, src)?),
+    })
+}
+
+/// Copies the array of `shape` (rank 2 or more) from Fortran order in `src` to C order in
+/// `dst`. Fortran order of `[d0, …, dk]` is C order of `[dk, …, d0]`, so every axis is
+/// reversed: for each index of the middle axes, the `d0 × dk` matrix of the first and
+/// last axes (element `(r, c)` at `r + c * d0⋯d(k-1)` in `src`, at `r * d1⋯dk + c` in
+/// `dst`) is copied in [`TILE`]×[`TILE`] tiles, one band of `TILE` rows per rayon task.
+fn fortran_to_c<T: Copy + Send + Sync>(src: &[T], shape: &[usize], dst: &mut [T]) {
+    use rayon::prelude::*;
+    assert!(shape.len() >= 2 && src.len() == dst.len() && dst.len() == shape.iter().product::<usize>());
+    if dst.is_empty() {
+        return;
+    }
+    let k = shape.len() - 1;
+    // The step of each axis in `src` (the product of the axes before it) and `dst` (after).
+    let src_step: Vec<usize> = (0..=k).map(|j| shape[..j].iter().product()).collect();
+    let dst_step: Vec<usize> = (0..=k).map(|j| shape[j + 1..].iter().product()).collect();
+    let (rows, cols, col_step, row_step) = (shape[0], shape[k], src_step[k], dst_step[0]);
+    let middles: usize = shape[1..k].iter().product();
+    dst.par_chunks_mut(TILE * row_step).enumerate().for_each(|(band, out)| {
+        let r0 = band * TILE;
+        let r1 = (r0 + TILE).min(rows);
+        for m in 0..middles {
+            // The offsets of middle index `m` (its axes in C order, the last varying fastest).
+            let (mut rest, mut from, mut to) = (m, 0, 0);
+            for j in (1..k).rev() {
+                let i = rest % shape[j];
+                rest /= shape[j];
+                from += i * src_step[j];
+                to += i * dst_step[j];
+            }
+            for c0 in (0..cols).step_by(TILE) {
+                let c1 = (c0 + TILE).min(cols);
+                for r in r0..r1 {
+                    let row = &mut out[(r - r0) * row_step + to + c0..][..c1 - c0];
+                    for (x, c) in row.iter_mut().zip(c0..c1) {
+                        *x = src[from + r + c * col_step];
+                    }
+                }
+            }
+        }
+    });
 }
 
 fn header_bytes(descr: &str, shape: &[usize]) -> Vec<u8> {
@@ -401,13 +567,13 @@ mod tests {
         // Garbage.
         std::fs::write(&q, b"hello world, not numpy").unwrap();
         assert!(read(&q).unwrap_err().to_string().contains("magic"));
-        // Fortran order, 2-D.
+        // Fortran order, 2-D: accepted now, and seen transposed.
         let mut h = header_bytes("<f4", &[2, 2]);
         let at = h.windows(5).position(|w| w == b"False").unwrap();
         h.splice(at..at + 5, b"True ".iter().copied());
-        h.extend_from_slice(bytemuck::cast_slice(&[0f32; 4]));
+        h.extend_from_slice(bytemuck::cast_slice(&[1f32, 3.0, 2.0, 4.0]));
         std::fs::write(&q, &h).unwrap();
-        assert!(read(&q).unwrap_err().to_string().contains("Fortran"));
+        assert_eq!(read(&q).unwrap().data, NpyData::F32(vec![1.0, 2.0, 3.0, 4.0]));
         // Mapped reading and writing.
         let m = dir.join("m.npy");
         let mut w = NpyWriter::create(&m, &[2, 2]).unwrap();
@@ -430,5 +596,198 @@ mod tests {
         let e = read(dir.join("missing.npy")).unwrap_err().to_string();
         assert!(e.contains("missing.npy"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A `.npy` image as NumPy writes it with `fortran_order` True: magic, version 1.0,
+    /// the header dict padded with spaces to a multiple of 64 bytes (newline included).
+    fn fortran_image(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+        let dims = match shape {
+            [] => String::new(),
+            [d] => format!("{d},"),
+            ds => ds.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
+        };
+        let dict = format!("{{'descr': '{descr}', 'fortran_order': True, 'shape': ({dims}), }}");
+        let pad = (64 - (10 + dict.len() + 1) % 64) % 64;
+        let header = format!("{dict}{}\n", " ".repeat(pad));
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        assert_eq!(out.len() % 64, 0);
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// The elements of a `shape` array in Fortran order, element (r, c) being `f(r, c)`.
+    fn column_major<T>(rows: usize, cols: usize, f: impl Fn(usize, usize) -> T) -> Vec<T> {
+        (0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| f(r, c)).collect()
+    }
+
+    fn row_major<T>(rows: usize, cols: usize, f: impl Fn(usize, usize) -> T) -> Vec<T> {
+        (0..rows).flat_map(|r| (0..cols).map(move |c| (r, c))).map(|(r, c)| f(r, c)).collect()
+    }
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("xent-npy-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&d).unwrap();
+            TempDir(d)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn npy_fortran_f32_is_read_row_major() {
+        let dir = TempDir::new("fortran-f32");
+        let p = dir.0.join("f.npy");
+        let value = |r: usize, c: usize| (r * 10 + c) as f32;
+        let data = column_major(3, 5, value);
+        std::fs::write(&p, fortran_image("<f4", &[3, 5], bytemuck::cast_slice(&data))).unwrap();
+        let want = row_major(3, 5, value);
+        let header = read_header(&p, &mut File::open(&p).unwrap()).unwrap();
+        assert!(header.fortran_order);
+        assert_eq!(header.shape, vec![3, 5]);
+        let a = read(&p).unwrap();
+        assert_eq!(a.shape, vec![3, 5]);
+        assert_eq!(a.data, NpyData::F32(want.clone()));
+        assert_eq!(parse(&p, &std::fs::read(&p).unwrap()).unwrap(), a);
+        let m = MappedNpy::open(&p).unwrap();
+        assert_eq!(m.header().shape, vec![3, 5]);
+        assert!(!m.header().fortran_order, "handed out in C order");
+        assert!(!m.is_mapped());
+        assert_eq!(m.as_f32().unwrap(), &want[..]);
+        let e = m.as_f16_bits().unwrap_err().to_string();
+        assert!(e.contains("expected float16") && e.contains("f.npy"), "{e}");
+    }
+
+    #[test]
+    fn npy_fortran_i64_1d_is_c_order_and_stays_mapped() {
+        let dir = TempDir::new("fortran-i64");
+        let p = dir.0.join("t.npy");
+        let data = [4i64, -100, 0, 7];
+        std::fs::write(&p, fortran_image("<i8", &[4], bytemuck::cast_slice(&data))).unwrap();
+        assert_eq!(read(&p).unwrap(), NpyArray { shape: vec![4], data: NpyData::I64(data.to_vec()) });
+        let m = MappedNpy::open(&p).unwrap();
+        assert!(m.is_mapped());
+        assert_eq!(m.header().shape, vec![4]);
+        assert!(m.as_f32().unwrap_err().to_string().contains("expected float32"));
+        // 0-D, [N, 1] and [1, V] are the same layout in both orders too.
+        for shape in [&[][..], &[1, 6], &[6, 1], &[1, 6, 1]] {
+            let count: usize = shape.iter().product();
+            let v: Vec<f32> = (0..count).map(|i| i as f32).collect();
+            std::fs::write(&p, fortran_image("<f4", shape, bytemuck::cast_slice(&v))).unwrap();
+            let m = MappedNpy::open(&p).unwrap();
+            assert!(m.is_mapped(), "{shape:?}");
+            assert_eq!(m.as_f32().unwrap(), &v[..], "{shape:?}");
+            assert_eq!(read(&p).unwrap().data, NpyData::F32(v), "{shape:?}");
+        }
+        // Empty arrays read as empty in either order.
+        std::fs::write(&p, fortran_image("<f4", &[0, 5], &[])).unwrap();
+        assert_eq!(read(&p).unwrap(), NpyArray { shape: vec![0, 5], data: NpyData::F32(vec![]) });
+        assert_eq!(MappedNpy::open(&p).unwrap().as_f32().unwrap(), &[] as &[f32]);
+    }
+
+    #[test]
+    fn npy_fortran_f16_is_read_row_major() {
+        let dir = TempDir::new("fortran-f16");
+        let p = dir.0.join("h.npy");
+        let bits = |r: usize, c: usize| 0x3c00u16 + (r * 3 + c) as u16;
+        let data = column_major(2, 3, bits);
+        std::fs::write(&p, fortran_image("<f2", &[2, 3], bytemuck::cast_slice(&data))).unwrap();
+        let want = row_major(2, 3, bits);
+        assert_eq!(read(&p).unwrap().data, NpyData::F16(want.clone()));
+        let m = MappedNpy::open(&p).unwrap();
+        assert_eq!(m.header().dtype, DType::F16);
+        assert_eq!(m.header().shape, vec![2, 3]);
+        assert_eq!(m.as_f16_bits().unwrap(), &want[..]);
+        assert!(m.as_f32().unwrap_err().to_string().contains("expected float32"));
+    }
+
+    #[test]
+    fn npy_fortran_blocked_transpose_edges() {
+        // Larger than a tile both ways and not a multiple of it: partial tiles and bands.
+        let dir = TempDir::new("fortran-big");
+        let p = dir.0.join("big.npy");
+        let (n, v) = (130, 70);
+        let value = |r: usize, c: usize| (r * 1000 + c) as f32;
+        let data = column_major(n, v, value);
+        std::fs::write(&p, fortran_image("<f4", &[n, v], bytemuck::cast_slice(&data))).unwrap();
+        let want = row_major(n, v, value);
+        assert_eq!(MappedNpy::open(&p).unwrap().as_f32().unwrap(), &want[..]);
+        assert_eq!(read(&p).unwrap().data, NpyData::F32(want));
+        // The other way round, and 8-byte and 4-byte integer elements.
+        let (n, v) = (65, 129);
+        let value = |r: usize, c: usize| (r * 1000 + c) as i64 - 5000;
+        let data = column_major(n, v, value);
+        std::fs::write(&p, fortran_image("<i8", &[n, v], bytemuck::cast_slice(&data))).unwrap();
+        assert_eq!(read(&p).unwrap().data, NpyData::I64(row_major(n, v, value)));
+        let value = |r: usize, c: usize| (r * 1000 + c) as i32;
+        let data = column_major(n, v, value);
+        std::fs::write(&p, fortran_image("<i4", &[n, v], bytemuck::cast_slice(&data))).unwrap();
+        assert_eq!(read(&p).unwrap().data, NpyData::I32(row_major(n, v, value)));
+    }
+
+    #[test]
+    fn npy_fortran_higher_rank_and_unaligned() {
+        // Rank 3: element (i, j, l) of [3, 4, 70] at i + 3 * (j + 4 * l) in the file.
+        let dir = TempDir::new("fortran-rank3");
+        let p = dir.0.join("r3.npy");
+        let (a, b, c) = (3, 4, 70);
+        let value = |i: usize, j: usize, l: usize| (i * 10_000 + j * 100 + l) as f64;
+        let mut data = vec![0f64; a * b * c];
+        for i in 0..a {
+            for j in 0..b {
+                for l in 0..c {
+                    data[i + a * (j + b * l)] = value(i, j, l);
+                }
+            }
+        }
+        std::fs::write(&p, fortran_image("<f8", &[a, b, c], bytemuck::cast_slice(&data))).unwrap();
+        let want: Vec<f64> =
+            (0..a).flat_map(|i| (0..b).flat_map(move |j| (0..c).map(move |l| value(i, j, l)))).collect();
+        assert_eq!(read(&p).unwrap(), NpyArray { shape: vec![a, b, c], data: NpyData::F64(want) });
+
+        // A header not padded to 64 bytes leaves the data unaligned: the transpose works
+        // on bytes, so a Fortran file still reads (a C-order one says it is unaligned).
+        let value = |r: usize, c: usize| (r * 10 + c) as f32;
+        let data = column_major(3, 5, value);
+        let dict = "{'descr': '<f4', 'fortran_order': True, 'shape': (3, 5), }\n";
+        let mut image = b"\x93NUMPY\x01\x00".to_vec();
+        image.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+        image.extend_from_slice(dict.as_bytes());
+        assert_ne!(image.len() % 4, 0);
+        image.extend_from_slice(bytemuck::cast_slice(&data));
+        let q = dir.0.join("unaligned.npy");
+        std::fs::write(&q, &image).unwrap();
+        assert_eq!(MappedNpy::open(&q).unwrap().as_f32().unwrap(), &row_major(3, 5, value)[..]);
+        assert_eq!(parse(&q, &image).unwrap().data, NpyData::F32(row_major(3, 5, value)));
+    }
+
+    #[test]
+    fn npy_fortran_keeps_the_checks() {
+        let dir = TempDir::new("fortran-checks");
+        let p = dir.0.join("bad.npy");
+        // Truncated data.
+        let data = column_major(3, 5, |r, c| (r + c) as f32);
+        let image = fortran_image("<f4", &[3, 5], bytemuck::cast_slice(&data));
+        std::fs::write(&p, &image[..image.len() - 4]).unwrap();
+        for e in [read(&p).unwrap_err(), MappedNpy::open(&p).err().unwrap()] {
+            let e = e.to_string();
+            assert!(e.contains("truncated") && e.contains("bad.npy"), "{e}");
+        }
+        // Unsupported dtype.
+        std::fs::write(&p, fortran_image(">f4", &[3, 5], bytemuck::cast_slice(&data))).unwrap();
+        assert!(read(&p).unwrap_err().to_string().contains("unsupported dtype '>f4'"));
+        // A shape whose byte length overflows u64.
+        let huge = 1usize << 62;
+        std::fs::write(&p, fortran_image("<f4", &[huge, 2], &[])).unwrap();
+        for e in [read(&p).unwrap_err(), MappedNpy::open(&p).err().unwrap()] {
+            assert!(matches!(e, Error::Npy { .. }), "{e}");
+            assert!(e.to_string().contains("too large"), "{e}");
+        }
     }
 }

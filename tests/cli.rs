@@ -388,3 +388,36 @@ fn bench_json_has_the_fixed_fields() {
         }
     }
 }
+
+#[test]
+fn eval_fortran_order_logits_match_c_order() {
+    // The same logits saved column-major (as scikit-learn and np.asfortranarray do):
+    // `eval` transposes them on reading and gets the same loss and gradient.
+    let dir = Dir::new("fortran");
+    let (n, v) = (37, 130);
+    let logits = synth::logits(n, v, 2.0, 61);
+    let targets = synth::targets(n, v, 61);
+    let (c, f, t) = (dir.path("c.npy"), dir.path("f.npy"), dir.path("t.npy"));
+    npy::write_f32(&c, &[n, v], &logits).unwrap();
+    npy::write_i64(&t, &targets).unwrap();
+    let dict = format!("{{'descr': '<f4', 'fortran_order': True, 'shape': ({n}, {v}), }}");
+    let pad = (64 - (10 + dict.len() + 1) % 64) % 64;
+    let header = format!("{dict}{}\n", " ".repeat(pad));
+    let mut file = b"\x93NUMPY\x01\x00".to_vec();
+    file.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    file.extend_from_slice(header.as_bytes());
+    let column_major: Vec<f32> =
+        (0..v).flat_map(|col| (0..n).map(move |r| (r, col))).map(|(r, col)| logits[r * v + col]).collect();
+    file.extend_from_slice(bytemuck::cast_slice(&column_major));
+    std::fs::write(&f, file).unwrap();
+    for reduction in [Reduction::Mean, Reduction::None] {
+        let run = |l: &Path| {
+            eval(&dir, "reference", &["--logits", s(l), "--targets", s(&t), "--reduction", reduction.name()])
+        };
+        let (want, got) = (run(&c), run(&f));
+        assert_eq!(json_field(&got.stdout, "rows"), n.to_string());
+        assert_eq!(json_field(&got.stdout, "classes"), v.to_string());
+        assert_eq!(got.loss, want.loss, "{reduction:?}");
+        assert_eq!(got.grad, want.grad, "{reduction:?}");
+    }
+}
