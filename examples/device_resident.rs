@@ -51,6 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         classes,
         labels: DeviceLabels::ClassesI64 { buffer: &targets_buf, offset: 0 },
         gradient: DeviceGradient::Into { buffer: &grad_buf, offset: 0 },
+        mode: Default::default(),
     };
     // Reused by every later recording: one shape, no new buffers.
     let mut workspace = DeviceWorkspace::new();

@@ -78,6 +78,7 @@ fn device_case(n: usize, v: usize) {
                             "into" => DeviceGradient::Into { buffer: &grad_buf, offset: 0 },
                             _ => DeviceGradient::InPlace,
                         },
+                        mode: Default::default(),
                     };
                     let opts = LossOptions::new().reduction(reduction);
                     let mut enc = gpu.device().create_command_encoder(&Default::default());
@@ -126,6 +127,7 @@ fn device_path_takes_i64_targets_and_the_options_ignore_index() {
                 classes: v,
                 labels: DeviceLabels::ClassesI64 { buffer: &targets_buf, offset: 0 },
                 gradient: DeviceGradient::None,
+                mode: Default::default(),
             };
             let opts = LossOptions::new().reduction(Reduction::Sum).ignore_index(ignore);
             let mut enc = gpu.device().create_command_encoder(&Default::default());
@@ -161,6 +163,7 @@ fn repeated_recordings_of_one_shape_create_no_buffer() {
             classes: v,
             labels: DeviceLabels::ClassesI64 { buffer: &targets_buf, offset: 0 },
             gradient: DeviceGradient::Into { buffer: &grad_buf, offset: 0 },
+            mode: Default::default(),
         };
         let opts = LossOptions::new();
         let mut workspace = DeviceWorkspace::new();
@@ -219,6 +222,7 @@ fn device_path_names_the_cells_it_does_not_take() {
                 classes: 10,
                 labels,
                 gradient: DeviceGradient::None,
+                mode: Default::default(),
             };
             let mut enc = gpu.device().create_command_encoder(&Default::default());
             match gpu.record(&mut enc, &problem, &opts, &mut workspace) {
@@ -245,6 +249,7 @@ fn misaligned_or_short_device_buffers_are_errors() {
             classes: 10,
             labels: DeviceLabels::ClassesI32 { buffer: &targets, offset: 0 },
             gradient: DeviceGradient::None,
+            mode: Default::default(),
         };
         let mut workspace = DeviceWorkspace::new();
         let mut enc = gpu.device().create_command_encoder(&Default::default());
@@ -299,6 +304,7 @@ fn options_case(n: usize, v: usize) {
                 classes: v,
                 labels: DeviceLabels::ClassesI32 { buffer: &targets_buf, offset: 0 },
                 gradient: DeviceGradient::Into { buffer: &grad_buf, offset: 0 },
+                mode: Default::default(),
             };
             let mut enc = gpu.device().create_command_encoder(&Default::default());
             let out = gpu.record(&mut enc, &problem, &opts, &mut workspace).unwrap();

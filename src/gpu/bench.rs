@@ -257,6 +257,7 @@ impl<'a> GpuBench<'a> {
                 classes,
                 labels: DeviceLabels::ClassesI32 { buffer: &targets_buf, offset: 0 },
                 gradient,
+                mode: Default::default(),
             };
             let mut workspace = DeviceWorkspace::new();
             self.time(repeats, |enc| ctx.record(enc, &problem, &opts, &mut workspace).map(drop), on_iter)

@@ -17,5 +17,5 @@ pub(crate) use context::check_grad_len;
 pub use context::{GpuContext, adapters, instance, select_adapters};
 pub use kernels::shaders;
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
-pub use resident::{DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceProblem, DeviceWorkspace};
+pub use resident::{DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceMode, DeviceProblem, DeviceWorkspace};
 pub use tuning::Tuning;

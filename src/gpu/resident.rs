@@ -33,6 +33,26 @@ pub struct DeviceProblem<'a> {
     pub labels: DeviceLabels<'a>,
     /// Where the gradient goes.
     pub gradient: DeviceGradient<'a>,
+    /// Fused, or a separate backward.
+    pub mode: DeviceMode<'a>,
+}
+
+/// How a device problem is evaluated: the twin of [`crate::Mode`].
+#[derive(Clone, Copy, Debug, Default)]
+pub enum DeviceMode<'a> {
+    /// The loss (and the gradient, if asked) in one fused pass.
+    #[default]
+    Fused,
+    /// A separate backward from the per-row LSE a forward saved, times the upstream
+    /// gradient (f32 buffers; `upstream: None` for an upstream gradient of 1).
+    Backward {
+        /// The saved LSE \[rows\].
+        lse: &'a wgpu::Buffer,
+        /// Byte offset of the LSE.
+        lse_offset: u64,
+        /// One upstream value per row, or `None`.
+        upstream: Option<(&'a wgpu::Buffer, u64)>,
+    },
 }
 
 /// Logits in a caller's buffer.
@@ -105,10 +125,11 @@ impl DeviceProblem<'_> {
                 DeviceLabels::Probabilities { .. } => LabelKind::Probabilities,
                 DeviceLabels::Binary { .. } => LabelKind::Binary,
             },
-            output: match self.gradient {
-                DeviceGradient::None => Output::Loss,
-                DeviceGradient::InPlace => Output::InPlace,
-                DeviceGradient::Into { .. } => Output::IntoF32,
+            output: match (self.mode, self.gradient) {
+                (DeviceMode::Backward { .. }, _) => Output::Backward,
+                (_, DeviceGradient::None) => Output::Loss,
+                (_, DeviceGradient::InPlace) => Output::InPlace,
+                (_, DeviceGradient::Into { .. }) => Output::IntoF32,
             },
         }
     }
@@ -210,7 +231,8 @@ impl GpuContext {
     /// into a caller buffer, every class-index option. Targets the device cannot range
     /// check are ignored rows (validate on the host if that matters). Other cells of the
     /// support matrix are [`Error::Unsupported`] on this path for now (README, "Library"):
-    /// half-precision logits, probability and binary targets, a separate backward, and
+    /// half-precision logits, probability and binary targets, a separate backward
+    /// ([`DeviceMode::Backward`]), and
     /// z-loss with class weights under `mean` without `n_items` (its two denominators).
     pub fn record(
         &self,
@@ -224,6 +246,11 @@ impl GpuContext {
             cell: problem.cell().to_string(),
             why: why.into(),
         };
+        if matches!(problem.mode, DeviceMode::Backward { .. }) {
+            return Err(unsupported(
+                "the device path records fused evaluations; use the host API's backward",
+            ));
+        }
         if problem.logits.dtype != Dtype::F32 {
             return Err(unsupported("the device path reads f32 logits; use the host API for half precision"));
         }
