@@ -266,7 +266,8 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         check_writable(p)?;
     }
 
-    // The logits are memory-mapped and used in place: no copy, whatever their size.
+    // The logits are memory-mapped and used in place: no copy, whatever their size
+    // (Fortran-order files are transposed into memory once).
     let logits = npy::MappedNpy::open(&args.logits)?;
     let (rows, classes) = match logits.header().shape[..] {
         [n, v] => (n, v),
