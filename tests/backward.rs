@@ -4,7 +4,21 @@
 mod common;
 
 use xent::check::{Tolerance, compare};
-use xent::{Backend, LossOptions, LossOutput, Reduction, Upstream, synth};
+use xent::{
+    Backend, BackendExt, Labels, Logits, LossOptions, LossOutput, Problem, Reduction, Upstream, synth,
+};
+
+/// The separate backward of `logits` against `targets` from the saved `lse`, times `up`,
+/// the gradient owned.
+fn backward<'a>(
+    logits: &'a [f32],
+    v: usize,
+    targets: &'a [i64],
+    lse: &'a [f32],
+    up: Upstream<'a>,
+) -> Problem<'a> {
+    Problem::new(Logits::F32(logits), v, Labels::from(targets)).backward(Some(lse), up)
+}
 
 fn check(backend: &dyn Backend, n: usize, v: usize, opts: &LossOptions, what: &str) {
     let logits = synth::logits(n, v, 2.0, 71);
@@ -12,14 +26,17 @@ fn check(backend: &dyn Backend, n: usize, v: usize, opts: &LossOptions, what: &s
     targets[n / 2] = -100;
     let upstream: Vec<f32> = (0..n).map(|r| 0.5 + r as f32 / n as f32).collect();
     // The LSE a forward saves.
-    let fwd = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts.clone().lse(true)).unwrap();
+    let forward = Problem::new(Logits::F32(&logits), v, Labels::from(&targets)).lse(true);
+    let fwd = xent::Reference.evaluate(forward, opts).unwrap();
     let lse = fwd.lse.unwrap();
     for up in [Upstream::Scalar(1.0), Upstream::Scalar(-2.5), Upstream::PerRow(&upstream)] {
-        let want =
-            xent::cpu::reference::cross_entropy_backward(&logits, v, &targets, &lse, up, opts).unwrap();
+        let want = xent::Reference.evaluate(backward(&logits, v, &targets, &lse, up), opts).unwrap();
+        let want = want.gradient.unwrap();
         let got = backend
-            .cross_entropy_backward(&logits, v, (&targets).into(), &lse, up, opts)
-            .unwrap_or_else(|e| panic!("{what} on {}: {e}", backend.describe()));
+            .evaluate(backward(&logits, v, &targets, &lse, up), opts)
+            .unwrap_or_else(|e| panic!("{what} on {}: {e}", backend.describe()))
+            .gradient
+            .unwrap();
         compare(
             &LossOutput { gradient: Some(got), ..Default::default() },
             &LossOutput { gradient: Some(want.clone()), ..Default::default() },
@@ -28,9 +45,7 @@ fn check(backend: &dyn Backend, n: usize, v: usize, opts: &LossOptions, what: &s
         .unwrap_or_else(|e| panic!("{what} {up:?} on {}: {e}", backend.describe()));
         // And it is the fused gradient times the upstream gradient.
         if let Upstream::Scalar(g) = up {
-            let fused =
-                xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts.clone().gradient(true))
-                    .unwrap();
+            let fused = xent::Reference.cross_entropy_with_grad(&logits, v, &targets, opts).unwrap();
             let scaled: Vec<f32> = fused.gradient.unwrap().iter().map(|x| x * g).collect();
             compare(
                 &LossOutput { gradient: Some(want), ..Default::default() },
@@ -77,25 +92,11 @@ fn bad_saved_lse_or_upstream_is_a_shape_error() {
     let logits = synth::logits(4, 5, 1.0, 1);
     let targets = [0i64, 1, 2, 3];
     let e = xent::CpuFast
-        .cross_entropy_backward(
-            &logits,
-            5,
-            (&targets).into(),
-            &[0.0; 3],
-            Upstream::Scalar(1.0),
-            &LossOptions::new(),
-        )
+        .evaluate(backward(&logits, 5, &targets, &[0.0; 3], Upstream::Scalar(1.0)), &LossOptions::new())
         .unwrap_err();
     assert!(matches!(e, xent::Error::Shape { got: 3, expected: 4, .. }), "{e}");
     let e = xent::Reference
-        .cross_entropy_backward(
-            &logits,
-            5,
-            (&targets).into(),
-            &[0.0; 4],
-            Upstream::PerRow(&[1.0; 5]),
-            &LossOptions::new(),
-        )
+        .evaluate(backward(&logits, 5, &targets, &[0.0; 4], Upstream::PerRow(&[1.0; 5])), &LossOptions::new())
         .unwrap_err();
     assert!(matches!(e, xent::Error::Shape { got: 5, expected: 4, .. }), "{e}");
 }

@@ -3,7 +3,18 @@
 mod common;
 
 use xent::check::{Tolerance, compare};
-use xent::{GpuContext, LossOptions, Reduction, synth};
+use xent::{
+    Backend, GpuContext, Gradient, Labels, Logits, LossOptions, Problem, Reduction, Reference, synth,
+};
+
+/// The loss of f32 `logits` against class indices, with an owned gradient when `grad`.
+fn problem<'a>(logits: &'a [f32], v: usize, targets: &'a [i64], grad: bool) -> Problem<'a> {
+    Problem::new(Logits::F32(logits), v, Labels::from(targets)).gradient(if grad {
+        Gradient::Owned
+    } else {
+        Gradient::None
+    })
+}
 
 #[test]
 fn the_context_is_send_and_sync() {
@@ -24,9 +35,10 @@ fn eight_threads_of_a_hundred_mixed_calls_on_one_context() {
                 let logits = synth::logits(n, v, 2.0, 90 + i as u64);
                 let targets = synth::targets(n, v, 90 + i as u64);
                 let reduction = [Reduction::Mean, Reduction::Sum, Reduction::None][i % 3];
-                let opts = LossOptions::new().reduction(reduction).gradient(i % 2 == 0);
-                let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
-                (logits, targets, v, opts, want)
+                let opts = LossOptions::new().reduction(reduction);
+                let grad = i % 2 == 0;
+                let want = Reference.evaluate(problem(&logits, v, &targets, grad), &opts).unwrap();
+                (logits, targets, v, opts, grad, want)
             })
             .collect();
         std::thread::scope(|s| {
@@ -34,8 +46,8 @@ fn eight_threads_of_a_hundred_mixed_calls_on_one_context() {
                 let cases = &cases;
                 s.spawn(move || {
                     for k in 0..100 {
-                        let (logits, targets, v, opts, want) = &cases[(t * 7 + k) % cases.len()];
-                        let got = gpu.cross_entropy(logits, *v, targets, opts).unwrap();
+                        let (logits, targets, v, opts, grad, want) = &cases[(t * 7 + k) % cases.len()];
+                        let got = gpu.evaluate(problem(logits, *v, targets, *grad), opts).unwrap();
                         compare(&got, want, Tolerance::F32)
                             .unwrap_or_else(|e| panic!("thread {t} call {k} on {}: {e}", common::name(gpu)));
                     }

@@ -1,7 +1,16 @@
 //! The fast CPU path against the f64 reference.
 
 use xent::check::{Tolerance, compare, conformance_cases};
-use xent::{Backend, CpuFast, LossOptions, Reduction, synth};
+use xent::{
+    Backend, BackendExt, CpuFast, Gradient, Labels, Logits, LossOptions, LossOutput, Problem, Reduction,
+    Reference, synth,
+};
+
+/// The loss against class indices with the rows and the LSE, the gradient where
+/// `gradient` says.
+fn problem<'a>(v: usize, targets: &'a [i64], logits: Logits<'a>, gradient: Gradient<'a>) -> Problem<'a> {
+    Problem::new(logits, v, Labels::from(targets)).gradient(gradient).row_losses(true).lse(true)
+}
 
 #[test]
 fn conformance_set_on_the_fast_cpu_path() {
@@ -32,18 +41,25 @@ fn sweep_separate_into_and_in_place() {
             }
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
                 let what = format!("{n}x{v} {reduction:?}");
-                let opts = LossOptions::new().reduction(reduction).gradient(true).row_losses(true).lse(true);
-                let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
-                let got = CpuFast.cross_entropy(&logits, v, (&targets).into(), &opts).unwrap();
+                let opts = LossOptions::new().reduction(reduction);
+                let want = Reference
+                    .evaluate(problem(v, &targets, Logits::F32(&logits), Gradient::Owned), &opts)
+                    .unwrap();
+                let got = CpuFast
+                    .evaluate(problem(v, &targets, Logits::F32(&logits), Gradient::Owned), &opts)
+                    .unwrap();
                 compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what}: {e}"));
                 let mut grad = vec![f32::NAN; n * v];
-                let got =
-                    CpuFast.cross_entropy_into(&logits, v, (&targets).into(), &opts, &mut grad).unwrap();
-                compare(&xent::LossOutput { gradient: Some(grad), ..got }, &want, Tolerance::F32)
+                let got = CpuFast
+                    .evaluate(problem(v, &targets, Logits::F32(&logits), Gradient::IntoF32(&mut grad)), &opts)
+                    .unwrap();
+                compare(&LossOutput { gradient: Some(grad), ..got }, &want, Tolerance::F32)
                     .unwrap_or_else(|e| panic!("{what} into: {e}"));
                 let mut in_place = logits.clone();
-                let got = CpuFast.cross_entropy_in_place(&mut in_place, v, (&targets).into(), &opts).unwrap();
-                compare(&xent::LossOutput { gradient: Some(in_place), ..got }, &want, Tolerance::F32)
+                let got = CpuFast
+                    .evaluate(problem(v, &targets, Logits::F32Mut(&mut in_place), Gradient::InPlace), &opts)
+                    .unwrap();
+                compare(&LossOutput { gradient: Some(in_place), ..got }, &want, Tolerance::F32)
                     .unwrap_or_else(|e| panic!("{what} in place: {e}"));
             }
         }
@@ -55,13 +71,13 @@ fn result_does_not_depend_on_the_thread_count() {
     let (n, v) = (300, 5000);
     let logits = synth::logits(n, v, 2.0, 77);
     let targets = synth::targets(n, v, 77);
-    let opts = LossOptions::new().gradient(true);
+    let opts = LossOptions::new();
     let run = |threads| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap()
-            .install(|| CpuFast.cross_entropy(&logits, v, (&targets).into(), &opts).unwrap())
+            .install(|| CpuFast.cross_entropy_with_grad(&logits, v, &targets, &opts).unwrap())
     };
     let (a, b) = (run(1), run(3));
     assert_eq!(a.loss.map(f32::to_bits), b.loss.map(f32::to_bits));

@@ -3,13 +3,52 @@
 mod common;
 
 use xent::check::{Tolerance, compare, conformance_cases};
-use xent::{Backend, Error, LossOptions, LossOutput, Reduction, Reference, synth};
+use xent::{
+    Backend, BackendExt, Error, Gradient, Labels, Logits, LossOptions, LossOutput, Problem, Reduction,
+    Reference, synth,
+};
 
-fn verify(logits: &[f32], classes: usize, targets: &[i64], opts: &LossOptions, what: &str) {
-    let want = xent::cpu::reference::cross_entropy(logits, classes, targets, opts).unwrap();
+/// What a problem asks for besides the loss.
+#[derive(Clone, Copy)]
+struct Asks {
+    /// An owned f32 gradient.
+    grad: bool,
+    /// The per-row losses (always there for `none`).
+    rows: bool,
+    /// The per-row LSE.
+    lse: bool,
+}
+
+const GRAD: Asks = Asks { grad: true, rows: false, lse: false };
+const GRAD_ROWS: Asks = Asks { grad: true, rows: true, lse: false };
+const EVERYTHING: Asks = Asks { grad: true, rows: true, lse: true };
+
+/// The problem of f32 `logits` against class indices, with what `asks` says.
+fn problem<'a>(logits: &'a [f32], classes: usize, targets: &'a [i64], asks: Asks) -> Problem<'a> {
+    Problem::new(Logits::F32(logits), classes, Labels::from(targets))
+        .gradient(if asks.grad { Gradient::Owned } else { Gradient::None })
+        .row_losses(asks.rows)
+        .lse(asks.lse)
+}
+
+/// The problem with the gradient written over a copy of the logits (`in_place`).
+fn in_place_problem<'a>(
+    in_place: &'a mut [f32],
+    classes: usize,
+    targets: &'a [i64],
+    asks: Asks,
+) -> Problem<'a> {
+    Problem::new(Logits::F32Mut(in_place), classes, Labels::from(targets))
+        .gradient(Gradient::InPlace)
+        .row_losses(asks.rows)
+        .lse(asks.lse)
+}
+
+fn verify(logits: &[f32], classes: usize, targets: &[i64], opts: &LossOptions, asks: Asks, what: &str) {
+    let want = Reference.evaluate(problem(logits, classes, targets, asks), opts).unwrap();
     for gpu in common::gpus(what) {
         let got = gpu
-            .cross_entropy(logits, classes, targets, opts)
+            .evaluate(problem(logits, classes, targets, asks), opts)
             .unwrap_or_else(|e| panic!("{what} on {}: {e}", common::name(gpu)));
         compare(&got, &want, Tolerance::F32)
             .unwrap_or_else(|e| panic!("{what} on {}: {e}", common::name(gpu)));
@@ -43,8 +82,8 @@ fn sweep_of_class_counts_row_counts_and_reductions() {
                 targets[n / 2] = -100;
             }
             for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-                let opts = LossOptions::new().reduction(reduction).gradient(true).row_losses(true).lse(true);
-                verify(&logits, v, &targets, &opts, &format!("{n}x{v} {reduction:?}"));
+                let opts = LossOptions::new().reduction(reduction);
+                verify(&logits, v, &targets, &opts, EVERYTHING, &format!("{n}x{v} {reduction:?}"));
             }
         }
     }
@@ -55,13 +94,13 @@ fn in_place_gradient_is_bit_identical_to_separate_and_runs_are_deterministic() {
     let (n, v) = (37, 3001);
     let logits = synth::logits(n, v, 3.0, 7);
     let targets = synth::targets(n, v, 7);
-    let opts = LossOptions::new().gradient(true).row_losses(true);
+    let opts = LossOptions::new();
     for gpu in common::gpus("in_place_gradient_is_bit_identical") {
-        let a = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
-        let b = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+        let a = gpu.evaluate(problem(&logits, v, &targets, GRAD_ROWS), &opts).unwrap();
+        let b = gpu.evaluate(problem(&logits, v, &targets, GRAD_ROWS), &opts).unwrap();
         assert_eq!(a, b, "two runs differ on {}", common::name(gpu));
         let mut in_place = logits.clone();
-        let c = gpu.cross_entropy_in_place(&mut in_place, v, &targets, &opts).unwrap();
+        let c = gpu.evaluate(in_place_problem(&mut in_place, v, &targets, GRAD_ROWS), &opts).unwrap();
         assert_eq!(c.loss.map(f32::to_bits), a.loss.map(f32::to_bits));
         let sep = a.gradient.as_ref().unwrap();
         assert!(sep.iter().zip(&in_place).all(|(x, y)| x.to_bits() == y.to_bits()));
@@ -76,9 +115,9 @@ fn ignored_rows_have_zero_loss_and_exactly_zero_gradient() {
     let mut targets = synth::targets(n, v, 9);
     targets[3] = 4;
     targets[5] = 4;
-    let opts = LossOptions::new().ignore_index(4).gradient(true).row_losses(true);
+    let opts = LossOptions::new().ignore_index(4);
     for gpu in common::gpus("ignored_rows_have_zero_loss") {
-        let out = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+        let out = gpu.evaluate(problem(&logits, v, &targets, GRAD_ROWS), &opts).unwrap();
         let rows = out.row_losses.unwrap();
         let grad = out.gradient.unwrap();
         for r in [3, 5] {
@@ -106,9 +145,9 @@ fn masked_offset_and_non_finite_rows() {
     }
     logits[2 * v + 11] = f32::NAN;
     logits[3 * v + 12] = f32::INFINITY;
-    let opts = LossOptions::new().reduction(Reduction::None).gradient(true);
-    verify(&logits, v, &targets, &opts, "non-finite rows");
-    let out = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+    let opts = LossOptions::new().reduction(Reduction::None);
+    verify(&logits, v, &targets, &opts, GRAD, "non-finite rows");
+    let out = Reference.evaluate(problem(&logits, v, &targets, GRAD), &opts).unwrap();
     let rows = out.row_losses.unwrap();
     assert!(rows[0].is_finite() && rows[1].is_finite() && rows[5].is_finite());
     assert!(rows[2].is_nan() && rows[3].is_nan() && rows[4].is_nan());
@@ -143,7 +182,7 @@ fn empty_and_degenerate_batches() {
             .unwrap();
         assert_eq!(sum.loss, Some(0.0));
         // V = 1: loss 0, gradient 0.
-        let one = gpu.cross_entropy(&[3.5, -2.0], 1, &[0i64, 0], &LossOptions::new().gradient(true)).unwrap();
+        let one = gpu.cross_entropy_with_grad(&[3.5, -2.0], 1, &[0i64, 0], &LossOptions::new()).unwrap();
         assert_eq!(one.loss, Some(0.0));
         assert_eq!(one.gradient, Some(vec![0.0, 0.0]));
     }
@@ -154,12 +193,12 @@ fn repeated_calls_of_one_shape_allocate_nothing_new() {
     let (n, v) = (64, 32000);
     let logits = synth::logits(n, v, 2.0, 12);
     let targets = synth::targets(n, v, 12);
-    let opts = LossOptions::new().gradient(true);
+    let opts = LossOptions::new();
     for gpu in common::gpus("repeated_calls_allocate_nothing") {
-        gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+        gpu.cross_entropy_with_grad(&logits, v, &targets, &opts).unwrap();
         let before = gpu.buffer_allocations();
         for _ in 0..3 {
-            gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+            gpu.cross_entropy_with_grad(&logits, v, &targets, &opts).unwrap();
         }
         assert_eq!(gpu.buffer_allocations(), before, "steady state allocated on {}", common::name(gpu));
     }
@@ -194,17 +233,17 @@ fn tiny_device_limits_exercise_every_chunking_path() {
         targets[n / 3] = -100;
         for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
             let what = format!("{n}x{v} {reduction:?} {:?}", plan.layout);
-            let opts = LossOptions::new().reduction(reduction).gradient(true).row_losses(true).lse(true);
-            let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
-            let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+            let opts = LossOptions::new().reduction(reduction);
+            let want = Reference.evaluate(problem(&logits, v, &targets, EVERYTHING), &opts).unwrap();
+            let got = gpu.evaluate(problem(&logits, v, &targets, EVERYTHING), &opts).unwrap();
             compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what}: {e}"));
             let mut in_place = logits.clone();
-            let got = gpu.cross_entropy_in_place(&mut in_place, v, &targets, &opts).unwrap();
+            let got = gpu.evaluate(in_place_problem(&mut in_place, v, &targets, EVERYTHING), &opts).unwrap();
             let got = LossOutput { gradient: Some(in_place), ..got };
             compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what} in place: {e}"));
             let loss_only = LossOptions::new().reduction(reduction);
             let got = gpu.cross_entropy(&logits, v, &targets, &loss_only).unwrap();
-            let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &loss_only).unwrap();
+            let want = Reference.cross_entropy(&logits, v, &targets, &loss_only).unwrap();
             compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what} loss only: {e}"));
         }
     }
@@ -219,10 +258,10 @@ fn streamed_results_are_bit_identical_run_to_run() {
     let (n, v) = (500, 700);
     let logits = synth::logits(n, v, 2.0, 31);
     let targets = synth::targets(n, v, 31);
-    let opts = LossOptions::new().gradient(true).row_losses(true);
-    let a = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+    let opts = LossOptions::new();
+    let a = gpu.evaluate(problem(&logits, v, &targets, GRAD_ROWS), &opts).unwrap();
     for _ in 0..3 {
-        let b = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+        let b = gpu.evaluate(problem(&logits, v, &targets, GRAD_ROWS), &opts).unwrap();
         assert_eq!(a.loss.map(f32::to_bits), b.loss.map(f32::to_bits));
         assert!(
             a.gradient
@@ -296,13 +335,13 @@ fn every_kernel_tuning_passes_the_conformance_set() {
         for (n, v) in [(5usize, 4099usize), (5, 4100), (3, 40000), (3, 40001), (70, 12)] {
             let logits = synth::logits(n, v, 3.0, 61);
             let targets = synth::targets(n, v, 61);
-            let plain = LossOptions::new().gradient(true).row_losses(true);
+            let plain = LossOptions::new();
             // Every option through the same merges (label smoothing carries its own sum).
             let weights: Vec<f32> = (0..v).map(|c| 0.5 + (c % 7) as f32 * 0.25).collect();
             let every = plain.clone().weights(weights).label_smoothing(0.1).z_loss(1e-4).softcap(30.0);
             for (name, opts) in [("plain", plain), ("every option", every)] {
-                let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
-                let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+                let want = Reference.evaluate(problem(&logits, v, &targets, GRAD_ROWS), &opts).unwrap();
+                let got = gpu.evaluate(problem(&logits, v, &targets, GRAD_ROWS), &opts).unwrap();
                 compare(&got, &want, Tolerance::F32)
                     .unwrap_or_else(|e| panic!("{n}x{v} {tuning:?} {name}: {e}"));
             }
@@ -314,7 +353,8 @@ fn every_kernel_tuning_passes_the_conformance_set() {
 fn every_option_through_split_rows_and_the_row_grid() {
     // Rows longer than a 64 KiB binding (column pieces) and few long rows (the row ×
     // block grid), with every option: the partial-state kernels carry them too. (Class
-    // weights with split rows are refused: they would not fit one binding either.)
+    // weights with split rows are unsupported on the GPU: they would not fit one binding
+    // either.)
     let gpus = common::gpus("every_option_through_split_rows");
     let Some(tiny) = common::tiny_device(gpus) else { return };
     for (gpu, n, v) in [(&tiny, 3usize, 40000usize), (&gpus[0], 3, 20000), (&gpus[0], 5, 9000)] {
@@ -334,14 +374,13 @@ fn every_option_through_split_rows_and_the_row_grid() {
                 .n_items(4.0),
             LossOptions::new().reduction(Reduction::None).label_smoothing(0.3).n_items(4.0).z_loss(1e-2),
         ] {
-            let opts = opts.gradient(true).row_losses(true).lse(true);
             if split && opts.get_weights().is_some() {
-                let e = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap_err();
-                assert!(matches!(e, xent::Error::InvalidOption(_)), "{e}");
+                let e = gpu.evaluate(problem(&logits, v, &targets, EVERYTHING), &opts).unwrap_err();
+                assert!(matches!(e, Error::Unsupported { .. }), "{e}");
                 continue;
             }
-            let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
-            let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+            let want = Reference.evaluate(problem(&logits, v, &targets, EVERYTHING), &opts).unwrap();
+            let got = gpu.evaluate(problem(&logits, v, &targets, EVERYTHING), &opts).unwrap();
             compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{n}x{v} {opts:?}: {e}"));
         }
     }
@@ -357,25 +396,27 @@ fn gradients_of_order_one_keep_the_f32_tolerance() {
         let logits = synth::logits(n, v, 6.0, 97 + v as u64);
         let targets = synth::targets(n, v, 97);
         let weights: Vec<f32> = (0..v).map(|c| 0.5 + (c % 5) as f32 / 2.0).collect();
-        let hard = LossOptions::new().reduction(Reduction::Sum).weights(weights.clone()).gradient(true);
-        verify(&logits, v, &targets, &hard, &format!("{n}x{v} sum with weights"));
-        verify(&logits, v, &targets, &hard.clone().label_smoothing(0.1), &format!("{n}x{v} smoothing"));
+        let hard = LossOptions::new().reduction(Reduction::Sum).weights(weights.clone());
+        verify(&logits, v, &targets, &hard, GRAD, &format!("{n}x{v} sum with weights"));
+        verify(&logits, v, &targets, &hard.clone().label_smoothing(0.1), GRAD, &format!("{n}x{v} smoothing"));
         // Probability targets: a one-hot-ish distribution, the same scale of gradient.
         let probs: Vec<f32> = targets
             .iter()
             .flat_map(|&t| (0..v).map(move |c| if c as i64 == t { 0.9 } else { 0.1 / (v - 1) as f32 }))
             .collect();
-        let soft = LossOptions::new().reduction(Reduction::Sum).weights(weights).gradient(true);
-        let want_soft = xent::cpu::reference::cross_entropy_soft(&logits, v, &probs, &soft).unwrap();
-        let want_hard = xent::cpu::reference::cross_entropy(&logits, v, &targets, &hard).unwrap();
+        let soft = LossOptions::new().reduction(Reduction::Sum).weights(weights);
+        let soft_problem =
+            || Problem::new(Logits::F32(&logits), v, Labels::Probabilities(&probs)).gradient(Gradient::Owned);
+        let want_soft = Reference.evaluate(soft_problem(), &soft).unwrap();
+        let want_hard = Reference.cross_entropy_with_grad(&logits, v, &targets, &hard).unwrap();
         let gpus = common::gpus("gradients_of_order_one");
         let backends =
             std::iter::once(&xent::CpuFast as &dyn Backend).chain(gpus.iter().map(|g| g as &dyn Backend));
         for backend in backends {
-            let got = backend.cross_entropy_soft(&logits, v, &probs, &soft).unwrap();
+            let got = backend.evaluate(soft_problem(), &soft).unwrap();
             compare(&got, &want_soft, Tolerance::F32)
                 .unwrap_or_else(|e| panic!("{n}x{v} soft on {}: {e}", backend.describe()));
-            let got = backend.cross_entropy(&logits, v, (&targets).into(), &hard).unwrap();
+            let got = backend.cross_entropy_with_grad(&logits, v, &targets, &hard).unwrap();
             compare(&got, &want_hard, Tolerance::F32)
                 .unwrap_or_else(|e| panic!("{n}x{v} on {}: {e}", backend.describe()));
         }
