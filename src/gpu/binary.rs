@@ -5,27 +5,11 @@
 use crate::error::Result;
 use crate::options::{LossOptions, LossOutput, Reduction, Upstream};
 
-use super::buffers::{Recorder, Slot, bind, groups_x};
+use super::buffers::{Recorder, bind, groups_x};
 use super::context::GpuContext;
 use super::kernels::{BinaryParams, NO_INDEX};
-use super::stream::reduce_levels;
-
-/// Buffers of the binary path, reused across calls.
-#[derive(Default)]
-pub(crate) struct BinaryWorkspace {
-    logits: Slot,
-    targets: Slot,
-    weights: Slot,
-    pos_weight: Slot,
-    grad: Slot,
-    losses: Slot,
-    partials: Slot,
-    upstream: Slot,
-    sums: Slot,
-    params: Slot,
-    readback: Slot,
-    groups: Option<(wgpu::BindGroup, wgpu::BindGroup, wgpu::BindGroup)>,
-}
+use super::reduce::reduce_levels;
+use super::workspace::BinaryWorkspace;
 
 impl GpuContext {
     /// Binary (multilabel) cross-entropy with logits, as PyTorch's

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 
 use super::kernels::Kernels;
 use super::plan::{DEFAULT_BUDGET, DEFAULT_RING, PlanLimits};
-use super::stream::Workspace;
+use super::workspace::Workspace;
 use super::tuning::Tuning;
 
 /// What went wrong outside an error scope: set by the device-lost callback and the

@@ -2,16 +2,20 @@
 //! [`GpuContext`], which owns a device, its pipelines and buffers.
 
 pub mod bench;
+mod backward;
 mod binary;
 mod buffers;
 mod context;
 mod evaluate;
+mod grid;
 mod kernels;
 pub mod plan;
+mod reduce;
 mod resident;
 mod soft;
 mod stream;
 pub mod tuning;
+mod workspace;
 
 pub(crate) use context::check_grad_len;
 pub use context::{GpuContext, adapters, instance, select_adapters};

@@ -10,7 +10,8 @@ use crate::problem::{Cell, Dtype, LabelKind, Output};
 use super::buffers::{Recorder, Slot, bind_ranges, groups_x, params_stride};
 use super::context::GpuContext;
 use super::kernels::{ElemFormat, GradMode, KernelOpts, NO_INDEX, NarrowParams, RowParams, WeightParams};
-use super::stream::{RowGrid, record_row_grid, reduce_levels};
+use super::grid::{RowGrid, record_row_grid};
+use super::reduce::reduce_levels;
 use super::tuning::{SPLIT_BLOCK_COLS, rows_layout};
 
 /// A whole-buffer binding range of at least `bytes`.

@@ -5,27 +5,11 @@ use crate::error::{Error, Result};
 use crate::options::{LossOptions, LossOutput, Reduction, Upstream};
 use crate::problem::Mode;
 
-use super::buffers::{Recorder, Slot, bind, groups_x};
+use super::buffers::{Recorder, bind, groups_x};
 use super::context::GpuContext;
 use super::kernels::{KernelOpts, NO_INDEX, SoftParams};
-use super::stream::reduce_levels;
-
-/// Buffers of the soft-target path, reused across calls.
-#[derive(Default)]
-pub(crate) struct SoftWorkspace {
-    logits: Slot,
-    probs: Slot,
-    row_loss: Slot,
-    row_lse: Slot,
-    grad: Slot,
-    weights: Slot,
-    upstream: Slot,
-    scratch: Slot,
-    sums: Slot,
-    params: Slot,
-    readback: Slot,
-    groups: Option<[wgpu::BindGroup; 3]>,
-}
+use super::reduce::reduce_levels;
+use super::workspace::SoftWorkspace;
 
 /// A soft-target evaluation's inputs beyond the logits and targets.
 pub(crate) struct SoftRun<'a> {

@@ -12,11 +12,13 @@ use crate::options::{Batch, LossOptions, LossOutput, Reduction};
 
 use super::buffers::{Recorder, Slot, bind, groups_x};
 use super::context::{GpuContext, MapRequest};
+use super::grid::{RowGrid, record_row_grid};
 use super::kernels::{
-    BackwardParams, ElemFormat, GradMode, KernelOpts, Kernels, MergeParams, NO_INDEX, PartialParams,
-    ReduceParams, RowParams,
+    BackwardParams, ElemFormat, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams, RowParams,
 };
 use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
+use super::reduce::reduce_levels;
+use super::workspace::{BindGroups, Workspace};
 
 /// Parameter blocks one submission may use.
 const MAX_PARAM_BLOCKS: u64 = 16;
@@ -104,102 +106,6 @@ fn grad_mode(kind: GradKind) -> GradMode {
         GradKind::Separate => GradMode::Separate,
         GradKind::InPlace => GradMode::InPlace,
     }
-}
-
-/// The levels of a tree sum of `count` values starting at element `src` of a buffer;
-/// each level writes its partial sums right after its input.
-pub(crate) struct Levels {
-    pub levels: Vec<ReduceParams>,
-    /// Index of the final value.
-    pub result: u32,
-    /// Elements of the buffer the reduction touches.
-    pub extent: u64,
-}
-
-impl Levels {
-    /// Records the levels' dispatches of `reduce_sum.wgsl` over the buffer `bg` binds.
-    pub fn record(&self, rec: &mut Recorder<'_>, kernels: &Kernels, bg: &wgpu::BindGroup) {
-        let per_group = 2 * u64::from(kernels.workgroup_size);
-        for level in &self.levels {
-            rec.dispatch(&kernels.reduce, bg, level, u64::from(level.count).div_ceil(per_group));
-        }
-    }
-}
-
-pub(crate) fn reduce_levels(
-    count: u64,
-    src: u64,
-    wg: u32,
-    max_dim: u32,
-    divisor: f32,
-    divisor_index: u32,
-) -> Levels {
-    let per_group = 2 * u64::from(wg);
-    let mut levels = Vec::new();
-    let (mut count, mut src) = (count.max(1), src);
-    loop {
-        let groups = count.div_ceil(per_group);
-        let dst = src + count;
-        levels.push(ReduceParams {
-            count: count as u32,
-            src: src as u32,
-            dst: dst as u32,
-            groups_x: groups_x(groups, max_dim),
-            divisor: 1.0,
-            last: 0,
-            divisor_index: NO_INDEX,
-            _pad: 0,
-        });
-        if groups == 1 {
-            let last = levels.last_mut().expect("one level");
-            last.last = 1;
-            last.divisor = divisor;
-            last.divisor_index = divisor_index;
-            return Levels { levels, result: dst as u32, extent: dst + 1 };
-        }
-        (count, src) = (groups, dst);
-    }
-}
-
-/// Buffers and bind groups reused across calls.
-#[derive(Default)]
-pub(crate) struct Workspace {
-    logits: Slot,
-    grad: Slot,
-    targets: Slot,
-    row_loss: Slot,
-    row_lse: Slot,
-    row_weight: Slot,
-    row_stats: Slot,
-    scratch: Slot,
-    partials: Slot,
-    sums: Slot,
-    norm: Slot,
-    weights: Slot,
-    upstream: Slot,
-    params: Slot,
-    readback: Vec<Slot>,
-    groups: Option<BindGroups>,
-    pub(crate) binary: super::binary::BinaryWorkspace,
-    pub(crate) soft: super::soft::SoftWorkspace,
-    /// Buffers created so far (a steady state of same-shape calls creates none).
-    pub allocations: u64,
-}
-
-impl Workspace {
-    /// Drops every buffer (kept: the allocation count), after an error or to free memory.
-    pub fn release(&mut self) {
-        *self = Workspace { allocations: self.allocations, ..Workspace::default() };
-    }
-}
-
-struct BindGroups {
-    rows: wgpu::BindGroup,
-    partials: wgpu::BindGroup,
-    merge: wgpu::BindGroup,
-    backward: wgpu::BindGroup,
-    reduce_scratch: wgpu::BindGroup,
-    reduce_sums: wgpu::BindGroup,
 }
 
 /// One submission in flight, and what to copy out of its readback slot when it is done.
@@ -610,7 +516,6 @@ impl GpuContext {
                             classes: v as u32,
                             ..bytemuck::Zeroable::zeroed()
                         }
-                        .plain()
                         .with_opts(kopts);
                         rec.dispatch(&self.kernels.backward, &groups.backward, &params, wgs);
                         let src =
@@ -666,34 +571,8 @@ impl GpuContext {
     }
 }
 
-impl GpuContext {
-    /// Reduces `count` per-chunk sums in `sums` (bound as `sums_bg`) on the device, the
-    /// last level dividing by `divisor`, and reads the total back through `readback`.
-    pub(crate) fn reduce_sums(
-        &self,
-        sums: &wgpu::Buffer,
-        sums_bg: &wgpu::BindGroup,
-        count: u64,
-        divisor: f32,
-        params: &wgpu::Buffer,
-        readback: &wgpu::Buffer,
-    ) -> Result<f32> {
-        let wg = self.kernels.workgroup_size;
-        let levels =
-            reduce_levels(count, 0, wg, self.limits.max_compute_workgroups_per_dimension, divisor, NO_INDEX);
-        let mut rec = Recorder::new(&self.device, &self.limits);
-        levels.record(&mut rec, &self.kernels, sums_bg);
-        rec.copy(sums, u64::from(levels.result) * 4, readback, 0, 4);
-        let submission = rec.submit(&self.queue, params);
-        let map = self.request_map(readback, 8);
-        let mut total = f32::NAN;
-        self.finish_map(readback, map, Some(submission), |b| total = bytemuck::cast_slice::<u8, f32>(b)[0])?;
-        Ok(total)
-    }
-}
-
 /// Class weights cannot be bound whole when a row is longer than one binding.
-fn split_weights_error(path: String, classes: usize) -> Error {
+pub(crate) fn split_weights_error(path: String, classes: usize) -> Error {
     Error::Unsupported {
         path,
         cell: "class weights in rows longer than one storage binding".into(),
@@ -725,218 +604,5 @@ pub(crate) fn empty_output(opts: &LossOptions) -> LossOutput {
         lse: opts.wants_lse().then(Vec::new),
         gradient: opts.wants_gradient().then(Vec::new),
         z_loss: None,
-    }
-}
-
-impl GpuContext {
-    /// The separate backward: the gradient of the loss `opts` describes, from the logits
-    /// and the per-row LSE a forward saved ([`LossOptions::lse`]), times the upstream
-    /// gradient — out of place, for callers that must keep their logits. One read of the
-    /// logits and one write of the gradient, chunk by chunk as [`Plan`] says (rows longer
-    /// than a binding in column pieces).
-    ///
-    /// The LSE is an f32 rounding of `max + log(sum)`: under offsets of 1e4 and more its
-    /// absolute error shows in the gradient, as in any saved-LSE backward; the fused
-    /// calls, which keep (max, sum), do not have that limit.
-    pub fn cross_entropy_backward<'t>(
-        &self,
-        logits: &[f32],
-        classes: usize,
-        targets: impl Into<crate::Targets<'t>>,
-        lse: &[f32],
-        upstream: crate::Upstream<'_>,
-        opts: &LossOptions,
-    ) -> Result<Vec<f32>> {
-        let mut grad = vec![0.0f32; logits.len()];
-        self.cross_entropy_backward_into(logits, classes, targets, lse, upstream, opts, &mut grad)?;
-        Ok(grad)
-    }
-
-    /// As [`GpuContext::cross_entropy_backward`], into the caller's `grad`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn cross_entropy_backward_into<'t>(
-        &self,
-        logits: &[f32],
-        classes: usize,
-        targets: impl Into<crate::Targets<'t>>,
-        lse: &[f32],
-        upstream: crate::Upstream<'_>,
-        opts: &LossOptions,
-        grad: &mut [f32],
-    ) -> Result<()> {
-        let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
-        crate::cpu::reference::check_lse(lse, batch.rows)?;
-        upstream.check(batch.rows)?;
-        super::context::check_grad_len(grad.len(), logits.len())?;
-        if batch.rows == 0 {
-            return Ok(());
-        }
-        let plan = Plan::new(batch.rows, batch.classes, GradKind::Separate, &self.plan_limits())?;
-        if matches!(plan.layout, Layout::Split { .. }) && opts.get_weights().is_some() {
-            return Err(split_weights_error(self.path_name(), batch.classes));
-        }
-        let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
-        let weights = opts.get_weights().map_or(0, <[f32]>::len);
-        self.scoped(|| {
-            self.prepare(&mut ws, &plan, weights);
-            Ok(())
-        })
-        .inspect_err(|_| ws.release())?;
-        let result =
-            self.scoped(|| self.backward_chunks(&ws, logits, &batch, lse, upstream, opts, &plan, grad));
-        if result.is_err() {
-            ws.release();
-        }
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn backward_chunks(
-        &self,
-        ws: &Workspace,
-        logits: &[f32],
-        batch: &Batch,
-        lse: &[f32],
-        upstream: crate::Upstream<'_>,
-        opts: &LossOptions,
-        plan: &Plan,
-        grad: &mut [f32],
-    ) -> Result<()> {
-        let groups = ws.groups.as_ref().expect("prepared");
-        let v = batch.classes;
-        let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let kopts = KernelOpts::new(opts, v).for_batch(batch, opts);
-        let inv = batch.gradient_scale(opts.get_reduction());
-        let (scale, per_row) = match upstream {
-            crate::Upstream::Scalar(g) => (g * inv, 0),
-            crate::Upstream::PerRow(_) | crate::Upstream::PerElement(_) => (inv, 1),
-        };
-        self.queue.write_buffer(ws.norm.get(), 0, bytemuck::bytes_of(&1.0f32));
-        if let Some(w) = opts.get_weights() {
-            self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
-        }
-        let rb = ws.readback[0].get();
-        // (max, sum) = (lse, 1): the row statistics of the saved LSE, one chunk at a time.
-        let mut stats: Vec<[f32; 2]> = Vec::with_capacity(plan.slot_rows);
-        for chunk in plan.chunks() {
-            let rows = chunk.rows.clone();
-            let cols = chunk.cols.len();
-            // Rows of the chunk, or one row's piece: contiguous in the logits either way.
-            let elems = rows.start * v + chunk.cols.start..(rows.end - 1) * v + chunk.cols.end;
-            self.queue.write_buffer(ws.logits.get(), 0, bytemuck::cast_slice(&logits[elems.clone()]));
-            self.queue.write_buffer(ws.targets.get(), 0, bytemuck::cast_slice(&batch.targets[rows.clone()]));
-            stats.clear();
-            stats.extend(lse[rows.clone()].iter().map(|&l| [l, 1.0]));
-            self.queue.write_buffer(ws.row_stats.get(), 0, bytemuck::cast_slice(&stats));
-            if let crate::Upstream::PerRow(g) = upstream {
-                self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[rows.clone()]));
-            }
-            let blocks = cols.div_ceil(SPLIT_BLOCK_COLS);
-            let wgs = (rows.len() * blocks) as u64;
-            let params = BackwardParams {
-                rows: rows.len() as u32,
-                row_stride: cols as u32,
-                cols: cols as u32,
-                col_base: chunk.cols.start as u32,
-                block_cols: SPLIT_BLOCK_COLS as u32,
-                blocks: blocks as u32,
-                row_base: 0,
-                groups_x: groups_x(wgs, max_dim),
-                scale,
-                grad_mode: GradMode::Separate as u32,
-                ignore_index: Batch::IGNORED,
-                classes: v as u32,
-                per_row,
-                ..bytemuck::Zeroable::zeroed()
-            }
-            .with_opts(&kopts);
-            let mut rec = Recorder::new(&self.device, &self.limits);
-            rec.dispatch(&self.kernels.backward, &groups.backward, &params, wgs);
-            let bytes = elems.len() as u64 * 4;
-            rec.copy(ws.grad.get(), 0, rb, 0, bytes);
-            let submission = rec.submit(&self.queue, ws.params.get());
-            let map = self.request_map(rb, bytes);
-            self.finish_map(rb, map, Some(submission), |b| {
-                grad[elems.clone()].copy_from_slice(bytemuck::cast_slice(b));
-            })?;
-        }
-        Ok(())
-    }
-}
-
-/// One problem on the (row × column block) grid: few long rows.
-pub(crate) struct RowGrid {
-    pub rows: usize,
-    pub classes: usize,
-    /// The target value that marks an ignored row in the bound targets.
-    pub ignore_index: i32,
-    /// Scale of the gradient (the upstream gradient over the divisor).
-    pub grad_scale: f32,
-    pub mode: GradMode,
-}
-
-/// Records the grid path: partial states over a (row × block) grid, a merge per row, and
-/// the gradient over the same grid — 1 read for the loss, 2 reads + 1 write with the
-/// gradient, as the fused kernel, but with `rows × blocks` workgroups. `groups` binds
-/// `row_partials`, `merge_partials` and `cross_entropy_backward`, in that order.
-pub(crate) fn record_row_grid(
-    rec: &mut Recorder<'_>,
-    kernels: &Kernels,
-    [partials_bg, merge_bg, backward_bg]: [&wgpu::BindGroup; 3],
-    grid: RowGrid,
-    kopts: &KernelOpts,
-    max_dim: u32,
-) {
-    let RowGrid { rows, classes: v, ignore_index, grad_scale, mode } = grid;
-    let bpr = v.div_ceil(SPLIT_BLOCK_COLS);
-    let wgs = (rows * bpr) as u64;
-    let partial = PartialParams {
-        rows: rows as u32,
-        row_stride: v as u32,
-        cols: v as u32,
-        col_base: 0,
-        block_cols: SPLIT_BLOCK_COLS as u32,
-        blocks: bpr as u32,
-        row_base: 0,
-        groups_x: groups_x(wgs, max_dim),
-        out_base: 0,
-        out_stride: bpr as u32,
-        ignore_index,
-        classes: v as u32,
-        ..bytemuck::Zeroable::zeroed()
-    }
-    .with_opts(kopts);
-    rec.dispatch(&kernels.partials, partials_bg, &partial, wgs);
-    let merge_groups = (rows as u64).div_ceil(u64::from(kernels.workgroup_size));
-    let merge = MergeParams {
-        rows: rows as u32,
-        blocks: bpr as u32,
-        row_base: 0,
-        groups_x: groups_x(merge_groups, max_dim),
-        classes: v as u32,
-        ignore_index,
-        ..bytemuck::Zeroable::zeroed()
-    }
-    .with_opts(kopts);
-    rec.dispatch(&kernels.merge, merge_bg, &merge, merge_groups);
-    if mode != GradMode::None {
-        let backward = BackwardParams {
-            rows: rows as u32,
-            row_stride: v as u32,
-            cols: v as u32,
-            col_base: 0,
-            block_cols: SPLIT_BLOCK_COLS as u32,
-            blocks: bpr as u32,
-            row_base: 0,
-            groups_x: groups_x(wgs, max_dim),
-            scale: grad_scale,
-            grad_mode: mode as u32,
-            ignore_index,
-            classes: v as u32,
-            ..bytemuck::Zeroable::zeroed()
-        }
-        .plain()
-        .with_opts(kopts);
-        rec.dispatch(&kernels.backward, backward_bg, &backward, wgs);
     }
 }

@@ -1,0 +1,148 @@
+//! The saved-LSE backward of class-index cross-entropy: the gradient from the logits and
+//! the per-row LSE a forward saved, chunk by chunk as [`Plan`] says.
+
+use crate::error::Result;
+use crate::options::{Batch, LossOptions};
+
+use super::buffers::{Recorder, groups_x};
+use super::context::GpuContext;
+use super::kernels::{BackwardParams, GradMode, KernelOpts};
+use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
+use super::stream::split_weights_error;
+use super::workspace::Workspace;
+
+impl GpuContext {
+    /// The separate backward: the gradient of the loss `opts` describes, from the logits
+    /// and the per-row LSE a forward saved ([`LossOptions::lse`]), times the upstream
+    /// gradient — out of place, for callers that must keep their logits. One read of the
+    /// logits and one write of the gradient, chunk by chunk as [`Plan`] says (rows longer
+    /// than a binding in column pieces).
+    ///
+    /// The LSE is an f32 rounding of `max + log(sum)`: under offsets of 1e4 and more its
+    /// absolute error shows in the gradient, as in any saved-LSE backward; the fused
+    /// calls, which keep (max, sum), do not have that limit.
+    pub fn cross_entropy_backward<'t>(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        targets: impl Into<crate::Targets<'t>>,
+        lse: &[f32],
+        upstream: crate::Upstream<'_>,
+        opts: &LossOptions,
+    ) -> Result<Vec<f32>> {
+        let mut grad = vec![0.0f32; logits.len()];
+        self.cross_entropy_backward_into(logits, classes, targets, lse, upstream, opts, &mut grad)?;
+        Ok(grad)
+    }
+
+    /// As [`GpuContext::cross_entropy_backward`], into the caller's `grad`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cross_entropy_backward_into<'t>(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        targets: impl Into<crate::Targets<'t>>,
+        lse: &[f32],
+        upstream: crate::Upstream<'_>,
+        opts: &LossOptions,
+        grad: &mut [f32],
+    ) -> Result<()> {
+        let batch = Batch::new(logits.len(), classes, targets.into(), opts)?;
+        crate::cpu::reference::check_lse(lse, batch.rows)?;
+        upstream.check(batch.rows)?;
+        super::context::check_grad_len(grad.len(), logits.len())?;
+        if batch.rows == 0 {
+            return Ok(());
+        }
+        let plan = Plan::new(batch.rows, batch.classes, GradKind::Separate, &self.plan_limits())?;
+        if matches!(plan.layout, Layout::Split { .. }) && opts.get_weights().is_some() {
+            return Err(split_weights_error(self.path_name(), batch.classes));
+        }
+        let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
+        let weights = opts.get_weights().map_or(0, <[f32]>::len);
+        self.scoped(|| {
+            self.prepare(&mut ws, &plan, weights);
+            Ok(())
+        })
+        .inspect_err(|_| ws.release())?;
+        let result =
+            self.scoped(|| self.backward_chunks(&ws, logits, &batch, lse, upstream, opts, &plan, grad));
+        if result.is_err() {
+            ws.release();
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_chunks(
+        &self,
+        ws: &Workspace,
+        logits: &[f32],
+        batch: &Batch,
+        lse: &[f32],
+        upstream: crate::Upstream<'_>,
+        opts: &LossOptions,
+        plan: &Plan,
+        grad: &mut [f32],
+    ) -> Result<()> {
+        let groups = ws.groups.as_ref().expect("prepared");
+        let v = batch.classes;
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let kopts = KernelOpts::new(opts, v).for_batch(batch, opts);
+        let inv = batch.gradient_scale(opts.get_reduction());
+        let (scale, per_row) = match upstream {
+            crate::Upstream::Scalar(g) => (g * inv, 0),
+            crate::Upstream::PerRow(_) | crate::Upstream::PerElement(_) => (inv, 1),
+        };
+        self.queue.write_buffer(ws.norm.get(), 0, bytemuck::bytes_of(&1.0f32));
+        if let Some(w) = opts.get_weights() {
+            self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
+        }
+        let rb = ws.readback[0].get();
+        // (max, sum) = (lse, 1): the row statistics of the saved LSE, one chunk at a time.
+        let mut stats: Vec<[f32; 2]> = Vec::with_capacity(plan.slot_rows);
+        for chunk in plan.chunks() {
+            let rows = chunk.rows.clone();
+            let cols = chunk.cols.len();
+            // Rows of the chunk, or one row's piece: contiguous in the logits either way.
+            let elems = rows.start * v + chunk.cols.start..(rows.end - 1) * v + chunk.cols.end;
+            self.queue.write_buffer(ws.logits.get(), 0, bytemuck::cast_slice(&logits[elems.clone()]));
+            self.queue.write_buffer(ws.targets.get(), 0, bytemuck::cast_slice(&batch.targets[rows.clone()]));
+            stats.clear();
+            stats.extend(lse[rows.clone()].iter().map(|&l| [l, 1.0]));
+            self.queue.write_buffer(ws.row_stats.get(), 0, bytemuck::cast_slice(&stats));
+            if let crate::Upstream::PerRow(g) = upstream {
+                self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[rows.clone()]));
+            }
+            let blocks = cols.div_ceil(SPLIT_BLOCK_COLS);
+            let wgs = (rows.len() * blocks) as u64;
+            let params = BackwardParams {
+                rows: rows.len() as u32,
+                row_stride: cols as u32,
+                cols: cols as u32,
+                col_base: chunk.cols.start as u32,
+                block_cols: SPLIT_BLOCK_COLS as u32,
+                blocks: blocks as u32,
+                row_base: 0,
+                groups_x: groups_x(wgs, max_dim),
+                scale,
+                grad_mode: GradMode::Separate as u32,
+                ignore_index: Batch::IGNORED,
+                classes: v as u32,
+                per_row,
+                ..bytemuck::Zeroable::zeroed()
+            }
+            .with_opts(&kopts);
+            let mut rec = Recorder::new(&self.device, &self.limits);
+            rec.dispatch(&self.kernels.backward, &groups.backward, &params, wgs);
+            let bytes = elems.len() as u64 * 4;
+            rec.copy(ws.grad.get(), 0, rb, 0, bytes);
+            let submission = rec.submit(&self.queue, ws.params.get());
+            let map = self.request_map(rb, bytes);
+            self.finish_map(rb, map, Some(submission), |b| {
+                grad[elems.clone()].copy_from_slice(bytemuck::cast_slice(b));
+            })?;
+        }
+        Ok(())
+    }
+}

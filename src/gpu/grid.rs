@@ -1,0 +1,83 @@
+//! The (row × column block) grid of workgroups for few long rows: partial states, a
+//! merge per row, and the gradient over the same grid. Used by the host driver and the
+//! device-resident path.
+
+use super::buffers::{Recorder, groups_x};
+use super::kernels::{BackwardParams, GradMode, KernelOpts, Kernels, MergeParams, PartialParams};
+use super::tuning::SPLIT_BLOCK_COLS;
+
+/// One problem on the (row × column block) grid: few long rows.
+pub(crate) struct RowGrid {
+    pub rows: usize,
+    pub classes: usize,
+    /// The target value that marks an ignored row in the bound targets.
+    pub ignore_index: i32,
+    /// Scale of the gradient (the upstream gradient over the divisor).
+    pub grad_scale: f32,
+    pub mode: GradMode,
+}
+
+/// Records the grid path: partial states over a (row × block) grid, a merge per row, and
+/// the gradient over the same grid — 1 read for the loss, 2 reads + 1 write with the
+/// gradient, as the fused kernel, but with `rows × blocks` workgroups. `groups` binds
+/// `row_partials`, `merge_partials` and `cross_entropy_backward`, in that order.
+pub(crate) fn record_row_grid(
+    rec: &mut Recorder<'_>,
+    kernels: &Kernels,
+    [partials_bg, merge_bg, backward_bg]: [&wgpu::BindGroup; 3],
+    grid: RowGrid,
+    kopts: &KernelOpts,
+    max_dim: u32,
+) {
+    let RowGrid { rows, classes: v, ignore_index, grad_scale, mode } = grid;
+    let bpr = v.div_ceil(SPLIT_BLOCK_COLS);
+    let wgs = (rows * bpr) as u64;
+    let partial = PartialParams {
+        rows: rows as u32,
+        row_stride: v as u32,
+        cols: v as u32,
+        col_base: 0,
+        block_cols: SPLIT_BLOCK_COLS as u32,
+        blocks: bpr as u32,
+        row_base: 0,
+        groups_x: groups_x(wgs, max_dim),
+        out_base: 0,
+        out_stride: bpr as u32,
+        ignore_index,
+        classes: v as u32,
+        ..bytemuck::Zeroable::zeroed()
+    }
+    .with_opts(kopts);
+    rec.dispatch(&kernels.partials, partials_bg, &partial, wgs);
+    let merge_groups = (rows as u64).div_ceil(u64::from(kernels.workgroup_size));
+    let merge = MergeParams {
+        rows: rows as u32,
+        blocks: bpr as u32,
+        row_base: 0,
+        groups_x: groups_x(merge_groups, max_dim),
+        classes: v as u32,
+        ignore_index,
+        ..bytemuck::Zeroable::zeroed()
+    }
+    .with_opts(kopts);
+    rec.dispatch(&kernels.merge, merge_bg, &merge, merge_groups);
+    if mode != GradMode::None {
+        let backward = BackwardParams {
+            rows: rows as u32,
+            row_stride: v as u32,
+            cols: v as u32,
+            col_base: 0,
+            block_cols: SPLIT_BLOCK_COLS as u32,
+            blocks: bpr as u32,
+            row_base: 0,
+            groups_x: groups_x(wgs, max_dim),
+            scale: grad_scale,
+            grad_mode: mode as u32,
+            ignore_index,
+            classes: v as u32,
+            ..bytemuck::Zeroable::zeroed()
+        }
+        .with_opts(kopts);
+        rec.dispatch(&kernels.backward, backward_bg, &backward, wgs);
+    }
+}

@@ -1,0 +1,80 @@
+//! The buffers and bind groups that calls reuse: plain data over [`Slot`]s, prepared by
+//! the drivers that use them.
+
+use super::buffers::Slot;
+
+/// Buffers and bind groups reused across calls.
+#[derive(Default)]
+pub(crate) struct Workspace {
+    pub logits: Slot,
+    pub grad: Slot,
+    pub targets: Slot,
+    pub row_loss: Slot,
+    pub row_lse: Slot,
+    pub row_weight: Slot,
+    pub row_stats: Slot,
+    pub scratch: Slot,
+    pub partials: Slot,
+    pub sums: Slot,
+    pub norm: Slot,
+    pub weights: Slot,
+    pub upstream: Slot,
+    pub params: Slot,
+    pub readback: Vec<Slot>,
+    pub groups: Option<BindGroups>,
+    pub binary: BinaryWorkspace,
+    pub soft: SoftWorkspace,
+    /// Buffers created so far (a steady state of same-shape calls creates none).
+    pub allocations: u64,
+}
+
+impl Workspace {
+    /// Drops every buffer (kept: the allocation count), after an error or to free memory.
+    pub fn release(&mut self) {
+        *self = Workspace { allocations: self.allocations, ..Workspace::default() };
+    }
+}
+
+/// The bind groups of the class-index kernels over a [`Workspace`]'s buffers.
+pub(crate) struct BindGroups {
+    pub rows: wgpu::BindGroup,
+    pub partials: wgpu::BindGroup,
+    pub merge: wgpu::BindGroup,
+    pub backward: wgpu::BindGroup,
+    pub reduce_scratch: wgpu::BindGroup,
+    pub reduce_sums: wgpu::BindGroup,
+}
+
+/// Buffers of the soft-target path, reused across calls.
+#[derive(Default)]
+pub(crate) struct SoftWorkspace {
+    pub logits: Slot,
+    pub probs: Slot,
+    pub row_loss: Slot,
+    pub row_lse: Slot,
+    pub grad: Slot,
+    pub weights: Slot,
+    pub upstream: Slot,
+    pub scratch: Slot,
+    pub sums: Slot,
+    pub params: Slot,
+    pub readback: Slot,
+    pub groups: Option<[wgpu::BindGroup; 3]>,
+}
+
+/// Buffers of the binary path, reused across calls.
+#[derive(Default)]
+pub(crate) struct BinaryWorkspace {
+    pub logits: Slot,
+    pub targets: Slot,
+    pub weights: Slot,
+    pub pos_weight: Slot,
+    pub grad: Slot,
+    pub losses: Slot,
+    pub partials: Slot,
+    pub upstream: Slot,
+    pub sums: Slot,
+    pub params: Slot,
+    pub readback: Slot,
+    pub groups: Option<(wgpu::BindGroup, wgpu::BindGroup, wgpu::BindGroup)>,
+}
