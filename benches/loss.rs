@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use xent::gpu::bench::{GpuBench, Pass, Repeats};
-use xent::{Backend, CpuFast, GpuContext, LossOptions};
+use xent::{Backend, BackendExt, CpuFast, GpuContext, Gradient, Labels, Logits, LossOptions, Problem};
 
 const SHAPES: &[(usize, usize)] = &[(256, 32000), (1024, 32000), (64, 131072), (4096, 4096)];
 const PASSES: &[Pass] = &[Pass::Forward, Pass::ForwardBackward];
@@ -32,12 +32,14 @@ fn cpu(c: &mut Criterion) {
         let mut grad = vec![0.0f32; n * v];
         for &pass in PASSES {
             group.throughput(Throughput::Bytes(bytes(n, v, pass)));
-            let opts = LossOptions::new().gradient(pass == Pass::ForwardBackward);
+            let opts = LossOptions::new();
             group.bench_with_input(BenchmarkId::new(pass.name(), format!("{n}x{v}")), &pass, |b, &pass| {
                 b.iter(|| match pass {
-                    Pass::Forward => CpuFast.cross_entropy(&logits, v, (&targets).into(), &opts).unwrap(),
+                    Pass::Forward => CpuFast.cross_entropy(&logits, v, &targets, &opts).unwrap(),
                     Pass::ForwardBackward => {
-                        CpuFast.cross_entropy_into(&logits, v, (&targets).into(), &opts, &mut grad).unwrap()
+                        let problem = Problem::new(Logits::F32(&logits), v, Labels::from(&targets))
+                            .gradient(Gradient::IntoF32(&mut grad));
+                        CpuFast.evaluate(problem, &opts).unwrap()
                     }
                 })
             });
@@ -91,9 +93,14 @@ fn gpu(c: &mut Criterion) {
                     gpu_time(samples.unwrap())
                 })
             });
-            let opts = LossOptions::new().gradient(pass == Pass::ForwardBackward);
+            let opts = LossOptions::new();
             group.bench_function(BenchmarkId::new(format!("host call {}", pass.name()), &id), |b| {
-                b.iter(|| ctx.cross_entropy(&logits, v, &targets, &opts).unwrap())
+                b.iter(|| match pass {
+                    Pass::Forward => ctx.cross_entropy(&logits, v, &targets, &opts).unwrap(),
+                    Pass::ForwardBackward => {
+                        ctx.cross_entropy_with_grad(&logits, v, &targets, &opts).unwrap()
+                    }
+                })
             });
         }
     }

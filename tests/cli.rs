@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use xent::npy::{self, NpyData};
-use xent::{LossOptions, Reduction, synth};
+use xent::{Backend, BackendExt, Gradient, Labels, LossOptions, Problem, Reduction, Reference, synth};
 
 struct Dir(PathBuf);
 impl Dir {
@@ -50,6 +50,48 @@ fn f32s(path: &Path) -> (Vec<usize>, Vec<f32>) {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// A float16 .npy written by hand: the header, then the raw bits.
+fn write_f16(path: &Path, shape: [usize; 2], bits: &[u16]) {
+    let [n, v] = shape;
+    let dict = format!("{{'descr': '<f2', 'fortran_order': False, 'shape': ({n}, {v}), }}");
+    let pad = (64 - (10 + dict.len() + 1) % 64) % 64;
+    let header = format!("{dict}{}\n", " ".repeat(pad));
+    let mut file = b"\x93NUMPY\x01\x00".to_vec();
+    file.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    file.extend_from_slice(header.as_bytes());
+    file.extend_from_slice(bytemuck::cast_slice(bits));
+    std::fs::write(path, file).unwrap();
+}
+
+/// float16 logits [n, v] (bits, and their values widened to f32).
+fn f16_logits(n: usize, v: usize, seed: u64) -> (Vec<u16>, Vec<f32>) {
+    let format = xent::HalfFormat::F16;
+    let bits: Vec<u16> = synth::logits(n, v, 3.0, seed).iter().map(|&x| format.from_f32(x)).collect();
+    let wide = bits.iter().map(|&h| format.to_f32(h)).collect();
+    (bits, wide)
+}
+
+/// Probability targets [n, v]: each row's |x| normalised.
+fn probabilities(n: usize, v: usize, seed: u64) -> Vec<f32> {
+    synth::logits(n, v, 1.0, seed)
+        .chunks(v)
+        .flat_map(|r| {
+            let s: f32 = r.iter().map(|x| x.abs()).sum();
+            r.iter().map(move |x| x.abs() / s).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Binary targets [n, v] in {0, 1}.
+fn binary_targets(n: usize, v: usize, seed: u64) -> Vec<f32> {
+    synth::logits(n, v, 1.0, seed).iter().map(|x| if *x > 0.3 { 1.0 } else { 0.0 }).collect()
+}
+
+/// The reference's loss (row losses for `none`) and owned gradient of `problem`.
+fn reference(problem: Problem<'_>, opts: &LossOptions) -> xent::LossOutput {
+    Reference.evaluate(problem.gradient(Gradient::Owned), opts).unwrap()
 }
 
 /// The devices `eval` runs on: the GPU when there is an adapter (`common::gpus` fails the
@@ -104,8 +146,8 @@ fn eval_matches_the_reference_on_every_device_and_reduction() {
     npy::write_f32(&l, &[n, v], &logits).unwrap();
     npy::write_i64(&t, &targets).unwrap();
     for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-        let opts = LossOptions::new().reduction(reduction).gradient(true).row_losses(true);
-        let mut want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+        let opts = LossOptions::new().reduction(reduction);
+        let mut want = reference(Problem::new(&logits, v, &targets).row_losses(true), &opts);
         if reduction != Reduction::None {
             want.row_losses = None;
         }
@@ -115,6 +157,8 @@ fn eval_matches_the_reference_on_every_device_and_reduction() {
             assert_eq!(json_field(&run.stdout, "rows"), n.to_string());
             assert_eq!(json_field(&run.stdout, "classes"), v.to_string());
             assert_eq!(json_field(&run.stdout, "device"), format!("\"{device}\""));
+            // No z-loss: its part is null.
+            assert_eq!(json_field(&run.stdout, "z_loss"), "null");
             let elapsed: f64 = json_field(&run.stdout, "elapsed_ms").parse().unwrap();
             assert!(elapsed >= 0.0);
             assert_eq!(run.grad.0, vec![n, v]);
@@ -154,9 +198,9 @@ fn eval_takes_every_option() {
         .z_loss(1e-3)
         .softcap(15.0)
         .logit_scale(0.8)
-        .n_items(50.0)
-        .gradient(true);
-    let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
+        .n_items(50.0);
+    let want = Reference.cross_entropy_with_grad(&logits, v, &targets, &opts).unwrap();
+    let want_z = want.z_loss.expect("the reference's z-loss part") as f64;
     for device in devices("eval_takes_every_option") {
         #[rustfmt::skip]
         let args = [
@@ -169,6 +213,13 @@ fn eval_takes_every_option() {
         xent::check::compare(&got, &want, xent::check::Tolerance::F32)
             .unwrap_or_else(|e| panic!("{device}: {e}"));
         assert_eq!(json_field(&run.stdout, "loss").parse::<f32>().unwrap(), got.loss.unwrap());
+        // The z-loss part (divided by n_items), under the loss tolerance.
+        let z: f64 = json_field(&run.stdout, "z_loss").parse().unwrap();
+        let tol = xent::check::Tolerance::F32;
+        assert!(
+            (z - want_z).abs() <= tol.loss_rtol * want_z.abs() + tol.loss_atol,
+            "{device}: z_loss {z}, want {want_z}"
+        );
     }
 }
 
@@ -177,19 +228,12 @@ fn eval_probability_targets() {
     let dir = Dir::new("soft");
     let (n, v) = (25, 19);
     let logits = synth::logits(n, v, 2.0, 41);
-    let raw = synth::logits(n, v, 1.0, 42);
-    let probs: Vec<f32> = raw
-        .chunks(v)
-        .flat_map(|r| {
-            let s: f32 = r.iter().map(|x| x.abs()).sum();
-            r.iter().map(move |x| x.abs() / s).collect::<Vec<_>>()
-        })
-        .collect();
+    let probs = probabilities(n, v, 42);
     let (l, t) = (dir.path("l.npy"), dir.path("t.npy"));
     npy::write_f32(&l, &[n, v], &logits).unwrap();
     npy::write_f32(&t, &[n, v], &probs).unwrap();
-    let opts = LossOptions::new().label_smoothing(0.2).gradient(true);
-    let want = xent::cpu::reference::cross_entropy_soft(&logits, v, &probs, &opts).unwrap();
+    let opts = LossOptions::new().label_smoothing(0.2);
+    let want = reference(Problem::new(&logits, v, Labels::Probabilities(&probs)), &opts);
     for device in devices("eval_probability_targets") {
         let run = eval(&dir, device, &["--logits", s(&l), "--targets", s(&t), "--label-smoothing", "0.2"]);
         xent::check::compare(&run.output(Reduction::Mean), &want, xent::check::Tolerance::F32)
@@ -201,23 +245,12 @@ fn eval_probability_targets() {
 fn eval_float16_logits() {
     let dir = Dir::new("f16");
     let (n, v) = (20, 64);
-    let format = xent::HalfFormat::F16;
-    let bits: Vec<u16> = synth::logits(n, v, 3.0, 51).iter().map(|&x| format.from_f32(x)).collect();
-    let wide: Vec<f32> = bits.iter().map(|&h| format.to_f32(h)).collect();
+    let (bits, wide) = f16_logits(n, v, 51);
     let targets = synth::targets(n, v, 51);
     let (l, t) = (dir.path("l.npy"), dir.path("t.npy"));
-    // A float16 .npy written by hand: the header, then the raw bits.
-    let dict = format!("{{'descr': '<f2', 'fortran_order': False, 'shape': ({n}, {v}), }}");
-    let pad = (64 - (10 + dict.len() + 1) % 64) % 64;
-    let header = format!("{dict}{}\n", " ".repeat(pad));
-    let mut file = b"\x93NUMPY\x01\x00".to_vec();
-    file.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    file.extend_from_slice(header.as_bytes());
-    file.extend_from_slice(bytemuck::cast_slice(&bits));
-    std::fs::write(&l, file).unwrap();
+    write_f16(&l, [n, v], &bits);
     npy::write_i64(&t, &targets).unwrap();
-    let opts = LossOptions::new().gradient(true);
-    let want = xent::cpu::reference::cross_entropy(&wide, v, &targets, &opts).unwrap();
+    let want = Reference.cross_entropy_with_grad(&wide, v, &targets, &LossOptions::new()).unwrap();
     for device in devices("eval_float16_logits") {
         let run = eval(&dir, device, &["--logits", s(&l), "--targets", s(&t)]);
         xent::check::compare(&run.output(Reduction::Mean), &want, xent::check::Tolerance::F32)
@@ -230,16 +263,15 @@ fn eval_binary_cross_entropy() {
     let dir = Dir::new("bce");
     let (n, v) = (30, 11);
     let logits = synth::logits(n, v, 3.0, 31);
-    let targets: Vec<f32> =
-        synth::logits(n, v, 1.0, 32).iter().map(|x| if *x > 0.3 { 1.0 } else { 0.0 }).collect();
+    let targets = binary_targets(n, v, 32);
     let pos: Vec<f32> = (0..v).map(|c| 1.0 + c as f32 / 4.0).collect();
     let (l, t, p) = (dir.path("l.npy"), dir.path("t.npy"), dir.path("p.npy"));
     npy::write_f32(&l, &[n, v], &logits).unwrap();
     npy::write_f32(&t, &[n, v], &targets).unwrap();
     npy::write_f32(&p, &[v], &pos).unwrap();
     for reduction in [Reduction::Mean, Reduction::None] {
-        let opts = LossOptions::new().reduction(reduction).pos_weight(pos.clone()).gradient(true);
-        let want = xent::cpu::reference::binary_cross_entropy(&logits, v, &targets, &opts).unwrap();
+        let opts = LossOptions::new().reduction(reduction).pos_weight(pos.clone());
+        let want = reference(Problem::new(&logits, v, Labels::Binary(&targets)), &opts);
         for device in devices("eval_binary_cross_entropy") {
             #[rustfmt::skip]
             let args = [
@@ -257,6 +289,94 @@ fn eval_binary_cross_entropy() {
 }
 
 #[test]
+fn eval_float16_logits_with_probability_targets() {
+    // float16 logits (an odd number of classes) with float32 probability targets, against
+    // the reference on the widened values.
+    let dir = Dir::new("f16-soft");
+    let (n, v) = (23, 19);
+    let (bits, wide) = f16_logits(n, v, 71);
+    let probs = probabilities(n, v, 72);
+    let (l, t) = (dir.path("l.npy"), dir.path("t.npy"));
+    write_f16(&l, [n, v], &bits);
+    npy::write_f32(&t, &[n, v], &probs).unwrap();
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let opts = LossOptions::new().reduction(reduction).label_smoothing(0.1);
+        let want = reference(Problem::new(&wide, v, Labels::Probabilities(&probs)), &opts);
+        for device in devices("eval_float16_logits_with_probability_targets") {
+            #[rustfmt::skip]
+            let args = [
+                "--logits", s(&l), "--targets", s(&t), "--label-smoothing", "0.1", "--reduction", reduction.name(),
+            ];
+            let run = eval(&dir, device, &args);
+            assert_eq!(run.grad.0, vec![n, v]);
+            if reduction == Reduction::None {
+                assert_eq!(run.loss.0, vec![n]);
+            }
+            xent::check::compare(&run.output(reduction), &want, xent::check::Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{device} {reduction:?}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn eval_float16_logits_with_binary_cross_entropy() {
+    // float16 logits (an odd number of classes) under `--loss-kind bce`, against the
+    // reference on the widened values.
+    let dir = Dir::new("f16-bce");
+    let (n, v) = (29, 11);
+    let (bits, wide) = f16_logits(n, v, 73);
+    let targets = binary_targets(n, v, 74);
+    let pos: Vec<f32> = (0..v).map(|c| 0.5 + c as f32 / 3.0).collect();
+    let (l, t, p) = (dir.path("l.npy"), dir.path("t.npy"), dir.path("p.npy"));
+    write_f16(&l, [n, v], &bits);
+    npy::write_f32(&t, &[n, v], &targets).unwrap();
+    npy::write_f32(&p, &[v], &pos).unwrap();
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let opts = LossOptions::new().reduction(reduction).pos_weight(pos.clone());
+        let want = reference(Problem::new(&wide, v, Labels::Binary(&targets)), &opts);
+        for device in devices("eval_float16_logits_with_binary_cross_entropy") {
+            #[rustfmt::skip]
+            let args = [
+                "--loss-kind", "bce", "--logits", s(&l), "--targets", s(&t), "--pos-weight", s(&p),
+                "--reduction", reduction.name(),
+            ];
+            let run = eval(&dir, device, &args);
+            assert_eq!(run.grad.0, vec![n, v]);
+            if reduction == Reduction::None {
+                assert_eq!(run.loss.0, vec![n, v]);
+            }
+            xent::check::compare(&run.output(reduction), &want, xent::check::Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{device} {reduction:?}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn eval_accepts_negative_and_zero_class_weights() {
+    // Class weights may be negative or zero (only NaN and infinities are refused).
+    let dir = Dir::new("neg-weights");
+    let (n, v) = (30, 13);
+    let logits = synth::logits(n, v, 2.0, 75);
+    let targets = synth::targets(n, v, 75);
+    let weights: Vec<f32> = (0..v).map(|c| [1.0, -0.5, 0.0, 2.0][c % 4]).collect();
+    let (l, t, w) = (dir.path("l.npy"), dir.path("t.npy"), dir.path("w.npy"));
+    npy::write_f32(&l, &[n, v], &logits).unwrap();
+    npy::write_i64(&t, &targets).unwrap();
+    npy::write_f32(&w, &[v], &weights).unwrap();
+    for reduction in [Reduction::Sum, Reduction::None] {
+        let opts = LossOptions::new().reduction(reduction).weights(weights.clone());
+        let want = Reference.cross_entropy_with_grad(&logits, v, &targets, &opts).unwrap();
+        for device in devices("eval_accepts_negative_and_zero_class_weights") {
+            let args =
+                ["--logits", s(&l), "--targets", s(&t), "--weights", s(&w), "--reduction", reduction.name()];
+            let run = eval(&dir, device, &args);
+            xent::check::compare(&run.output(reduction), &want, xent::check::Tolerance::F32)
+                .unwrap_or_else(|e| panic!("{device} {reduction:?}: {e}"));
+        }
+    }
+}
+
+#[test]
 fn bad_input_exits_2_with_a_message_and_writes_nothing() {
     let dir = Dir::new("bad");
     let (l, t, out) = (dir.path("l.npy"), dir.path("t.npy"), dir.path("out.npy"));
@@ -269,10 +389,12 @@ fn bad_input_exits_2_with_a_message_and_writes_nothing() {
     let garbage = dir.path("garbage.npy");
     std::fs::write(&garbage, b"not an npy file at all").unwrap();
     let missing = dir.path("missing.npy");
-    let (short_w, nan_w, neg_w) = (dir.path("short_w.npy"), dir.path("nan_w.npy"), dir.path("neg_w.npy"));
+    // Negative and zero class weights are accepted (`eval_accepts_negative_and_zero_class_weights`);
+    // only NaN and infinities are refused.
+    let (short_w, nan_w, inf_w) = (dir.path("short_w.npy"), dir.path("nan_w.npy"), dir.path("inf_w.npy"));
     npy::write_f32(&short_w, &[3], &[1.0, 1.0, 1.0]).unwrap();
     npy::write_f32(&nan_w, &[4], &[1.0, f32::NAN, 1.0, 1.0]).unwrap();
-    npy::write_f32(&neg_w, &[4], &[1.0, 1.0, -1.0, 1.0]).unwrap();
+    npy::write_f32(&inf_w, &[4], &[1.0, 1.0, f32::INFINITY, 1.0]).unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--targets", s(&bad_t)], "row 1: 7"),
         (vec!["--targets", s(&short_t)], "rows"),
@@ -290,7 +412,7 @@ fn bad_input_exits_2_with_a_message_and_writes_nothing() {
         (vec!["--targets", s(&t), "--n-items", "0"], "n_items"),
         (vec!["--targets", s(&t), "--weights", s(&short_w)], "has 3 elements, expected 4"),
         (vec!["--targets", s(&t), "--weights", s(&nan_w)], "weights[1] is NaN"),
-        (vec!["--targets", s(&t), "--weights", s(&neg_w)], "weights[2] is -1"),
+        (vec!["--targets", s(&t), "--weights", s(&inf_w)], "weights[2] is inf"),
     ];
     for (extra, needle) in cases {
         let mut args = vec!["eval", "--logits", s(&l), "--device", "reference", "--out-loss", s(&out)];

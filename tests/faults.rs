@@ -5,7 +5,9 @@ mod common;
 use std::time::Duration;
 
 use xent::check::{Tolerance, compare};
-use xent::{Error, GpuContext, LossOptions, synth};
+use xent::{
+    Backend, BackendExt, Error, GpuContext, Gradient, Labels, Logits, LossOptions, Problem, Reference, synth,
+};
 
 fn adapters(test: &str) -> Vec<wgpu::Adapter> {
     common::gpus(test).iter().map(common::adapter_of).collect()
@@ -14,9 +16,9 @@ fn adapters(test: &str) -> Vec<wgpu::Adapter> {
 fn check(gpu: &GpuContext, n: usize, v: usize) {
     let logits = synth::logits(n, v, 2.0, 5);
     let targets = synth::targets(n, v, 5);
-    let opts = LossOptions::new().gradient(true);
-    let want = xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts).unwrap();
-    let got = gpu.cross_entropy(&logits, v, &targets, &opts).unwrap();
+    let opts = LossOptions::new();
+    let want = Reference.cross_entropy_with_grad(&logits, v, &targets, &opts).unwrap();
+    let got = gpu.cross_entropy_with_grad(&logits, v, &targets, &opts).unwrap();
     compare(&got, &want, Tolerance::F32).unwrap();
 }
 
@@ -35,7 +37,7 @@ fn a_destroyed_device_is_a_typed_error_and_a_new_context_works() {
                 gpu.destroy_device();
             });
             // Either it finished before the destruction, or it reports it; never a panic.
-            match gpu.cross_entropy(&logits, v, &targets, &LossOptions::new().gradient(true)) {
+            match gpu.cross_entropy_with_grad(&logits, v, &targets, &LossOptions::new()) {
                 Ok(out) => assert!(out.loss.is_some_and(f32::is_finite)),
                 Err(e) => assert!(matches!(e, Error::DeviceLost(_) | Error::Gpu(_)), "{e}"),
             }
@@ -63,10 +65,11 @@ fn out_of_memory_is_retried_with_smaller_chunks() {
         let logits = synth::logits(n, v, 2.0, 8);
         let targets = synth::targets(n, v, 8);
         let opts = LossOptions::new();
-        let want =
-            xent::cpu::reference::cross_entropy(&logits, v, &targets, &opts.clone().gradient(true)).unwrap();
+        let want = Reference.cross_entropy_with_grad(&logits, v, &targets, &opts).unwrap();
         let mut in_place = logits.clone();
-        let got = gpu.cross_entropy_in_place(&mut in_place, v, &targets, &opts).unwrap();
+        let problem = Problem::new(Logits::F32Mut(&mut in_place), v, Labels::from(&targets))
+            .gradient(Gradient::InPlace);
+        let got = gpu.evaluate(problem, &opts).unwrap();
         compare(&xent::LossOutput { gradient: Some(in_place), ..got }, &want, Tolerance::F32).unwrap();
         // Failures that do not stop: a typed error, and the context still works.
         gpu.inject_out_of_memory(1000);
@@ -84,11 +87,11 @@ fn a_poll_timeout_is_a_typed_error_and_the_context_recovers() {
         let (n, v) = (4000, 4096);
         let logits = synth::logits(n, v, 2.0, 7);
         let targets = synth::targets(n, v, 7);
-        let opts = LossOptions::new().gradient(true);
+        let opts = LossOptions::new();
         // A real 1 ns limit: a typed timeout, or done already where the adapter runs
         // submissions synchronously (lavapipe does).
         gpu.set_timeout(Duration::from_nanos(1));
-        match gpu.cross_entropy(&logits, v, &targets, &opts) {
+        match gpu.cross_entropy_with_grad(&logits, v, &targets, &opts) {
             Err(Error::Timeout(d)) => assert_eq!(d, Duration::from_nanos(1)),
             Ok(out) => assert!(out.loss.is_some_and(f32::is_finite)),
             Err(e) => panic!("expected a timeout or a result, got {e}"),
@@ -100,7 +103,7 @@ fn a_poll_timeout_is_a_typed_error_and_the_context_recovers() {
             gpu.inject_timeout(at);
             let mut seen = 0;
             for _ in 0..at {
-                match gpu.cross_entropy(&logits, v, &targets, &opts) {
+                match gpu.cross_entropy_with_grad(&logits, v, &targets, &opts) {
                     Err(Error::Timeout(_)) => seen += 1,
                     Ok(_) => {}
                     Err(e) => panic!("expected a timeout, got {e}"),

@@ -9,6 +9,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(array) = npy::parse(std::path::Path::new("fuzz.npy"), data) {
         let count: usize = array.shape.iter().product();
         let len = match &array.data {
+            NpyData::F16(v) => v.len(),
             NpyData::F32(v) => v.len(),
             NpyData::F64(v) => v.len(),
             NpyData::I32(v) => v.len(),
