@@ -543,3 +543,31 @@ fn eval_fortran_order_logits_match_c_order() {
         assert_eq!(got.grad, want.grad, "{reduction:?}");
     }
 }
+
+#[test]
+fn gpu_runs_print_nothing_on_stderr_without_a_runtime_dir() {
+    // Mesa's Vulkan device-selection layer looked for a Wayland display on every adapter
+    // enumeration, and libwayland printed "error: XDG_RUNTIME_DIR is invalid or not set"
+    // where there is none (containers, CI, cron): a clean run prints nothing on stderr.
+    if common::gpus("gpu_runs_print_nothing_on_stderr_without_a_runtime_dir").is_empty() {
+        return;
+    }
+    let dir = Dir::new("quiet");
+    let (n, v) = (8, 300);
+    let (l, t) = (dir.path("l.npy"), dir.path("t.npy"));
+    npy::write_f32(&l, &[n, v], &synth::logits(n, v, 2.0, 71)).unwrap();
+    npy::write_i64(&t, &synth::targets(n, v, 71)).unwrap();
+    let eval = ["eval", "--logits", s(&l), "--targets", s(&t), "--device", "gpu"];
+    for args in [&eval[..], &["info"]] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xent"));
+        cmd.args(args).env_remove("XDG_RUNTIME_DIR");
+        // wgpu's debugging flags bring back its own instance (and their own messages).
+        for flag in ["WGPU_VALIDATION", "WGPU_DEBUG", "WGPU_GPU_BASED_VALIDATION"] {
+            cmd.env_remove(flag);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "xent {args:?}: {stderr}");
+        assert_eq!(stderr, "", "xent {args:?} printed on stderr");
+    }
+}

@@ -8,8 +8,8 @@ use crate::error::{Error, Result};
 
 use super::kernels::Kernels;
 use super::plan::{DEFAULT_BUDGET, DEFAULT_RING, PlanLimits};
-use super::workspace::Workspace;
 use super::tuning::Tuning;
+use super::workspace::Workspace;
 
 /// What went wrong outside an error scope: set by the device-lost callback and the
 /// uncaptured-error handler, read before and after every call.
@@ -54,14 +54,114 @@ pub struct GpuContext {
     injected_timeouts: std::sync::atomic::AtomicU32,
 }
 
-/// A fresh wgpu instance over every backend (honouring `WGPU_BACKEND` and friends).
-pub fn instance() -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+/// The backends in the order [`GpuContext::new`] tries them: those with native compute
+/// (Vulkan, Metal, DX12) first, GL only when none of them has an adapter. `WGPU_BACKEND`
+/// (a comma list, e.g. `gl`) narrows them.
+fn backend_groups() -> Vec<wgpu::Backends> {
+    let wanted = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all())
+        & wgpu::Instance::enabled_backend_features();
+    let first = wanted & wgpu::Backends::PRIMARY;
+    [first, wanted - first].into_iter().filter(|b| !b.is_empty()).collect()
 }
 
-/// Every adapter wgpu finds on this machine, over all backends.
+/// Instances over `backends`, honouring the `WGPU_*` settings: Vulkan's on its own
+/// where [`compute_vulkan`] makes it, the rest in one.
+fn instances(mut backends: wgpu::Backends) -> Vec<wgpu::Instance> {
+    let mut out = Vec::new();
+    if backends.contains(wgpu::Backends::VULKAN)
+        && let Some(vulkan) = compute_vulkan()
+    {
+        backends.remove(wgpu::Backends::VULKAN);
+        out.push(vulkan);
+    }
+    if !backends.is_empty() {
+        let desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        out.push(wgpu::Instance::new(wgpu::InstanceDescriptor { backends, ..desc }));
+    }
+    out
+}
+
+/// A Vulkan instance without the window-system extensions (xent presents nothing).
+///
+/// wgpu enables `VK_KHR_wayland_surface` and `VK_KHR_xcb_surface` wherever the driver has
+/// them, and Mesa's device-selection layer (`VK_LAYER_MESA_device_select`, installed with
+/// the Mesa Vulkan drivers) then connects to the Wayland and X displays on every
+/// `vkEnumeratePhysicalDevices` to find the one driving the screen. Without
+/// `XDG_RUNTIME_DIR` libwayland prints `error: XDG_RUNTIME_DIR is invalid or not set in
+/// the environment.` to stderr on each try: twice per adapter request. Without those
+/// extensions the layer does not look.
+///
+/// `None` where the instance cannot be made so (then wgpu's own is used): outside Linux
+/// and the BSDs, when `WGPU_VALIDATION`, `WGPU_DEBUG` or another instance flag is set
+/// (the core instance that [`wgpu::Instance::from_hal`] builds keeps wgpu's default
+/// flags), and without a Vulkan loader.
+#[cfg(all(unix, not(target_vendor = "apple"), not(target_os = "android"), not(target_os = "netbsd")))]
+fn compute_vulkan() -> Option<wgpu::Instance> {
+    use wgpu::hal;
+    let flags = wgpu::InstanceFlags::default().with_env();
+    if flags != wgpu::InstanceFlags::default() {
+        return None;
+    }
+    let desc = hal::InstanceDescriptor {
+        name: "wgpu",
+        flags,
+        memory_budget_thresholds: wgpu::MemoryBudgetThresholds::default(),
+        backend_options: wgpu::BackendOptions::from_env_or_default(),
+        telemetry: None,
+        display: None,
+    };
+    const WSI: [&std::ffi::CStr; 3] =
+        [c"VK_KHR_wayland_surface", c"VK_KHR_xcb_surface", c"VK_KHR_xlib_surface"];
+    let without_wsi: Box<hal::vulkan::CreateInstanceCallback<'_>> = Box::new(|args| {
+        args.extensions.retain(|e| !WSI.contains(e));
+    });
+    // SAFETY: the callback only takes out the three window-system surface extensions.
+    // wgpu-hal asks callbacks not to remove extensions because it may assume that an
+    // extension the driver offers is enabled; it makes no such assumption about these
+    // three: each is used only by its `create_surface_from_*`, which checks the
+    // instance's enabled extensions first and returns an error without it (wgpu-hal
+    // 30.0.2, src/vulkan/instance.rs). xent creates no surfaces.
+    let raw = unsafe { hal::vulkan::Instance::init_with_callback(&desc, Some(without_wsi)) }.ok()?;
+    // SAFETY: a valid instance just created, handed over whole.
+    Some(unsafe { wgpu::Instance::from_hal::<hal::api::Vulkan>(raw) })
+}
+
+/// Elsewhere wgpu's own Vulkan instance is used.
+#[cfg(not(all(unix, not(target_vendor = "apple"), not(target_os = "android"), not(target_os = "netbsd"))))]
+fn compute_vulkan() -> Option<wgpu::Instance> {
+    None
+}
+
+/// A wgpu instance for compute, over the backends [`GpuContext::new`] takes its adapter
+/// from: Vulkan, Metal or DX12 when one of them has an adapter, GL otherwise
+/// (`WGPU_BACKEND` chooses others). Its Vulkan instance enables no window-system
+/// extension on Linux and the BSDs (see [`GpuContext::new`]); [`adapters`] lists every
+/// backend's adapters.
+pub fn instance() -> wgpu::Instance {
+    let mut fallback = None;
+    for group in backend_groups() {
+        for instance in instances(group) {
+            if !pollster::block_on(instance.enumerate_adapters(group)).is_empty() {
+                return instance;
+            }
+            fallback.get_or_insert(instance);
+        }
+    }
+    fallback.unwrap_or_else(|| {
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+    })
+}
+
+/// Every adapter wgpu finds on this machine, over all backends (those of `WGPU_BACKEND`
+/// when it is set): Vulkan, Metal and DX12 ones first, then GL.
 pub async fn adapters() -> Vec<wgpu::Adapter> {
-    instance().enumerate_adapters(wgpu::Backends::all()).await
+    let mut all = Vec::new();
+    for group in backend_groups() {
+        for instance in instances(group) {
+            all.extend(instance.enumerate_adapters(group).await);
+        }
+    }
+    all
 }
 
 /// The adapters whose name contains `name` (case-insensitive); all of them for `None`.
@@ -89,16 +189,30 @@ pub fn select_adapters(name: Option<&str>) -> Result<Vec<wgpu::Adapter>> {
 }
 
 impl GpuContext {
-    /// Opens the default (high-performance) adapter.
+    /// Opens the default (high-performance) adapter of the first backends that have one:
+    /// Vulkan, Metal or DX12, else GL (`WGPU_BACKEND` chooses others). Only that adapter
+    /// is opened: the GL backend is not even started when another has an adapter (so a
+    /// machine whose only Vulkan adapter is a software one, such as lavapipe, gets that
+    /// one even if GL reaches a GPU: choose it with [`select_adapters`] or `WGPU_BACKEND=gl`).
+    ///
+    /// On Linux and the BSDs the Vulkan instance enables no window-system extension, so
+    /// that Mesa's device-selection layer does not look for a Wayland or X display (without
+    /// `XDG_RUNTIME_DIR`, libwayland complains on stderr when it cannot).
     pub async fn new() -> Result<Self> {
-        let adapter = instance()
-            .request_adapter(&wgpu::RequestAdapterOptions {
-                power_preference: wgpu::PowerPreference::HighPerformance,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::NoAdapter { detail: format!(" ({e})") })?;
-        Self::from_adapter(&adapter).await
+        let options = wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        };
+        let mut failure = String::new();
+        for group in backend_groups() {
+            for instance in instances(group) {
+                match instance.request_adapter(&options).await {
+                    Ok(adapter) => return Self::from_adapter(&adapter).await,
+                    Err(e) => failure = format!(" ({e})"),
+                }
+            }
+        }
+        Err(Error::NoAdapter { detail: failure })
     }
 
     /// Blocking form of [`GpuContext::new`].
