@@ -10,13 +10,6 @@ use crate::front::Native;
 use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets, Upstream};
 use crate::problem::{Gradient, Labels, Logits, Mode, Problem};
 
-/// Log-sum-exp of one row in f64: NaN for a row with a NaN or +inf entry, −inf for a row
-/// of only −inf (as `torch.logsumexp`; its loss `lse − x_t` is then NaN).
-pub fn row_lse(row: &[f32]) -> f64 {
-    let z: Vec<f64> = row.iter().map(|&x| f64::from(x)).collect();
-    lse_f64(&z)
-}
-
 /// Log-sum-exp of f64 values: NaN with a NaN or +inf, −inf when all are −inf.
 fn lse_f64(z: &[f64]) -> f64 {
     let mut max = f64::NEG_INFINITY;
@@ -61,10 +54,31 @@ impl Native for crate::Reference {
             _ => None,
         };
         let want = Want { row_losses: row_losses || opts.get_reduction() == Reduction::None, lse };
+        let e = Eval { x, v, mode, grad, want };
         match labels {
-            Labels::Classes(t) => classes(x, v, t, mode, grad, want, opts),
-            Labels::Probabilities(t) => probabilities(x, v, t, mode, grad, want, opts),
-            Labels::Binary(t) => binary(x, v, t, mode, grad, want, opts),
+            Labels::Classes(t) => classes(e, t, opts),
+            Labels::Probabilities(t) => probabilities(e, t, opts),
+            Labels::Binary(t) => binary(e, t, opts),
+        }
+    }
+}
+
+/// One evaluation of f32 logits [rows, v]: how, where the gradient goes, what to return.
+struct Eval<'a, 'g> {
+    x: &'a [f32],
+    v: usize,
+    mode: Mode<'a>,
+    grad: Option<&'g mut [f32]>,
+    want: Want,
+}
+
+impl<'a> Eval<'a, '_> {
+    /// The saved LSE of a backward (`None` when fused), and the upstream gradient (1 when
+    /// fused).
+    fn saved_and_upstream(&self) -> (Option<&'a [f32]>, Upstream<'a>) {
+        match self.mode {
+            Mode::Fused => (None, Upstream::Scalar(1.0)),
+            Mode::Backward { lse, upstream } => (lse, upstream),
         }
     }
 }
@@ -100,25 +114,15 @@ fn output(
 /// Class-index targets: row losses `m · [(1−ε) w_y (lse − z_y) + (ε/V) Σ_c w_c (lse − z_c)
 /// + s lse²]`; `mean` divides the cross-entropy part by Σ m w_y and the z-loss part by
 /// Σ m (both by `n_items` when given).
-fn classes(
-    x: &[f32],
-    v: usize,
-    targets: Targets<'_>,
-    mode: Mode<'_>,
-    grad: Option<&mut [f32]>,
-    want: Want,
-    opts: &LossOptions,
-) -> Result<LossOutput> {
+fn classes(e: Eval<'_, '_>, targets: Targets<'_>, opts: &LossOptions) -> Result<LossOutput> {
+    let (saved, upstream) = e.saved_and_upstream();
+    let Eval { x, v, mode, grad, want } = e;
     let batch = Batch::new(x.len(), v, targets, opts)?;
     let reduction = opts.get_reduction();
     let eps = opts.get_label_smoothing();
     let s = opts.get_z_loss();
     let w = |c: usize| opts.get_weights().map_or(1.0, |w| f64::from(w[c]));
     let total_w: f64 = (0..v).map(w).sum();
-    let (saved, upstream) = match mode {
-        Mode::Fused => (None, Upstream::Scalar(1.0)),
-        Mode::Backward { lse, upstream } => (lse, upstream),
-    };
     let mut losses = Vec::with_capacity(batch.rows);
     let mut lses = Vec::with_capacity(batch.rows);
     let (mut sum, mut z_sum) = (0.0f64, 0.0f64);
@@ -186,26 +190,15 @@ fn classes(
 
 /// Probability targets: `t' = (1 − ε) t + ε/V`, row loss `Σ_c w_c t'_c (lse − z_c) + s lse²`,
 /// `mean` over N (or `n_items`), never over weights; `ignore_index` does not apply.
-fn probabilities(
-    x: &[f32],
-    v: usize,
-    targets: &[f32],
-    mode: Mode<'_>,
-    grad: Option<&mut [f32]>,
-    want: Want,
-    opts: &LossOptions,
-) -> Result<LossOutput> {
+fn probabilities(e: Eval<'_, '_>, targets: &[f32], opts: &LossOptions) -> Result<LossOutput> {
+    let (saved, upstream) = e.saved_and_upstream();
+    let Eval { x, v, mode, mut grad, want } = e;
     let (denom, rows) = crate::options::check_soft(x.len(), targets.len(), v, opts)?;
     let reduction = opts.get_reduction();
     let d = if reduction == Reduction::Mean { denom } else { 1.0 };
     let eps = opts.get_label_smoothing();
     let s = opts.get_z_loss();
     let w = |c: usize| opts.get_weights().map_or(1.0, |w| f64::from(w[c]));
-    let (saved, upstream) = match mode {
-        Mode::Fused => (None, Upstream::Scalar(1.0)),
-        Mode::Backward { lse, upstream } => (lse, upstream),
-    };
-    let mut grad = grad;
     let mut losses = Vec::with_capacity(rows);
     let mut lses = Vec::with_capacity(rows);
     let (mut sum, mut z_sum) = (0.0f64, 0.0f64);
@@ -245,25 +238,14 @@ fn probabilities(
 /// `binary_cross_entropy_with_logits`: per element
 /// `w · [(1 − y) x + (1 + (pw − 1) y) softplus(−x)]`, `w` and `pw` per class; `mean` over
 /// N·V (or `n_items`). For `none`, the row losses are the [N, V] element losses.
-fn binary(
-    x: &[f32],
-    v: usize,
-    targets: &[f32],
-    mode: Mode<'_>,
-    grad: Option<&mut [f32]>,
-    want: Want,
-    opts: &LossOptions,
-) -> Result<LossOutput> {
+fn binary(e: Eval<'_, '_>, targets: &[f32], opts: &LossOptions) -> Result<LossOutput> {
+    let (_, upstream) = e.saved_and_upstream();
+    let Eval { x, v, mode, mut grad, want } = e;
     crate::options::check_binary(x.len(), targets.len(), v, opts)?;
     let reduction = opts.get_reduction();
     let d = if reduction == Reduction::Mean { opts.mean_denominator(x.len() as f64) } else { 1.0 };
     let w = |c: usize| opts.get_weights().map_or(1.0, |w| f64::from(w[c]));
     let pw = |c: usize| opts.get_pos_weight().map_or(1.0, |w| f64::from(w[c]));
-    let upstream = match mode {
-        Mode::Fused => Upstream::Scalar(1.0),
-        Mode::Backward { upstream, .. } => upstream,
-    };
-    let mut grad = grad;
     let mut losses = Vec::with_capacity(x.len());
     for (i, (&xi, &yi)) in x.iter().zip(targets).enumerate() {
         let (x, y, c) = (f64::from(xi), f64::from(yi), i % v);
