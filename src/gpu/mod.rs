@@ -15,6 +15,7 @@ mod resident;
 mod soft;
 mod stream;
 pub mod tuning;
+pub mod wgsl;
 mod workspace;
 
 pub(crate) use context::check_grad_len;
