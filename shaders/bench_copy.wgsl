@@ -1,7 +1,7 @@
 // The in-run roofline: copy `count` vec4s (1 read + 1 write of every element), the
 // bytes a fused loss + gradient pass must at least move. Used by `xent bench`.
 
-override WG: u32 = 256u;
+#import workgroup
 
 struct Params {
     count: u32,      // vec4s to copy
@@ -16,7 +16,7 @@ struct Params {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let group = wid.y * params.groups_x + wid.x;
+    let group = group_index(wid, params.groups_x);
     // Each invocation copies 4 vec4s, strided by the workgroup so accesses coalesce.
     let base = group * WG * 4u + lid;
     for (var k = 0u; k < 4u; k++) {

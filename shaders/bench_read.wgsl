@@ -3,7 +3,8 @@
 // write of 1/64 of the bytes, no barriers — the bytes a loss-only pass must at least
 // move, at the speed the adapter moves them. Used by `xent bench`.
 
-override WG: u32 = 256u;
+#import workgroup
+
 // vec4s per invocation (`READ_VEC4S_PER_INVOCATION` on the host).
 const READS: u32 = 16u;
 
@@ -20,7 +21,7 @@ struct Params {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let group = wid.y * params.groups_x + wid.x;
+    let group = group_index(wid, params.groups_x);
     let base = group * WG * READS + lid;
     var acc = vec4<f32>(0.0);
     for (var k = 0u; k < READS; k++) {

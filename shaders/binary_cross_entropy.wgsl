@@ -5,7 +5,14 @@
 // the gradient (and of the element losses for `none`); each workgroup adds its losses as
 // a tree and writes one partial sum.
 
-override WG: u32 = 256u;
+#import workgroup
+#import workgroup_sum
+
+// `flags`: write the gradient; write the element losses; multiply each gradient by
+// upstream[i] (a backward of `none`).
+const FLAG_GRAD: u32 = 1u;
+const FLAG_LOSSES: u32 = 2u;
+const FLAG_UPSTREAM: u32 = 4u;
 
 struct Params {
     count: u32,         // elements in this piece
@@ -15,8 +22,7 @@ struct Params {
     scale: f32,         // gradient scale: 1 / denominator
     has_weights: u32,
     has_pos_weight: u32,
-    flags: u32,         // 1: write the gradient; 2: write the element losses;
-                        // 4: multiply each gradient by upstream[i] (a backward of `none`)
+    flags: u32,         // FLAG_* above
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -29,11 +35,9 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(8) var<storage, read> upstream: array<f32>;
 
-var<workgroup> part: array<f32, WG>;
-
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let group = wid.y * params.groups_x + wid.x;
+    let group = group_index(wid, params.groups_x);
     let first = group * WG * 4u;
     var acc = 0.0;
     for (var k = 0u; k < 4u; k++) {
@@ -48,29 +52,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let coef = 1.0 + (pw - 1.0) * y;
             let loss = w * ((1.0 - y) * x + coef * (max(-x, 0.0) + log(1.0 + e)));
             acc += loss;
-            if ((params.flags & 2u) != 0u) {
+            if ((params.flags & FLAG_LOSSES) != 0u) {
                 losses[i] = loss;
             }
-            if ((params.flags & 1u) != 0u) {
+            if ((params.flags & FLAG_GRAD) != 0u) {
                 // σ(x) from the same e: 1/(1+e) for x >= 0, e/(1+e) below.
                 let sigma = select(e, 1.0, x >= 0.0) / (1.0 + e);
                 var g = w * (coef * sigma - pw * y) * params.scale;
-                if ((params.flags & 4u) != 0u) {
+                if ((params.flags & FLAG_UPSTREAM) != 0u) {
                     g *= upstream[i];
                 }
                 grad[i] = g;
             }
         }
     }
-    part[lid] = acc;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            part[lid] += part[lid + stride];
-        }
-        workgroupBarrier();
-    }
+    let total = workgroup_sum(lid, acc);
     if (lid == 0u) {
-        partials[group] = part[0];
+        partials[group] = total;
     }
 }

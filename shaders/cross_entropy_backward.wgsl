@@ -1,4 +1,4 @@
-// Gradient of cross-entropy from saved row statistics (row_state.wgsl is prepended):
+// Gradient of cross-entropy from saved row statistics:
 // `g_r * scale / norm[0] * (p * k - (ε/V) w - (1 - ε) w_y onehot) * dz/dx`, with
 // p = exp(z - max) / sum and z the transformed logit, over a grid of (row, column
 // block) workgroups, so that few long rows still fill the device. g_r is the upstream
@@ -10,10 +10,10 @@
 // absolute error of 2^-21, which p = exp(z - max - log(sum)) would carry as a relative
 // one. A saved LSE comes as (lse, 1).
 
-override WG: u32 = 256u;
-
-const GRAD_SEPARATE: u32 = 1u;
-const GRAD_IN_PLACE: u32 = 2u;
+#import grad_mode
+#import row_state
+#import targets
+#import workgroup
 
 struct Params {
     rows: u32,          // rows in this dispatch
@@ -53,7 +53,7 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = wid.y * params.groups_x + wid.x;
+    let g = group_index(wid, params.groups_x);
     let r = g / params.blocks;
     if (r >= params.rows) {
         return;
@@ -62,7 +62,7 @@ fn main(
     let last = min(first + params.block_cols, params.cols);
     let base = r * params.row_stride;
     let t = targets[params.row_base + r];
-    let ignored = t == params.ignore_index || t < 0 || u32(t) >= params.classes;
+    let ignored = ignored_target(t, params.ignore_index, params.classes);
     let tc = select(u32(t) - params.col_base, 0xffffffffu, ignored || u32(t) < params.col_base);
     let stats = row_stats[params.row_base + r];
     let o = LossOpts(params.logit_scale, params.softcap, params.smoothing, params.z_loss,

@@ -1,10 +1,11 @@
-// Fused log-softmax + cross-entropy (row_state.wgsl, an element type and a row merge are
-// prepended: elem_vec4.wgsl when V is a multiple of 4, elem_f32.wgsl otherwise,
-// elem_half.wgsl with elem_f16.wgsl or elem_bf16.wgsl for half-precision logits; then
-// row_merge_subgroup.wgsl when the device has subgroups, row_merge_workgroup.wgsl
-// otherwise). The element type declares the logits (binding 1) and gradient (binding 5)
-// arrays and how to load and store them; the merge declares the entry point's builtins
-// (`Ids`) and `merge_row`.
+// Fused log-softmax + cross-entropy. The host composes it with an element type
+// (elem_vec4.wgsl when V is a multiple of 4, elem_f32.wgsl otherwise; elem_f16.wgsl,
+// elem_f16_native.wgsl or elem_bf16.wgsl for half-precision logits, with grad_f32x2.wgsl
+// or grad_half.wgsl) and a row merge (row_merge_subgroup.wgsl when the device has
+// subgroups, row_merge_workgroup.wgsl otherwise): see `rows_source` in
+// src/gpu/kernels.rs. The element type declares the logits (binding 1) and gradient
+// (binding 5) arrays and how to load and store them; the merge declares the entry point's
+// builtins (`Ids`) and `merge_row`.
 // Indices below count elements of WIDTH columns. Each row is handled by
 // `threads_per_row` invocations (a power of two up to WG, chosen by the host from V),
 // so a workgroup serves WG / threads_per_row rows: one row per workgroup for long rows,
@@ -23,9 +24,15 @@
 // and z-loss follow shared/docs/semantics.md. The gradient goes to `grad` or over the
 // logits.
 
-override WG: u32 = 256u;
+#import grad_mode
+#import part_tree
+#import row_state
+#import targets
+#import workgroup
+
 // Which options this pipeline computes (F_* bits). The host builds one pipeline per
-// combination in use, so PyTorch's plain loss pays nothing for the options it lacks.
+// combination in use, so PyTorch's plain loss pays nothing for the options it lacks
+// (`KernelOpts::features` on the host).
 override FEATURES: u32 = 0u;
 const F_WEIGHTS: u32 = 1u;
 const F_SMOOTHING: u32 = 2u;
@@ -37,12 +44,11 @@ fn has(feature: u32) -> bool {
     return (FEATURES & feature) != 0u;
 }
 
-// Elements (of WIDTH columns) each invocation keeps in registers on the cached path.
-const CACHED: u32 = 8u;
-
-const GRAD_NONE: u32 = 0u;
-const GRAD_SEPARATE: u32 = 1u;
-const GRAD_IN_PLACE: u32 = 2u;
+// Floats each invocation keeps in registers on the cached path: the host sets it to
+// `Tuning::cached_per_thread` (this value is its default, `ROWS_CACHED`).
+const CACHED_FLOATS: u32 = 32u;
+// The same in elements of WIDTH columns.
+const CACHED: u32 = max(CACHED_FLOATS / WIDTH, 1u);
 
 struct Params {
     rows: u32,          // rows in this dispatch
@@ -54,13 +60,13 @@ struct Params {
     ignore_index: i32,
     threads_per_row: u32, // power of two, <= WG
     cached: u32,        // 1: the row fits the cached path
-    has_weights: u32,   // 1: class weights in `weights` (F_WEIGHTS)
     logit_scale: f32,
     softcap: f32,       // 0: none
     smoothing: f32,
     z_loss: f32,
     weight_total: f32,  // Σ_c w_c
     z_grad: f32,        // the z-loss scale of the gradient (see LossOpts)
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -72,14 +78,8 @@ struct Params {
 // The `mean` denominator (1 for sum/none), possibly reduced on the device from
 // row_weights.wgsl: the gradient scale is grad_scale / norm[0].
 @group(0) @binding(7) var<storage, read> norm: array<f32>;
-// Class weights [V] (a dummy when has_weights is 0).
+// Class weights [V] (a dummy without F_WEIGHTS).
 @group(0) @binding(8) var<storage, read> weights: array<f32>;
-
-var<workgroup> wg_max: array<f32, WG>;
-var<workgroup> wg_sum: array<f32, WG>;
-// The label-smoothing sums of `Part` (row_state.wgsl), merged with the states.
-var<workgroup> wg_aux: array<f32, WG>;
-var<workgroup> wg_wsum: array<f32, WG>;
 
 // The options, with every feature this pipeline lacks a constant that folds away.
 fn opts() -> LossOpts {
@@ -93,35 +93,6 @@ fn opts() -> LossOpts {
         params.classes);
 }
 
-fn part_at(i: u32) -> Part {
-    return Part(RowState(wg_max[i], wg_sum[i]), wg_aux[i], wg_wsum[i]);
-}
-
-fn store_part(i: u32, p: Part, smoothing: bool) {
-    wg_max[i] = p.st.max;
-    wg_sum[i] = p.st.sum;
-    if (smoothing) {
-        wg_aux[i] = p.aux;
-        wg_wsum[i] = p.wsum;
-    }
-}
-
-// The merge through workgroup memory: a tree over each row's segment of `tpr`
-// invocations, log2(tpr) barriers. Every adapter has it; row_merge_subgroup.wgsl uses it
-// when a workgroup holds several rows.
-fn merge_tree(lid: u32, lane: u32, mine: Part) -> Part {
-    let smoothing = has(F_SMOOTHING);
-    store_part(lid, mine, smoothing);
-    workgroupBarrier();
-    for (var stride = params.threads_per_row / 2u; stride > 0u; stride = stride / 2u) {
-        if (lane < stride) {
-            store_part(lid, combine_parts(part_at(lid), part_at(lid + stride), smoothing), smoothing);
-        }
-        workgroupBarrier();
-    }
-    return part_at(lid - lane); // the first invocation of this row's segment
-}
-
 // ROW_LOOP: workgroups take row groups (WG / threads_per_row rows each) in turn: group g,
 // then g + the dispatch's size, ... The host dispatches fewer workgroups than row groups
 // (`Tuning::max_workgroups`) to bound the rows in flight, so that the second read of a
@@ -133,7 +104,7 @@ override ROW_LOOP: bool = false;
 @compute @workgroup_size(WG)
 fn main(ids: Ids, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let groups = (params.rows + WG / params.threads_per_row - 1u) / (WG / params.threads_per_row);
-    var g = wid.y * params.groups_x + wid.x;
+    var g = group_index(wid, params.groups_x);
     // One call site: the row body is compiled once whether or not it loops.
     loop {
         row_group(ids, g);
@@ -252,9 +223,9 @@ fn row_group(ids: Ids, group: u32) {
     if (in_batch) {
         t = targets[params.row_base + r];
     }
-    // Out-of-range targets never reach here from the host API (checked before
-    // dispatch); treating them as ignored keeps every index in bounds regardless.
-    let ignored = t == params.ignore_index || t < 0 || u32(t) >= v * WIDTH;
+    // The columns this kernel sees (none past the batch), so that every index stays in
+    // bounds whatever the targets.
+    let ignored = ignored_target(t, params.ignore_index, v * WIDTH);
     var w_y = 1.0;
     if (has_w && !ignored) {
         w_y = weights[u32(t)];

@@ -1,7 +1,6 @@
-// Cross-entropy with probability (soft) targets (row_state.wgsl is prepended), one
-// workgroup per row: t' = (1 - ε) t + ε/V, loss = Σ_c w_c t'_c (lse - z_c) + s lse²
-// with z the transformed logit, and the gradient (p_j (Σ_c w_c t'_c + 2 s lse) -
-// w_j t'_j) dz/dx * scale. Pass 1 reads the logits and targets once with an online
+// Cross-entropy with probability (soft) targets, one workgroup per row:
+// t' = (1 - ε) t + ε/V, loss = Σ_c w_c t'_c (lse - z_c) + s lse² with z the transformed
+// logit, and the gradient (p_j (Σ_c w_c t'_c + 2 s lse) - w_j t'_j) dz/dx * scale. Pass 1 reads the logits and targets once with an online
 // softmax; the weighted target sum A and B = Σ w t' (max - z) are kept relative to the
 // running max (every term >= 0: masked classes add +inf or nothing, never inf - inf).
 // Pass 2 (gradient) reads both again and writes the gradient.
@@ -9,7 +8,9 @@
 // (p = exp(z - lse)) and nothing but the gradient is written; FLAG_PER_ROW multiplies
 // row r's gradient by upstream[r].
 
-override WG: u32 = 256u;
+#import part_tree
+#import row_state
+#import workgroup
 
 struct Params {
     rows: u32,
@@ -39,11 +40,6 @@ const FLAG_GRAD: u32 = 1u;
 const FLAG_SAVED_LSE: u32 = 2u;
 const FLAG_PER_ROW: u32 = 4u;
 
-var<workgroup> wg_max: array<f32, WG>;
-var<workgroup> wg_sum: array<f32, WG>;
-var<workgroup> wg_a: array<f32, WG>;
-var<workgroup> wg_b: array<f32, WG>;
-
 fn target_weight(c: u32, base: u32, o: LossOpts) -> f32 {
     let w = select(1.0, weights[c], params.has_weights != 0u);
     return w * ((1.0 - o.eps) * probs[base + c] + o.eps / f32(o.classes));
@@ -51,7 +47,7 @@ fn target_weight(c: u32, base: u32, o: LossOpts) -> f32 {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.y * params.groups_x + wid.x;
+    let r = group_index(wid, params.groups_x);
     if (r >= params.rows) {
         return;
     }
@@ -95,31 +91,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     total += block;
-    wg_max[lid] = m;
-    wg_sum[lid] = total.x;
-    wg_a[lid] = total.y;
-    wg_b[lid] = total.z;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            // (a, b) are a Part's (wsum, aux).
-            let x = Part(RowState(wg_max[lid], wg_sum[lid]), wg_b[lid], wg_a[lid]);
-            let j = lid + stride;
-            let p = combine_parts(x, Part(RowState(wg_max[j], wg_sum[j]), wg_b[j], wg_a[j]), true);
-            wg_max[lid] = p.st.max;
-            wg_sum[lid] = p.st.sum;
-            wg_a[lid] = p.wsum;
-            wg_b[lid] = p.aux;
-        }
-        workgroupBarrier();
-    }
+    // (a, b) are a Part's (wsum, aux).
+    let row = merge_parts(lid, lid, WG, Part(RowState(m, total.x), total.z, total.y), true);
     let saved = (params.flags & FLAG_SAVED_LSE) != 0u;
-    let mx = select(wg_max[0], row_lse[r], saved);
-    let log_s = select(log(wg_sum[0]), 0.0, saved);
+    let mx = select(row.st.max, row_lse[r], saved);
+    let log_s = select(log(row.st.sum), 0.0, saved);
     let lse = mx + log_s;
-    let a_total = wg_a[0];
+    let a_total = row.wsum;
     if (lid == 0u && !saved) {
-        var loss = wg_b[0] + a_total * log_s;
+        var loss = row.aux + a_total * log_s;
         if (o.z_loss > 0.0) {
             loss += o.z_loss * lse * lse;
         }
@@ -131,7 +111,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let k = a_total + 2.0 * o.z_loss * lse;
     // p = exp(z - max) / sum: see cross_entropy_rows.wgsl (sum = 1 for a saved LSE).
-    let inv_sum = select(1.0 / wg_sum[0], 1.0, saved);
+    let inv_sum = select(1.0 / row.st.sum, 1.0, saved);
     var scale = params.grad_scale;
     if ((params.flags & FLAG_PER_ROW) != 0u) {
         scale *= upstream[r];

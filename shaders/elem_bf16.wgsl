@@ -1,6 +1,7 @@
-// bfloat16 logits, two per u32 (after elem_half.wgsl): the high half of an f32.
-// Stores round to nearest, ties to even. The gradient array (binding 5) is declared by
-// the host: f32 pairs, or bf16 like the logits.
+// bfloat16 logits, two per u32: the high half of an f32. Stores round to nearest, ties
+// to even.
+
+#import elem_half
 
 @group(0) @binding(1) var<storage, read_write> logits: array<u32>;
 fn unpack_elem(w: u32) -> Elem {

@@ -1,5 +1,6 @@
-// IEEE binary16 logits, two per u32 (after elem_half.wgsl). The gradient array
-// (binding 5) is declared by the host: f32 pairs, or f16 like the logits.
+// IEEE binary16 logits, two per u32, unpacked with unpack2x16float (every adapter).
+
+#import elem_half
 
 @group(0) @binding(1) var<storage, read_write> logits: array<u32>;
 fn unpack_elem(w: u32) -> Elem { return unpack2x16float(w); }

@@ -1,5 +1,7 @@
-// Element type of the row kernels when V is not a multiple of 4: one f32 per load.
-// The host prepends this or elem_vec4.wgsl (and row_state.wgsl) to the kernel.
+// Element type of the fused row kernel when V is not a multiple of 4: one f32 per load.
+// The host composes the kernel with this file, elem_vec4.wgsl or a half-precision one.
+
+#import row_state
 
 alias Elem = f32;
 @group(0) @binding(1) var<storage, read_write> logits: array<f32>;

@@ -1,6 +1,9 @@
-// Element type of the row kernels for half-precision logits: two 16-bit values packed in
-// each u32 (V even), computed in f32 as vec2. Followed by elem_f16.wgsl or elem_bf16.wgsl,
-// which declare the arrays and how to unpack and pack them.
+// Element type of the fused row kernel for half-precision logits: two 16-bit values
+// packed in each u32 (V even), computed in f32 as vec2. Imported by elem_f16.wgsl,
+// elem_f16_native.wgsl and elem_bf16.wgsl, which declare the logits and how to load and
+// pack them; grad_f32x2.wgsl or grad_half.wgsl declares the gradient.
+
+#import row_state
 
 alias Elem = vec2<f32>;
 const WIDTH: u32 = 2u;
@@ -13,10 +16,7 @@ fn lane_of(e: Elem, i: u32) -> f32 { return e[i]; }
 fn onehot(first: u32, col: u32) -> Elem {
     return select(vec2<f32>(0.0), vec2<f32>(1.0), vec2<u32>(first) + vec2<u32>(0u, 1u) == vec2<u32>(col));
 }
-// tanh_carrying_nan and sech2 (row_state.wgsl) on two lanes.
-fn tanh2(u: Elem) -> Elem {
-    return vec2<f32>(tanh_carrying_nan(u.x), tanh_carrying_nan(u.y));
-}
+// transform1 and dtransform1 (row_state.wgsl) on each lane.
 fn transform(x: Elem, o: LossOpts) -> Elem {
     return vec2<f32>(transform1(x.x, o), transform1(x.y, o));
 }

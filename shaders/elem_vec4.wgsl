@@ -1,5 +1,7 @@
-// Element type of the row kernels when V is a multiple of 4: vec4 loads and stores.
-// The host prepends this or elem_f32.wgsl (and row_state.wgsl) to the kernel.
+// Element type of the fused row kernel when V is a multiple of 4: vec4 loads and stores.
+// The host composes the kernel with this file, elem_f32.wgsl or a half-precision one.
+
+#import row_state
 
 alias Elem = vec4<f32>;
 @group(0) @binding(1) var<storage, read_write> logits: array<vec4<f32>>;
@@ -17,32 +19,12 @@ fn lane_of(e: Elem, i: u32) -> f32 { return e[i]; }
 fn onehot(first: u32, col: u32) -> Elem {
     return select(vec4<f32>(0.0), vec4<f32>(1.0), vec4<u32>(first) + vec4<u32>(0u, 1u, 2u, 3u) == vec4<u32>(col));
 }
-
-// tanh_carrying_nan and sech2 (row_state.wgsl) on four lanes.
-fn tanh4(u: Elem) -> Elem {
-    let u2 = u * u;
-    let series = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0 + u2 * (-1382.0 / 155925.0 + u2 * (21844.0 / 6081075.0)))))));
-    let e = exp(-2.0 * abs(u));
-    let far = sign(u) * (1.0 - e) / (1.0 + e);
-    return select(far, series, abs(u) < vec4<f32>(0.4));
-}
-fn sech2_4(u: Elem) -> Elem {
-    let t = tanh4(u);
-    let e = exp(-2.0 * abs(u));
-    return select(4.0 * e / ((1.0 + e) * (1.0 + e)), 1.0 - t * t, abs(u) < vec4<f32>(0.4));
-}
+// transform1 and dtransform1 (row_state.wgsl) on each lane.
 fn transform(x: Elem, o: LossOpts) -> Elem {
-    let z = x * o.scale;
-    if (o.softcap > 0.0) {
-        return o.softcap * tanh4(z / o.softcap);
-    }
-    return z;
+    return vec4<f32>(transform1(x.x, o), transform1(x.y, o), transform1(x.z, o), transform1(x.w, o));
 }
 fn dtransform(x: Elem, o: LossOpts) -> Elem {
-    if (o.softcap > 0.0) {
-        return o.scale * sech2_4(x * o.scale / o.softcap);
-    }
-    return vec4<f32>(o.scale);
+    return vec4<f32>(dtransform1(x.x, o), dtransform1(x.y, o), dtransform1(x.z, o), dtransform1(x.w, o));
 }
 // Class weights of the WIDTH columns of element `c` (1 without weights).
 fn weights_of(c: u32, has: bool) -> Elem {

@@ -1,8 +1,10 @@
-// Combines the block states of each row written by row_partials.wgsl (row_state.wgsl is
-// prepended), in block order, into the row's loss (class weights, label smoothing,
-// z-loss), LSE, mean weight and statistics. One invocation per row; rows have few blocks.
+// Combines the block states of each row written by row_partials.wgsl, in block order,
+// into the row's loss (class weights, label smoothing, z-loss), LSE, mean weight and
+// statistics. One invocation per row; rows have few blocks.
 
-override WG: u32 = 256u;
+#import row_state
+#import targets
+#import workgroup
 
 struct Params {
     rows: u32,
@@ -33,7 +35,7 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let r = (wid.y * params.groups_x + wid.x) * WG + lid;
+    let r = group_index(wid, params.groups_x) * WG + lid;
     if (r >= params.rows) {
         return;
     }
@@ -51,7 +53,7 @@ fn main(
     let st = acc.st;
     let log_s = log(st.sum);
     let t = targets[params.row_base + r];
-    let ignored = t == params.ignore_index || t < 0 || u32(t) >= params.classes;
+    let ignored = ignored_target(t, params.ignore_index, params.classes);
     var w_y = 1.0;
     if (params.has_weights != 0u && !ignored) {
         w_y = weights[u32(t)];

@@ -2,7 +2,7 @@
 // kernels' i32, on the device: a target equal to ignore_index, or one that no i32 holds,
 // becomes -1, which every kernel ignores (negative targets are never a class).
 
-override WG: u32 = 256u;
+#import workgroup
 
 struct Params {
     rows: u32,
@@ -17,7 +17,7 @@ struct Params {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = (wid.y * params.groups_x + wid.x) * WG + lid;
+    let r = group_index(wid, params.groups_x) * WG + lid;
     if (r >= params.rows) {
         return;
     }

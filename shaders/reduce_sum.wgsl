@@ -5,7 +5,11 @@
 // that is set (a denominator reduced on the device). The tree shape depends only on the
 // count, so the result is bit-identical run to run.
 
-override WG: u32 = 256u;
+#import workgroup
+#import workgroup_sum
+
+// `divisor_index` meaning "use `divisor`" (`NO_INDEX` on the host).
+const NO_INDEX: u32 = 0xffffffffu;
 
 struct Params {
     count: u32,
@@ -14,21 +18,19 @@ struct Params {
     groups_x: u32,
     divisor: f32,
     last: u32,
-    divisor_index: u32, // 0xffffffff: use `divisor`
+    divisor_index: u32, // NO_INDEX: use `divisor`
     _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read_write> data: array<f32>;
 
-var<workgroup> part: array<f32, WG>;
-
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = wid.y * params.groups_x + wid.x;
+    let g = group_index(wid, params.groups_x);
     // A folded 2D dispatch can have a few groups past the end.
     if (g * (2u * WG) >= params.count) {
         return;
@@ -41,19 +43,11 @@ fn main(
     if (i + WG < params.count) {
         v = v + data[params.src + i + WG];
     }
-    part[lid] = v;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            part[lid] = part[lid] + part[lid + stride];
-        }
-        workgroupBarrier();
-    }
+    var total = workgroup_sum(lid, v);
     if (lid == 0u) {
-        var total = part[0];
         if (params.last != 0u) {
             var d = params.divisor;
-            if (params.divisor_index != 0xffffffffu) {
+            if (params.divisor_index != NO_INDEX) {
                 d = data[params.divisor_index];
             }
             total = total / d;

@@ -4,8 +4,10 @@
 // applied to the whole subgroup at once: sum of s * exp(max - M) with M the subgroup's
 // max), and one barrier later each subgroup folds the subgroups' states from workgroup
 // memory the same way: 1 barrier instead of log2(WG). Several rows per workgroup take the
-// tree (merge_tree): a subgroup may span rows, and nothing guarantees which invocations
-// form one.
+// tree (part_tree.wgsl): a subgroup may span rows, and nothing guarantees which
+// invocations form one.
+
+#import part_tree
 
 struct Ids {
     @builtin(local_invocation_index) lid: u32,
@@ -30,7 +32,7 @@ fn subgroup_fold(p: Part, smoothing: bool) -> Part {
 
 fn merge_row(ids: Ids, lane: u32, mine: Part) -> Part {
     if (params.threads_per_row != WG) {
-        return merge_tree(ids.lid, lane, mine);
+        return merge_parts(ids.lid, lane, params.threads_per_row, mine, has(F_SMOOTHING));
     }
     let smoothing = has(F_SMOOTHING);
     let folded = subgroup_fold(mine, smoothing);

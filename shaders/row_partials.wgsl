@@ -1,10 +1,12 @@
-// Partial online-softmax states of column blocks (row_state.wgsl is prepended), for
-// rows split across several dispatches or workgroups: each workgroup reduces one
-// (row, block) of transformed logits z to (max, sum), the smoothing sums
-// (Σ w (max - z), Σ w) relative to the block's max, and, if the row's target falls in
-// the block, the target's z. merge_partials.wgsl combines the blocks of a row.
+// Partial online-softmax states of column blocks, for rows split across several
+// dispatches or workgroups: each workgroup reduces one (row, block) of transformed
+// logits z to (max, sum), the smoothing sums (Σ w (max - z), Σ w) relative to the
+// block's max, and, if the row's target falls in the block, the target's z. merge_partials.wgsl combines the blocks of a row.
 
-override WG: u32 = 256u;
+#import part_tree
+#import row_state
+#import targets
+#import workgroup
 
 struct Params {
     rows: u32,          // rows in this dispatch
@@ -33,17 +35,12 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> partials: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> weights: array<f32>;
 
-var<workgroup> wg_max: array<f32, WG>;
-var<workgroup> wg_sum: array<f32, WG>;
-var<workgroup> wg_aux: array<f32, WG>;
-var<workgroup> wg_wsum: array<f32, WG>;
-
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = wid.y * params.groups_x + wid.x;
+    let g = group_index(wid, params.groups_x);
     let r = g / params.blocks;
     if (r >= params.rows) {
         return;
@@ -71,35 +68,19 @@ fn main(
         }
         st = RowState(m, st.sum * exp(st.max - m) + exp(z - m));
     }
-    wg_max[lid] = st.max;
-    wg_sum[lid] = st.sum;
-    wg_aux[lid] = aux;
-    wg_wsum[lid] = wsum;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            let a = Part(RowState(wg_max[lid], wg_sum[lid]), wg_aux[lid], wg_wsum[lid]);
-            let j = lid + stride;
-            let p = combine_parts(a, Part(RowState(wg_max[j], wg_sum[j]), wg_aux[j], wg_wsum[j]), true);
-            wg_max[lid] = p.st.max;
-            wg_sum[lid] = p.st.sum;
-            wg_aux[lid] = p.aux;
-            wg_wsum[lid] = p.wsum;
-        }
-        workgroupBarrier();
-    }
+    let merged = merge_parts(lid, lid, WG, Part(st, aux, wsum), true);
     if (lid == 0u) {
         let t = targets[params.row_base + r];
         var z_t = 0.0;
         var has_t = 0.0;
         let lo = params.col_base + first;
         let hi = params.col_base + last;
-        if (t != params.ignore_index && t >= 0 && u32(t) < params.classes && u32(t) >= lo && u32(t) < hi) {
+        if (!ignored_target(t, params.ignore_index, params.classes) && u32(t) >= lo && u32(t) < hi) {
             z_t = transform1(logits[base + (u32(t) - params.col_base)], o);
             has_t = 1.0;
         }
         let at = 2u * (params.out_base + r * params.out_stride + block);
-        partials[at] = vec4<f32>(wg_max[0], wg_sum[0], z_t, has_t);
-        partials[at + 1u] = vec4<f32>(wg_aux[0], wg_wsum[0], 0.0, 0.0);
+        partials[at] = vec4<f32>(merged.st.max, merged.st.sum, z_t, has_t);
+        partials[at + 1u] = vec4<f32>(merged.aux, merged.wsum, 0.0, 0.0);
     }
 }

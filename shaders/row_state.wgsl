@@ -1,5 +1,5 @@
-// The online-softmax monoid, shared by every row kernel (prepended by the host; see
-// src/gpu/kernels.rs). The Rust twin is `xent::RowState` in src/row_state.rs.
+// The online-softmax monoid and the loss options, shared by every row kernel
+// (`#import row_state`). The Rust twin is `xent::RowState` in src/row_state.rs.
 
 // Lowest finite f32: the empty state's max. Starting at -inf would make the first
 // rescale exp(-inf - (-inf)) = NaN for masked (-inf) entries.
@@ -56,7 +56,8 @@ struct LossOpts {
     classes: u32,       // V
 }
 
-// tanh from exp, which carries NaN through on every backend we test (a driver's tanh
+// The one tanh of the library (the vector element types apply it per lane): from exp,
+// which carries NaN through on every backend we test (a driver's tanh
 // need not: GL's returns a number for NaN): an odd series for |u| < 0.4, where 1 - exp
 // would cancel, and sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) elsewhere (±1 at ±inf).
 fn tanh_carrying_nan(u: f32) -> f32 {

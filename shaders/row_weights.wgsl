@@ -1,8 +1,10 @@
 // Weight of each row in the `mean` denominator, from the targets alone: its target's
-// class weight (1 without weights), or 0 for an ignored row. Reduced on the device before the fused kernel, so that a `mean` gradient
-// over device-resident targets is scaled in the same pass that computes it.
+// class weight (1 without weights), or 0 for an ignored row. Reduced on the device before the fused
+// kernel, so that a `mean` gradient over device-resident targets is scaled in the same
+// pass that computes it.
 
-override WG: u32 = 256u;
+#import targets
+#import workgroup
 
 struct Params {
     rows: u32,
@@ -22,12 +24,12 @@ struct Params {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = (wid.y * params.groups_x + wid.x) * WG + lid;
+    let r = group_index(wid, params.groups_x) * WG + lid;
     if (r >= params.rows) {
         return;
     }
     let t = targets[r];
-    let ignored = t == params.ignore_index || t < 0 || u32(t) >= params.classes;
+    let ignored = ignored_target(t, params.ignore_index, params.classes);
     var w = 0.0;
     if (!ignored) {
         w = select(1.0, weights[u32(t)], params.has_weights != 0u);

@@ -111,7 +111,7 @@ impl<'e> Recorder<'e> {
         params: &P,
         groups: u64,
     ) {
-        self.dispatch_pipeline(&kernel.pipeline, bind_group, params, groups);
+        self.dispatch_pipeline(kernel.pipeline(), bind_group, params, groups);
     }
 
     /// Records `pipeline` over `groups` workgroups (folded into 2D) with `params`.

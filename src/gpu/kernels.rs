@@ -1,28 +1,21 @@
 //! The WGSL kernels, their parameter blocks and their bind group layouts, declared once
-//! next to each other so that a shader and the layout that serves it cannot drift apart.
+//! next to each other so that a shader and the layout that serves it cannot drift apart:
+//! [`shaders`] lists every module the host can build with the parameter block and the
+//! constants it shares with the host, and tests/shaders.rs checks each against the
+//! shader through naga. The sources come from the WGSL library ([`super::wgsl`]).
 
+use std::collections::HashMap;
 use std::num::NonZeroU64;
+use std::sync::{Mutex, OnceLock};
 
 use bytemuck::{Pod, Zeroable};
 
-/// The online-softmax monoid, prepended to every row kernel.
-pub const ROW_STATE_WGSL: &str = include_str!("../../shaders/row_state.wgsl");
-/// Element type of the fused row kernel for V not a multiple of 4 (scalar loads).
-pub const ELEM_F32_WGSL: &str = include_str!("../../shaders/elem_f32.wgsl");
-/// Element type of the fused row kernel for V a multiple of 4 (vec4 loads).
-pub const ELEM_VEC4_WGSL: &str = include_str!("../../shaders/elem_vec4.wgsl");
-/// Element type of the fused row kernel for half-precision logits (vec2 over u32).
-pub const ELEM_HALF_WGSL: &str = include_str!("../../shaders/elem_half.wgsl");
-/// IEEE binary16 storage of the half element type.
-pub const ELEM_F16_WGSL: &str = include_str!("../../shaders/elem_f16.wgsl");
-/// IEEE binary16 storage as WGSL `f16`, for adapters with `SHADER_F16`.
-pub const ELEM_F16_NATIVE_WGSL: &str = include_str!("../../shaders/elem_f16_native.wgsl");
-/// bfloat16 storage of the half element type.
-pub const ELEM_BF16_WGSL: &str = include_str!("../../shaders/elem_bf16.wgsl");
-/// The fused row kernel's merge of a row's states through workgroup memory alone.
-pub const ROW_MERGE_WORKGROUP_WGSL: &str = include_str!("../../shaders/row_merge_workgroup.wgsl");
-/// The fused row kernel's merge with subgroup operations (devices with `SUBGROUP`).
-pub const ROW_MERGE_SUBGROUP_WGSL: &str = include_str!("../../shaders/row_merge_subgroup.wgsl");
+use super::wgsl;
+
+/// The bench's copy roofline (1 read + 1 write).
+pub const BENCH_COPY_WGSL: &str = wgsl::file("bench_copy");
+/// The bench's read roofline (1 read).
+pub const BENCH_READ_WGSL: &str = wgsl::file("bench_read");
 
 /// How the fused kernel reads the logits and writes the gradient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -42,109 +35,101 @@ impl ElemFormat {
     pub fn f32_for(classes: usize) -> Self {
         if classes.is_multiple_of(4) { ElemFormat::Vec4 } else { ElemFormat::F32 }
     }
-}
-/// The fused row kernel: online softmax, row loss, LSE and the gradient.
-pub const CROSS_ENTROPY_ROWS_WGSL: &str = include_str!("../../shaders/cross_entropy_rows.wgsl");
-/// Partial (max, sum) states of column blocks, for rows split across dispatches.
-pub const ROW_PARTIALS_WGSL: &str = include_str!("../../shaders/row_partials.wgsl");
-/// Merges the block states of each row.
-pub const MERGE_PARTIALS_WGSL: &str = include_str!("../../shaders/merge_partials.wgsl");
-/// The gradient from saved row statistics, over a (row, column block) grid.
-pub const CROSS_ENTROPY_BACKWARD_WGSL: &str = include_str!("../../shaders/cross_entropy_backward.wgsl");
-/// Row weights (the `mean` denominator's terms) from targets alone.
-pub const ROW_WEIGHTS_WGSL: &str = include_str!("../../shaders/row_weights.wgsl");
-/// 64-bit class indices narrowed to i32 on the device (device-resident i64 targets).
-pub const NARROW_TARGETS_WGSL: &str = include_str!("../../shaders/narrow_targets.wgsl");
-/// One level of the deterministic tree sum used for `sum` and `mean`.
-pub const REDUCE_SUM_WGSL: &str = include_str!("../../shaders/reduce_sum.wgsl");
-/// Cross-entropy with probability (soft) targets.
-pub const CROSS_ENTROPY_SOFT_WGSL: &str = include_str!("../../shaders/cross_entropy_soft.wgsl");
-/// Binary cross-entropy with logits, elementwise.
-pub const BINARY_CROSS_ENTROPY_WGSL: &str = include_str!("../../shaders/binary_cross_entropy.wgsl");
-/// The bench's copy roofline (1 read + 1 write).
-pub const BENCH_COPY_WGSL: &str = include_str!("../../shaders/bench_copy.wgsl");
-/// The bench's read roofline (1 read).
-pub const BENCH_READ_WGSL: &str = include_str!("../../shaders/bench_read.wgsl");
 
-/// Every compute shader as (file name, complete source: shared prelude included), for
-/// validation and tooling. One entry point, `main`, per shader.
-pub fn shaders() -> Vec<(&'static str, String)> {
-    let with_state = |s: &str| format!("{ROW_STATE_WGSL}\n{s}");
-    vec![
-        ("cross_entropy_rows.wgsl", rows_source(ElemFormat::F32, ROWS_CACHED, false)),
-        ("cross_entropy_rows.wgsl (vec4)", rows_source(ElemFormat::Vec4, ROWS_CACHED, false)),
-        ("cross_entropy_rows.wgsl (subgroups)", rows_source(ElemFormat::F32, ROWS_CACHED, true)),
-        ("cross_entropy_rows.wgsl (vec4, subgroups)", rows_source(ElemFormat::Vec4, ROWS_CACHED, true)),
-        (
-            "cross_entropy_rows.wgsl (f16, f32 gradient)",
-            rows_source(
-                ElemFormat::Half { format: crate::HalfFormat::F16, half_grad: false, native: false },
-                ROWS_CACHED,
-                false,
-            ),
-        ),
-        (
-            "cross_entropy_rows.wgsl (native f16, f16 gradient)",
-            rows_source(
-                ElemFormat::Half { format: crate::HalfFormat::F16, half_grad: true, native: true },
-                ROWS_CACHED,
-                false,
-            ),
-        ),
-        (
-            "cross_entropy_rows.wgsl (bf16, bf16 gradient)",
-            rows_source(
-                ElemFormat::Half { format: crate::HalfFormat::Bf16, half_grad: true, native: false },
-                ROWS_CACHED,
-                false,
-            ),
-        ),
-        ("row_partials.wgsl", with_state(ROW_PARTIALS_WGSL)),
-        ("merge_partials.wgsl", with_state(MERGE_PARTIALS_WGSL)),
-        ("cross_entropy_backward.wgsl", with_state(CROSS_ENTROPY_BACKWARD_WGSL)),
-        ("row_weights.wgsl", ROW_WEIGHTS_WGSL.to_string()),
-        ("narrow_targets.wgsl", NARROW_TARGETS_WGSL.to_string()),
-        ("reduce_sum.wgsl", REDUCE_SUM_WGSL.to_string()),
-        ("cross_entropy_soft.wgsl", with_state(CROSS_ENTROPY_SOFT_WGSL)),
-        ("binary_cross_entropy.wgsl", BINARY_CROSS_ENTROPY_WGSL.to_string()),
-        ("bench_copy.wgsl", BENCH_COPY_WGSL.to_string()),
-        ("bench_read.wgsl", BENCH_READ_WGSL.to_string()),
-    ]
+    /// Every format the host builds (`native` only with f16).
+    pub fn all() -> Vec<Self> {
+        use crate::HalfFormat::{Bf16, F16};
+        let mut all = vec![ElemFormat::F32, ElemFormat::Vec4];
+        for (format, native) in [(F16, false), (F16, true), (Bf16, false)] {
+            for half_grad in [false, true] {
+                all.push(ElemFormat::Half { format, half_grad, native });
+            }
+        }
+        all
+    }
+
+    /// Columns per element: `WIDTH` of the shader.
+    pub fn width(self) -> u32 {
+        match self {
+            ElemFormat::F32 => 1,
+            ElemFormat::Vec4 => 4,
+            ElemFormat::Half { .. } => 2,
+        }
+    }
+
+    /// The library files that declare this element type.
+    fn files(self) -> Vec<&'static str> {
+        match self {
+            ElemFormat::F32 => vec!["elem_f32"],
+            ElemFormat::Vec4 => vec!["elem_vec4"],
+            ElemFormat::Half { format, half_grad, native } => {
+                let storage = match (format, native) {
+                    (crate::HalfFormat::F16, true) => "elem_f16_native",
+                    (crate::HalfFormat::F16, false) => "elem_f16",
+                    (crate::HalfFormat::Bf16, _) => "elem_bf16",
+                };
+                vec![storage, if half_grad { "grad_half" } else { "grad_f32x2" }]
+            }
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            ElemFormat::F32 => "f32".into(),
+            ElemFormat::Vec4 => "vec4".into(),
+            ElemFormat::Half { format, half_grad, native } => {
+                let name = match format {
+                    crate::HalfFormat::F16 => "f16",
+                    crate::HalfFormat::Bf16 => "bf16",
+                };
+                let grad = if half_grad { name } else { "f32" };
+                format!("{}{name}, {grad} gradient", if native { "native " } else { "" })
+            }
+        }
+    }
 }
 
 /// The fused row kernel's source for an element format and a register cache of `cached`
-/// floats per invocation, merging row states with subgroup operations when `subgroups`.
+/// floats per invocation (`CACHED_FLOATS` there), merging row states with subgroup
+/// operations when `subgroups`.
 pub(crate) fn rows_source(format: ElemFormat, cached: u32, subgroups: bool) -> String {
-    let (elem, width) = match format {
-        ElemFormat::F32 => (ELEM_F32_WGSL.to_string(), 1),
-        ElemFormat::Vec4 => (ELEM_VEC4_WGSL.to_string(), 4),
-        ElemFormat::Half { format, half_grad, native } => {
-            let storage = match (format, native) {
-                (crate::HalfFormat::F16, true) => ELEM_F16_NATIVE_WGSL,
-                (crate::HalfFormat::F16, false) => ELEM_F16_WGSL,
-                (crate::HalfFormat::Bf16, _) => ELEM_BF16_WGSL,
-            };
-            let grad = if half_grad {
-                "@group(0) @binding(5) var<storage, read_write> grad: array<u32>;\n\
-                 fn store_grad(i: u32, e: Elem) { grad[i] = pack_elem(e); }\n"
-            } else {
-                "@group(0) @binding(5) var<storage, read_write> grad: array<vec2<f32>>;\n\
-                 fn store_grad(i: u32, e: Elem) { grad[i] = e; }\n"
-            };
-            (format!("{ELEM_HALF_WGSL}\n{storage}\n{grad}"), 2)
-        }
-    };
-    let kernel = CROSS_ENTROPY_ROWS_WGSL
-        .replace("const CACHED: u32 = 8u;", &format!("const CACHED: u32 = {}u;", (cached / width).max(1)));
-    let enable = match format {
-        ElemFormat::Half { format: crate::HalfFormat::F16, native: true, .. } => "enable f16;\n",
-        _ => "",
-    };
-    let merge = if subgroups { ROW_MERGE_SUBGROUP_WGSL } else { ROW_MERGE_WORKGROUP_WGSL };
-    format!("{enable}{ROW_STATE_WGSL}\n{elem}\n{merge}\n{kernel}")
+    let mut files = format.files();
+    files.push(if subgroups { "row_merge_subgroup" } else { "row_merge_workgroup" });
+    files.push("cross_entropy_rows");
+    wgsl::with_u32_const(&wgsl::compose(&files), "CACHED_FLOATS", cached)
 }
 
-/// Gradient modes of the kernels (`GRAD_*` there).
+/// Floats each invocation of `cross_entropy_rows.wgsl` keeps in registers on its one-read
+/// path by default (`CACHED_FLOATS` there; the host builds it with the tuning's value).
+pub(crate) const ROWS_CACHED: u32 = super::tuning::Tuning::GPU.cached_per_thread;
+
+/// `FEATURES` bits of `cross_entropy_rows.wgsl` (`F_*` there): class weights.
+pub(crate) const F_WEIGHTS: u32 = 1;
+/// Label smoothing.
+pub(crate) const F_SMOOTHING: u32 = 2;
+/// z-loss.
+pub(crate) const F_Z_LOSS: u32 = 4;
+/// Logit softcap.
+pub(crate) const F_SOFTCAP: u32 = 8;
+/// Logit scale.
+pub(crate) const F_SCALE: u32 = 16;
+
+/// `SoftParams::flags` bits (`FLAG_*` of `cross_entropy_soft.wgsl`): write the gradient.
+pub(crate) const SOFT_GRAD: u32 = 1;
+/// Take the row's saved LSE (a separate backward).
+pub(crate) const SOFT_SAVED_LSE: u32 = 2;
+/// Multiply row r's gradient by `upstream[r]`.
+pub(crate) const SOFT_PER_ROW: u32 = 4;
+
+/// `BinaryParams::flags` bits (`FLAG_*` of `binary_cross_entropy.wgsl`): write the
+/// gradient.
+pub(crate) const BINARY_GRAD: u32 = 1;
+/// Write the element losses.
+pub(crate) const BINARY_LOSSES: u32 = 2;
+/// Multiply each gradient by `upstream[i]`.
+pub(crate) const BINARY_UPSTREAM: u32 = 4;
+
+/// Gradient modes of the kernels (`GRAD_*` of grad_mode.wgsl).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub(crate) enum GradMode {
@@ -166,40 +151,29 @@ pub(crate) struct RowParams {
     pub ignore_index: i32,
     pub threads_per_row: u32,
     pub cached: u32,
-    pub has_weights: u32,
     pub logit_scale: f32,
     pub softcap: f32,
     pub smoothing: f32,
     pub z_loss: f32,
     pub weight_total: f32,
     pub z_grad: f32,
+    pub _pad: u32,
 }
 
-/// `with_opts` for the parameter blocks that carry every option.
-macro_rules! with_every_option {
-    ($($params:ty),*) => {$(
-        impl $params {
-            /// With the options of `k`.
-            pub fn with_opts(self, k: &KernelOpts) -> Self {
-                Self {
-                    has_weights: k.has_weights,
-                    logit_scale: k.logit_scale,
-                    softcap: k.softcap,
-                    smoothing: k.smoothing,
-                    z_loss: k.z_loss,
-                    weight_total: k.weight_total,
-                    z_grad: k.z_grad,
-                    ..self
-                }
-            }
+impl RowParams {
+    /// With the options of `k` (class weights come through `KernelOpts::features`).
+    pub fn with_opts(self, k: &KernelOpts) -> Self {
+        Self {
+            logit_scale: k.logit_scale,
+            softcap: k.softcap,
+            smoothing: k.smoothing,
+            z_loss: k.z_loss,
+            weight_total: k.weight_total,
+            z_grad: k.z_grad,
+            ..self
         }
-    )*};
+    }
 }
-with_every_option!(RowParams, BackwardParams);
-
-/// Elements each invocation of `cross_entropy_rows.wgsl` keeps in registers on its
-/// one-read path by default (`CACHED` there; the host may build it with another value).
-pub(crate) const ROWS_CACHED: u32 = 32;
 
 /// The loss options as the kernels take them (see `LossOpts` in row_state.wgsl).
 #[derive(Clone, Copy, Debug, Default)]
@@ -221,19 +195,19 @@ impl KernelOpts {
     pub fn features(&self) -> u32 {
         let mut f = 0;
         if self.has_weights != 0 {
-            f |= 1;
+            f |= F_WEIGHTS;
         }
         if self.smoothing != 0.0 {
-            f |= 2;
+            f |= F_SMOOTHING;
         }
         if self.z_loss != 0.0 {
-            f |= 4;
+            f |= F_Z_LOSS;
         }
         if self.softcap != 0.0 {
-            f |= 8;
+            f |= F_SOFTCAP;
         }
         if self.logit_scale != 1.0 {
-            f |= 16;
+            f |= F_SCALE;
         }
         f
     }
@@ -351,9 +325,18 @@ pub(crate) struct BackwardParams {
 }
 
 impl BackwardParams {
-    /// Plain options, upstream gradient 1: the split and grid paths of PyTorch's loss.
-    pub fn plain(self) -> Self {
-        Self { logit_scale: 1.0, weight_total: self.classes as f32, ..self }
+    /// With the options of `k`.
+    pub fn with_opts(self, k: &KernelOpts) -> Self {
+        Self {
+            has_weights: k.has_weights,
+            logit_scale: k.logit_scale,
+            softcap: k.softcap,
+            smoothing: k.smoothing,
+            z_loss: k.z_loss,
+            weight_total: k.weight_total,
+            z_grad: k.z_grad,
+            ..self
+        }
     }
 }
 
@@ -414,6 +397,7 @@ pub(crate) struct BinaryParams {
     pub scale: f32,
     pub has_weights: u32,
     pub has_pos_weight: u32,
+    /// `BINARY_*` bits: gradient, element losses, upstream.
     pub flags: u32,
 }
 
@@ -424,7 +408,7 @@ pub(crate) struct SoftParams {
     pub rows: u32,
     pub classes: u32,
     pub groups_x: u32,
-    /// `FLAG_*` of the shader: gradient, saved LSE, per-row upstream.
+    /// `SOFT_*` bits: gradient, saved LSE, per-row upstream.
     pub flags: u32,
     pub has_weights: u32,
     pub grad_scale: f32,
@@ -436,12 +420,300 @@ pub(crate) struct SoftParams {
     pub _pad: u32,
 }
 
-/// `divisor_index` meaning "use the uniform divisor".
+/// `divisor_index` meaning "use the uniform divisor" (`NO_INDEX` of reduce_sum.wgsl).
 pub(crate) const NO_INDEX: u32 = u32::MAX;
 
 /// Size of the largest parameter block; each dispatch's block sits at a multiple of
 /// the uniform offset alignment above it.
 pub(crate) const MAX_PARAMS_SIZE: u64 = 80;
+
+/// A field of a parameter block as the host lays it out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamsField {
+    /// The field's name (the shader's member of the same name).
+    pub name: &'static str,
+    /// Bytes from the start of the block.
+    pub offset: usize,
+    /// The WGSL type: `u32`, `i32`, `f32`, or `[u32; N]` for padding.
+    pub ty: &'static str,
+}
+
+/// A `#[repr(C)]` parameter block of the host, for checking against the `Params` of its
+/// shader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamsLayout {
+    /// The Rust struct.
+    pub rust: &'static str,
+    /// `size_of` the struct.
+    pub size: usize,
+    /// Every field, in order.
+    pub fields: Vec<ParamsField>,
+}
+
+trait WgslType {
+    const TY: &'static str;
+}
+impl WgslType for u32 {
+    const TY: &'static str = "u32";
+}
+impl WgslType for i32 {
+    const TY: &'static str = "i32";
+}
+impl WgslType for f32 {
+    const TY: &'static str = "f32";
+}
+impl<const N: usize> WgslType for [u32; N] {
+    const TY: &'static str = "[u32; N]";
+}
+
+fn ty_of<S, T: WgslType>(_field: fn(&S) -> &T) -> &'static str {
+    T::TY
+}
+
+/// The layout of a parameter block, naming every field (the destructuring fails to
+/// compile when a field is added to the struct and not here).
+macro_rules! params_layout {
+    ($ty:ident { $($field:ident),* $(,)? }) => {{
+        let _every_field = |p: $ty| {
+            let $ty { $($field: _),* } = p;
+        };
+        ParamsLayout {
+            rust: stringify!($ty),
+            size: size_of::<$ty>(),
+            fields: vec![$(ParamsField {
+                name: stringify!($field),
+                offset: std::mem::offset_of!($ty, $field),
+                ty: ty_of::<$ty, _>(|p| &p.$field),
+            }),*],
+        }
+    }};
+}
+
+impl RowParams {
+    fn layout() -> ParamsLayout {
+        params_layout!(RowParams {
+            rows,
+            classes,
+            row_base,
+            groups_x,
+            grad_scale,
+            grad_mode,
+            ignore_index,
+            threads_per_row,
+            cached,
+            logit_scale,
+            softcap,
+            smoothing,
+            z_loss,
+            weight_total,
+            z_grad,
+            _pad,
+        })
+    }
+}
+
+/// Every parameter block's layout with its kernel's name, for [`shaders`].
+fn params_layouts() -> HashMap<&'static str, ParamsLayout> {
+    HashMap::from([
+        ("cross_entropy_rows", RowParams::layout()),
+        (
+            "row_partials",
+            params_layout!(PartialParams {
+                rows,
+                row_stride,
+                cols,
+                col_base,
+                block_cols,
+                blocks,
+                row_base,
+                groups_x,
+                out_base,
+                out_stride,
+                ignore_index,
+                classes,
+                has_weights,
+                logit_scale,
+                softcap,
+                smoothing,
+            }),
+        ),
+        (
+            "merge_partials",
+            params_layout!(MergeParams {
+                rows,
+                blocks,
+                row_base,
+                groups_x,
+                classes,
+                ignore_index,
+                has_weights,
+                smoothing,
+                z_loss,
+                weight_total,
+                _pad0,
+                _pad1,
+            }),
+        ),
+        (
+            "cross_entropy_backward",
+            params_layout!(BackwardParams {
+                rows,
+                row_stride,
+                cols,
+                col_base,
+                block_cols,
+                blocks,
+                row_base,
+                groups_x,
+                scale,
+                grad_mode,
+                ignore_index,
+                classes,
+                per_row,
+                has_weights,
+                logit_scale,
+                softcap,
+                smoothing,
+                z_loss,
+                weight_total,
+                z_grad,
+            }),
+        ),
+        (
+            "reduce_sum",
+            params_layout!(ReduceParams { count, src, dst, groups_x, divisor, last, divisor_index, _pad }),
+        ),
+        (
+            "row_weights",
+            params_layout!(WeightParams { rows, groups_x, classes, ignore_index, has_weights, _pad }),
+        ),
+        ("narrow_targets", params_layout!(NarrowParams { rows, groups_x, ignore_lo, ignore_hi })),
+        (
+            "binary_cross_entropy",
+            params_layout!(BinaryParams {
+                count,
+                col_start,
+                classes,
+                groups_x,
+                scale,
+                has_weights,
+                has_pos_weight,
+                flags,
+            }),
+        ),
+        (
+            "cross_entropy_soft",
+            params_layout!(SoftParams {
+                rows,
+                classes,
+                groups_x,
+                flags,
+                has_weights,
+                grad_scale,
+                logit_scale,
+                softcap,
+                smoothing,
+                z_loss,
+                weight_total,
+                _pad,
+            }),
+        ),
+        ("bench_copy", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),
+        ("bench_read", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),
+    ])
+}
+
+/// Pipeline constants the host sets on the fused row kernel.
+const ROWS_OVERRIDES: [&str; 3] = ["WG", "FEATURES", "ROW_LOOP"];
+/// Pipeline constants the host sets on every other kernel.
+const OVERRIDES: [&str; 1] = ["WG"];
+
+/// One compute module the host can build, with what it shares with the host.
+#[derive(Clone, Debug)]
+pub struct Shader {
+    /// The kernel (its file name without `.wgsl`) and, for the fused kernel, the variant.
+    pub name: String,
+    /// The complete source, imports resolved. One entry point, `main`.
+    pub source: String,
+    /// The host's block behind the uniform `params` (the shader's `Params`).
+    pub params: ParamsLayout,
+    /// Module-scope `const`s of the shader and the values the host takes them to have.
+    pub constants: Vec<(&'static str, u32)>,
+    /// Every pipeline-overridable constant the host sets.
+    pub overrides: &'static [&'static str],
+}
+
+/// Every compute module the host can build: the fused kernel in every element format
+/// with either row merge, and each other kernel. For validation and tooling.
+pub fn shaders() -> Vec<Shader> {
+    let layouts = params_layouts();
+    let grad_modes = [
+        ("GRAD_NONE", GradMode::None as u32),
+        ("GRAD_SEPARATE", GradMode::Separate as u32),
+        ("GRAD_IN_PLACE", GradMode::InPlace as u32),
+    ];
+    let mut out = Vec::new();
+    for format in ElemFormat::all() {
+        for subgroups in [false, true] {
+            let width = format.width();
+            let mut constants = vec![
+                ("F_WEIGHTS", F_WEIGHTS),
+                ("F_SMOOTHING", F_SMOOTHING),
+                ("F_Z_LOSS", F_Z_LOSS),
+                ("F_SOFTCAP", F_SOFTCAP),
+                ("F_SCALE", F_SCALE),
+                ("WIDTH", width),
+                ("CACHED_FLOATS", ROWS_CACHED),
+                ("CACHED", (ROWS_CACHED / width).max(1)),
+            ];
+            constants.extend(grad_modes);
+            let merge = if subgroups { "subgroups" } else { "workgroup merge" };
+            out.push(Shader {
+                name: format!("cross_entropy_rows ({}, {merge})", format.label()),
+                source: rows_source(format, ROWS_CACHED, subgroups),
+                params: layouts["cross_entropy_rows"].clone(),
+                constants,
+                overrides: &ROWS_OVERRIDES,
+            });
+        }
+    }
+    let others: [(&str, Vec<(&'static str, u32)>); 10] = [
+        ("row_partials", vec![]),
+        ("merge_partials", vec![]),
+        ("cross_entropy_backward", grad_modes.to_vec()),
+        ("row_weights", vec![]),
+        ("narrow_targets", vec![]),
+        ("reduce_sum", vec![("NO_INDEX", NO_INDEX)]),
+        (
+            "cross_entropy_soft",
+            vec![
+                ("FLAG_GRAD", SOFT_GRAD),
+                ("FLAG_SAVED_LSE", SOFT_SAVED_LSE),
+                ("FLAG_PER_ROW", SOFT_PER_ROW),
+            ],
+        ),
+        (
+            "binary_cross_entropy",
+            vec![
+                ("FLAG_GRAD", BINARY_GRAD),
+                ("FLAG_LOSSES", BINARY_LOSSES),
+                ("FLAG_UPSTREAM", BINARY_UPSTREAM),
+            ],
+        ),
+        ("bench_copy", vec![]),
+        ("bench_read", vec![]),
+    ];
+    for (name, constants) in others {
+        out.push(Shader {
+            name: name.into(),
+            source: wgsl::compose(&[name]),
+            params: layouts[name].clone(),
+            constants,
+            overrides: &OVERRIDES,
+        });
+    }
+    out
+}
 
 fn uniform_entry(size: usize) -> wgpu::BindGroupLayoutEntry {
     wgpu::BindGroupLayoutEntry {
@@ -471,14 +743,28 @@ fn storage_entries(kinds: &[(bool, u64)]) -> impl Iterator<Item = wgpu::BindGrou
     })
 }
 
-/// A compute pipeline with its one bind group layout.
+/// How a kernel's pipeline is built when first dispatched.
+struct Recipe {
+    device: wgpu::Device,
+    name: String,
+    /// The complete module, imports resolved.
+    source: String,
+    wg: u32,
+}
+
+/// A bind group layout (built at once: bind groups need it) and the compute pipeline
+/// that serves it, built on first use.
 pub(crate) struct Kernel {
     pub layout: wgpu::BindGroupLayout,
-    pub pipeline: wgpu::ComputePipeline,
     pub params_size: u64,
+    /// `None` for a layout whose pipelines are built elsewhere ([`RowsVariants`]).
+    recipe: Option<Recipe>,
+    pipeline: OnceLock<wgpu::ComputePipeline>,
 }
 
 impl Kernel {
+    /// The kernel of `source` (WGSL with `#import`s of the library) over a uniform `P` at
+    /// binding 0 and `storage` at bindings 1.., in workgroups of `wg`.
     pub(crate) fn new<P: Pod>(
         device: &wgpu::Device,
         name: &str,
@@ -486,30 +772,40 @@ impl Kernel {
         storage: &[(bool, u64)],
         wg: u32,
     ) -> Self {
+        let recipe = Recipe {
+            device: device.clone(),
+            name: name.into(),
+            source: wgsl::compose_text(name, source),
+            wg,
+        };
+        Self { recipe: Some(recipe), ..Self::layout_only::<P>(device, name, storage) }
+    }
+
+    /// A bind group layout alone, for pipelines that variants build over it.
+    pub(crate) fn layout_only<P: Pod>(device: &wgpu::Device, name: &str, storage: &[(bool, u64)]) -> Self {
         let entries: Vec<_> =
             std::iter::once(uniform_entry(size_of::<P>())).chain(storage_entries(storage)).collect();
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some(name),
             entries: &entries,
         });
-        Self::with_layout::<P>(device, name, source, layout, wg)
+        Self { layout, params_size: size_of::<P>() as u64, recipe: None, pipeline: OnceLock::new() }
     }
 
-    /// A pipeline for `source` with an existing bind group layout, so that variants of a
-    /// kernel share one layout and one bind group.
-    pub(crate) fn with_layout<P: Pod>(
-        device: &wgpu::Device,
-        name: &str,
-        source: &str,
-        layout: wgpu::BindGroupLayout,
-        wg: u32,
-    ) -> Self {
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(name),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
-        let pipeline = pipeline(device, name, &module, &layout, &[("WG", f64::from(wg))]);
-        Self { layout, pipeline, params_size: size_of::<P>() as u64 }
+    /// The pipeline, built on the first call. Callers record dispatches inside
+    /// `GpuContext::scoped`, whose error scopes catch a failed build as a typed error.
+    ///
+    /// # Panics
+    /// For a [`Kernel::layout_only`].
+    pub(crate) fn pipeline(&self) -> &wgpu::ComputePipeline {
+        self.pipeline.get_or_init(|| {
+            let r = self.recipe.as_ref().expect("a layout-only kernel has no pipeline of its own");
+            let module = r.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&r.name),
+                source: wgpu::ShaderSource::Wgsl(r.source.as_str().into()),
+            });
+            pipeline(&r.device, &r.name, &module, &self.layout, &[(OVERRIDES[0], f64::from(r.wg))])
+        })
     }
 }
 
@@ -547,12 +843,13 @@ pub(crate) struct RowsVariants {
     subgroups: bool,
     /// `ROW_LOOP`: workgroups take row groups in turn (`Tuning::max_workgroups` set).
     row_loop: bool,
-    modules: std::sync::Mutex<std::collections::HashMap<ElemFormat, wgpu::ShaderModule>>,
-    built: std::sync::Mutex<std::collections::HashMap<(ElemFormat, u32), wgpu::ComputePipeline>>,
+    modules: Mutex<HashMap<ElemFormat, wgpu::ShaderModule>>,
+    built: Mutex<HashMap<(ElemFormat, u32), wgpu::ComputePipeline>>,
 }
 
 impl RowsVariants {
-    /// The pipeline for rows in `format` computing the options in `features`.
+    /// The pipeline for rows in `format` computing the options in `features`, built on
+    /// the first call (inside the caller's error scopes, as [`Kernel::pipeline`]).
     pub fn get(&self, device: &wgpu::Device, format: ElemFormat, features: u32) -> wgpu::ComputePipeline {
         let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
         built
@@ -567,15 +864,16 @@ impl RowsVariants {
                         ),
                     })
                 });
+                let [wg, feat, row_loop] = ROWS_OVERRIDES;
                 pipeline(
                     device,
                     "cross_entropy_rows",
                     module,
                     &self.layout,
                     &[
-                        ("WG", f64::from(self.wg)),
-                        ("FEATURES", f64::from(features)),
-                        ("ROW_LOOP", f64::from(u8::from(self.row_loop))),
+                        (wg, f64::from(self.wg)),
+                        (feat, f64::from(features)),
+                        (row_loop, f64::from(u8::from(self.row_loop))),
                     ],
                 )
             })
@@ -586,7 +884,8 @@ impl RowsVariants {
 pub(crate) const RO: bool = true;
 pub(crate) const RW: bool = false;
 
-/// Every pipeline the context needs, built once per device.
+/// Every kernel the context needs: the bind group layouts built with the context, each
+/// pipeline on its first dispatch.
 pub(crate) struct Kernels {
     /// The fused kernel's bind group layout (the pipelines are in `rows_variants`).
     pub rows: Kernel,
@@ -608,17 +907,14 @@ impl Kernels {
         let (wg, cached) = (tuning.workgroup_size, tuning.cached_per_thread);
         debug_assert!(wg.is_power_of_two());
         let subgroups = tuning.subgroups && device.features().contains(wgpu::Features::SUBGROUP);
-        let src: std::collections::HashMap<_, _> = shaders().into_iter().collect();
         // logits (written in place), targets, row_loss, row_lse, grad, row_stats, norm,
         // weights.
         // Logits and grad have no minimum size: the scalar and vec4 variants share this
         // layout.
-        let rows = Kernel::new::<RowParams>(
+        let rows = Kernel::layout_only::<RowParams>(
             device,
             "cross_entropy_rows",
-            &rows_source(ElemFormat::F32, cached, subgroups),
             &[(RW, 0), (RO, 4), (RW, 4), (RW, 4), (RW, 0), (RW, 8), (RO, 4), (RO, 4)],
-            wg,
         );
         let rows_variants = RowsVariants {
             layout: rows.layout.clone(),
@@ -629,16 +925,13 @@ impl Kernels {
             modules: Default::default(),
             built: Default::default(),
         };
-        // The plain loss, both widths, up front: the common case never waits.
-        rows_variants.get(device, ElemFormat::F32, 0);
-        rows_variants.get(device, ElemFormat::Vec4, 0);
         Self {
             rows,
             rows_variants,
             partials: Kernel::new::<PartialParams>(
                 device,
                 "row_partials",
-                &src["row_partials.wgsl"],
+                wgsl::file("row_partials"),
                 // logits, targets, partials, weights
                 &[(RO, 4), (RO, 4), (RW, 32), (RO, 4)],
                 wg,
@@ -646,7 +939,7 @@ impl Kernels {
             merge: Kernel::new::<MergeParams>(
                 device,
                 "merge_partials",
-                &src["merge_partials.wgsl"],
+                wgsl::file("merge_partials"),
                 // partials, targets, row_loss, row_lse, row_weight, row_stats, weights
                 &[(RO, 32), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RW, 8), (RO, 4)],
                 wg,
@@ -654,7 +947,7 @@ impl Kernels {
             backward: Kernel::new::<BackwardParams>(
                 device,
                 "cross_entropy_backward",
-                &src["cross_entropy_backward.wgsl"],
+                wgsl::file("cross_entropy_backward"),
                 // logits (gradient in place), targets, row_stats, norm, grad, weights, upstream
                 &[(RW, 4), (RO, 4), (RO, 8), (RO, 4), (RW, 4), (RO, 4), (RO, 4)],
                 wg,
@@ -663,7 +956,7 @@ impl Kernels {
             reduce: Kernel::new::<ReduceParams>(
                 device,
                 "reduce_sum",
-                &src["reduce_sum.wgsl"],
+                wgsl::file("reduce_sum"),
                 &[(RW, 4)],
                 wg,
             ),
@@ -671,7 +964,7 @@ impl Kernels {
             weights: Kernel::new::<WeightParams>(
                 device,
                 "row_weights",
-                &src["row_weights.wgsl"],
+                wgsl::file("row_weights"),
                 &[(RO, 4), (RW, 4), (RO, 4)],
                 wg,
             ),
@@ -679,7 +972,7 @@ impl Kernels {
             narrow: Kernel::new::<NarrowParams>(
                 device,
                 "narrow_targets",
-                &src["narrow_targets.wgsl"],
+                wgsl::file("narrow_targets"),
                 &[(RO, 8), (RW, 4)],
                 wg,
             ),
@@ -687,7 +980,7 @@ impl Kernels {
             binary: Kernel::new::<BinaryParams>(
                 device,
                 "binary_cross_entropy",
-                &src["binary_cross_entropy.wgsl"],
+                wgsl::file("binary_cross_entropy"),
                 &[(RO, 4), (RO, 4), (RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RO, 4)],
                 wg,
             ),
@@ -695,11 +988,36 @@ impl Kernels {
             soft: Kernel::new::<SoftParams>(
                 device,
                 "cross_entropy_soft",
-                &src["cross_entropy_soft.wgsl"],
+                wgsl::file("cross_entropy_soft"),
                 &[(RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RO, 4), (RO, 4)],
                 wg,
             ),
             workgroup_size: wg,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused kernel's written `CACHED_FLOATS` is the host's default, so that the
+    /// source as written is the one the host builds by default.
+    #[test]
+    fn written_cached_floats_is_rows_cached() {
+        let source = wgsl::compose(&["elem_f32", "row_merge_workgroup", "cross_entropy_rows"]);
+        let module = naga::front::wgsl::parse_str(&source).expect("parses");
+        let (_, c) =
+            module.constants.iter().find(|(_, c)| c.name.as_deref() == Some("CACHED_FLOATS")).unwrap();
+        let naga::Expression::Literal(naga::Literal::U32(v)) = module.global_expressions[c.init] else {
+            panic!("CACHED_FLOATS is not a u32 literal")
+        };
+        assert_eq!(v, ROWS_CACHED);
+    }
+
+    #[test]
+    fn max_params_size_is_the_largest_block() {
+        let largest = params_layouts().values().map(|l| l.size).max().unwrap();
+        assert_eq!(MAX_PARAMS_SIZE, largest as u64);
     }
 }

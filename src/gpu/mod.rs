@@ -20,7 +20,7 @@ mod workspace;
 
 pub(crate) use context::check_grad_len;
 pub use context::{GpuContext, adapters, instance, select_adapters};
-pub use kernels::shaders;
+pub use kernels::{ParamsField, ParamsLayout, Shader, shaders};
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
 pub use resident::{DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceMode, DeviceProblem, DeviceWorkspace};
 pub use tuning::Tuning;
