@@ -16,7 +16,6 @@ use xent::{
 
 /// One problem's inputs, on values that every element type represents exactly.
 struct Fixture {
-    rows: usize,
     classes: usize,
     /// The logits as f32, already rounded to `dtype`.
     logits: Vec<f32>,
@@ -52,7 +51,7 @@ impl Fixture {
             u.iter().enumerate().map(|(i, &x)| if i % 3 == 0 { 0.3 } else { f32::from(x > 0.0) }).collect();
         let upstream_rows = (0..rows).map(|r| 0.5 + (r % 5) as f32 * 0.25).collect();
         let upstream_elems = (0..rows * classes).map(|i| 0.25 + (i % 7) as f32 * 0.125).collect();
-        Self { rows, classes, logits, bits, targets, probs, binary, upstream_rows, upstream_elems }
+        Self { classes, logits, bits, targets, probs, binary, upstream_rows, upstream_elems }
     }
 
     fn labels(&self, kind: LabelKind) -> Labels<'_> {

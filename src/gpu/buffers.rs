@@ -2,7 +2,9 @@
 
 use bytemuck::Pod;
 
-use super::kernels::{Kernel, MAX_PARAMS_SIZE};
+use std::cell::RefCell;
+
+use super::kernels::{Kernel, MAX_PARAMS_SIZE, RowsPipeline};
 
 /// A GPU buffer that is reallocated only when a call needs more than it holds.
 #[derive(Default)]
@@ -55,6 +57,35 @@ pub(crate) fn fold_groups(groups: u64, max_per_dim: u32) -> (u32, u32) {
 /// The `groups_x` a kernel must be told for `groups` workgroups.
 pub(crate) fn groups_x(groups: u64, max_per_dim: u32) -> u32 {
     fold_groups(groups, max_per_dim).0
+}
+
+/// One dispatch, as [`trace`] saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dispatch {
+    /// The kernel: its shader's name, and for the fused kernel the variant (element
+    /// format, row merge, option features).
+    pub kernel: String,
+    /// Workgroups in x and y (a dispatch beyond the per-dimension limit folds into 2D).
+    pub groups: [u32; 2],
+}
+
+thread_local! {
+    static TRACE: RefCell<Option<Vec<Dispatch>>> = const { RefCell::new(None) };
+}
+
+/// Runs `work` and returns the dispatches it recorded on this thread, in order: for tests
+/// that prove which kernels, variants and dispatch shapes a path took.
+#[doc(hidden)]
+pub fn trace<R>(work: impl FnOnce() -> R) -> (R, Vec<Dispatch>) {
+    let outer = TRACE.with_borrow_mut(|t| t.replace(Vec::new()));
+    let result = work();
+    let seen = TRACE.with_borrow_mut(|t| std::mem::replace(t, outer)).unwrap_or_default();
+    TRACE.with_borrow_mut(|t| {
+        if let Some(outer) = t {
+            outer.extend(seen.iter().cloned());
+        }
+    });
+    (result, seen)
 }
 
 enum Encoder<'e> {
@@ -111,12 +142,25 @@ impl<'e> Recorder<'e> {
         params: &P,
         groups: u64,
     ) {
-        self.dispatch_pipeline(kernel.pipeline(), bind_group, params, groups);
+        self.dispatch_named(kernel.name(), kernel.pipeline(), bind_group, params, groups);
     }
 
-    /// Records `pipeline` over `groups` workgroups (folded into 2D) with `params`.
+    /// Records a variant of the fused kernel over `groups` workgroups with `params`.
     pub fn dispatch_pipeline<P: Pod>(
         &mut self,
+        rows: &RowsPipeline,
+        bind_group: &wgpu::BindGroup,
+        params: &P,
+        groups: u64,
+    ) {
+        self.dispatch_named(&rows.name, &rows.pipeline, bind_group, params, groups);
+    }
+
+    /// Records `pipeline` (called `name` in a [`trace`]) over `groups` workgroups (folded
+    /// into 2D) with `params`.
+    fn dispatch_named<P: Pod>(
+        &mut self,
+        name: &str,
         pipeline: &wgpu::ComputePipeline,
         bind_group: &wgpu::BindGroup,
         params: &P,
@@ -126,6 +170,11 @@ impl<'e> Recorder<'e> {
         self.params.extend_from_slice(bytemuck::bytes_of(params));
         self.params.resize((offset + self.stride) as usize, 0);
         let (gx, gy) = fold_groups(groups, self.max_per_dim);
+        TRACE.with_borrow_mut(|t| {
+            if let Some(t) = t {
+                t.push(Dispatch { kernel: name.to_string(), groups: [gx, gy] });
+            }
+        });
         let mut pass = self.encoder().begin_compute_pass(&wgpu::ComputePassDescriptor::default());
         pass.set_pipeline(pipeline);
         pass.set_bind_group(0, bind_group, &[offset as u32]);

@@ -326,10 +326,10 @@ impl GpuContext {
     }
 
     /// Whether f16 logits are read as WGSL `f16` (the device has `SHADER_F16`) rather than
-    /// unpacked from u32 words; `XENT_PORTABLE_F16=1` forces the portable path.
+    /// unpacked from u32 words; [`Tuning::portable_f16`] (`XENT_PORTABLE_F16=1`) forces
+    /// the portable reader.
     pub fn native_f16(&self) -> bool {
-        self.device.features().contains(wgpu::Features::SHADER_F16)
-            && !std::env::var("XENT_PORTABLE_F16").is_ok_and(|v| v == "1")
+        self.device.features().contains(wgpu::Features::SHADER_F16) && !self.tuning.portable_f16
     }
 
     /// The device's limits.

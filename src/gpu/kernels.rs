@@ -31,6 +31,23 @@ pub(crate) enum ElemFormat {
 }
 
 impl ElemFormat {
+    /// How the variant reads and writes: "f32", "vec4", "native f16 → f16 gradient", ...
+    pub fn describe(&self) -> String {
+        match *self {
+            ElemFormat::F32 => "f32".into(),
+            ElemFormat::Vec4 => "vec4".into(),
+            ElemFormat::Half { format, half_grad, native } => {
+                let reader = match (format, native) {
+                    (crate::HalfFormat::F16, true) => "native f16",
+                    (crate::HalfFormat::F16, false) => "portable f16",
+                    (crate::HalfFormat::Bf16, _) => "bf16",
+                };
+                let grad = if half_grad { "half gradient" } else { "f32 gradient" };
+                format!("{reader}, {grad}")
+            }
+        }
+    }
+
     /// The f32 format for rows of `classes` columns.
     pub fn f32_for(classes: usize) -> Self {
         if classes.is_multiple_of(4) { ElemFormat::Vec4 } else { ElemFormat::F32 }
@@ -797,6 +814,11 @@ impl Kernel {
     ///
     /// # Panics
     /// For a [`Kernel::layout_only`].
+    /// The kernel's name (its shader's), as [`super::trace`] reports its dispatches.
+    pub(crate) fn name(&self) -> &str {
+        self.recipe.as_ref().map_or("layout", |r| r.name.as_str())
+    }
+
     pub(crate) fn pipeline(&self) -> &wgpu::ComputePipeline {
         self.pipeline.get_or_init(|| {
             let r = self.recipe.as_ref().expect("a layout-only kernel has no pipeline of its own");
@@ -844,13 +866,21 @@ pub(crate) struct RowsVariants {
     /// `ROW_LOOP`: workgroups take row groups in turn (`Tuning::max_workgroups` set).
     row_loop: bool,
     modules: Mutex<HashMap<ElemFormat, wgpu::ShaderModule>>,
-    built: Mutex<HashMap<(ElemFormat, u32), wgpu::ComputePipeline>>,
+    built: Mutex<HashMap<(ElemFormat, u32), RowsPipeline>>,
+}
+
+/// A pipeline of the fused kernel with the name that says which variant it is: element
+/// format, row merge, option features (as [`super::trace`] reports it).
+#[derive(Clone)]
+pub(crate) struct RowsPipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub name: String,
 }
 
 impl RowsVariants {
     /// The pipeline for rows in `format` computing the options in `features`, built on
     /// the first call (inside the caller's error scopes, as [`Kernel::pipeline`]).
-    pub fn get(&self, device: &wgpu::Device, format: ElemFormat, features: u32) -> wgpu::ComputePipeline {
+    pub fn get(&self, device: &wgpu::Device, format: ElemFormat, features: u32) -> RowsPipeline {
         let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
         built
             .entry((format, features))
@@ -865,7 +895,7 @@ impl RowsVariants {
                     })
                 });
                 let [wg, feat, row_loop] = ROWS_OVERRIDES;
-                pipeline(
+                let pipeline = pipeline(
                     device,
                     "cross_entropy_rows",
                     module,
@@ -875,7 +905,11 @@ impl RowsVariants {
                         (feat, f64::from(features)),
                         (row_loop, f64::from(u8::from(self.row_loop))),
                     ],
-                )
+                );
+                let merge = if self.subgroups { "subgroup merge" } else { "workgroup merge" };
+                let name =
+                    format!("cross_entropy_rows ({}, {merge}, features {features:#x})", format.describe());
+                RowsPipeline { pipeline, name }
             })
             .clone()
     }

@@ -19,6 +19,8 @@ pub mod wgsl;
 mod workspace;
 
 pub(crate) use context::check_grad_len;
+#[doc(hidden)]
+pub use buffers::{Dispatch, trace};
 pub use context::{GpuContext, adapters, instance, select_adapters};
 pub use kernels::{ParamsField, ParamsLayout, Shader, shaders};
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};

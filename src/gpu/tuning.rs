@@ -36,6 +36,9 @@ pub struct Tuning {
     /// never). CPU adapters gain nothing from more workgroups and pay the grid's extra
     /// passes: 2–3× slower than whole rows on lavapipe at 2 × 262144.
     pub few_rows: u32,
+    /// Read f16 logits with the portable reader (unpacked from u32 words) even where the
+    /// device has `SHADER_F16` (WGSL `f16`); `XENT_PORTABLE_F16=1`.
+    pub portable_f16: bool,
 }
 
 impl Tuning {
@@ -49,6 +52,7 @@ impl Tuning {
         subgroups: true,
         max_workgroups: 0,
         few_rows: 64,
+        portable_f16: false,
     };
     /// CPU adapters (lavapipe, llvmpipe) run invocations as SIMD lanes on one thread per
     /// dispatch: few invocations per row and small workgroups measured fastest there, and
@@ -61,6 +65,7 @@ impl Tuning {
         subgroups: true,
         max_workgroups: 0,
         few_rows: 0,
+        portable_f16: false,
     };
 
     /// The tuning for an adapter, with the `XENT_*` environment overrides applied.
@@ -91,6 +96,9 @@ impl Tuning {
         if let Some(f) = var("XENT_FEW_ROWS") {
             t.few_rows = f.min(u64::from(u32::MAX)) as u32;
         }
+        if let Some(p) = var("XENT_PORTABLE_F16") {
+            t.portable_f16 = p != 0;
+        }
         t
     }
 
@@ -106,6 +114,7 @@ impl Tuning {
             subgroups: self.subgroups,
             max_workgroups: self.max_workgroups,
             few_rows: self.few_rows,
+            portable_f16: self.portable_f16,
         }
     }
 
@@ -129,14 +138,15 @@ impl std::fmt::Display for Tuning {
         write!(
             f,
             "XENT_WORKGROUP_SIZE={} XENT_ELEMS_PER_THREAD={} XENT_MAX_THREADS_PER_ROW={} XENT_CACHED={} \
-             XENT_SUBGROUPS={} XENT_MAX_WORKGROUPS={} XENT_FEW_ROWS={}",
+             XENT_SUBGROUPS={} XENT_MAX_WORKGROUPS={} XENT_FEW_ROWS={} XENT_PORTABLE_F16={}",
             self.workgroup_size,
             self.elems_per_thread,
             self.max_threads_per_row,
             self.cached_per_thread,
             u8::from(self.subgroups),
             self.max_workgroups,
-            self.few_rows
+            self.few_rows,
+            u8::from(self.portable_f16)
         )
     }
 }
