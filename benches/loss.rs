@@ -73,7 +73,7 @@ fn gpu(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new(format!("kernels {}", pass.name()), &id), |b| {
                 b.iter_custom(|iters| {
                     let r = Repeats { warmup: 1, iters: iters as usize };
-                    gpu_time(bench.loss(&logits, &t32, v, pass, r, &mut || {}).unwrap())
+                    gpu_time(bench.loss(&logits, &t32, v, pass, &LossOptions::new(), r, &mut || {}).unwrap())
                 })
             });
             // The in-run roofline of the pass: a copy (1 read + 1 write) for the gradient,

@@ -47,6 +47,25 @@ pub enum PassArg {
     All,
 }
 
+/// An option set of `xent bench --options`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OptionSet {
+    /// No option: PyTorch's defaults (always measured: the ratios divide by it).
+    Plain,
+    /// Label smoothing 0.1.
+    Smoothing,
+    /// Logit softcap 30 (Gemma 2).
+    Softcap,
+    /// Class weights (0.5 to 1.4, one per class).
+    Weights,
+    /// z-loss 1e-4 (PaLM).
+    ZLoss,
+    /// Logit scale 0.5.
+    Scale,
+    /// Class weights, label smoothing 0.1, softcap 30 and z-loss 1e-4 together.
+    All,
+}
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "all")]
@@ -68,6 +87,12 @@ pub struct BenchArgs {
     /// Print one JSON array instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Option sets to time, comma-separated or repeated (--options plain,softcap,all or
+    /// --options softcap --options all), each on every device, shape and pass; each row's
+    /// ÷plain (JSON: ratio_to_plain) is its median time over the plain loss's in the same
+    /// run, which is measured too when not listed.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "plain")]
+    pub options: Vec<OptionSet>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -3,12 +3,11 @@
 use std::path::Path;
 
 mod args;
-use args::{BenchArgs, BenchDevice, Cli, Command, DeviceArg, EvalArgs, PassArg};
+use args::{Cli, Command, DeviceArg, EvalArgs};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use xent::gpu::bench::{GpuBench, Pass, Repeats};
 use xent::npy::{self, NpyData};
 use xent::{Backend, Error, GpuContext, Gradient, Labels, Logits, Problem, Reference, Targets};
 
@@ -18,7 +17,7 @@ fn main() -> ExitCode {
         Command::Info => info(),
         Command::Check { adapter } => check(adapter.as_deref()),
         Command::Eval(args) => eval(&args),
-        Command::Bench(args) => run_bench(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -30,144 +29,6 @@ fn main() -> ExitCode {
 }
 
 mod bench;
-
-/// Shapes timed by default: realistic LLM vocabularies and a square one.
-const BENCH_SHAPES: &[(usize, usize)] = &[(256, 32000), (1024, 32000), (64, 131072), (4096, 4096)];
-/// Shapes whose whole host-API call is timed: the per-call latency of small problems.
-const LATENCY_SHAPES: &[(usize, usize)] = &[(1, 32000), (64, 32000)];
-const WARMUP: usize = 2;
-
-fn run_bench(args: &BenchArgs) -> xent::Result<ExitCode> {
-    let passes: &[Pass] = match args.pass {
-        PassArg::Forward => &[Pass::Forward],
-        PassArg::ForwardBackward => &[Pass::ForwardBackward],
-        PassArg::All => &[Pass::Forward, Pass::ForwardBackward],
-    };
-    let (gpu, cpu) = (args.device != BenchDevice::Cpu, args.device != BenchDevice::Gpu);
-    let (shapes, latency): (Vec<_>, Vec<_>) = match (args.rows, args.classes) {
-        (Some(n), Some(v)) => (vec![(n, v)], vec![]),
-        _ => (BENCH_SHAPES.to_vec(), LATENCY_SHAPES.to_vec()),
-    };
-    let opened = match (gpu, &args.adapter) {
-        (false, _) => None,
-        (true, Some(name)) => Some(
-            xent::gpu::select_adapters(Some(name)).and_then(|a| GpuContext::from_adapter_blocking(&a[0])),
-        ),
-        (true, None) => Some(GpuContext::new_blocking()),
-    };
-    let ctx = match opened {
-        None => None,
-        Some(Ok(ctx)) => Some(ctx),
-        // `--device all` on a machine without an adapter still measures the CPU.
-        Some(Err(e @ Error::NoAdapter { .. })) if args.device == BenchDevice::All => {
-            eprintln!("warning: {e}\nmeasuring the CPU path only");
-            None
-        }
-        Some(Err(e)) => return Err(e),
-    };
-    let gpu = ctx.is_some();
-    let gpu_bench = ctx.as_ref().map(GpuBench::new).transpose()?;
-    let repeats = Repeats { warmup: WARMUP, iters: args.iters as usize };
-    let per = repeats.total() as u64;
-    let gpu_ticks = if gpu { 3 * per } else { 0 };
-    let total =
-        (shapes.len() + latency.len()) as u64 * passes.len() as u64 * (gpu_ticks + u64::from(cpu) * per);
-    let mut progress = bench::Progress::new(total);
-    let mut rows = Vec::new();
-    let adapter = ctx.as_ref().map(|c| c.describe()).unwrap_or_default();
-    let tuning = ctx.as_ref().map(|c| c.tuning().to_string()).unwrap_or_default();
-    // Every GPU measurement first, then the CPU ones: lavapipe's dispatches run on a
-    // host thread, so CPU work nearby (rayon's workers winding down) would skew them.
-    for phase in ["gpu", "cpu"] {
-        for (i, &(n, v)) in shapes.iter().chain(&latency).enumerate() {
-            if (phase == "gpu" && ctx.is_none()) || (phase == "cpu" && !cpu) {
-                continue;
-            }
-            let host_api = i >= shapes.len();
-            progress.message(format!("{n}x{v}: generating"));
-            let logits = xent::synth::logits(n, v, 2.0, 42);
-            let targets = xent::synth::targets(n, v, 42);
-            for &pass in passes {
-                if let (Some(ctx), Some(b), "gpu") = (&ctx, &gpu_bench, phase) {
-                    progress.message(format!("{n}x{v} {} gpu", pass.name()));
-                    let mut tick = || progress.tick();
-                    if host_api {
-                        let samples = bench::host_calls(ctx, &logits, &targets, v, pass, repeats, &mut tick)?;
-                        rows.push(bench::Row {
-                            device: "gpu",
-                            adapter: adapter.clone(),
-                            rows: n,
-                            classes: v,
-                            pass,
-                            samples,
-                            copy_ms: None,
-                            read_ms: None,
-                            api: "host",
-                            tuning: tuning.clone(),
-                        });
-                    } else if b.fits(n, v) {
-                        let (samples, copy, read) =
-                            bench::gpu_kernels(b, &logits, &targets, v, pass, repeats, &mut tick)?;
-                        rows.push(bench::Row {
-                            device: "gpu",
-                            adapter: adapter.clone(),
-                            rows: n,
-                            classes: v,
-                            pass,
-                            samples,
-                            copy_ms: Some(copy),
-                            read_ms: read,
-                            api: "device",
-                            tuning: tuning.clone(),
-                        });
-                    } else {
-                        eprintln!(
-                            "skipping gpu {n}x{v}: larger than one device buffer ({} MiB)",
-                            ctx.limits().max_buffer_size >> 20
-                        );
-                    }
-                }
-                if phase == "cpu" {
-                    progress.message(format!("{n}x{v} {} cpu", pass.name()));
-                    let mut tick = || progress.tick();
-                    let samples =
-                        bench::host_calls(&xent::CpuFast, &logits, &targets, v, pass, repeats, &mut tick)?;
-                    rows.push(bench::Row {
-                        device: "cpu",
-                        adapter: xent::CpuFast.describe(),
-                        rows: n,
-                        classes: v,
-                        pass,
-                        samples,
-                        copy_ms: None,
-                        read_ms: None,
-                        api: "host",
-                        tuning: String::new(),
-                    });
-                }
-            }
-        }
-    }
-    progress.finish();
-    if args.json {
-        println!("[{}]", rows.iter().map(bench::Row::json).collect::<Vec<_>>().join(",\n "));
-    } else {
-        bench::print_table(&rows);
-        if rows.iter().any(|r| r.device == "gpu") {
-            println!(
-                "\n÷copy: GPU time over an in-run copy kernel moving N×V f32 once each way (1 read + 1 write);"
-            );
-            println!(
-                "÷read: loss-only time over an in-run read-only reduction of the same bytes. api device: kernels on"
-            );
-            println!(
-                "data already on the GPU; api host: whole calls from host memory (upload + kernels + readback)."
-            );
-            println!("GPU kernels' tuning: {tuning}");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
 
 fn info() -> xent::Result<ExitCode> {
     let adapters = xent::gpu::select_adapters(None)?;

@@ -219,14 +219,15 @@ impl<'a> GpuBench<'a> {
         })
     }
 
-    /// The loss kernels on `logits` [rows, classes] already uploaded to the device
-    /// (`mean`, `ignore_index` −100; the gradient to a separate buffer).
+    /// The loss kernels on `logits` [rows, classes] already uploaded to the device, under
+    /// `opts` (the gradient to a separate buffer).
     pub fn loss(
         &self,
         logits: &[f32],
         targets: &[i32],
         classes: usize,
         pass: Pass,
+        opts: &crate::LossOptions,
         repeats: Repeats,
         on_iter: &mut dyn FnMut(),
     ) -> Result<Samples> {
@@ -246,7 +247,6 @@ impl<'a> GpuBench<'a> {
             let grad_buf = (pass == Pass::ForwardBackward).then(|| self.storage(bytes, "xent bench grad"));
             ctx.queue.write_buffer(&logits_buf, 0, bytemuck::cast_slice(logits));
             ctx.queue.write_buffer(&targets_buf, 0, bytemuck::cast_slice(targets));
-            let opts = crate::LossOptions::new();
             let gradient = match &grad_buf {
                 Some(b) => DeviceGradient::Into { buffer: b, offset: 0 },
                 None => DeviceGradient::None,
@@ -260,7 +260,7 @@ impl<'a> GpuBench<'a> {
                 mode: Default::default(),
             };
             let mut workspace = DeviceWorkspace::new();
-            self.time(repeats, |enc| ctx.record(enc, &problem, &opts, &mut workspace).map(drop), on_iter)
+            self.time(repeats, |enc| ctx.record(enc, &problem, opts, &mut workspace).map(drop), on_iter)
         })
     }
 
