@@ -200,6 +200,7 @@ impl Progress {
 
 /// Times whole API calls with the host clock: the fast CPU path, and on the GPU the
 /// per-call latency of small problems (upload, kernels, readback).
+#[allow(clippy::too_many_arguments)]
 pub fn host_calls(
     backend: &dyn Backend,
     logits: &[f32],

@@ -221,6 +221,7 @@ impl<'a> GpuBench<'a> {
 
     /// The loss kernels on `logits` [rows, classes] already uploaded to the device, under
     /// `opts` (the gradient to a separate buffer).
+    #[allow(clippy::too_many_arguments)]
     pub fn loss(
         &self,
         logits: &[f32],
