@@ -1,5 +1,8 @@
 //! The saved-LSE backward of class-index cross-entropy: the gradient from the logits and
-//! the per-row LSE a forward saved, chunk by chunk as [`Plan`] says.
+//! the per-row LSE a forward saved, chunk by chunk as [`Plan`] says, through the ring of
+//! readback slots, with the out-of-memory retry of every host call.
+
+use std::ops::Range;
 
 use crate::error::Result;
 use crate::options::{Batch, LossOptions};
@@ -8,6 +11,7 @@ use super::buffers::{Recorder, groups_x};
 use super::context::GpuContext;
 use super::kernels::{BackwardParams, GradMode, KernelOpts};
 use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
+use super::ring::Ring;
 use super::stream::split_weights_error;
 use super::workspace::Workspace;
 
@@ -54,23 +58,18 @@ impl GpuContext {
         if batch.rows == 0 {
             return Ok(());
         }
-        let plan = Plan::new(batch.rows, batch.classes, GradKind::Separate, &self.plan_limits())?;
-        if matches!(plan.layout, Layout::Split { .. }) && opts.get_weights().is_some() {
-            return Err(split_weights_error(self.path_name(), batch.classes));
-        }
-        let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
         let weights = opts.get_weights().map_or(0, <[f32]>::len);
-        self.scoped(|| {
-            self.prepare(&mut ws, &plan, weights);
-            Ok(())
-        })
-        .inspect_err(|_| ws.release())?;
-        let result =
-            self.scoped(|| self.backward_chunks(&ws, logits, &batch, lse, upstream, opts, &plan, grad));
-        if result.is_err() {
-            ws.release();
-        }
-        result
+        self.planned(
+            |limits| {
+                let plan = Plan::new(batch.rows, batch.classes, GradKind::Separate, limits)?;
+                if matches!(plan.layout, Layout::Split { .. }) && weights > 0 {
+                    return Err(split_weights_error(self.path_name(), batch.classes));
+                }
+                Ok(plan)
+            },
+            |ws, plan| self.prepare(ws, plan, weights),
+            |ws, plan| self.backward_chunks(ws, logits, &batch, lse, upstream, opts, &plan, grad),
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -98,14 +97,17 @@ impl GpuContext {
         if let Some(w) = opts.get_weights() {
             self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
         }
-        let rb = ws.readback[0].get();
+        let mut ring = Ring::new(self, &ws.readback, ws.params.get(), plan.ring);
+        let mut copy = |elems: Range<usize>, bytes: &[u8]| {
+            grad[elems.clone()].copy_from_slice(&bytemuck::cast_slice(bytes)[..elems.len()]);
+        };
         // (max, sum) = (lse, 1): the row statistics of the saved LSE, one chunk at a time.
         let mut stats: Vec<[f32; 2]> = Vec::with_capacity(plan.slot_rows);
         for chunk in plan.chunks() {
+            let slot = ring.next_slot(&mut copy)?;
             let rows = chunk.rows.clone();
             let cols = chunk.cols.len();
-            // Rows of the chunk, or one row's piece: contiguous in the logits either way.
-            let elems = rows.start * v + chunk.cols.start..(rows.end - 1) * v + chunk.cols.end;
+            let elems = chunk.span(v);
             self.queue.write_buffer(ws.logits.get(), 0, bytemuck::cast_slice(&logits[elems.clone()]));
             self.queue.write_buffer(ws.targets.get(), 0, bytemuck::cast_slice(&batch.targets[rows.clone()]));
             stats.clear();
@@ -136,13 +138,9 @@ impl GpuContext {
             let mut rec = Recorder::new(&self.device, &self.limits);
             rec.dispatch(&self.kernels.backward, &groups.backward, &params, wgs);
             let bytes = elems.len() as u64 * 4;
-            rec.copy(ws.grad.get(), 0, rb, 0, bytes);
-            let submission = rec.submit(&self.queue, ws.params.get());
-            let map = self.request_map(rb, bytes);
-            self.finish_map(rb, map, Some(submission), |b| {
-                grad[elems.clone()].copy_from_slice(bytemuck::cast_slice(b));
-            })?;
+            rec.copy(ws.grad.get(), 0, ring.readback(slot), 0, bytes);
+            ring.submit(rec, slot, bytes, elems);
         }
-        Ok(())
+        ring.drain(&mut copy)
     }
 }

@@ -1,15 +1,53 @@
 //! Binary (multilabel) cross-entropy with logits on the GPU: the logits and targets are
-//! streamed in flat pieces (the loss is elementwise, so a piece may cut a row), each
-//! piece's losses tree-reduced on the device, then the pieces' sums.
+//! streamed in the chunks [`Plan`] gives elementwise losses (whole rows, or pieces of rows
+//! longer than a binding), through the ring of readback slots; each chunk's losses
+//! tree-reduced on the device, then the chunks' sums.
 
-use crate::error::Result;
+use std::ops::Range;
+
+use crate::error::{Error, Result};
 use crate::options::{LossOptions, LossOutput, Reduction, Upstream};
 
-use super::buffers::{Recorder, bind, groups_x};
+use super::buffers::{Recorder, Slot, bind, groups_x};
 use super::context::GpuContext;
 use super::kernels::{BinaryParams, NO_INDEX};
+use super::plan::{Plan, Streamed};
 use super::reduce::reduce_levels;
-use super::workspace::BinaryWorkspace;
+use super::ring::{MAX_PARAM_BLOCKS, Ring};
+use super::workspace::{BinaryWorkspace, Workspace};
+
+/// What a binary call streams besides the logits and targets.
+#[derive(Clone, Copy)]
+struct Shape {
+    classes: usize,
+    grad: bool,
+    /// The element losses (`none`).
+    losses: bool,
+    /// A per-element upstream gradient.
+    per_element: bool,
+    /// The loss over the chunks.
+    total: bool,
+    weights: bool,
+    pos_weight: bool,
+}
+
+impl Shape {
+    fn streamed(self) -> Streamed {
+        Streamed::Binary {
+            inputs: 2 + u32::from(self.per_element),
+            outputs: u32::from(self.grad) + u32::from(self.losses),
+        }
+    }
+
+    /// Where the element losses sit in a readback slot (after the gradient).
+    fn losses_at(self, plan: &Plan) -> u64 {
+        if self.grad { (plan.chunk_elems as u64 * 4).next_multiple_of(16) } else { 0 }
+    }
+
+    fn readback_bytes(self, plan: &Plan) -> u64 {
+        self.losses_at(plan) + if self.losses { plan.chunk_elems as u64 * 4 } else { 0 }
+    }
+}
 
 impl GpuContext {
     /// Binary (multilabel) cross-entropy with logits, as PyTorch's
@@ -18,6 +56,7 @@ impl GpuContext {
     /// class; `mean` over N·V. For `none`, [`LossOutput::row_losses`] holds the [N, V]
     /// element losses. The gradient, when `grad` is given, is times `upstream` (a scalar,
     /// or one value per element); `backward` returns the gradient alone.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn binary(
         &self,
         logits: &[f32],
@@ -28,98 +67,142 @@ impl GpuContext {
         backward: bool,
         opts: &LossOptions,
     ) -> Result<LossOutput> {
-        crate::options::check_binary(logits.len(), targets.len(), classes, opts)?;
+        let rows = crate::options::check_binary(logits.len(), targets.len(), classes, opts)?;
         let n = logits.len();
         let denom = match opts.get_reduction() {
             Reduction::Mean => opts.mean_denominator(n as f64),
             _ => 1.0,
         };
-        let mut out = LossOutput {
-            row_losses: (!backward && opts.wants_row_losses()).then(|| vec![0.0; n]),
-            ..LossOutput::default()
+        let shape = Shape {
+            classes,
+            grad: grad.is_some(),
+            losses: !backward && opts.wants_row_losses(),
+            per_element: grad.is_some() && matches!(upstream, Upstream::PerElement(_) | Upstream::PerRow(_)),
+            total: !backward && opts.get_reduction() != Reduction::None,
+            weights: opts.get_weights().is_some(),
+            pos_weight: opts.get_pos_weight().is_some(),
         };
-        let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
-        let io = BinaryIo { grad, upstream };
-        let total = self.scoped(|| {
-            self.binary_pieces(&mut ws.binary, logits, classes, targets, io, opts, denom, &mut out)
-        });
-        if total.is_err() {
-            ws.release();
+        let max_binding = self.plan_limits().max_binding;
+        if (shape.weights || shape.pos_weight) && classes as u64 * 4 > max_binding {
+            return Err(Error::Unsupported {
+                path: self.path_name(),
+                cell: "binary class weights in rows longer than one storage binding".into(),
+                why: format!(
+                    "rows of {classes} classes are cut into pieces, and their weights and pos_weight \
+                     ({classes} values each) do not fit one binding ({max_binding} bytes) either; use the \
+                     CPU path for class weights at this size"
+                ),
+            });
         }
-        let total = total?;
-        if !backward && opts.get_reduction() != Reduction::None {
+        let mut out = LossOutput { row_losses: shape.losses.then(|| vec![0.0; n]), ..LossOutput::default() };
+        let total = if rows == 0 {
+            (0.0 / denom) as f32
+        } else {
+            let io = BinaryIo { grad, upstream };
+            self.planned(
+                |limits| Plan::streaming(rows, classes, shape.streamed(), limits),
+                |ws, plan| self.prepare_binary(ws, plan, shape),
+                |ws, plan| {
+                    self.binary_chunks(&ws.binary, &plan, logits, targets, io, opts, shape, denom, &mut out)
+                },
+            )?
+        };
+        if shape.total {
             out.loss = Some(total);
         }
         Ok(out)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn binary_pieces(
-        &self,
-        ws: &mut BinaryWorkspace,
-        logits: &[f32],
-        classes: usize,
-        targets: &[f32],
-        io: BinaryIo<'_>,
-        opts: &LossOptions,
-        denom: f64,
-        out: &mut LossOutput,
-    ) -> Result<f32> {
-        let BinaryIo { mut grad, upstream } = io;
+    /// Makes the binary buffers big enough for `plan`, rebuilding the bind groups only
+    /// when a buffer was replaced.
+    fn prepare_binary(&self, ws: &mut Workspace, plan: &Plan, shape: Shape) {
         use wgpu::BufferUsages as U;
         let d = &self.device;
-        let n = logits.len();
+        let bind_cap = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
+        let buf_cap = self.limits.max_buffer_size;
+        let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let bind_cap = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
-        // Five buffers of a piece's size (logits, targets, gradient, losses, readback).
-        let piece = ((bind_cap / 4).min(self.budget / 20) as usize).max(64).min(n);
-        let pieces = n.div_ceil(piece);
-        let per_group = 4 * wg as usize;
-        let groups = piece.div_ceil(per_group) as u64;
-        let piece_levels = reduce_levels(groups, 0, wg, max_dim, 1.0, NO_INDEX);
-        let sum_levels = reduce_levels(pieces as u64, 0, wg, max_dim, denom as f32, NO_INDEX);
-        let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
+        let bytes = plan.chunk_elems as u64 * 4;
+        let elems_or_16 = |on: bool| if on { bytes } else { 16 };
+        let class_bytes = |on: bool| if on { shape.classes as u64 * 4 } else { 16 };
+        let groups = (plan.chunk_elems as u64).div_ceil(4 * u64::from(wg));
+        let partials = reduce_levels(groups, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
+        let sums = reduce_levels(plan.chunk_sums() as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
         let stride = super::buffers::params_stride(&self.limits);
-        let bytes = piece as u64 * 4;
-        let changed = [
-            ws.logits.ensure(d, "xent bce logits", st, bytes, bind_cap),
-            ws.targets.ensure(d, "xent bce targets", st, bytes, bind_cap),
-            ws.weights.ensure(d, "xent bce weights", st, classes as u64 * 4, bind_cap),
-            ws.pos_weight.ensure(d, "xent bce pos_weight", st, classes as u64 * 4, bind_cap),
-            ws.grad.ensure(d, "xent bce grad", st, bytes, bind_cap),
-            ws.losses.ensure(d, "xent bce losses", st, bytes, bind_cap),
-            ws.partials.ensure(d, "xent bce partials", st, piece_levels.extent * 4, bind_cap),
-            ws.upstream.ensure(d, "xent bce upstream", st, bytes, bind_cap),
-            ws.sums.ensure(d, "xent bce sums", st, sum_levels.extent * 4, bind_cap),
-            ws.params.ensure(d, "xent bce params", U::UNIFORM | U::COPY_DST, stride * 16, u64::MAX),
-            ws.readback.ensure(d, "xent bce readback", U::MAP_READ | U::COPY_DST, 2 * bytes, u64::MAX),
-        ];
-        if ws.groups.is_none() || changed.contains(&true) {
+        let b: &mut BinaryWorkspace = &mut ws.binary;
+        let mut created = [
+            b.logits.ensure(d, "xent bce logits", st, bytes, bind_cap),
+            b.targets.ensure(d, "xent bce targets", st, bytes, bind_cap),
+            b.weights.ensure(d, "xent bce weights", st, class_bytes(shape.weights), bind_cap),
+            b.pos_weight.ensure(d, "xent bce pos_weight", st, class_bytes(shape.pos_weight), bind_cap),
+            b.grad.ensure(d, "xent bce grad", st, elems_or_16(shape.grad), bind_cap),
+            b.losses.ensure(d, "xent bce losses", st, elems_or_16(shape.losses), bind_cap),
+            b.partials.ensure(d, "xent bce partials", st, partials, bind_cap),
+            b.upstream.ensure(d, "xent bce upstream", st, elems_or_16(shape.per_element), bind_cap),
+            b.sums.ensure(d, "xent bce sums", st, sums, bind_cap),
+            b.params.ensure(
+                d,
+                "xent bce params",
+                U::UNIFORM | U::COPY_DST,
+                stride * MAX_PARAM_BLOCKS,
+                buf_cap,
+            ),
+        ]
+        .iter()
+        .filter(|&&c| c)
+        .count() as u64;
+        let readback = shape.readback_bytes(plan);
+        b.readback.resize_with(plan.ring.max(b.readback.len()), Slot::default);
+        for slot in &mut b.readback[..plan.ring] {
+            created +=
+                u64::from(slot.ensure(d, "xent bce readback", U::MAP_READ | U::COPY_DST, readback, buf_cap));
+        }
+        if b.groups.is_none() || created > 0 {
             let k = &self.kernels;
-            let p = ws.params.get();
-            ws.groups = Some((
+            let p = b.params.get();
+            b.groups = Some([
                 bind(
                     d,
                     &k.binary,
                     p,
                     &[
-                        ws.logits.get(),
-                        ws.targets.get(),
-                        ws.weights.get(),
-                        ws.pos_weight.get(),
-                        ws.grad.get(),
-                        ws.losses.get(),
-                        ws.partials.get(),
-                        ws.upstream.get(),
+                        b.logits.get(),
+                        b.targets.get(),
+                        b.weights.get(),
+                        b.pos_weight.get(),
+                        b.grad.get(),
+                        b.losses.get(),
+                        b.partials.get(),
+                        b.upstream.get(),
                     ],
                 ),
-                bind(d, &k.reduce, p, &[ws.partials.get()]),
-                bind(d, &k.reduce, p, &[ws.sums.get()]),
-            ));
+                bind(d, &k.reduce, p, &[b.partials.get()]),
+                bind(d, &k.reduce, p, &[b.sums.get()]),
+            ]);
         }
-        let ws = &*ws;
-        let (bce_bg, partials_bg, sums_bg) = ws.groups.as_ref().expect("bound");
+        ws.allocations += created;
+    }
+
+    /// Streams the chunks of `plan`; returns the loss over them (NaN when not wanted).
+    #[allow(clippy::too_many_arguments)]
+    fn binary_chunks(
+        &self,
+        ws: &BinaryWorkspace,
+        plan: &Plan,
+        logits: &[f32],
+        targets: &[f32],
+        io: BinaryIo<'_>,
+        opts: &LossOptions,
+        shape: Shape,
+        denom: f64,
+        out: &mut LossOutput,
+    ) -> Result<f32> {
+        let BinaryIo { mut grad, upstream } = io;
+        let classes = plan.classes;
+        let wg = self.kernels.workgroup_size;
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let [bce_bg, partials_bg, sums_bg] = ws.groups.as_ref().expect("prepared");
         if let Some(w) = opts.get_weights() {
             self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
         }
@@ -127,21 +210,33 @@ impl GpuContext {
             self.queue.write_buffer(ws.pos_weight.get(), 0, bytemuck::cast_slice(w));
         }
         // 1: gradient, 2: element losses, 4: per-element upstream gradient.
-        let per_element = matches!(upstream, Upstream::PerElement(_) | Upstream::PerRow(_));
-        let flags = u32::from(grad.is_some())
-            | (u32::from(out.row_losses.is_some()) << 1)
-            | (u32::from(grad.is_some() && per_element) << 2);
+        let flags =
+            u32::from(shape.grad) | (u32::from(shape.losses) << 1) | (u32::from(shape.per_element) << 2);
         let scale = match upstream {
             Upstream::Scalar(g) => (1.0 / denom) as f32 * g,
             _ => (1.0 / denom) as f32,
         };
-        let rb = ws.readback.get();
-        for k in 0..pieces {
-            let span = k * piece..((k + 1) * piece).min(n);
+        let losses_at = shape.losses_at(plan);
+        let mut ring = Ring::new(self, &ws.readback, ws.params.get(), plan.ring);
+        // Copies a finished chunk's elements out of its readback.
+        let mut copy = |span: Range<usize>, bytes: &[u8]| {
+            let f: &[f32] = bytemuck::cast_slice(&bytes[..bytes.len() / 4 * 4]);
+            if let Some(g) = grad.as_deref_mut() {
+                g[span.clone()].copy_from_slice(&f[..span.len()]);
+            }
+            if let Some(l) = &mut out.row_losses {
+                let at = (losses_at / 4) as usize;
+                l[span.clone()].copy_from_slice(&f[at..at + span.len()]);
+            }
+        };
+        let per_group = 4 * wg as usize;
+        for (c, chunk) in plan.chunks().enumerate() {
+            let slot = ring.next_slot(&mut copy)?;
+            let span = chunk.span(classes);
             let count = span.len();
             self.queue.write_buffer(ws.logits.get(), 0, bytemuck::cast_slice(&logits[span.clone()]));
             self.queue.write_buffer(ws.targets.get(), 0, bytemuck::cast_slice(&targets[span.clone()]));
-            if let (Upstream::PerElement(g) | Upstream::PerRow(g), true) = (upstream, flags & 4 != 0) {
+            if let (Upstream::PerElement(g) | Upstream::PerRow(g), true) = (upstream, shape.per_element) {
                 self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[span.clone()]));
             }
             let wgs = count.div_ceil(per_group) as u64;
@@ -151,38 +246,36 @@ impl GpuContext {
                 classes: classes as u32,
                 groups_x: groups_x(wgs, max_dim),
                 scale,
-                has_weights: u32::from(opts.get_weights().is_some()),
-                has_pos_weight: u32::from(opts.get_pos_weight().is_some()),
+                has_weights: u32::from(shape.weights),
+                has_pos_weight: u32::from(shape.pos_weight),
                 flags,
             };
-            let mut rec = Recorder::new(d, &self.limits);
+            let mut rec = Recorder::new(&self.device, &self.limits);
             rec.dispatch(&self.kernels.binary, bce_bg, &params, wgs);
-            let levels = reduce_levels(wgs, 0, wg, max_dim, 1.0, NO_INDEX);
-            levels.record(&mut rec, &self.kernels, partials_bg);
-            rec.copy(ws.partials.get(), u64::from(levels.result) * 4, ws.sums.get(), k as u64 * 4, 4);
-            let piece_bytes = count as u64 * 4;
-            if flags & 1 != 0 {
-                rec.copy(ws.grad.get(), 0, rb, 0, piece_bytes);
+            if shape.total {
+                let levels = reduce_levels(wgs, 0, wg, max_dim, 1.0, NO_INDEX);
+                levels.record(&mut rec, &self.kernels, partials_bg);
+                rec.copy(ws.partials.get(), u64::from(levels.result) * 4, ws.sums.get(), c as u64 * 4, 4);
             }
-            if flags & 2 != 0 {
-                rec.copy(ws.losses.get(), 0, rb, bytes, piece_bytes);
+            let rb = ring.readback(slot);
+            let bytes = count as u64 * 4;
+            let mut map = 0;
+            if shape.grad {
+                map = bytes;
+                rec.copy(ws.grad.get(), 0, rb, 0, bytes);
             }
-            let submission = rec.submit(&self.queue, ws.params.get());
-            if flags & 3 != 0 {
-                let map = self.request_map(rb, 2 * bytes);
-                let (g, l) = (&mut grad, &mut out.row_losses);
-                self.finish_map(rb, map, Some(submission), |b| {
-                    let f: &[f32] = bytemuck::cast_slice(b);
-                    if let Some(g) = g {
-                        g[span.clone()].copy_from_slice(&f[..count]);
-                    }
-                    if let Some(l) = l {
-                        l[span.clone()].copy_from_slice(&f[piece..piece + count]);
-                    }
-                })?;
+            if shape.losses {
+                map = losses_at + bytes;
+                rec.copy(ws.losses.get(), 0, rb, losses_at, bytes);
             }
+            ring.submit(rec, slot, map, span);
         }
-        self.reduce_sums(ws.sums.get(), sums_bg, pieces as u64, denom as f32, ws.params.get(), rb)
+        ring.drain(&mut copy)?;
+        if !shape.total {
+            return Ok(f32::NAN);
+        }
+        let count = plan.chunk_sums() as u64;
+        self.reduce_sums(ws.sums.get(), sums_bg, count, denom as f32, ws.params.get(), ring.readback(0))
     }
 }
 

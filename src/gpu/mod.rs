@@ -12,6 +12,7 @@ mod kernels;
 pub mod plan;
 mod reduce;
 mod resident;
+mod ring;
 mod soft;
 mod stream;
 pub mod tuning;

@@ -18,7 +18,6 @@ use super::tuning::{Tuning, rows_layout};
 pub const DEFAULT_BUDGET: u64 = 1 << 30;
 /// Chunks in flight by default: two, so that one uploads while the other computes.
 pub const DEFAULT_RING: usize = 2;
-/// Columns reduced by one workgroup of the split-row kernels.
 /// Device bytes per row of the per-row buffers of a chunk (targets, loss, LSE, weight,
 /// statistics, their readback and reduction scratch).
 pub const ROW_OVERHEAD_BYTES: u64 = 48;
@@ -78,6 +77,48 @@ impl GradKind {
     }
 }
 
+/// What a plan streams: the loss's kernel decides how many buffers of a chunk's size a
+/// slot holds and how many workgroups a chunk takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Streamed {
+    /// Class indices through the fused row kernel (see [`Plan::new`]).
+    Classes(GradKind),
+    /// Probability targets: the logits and a second N×V input (the targets), and the
+    /// gradient with its readback for [`GradKind::Separate`]; one workgroup per row, and
+    /// rows are never split.
+    Probabilities(GradKind),
+    /// Binary targets, elementwise (a workgroup takes 4 × its size of elements, a split
+    /// piece of a row is a chunk of its own): `inputs` N×V arrays uploaded (the logits,
+    /// the targets, a per-element upstream gradient) and `outputs` read back (the
+    /// gradient, the element losses), each with its readback.
+    Binary {
+        /// N×V arrays uploaded per chunk.
+        inputs: u32,
+        /// N×V arrays computed and read back per chunk.
+        outputs: u32,
+    },
+}
+
+impl Streamed {
+    /// Buffers of the chunk's size per slot.
+    pub fn buffers_per_element(self) -> u64 {
+        match self {
+            Streamed::Classes(grad) => grad.buffers_per_element(),
+            Streamed::Probabilities(grad) => 2 + if grad == GradKind::None { 0 } else { 2 },
+            Streamed::Binary { inputs, outputs } => u64::from(inputs) + 2 * u64::from(outputs),
+        }
+    }
+
+    /// The gradient of a class-index or probability-target call (binary targets: `None`,
+    /// their outputs say what is read back).
+    fn grad(self) -> GradKind {
+        match self {
+            Streamed::Classes(grad) | Streamed::Probabilities(grad) => grad,
+            Streamed::Binary { .. } => GradKind::None,
+        }
+    }
+}
+
 /// The shape of the chunks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
@@ -101,7 +142,8 @@ pub enum Layout {
         piece_cols: usize,
         /// Pieces per row.
         pieces: usize,
-        /// Workgroups (column blocks of [`SPLIT_BLOCK_COLS`]) per piece.
+        /// Workgroups per piece: column blocks of [`SPLIT_BLOCK_COLS`] (class indices),
+        /// or of 4 × the workgroup size (binary targets).
         blocks_per_piece: usize,
     },
 }
@@ -115,6 +157,14 @@ pub struct Chunk {
     pub cols: Range<usize>,
 }
 
+impl Chunk {
+    /// The chunk's elements in the row-major [rows, `classes`] array: contiguous, since a
+    /// chunk is whole rows or a piece of one row.
+    pub fn span(&self, classes: usize) -> Range<usize> {
+        self.rows.start * classes + self.cols.start..(self.rows.end - 1) * classes + self.cols.end
+    }
+}
+
 /// A plan for one call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -122,8 +172,10 @@ pub struct Plan {
     pub rows: usize,
     /// Classes V.
     pub classes: usize,
-    /// The gradient written.
+    /// The gradient written (class indices and probability targets).
     pub grad: GradKind,
+    /// What each chunk streams.
+    pub streamed: Streamed,
     /// The chunk shape.
     pub layout: Layout,
     /// Slots in flight.
@@ -135,24 +187,38 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Plans an [rows, classes] problem. Fails only when nothing fits: the budget cannot
-    /// hold even a minimal piece, or the per-chunk results outgrow one binding.
+    /// Plans an [rows, classes] problem of class indices. Fails only when nothing fits:
+    /// the budget cannot hold even a minimal piece, or the per-chunk results outgrow one
+    /// binding.
     pub fn new(rows: usize, classes: usize, grad: GradKind, limits: &PlanLimits) -> Result<Self> {
+        Self::streaming(rows, classes, Streamed::Classes(grad), limits)
+    }
+
+    /// Plans an [rows, classes] problem of any label kind: chunks of whole rows where a
+    /// row fits the binding, the budget and the dispatch limits, else rows cut into
+    /// column pieces (not for probability targets: one row that does not fit is an
+    /// error, [`Error::InvalidOption`] for the budget, [`Error::TooLarge`] for the binding).
+    pub fn streaming(rows: usize, classes: usize, streamed: Streamed, limits: &PlanLimits) -> Result<Self> {
         if classes == 0 {
             return Err(Error::InvalidOption("classes must be at least 1".into()));
         }
         let ring = limits.ring.max(1);
         let slot_budget = limits.budget / ring as u64;
-        let per_elem = 4 * grad.buffers_per_element();
+        let per_elem = 4 * streamed.buffers_per_element();
         let v = classes as u64;
         let wg = u64::from(limits.tuning.workgroup_size);
         let (threads_per_row, cached) = rows_layout(v, &limits.tuning);
-        let rows_per_group = wg / u64::from(threads_per_row);
+        // Rows one chunk's dispatch can take within max_groups workgroups.
+        let dispatch_rows = match streamed {
+            Streamed::Classes(_) => limits.max_groups() * (wg / u64::from(threads_per_row)),
+            Streamed::Probabilities(_) => limits.max_groups(),
+            Streamed::Binary { .. } => limits.max_groups() * 4 * wg / v,
+        };
         let fit_rows = [
             limits.max_binding / (v * 4),
             limits.max_binding / 16,
             slot_budget / (v * per_elem + ROW_OVERHEAD_BYTES),
-            limits.max_groups() * rows_per_group,
+            dispatch_rows,
             u64::from(u32::MAX) / v.max(1),
             rows.max(1) as u64,
         ]
@@ -160,30 +226,47 @@ impl Plan {
         .min()
         .unwrap_or(0);
         if fit_rows >= 1 {
+            let grid = matches!(streamed, Streamed::Classes(_)) && limits.tuning.row_grid(rows, classes);
             return Ok(Self {
                 rows,
                 classes,
-                grad,
+                grad: streamed.grad(),
+                streamed,
                 layout: Layout::Rows {
                     rows_per_chunk: fit_rows as usize,
                     threads_per_row,
                     cached,
-                    blocks_per_row: limits
-                        .tuning
-                        .row_grid(rows, classes)
-                        .then(|| classes.div_ceil(SPLIT_BLOCK_COLS)),
+                    blocks_per_row: grid.then(|| classes.div_ceil(SPLIT_BLOCK_COLS)),
                 },
                 ring,
                 chunk_elems: fit_rows as usize * classes,
                 slot_rows: fit_rows as usize,
             });
         }
+        if let Streamed::Probabilities(_) = streamed {
+            if v * 4 > limits.max_binding {
+                return Err(Error::TooLarge {
+                    what: format!("a row of {classes} probability targets"),
+                    needed: v * 4,
+                    limit: limits.max_binding,
+                    hint: "the probability kernel does not split rows; use the CPU path at this size".into(),
+                });
+            }
+            return Err(Error::InvalidOption(format!(
+                "memory budget of {} bytes over {ring} slots cannot hold one row of {classes} probability targets",
+                limits.budget
+            )));
+        }
 
         // Split rows: the largest piece the binding and the budget allow, a multiple of
         // 64 columns when it can be (aligned offsets, whole vectors).
+        let block = match streamed {
+            Streamed::Binary { .. } => 4 * wg as usize,
+            _ => SPLIT_BLOCK_COLS,
+        };
         let mut piece = (limits.max_binding / 4)
             .min(slot_budget.saturating_sub(ROW_OVERHEAD_BYTES) / per_elem)
-            .min(limits.max_groups() * SPLIT_BLOCK_COLS as u64)
+            .min(limits.max_groups() * block as u64)
             .min(v);
         if piece >= 128 {
             piece -= piece % 64;
@@ -196,9 +279,10 @@ impl Plan {
         }
         let piece_cols = piece as usize;
         let pieces = classes.div_ceil(piece_cols);
-        let blocks_per_piece = piece_cols.div_ceil(SPLIT_BLOCK_COLS);
+        let blocks_per_piece = piece_cols.div_ceil(block);
+        // The merge of a row's partial states binds them all (binary pieces have none).
         let partial_bytes = (pieces * blocks_per_piece * 16) as u64;
-        if partial_bytes > limits.max_binding {
+        if matches!(streamed, Streamed::Classes(_)) && partial_bytes > limits.max_binding {
             return Err(Error::TooLarge {
                 what: format!("partial states of a row of {classes} classes"),
                 needed: partial_bytes,
@@ -209,7 +293,8 @@ impl Plan {
         Ok(Self {
             rows,
             classes,
-            grad,
+            grad: streamed.grad(),
+            streamed,
             layout: Layout::Split { piece_cols, pieces, blocks_per_piece },
             ring,
             chunk_elems: piece_cols,
@@ -241,9 +326,18 @@ impl Plan {
         }
     }
 
+    /// Loss sums per call, one per chunk of rows, and for split rows one per row (class
+    /// indices merge a row's pieces first) or one per piece (binary targets).
+    pub fn chunk_sums(&self) -> usize {
+        match (self.layout, self.streamed) {
+            (Layout::Split { pieces, .. }, Streamed::Binary { .. }) => self.rows * pieces,
+            _ => self.row_groups(),
+        }
+    }
+
     /// Device bytes of one slot (the buffers one chunk in flight uses).
     pub fn slot_bytes(&self) -> u64 {
-        self.chunk_elems as u64 * 4 * self.grad.buffers_per_element()
+        self.chunk_elems as u64 * 4 * self.streamed.buffers_per_element()
             + self.slot_rows as u64 * ROW_OVERHEAD_BYTES
     }
 }
@@ -377,6 +471,66 @@ mod tests {
         let many = Plan::new(64, 262144, GradKind::None, &lavapipe()).unwrap();
         assert_eq!(grid(many), None);
         assert_eq!(grid(Plan::new(2, 8191, GradKind::None, &lavapipe()).unwrap()), None);
+    }
+
+    #[test]
+    fn probability_targets_are_whole_rows_of_two_inputs() {
+        let l = tiny(3);
+        let soft = Plan::streaming(1000, 10, Streamed::Probabilities(GradKind::Separate), &l).unwrap();
+        check_invariants(&soft, &l);
+        assert_eq!(soft.streamed.buffers_per_element(), 4);
+        assert_eq!(soft.grad, GradKind::Separate);
+        let Layout::Rows { rows_per_chunk, blocks_per_row, .. } = soft.layout else { panic!("{soft:?}") };
+        // One workgroup per row: at most 7 × 7 rows a dispatch.
+        assert!(rows_per_chunk <= 49, "{soft:?}");
+        assert_eq!(blocks_per_row, None, "the grid is the class-index kernels'");
+        assert_eq!(soft.chunk_sums(), 1000usize.div_ceil(rows_per_chunk));
+        // A second input: fewer rows than class indices in the same budget.
+        let big = PlanLimits { max_binding: 1 << 20, max_workgroups_per_dim: 65535, ..l };
+        let rows = |p: Plan| match p.layout {
+            Layout::Rows { rows_per_chunk, .. } => rows_per_chunk,
+            Layout::Split { .. } => 0,
+        };
+        let classes = rows(Plan::new(100000, 100, GradKind::Separate, &big).unwrap());
+        let probs =
+            rows(Plan::streaming(100000, 100, Streamed::Probabilities(GradKind::Separate), &big).unwrap());
+        assert!(probs < classes, "{probs} {classes}");
+        // Rows are never split: a row over one binding, or over the budget, is an error.
+        let long = Plan::streaming(3, 40000, Streamed::Probabilities(GradKind::None), &l);
+        assert!(matches!(long, Err(Error::TooLarge { .. })), "{long:?}");
+        let small = PlanLimits { budget: 3 * 8192, ..l };
+        let tight = Plan::streaming(2, 4000, Streamed::Probabilities(GradKind::None), &small);
+        assert!(matches!(tight, Err(Error::InvalidOption(_))), "{tight:?}");
+    }
+
+    #[test]
+    fn binary_targets_take_whole_rows_or_pieces_of_their_own() {
+        let l = tiny(3);
+        let wg = l.tuning.workgroup_size as usize;
+        let streamed = Streamed::Binary { inputs: 3, outputs: 2 };
+        assert_eq!(streamed.buffers_per_element(), 7);
+        let p = Plan::streaming(1000, 10, streamed, &l).unwrap();
+        check_invariants(&p, &l);
+        let Layout::Rows { rows_per_chunk, .. } = p.layout else { panic!("{p:?}") };
+        // Elementwise: 4 × WG elements a workgroup, within 7 × 7 workgroups.
+        assert!(rows_per_chunk * 10 <= 49 * 4 * wg, "{p:?}");
+        assert_eq!(p.grad, GradKind::None);
+        // Rows over one binding: pieces, each reduced to a sum of its own.
+        let p = Plan::streaming(3, 40000, Streamed::Binary { inputs: 2, outputs: 1 }, &l).unwrap();
+        check_invariants(&p, &l);
+        let Layout::Split { pieces, blocks_per_piece, piece_cols } = p.layout else { panic!("{p:?}") };
+        assert_eq!(blocks_per_piece, piece_cols.div_ceil(4 * wg));
+        assert_eq!(p.chunk_sums(), 3 * pieces);
+        assert_eq!(p.chunks().count(), p.chunk_sums());
+        // Spans are contiguous and in order.
+        let mut next = 0;
+        for chunk in p.chunks() {
+            let span = chunk.span(p.classes);
+            assert_eq!(span.start, next);
+            assert_eq!(span.len(), chunk.rows.len() * chunk.cols.len());
+            next = span.end;
+        }
+        assert_eq!(next, 3 * 40000);
     }
 
     #[test]

@@ -1,15 +1,20 @@
 //! Cross-entropy with probability (soft) targets on the GPU: chunks of whole rows (logits
-//! and targets), one workgroup per row, per-chunk loss sums tree-reduced on the device.
+//! and targets) as [`Plan`] says, one workgroup per row, through the ring of readback
+//! slots; per-chunk loss sums tree-reduced on the device, then over the chunks.
+
+use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::options::{LossOptions, LossOutput, Reduction, Upstream};
 use crate::problem::Mode;
 
-use super::buffers::{Recorder, bind, groups_x};
+use super::buffers::{Recorder, Slot, bind, groups_x};
 use super::context::GpuContext;
 use super::kernels::{KernelOpts, NO_INDEX, SoftParams};
+use super::plan::{GradKind, Plan, Streamed};
 use super::reduce::reduce_levels;
-use super::workspace::SoftWorkspace;
+use super::ring::{MAX_PARAM_BLOCKS, Ring};
+use super::workspace::{SoftWorkspace, Workspace};
 
 /// A soft-target evaluation's inputs beyond the logits and targets.
 pub(crate) struct SoftRun<'a> {
@@ -17,6 +22,32 @@ pub(crate) struct SoftRun<'a> {
     pub mode: Mode<'a>,
     /// Where the gradient goes (none: the loss only).
     pub grad: Option<&'a mut [f32]>,
+}
+
+/// What a call reads back besides the gradient.
+#[derive(Clone, Copy)]
+struct Wanted {
+    /// The loss over the chunks.
+    total: bool,
+    row_losses: bool,
+    lse: bool,
+}
+
+/// Offsets in a readback slot: the gradient at 0, then the row losses and the LSE.
+struct SlotLayout {
+    loss_at: u64,
+    lse_at: u64,
+    size: u64,
+}
+
+impl SlotLayout {
+    fn of(plan: &Plan) -> Self {
+        let grad = if plan.grad == GradKind::None { 0 } else { plan.chunk_elems as u64 * 4 };
+        let rows = plan.slot_rows as u64 * 4;
+        let loss_at = grad.next_multiple_of(16);
+        let lse_at = loss_at + rows.next_multiple_of(16);
+        Self { loss_at, lse_at, size: lse_at + rows }
+    }
 }
 
 impl GpuContext {
@@ -37,44 +68,144 @@ impl GpuContext {
         let reduction = opts.get_reduction();
         let d = if reduction == Reduction::Mean { denom } else { 1.0 };
         let backward = matches!(run.mode, Mode::Backward { .. });
+        let z = opts.get_z_loss();
+        let total = !backward && reduction != Reduction::None;
+        let want = Wanted {
+            total,
+            row_losses: !backward && opts.wants_row_losses(),
+            lse: !backward && (opts.wants_lse() || (total && z > 0.0)),
+        };
+        let max_binding = self.plan_limits().max_binding;
+        if classes as u64 * 4 > max_binding {
+            return Err(Error::Unsupported {
+                path: self.path_name(),
+                cell: "probability targets in rows longer than one storage binding".into(),
+                why: format!(
+                    "a row of {classes} classes is larger than one binding ({max_binding} bytes) and the \
+                     probability kernel does not split rows; use the CPU path at this size"
+                ),
+            });
+        }
         let mut out = LossOutput {
-            row_losses: (!backward && opts.wants_row_losses()).then(|| vec![0.0; rows]),
-            lse: Some(vec![0.0; rows]),
+            row_losses: want.row_losses.then(|| vec![0.0; rows]),
+            lse: want.lse.then(|| vec![0.0; rows]),
             ..LossOutput::default()
         };
-        let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
-        let total =
-            self.scoped(|| self.soft_chunks(&mut ws.soft, logits, classes, targets, run, opts, d, &mut out));
-        if total.is_err() {
-            ws.release();
-        }
-        let total = total?;
-        let lse = out.lse.take().unwrap_or_default();
+        let sum = if rows == 0 {
+            0.0
+        } else {
+            let grad = if run.grad.is_some() { GradKind::Separate } else { GradKind::None };
+            let weights = opts.get_weights().map_or(0, <[f32]>::len);
+            self.planned(
+                |limits| Plan::streaming(rows, classes, Streamed::Probabilities(grad), limits),
+                |ws, plan| self.prepare_soft(ws, plan, weights),
+                |ws, plan| self.soft_chunks(&ws.soft, &plan, logits, targets, run, opts, d, want, &mut out),
+            )?
+        };
         if backward {
             return Ok(LossOutput::default());
         }
-        if reduction != Reduction::None {
-            out.loss = Some(total);
-            let s = opts.get_z_loss();
-            if s > 0.0 {
-                let z: f64 = lse.iter().map(|&l| s * f64::from(l) * f64::from(l)).sum();
-                out.z_loss = Some((z / d) as f32);
+        if total {
+            // 0/0 for the mean of no rows.
+            out.loss = Some(if rows == 0 { (0.0 / d) as f32 } else { sum });
+            if z > 0.0 {
+                let lse = out.lse.as_deref().unwrap_or_default();
+                let zs: f64 = lse.iter().map(|&l| z * f64::from(l) * f64::from(l)).sum();
+                out.z_loss = Some((zs / d) as f32);
             }
         }
-        out.lse = opts.wants_lse().then_some(lse);
+        if !opts.wants_lse() {
+            out.lse = None;
+        }
         Ok(out)
     }
 
+    /// Makes the soft-target buffers big enough for `plan`, rebuilding the bind groups
+    /// only when a buffer was replaced.
+    fn prepare_soft(&self, ws: &mut Workspace, plan: &Plan, weights: usize) {
+        use wgpu::BufferUsages as U;
+        let dev = &self.device;
+        let bind_cap = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
+        let buf_cap = self.limits.max_buffer_size;
+        let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
+        let wg = self.kernels.workgroup_size;
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let chunk_bytes = plan.chunk_elems as u64 * 4;
+        let rows = plan.slot_rows as u64 * 4;
+        let grad = if plan.grad == GradKind::None { 16 } else { chunk_bytes };
+        let scratch = reduce_levels(plan.slot_rows as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
+        let sums = reduce_levels(plan.chunk_sums() as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
+        let stride = super::buffers::params_stride(&self.limits);
+        let s: &mut SoftWorkspace = &mut ws.soft;
+        let mut created = [
+            s.logits.ensure(dev, "xent soft logits", st, chunk_bytes, bind_cap),
+            s.probs.ensure(dev, "xent soft targets", st, chunk_bytes, bind_cap),
+            s.row_loss.ensure(dev, "xent soft row_loss", st, rows, bind_cap),
+            s.row_lse.ensure(dev, "xent soft row_lse", st, rows, bind_cap),
+            s.grad.ensure(dev, "xent soft grad", st, grad, bind_cap),
+            s.weights.ensure(dev, "xent soft weights", st, weights as u64 * 4, bind_cap),
+            s.upstream.ensure(dev, "xent soft upstream", st, rows, bind_cap),
+            s.scratch.ensure(dev, "xent soft scratch", st, scratch, bind_cap),
+            s.sums.ensure(dev, "xent soft sums", st, sums, bind_cap),
+            s.params.ensure(
+                dev,
+                "xent soft params",
+                U::UNIFORM | U::COPY_DST,
+                stride * MAX_PARAM_BLOCKS,
+                buf_cap,
+            ),
+        ]
+        .iter()
+        .filter(|&&c| c)
+        .count() as u64;
+        let readback = SlotLayout::of(plan).size;
+        s.readback.resize_with(plan.ring.max(s.readback.len()), Slot::default);
+        for slot in &mut s.readback[..plan.ring] {
+            created += u64::from(slot.ensure(
+                dev,
+                "xent soft readback",
+                U::MAP_READ | U::COPY_DST,
+                readback,
+                buf_cap,
+            ));
+        }
+        if s.groups.is_none() || created > 0 {
+            let k = &self.kernels;
+            let p = s.params.get();
+            s.groups = Some([
+                bind(
+                    dev,
+                    &k.soft,
+                    p,
+                    &[
+                        s.logits.get(),
+                        s.probs.get(),
+                        s.row_loss.get(),
+                        s.row_lse.get(),
+                        s.grad.get(),
+                        s.weights.get(),
+                        s.upstream.get(),
+                    ],
+                ),
+                bind(dev, &k.reduce, p, &[s.scratch.get()]),
+                bind(dev, &k.reduce, p, &[s.sums.get()]),
+            ]);
+        }
+        ws.allocations += created;
+    }
+
+    /// Streams the chunks of `plan`; returns the loss over them (NaN when not wanted).
     #[allow(clippy::too_many_arguments)]
     fn soft_chunks(
         &self,
-        ws: &mut SoftWorkspace,
+        ws: &SoftWorkspace,
+        plan: &Plan,
         logits: &[f32],
-        v: usize,
         targets: &[f32],
         run: SoftRun<'_>,
         opts: &LossOptions,
         d: f64,
+        want: Wanted,
         out: &mut LossOutput,
     ) -> Result<f32> {
         let SoftRun { mode, mut grad } = run;
@@ -82,101 +213,54 @@ impl GpuContext {
             Mode::Fused => (None, Upstream::Scalar(1.0)),
             Mode::Backward { lse, upstream } => (lse, upstream),
         };
-        use wgpu::BufferUsages as U;
-        let dev = &self.device;
-        let n = logits.len() / v;
+        let v = plan.classes;
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
-        let bind_cap = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
-        let row_bytes = v as u64 * 4;
-        // Four buffers of a chunk's size: logits, targets, gradient, readback.
-        let rows_per_chunk =
-            (bind_cap / row_bytes).min(self.budget / (4 * row_bytes + 64)).min(n as u64) as usize;
-        if rows_per_chunk == 0 {
-            return Err(Error::Unsupported {
-                path: self.path_name(),
-                cell: "probability targets in rows longer than one storage binding".into(),
-                why: format!(
-                    "a row of {v} classes is larger than one binding ({bind_cap} bytes) and the probability \
-                     kernel does not split rows; use the CPU path at this size"
-                ),
-            });
-        }
-        let chunks = n.div_ceil(rows_per_chunk);
-        let chunk_bytes = rows_per_chunk as u64 * row_bytes;
-        let scratch_levels = reduce_levels(rows_per_chunk as u64, 0, wg, max_dim, 1.0, NO_INDEX);
-        let sum_levels = reduce_levels(chunks as u64, 0, wg, max_dim, d as f32, NO_INDEX);
-        let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
-        let stride = super::buffers::params_stride(&self.limits);
-        let rows_out = rows_per_chunk as u64 * 4;
-        let changed = [
-            ws.logits.ensure(dev, "xent soft logits", st, chunk_bytes, bind_cap),
-            ws.probs.ensure(dev, "xent soft targets", st, chunk_bytes, bind_cap),
-            ws.row_loss.ensure(dev, "xent soft row_loss", st, rows_out, bind_cap),
-            ws.row_lse.ensure(dev, "xent soft row_lse", st, rows_out, bind_cap),
-            ws.grad.ensure(dev, "xent soft grad", st, chunk_bytes, bind_cap),
-            ws.weights.ensure(dev, "xent soft weights", st, row_bytes, bind_cap),
-            ws.upstream.ensure(dev, "xent soft upstream", st, rows_out, bind_cap),
-            ws.scratch.ensure(dev, "xent soft scratch", st, scratch_levels.extent * 4, bind_cap),
-            ws.sums.ensure(dev, "xent soft sums", st, sum_levels.extent * 4, bind_cap),
-            ws.params.ensure(dev, "xent soft params", U::UNIFORM | U::COPY_DST, stride * 16, u64::MAX),
-            ws.readback.ensure(
-                dev,
-                "xent soft readback",
-                U::MAP_READ | U::COPY_DST,
-                chunk_bytes + 2 * rows_out + 16,
-                u64::MAX,
-            ),
-        ];
-        if ws.groups.is_none() || changed.contains(&true) {
-            let k = &self.kernels;
-            let p = ws.params.get();
-            ws.groups = Some([
-                bind(
-                    dev,
-                    &k.soft,
-                    p,
-                    &[
-                        ws.logits.get(),
-                        ws.probs.get(),
-                        ws.row_loss.get(),
-                        ws.row_lse.get(),
-                        ws.grad.get(),
-                        ws.weights.get(),
-                        ws.upstream.get(),
-                    ],
-                ),
-                bind(dev, &k.reduce, p, &[ws.scratch.get()]),
-                bind(dev, &k.reduce, p, &[ws.sums.get()]),
-            ]);
-        }
-        let ws = &*ws;
-        let [soft_bg, scratch_bg, sums_bg] = ws.groups.as_ref().expect("bound");
+        let [soft_bg, scratch_bg, sums_bg] = ws.groups.as_ref().expect("prepared");
         if let Some(w) = opts.get_weights() {
             self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
         }
         let k = KernelOpts::new(opts, v);
-        let rb = ws.readback.get();
-        let (loss_at, lse_at) = (chunk_bytes, chunk_bytes + rows_out);
-        for c in 0..chunks {
-            let r0 = c * rows_per_chunk;
-            let rows = rows_per_chunk.min(n - r0);
-            let span = r0 * v..(r0 + rows) * v;
+        let layout = SlotLayout::of(plan);
+        let (loss_at, lse_at) = (layout.loss_at, layout.lse_at);
+        let mut ring = Ring::new(self, &ws.readback, ws.params.get(), plan.ring);
+        // Copies a finished chunk's rows out of its readback.
+        let mut copy = |rows: Range<usize>, bytes: &[u8]| {
+            let f: &[f32] = bytemuck::cast_slice(&bytes[..bytes.len() / 4 * 4]);
+            if let Some(g) = grad.as_deref_mut() {
+                let span = rows.start * v..rows.end * v;
+                g[span.clone()].copy_from_slice(&f[..span.len()]);
+            }
+            let (la, ea) = ((loss_at / 4) as usize, (lse_at / 4) as usize);
+            if let Some(l) = &mut out.row_losses {
+                l[rows.clone()].copy_from_slice(&f[la..la + rows.len()]);
+            }
+            if let Some(e) = &mut out.lse {
+                e[rows.clone()].copy_from_slice(&f[ea..ea + rows.len()]);
+            }
+        };
+        // Flags of cross_entropy_soft.wgsl: gradient, saved LSE, per-row upstream.
+        let mut flags = u32::from(plan.grad != GradKind::None);
+        let mut scale = (1.0 / d) as f32;
+        match upstream {
+            Upstream::Scalar(g) => scale *= g,
+            Upstream::PerRow(_) | Upstream::PerElement(_) => flags |= 4,
+        }
+        if saved.is_some() {
+            flags |= 2;
+        }
+        for (c, chunk) in plan.chunks().enumerate() {
+            let slot = ring.next_slot(&mut copy)?;
+            let r = chunk.rows.clone();
+            let rows = r.len();
+            let span = chunk.span(v);
             self.queue.write_buffer(ws.logits.get(), 0, bytemuck::cast_slice(&logits[span.clone()]));
             self.queue.write_buffer(ws.probs.get(), 0, bytemuck::cast_slice(&targets[span.clone()]));
-            // Flags of cross_entropy_soft.wgsl: gradient, saved LSE, per-row upstream.
-            let mut flags = u32::from(grad.is_some());
             if let Some(saved) = saved {
-                flags |= 2;
-                self.queue.write_buffer(ws.row_lse.get(), 0, bytemuck::cast_slice(&saved[r0..r0 + rows]));
+                self.queue.write_buffer(ws.row_lse.get(), 0, bytemuck::cast_slice(&saved[r.clone()]));
             }
-            let mut scale = (1.0 / d) as f32;
-            match upstream {
-                Upstream::Scalar(g) => scale *= g,
-                Upstream::PerRow(g) | Upstream::PerElement(g) => {
-                    flags |= 4;
-                    self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[r0..r0 + rows]));
-                }
+            if let Upstream::PerRow(g) | Upstream::PerElement(g) = upstream {
+                self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[r.clone()]));
             }
             let params = SoftParams {
                 rows: rows as u32,
@@ -192,34 +276,35 @@ impl GpuContext {
                 weight_total: k.weight_total,
                 _pad: 0,
             };
-            let mut rec = Recorder::new(dev, &self.limits);
+            let mut rec = Recorder::new(&self.device, &self.limits);
             rec.dispatch(&self.kernels.soft, soft_bg, &params, rows as u64);
-            rec.copy(ws.row_loss.get(), 0, ws.scratch.get(), 0, rows as u64 * 4);
-            let levels = reduce_levels(rows as u64, 0, wg, max_dim, 1.0, NO_INDEX);
-            levels.record(&mut rec, &self.kernels, scratch_bg);
-            rec.copy(ws.scratch.get(), u64::from(levels.result) * 4, ws.sums.get(), c as u64 * 4, 4);
-            if grad.is_some() {
-                rec.copy(ws.grad.get(), 0, rb, 0, span.len() as u64 * 4);
+            if want.total {
+                rec.copy(ws.row_loss.get(), 0, ws.scratch.get(), 0, rows as u64 * 4);
+                let levels = reduce_levels(rows as u64, 0, wg, max_dim, 1.0, NO_INDEX);
+                levels.record(&mut rec, &self.kernels, scratch_bg);
+                rec.copy(ws.scratch.get(), u64::from(levels.result) * 4, ws.sums.get(), c as u64 * 4, 4);
             }
-            rec.copy(ws.row_loss.get(), 0, rb, loss_at, rows as u64 * 4);
-            rec.copy(ws.row_lse.get(), 0, rb, lse_at, rows as u64 * 4);
-            let submission = rec.submit(&self.queue, ws.params.get());
-            let map = self.request_map(rb, lse_at + rows_out);
-            let (g, l, e) = (&mut grad, &mut out.row_losses, &mut out.lse);
-            self.finish_map(rb, map, Some(submission), |b| {
-                let f: &[f32] = bytemuck::cast_slice(b);
-                if let Some(g) = g {
-                    g[span.clone()].copy_from_slice(&f[..span.len()]);
-                }
-                let (la, ea) = ((loss_at / 4) as usize, (lse_at / 4) as usize);
-                if let Some(l) = l {
-                    l[r0..r0 + rows].copy_from_slice(&f[la..la + rows]);
-                }
-                if let Some(e) = e {
-                    e[r0..r0 + rows].copy_from_slice(&f[ea..ea + rows]);
-                }
-            })?;
+            let rb = ring.readback(slot);
+            let mut map = 0;
+            if plan.grad != GradKind::None {
+                map = span.len() as u64 * 4;
+                rec.copy(ws.grad.get(), 0, rb, 0, map);
+            }
+            if want.row_losses {
+                map = loss_at + rows as u64 * 4;
+                rec.copy(ws.row_loss.get(), 0, rb, loss_at, rows as u64 * 4);
+            }
+            if want.lse {
+                map = lse_at + rows as u64 * 4;
+                rec.copy(ws.row_lse.get(), 0, rb, lse_at, rows as u64 * 4);
+            }
+            ring.submit(rec, slot, map, r);
         }
-        self.reduce_sums(ws.sums.get(), sums_bg, chunks as u64, d as f32, ws.params.get(), rb)
+        ring.drain(&mut copy)?;
+        if !want.total {
+            return Ok(f32::NAN);
+        }
+        let count = plan.chunk_sums() as u64;
+        self.reduce_sums(ws.sums.get(), sums_bg, count, d as f32, ws.params.get(), ring.readback(0))
     }
 }

@@ -1,29 +1,24 @@
-//! The host-array driver: streams a problem that lives in host memory through the
-//! device, chunk by chunk as [`Plan`] says, with a bounded number of chunks in flight:
-//! while the GPU computes chunk k, the host uploads chunk k+1 and copies out the results
-//! of chunk k−1. Per-chunk loss sums are tree-reduced on the device, then reduced again
-//! over the chunks, so the result depends only on the plan and is bit-identical run to run.
+//! The host-array driver of class-index targets: streams a problem that lives in host
+//! memory through the device, chunk by chunk as [`Plan`] says, with a bounded number of
+//! chunks in flight ([`Ring`]). Per-chunk loss sums are tree-reduced on the device, then
+//! reduced again over the chunks, so the result depends only on the plan and is
+//! bit-identical run to run.
 
-use std::collections::VecDeque;
 use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::options::{Batch, LossOptions, LossOutput, Reduction};
 
 use super::buffers::{Recorder, Slot, bind, groups_x};
-use super::context::{GpuContext, MapRequest};
+use super::context::GpuContext;
 use super::grid::{RowGrid, record_row_grid};
 use super::kernels::{
     BackwardParams, ElemFormat, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams, RowParams,
 };
 use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
 use super::reduce::reduce_levels;
+use super::ring::{MAX_PARAM_BLOCKS, Ring};
 use super::workspace::{BindGroups, Workspace};
-
-/// Parameter blocks one submission may use.
-const MAX_PARAM_BLOCKS: u64 = 16;
-/// Out-of-memory retries halve the budget down to this, then give up.
-const MIN_RETRY_BUDGET: u64 = 1 << 20;
 
 /// Logits as the caller holds them.
 #[derive(Clone, Copy)]
@@ -108,11 +103,8 @@ fn grad_mode(kind: GradKind) -> GradMode {
     }
 }
 
-/// One submission in flight, and what to copy out of its readback slot when it is done.
-struct Pending {
-    slot: usize,
-    submission: wgpu::SubmissionIndex,
-    map: Option<MapRequest>,
+/// What a chunk's readback slot holds, and where it goes.
+struct Readback {
     /// Gradient elements in the readback (at 0) and where they go in the output.
     grad_to: Option<Range<usize>>,
     /// Rows whose loss and LSE are in the readback, and their offsets there.
@@ -129,51 +121,27 @@ impl GpuContext {
         if batch.rows == 0 {
             return Ok(empty_output(opts));
         }
-        let mut limits = self.plan_limits();
-        let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
-        let (loss, outputs) = loop {
-            let plan = Plan::new(batch.rows, batch.classes, io.grad_kind(), &limits)?;
-            if matches!(plan.layout, Layout::Split { .. })
-                && matches!(io.format(batch.classes, false), ElemFormat::Half { .. })
-            {
-                return Err(Error::InvalidOption(format!(
-                    "rows of {} classes are split across bindings, and the split kernels read f32 only; \
-                     convert half-precision logits to f32 first",
-                    batch.classes
-                )));
-            }
-            if matches!(plan.layout, Layout::Split { .. }) && opts.get_weights().is_some() {
-                return Err(split_weights_error(self.path_name(), batch.classes));
-            }
-            // Buffers first, in their own error scope: an out-of-memory is known before
-            // anything is streamed (or written over in-place logits), and is retried
-            // with half the budget, so smaller chunks.
-            let prepared = self.scoped(|| {
-                self.take_injected_oom()?;
-                self.prepare(&mut ws, &plan, opts.get_weights().map_or(0, <[f32]>::len));
-                Ok(())
-            });
-            match prepared {
-                Err(Error::OutOfMemory(_)) if limits.budget / 2 >= MIN_RETRY_BUDGET => {
-                    ws.release();
-                    limits.budget /= 2;
-                    continue;
+        let (rows, classes, grad) = (batch.rows, batch.classes, io.grad_kind());
+        let half = matches!(io.format(classes, false), ElemFormat::Half { .. });
+        let weights = opts.get_weights().map_or(0, <[f32]>::len);
+        let (loss, outputs) = self.planned(
+            |limits| {
+                let plan = Plan::new(rows, classes, grad, limits)?;
+                let split = matches!(plan.layout, Layout::Split { .. });
+                if split && half {
+                    return Err(Error::InvalidOption(format!(
+                        "rows of {classes} classes are split across bindings, and the split kernels read \
+                         f32 only; convert half-precision logits to f32 first"
+                    )));
                 }
-                Err(e) => {
-                    ws.release();
-                    return Err(e);
+                if split && weights > 0 {
+                    return Err(split_weights_error(self.path_name(), classes));
                 }
-                Ok(()) => {}
-            }
-            match self.scoped(|| self.stream(&ws, &mut io, batch, opts, &plan)) {
-                Ok(done) => break done,
-                Err(e) => {
-                    // Buffers may still be in flight or mapped: start afresh next call.
-                    ws.release();
-                    return Err(e);
-                }
-            }
-        };
+                Ok(plan)
+            },
+            |ws, plan| self.prepare(ws, plan, weights),
+            |ws, plan| self.stream(ws, &mut io, batch, opts, &plan),
+        )?;
         Ok(LossOutput {
             loss: match opts.get_reduction() {
                 Reduction::None => None,
@@ -320,20 +288,7 @@ impl GpuContext {
             self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
         }
 
-        let mut pending: VecDeque<Pending> = VecDeque::new();
-        let mut submitted = 0usize;
-        // Finishes the oldest submission when the ring is full (or all, with `all`).
-        let drain = |pending: &mut VecDeque<Pending>,
-                     io: &mut Io<'_>,
-                     outputs: &mut Outputs,
-                     all: bool|
-         -> Result<()> {
-            while pending.len() >= plan.ring || (all && !pending.is_empty()) {
-                let p = pending.pop_front().expect("non-empty");
-                self.finish(ws, p, io, outputs)?;
-            }
-            Ok(())
-        };
+        let mut ring = Ring::new(self, &ws.readback, ws.params.get(), plan.ring);
         // Records the chunk's loss sum (rows 0..rows of row_loss) into sums[group].
         let chunk_sum = |rec: &mut Recorder, rows: usize, group: usize| {
             rec.copy(ws.row_loss.get(), 0, ws.scratch.get(), 0, rows as u64 * 4);
@@ -350,34 +305,29 @@ impl GpuContext {
                 rec.copy(ws.row_lse.get(), 0, rb, lse_at, rows as u64 * 4);
             }
         };
-        let submit = |rec: Recorder,
-                      pending: &mut VecDeque<Pending>,
+        let submit = |ring: &mut Ring<'_, Readback>,
+                      rec: Recorder,
                       slot: usize,
                       grad_to: Option<Range<usize>>,
                       rows_to: Option<Range<usize>>| {
-            debug_assert!(rec.blocks() <= MAX_PARAM_BLOCKS);
-            let submission = rec.submit(&self.queue, ws.params.get());
             let map_bytes = match (&grad_to, &rows_to) {
                 (_, Some(r)) => lse_at + r.len() as u64 * 4,
                 (Some(g), None) => g.len() as u64 * 4,
                 (None, None) => 0,
             };
-            let map = (map_bytes > 0).then(|| self.request_map(ws.readback[slot].get(), map_bytes));
-            pending.push_back(Pending {
+            ring.submit(
+                rec,
                 slot,
-                submission,
-                map,
-                grad_to,
-                rows_to: rows_to.map(|r| (r, rows_at, lse_at)),
-            });
+                map_bytes,
+                Readback { grad_to, rows_to: rows_to.map(|r| (r, rows_at, lse_at)) },
+            );
         };
 
         match plan.layout {
             Layout::Rows { threads_per_row, cached, blocks_per_row, .. } => {
                 let rows_per_group = (wg / threads_per_row) as usize;
                 for (group, chunk) in plan.chunks().enumerate() {
-                    drain(&mut pending, io, &mut outputs, false)?;
-                    let slot = submitted % plan.ring;
+                    let slot = ring.next_slot(|r, b| copy_out(io, &mut outputs, r, b))?;
                     let rows = chunk.rows.len();
                     let elems = chunk.rows.start * v..chunk.rows.end * v;
                     self.queue.write_buffer(ws.logits.get(), 0, io.logit_bytes(elems.clone()));
@@ -433,8 +383,7 @@ impl GpuContext {
                         rec.copy(src, 0, ws.readback[slot].get(), 0, elems.len() as u64 * io.grad_bytes());
                     }
                     rows_readback(&mut rec, slot, rows);
-                    submit(rec, &mut pending, slot, grad_src.map(|_| elems), want_rows.then_some(chunk.rows));
-                    submitted += 1;
+                    submit(&mut ring, rec, slot, grad_src.map(|_| elems), want_rows.then_some(chunk.rows));
                 }
             }
             Layout::Split { piece_cols, pieces, blocks_per_piece } => {
@@ -447,8 +396,7 @@ impl GpuContext {
                         bytemuck::cast_slice(&batch.targets[r..r + 1]),
                     );
                     for p in 0..pieces {
-                        drain(&mut pending, io, &mut outputs, false)?;
-                        let slot = submitted % plan.ring;
+                        let slot = ring.next_slot(|r, b| copy_out(io, &mut outputs, r, b))?;
                         let elems = piece_of(r, p);
                         self.queue.write_buffer(ws.logits.get(), 0, io.logit_bytes(elems.clone()));
                         let mut rec = Recorder::new(&self.device, &self.limits);
@@ -488,15 +436,13 @@ impl GpuContext {
                             chunk_sum(&mut rec, 1, r);
                             rows_readback(&mut rec, slot, 1);
                         }
-                        submit(rec, &mut pending, slot, None, (last && want_rows).then_some(r..r + 1));
-                        submitted += 1;
+                        submit(&mut ring, rec, slot, None, (last && want_rows).then_some(r..r + 1));
                     }
                     if plan.grad == GradKind::None {
                         continue;
                     }
                     for p in 0..pieces {
-                        drain(&mut pending, io, &mut outputs, false)?;
-                        let slot = submitted % plan.ring;
+                        let slot = ring.next_slot(|r, b| copy_out(io, &mut outputs, r, b))?;
                         let elems = piece_of(r, p);
                         self.queue.write_buffer(ws.logits.get(), 0, io.logit_bytes(elems.clone()));
                         let mut rec = Recorder::new(&self.device, &self.limits);
@@ -521,53 +467,44 @@ impl GpuContext {
                         let src =
                             if plan.grad == GradKind::Separate { ws.grad.get() } else { ws.logits.get() };
                         rec.copy(src, 0, ws.readback[slot].get(), 0, elems.len() as u64 * 4);
-                        submit(rec, &mut pending, slot, Some(elems), None);
-                        submitted += 1;
+                        submit(&mut ring, rec, slot, Some(elems), None);
                     }
                 }
             }
         }
-        drain(&mut pending, io, &mut outputs, true)?;
+        ring.drain(|r, b| copy_out(io, &mut outputs, r, b))?;
 
         // The sum over chunks, on the device; `mean` divides in the last level.
-        let mut rec = Recorder::new(&self.device, &self.limits);
         // A zero divisor (every row ignored) divides by 1; the caller reports NaN.
         let divisor = batch.divisor(opts.get_reduction());
         let d = if divisor > 0.0 { divisor as f32 } else { 1.0 };
-        let levels = reduce_levels(plan.row_groups() as u64, 0, wg, max_dim, d, NO_INDEX);
-        levels.record(&mut rec, &self.kernels, &groups.reduce_sums);
-        let rb = ws.readback[0].get();
-        rec.copy(ws.sums.get(), u64::from(levels.result) * 4, rb, 0, 4);
-        let submission = rec.submit(&self.queue, ws.params.get());
-        let map = self.request_map(rb, 4);
-        let mut loss = f32::NAN;
-        self.finish_map(rb, map, Some(submission), |bytes| {
-            loss = bytemuck::cast_slice::<u8, f32>(bytes)[0];
-        })?;
+        let count = plan.row_groups() as u64;
+        let loss = self.reduce_sums(
+            ws.sums.get(),
+            &groups.reduce_sums,
+            count,
+            d,
+            ws.params.get(),
+            ring.readback(0),
+        )?;
         Ok((loss, outputs))
     }
+}
 
-    /// Waits for a submission and copies its results out.
-    fn finish(&self, ws: &Workspace, p: Pending, io: &mut Io<'_>, outputs: &mut Outputs) -> Result<()> {
-        let Some(map) = p.map else {
-            return self.wait(Some(p.submission));
-        };
-        let rb = ws.readback[p.slot].get();
-        self.finish_map(rb, map, Some(p.submission), |bytes| {
-            if let Some(range) = &p.grad_to {
-                io.write_grad(range.clone(), bytes);
-            }
-            let floats: &[f32] = bytemuck::cast_slice(&bytes[..bytes.len() / 4 * 4]);
-            if let Some((rows, loss_at, lse_at)) = &p.rows_to {
-                let (l, e) = ((*loss_at / 4) as usize, (*lse_at / 4) as usize);
-                if let Some(out) = &mut outputs.row_losses {
-                    out[rows.clone()].copy_from_slice(&floats[l..l + rows.len()]);
-                }
-                if let Some(out) = &mut outputs.lse {
-                    out[rows.clone()].copy_from_slice(&floats[e..e + rows.len()]);
-                }
-            }
-        })
+/// Copies a finished chunk's readback into the outputs.
+fn copy_out(io: &mut Io<'_>, outputs: &mut Outputs, what: Readback, bytes: &[u8]) {
+    if let Some(range) = what.grad_to {
+        io.write_grad(range, bytes);
+    }
+    let floats: &[f32] = bytemuck::cast_slice(&bytes[..bytes.len() / 4 * 4]);
+    if let Some((rows, loss_at, lse_at)) = what.rows_to {
+        let (l, e) = ((loss_at / 4) as usize, (lse_at / 4) as usize);
+        if let Some(out) = &mut outputs.row_losses {
+            out[rows.clone()].copy_from_slice(&floats[l..l + rows.len()]);
+        }
+        if let Some(out) = &mut outputs.lse {
+            out[rows.clone()].copy_from_slice(&floats[e..e + rows.len()]);
+        }
     }
 }
 

@@ -58,7 +58,9 @@ pub(crate) struct SoftWorkspace {
     pub scratch: Slot,
     pub sums: Slot,
     pub params: Slot,
-    pub readback: Slot,
+    /// One per chunk in flight.
+    pub readback: Vec<Slot>,
+    /// The soft kernel's, and `reduce_sum` over `scratch` and over `sums`.
     pub groups: Option<[wgpu::BindGroup; 3]>,
 }
 
@@ -75,6 +77,8 @@ pub(crate) struct BinaryWorkspace {
     pub upstream: Slot,
     pub sums: Slot,
     pub params: Slot,
-    pub readback: Slot,
-    pub groups: Option<(wgpu::BindGroup, wgpu::BindGroup, wgpu::BindGroup)>,
+    /// One per chunk in flight.
+    pub readback: Vec<Slot>,
+    /// The binary kernel's, and `reduce_sum` over `partials` and over `sums`.
+    pub groups: Option<[wgpu::BindGroup; 3]>,
 }
