@@ -347,6 +347,7 @@ fn every_gpu_tuning_matches_pytorch() {
             // Two workgroups, each taking every other row in turn.
             max_workgroups: 2,
             few_rows: 64,
+            portable_f16: false,
         },
     ] {
         let gpu = pollster::block_on(xent::GpuContext::from_adapter_tuned(&adapter, tuning)).unwrap();
