@@ -28,10 +28,10 @@ pub(crate) struct Faults {
 /// are serialised on its workspace.
 ///
 /// ```no_run
-/// use xent::{GpuContext, LossOptions};
+/// use xent::{BackendExt, GpuContext, LossOptions};
 /// let gpu = GpuContext::new_blocking()?;
 /// let logits = vec![0.5f32, 1.5, -1.0, 2.0, 0.0, 0.0];
-/// let out = gpu.cross_entropy(&logits, 3, &[1i64, 0], &LossOptions::new().gradient(true))?;
+/// let out = gpu.cross_entropy_with_grad(&logits, 3, &[1i64, 0], &LossOptions::new())?;
 /// println!("loss {:?} on {}", out.loss, gpu.adapter_info().name);
 /// # Ok::<(), xent::Error>(())
 /// ```
