@@ -199,7 +199,10 @@ impl Progress {
 }
 
 /// Times whole API calls with the host clock: the fast CPU path, and on the GPU the
-/// per-call latency of small problems (upload, kernels, readback).
+/// per-call latency of small problems (upload, kernels, readback), under each of `opts`.
+/// The option sets take turns, one call each per round (after the warm-up rounds), so
+/// that a change of the machine's load during the run weighs on all of them alike and
+/// their ratios stay fair.
 #[allow(clippy::too_many_arguments)]
 pub fn host_calls(
     backend: &dyn Backend,
@@ -207,26 +210,28 @@ pub fn host_calls(
     targets: &[i64],
     classes: usize,
     pass: Pass,
-    opts: &LossOptions,
+    opts: &[LossOptions],
     repeats: Repeats,
     tick: &mut dyn FnMut(),
-) -> xent::Result<Samples> {
+) -> xent::Result<Vec<Samples>> {
     let mut grad = vec![0.0f32; if pass == Pass::ForwardBackward { logits.len() } else { 0 }];
-    let mut ms = Vec::new();
+    let mut ms = vec![Vec::with_capacity(repeats.iters); opts.len()];
     for i in 0..repeats.total() {
-        let start = Instant::now();
-        let gradient = match pass {
-            Pass::Forward => xent::Gradient::None,
-            Pass::ForwardBackward => xent::Gradient::IntoF32(&mut grad),
-        };
-        let problem = xent::Problem::new(xent::Logits::F32(logits), classes, targets).gradient(gradient);
-        backend.evaluate(problem, opts)?;
-        if i >= repeats.warmup {
-            ms.push(start.elapsed().as_secs_f64() * 1e3);
+        for (o, ms) in opts.iter().zip(&mut ms) {
+            let start = Instant::now();
+            let gradient = match pass {
+                Pass::Forward => xent::Gradient::None,
+                Pass::ForwardBackward => xent::Gradient::IntoF32(&mut grad),
+            };
+            let problem = xent::Problem::new(xent::Logits::F32(logits), classes, targets).gradient(gradient);
+            backend.evaluate(problem, o)?;
+            if i >= repeats.warmup {
+                ms.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            tick();
         }
-        tick();
     }
-    Ok(Samples { ms, timing: Timing::Wall })
+    Ok(ms.into_iter().map(|ms| Samples { ms, timing: Timing::Wall }).collect())
 }
 
 /// The in-run rooflines of a pass on the GPU: the copy, and for the loss alone the read.
@@ -359,18 +364,11 @@ pub fn run(args: &BenchArgs) -> xent::Result<ExitCode> {
                     };
                     // A set the device-resident recording does not take is timed through
                     // the host API instead (and the plain loss with it, for its ratio).
-                    let mut host_sets = Vec::new();
-                    for &set in &sets {
+                    let mut host_sets = if host_api { sets.clone() } else { Vec::new() };
+                    for &set in sets.iter().filter(|_| !host_api) {
                         progress.message(format!("{n}x{v} {} {} gpu", pass.name(), set.name()));
                         let opts = set.loss_options(v);
-                        let mut tick = || progress.tick();
-                        if host_api {
-                            let samples =
-                                host_calls(ctx, &logits, &targets, v, pass, &opts, repeats, &mut tick)?;
-                            rows.push(row("gpu", set, samples, None, None, "host", &tuning));
-                            continue;
-                        }
-                        match b.loss(&logits, &t32, v, pass, &opts, repeats, &mut tick) {
+                        match b.loss(&logits, &t32, v, pass, &opts, repeats, &mut || progress.tick()) {
                             Ok(samples) => rows.push(row("gpu", set, samples, copy, read, "device", &tuning)),
                             Err(e @ Error::Unsupported { .. }) => {
                                 eprintln!(
@@ -383,32 +381,26 @@ pub fn run(args: &BenchArgs) -> xent::Result<ExitCode> {
                             Err(e) => return Err(e),
                         }
                     }
-                    if !host_sets.is_empty() {
+                    if !host_sets.is_empty() && host_sets[0] != OptionSet::Plain {
                         host_sets.insert(0, OptionSet::Plain);
                     }
-                    for set in host_sets {
-                        progress.message(format!("{n}x{v} {} {} gpu host", pass.name(), set.name()));
+                    if !host_sets.is_empty() {
+                        progress.message(format!("{n}x{v} {} gpu host API", pass.name()));
+                        let opts: Vec<_> = host_sets.iter().map(|s| s.loss_options(v)).collect();
                         let mut tick = || progress.tick();
-                        let opts = set.loss_options(v);
                         let samples = host_calls(ctx, &logits, &targets, v, pass, &opts, repeats, &mut tick)?;
-                        rows.push(row("gpu", set, samples, None, None, "host", &tuning));
+                        for (set, samples) in host_sets.into_iter().zip(samples) {
+                            rows.push(row("gpu", set, samples, None, None, "host", &tuning));
+                        }
                     }
                 }
                 if phase == "cpu" {
-                    for &set in &sets {
-                        progress.message(format!("{n}x{v} {} {} cpu", pass.name(), set.name()));
-                        let opts = set.loss_options(v);
-                        let mut tick = || progress.tick();
-                        let samples = host_calls(
-                            &xent::CpuFast,
-                            &logits,
-                            &targets,
-                            v,
-                            pass,
-                            &opts,
-                            repeats,
-                            &mut tick,
-                        )?;
+                    progress.message(format!("{n}x{v} {} cpu", pass.name()));
+                    let opts: Vec<_> = sets.iter().map(|s| s.loss_options(v)).collect();
+                    let mut tick = || progress.tick();
+                    let samples =
+                        host_calls(&xent::CpuFast, &logits, &targets, v, pass, &opts, repeats, &mut tick)?;
+                    for (&set, samples) in sets.iter().zip(samples) {
                         rows.push(row("cpu", set, samples, None, None, "host", ""));
                     }
                 }
