@@ -23,7 +23,6 @@ fn contexts(test: &str) -> Vec<GpuContext> {
 }
 
 struct Data {
-    rows: usize,
     classes: usize,
     logits: Vec<f32>,
     probs: Vec<f32>,
@@ -47,7 +46,7 @@ impl Data {
             u.iter().enumerate().map(|(i, &x)| if i % 3 == 0 { 0.3 } else { f32::from(x > 0.0) }).collect();
         let up_rows = (0..rows).map(|r| 0.5 + (r % 5) as f32 * 0.25).collect();
         let up_elems = (0..rows * classes).map(|i| 0.25 + (i % 7) as f32 * 0.125).collect();
-        Self { rows, classes, logits, probs, binary, up_rows, up_elems }
+        Self { classes, logits, probs, binary, up_rows, up_elems }
     }
 }
 

@@ -13,11 +13,11 @@ use super::fast;
 
 impl Native for crate::CpuFast {
     fn takes(&self, problem: &Problem<'_>, _: &LossOptions) -> bool {
-        match (&problem.logits, &problem.gradient, &problem.mode, &problem.labels) {
-            (Logits::F32(_), Gradient::None | Gradient::IntoF32(_), _, _) => true,
-            (Logits::F32Mut(_), Gradient::InPlace, Mode::Fused, Labels::Classes(_)) => true,
-            _ => false,
-        }
+        matches!(
+            (&problem.logits, &problem.gradient, &problem.mode, &problem.labels),
+            (Logits::F32(_), Gradient::None | Gradient::IntoF32(_), _, _)
+                | (Logits::F32Mut(_), Gradient::InPlace, Mode::Fused, Labels::Classes(_))
+        )
     }
 
     fn native(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput> {
@@ -72,7 +72,7 @@ impl Native for crate::CpuFast {
 fn into(out: &mut LossOutput, gradient: Gradient<'_>, upstream: Upstream<'_>) {
     let (Some(g), Gradient::IntoF32(dst)) = (out.gradient.take(), gradient) else { return };
     match upstream {
-        Upstream::Scalar(s) if s == 1.0 => dst.copy_from_slice(&g),
+        Upstream::Scalar(1.0) => dst.copy_from_slice(&g),
         _ => dst.iter_mut().zip(&g).enumerate().for_each(|(i, (d, &x))| *d = x * upstream.of_row(i)),
     }
 }
