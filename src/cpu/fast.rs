@@ -1162,25 +1162,6 @@ pub fn cross_entropy_soft(
     })
 }
 
-/// Half-precision logits (raw f16 or bf16 bits) on the CPU: widened to f32 in parallel,
-/// then the fast path; the gradient, when asked, is f32 (round it with
-/// [`crate::HalfFormat::from_f32`] for the logits' format).
-// Unused since the front door widens half-precision logits in row blocks; kept, with its
-// signature, for the rework of these functions.
-#[allow(dead_code)]
-pub fn cross_entropy_half<'t>(
-    logits: &[u16],
-    format: crate::HalfFormat,
-    classes: usize,
-    targets: impl Into<Targets<'t>>,
-    opts: &LossOptions,
-) -> Result<LossOutput> {
-    let mut wide = vec![0.0f32; logits.len()];
-    wide.par_chunks_mut(1 << 16).zip(logits.par_chunks(1 << 16)).for_each(|(w, h)| {
-        w.iter_mut().zip(h).for_each(|(w, &h)| *w = format.to_f32(h));
-    });
-    cross_entropy(&wide, classes, targets, opts)
-}
 
 #[cfg(test)]
 mod tests {
