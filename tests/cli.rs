@@ -575,11 +575,13 @@ fn gpu_runs_print_nothing_on_stderr_without_a_runtime_dir() {
 #[test]
 fn bench_options_time_each_set_against_the_plain_loss_of_the_same_run() {
     // The sets in command-line order, each once, the plain loss first although not listed.
-    let args = ["bench", "--device", "cpu", "--rows", "8", "--classes", "300", "--iters", "2", "--pass", "forward"];
+    let args =
+        ["bench", "--device", "cpu", "--rows", "8", "--classes", "300", "--iters", "2", "--pass", "forward"];
     let (code, stdout, stderr) =
         xent(&[&args[..], &["--options", "softcap,all", "--options", "softcap", "--json"]].concat());
     assert_eq!(code, 0, "{stderr}");
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     let sets: Vec<&str> = rows.iter().map(|r| r["options"].as_str().unwrap()).collect();
     assert_eq!(sets, ["plain", "softcap", "all"], "{stdout}");
     let plain = rows[0]["median_ms"].as_f64().unwrap();
@@ -602,7 +604,8 @@ fn bench_options_time_each_set_against_the_plain_loss_of_the_same_run() {
     let gpu = ["bench", "--device", "gpu", "--rows", "8", "--classes", "300", "--iters", "2"];
     let (code, stdout, stderr) = xent(&[&gpu[..], &["--options", "all,softcap", "--json"]].concat());
     assert_eq!(code, 0, "{stderr}");
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     for pass in ["forward", "forward-backward"] {
         let of_pass: Vec<_> = rows.iter().filter(|r| r["pass"] == pass).collect();
         for set in ["all", "softcap"] {
@@ -610,7 +613,8 @@ fn bench_options_time_each_set_against_the_plain_loss_of_the_same_run() {
         }
         for r in &of_pass {
             let plain = of_pass.iter().find(|p| p["options"] == "plain" && p["api"] == r["api"]);
-            let plain = plain.unwrap_or_else(|| panic!("no plain row for {r}"))["median_ms"].as_f64().unwrap();
+            let plain =
+                plain.unwrap_or_else(|| panic!("no plain row for {r}"))["median_ms"].as_f64().unwrap();
             let (ratio, median) = (r["ratio_to_plain"].as_f64().unwrap(), r["median_ms"].as_f64().unwrap());
             assert!((ratio - median / plain).abs() <= 1e-3 * ratio, "{r}");
         }

@@ -1162,7 +1162,6 @@ pub fn cross_entropy_soft(
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,8 @@
 //! The device side: the WGSL kernels ([`shaders`]), the chunking [`Plan`], and
 //! [`GpuContext`], which owns a device, its pipelines and buffers.
 
-pub mod bench;
 mod backward;
+pub mod bench;
 mod binary;
 mod buffers;
 mod context;
@@ -19,11 +19,13 @@ pub mod tuning;
 pub mod wgsl;
 mod workspace;
 
-pub(crate) use context::check_grad_len;
 #[doc(hidden)]
 pub use buffers::{Dispatch, trace};
+pub(crate) use context::check_grad_len;
 pub use context::{GpuContext, adapters, instance, select_adapters};
 pub use kernels::{ParamsField, ParamsLayout, Shader, shaders};
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
-pub use resident::{DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceMode, DeviceProblem, DeviceWorkspace};
+pub use resident::{
+    DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceMode, DeviceProblem, DeviceWorkspace,
+};
 pub use tuning::Tuning;

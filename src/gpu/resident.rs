@@ -9,8 +9,8 @@ use crate::problem::{Cell, Dtype, LabelKind, Output};
 
 use super::buffers::{Recorder, Slot, bind_ranges, groups_x, params_stride};
 use super::context::GpuContext;
-use super::kernels::{ElemFormat, GradMode, KernelOpts, NO_INDEX, NarrowParams, RowParams, WeightParams};
 use super::grid::{RowGrid, record_row_grid};
+use super::kernels::{ElemFormat, GradMode, KernelOpts, NO_INDEX, NarrowParams, RowParams, WeightParams};
 use super::reduce::reduce_levels;
 use super::tuning::{SPLIT_BLOCK_COLS, rows_layout};
 
