@@ -16,32 +16,17 @@ use super::stream::split_weights_error;
 use super::workspace::Workspace;
 
 impl GpuContext {
-    /// The separate backward: the gradient of the loss `opts` describes, from the logits
-    /// and the per-row LSE a forward saved ([`LossOptions::lse`]), times the upstream
-    /// gradient — out of place, for callers that must keep their logits. One read of the
-    /// logits and one write of the gradient, chunk by chunk as [`Plan`] says (rows longer
-    /// than a binding in column pieces).
+    /// The separate backward ([`crate::Mode::Backward`] of class indices): the gradient
+    /// of the loss `opts` describes, from the logits and the per-row LSE a forward saved,
+    /// times the upstream gradient, into `grad` — out of place, for callers that must
+    /// keep their logits. One read of the logits and one write of the gradient, chunk by
+    /// chunk as [`Plan`] says (rows longer than a binding in column pieces).
     ///
     /// The LSE is an f32 rounding of `max + log(sum)`: under offsets of 1e4 and more its
     /// absolute error shows in the gradient, as in any saved-LSE backward; the fused
     /// calls, which keep (max, sum), do not have that limit.
-    pub fn cross_entropy_backward<'t>(
-        &self,
-        logits: &[f32],
-        classes: usize,
-        targets: impl Into<crate::Targets<'t>>,
-        lse: &[f32],
-        upstream: crate::Upstream<'_>,
-        opts: &LossOptions,
-    ) -> Result<Vec<f32>> {
-        let mut grad = vec![0.0f32; logits.len()];
-        self.cross_entropy_backward_into(logits, classes, targets, lse, upstream, opts, &mut grad)?;
-        Ok(grad)
-    }
-
-    /// As [`GpuContext::cross_entropy_backward`], into the caller's `grad`.
     #[allow(clippy::too_many_arguments)]
-    pub fn cross_entropy_backward_into<'t>(
+    pub(crate) fn cross_entropy_backward_into<'t>(
         &self,
         logits: &[f32],
         classes: usize,
