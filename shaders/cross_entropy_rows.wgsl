@@ -257,6 +257,9 @@ fn row_group(ids: Ids, group: u32) {
     // magnitude 2 (sum reduction, class weights) turns into several ULP.
     let inv_sum = 1.0 / sum;
     let smooth_w = o.eps / f32(o.classes);
+    // Each class's own weight enters the gradient through label smoothing alone: without
+    // it the per-element weight load folds away (0 · w would not: w may be NaN).
+    let smooth_has_w = has_w && smoothing;
     let target_w = (1.0 - o.eps) * w_y;
     // Branches on the mode and on `ignored` stay outside the loops: they are uniform per
     // row, and CPU adapters would otherwise mask every store of both sides.
@@ -271,7 +274,7 @@ fn row_group(ids: Ids, group: u32) {
         for (var j = 0u; j < CACHED; j++) {
             let c = lane + j * tpr;
             if (c < v) {
-                let d = e[j] * factor * k - smooth_w * weights_of(c, has_w) - onehot(c * WIDTH, tc) * target_w;
+                let d = e[j] * factor * k - smooth_w * weights_of(c, smooth_has_w) - onehot(c * WIDTH, tc) * target_w;
                 // Only a softcap needs x again for its derivative.
                 var dz = splat(o.scale);
                 if (o.softcap > 0.0) {
@@ -288,7 +291,7 @@ fn row_group(ids: Ids, group: u32) {
             let c = lane + (i - 1u) * tpr;
             let x = load_logit(base + c);
             let p = exp(transform(x, o) - m) * inv_sum;
-            let d = p * k - smooth_w * weights_of(c, has_w) - onehot(c * WIDTH, tc) * target_w;
+            let d = p * k - smooth_w * weights_of(c, smooth_has_w) - onehot(c * WIDTH, tc) * target_w;
             store_logit(base + c, d * dtransform(x, o) * scale);
         }
     } else {
@@ -296,7 +299,7 @@ fn row_group(ids: Ids, group: u32) {
             let c = lane + (i - 1u) * tpr;
             let x = load_logit(base + c);
             let p = exp(transform(x, o) - m) * inv_sum;
-            let d = p * k - smooth_w * weights_of(c, has_w) - onehot(c * WIDTH, tc) * target_w;
+            let d = p * k - smooth_w * weights_of(c, smooth_has_w) - onehot(c * WIDTH, tc) * target_w;
             store_grad(base + c, d * dtransform(x, o) * scale);
         }
     }
