@@ -40,15 +40,7 @@ impl Fixture {
         let mut targets = xent::synth::targets(rows, classes, seed + 1);
         targets.iter_mut().step_by(7).for_each(|t| *t = -100);
         let u = xent::synth::logits(rows, classes, 1.0, seed + 2);
-        let mut probs = vec![0.0f32; rows * classes];
-        for (p, row) in probs.chunks_mut(classes).zip(u.chunks(classes)) {
-            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let e: Vec<f32> = row.iter().map(|&x| (x - m).exp()).collect();
-            let s: f32 = e.iter().sum();
-            p.iter_mut().zip(&e).for_each(|(p, &e)| *p = e / s);
-        }
-        let binary =
-            u.iter().enumerate().map(|(i, &x)| if i % 3 == 0 { 0.3 } else { f32::from(x > 0.0) }).collect();
+        let (probs, binary) = common::dense_targets(&u, classes);
         let upstream_rows = (0..rows).map(|r| 0.5 + (r % 5) as f32 * 0.25).collect();
         let upstream_elems = (0..rows * classes).map(|i| 0.25 + (i % 7) as f32 * 0.125).collect();
         Self { classes, logits, bits, targets, probs, binary, upstream_rows, upstream_elems }

@@ -80,3 +80,18 @@ pub fn tiny_device(gpus: &[GpuContext]) -> Option<GpuContext> {
     assert_eq!(gpu.limits().max_compute_workgroups_per_dimension, 7);
     Some(gpu)
 }
+
+/// Probability targets (each row a softmax of `u`) and binary targets (0/1 from the sign
+/// of `u`, 0.3 at every third element) [rows, classes] from the values `u`.
+pub fn dense_targets(u: &[f32], classes: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut probs = vec![0.0f32; u.len()];
+    for (p, row) in probs.chunks_mut(classes).zip(u.chunks(classes)) {
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = row.iter().map(|&x| (x - m).exp()).collect();
+        let s: f32 = e.iter().sum();
+        p.iter_mut().zip(&e).for_each(|(p, &e)| *p = e / s);
+    }
+    let binary =
+        u.iter().enumerate().map(|(i, &x)| if i % 3 == 0 { 0.3 } else { f32::from(x > 0.0) }).collect();
+    (probs, binary)
+}
