@@ -14,6 +14,7 @@
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::head::{GradientTo, HeadGradients, LinearTask};
 use crate::options::{
     Batch, LossOptions, LossOutput, Reduction, Targets, Upstream, check_binary, check_soft,
 };
@@ -42,12 +43,20 @@ pub(crate) trait Native: Backend {
     /// Evaluates a problem that [`takes`](Self::takes) accepted; its shape and options
     /// have been checked, and it has at least one row.
     fn native(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput>;
+
+    /// Evaluates a checked linear head: the loss (unless a backward), the row losses and
+    /// LSE when asked, the z-loss part, and every gradient the task has a slice for,
+    /// never storing the [rows, classes] logits.
+    fn linear(&self, task: LinearTask<'_>, opts: &LossOptions) -> Result<LossOutput>;
 }
 
 /// The front door of every path: checks, then the path's own computation or a
 /// composition of it.
 pub(crate) fn evaluate<B: Native>(path: &B, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput> {
     let rows = check(&problem, opts)?;
+    if matches!(problem.logits, Logits::Linear(_)) {
+        return linear(path, problem, opts, rows);
+    }
     if matches!(problem.gradient, Gradient::Owned) {
         let mut grad = vec![0.0f32; problem.logits.len()];
         let mut out = evaluate(path, Problem { gradient: Gradient::IntoF32(&mut grad), ..problem }, opts)?;
@@ -103,6 +112,7 @@ pub(crate) fn empty(problem: &Problem<'_>, opts: &LossOptions) -> LossOutput {
         lse: (!backward && problem.lse).then(Vec::new),
         gradient: None,
         z_loss: if z_on { loss.map(|l| if l.is_nan() { l } else { 0.0 }) } else { None },
+        ..Default::default()
     }
 }
 
@@ -181,11 +191,12 @@ pub(crate) fn by_blocks<B: Native>(
         grad.resize(if want_grad { elems.len() } else { 0 }, 0.0);
         let out = {
             let block: &[f32] = match problem.logits.view() {
-                LogitsRef::F32(l) => &l[elems.clone()],
-                half @ LogitsRef::Half(..) => {
+                Some(LogitsRef::F32(l)) => &l[elems.clone()],
+                Some(half @ LogitsRef::Half(..)) => {
                     half.widen_into(elems.clone(), &mut wide);
                     &wide
                 }
+                None => unreachable!("a linear head is evaluated by front::linear"),
             };
             let sub = Problem {
                 logits: Logits::F32(block),
@@ -228,6 +239,7 @@ pub(crate) fn by_blocks<B: Native>(
         lse,
         gradient: None,
         z_loss: (reduced && any_z).then_some(z_loss as f32),
+        ..Default::default()
     })
 }
 
@@ -244,7 +256,7 @@ fn write_gradient(problem: &mut Problem<'_>, elems: std::ops::Range<usize>, grad
         (Gradient::InPlace, Logits::HalfMut(l, f)) => {
             l[elems].iter_mut().zip(grad).for_each(|(h, &x)| *h = f.from_f32(x));
         }
-        (Gradient::InPlace, _) | (Gradient::None | Gradient::Owned, _) => {}
+        (Gradient::InPlace, _) | (Gradient::None | Gradient::Owned | Gradient::Linear(_), _) => {}
     }
 }
 
@@ -256,4 +268,103 @@ impl<'a> Targets<'a> {
             Targets::I32(t) => Targets::I32(&t[range]),
         }
     }
+}
+
+/// One gradient of a linear head on its way to the caller: an f32 slice the path writes,
+/// then (for owned and half destinations) what happens to it.
+enum HeadDest<'a> {
+    Skip,
+    Owned(Vec<f32>),
+    IntoF32(&'a mut [f32]),
+    IntoHalf(Vec<f32>, &'a mut [u16]),
+}
+
+impl<'a> HeadDest<'a> {
+    fn new(to: GradientTo<'a>, len: usize) -> Self {
+        match to {
+            GradientTo::Skip => HeadDest::Skip,
+            GradientTo::Owned => HeadDest::Owned(vec![0.0; len]),
+            GradientTo::IntoF32(g) => HeadDest::IntoF32(g),
+            GradientTo::IntoHalf(g) => HeadDest::IntoHalf(vec![0.0; len], g),
+        }
+    }
+    fn slice(&mut self) -> Option<&mut [f32]> {
+        match self {
+            HeadDest::Skip => None,
+            HeadDest::Owned(g) | HeadDest::IntoHalf(g, _) => Some(g),
+            HeadDest::IntoF32(g) => Some(g),
+        }
+    }
+    /// Rounds a half destination once; returns an owned gradient.
+    fn finish(self, format: Option<crate::options::HalfFormat>) -> Option<Vec<f32>> {
+        match self {
+            HeadDest::Owned(g) => Some(g),
+            HeadDest::IntoHalf(g, out) => {
+                let f = format.expect("checked: half inputs");
+                out.iter_mut().zip(&g).for_each(|(h, &x)| *h = f.from_f32(x));
+                None
+            }
+            HeadDest::Skip | HeadDest::IntoF32(_) => None,
+        }
+    }
+}
+
+/// The front door of a linear head (checked by [`check`]): f32 destinations for every
+/// asked gradient, an empty batch answered here (zero `dW`, `db`), the path's
+/// [`Native::linear`], then owned gradients into the output and half ones rounded once.
+fn linear<B: Native>(path: &B, problem: Problem<'_>, opts: &LossOptions, rows: usize) -> Result<LossOutput> {
+    let empty_out = (rows == 0).then(|| empty(&problem, opts));
+    let want_rows = wants_row_losses(&problem, opts);
+    let want_lse = problem.lse;
+    let Problem {
+        logits: Logits::Linear(head),
+        classes,
+        labels: Labels::Classes(targets),
+        gradient,
+        mode,
+        ..
+    } = problem
+    else {
+        unreachable!("checked: a linear head with class-index targets")
+    };
+    let grads = match gradient {
+        Gradient::None => HeadGradients::default(),
+        Gradient::Owned => HeadGradients::owned(),
+        Gradient::Linear(g) => g,
+        _ => unreachable!("checked: no gradient over a linear head's logits"),
+    };
+    let d = head.dim;
+    let bias = if head.bias.is_some() { grads.bias } else { GradientTo::Skip };
+    let mut dh = HeadDest::new(grads.hidden, rows * d);
+    let mut dw = HeadDest::new(grads.weight, classes * d);
+    let mut db = HeadDest::new(bias, classes);
+    let backward = matches!(mode, Mode::Backward { .. });
+    if backward && dh.slice().is_none() && dw.slice().is_none() && db.slice().is_none() {
+        return Err(Error::InvalidOption("a backward produces a gradient: say where it goes".into()));
+    }
+    let mut out = if let Some(out) = empty_out {
+        for g in [dh.slice(), dw.slice(), db.slice()].into_iter().flatten() {
+            g.fill(0.0);
+        }
+        out
+    } else {
+        let task = LinearTask {
+            head,
+            rows,
+            classes,
+            batch: Batch::new(rows * classes, classes, targets, opts)?,
+            mode,
+            grad_hidden: dh.slice(),
+            grad_weight: dw.slice(),
+            grad_bias: db.slice(),
+            row_losses: want_rows,
+            lse: want_lse,
+        };
+        path.linear(task, opts)?
+    };
+    let format = head.dtype().half();
+    out.grad_hidden = dh.finish(format);
+    out.grad_weight = dw.finish(format);
+    out.grad_bias = db.finish(format);
+    Ok(out)
 }

@@ -44,6 +44,7 @@ mod cpu;
 mod error;
 mod front;
 pub mod gpu;
+mod head;
 pub mod npy;
 mod options;
 mod problem;
@@ -55,9 +56,12 @@ pub use error::{Error, Result};
 #[doc(hidden)]
 pub use front::set_block_elems;
 pub use gpu::GpuContext;
+pub use head::{GradientTo, HeadGradients, LinearHead, Values};
 pub use options::{
     Batch, DEFAULT_IGNORE_INDEX, HalfFormat, LossOptions, LossOutput, Reduction, Targets, Upstream,
     check_binary, check_soft,
 };
-pub use problem::{Cell, Dtype, Gradient, LabelKind, Labels, Logits, LogitsRef, Mode, Output, Problem};
+pub use problem::{
+    Cell, Dtype, Gradient, Input, LabelKind, Labels, Logits, LogitsRef, Mode, Output, Problem,
+};
 pub use row_state::RowState;

@@ -523,6 +523,13 @@ pub struct LossOutput {
     /// rows, divided under `mean` by their number, or by `n_items`), when z-loss is on
     /// and the loss is reduced (Liger's `return_z_loss`).
     pub z_loss: Option<f32>,
+    /// A linear head's `dh` [rows, dim], when asked for as
+    /// [`GradientTo::Owned`](crate::GradientTo::Owned).
+    pub grad_hidden: Option<Vec<f32>>,
+    /// A linear head's `dW` [classes, dim], when owned.
+    pub grad_weight: Option<Vec<f32>>,
+    /// A linear head's `db` [classes], when owned.
+    pub grad_bias: Option<Vec<f32>>,
 }
 
 /// A checked problem: the shape, the targets made ready for the kernels, and the

@@ -23,6 +23,7 @@
 //! the GPU, the fast CPU path and the reference.
 
 use crate::error::{Error, Result};
+use crate::head::{GradientTo, HeadGradients, LinearHead, Values};
 use crate::options::{HalfFormat, Targets, Upstream};
 
 /// The logits as the caller holds them: read-only, or mutable so that the gradient can be
@@ -37,67 +38,44 @@ pub enum Logits<'a> {
     F32Mut(&'a mut [f32]),
     /// f16 or bf16 logits that may be overwritten by the gradient (rounded once).
     HalfMut(&'a mut [u16], HalfFormat),
+    /// The logits of a linear head, `h Wᵀ + b`, never stored whole (see
+    /// [`Problem::linear`]).
+    Linear(LinearHead<'a>),
 }
 
-/// A read-only view of the logits, whatever their mutability.
-#[derive(Clone, Copy, Debug)]
-pub enum LogitsRef<'a> {
-    /// f32 logits.
-    F32(&'a [f32]),
-    /// Half-precision logits as raw bits.
-    Half(&'a [u16], HalfFormat),
-}
-
-impl LogitsRef<'_> {
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        match self {
-            LogitsRef::F32(l) => l.len(),
-            LogitsRef::Half(l, _) => l.len(),
-        }
-    }
-    /// True when there are no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// The element type.
-    pub fn dtype(&self) -> Dtype {
-        match self {
-            LogitsRef::F32(_) => Dtype::F32,
-            LogitsRef::Half(_, f) => Dtype::of(*f),
-        }
-    }
-    /// Element `range` widened to f32 into `out` (cleared first).
-    pub fn widen_into(&self, range: std::ops::Range<usize>, out: &mut Vec<f32>) {
-        out.clear();
-        match self {
-            LogitsRef::F32(l) => out.extend_from_slice(&l[range]),
-            LogitsRef::Half(l, f) => out.extend(l[range].iter().map(|&h| f.to_f32(h))),
-        }
-    }
-}
+/// A read-only view of plain logits, whatever their mutability.
+pub type LogitsRef<'a> = Values<'a>;
 
 impl<'a> Logits<'a> {
-    /// Number of elements.
+    /// Number of elements (rows × classes; for a linear head, of the logits it stands
+    /// for).
     pub fn len(&self) -> usize {
-        self.view().len()
+        match self {
+            Logits::Linear(head) => head.rows() * head.classes(),
+            _ => self.view().map_or(0, |v| v.len()),
+        }
     }
     /// True when there are no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// A read-only view.
-    pub fn view(&self) -> LogitsRef<'_> {
+    /// A read-only view of plain logits (`None` for a linear head, whose logits are
+    /// never stored).
+    pub fn view(&self) -> Option<LogitsRef<'_>> {
         match self {
-            Logits::F32(l) => LogitsRef::F32(l),
-            Logits::Half(l, f) => LogitsRef::Half(l, *f),
-            Logits::F32Mut(l) => LogitsRef::F32(l),
-            Logits::HalfMut(l, f) => LogitsRef::Half(l, *f),
+            Logits::F32(l) => Some(LogitsRef::F32(l)),
+            Logits::Half(l, f) => Some(LogitsRef::Half(l, *f)),
+            Logits::F32Mut(l) => Some(LogitsRef::F32(l)),
+            Logits::HalfMut(l, f) => Some(LogitsRef::Half(l, *f)),
+            Logits::Linear(_) => None,
         }
     }
-    /// The element type.
+    /// The element type (of `h` and `W` for a linear head).
     pub fn dtype(&self) -> Dtype {
-        self.view().dtype()
+        match self {
+            Logits::Linear(head) => head.dtype(),
+            _ => self.view().map_or(Dtype::F32, |v| v.dtype()),
+        }
     }
     /// Whether the gradient may be written over these logits.
     pub fn is_mut(&self) -> bool {
@@ -237,6 +215,9 @@ pub enum Gradient<'a> {
     /// Over the logits, in their own type (needs [`Logits::F32Mut`] or
     /// [`Logits::HalfMut`]).
     InPlace,
+    /// The gradients of a linear head ([`Logits::Linear`]): `dh`, `dW`, `db`, each where
+    /// asked. ([`Gradient::Owned`] with a linear head means all of them owned.)
+    Linear(HeadGradients<'a>),
 }
 
 /// How the problem is evaluated.
@@ -317,9 +298,16 @@ impl<'a> Problem<'a> {
         }
         self
     }
+    /// The loss of the linear head `h Wᵀ + b` against class indices, its logits never
+    /// stored: fused, no gradient ([`Gradient::Linear`] or [`Gradient::Owned`] asks for
+    /// `dh`, `dW`, `db`).
+    pub fn linear(head: LinearHead<'a>, targets: impl Into<Targets<'a>>) -> Self {
+        Self::new(Logits::Linear(head), head.classes(), Labels::Classes(targets.into()))
+    }
     /// The coordinates of this problem in the support matrix.
     pub fn cell(&self) -> Cell {
         Cell {
+            input: if matches!(self.logits, Logits::Linear(_)) { Input::Linear } else { Input::Logits },
             dtype: self.logits.dtype(),
             labels: self.labels.kind(),
             output: match (&self.mode, &self.gradient) {
@@ -329,6 +317,7 @@ impl<'a> Problem<'a> {
                 (_, Gradient::IntoF32(_)) => Output::IntoF32,
                 (_, Gradient::IntoHalf(_)) => Output::IntoHalf,
                 (_, Gradient::InPlace) => Output::InPlace,
+                (_, Gradient::Linear(g)) => g.output(),
             },
         }
     }
@@ -375,9 +364,20 @@ impl Output {
     }
 }
 
-/// A cell of the support matrix: element type × labels × output.
+/// What the loss is computed from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Input {
+    /// Logits [rows, classes].
+    Logits,
+    /// A linear head `h Wᵀ + b` ([`Logits::Linear`]).
+    Linear,
+}
+
+/// A cell of the support matrix: input × element type × labels × output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Cell {
+    /// Logits, or a linear head.
+    pub input: Input,
     /// The logits' element type.
     pub dtype: Dtype,
     /// The labels' kind.
@@ -388,7 +388,18 @@ pub struct Cell {
 
 impl std::fmt::Display for Cell {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} logits × {} × {}", self.dtype.name(), self.labels.name(), self.output.name())
+        match self.input {
+            Input::Logits => {
+                write!(f, "{} logits × {} × {}", self.dtype.name(), self.labels.name(), self.output.name())
+            }
+            Input::Linear => write!(
+                f,
+                "linear head of {} h and W × {} × {}",
+                self.dtype.name(),
+                self.labels.name(),
+                self.output.name()
+            ),
+        }
     }
 }
 
@@ -402,8 +413,23 @@ impl Cell {
                     if output == Output::IntoHalf && dtype == Dtype::F32 {
                         continue;
                     }
-                    cells.push(Cell { dtype, labels, output });
+                    cells.push(Cell { input: Input::Logits, dtype, labels, output });
                 }
+            }
+        }
+        cells
+    }
+
+    /// Every cell of the linear head: {f32, f16, bf16} `h` and `W` × class indices ×
+    /// {loss, gradients owned / into f32 / into the input's type, backward}.
+    pub fn linear() -> Vec<Cell> {
+        let mut cells = Vec::new();
+        for dtype in Dtype::ALL {
+            for output in [Output::Loss, Output::Owned, Output::IntoF32, Output::IntoHalf, Output::Backward] {
+                if output == Output::IntoHalf && dtype == Dtype::F32 {
+                    continue;
+                }
+                cells.push(Cell { input: Input::Linear, dtype, labels: LabelKind::Classes, output });
             }
         }
         cells
@@ -417,6 +443,13 @@ pub(crate) fn check_shape(p: &Problem<'_>) -> Result<usize> {
     let v = p.classes;
     if v == 0 {
         return Err(Error::InvalidOption("classes must be at least 1".into()));
+    }
+    if let Logits::Linear(head) = &p.logits {
+        check_head(p, head)?;
+    } else if matches!(p.gradient, Gradient::Linear(_)) {
+        return Err(Error::InvalidOption(
+            "Gradient::Linear is for a linear head (Logits::Linear); use Gradient::IntoF32 or InPlace".into(),
+        ));
     }
     let n = p.logits.len();
     let rows = match p.labels {
@@ -531,4 +564,55 @@ pub(crate) fn check_shape(p: &Problem<'_>) -> Result<usize> {
         }
     }
     Ok(rows)
+}
+
+/// The linear head's own checks: class-index targets, the head's shapes, the gradients'
+/// destinations (lengths, a half destination needs half inputs, `db` needs a bias), and
+/// no gradient over the logits (there are none).
+fn check_head(p: &Problem<'_>, head: &LinearHead<'_>) -> Result<()> {
+    let Labels::Classes(t) = p.labels else {
+        return Err(Error::InvalidOption(format!(
+            "the linear head takes class-index targets, not {}",
+            p.labels.kind().name()
+        )));
+    };
+    let (rows, v) = head.check(t.len())?;
+    if p.classes != v {
+        return Err(Error::Shape { what: "classes (the weight's rows)".into(), got: p.classes, expected: v });
+    }
+    let grads = match &p.gradient {
+        Gradient::None | Gradient::Owned => return Ok(()),
+        Gradient::Linear(g) => g,
+        _ => {
+            return Err(Error::InvalidOption(
+                "a linear head has no logits to write a gradient over or into: give Gradient::Linear \
+                 (dh, dW, db) or Gradient::Owned"
+                    .into(),
+            ));
+        }
+    };
+    let half = head.dtype() != Dtype::F32;
+    for (what, dest, len) in [
+        ("gradient of hidden", &grads.hidden, rows * head.dim),
+        ("gradient of weight", &grads.weight, v * head.dim),
+        ("gradient of bias", &grads.bias, v),
+    ] {
+        let got = match dest {
+            GradientTo::Skip | GradientTo::Owned => None,
+            GradientTo::IntoF32(g) => Some(g.len()),
+            GradientTo::IntoHalf(g) => Some(g.len()),
+        };
+        if got.is_some_and(|g| g != len) {
+            return Err(Error::Shape { what: what.into(), got: got.unwrap_or(0), expected: len });
+        }
+        if matches!(dest, GradientTo::IntoHalf(_)) && !half {
+            return Err(Error::InvalidOption(format!(
+                "a {what} in the input's half type needs half-precision h and W; use GradientTo::IntoF32"
+            )));
+        }
+    }
+    if head.bias.is_none() && matches!(grads.bias, GradientTo::IntoF32(_) | GradientTo::IntoHalf(_)) {
+        return Err(Error::InvalidOption("a gradient of the bias needs a bias in the head".into()));
+    }
+    Ok(())
 }

@@ -10,8 +10,8 @@
 mod common;
 
 use xent::{
-    Backend, Cell, Dtype, Error, Gradient, HalfFormat, LabelKind, Labels, Logits, LossOptions, LossOutput,
-    Output, Problem, Reduction, Upstream,
+    Backend, Cell, Dtype, Error, Gradient, HalfFormat, Input, LabelKind, Labels, Logits, LossOptions,
+    LossOutput, Output, Problem, Reduction, Upstream,
 };
 
 /// One problem's inputs, on values that every element type represents exactly.
@@ -272,8 +272,13 @@ fn cells_of_the_matrix() {
     let cells = Cell::all();
     // 3 types × 3 label kinds × 6 outputs, less the half destination of f32 logits.
     assert_eq!(cells.len(), 3 * 3 * 6 - 3);
-    let text =
-        Cell { dtype: Dtype::F16, labels: LabelKind::Probabilities, output: Output::InPlace }.to_string();
+    let text = Cell {
+        input: Input::Logits,
+        dtype: Dtype::F16,
+        labels: LabelKind::Probabilities,
+        output: Output::InPlace,
+    }
+    .to_string();
     assert_eq!(text, "float16 logits × probability targets × gradient in place");
     let _ = HalfFormat::F16;
 }

@@ -868,6 +868,7 @@ fn output(loss: Vec<f32>, lse: Vec<f32>, step: usize, batch: &Batch, opts: &Loss
         lse: opts.wants_lse().then_some(lse),
         gradient: None,
         z_loss,
+        ..Default::default()
     }
 }
 
@@ -1031,6 +1032,7 @@ pub fn binary_cross_entropy(
         lse: None,
         gradient: want_grad.then_some(grad),
         z_loss: None,
+        ..Default::default()
     })
 }
 
@@ -1159,6 +1161,7 @@ pub fn cross_entropy_soft(
         lse: opts.wants_lse().then_some(lses),
         gradient: want_grad.then_some(grad),
         z_loss,
+        ..Default::default()
     })
 }
 

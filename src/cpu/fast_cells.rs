@@ -66,6 +66,14 @@ impl Native for crate::CpuFast {
             _ => unreachable!("takes() accepted the problem"),
         }
     }
+
+    fn linear(&self, _task: crate::head::LinearTask<'_>, _opts: &LossOptions) -> Result<LossOutput> {
+        Err(crate::Error::Unsupported {
+            path: crate::Backend::describe(self),
+            cell: "linear head".into(),
+            why: "not yet implemented".into(),
+        })
+    }
 }
 
 /// Moves the gradient of `out` into the caller's slice, times the upstream gradient.

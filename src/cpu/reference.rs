@@ -61,6 +61,14 @@ impl Native for crate::Reference {
             Labels::Binary(t) => binary(e, t, opts),
         }
     }
+
+    fn linear(&self, _task: crate::head::LinearTask<'_>, _opts: &LossOptions) -> Result<LossOutput> {
+        Err(crate::Error::Unsupported {
+            path: crate::Backend::describe(self),
+            cell: "linear head".into(),
+            why: "not yet implemented".into(),
+        })
+    }
 }
 
 /// One evaluation of f32 logits [rows, v]: how, where the gradient goes, what to return.
@@ -108,6 +116,7 @@ fn output(
         lse: want.lse.then(|| lses.iter().map(|&l| l as f32).collect()),
         gradient: None,
         z_loss,
+        ..Default::default()
     }
 }
 

@@ -107,6 +107,7 @@ impl Native for GpuContext {
                             Logits::F32Mut(x) => Data::F32(x),
                             Logits::Half(x, f) => Data::Half(x, f),
                             Logits::HalfMut(x, f) => Data::Half(x, f),
+                            Logits::Linear(_) => unreachable!("a linear head goes to Native::linear"),
                         };
                         match gradient {
                             Gradient::IntoF32(g) => Io::Separate(data, GradOut::F32(g)),
@@ -146,6 +147,14 @@ impl Native for GpuContext {
                 self.binary(x, v, t, grad, upstream, backward, &o)
             }
         }
+    }
+
+    fn linear(&self, _task: crate::head::LinearTask<'_>, _opts: &LossOptions) -> Result<LossOutput> {
+        Err(crate::Error::Unsupported {
+            path: crate::Backend::describe(self),
+            cell: "linear head".into(),
+            why: "not yet implemented".into(),
+        })
     }
 }
 

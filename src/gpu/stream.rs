@@ -153,6 +153,7 @@ impl GpuContext {
             lse: outputs.lse,
             gradient: None,
             z_loss: None,
+            ..Default::default()
         })
     }
 
@@ -541,5 +542,6 @@ pub(crate) fn empty_output(opts: &LossOptions) -> LossOutput {
         lse: opts.wants_lse().then(Vec::new),
         gradient: opts.wants_gradient().then(Vec::new),
         z_loss: None,
+        ..Default::default()
     }
 }
