@@ -6,3 +6,4 @@
 pub(crate) mod fast;
 mod fast_cells;
 pub(crate) mod reference;
+mod reference_linear;

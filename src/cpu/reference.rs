@@ -62,12 +62,8 @@ impl Native for crate::Reference {
         }
     }
 
-    fn linear(&self, _task: crate::head::LinearTask<'_>, _opts: &LossOptions) -> Result<LossOutput> {
-        Err(crate::Error::Unsupported {
-            path: crate::Backend::describe(self),
-            cell: "linear head".into(),
-            why: "not yet implemented".into(),
-        })
+    fn linear(&self, task: crate::head::LinearTask<'_>, opts: &LossOptions) -> Result<LossOutput> {
+        super::reference_linear::linear(task, opts)
     }
 }
 
@@ -127,55 +123,103 @@ fn classes(e: Eval<'_, '_>, targets: Targets<'_>, opts: &LossOptions) -> Result<
     let (saved, upstream) = e.saved_and_upstream();
     let Eval { x, v, mode, grad, want } = e;
     let batch = Batch::new(x.len(), v, targets, opts)?;
-    let reduction = opts.get_reduction();
-    let eps = opts.get_label_smoothing();
-    let s = opts.get_z_loss();
-    let w = |c: usize| opts.get_weights().map_or(1.0, |w| f64::from(w[c]));
-    let total_w: f64 = (0..v).map(w).sum();
-    let mut losses = Vec::with_capacity(batch.rows);
-    let mut lses = Vec::with_capacity(batch.rows);
-    let (mut sum, mut z_sum) = (0.0f64, 0.0f64);
-    for (r, &t) in batch.targets.iter().enumerate() {
-        let z: Vec<f64> = x[r * v..(r + 1) * v].iter().map(|&x| transform(f64::from(x), opts).0).collect();
-        let l = match saved {
-            Some(saved) => f64::from(saved[r]),
-            None => lse_f64(&z),
-        };
-        lses.push(l);
-        if t == Batch::IGNORED {
-            losses.push(0.0);
-            continue;
+    let rows = ClassRows { batch: &batch, saved, upstream, opts };
+    let raw = |r: usize, z: &mut Vec<f64>| z.extend(x[r * v..(r + 1) * v].iter().map(|&x| f64::from(x)));
+    let out = match grad {
+        Some(grad) => {
+            let mut write = |r: usize, g: &[f64]| {
+                grad[r * v..(r + 1) * v].iter_mut().zip(g).for_each(|(o, &g)| *o = g as f32);
+            };
+            rows.evaluate(raw, Some(&mut write))
         }
-        let y = t as usize;
-        let mut loss = (1.0 - eps) * w(y) * (l - z[y]);
-        if eps > 0.0 {
-            loss += eps / v as f64 * (0..v).map(|c| w(c) * (l - z[c])).sum::<f64>();
-        }
-        if s > 0.0 {
-            loss += s * l * l;
-            z_sum += s * l * l;
-        }
-        sum += loss;
-        losses.push(loss);
-    }
-    if let Some(grad) = grad {
+        None => rows.evaluate(raw, None),
+    };
+    let (loss, z_loss) = batch.reduce_with_z(out.sum, out.z_sum, opts.get_reduction());
+    let z_loss = z_loss.filter(|_| opts.get_z_loss() > 0.0);
+    Ok(output(&out.losses, &out.lses, loss, z_loss, want, &mode))
+}
+
+/// Rows of class-index cross-entropy whose raw logits come from a function: the plain
+/// logits, or a linear head's products in f64.
+pub(crate) struct ClassRows<'a> {
+    /// The checked targets and denominators.
+    pub batch: &'a Batch,
+    /// The saved LSE of a backward, or `None` (computed).
+    pub saved: Option<&'a [f32]>,
+    /// The upstream gradient (1 when fused).
+    pub upstream: Upstream<'a>,
+    /// The options.
+    pub opts: &'a LossOptions,
+}
+
+/// What [`ClassRows::evaluate`] returns: per-row losses and LSE, the sum of the losses and
+/// of their z-loss terms.
+pub(crate) struct RowsOut {
+    pub losses: Vec<f64>,
+    pub lses: Vec<f64>,
+    pub sum: f64,
+    pub z_sum: f64,
+}
+
+impl ClassRows<'_> {
+    /// Evaluates every row: `raw(r, z)` appends row `r`'s raw logits (before scale and
+    /// softcap) to `z`; `grad`, when given, receives each row's ∂loss/∂x (times the
+    /// upstream gradient; zeros for an ignored row).
+    pub fn evaluate(
+        &self,
+        raw: impl Fn(usize, &mut Vec<f64>),
+        mut grad: Option<&mut dyn FnMut(usize, &[f64])>,
+    ) -> RowsOut {
+        let (batch, opts) = (self.batch, self.opts);
+        let v = batch.classes;
+        let reduction = opts.get_reduction();
+        let eps = opts.get_label_smoothing();
+        let s = opts.get_z_loss();
+        let w = |c: usize| opts.get_weights().map_or(1.0, |w| f64::from(w[c]));
+        let total_w: f64 = (0..v).map(w).sum();
         let d = batch.divisor(reduction);
         let ce_scale = if d != 0.0 { 1.0 / d } else { 0.0 };
         let z_scale = 1.0 / batch.z_divisor(reduction);
+        let mut out = RowsOut { losses: Vec::new(), lses: Vec::new(), sum: 0.0, z_sum: 0.0 };
+        let (mut x, mut g) = (Vec::with_capacity(v), vec![0.0f64; v]);
         for (r, &t) in batch.targets.iter().enumerate() {
-            let row = &mut grad[r * v..(r + 1) * v];
+            x.clear();
+            raw(r, &mut x);
+            let zs: Vec<(f64, f64)> = x.iter().map(|&x| transform(x, opts)).collect();
+            let z: Vec<f64> = zs.iter().map(|p| p.0).collect();
+            let l = match self.saved {
+                Some(saved) => f64::from(saved[r]),
+                None => lse_f64(&z),
+            };
+            out.lses.push(l);
             if t == Batch::IGNORED {
-                row.fill(0.0);
+                out.losses.push(0.0);
+                if let Some(grad) = grad.as_deref_mut() {
+                    g.fill(0.0);
+                    grad(r, &g);
+                }
                 continue;
             }
-            let (y, l, g) = (t as usize, lses[r], f64::from(upstream.of_row(r)));
+            let y = t as usize;
+            let mut loss = (1.0 - eps) * w(y) * (l - z[y]);
+            if eps > 0.0 {
+                loss += eps / v as f64 * (0..v).map(|c| w(c) * (l - z[c])).sum::<f64>();
+            }
+            if s > 0.0 {
+                loss += s * l * l;
+                out.z_sum += s * l * l;
+            }
+            out.sum += loss;
+            out.losses.push(loss);
+            let Some(grad) = grad.as_deref_mut() else { continue };
+            let up = f64::from(self.upstream.of_row(r));
             // d loss / d z_j = [p_j k − (1 − ε) w_y δ_jy − (ε / V) w_j] / D + 2 s lse p_j / D_z
             let mut k = (1.0 - eps) * w(y);
             if eps > 0.0 {
                 k += eps / v as f64 * total_w;
             }
-            for (c, out) in row.iter_mut().enumerate() {
-                let (z, dz) = transform(f64::from(x[r * v + c]), opts);
+            for (c, out) in g.iter_mut().enumerate() {
+                let (z, dz) = zs[c];
                 let p = (z - l).exp();
                 let mut ce = p * k;
                 if c == y {
@@ -188,13 +232,12 @@ fn classes(e: Eval<'_, '_>, targets: Targets<'_>, opts: &LossOptions) -> Result<
                 if s > 0.0 {
                     d += 2.0 * s * l * p * z_scale;
                 }
-                *out = (d * dz * g) as f32;
+                *out = d * dz * up;
             }
+            grad(r, &g);
         }
+        out
     }
-    let (loss, z_loss) = batch.reduce_with_z(sum, z_sum, reduction);
-    let z_loss = z_loss.filter(|_| s > 0.0);
-    Ok(output(&losses, &lses, loss, z_loss, want, &mode))
 }
 
 /// Probability targets: `t' = (1 − ε) t + ε/V`, row loss `Σ_c w_c t'_c (lse − z_c) + s lse²`,
