@@ -42,7 +42,8 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> targets: array<i32>;
 @group(0) @binding(3) var<storage, read> row_stats: array<vec2<f32>>;
-// The `mean` denominator (1 for sum/none), possibly computed on the device.
+// The `mean` denominator (1 for sum/none), possibly computed on the device, and the
+// factor of z_grad (1, or the ratio of the two `mean` denominators reduced on the device).
 @group(0) @binding(4) var<storage, read> norm: array<f32>;
 @group(0) @binding(5) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(6) var<storage, read> weights: array<f32>;
@@ -66,7 +67,7 @@ fn main(
     let tc = select(u32(t) - params.col_base, 0xffffffffu, ignored || u32(t) < params.col_base);
     let stats = row_stats[params.row_base + r];
     let o = LossOpts(params.logit_scale, params.softcap, params.smoothing, params.z_loss,
-                     params.z_grad, params.weight_total, params.classes);
+                     params.z_grad * norm[1], params.weight_total, params.classes);
     let has_w = params.has_weights != 0u;
     var w_y = 1.0;
     if (has_w && !ignored) {

@@ -76,7 +76,9 @@ struct Params {
 // (max, sum) of each row, for a later cross_entropy_backward.wgsl pass.
 @group(0) @binding(6) var<storage, read_write> row_stats: array<vec2<f32>>;
 // The `mean` denominator (1 for sum/none), possibly reduced on the device from
-// row_weights.wgsl: the gradient scale is grad_scale / norm[0].
+// row_weights.wgsl: the gradient scale is grad_scale / norm[0]. norm[1] multiplies
+// z_grad: 1, or the ratio of the two `mean` denominators reduced on the device (z-loss
+// with class weights, see LossOpts).
 @group(0) @binding(7) var<storage, read> norm: array<f32>;
 // Class weights [V] (a dummy without F_WEIGHTS).
 @group(0) @binding(8) var<storage, read> weights: array<f32>;
@@ -88,7 +90,7 @@ fn opts() -> LossOpts {
         select(0.0, params.softcap, has(F_SOFTCAP)),
         select(0.0, params.smoothing, has(F_SMOOTHING)),
         select(0.0, params.z_loss, has(F_Z_LOSS)),
-        select(0.0, params.z_grad, has(F_Z_LOSS)),
+        select(0.0, params.z_grad * norm[1], has(F_Z_LOSS)),
         select(f32(params.classes), params.weight_total, has(F_WEIGHTS)),
         params.classes);
 }

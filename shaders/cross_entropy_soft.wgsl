@@ -6,7 +6,8 @@
 // Pass 2 (gradient) reads both again and writes the gradient.
 // As a separate backward (FLAG_SAVED_LSE), the row's saved LSE replaces the one of pass 1
 // (p = exp(z - lse)) and nothing but the gradient is written; FLAG_PER_ROW multiplies
-// row r's gradient by upstream[r].
+// row r's gradient by upstream[r]. Rows count from the dispatch's first row in the
+// logits, targets and gradient, from `row_base` in row_loss, row_lse and upstream.
 
 #import part_tree
 #import row_state
@@ -24,7 +25,7 @@ struct Params {
     smoothing: f32,
     z_loss: f32,
     weight_total: f32,
-    _pad: u32,
+    row_base: u32,      // first row of the dispatch in row_loss, row_lse and upstream
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -94,7 +95,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // (a, b) are a Part's (wsum, aux).
     let row = merge_parts(lid, lid, WG, Part(RowState(m, total.x), total.z, total.y), true);
     let saved = (params.flags & FLAG_SAVED_LSE) != 0u;
-    let mx = select(row.st.max, row_lse[r], saved);
+    let mx = select(row.st.max, row_lse[params.row_base + r], saved);
     let log_s = select(log(row.st.sum), 0.0, saved);
     let lse = mx + log_s;
     let a_total = row.wsum;
@@ -103,8 +104,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         if (o.z_loss > 0.0) {
             loss += o.z_loss * lse * lse;
         }
-        row_loss[r] = loss;
-        row_lse[r] = lse;
+        row_loss[params.row_base + r] = loss;
+        row_lse[params.row_base + r] = lse;
     }
     if ((params.flags & FLAG_GRAD) == 0u) {
         return;
@@ -114,7 +115,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let inv_sum = select(1.0 / row.st.sum, 1.0, saved);
     var scale = params.grad_scale;
     if ((params.flags & FLAG_PER_ROW) != 0u) {
-        scale *= upstream[r];
+        scale *= upstream[params.row_base + r];
     }
     for (var c = lid; c < v; c += WG) {
         let x = logits[base + c];

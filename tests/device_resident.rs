@@ -1,13 +1,18 @@
-//! The device-resident API against the CPU reference, on every adapter.
+//! The device-resident API against the CPU reference, on every adapter: every cell of
+//! the support matrix ({f32, f16, bf16} × {i32, i64 class indices, probabilities, binary}
+//! × {loss, gradient into f32, in place, into half, backward}) under several option sets,
+//! odd and even V, chunked on a device with tiny limits, and the empty batch.
 
 mod common;
 
 use wgpu::util::DeviceExt;
 use xent::check::{Tolerance, compare};
-use xent::gpu::{DeviceGradient, DeviceLabels, DeviceLogits, DeviceProblem, DeviceWorkspace};
+use xent::gpu::{
+    DeviceGradient, DeviceLabels, DeviceLogits, DeviceMode, DeviceProblem, DeviceUpstream, DeviceWorkspace,
+};
 use xent::{
-    Backend, Cell, Dtype, Error, GpuContext, Gradient, LabelKind, Labels, Logits, LossOptions, LossOutput,
-    Output, Problem, Reduction, synth,
+    Backend, Cell, Dtype, Error, GpuContext, Gradient, HalfFormat, LabelKind, Labels, Logits, LossOptions,
+    LossOutput, Output, Problem, Reduction, Upstream, synth,
 };
 
 fn buffer(gpu: &GpuContext, data: &[u8]) -> wgpu::Buffer {
@@ -99,6 +104,7 @@ fn device_case(n: usize, v: usize) {
                             ),
                         },
                         z_loss: None,
+                        ..Default::default()
                     };
                     compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what}: {e}"));
                     let count = gpu.read_device_buffer(&out.loss, 2).unwrap()[1];
@@ -198,46 +204,6 @@ fn losses_first(want: &f32, got: f32) -> u32 {
     got.to_bits()
 }
 
-/// What the device path does not compute is a typed `Unsupported` naming the cell.
-#[test]
-fn device_path_names_the_cells_it_does_not_take() {
-    for gpu in common::gpus("device_path_names_the_cells") {
-        let logits = buffer(gpu, &[0u8; 4 * 10 * 4]);
-        let targets = buffer(gpu, &[0u8; 4 * 10 * 4]);
-        let mut workspace = DeviceWorkspace::new();
-        let cases = [
-            (Dtype::F16, DeviceLabels::ClassesI32 { buffer: &targets, offset: 0 }, LossOptions::new()),
-            (Dtype::F32, DeviceLabels::Probabilities { buffer: &targets, offset: 0 }, LossOptions::new()),
-            (Dtype::F32, DeviceLabels::Binary { buffer: &targets, offset: 0 }, LossOptions::new()),
-            (
-                Dtype::F32,
-                DeviceLabels::ClassesI32 { buffer: &targets, offset: 0 },
-                LossOptions::new().weights(vec![1.0; 10]).z_loss(1e-3),
-            ),
-        ];
-        for (dtype, labels, opts) in cases {
-            let problem = DeviceProblem {
-                logits: DeviceLogits { buffer: &logits, offset: 0, dtype },
-                rows: 4,
-                classes: 10,
-                labels,
-                gradient: DeviceGradient::None,
-                mode: Default::default(),
-            };
-            let mut enc = gpu.device().create_command_encoder(&Default::default());
-            match gpu.record(&mut enc, &problem, &opts, &mut workspace) {
-                Err(Error::Unsupported { path, cell, .. }) => {
-                    assert_eq!(path, "device-resident");
-                    assert_eq!(cell, problem.cell().to_string());
-                }
-                other => panic!("{}: expected Unsupported, got {:?}", problem.cell(), other.err()),
-            }
-        }
-        let cell = Cell { dtype: Dtype::F16, labels: LabelKind::Classes, output: Output::Loss };
-        assert_eq!(cell.to_string(), "float16 logits × class indices × loss only");
-    }
-}
-
 #[test]
 fn misaligned_or_short_device_buffers_are_errors() {
     for gpu in common::gpus("misaligned_or_short_device_buffers") {
@@ -327,5 +293,564 @@ fn options_case(n: usize, v: usize) {
             compare(&got, &want, Tolerance::F32)
                 .unwrap_or_else(|e| panic!("{name}, {n} x {v} on {}: {e}", common::name(gpu)));
         }
+    }
+}
+
+/// The labels of a device cell (class indices come as i32 or i64).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    I32,
+    I64,
+    Probabilities,
+    Binary,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [Kind::I32, Kind::I64, Kind::Probabilities, Kind::Binary];
+    fn label_kind(self) -> LabelKind {
+        match self {
+            Kind::I32 | Kind::I64 => LabelKind::Classes,
+            Kind::Probabilities => LabelKind::Probabilities,
+            Kind::Binary => LabelKind::Binary,
+        }
+    }
+}
+
+/// One problem's host inputs, on values every element type represents exactly.
+struct Fixture {
+    rows: usize,
+    classes: usize,
+    dtype: Dtype,
+    /// The logits as f32, already rounded to `dtype`.
+    logits: Vec<f32>,
+    bits: Vec<u16>,
+    targets: Vec<i64>,
+    probs: Vec<f32>,
+    binary: Vec<f32>,
+    upstream_rows: Vec<f32>,
+    upstream_elems: Vec<f32>,
+}
+
+impl Fixture {
+    fn new(rows: usize, classes: usize, dtype: Dtype, seed: u64) -> Self {
+        let raw = synth::logits(rows, classes, 2.0, seed);
+        let (logits, bits) = match dtype.half() {
+            None => (raw, Vec::new()),
+            Some(f) => {
+                let bits: Vec<u16> = raw.iter().map(|&x| f.from_f32(x)).collect();
+                (bits.iter().map(|&b| f.to_f32(b)).collect(), bits)
+            }
+        };
+        let mut targets = synth::targets(rows, classes, seed + 1);
+        targets.iter_mut().step_by(7).for_each(|t| *t = -100);
+        let u = synth::logits(rows, classes, 1.0, seed + 2);
+        let (probs, binary) = common::dense_targets(&u, classes);
+        let upstream_rows = (0..rows).map(|r| 0.5 + (r % 5) as f32 * 0.25).collect();
+        let upstream_elems = (0..rows * classes).map(|i| 0.25 + (i % 7) as f32 * 0.125).collect();
+        Self { rows, classes, dtype, logits, bits, targets, probs, binary, upstream_rows, upstream_elems }
+    }
+
+    /// The targets the host reference takes: a negative one (ignored on the device
+    /// whatever ignore_index is) carries the options' ignore_index.
+    fn host_targets(&self, opts: &LossOptions) -> Vec<i64> {
+        self.targets.iter().map(|&t| if t < 0 { opts.get_ignore_index() } else { t }).collect()
+    }
+
+    fn upstream(&self, kind: Kind, reduction: Reduction) -> Upstream<'_> {
+        match (reduction, kind) {
+            (Reduction::None, Kind::Binary) => Upstream::PerElement(&self.upstream_elems),
+            (Reduction::None, _) => Upstream::PerRow(&self.upstream_rows),
+            _ => Upstream::Scalar(0.75),
+        }
+    }
+}
+
+/// The option sets of a label kind.
+fn option_sets(kind: Kind, classes: usize) -> Vec<(&'static str, LossOptions)> {
+    let weights: Vec<f32> = (0..classes).map(|c| 0.25 + (c % 4) as f32 * 0.5).collect();
+    match kind.label_kind() {
+        LabelKind::Classes => vec![
+            ("plain", LossOptions::new()),
+            (
+                "weights + smoothing + ignore_index 3, sum",
+                LossOptions::new()
+                    .reduction(Reduction::Sum)
+                    .weights(weights.clone())
+                    .label_smoothing(0.1)
+                    .ignore_index(3),
+            ),
+            (
+                "z-loss + weights under mean without n_items",
+                LossOptions::new().weights(weights.clone()).z_loss(1e-2).label_smoothing(0.05),
+            ),
+            ("softcap + logit scale", LossOptions::new().softcap(5.0).logit_scale(1.5)),
+            (
+                "none + weights + z-loss",
+                LossOptions::new().reduction(Reduction::None).weights(weights).z_loss(1e-2),
+            ),
+        ],
+        LabelKind::Probabilities => vec![
+            ("plain", LossOptions::new()),
+            (
+                "sum + weights + smoothing + z-loss",
+                LossOptions::new()
+                    .reduction(Reduction::Sum)
+                    .weights(weights)
+                    .label_smoothing(0.1)
+                    .z_loss(1e-3),
+            ),
+            (
+                "none + softcap + logit scale",
+                LossOptions::new().reduction(Reduction::None).softcap(5.0).logit_scale(1.5),
+            ),
+            ("n_items", LossOptions::new().n_items(50.0)),
+        ],
+        LabelKind::Binary => vec![
+            ("plain", LossOptions::new()),
+            (
+                "sum + weights + pos_weight",
+                LossOptions::new()
+                    .reduction(Reduction::Sum)
+                    .weights(weights.clone())
+                    .pos_weight(weights.clone()),
+            ),
+            ("none + pos_weight", LossOptions::new().reduction(Reduction::None).pos_weight(weights)),
+            ("n_items", LossOptions::new().n_items(300.0)),
+        ],
+    }
+}
+
+/// What a device output should be compared on.
+#[derive(Clone, Debug, Default)]
+struct Got {
+    loss: Option<f32>,
+    row_losses: Option<Vec<f32>>,
+    lse: Option<Vec<f32>>,
+    gradient: Option<Vec<f32>>,
+}
+
+/// Bytes of 16-bit values, padded to whole words.
+fn half_bytes(bits: &[u16]) -> Vec<u8> {
+    let mut b: Vec<u8> = bytemuck::cast_slice(bits).to_vec();
+    b.resize(b.len().next_multiple_of(4).max(4), 0);
+    b
+}
+
+/// `count` 16-bit values from the start of a buffer.
+fn read_half(gpu: &GpuContext, buffer: &wgpu::Buffer, count: usize) -> Vec<u16> {
+    let words = gpu.read_device_buffer(buffer, count.div_ceil(2).max(1)).unwrap();
+    bytemuck::cast_slice::<f32, u16>(&words)[..count].to_vec()
+}
+
+/// Runs one cell on the device, with the logits at an aligned offset inside a larger
+/// buffer (guard values before and after, checked untouched).
+fn device_cell(
+    gpu: &GpuContext,
+    f: &Fixture,
+    kind: Kind,
+    output: Output,
+    opts: &LossOptions,
+    saved_lse: Option<&[f32]>,
+    ws: &mut DeviceWorkspace,
+) -> xent::Result<Got> {
+    let (n, v) = (f.rows, f.classes);
+    let elems = n * v;
+    let align = gpu.limits().min_storage_buffer_offset_alignment as usize;
+    let half = f.dtype.half();
+    // Logits at byte offset `align`, guards around them.
+    let (logits_buf, guard) = match half {
+        None => {
+            let mut arena = vec![f32::NAN; align / 4];
+            arena.extend_from_slice(&f.logits);
+            arena.extend_from_slice(&[7.0; 4]);
+            (buffer(gpu, bytemuck::cast_slice(&arena)), arena)
+        }
+        Some(_) => {
+            let mut arena = vec![0x7e01u16; align / 2];
+            arena.extend_from_slice(&f.bits);
+            arena.extend_from_slice(&[0x3c01; 4]);
+            let a: Vec<f32> = arena.iter().map(|&b| f32::from(b)).collect();
+            (buffer(gpu, &half_bytes(&arena)), a)
+        }
+    };
+    let t32: Vec<i32> = f.targets.iter().map(|&t| t as i32).collect();
+    let labels_buf = match kind {
+        Kind::I32 => buffer(gpu, bytemuck::cast_slice(&t32.iter().copied().chain([0]).collect::<Vec<_>>())),
+        Kind::I64 => {
+            buffer(gpu, bytemuck::cast_slice(&f.targets.iter().copied().chain([0]).collect::<Vec<_>>()))
+        }
+        Kind::Probabilities => {
+            buffer(gpu, bytemuck::cast_slice(&f.probs.iter().copied().chain([0.0]).collect::<Vec<_>>()))
+        }
+        Kind::Binary => {
+            buffer(gpu, bytemuck::cast_slice(&f.binary.iter().copied().chain([0.0]).collect::<Vec<_>>()))
+        }
+    };
+    let labels = match kind {
+        Kind::I32 => DeviceLabels::ClassesI32 { buffer: &labels_buf, offset: 0 },
+        Kind::I64 => DeviceLabels::ClassesI64 { buffer: &labels_buf, offset: 0 },
+        Kind::Probabilities => DeviceLabels::Probabilities { buffer: &labels_buf, offset: 0 },
+        Kind::Binary => DeviceLabels::Binary { buffer: &labels_buf, offset: 0 },
+    };
+    let grad_buf = buffer(gpu, &vec![0u8; (elems * 4).max(4)]);
+    let lse_buf = buffer(
+        gpu,
+        bytemuck::cast_slice(&saved_lse.unwrap_or(&[0.0]).iter().copied().chain([0.0]).collect::<Vec<_>>()),
+    );
+    let upstream = match f.upstream(kind, opts.get_reduction()) {
+        Upstream::Scalar(g) => (None, g),
+        Upstream::PerRow(g) | Upstream::PerElement(g) => (
+            Some(buffer(gpu, bytemuck::cast_slice(&g.iter().copied().chain([0.0]).collect::<Vec<_>>()))),
+            0.0,
+        ),
+    };
+    let mode = match output {
+        Output::Backward => DeviceMode::Backward {
+            lse: (kind != Kind::Binary).then_some((&lse_buf, 0)),
+            upstream: match (&upstream.0, kind) {
+                (None, _) => DeviceUpstream::Scalar(upstream.1),
+                (Some(b), Kind::Binary) => DeviceUpstream::PerElement { buffer: b, offset: 0 },
+                (Some(b), _) => DeviceUpstream::PerRow { buffer: b, offset: 0 },
+            },
+        },
+        _ => DeviceMode::Fused,
+    };
+    let gradient = match output {
+        Output::Loss => DeviceGradient::None,
+        Output::IntoF32 | Output::Backward => DeviceGradient::Into { buffer: &grad_buf, offset: 0 },
+        Output::IntoHalf => DeviceGradient::IntoHalf { buffer: &grad_buf, offset: 0 },
+        Output::InPlace => DeviceGradient::InPlace,
+        Output::Owned => unreachable!("no owned gradient on the device"),
+    };
+    let problem = DeviceProblem {
+        logits: DeviceLogits { buffer: &logits_buf, offset: align as u64, dtype: f.dtype },
+        rows: n,
+        classes: v,
+        labels,
+        gradient,
+        mode,
+    };
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let out = gpu.record(&mut enc, &problem, opts, ws)?;
+    gpu.queue().submit([enc.finish()]);
+    let backward = output == Output::Backward;
+    let ce = kind != Kind::Binary;
+    let reduced = opts.get_reduction() != Reduction::None;
+    let row_values = if ce { n } else { elems };
+    let mut got = Got {
+        loss: (!backward && reduced).then(|| gpu.read_device_loss(&out).unwrap()),
+        row_losses: (!backward && (ce || !reduced))
+            .then(|| gpu.read_device_buffer(&out.row_loss, row_values).unwrap()),
+        lse: (!backward && ce).then(|| gpu.read_device_buffer(&out.lse, n).unwrap()),
+        gradient: None,
+    };
+    // The whole logits buffer after the call: the gradient in place, and the guards.
+    let after: Vec<f32> = match half {
+        None => gpu.read_device_buffer(&logits_buf, guard.len()).unwrap(),
+        Some(_) => read_half(gpu, &logits_buf, guard.len()).iter().map(|&b| f32::from(b)).collect(),
+    };
+    let widen = |b: &[u16]| -> Vec<f32> { b.iter().map(|&x| half.unwrap().to_f32(x)).collect() };
+    let inner = align / if half.is_some() { 2 } else { 4 };
+    got.gradient = match output {
+        Output::Loss => None,
+        Output::IntoF32 | Output::Backward => Some(gpu.read_device_buffer(&grad_buf, elems).unwrap()),
+        Output::IntoHalf => Some(widen(&read_half(gpu, &grad_buf, elems))),
+        Output::InPlace => Some(match half {
+            None => after[inner..inner + elems].to_vec(),
+            Some(_) => widen(&after[inner..inner + elems].iter().map(|&x| x as u16).collect::<Vec<_>>()),
+        }),
+        Output::Owned => None,
+    };
+    // Nothing outside the logits changed; without a gradient in place, nothing at all.
+    let untouched: Vec<usize> = if output == Output::InPlace {
+        (0..inner).chain(inner + elems..guard.len()).collect()
+    } else {
+        (0..guard.len()).collect()
+    };
+    for i in untouched {
+        assert!(
+            after[i].to_bits() == guard[i].to_bits(),
+            "{} {kind:?} {output:?}: logits buffer element {i} changed",
+            common::name(gpu)
+        );
+    }
+    Ok(got)
+}
+
+/// The f64 reference on the widened values, through the front door.
+fn reference_cell(f: &Fixture, kind: Kind, output: Output, opts: &LossOptions, lse: Option<&[f32]>) -> Got {
+    let targets = f.host_targets(opts);
+    let labels = match kind {
+        Kind::I32 | Kind::I64 => Labels::from(&targets),
+        Kind::Probabilities => Labels::Probabilities(&f.probs),
+        Kind::Binary => Labels::Binary(&f.binary),
+    };
+    let mut grad = vec![f32::NAN; f.logits.len()];
+    let ce = kind != Kind::Binary;
+    let problem = Problem::new(Logits::F32(&f.logits), f.classes, labels);
+    let problem = match output {
+        Output::Backward => problem
+            .gradient(Gradient::IntoF32(&mut grad))
+            .backward(lse, f.upstream(kind, opts.get_reduction())),
+        Output::Loss => problem.row_losses(true).lse(ce),
+        _ => problem.row_losses(true).lse(ce).gradient(Gradient::IntoF32(&mut grad)),
+    };
+    let out = xent::Reference.evaluate(problem, opts).unwrap();
+    let backward = output == Output::Backward;
+    Got {
+        loss: out.loss,
+        row_losses: if backward { None } else { out.row_losses },
+        lse: if backward { None } else { out.lse },
+        gradient: (output != Output::Loss).then_some(grad),
+    }
+}
+
+fn close(got: f32, want: f32, rtol: f32, atol: f32) -> bool {
+    (got.is_nan() && want.is_nan()) || got == want || (got - want).abs() <= rtol * want.abs() + atol
+}
+
+/// The device's output against the reference's: the f32 tolerances (loss rtol 1e-5 with
+/// an atol floor of 1e-6, gradient atol 1e-6), a half destination those of its type.
+fn compare_cell(got: &Got, want: &Got, dtype: Dtype, output: Output) -> Result<(), String> {
+    match (got.loss, want.loss) {
+        (Some(a), Some(b)) if close(a, b, 1e-5, 1e-6) => {}
+        (None, None) => {}
+        (a, b) => return Err(format!("loss: got {a:?}, want {b:?}")),
+    }
+    for (what, a, b) in [("row losses", &got.row_losses, &want.row_losses), ("lse", &got.lse, &want.lse)] {
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                if let Some(i) = (0..b.len()).find(|&i| !close(a[i], b[i], 1e-5, 1e-6)) {
+                    return Err(format!("{what}[{i}]: got {}, want {}", a[i], b[i]));
+                }
+            }
+            (None, _) => {}
+            (Some(_), None) => return Err(format!("{what}: the reference has none")),
+        }
+    }
+    let half_out = matches!(output, Output::IntoHalf | Output::InPlace) && dtype != Dtype::F32;
+    let (rtol, atol) = match (half_out, dtype) {
+        (false, _) => (0.0, 1e-6),
+        (true, Dtype::Bf16) => (1.6e-2, 1e-5),
+        (true, _) => (1e-3, 1e-5),
+    };
+    match (&got.gradient, &want.gradient) {
+        (Some(a), Some(b)) => {
+            if let Some(i) = (0..a.len()).find(|&i| !close(a[i], b[i], rtol, atol)) {
+                return Err(format!("gradient[{i}]: got {}, want {}", a[i], b[i]));
+            }
+        }
+        (None, None) => {}
+        _ => return Err("gradient present on one side only".into()),
+    }
+    Ok(())
+}
+
+/// The outputs of a cell of `dtype`: a half destination for half logits only.
+fn outputs(dtype: Dtype) -> Vec<Output> {
+    let mut o = vec![Output::Loss, Output::IntoF32, Output::InPlace, Output::Backward];
+    if dtype != Dtype::F32 {
+        o.push(Output::IntoHalf);
+    }
+    o
+}
+
+/// The saved LSE of a cross-entropy backward: the reference's, rounded to f32.
+fn saved_lse(f: &Fixture, kind: Kind, opts: &LossOptions) -> Option<Vec<f32>> {
+    (kind != Kind::Binary).then(|| reference_cell(f, kind, Output::Loss, opts, None).lse.unwrap())
+}
+
+/// Walks every device cell over the shapes on `gpu`; returns the failures.
+fn walk_cells(gpu: &GpuContext, shapes: &[(usize, usize)], ws: &mut DeviceWorkspace) -> Vec<String> {
+    let mut failures = Vec::new();
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+        for &(n, v) in shapes {
+            let f = Fixture::new(n, v, dtype, 17 + v as u64);
+            for kind in Kind::ALL {
+                for (name, opts) in option_sets(kind, v) {
+                    let lse = saved_lse(&f, kind, &opts);
+                    for output in outputs(dtype) {
+                        let cell =
+                            Cell { input: xent::Input::Logits, dtype, labels: kind.label_kind(), output };
+                        let what = format!("{} {cell} ({kind:?}, {n}x{v}, {name})", common::name(gpu));
+                        let want = reference_cell(&f, kind, output, &opts, lse.as_deref());
+                        match device_cell(gpu, &f, kind, output, &opts, lse.as_deref(), ws) {
+                            Ok(got) => {
+                                if let Err(e) = compare_cell(&got, &want, dtype, output) {
+                                    failures.push(format!("{what}: {e}"));
+                                }
+                            }
+                            Err(e) => failures.push(format!("{what}: error {e}")),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    failures
+}
+
+#[test]
+fn every_device_cell_matches_the_reference_on_every_adapter() {
+    for gpu in common::gpus("every_device_cell_matches_the_reference") {
+        let mut ws = DeviceWorkspace::new();
+        // Even and odd V (odd half rows start mid-word); 3 long rows take the row grid.
+        let failures = walk_cells(gpu, &[(37, 50), (29, 33), (3, 2100)], &mut ws);
+        assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    }
+}
+
+#[test]
+fn every_device_cell_matches_the_reference_in_chunks_on_a_tiny_device() {
+    let Some(tiny) = common::tiny_device(common::gpus("device_cells_in_chunks_on_a_tiny_device")) else {
+        return;
+    };
+    let mut ws = DeviceWorkspace::new();
+    // 64 KiB bindings and 7 workgroups a dimension: several chunks of rows, of elements.
+    let failures = walk_cells(&tiny, &[(300, 70), (211, 67)], &mut ws);
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn an_empty_batch_gives_nan_for_mean_and_zero_for_sum_on_the_device() {
+    for gpu in common::gpus("an_empty_batch_on_the_device") {
+        let mut ws = DeviceWorkspace::new();
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            let f = Fixture::new(0, 5, dtype, 3);
+            for kind in Kind::ALL {
+                for (reduction, want) in [(Reduction::Mean, f32::NAN), (Reduction::Sum, 0.0)] {
+                    let opts = LossOptions::new().reduction(reduction);
+                    for output in [Output::Loss, Output::IntoF32, Output::InPlace] {
+                        let got = device_cell(gpu, &f, kind, output, &opts, None, &mut ws).unwrap();
+                        let loss = got.loss.unwrap();
+                        assert!(
+                            loss.to_bits() == want.to_bits() || (loss.is_nan() && want.is_nan()),
+                            "{kind:?} {reduction:?} {output:?}: {loss}"
+                        );
+                        let host = reference_cell(&f, kind, output, &opts, None).loss.unwrap();
+                        assert_eq!(
+                            host.is_nan(),
+                            loss.is_nan(),
+                            "{kind:?} {reduction:?}: the reference gives {host}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Repeated recordings of one shape reuse the workspace's buffers, in every kind and
+/// output, half logits (widened chunks, half gradients) included.
+#[test]
+fn repeated_recordings_of_every_cell_create_no_buffer() {
+    for gpu in common::gpus("repeated_recordings_of_every_cell") {
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+            for v in [50, 33] {
+                let f = Fixture::new(23, v, dtype, 5);
+                for kind in Kind::ALL {
+                    for (name, opts) in option_sets(kind, v) {
+                        let lse = saved_lse(&f, kind, &opts);
+                        for output in outputs(dtype) {
+                            let mut ws = DeviceWorkspace::new();
+                            let mut after_first = 0;
+                            for i in 0..3 {
+                                device_cell(gpu, &f, kind, output, &opts, lse.as_deref(), &mut ws).unwrap();
+                                if i == 0 {
+                                    after_first = ws.buffer_allocations();
+                                }
+                            }
+                            assert_eq!(
+                                ws.buffer_allocations(),
+                                after_first,
+                                "{} {dtype:?} {kind:?} {output:?} {name}: later recordings created buffers",
+                                common::name(gpu)
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Inputs a cell cannot take are typed errors, before anything is recorded.
+#[test]
+fn device_inputs_that_do_not_fit_the_cell_are_typed_errors() {
+    for gpu in common::gpus("device_inputs_that_do_not_fit_the_cell") {
+        let logits = buffer(gpu, &[0u8; 4 * 10 * 4]);
+        let dense = buffer(gpu, &[0u8; 4 * 10 * 4]);
+        let mut ws = DeviceWorkspace::new();
+        let base = DeviceProblem {
+            logits: DeviceLogits { buffer: &logits, offset: 0, dtype: Dtype::F32 },
+            rows: 4,
+            classes: 10,
+            labels: DeviceLabels::ClassesI32 { buffer: &dense, offset: 0 },
+            gradient: DeviceGradient::None,
+            mode: Default::default(),
+        };
+        let backward = |lse, upstream| DeviceMode::Backward { lse, upstream };
+        let cases: Vec<(&str, DeviceProblem<'_>, LossOptions)> = vec![
+            (
+                "f32 logits into half",
+                DeviceProblem { gradient: DeviceGradient::IntoHalf { buffer: &dense, offset: 0 }, ..base },
+                LossOptions::new(),
+            ),
+            (
+                "backward without a gradient",
+                DeviceProblem { mode: backward(Some((&dense, 0)), DeviceUpstream::Scalar(1.0)), ..base },
+                LossOptions::new(),
+            ),
+            (
+                "cross-entropy backward without an LSE",
+                DeviceProblem {
+                    mode: backward(None, DeviceUpstream::Scalar(1.0)),
+                    gradient: DeviceGradient::InPlace,
+                    ..base
+                },
+                LossOptions::new(),
+            ),
+            (
+                "binary backward with an LSE",
+                DeviceProblem {
+                    labels: DeviceLabels::Binary { buffer: &dense, offset: 0 },
+                    mode: backward(Some((&dense, 0)), DeviceUpstream::Scalar(1.0)),
+                    gradient: DeviceGradient::InPlace,
+                    ..base
+                },
+                LossOptions::new(),
+            ),
+            (
+                "binary backward per row",
+                DeviceProblem {
+                    labels: DeviceLabels::Binary { buffer: &dense, offset: 0 },
+                    mode: backward(None, DeviceUpstream::PerRow { buffer: &dense, offset: 0 }),
+                    gradient: DeviceGradient::InPlace,
+                    ..base
+                },
+                LossOptions::new(),
+            ),
+            ("pos_weight with class indices", base, LossOptions::new().pos_weight(vec![1.0; 10])),
+            (
+                "label smoothing with binary targets",
+                DeviceProblem { labels: DeviceLabels::Binary { buffer: &dense, offset: 0 }, ..base },
+                LossOptions::new().label_smoothing(0.1),
+            ),
+        ];
+        for (what, problem, opts) in cases {
+            let mut enc = gpu.device().create_command_encoder(&Default::default());
+            match gpu.record(&mut enc, &problem, &opts, &mut ws) {
+                Err(Error::InvalidOption(_)) => {}
+                other => panic!("{what}: expected InvalidOption, got {:?}", other.err()),
+            }
+        }
+        // Probabilities are 4 bytes a logit.
+        let short = buffer(gpu, &[0u8; 4 * 10 * 4 - 4]);
+        let problem =
+            DeviceProblem { labels: DeviceLabels::Probabilities { buffer: &short, offset: 0 }, ..base };
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let e = gpu.record(&mut enc, &problem, &LossOptions::new(), &mut ws);
+        assert!(matches!(e, Err(Error::Shape { .. })), "{:?}", e.err());
+        let _ = HalfFormat::F16;
     }
 }

@@ -150,8 +150,8 @@ fn shared_constants_have_the_hosts_values() {
             checked += 1;
         }
     }
-    // 16 rows variants × 11 + backward 3 + reduce 1 + soft 3 + binary 3.
-    assert_eq!(checked, 16 * 11 + 10);
+    // 16 rows variants × 11 + backward 3 + reduce 1 + soft 3 + binary 3 + convert 4 + row map 2.
+    assert_eq!(checked, 16 * 11 + 16);
 }
 
 /// The pipeline constants the host sets are exactly the module's overrides (wgpu rejects

@@ -78,7 +78,7 @@ impl GpuContext {
             crate::Upstream::Scalar(g) => (g * inv, 0),
             crate::Upstream::PerRow(_) | crate::Upstream::PerElement(_) => (inv, 1),
         };
-        self.queue.write_buffer(ws.norm.get(), 0, bytemuck::bytes_of(&1.0f32));
+        self.queue.write_buffer(ws.norm.get(), 0, bytemuck::cast_slice(&[1.0f32, 1.0]));
         if let Some(w) = opts.get_weights() {
             self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
         }

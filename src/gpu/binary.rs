@@ -10,7 +10,7 @@ use crate::options::{LossOptions, LossOutput, Reduction, Upstream};
 
 use super::buffers::{Recorder, Slot, bind, groups_x};
 use super::context::GpuContext;
-use super::kernels::{BinaryParams, NO_INDEX};
+use super::kernels::{BINARY_GRAD, BINARY_LOSSES, BINARY_UPSTREAM, BinaryParams, Kernels, NO_INDEX};
 use super::plan::{Plan, Streamed};
 use super::reduce::reduce_levels;
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
@@ -18,7 +18,7 @@ use super::workspace::{BinaryWorkspace, Workspace};
 
 /// What a binary call streams besides the logits and targets.
 #[derive(Clone, Copy)]
-struct Shape {
+pub(crate) struct Shape {
     classes: usize,
     grad: bool,
     /// The element losses (`none`).
@@ -32,6 +32,33 @@ struct Shape {
 }
 
 impl Shape {
+    /// What a binary evaluation computes (the device-resident path's shape).
+    pub(crate) fn new(
+        classes: usize,
+        grad: bool,
+        losses: bool,
+        per_element: bool,
+        weights: bool,
+        pos_weight: bool,
+    ) -> Self {
+        Self { classes, grad, losses, per_element, total: true, weights, pos_weight }
+    }
+
+    /// The `BINARY_*` flags of `binary_cross_entropy.wgsl`.
+    pub(crate) fn flags(self) -> u32 {
+        let mut flags = 0;
+        if self.grad {
+            flags |= BINARY_GRAD;
+        }
+        if self.losses {
+            flags |= BINARY_LOSSES;
+        }
+        if self.per_element {
+            flags |= BINARY_UPSTREAM;
+        }
+        flags
+    }
+
     fn streamed(self) -> Streamed {
         Streamed::Binary {
             inputs: 2 + u32::from(self.per_element),
@@ -200,7 +227,6 @@ impl GpuContext {
     ) -> Result<f32> {
         let BinaryIo { mut grad, upstream } = io;
         let classes = plan.classes;
-        let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let [bce_bg, partials_bg, sums_bg] = ws.groups.as_ref().expect("prepared");
         if let Some(w) = opts.get_weights() {
@@ -209,9 +235,7 @@ impl GpuContext {
         if let Some(w) = opts.get_pos_weight() {
             self.queue.write_buffer(ws.pos_weight.get(), 0, bytemuck::cast_slice(w));
         }
-        // 1: gradient, 2: element losses, 4: per-element upstream gradient.
-        let flags =
-            u32::from(shape.grad) | (u32::from(shape.losses) << 1) | (u32::from(shape.per_element) << 2);
+        let flags = shape.flags();
         let scale = match upstream {
             Upstream::Scalar(g) => (1.0 / denom) as f32 * g,
             _ => (1.0 / denom) as f32,
@@ -229,7 +253,6 @@ impl GpuContext {
                 l[span.clone()].copy_from_slice(&f[at..at + span.len()]);
             }
         };
-        let per_group = 4 * wg as usize;
         for (c, chunk) in plan.chunks().enumerate() {
             let slot = ring.next_slot(&mut copy)?;
             let span = chunk.span(classes);
@@ -239,23 +262,12 @@ impl GpuContext {
             if let (Upstream::PerElement(g) | Upstream::PerRow(g), true) = (upstream, shape.per_element) {
                 self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[span.clone()]));
             }
-            let wgs = count.div_ceil(per_group) as u64;
-            let params = BinaryParams {
-                count: count as u32,
-                col_start: (span.start % classes) as u32,
-                classes: classes as u32,
-                groups_x: groups_x(wgs, max_dim),
-                scale,
-                has_weights: u32::from(shape.weights),
-                has_pos_weight: u32::from(shape.pos_weight),
-                flags,
-            };
+            let piece = BinaryPiece { count, col_start: span.start % classes, flags, scale };
             let mut rec = Recorder::new(&self.device, &self.limits);
-            rec.dispatch(&self.kernels.binary, bce_bg, &params, wgs);
-            if shape.total {
-                let levels = reduce_levels(wgs, 0, wg, max_dim, 1.0, NO_INDEX);
-                levels.record(&mut rec, &self.kernels, partials_bg);
-                rec.copy(ws.partials.get(), u64::from(levels.result) * 4, ws.sums.get(), c as u64 * 4, 4);
+            let sum =
+                record_binary_piece(&mut rec, &self.kernels, [bce_bg, partials_bg], piece, shape, max_dim);
+            if let Some(sum) = sum {
+                rec.copy(ws.partials.get(), u64::from(sum) * 4, ws.sums.get(), c as u64 * 4, 4);
             }
             let rb = ring.readback(slot);
             let bytes = count as u64 * 4;
@@ -283,4 +295,48 @@ impl GpuContext {
 pub(crate) struct BinaryIo<'a> {
     grad: Option<&'a mut [f32]>,
     upstream: Upstream<'a>,
+}
+
+/// One flat piece of the [N, V] logits for `binary_cross_entropy.wgsl`.
+pub(crate) struct BinaryPiece {
+    /// Elements.
+    pub count: usize,
+    /// Class of the first element.
+    pub col_start: usize,
+    /// `BINARY_*` flags.
+    pub flags: u32,
+    /// The gradient's scale.
+    pub scale: f32,
+}
+
+/// Records the binary kernel over one piece (bound by `bce_bg`) and, when the shape wants
+/// the total, the tree sum of its workgroups' partial sums (bound by `partials_bg`);
+/// returns the element of the partials buffer that holds the piece's sum. Shared by the host stream and the device-resident
+/// path.
+pub(crate) fn record_binary_piece(
+    rec: &mut Recorder<'_>,
+    kernels: &Kernels,
+    [bce_bg, partials_bg]: [&wgpu::BindGroup; 2],
+    piece: BinaryPiece,
+    shape: Shape,
+    max_dim: u32,
+) -> Option<u32> {
+    let wg = kernels.workgroup_size;
+    let wgs = piece.count.div_ceil(4 * wg as usize) as u64;
+    let params = BinaryParams {
+        count: piece.count as u32,
+        col_start: piece.col_start as u32,
+        classes: shape.classes.max(1) as u32,
+        groups_x: groups_x(wgs, max_dim),
+        scale: piece.scale,
+        has_weights: u32::from(shape.weights),
+        has_pos_weight: u32::from(shape.pos_weight),
+        flags: piece.flags,
+    };
+    rec.dispatch(&kernels.binary, bce_bg, &params, wgs);
+    shape.total.then(|| {
+        let levels = reduce_levels(wgs, 0, wg, max_dim, 1.0, NO_INDEX);
+        levels.record(rec, kernels, partials_bg);
+        levels.result
+    })
 }

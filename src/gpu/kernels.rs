@@ -146,6 +146,21 @@ pub(crate) const BINARY_LOSSES: u32 = 2;
 /// Multiply each gradient by `upstream[i]`.
 pub(crate) const BINARY_UPSTREAM: u32 = 4;
 
+/// `ConvertParams::flags` modes (`MODE_*` of `convert_half.wgsl`): half → f32.
+pub(crate) const CONVERT_WIDEN: u32 = 0;
+/// f32 → half, rounded once, keeping the other half of a word at either end.
+pub(crate) const CONVERT_NARROW: u32 = 1;
+/// f32 bits copied over 32-bit words.
+pub(crate) const CONVERT_COPY: u32 = 2;
+/// The 16-bit values are bf16 (`FLAG_BF16`).
+pub(crate) const CONVERT_BF16: u32 = 4;
+
+/// `RowMapParams::mode` values (`MODE_*` of `row_map.wgsl`): (lse, 1) statistics of a
+/// saved LSE.
+pub(crate) const ROW_MAP_STATS: u32 = 0;
+/// The cross-entropy and z-loss parts of each row loss.
+pub(crate) const ROW_MAP_Z_SPLIT: u32 = 1;
+
 /// Gradient modes of the kernels (`GRAD_*` of grad_mode.wgsl).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -434,7 +449,31 @@ pub(crate) struct SoftParams {
     pub smoothing: f32,
     pub z_loss: f32,
     pub weight_total: f32,
-    pub _pad: u32,
+    /// First row of the dispatch in `row_loss`, `row_lse` and `upstream` (the logits,
+    /// targets and gradient bindings start at the dispatch's first row).
+    pub row_base: u32,
+}
+
+/// `Params` of `convert_half.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct ConvertParams {
+    pub first: u32,
+    pub count: u32,
+    pub groups_x: u32,
+    /// `CONVERT_*`: a mode, and the bf16 bit.
+    pub flags: u32,
+}
+
+/// `Params` of `row_map.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct RowMapParams {
+    pub rows: u32,
+    pub groups_x: u32,
+    /// `ROW_MAP_*`.
+    pub mode: u32,
+    pub scale: f32,
 }
 
 /// `divisor_index` meaning "use the uniform divisor" (`NO_INDEX` of reduce_sum.wgsl).
@@ -632,9 +671,11 @@ fn params_layouts() -> HashMap<&'static str, ParamsLayout> {
                 smoothing,
                 z_loss,
                 weight_total,
-                _pad,
+                row_base,
             }),
         ),
+        ("convert_half", params_layout!(ConvertParams { first, count, groups_x, flags })),
+        ("row_map", params_layout!(RowMapParams { rows, groups_x, mode, scale })),
         ("bench_copy", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),
         ("bench_read", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),
     ])
@@ -694,7 +735,7 @@ pub fn shaders() -> Vec<Shader> {
             });
         }
     }
-    let others: [(&str, Vec<(&'static str, u32)>); 10] = [
+    let others: [(&str, Vec<(&'static str, u32)>); 12] = [
         ("row_partials", vec![]),
         ("merge_partials", vec![]),
         ("cross_entropy_backward", grad_modes.to_vec()),
@@ -717,6 +758,16 @@ pub fn shaders() -> Vec<Shader> {
                 ("FLAG_UPSTREAM", BINARY_UPSTREAM),
             ],
         ),
+        (
+            "convert_half",
+            vec![
+                ("MODE_WIDEN", CONVERT_WIDEN),
+                ("MODE_NARROW", CONVERT_NARROW),
+                ("MODE_COPY", CONVERT_COPY),
+                ("FLAG_BF16", CONVERT_BF16),
+            ],
+        ),
+        ("row_map", vec![("MODE_STATS", ROW_MAP_STATS), ("MODE_Z_SPLIT", ROW_MAP_Z_SPLIT)]),
         ("bench_copy", vec![]),
         ("bench_read", vec![]),
     ];
@@ -932,6 +983,8 @@ pub(crate) struct Kernels {
     pub narrow: Kernel,
     pub binary: Kernel,
     pub soft: Kernel,
+    pub convert: Kernel,
+    pub row_map: Kernel,
     /// Workgroup size of every kernel (a power of two).
     pub workgroup_size: u32,
 }
@@ -948,7 +1001,7 @@ impl Kernels {
         let rows = Kernel::layout_only::<RowParams>(
             device,
             "cross_entropy_rows",
-            &[(RW, 0), (RO, 4), (RW, 4), (RW, 4), (RW, 0), (RW, 8), (RO, 4), (RO, 4)],
+            &[(RW, 0), (RO, 4), (RW, 4), (RW, 4), (RW, 0), (RW, 8), (RO, 8), (RO, 4)],
         );
         let rows_variants = RowsVariants {
             layout: rows.layout.clone(),
@@ -983,7 +1036,7 @@ impl Kernels {
                 "cross_entropy_backward",
                 wgsl::file("cross_entropy_backward"),
                 // logits (gradient in place), targets, row_stats, norm, grad, weights, upstream
-                &[(RW, 4), (RO, 4), (RO, 8), (RO, 4), (RW, 4), (RO, 4), (RO, 4)],
+                &[(RW, 4), (RO, 4), (RO, 8), (RO, 8), (RW, 4), (RO, 4), (RO, 4)],
                 wg,
             ),
             // data
@@ -1024,6 +1077,22 @@ impl Kernels {
                 "cross_entropy_soft",
                 wgsl::file("cross_entropy_soft"),
                 &[(RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RO, 4), (RO, 4)],
+                wg,
+            ),
+            // 16-bit words, f32 values
+            convert: Kernel::new::<ConvertParams>(
+                device,
+                "convert_half",
+                wgsl::file("convert_half"),
+                &[(RW, 4), (RW, 4)],
+                wg,
+            ),
+            // a, b, c, out
+            row_map: Kernel::new::<RowMapParams>(
+                device,
+                "row_map",
+                wgsl::file("row_map"),
+                &[(RO, 4), (RO, 4), (RO, 4), (RW, 4)],
                 wg,
             ),
             workgroup_size: wg,

@@ -10,11 +10,54 @@ use crate::problem::Mode;
 
 use super::buffers::{Recorder, Slot, bind, groups_x};
 use super::context::GpuContext;
-use super::kernels::{KernelOpts, NO_INDEX, SoftParams};
+use super::kernels::{KernelOpts, NO_INDEX, SOFT_GRAD, SOFT_PER_ROW, SOFT_SAVED_LSE, SoftParams};
 use super::plan::{GradKind, Plan, Streamed};
 use super::reduce::reduce_levels;
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
 use super::workspace::{SoftWorkspace, Workspace};
+
+/// The `SOFT_*` flags and the gradient scale of `cross_entropy_soft.wgsl` for a gradient
+/// (`grad`), a saved LSE (`saved`) and `upstream`, under the `mean` denominator `d` (1
+/// otherwise). Shared by the host stream and the device-resident path.
+pub(crate) fn soft_flags(grad: bool, saved: bool, upstream: Upstream<'_>, d: f64) -> (u32, f32) {
+    let mut flags = if grad { SOFT_GRAD } else { 0 };
+    let mut scale = (1.0 / d) as f32;
+    match upstream {
+        Upstream::Scalar(g) => scale *= g,
+        Upstream::PerRow(_) | Upstream::PerElement(_) => flags |= SOFT_PER_ROW,
+    }
+    if saved {
+        flags |= SOFT_SAVED_LSE;
+    }
+    (flags, scale)
+}
+
+/// The parameters of `cross_entropy_soft.wgsl` over `rows` rows of `classes`, the first
+/// at `row_base` of the per-row bindings (one workgroup per row, folded into 2D).
+pub(crate) fn soft_params(
+    k: &KernelOpts,
+    rows: usize,
+    classes: usize,
+    row_base: usize,
+    flags: u32,
+    grad_scale: f32,
+    max_dim: u32,
+) -> SoftParams {
+    SoftParams {
+        rows: rows as u32,
+        classes: classes as u32,
+        groups_x: groups_x(rows as u64, max_dim),
+        flags,
+        has_weights: k.has_weights,
+        grad_scale,
+        logit_scale: k.logit_scale,
+        softcap: k.softcap,
+        smoothing: k.smoothing,
+        z_loss: k.z_loss,
+        weight_total: k.weight_total,
+        row_base: row_base as u32,
+    }
+}
 
 /// A soft-target evaluation's inputs beyond the logits and targets.
 pub(crate) struct SoftRun<'a> {
@@ -239,16 +282,7 @@ impl GpuContext {
                 e[rows.clone()].copy_from_slice(&f[ea..ea + rows.len()]);
             }
         };
-        // Flags of cross_entropy_soft.wgsl: gradient, saved LSE, per-row upstream.
-        let mut flags = u32::from(plan.grad != GradKind::None);
-        let mut scale = (1.0 / d) as f32;
-        match upstream {
-            Upstream::Scalar(g) => scale *= g,
-            Upstream::PerRow(_) | Upstream::PerElement(_) => flags |= 4,
-        }
-        if saved.is_some() {
-            flags |= 2;
-        }
+        let (flags, scale) = soft_flags(plan.grad != GradKind::None, saved.is_some(), upstream, d);
         for (c, chunk) in plan.chunks().enumerate() {
             let slot = ring.next_slot(&mut copy)?;
             let r = chunk.rows.clone();
@@ -262,20 +296,7 @@ impl GpuContext {
             if let Upstream::PerRow(g) | Upstream::PerElement(g) = upstream {
                 self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[r.clone()]));
             }
-            let params = SoftParams {
-                rows: rows as u32,
-                classes: v as u32,
-                groups_x: groups_x(rows as u64, max_dim),
-                flags,
-                has_weights: k.has_weights,
-                grad_scale: scale,
-                logit_scale: k.logit_scale,
-                softcap: k.softcap,
-                smoothing: k.smoothing,
-                z_loss: k.z_loss,
-                weight_total: k.weight_total,
-                _pad: 0,
-            };
+            let params = soft_params(&k, rows, v, 0, flags, scale, max_dim);
             let mut rec = Recorder::new(&self.device, &self.limits);
             rec.dispatch(&self.kernels.soft, soft_bg, &params, rows as u64);
             if want.total {

@@ -283,7 +283,7 @@ impl GpuContext {
             lse: opts.wants_lse().then(|| vec![0.0; n]),
         };
         let want_rows = outputs.row_losses.is_some() || outputs.lse.is_some();
-        self.queue.write_buffer(ws.norm.get(), 0, bytemuck::bytes_of(&1.0f32));
+        self.queue.write_buffer(ws.norm.get(), 0, bytemuck::cast_slice(&[1.0f32, 1.0]));
         let kopts = &KernelOpts::new(opts, v).for_batch(batch, opts);
         if let Some(w) = opts.get_weights() {
             self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
