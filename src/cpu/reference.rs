@@ -152,6 +152,9 @@ pub(crate) struct ClassRows<'a> {
     pub opts: &'a LossOptions,
 }
 
+/// Receives each row's ∂loss/∂x from [`ClassRows::evaluate`].
+pub(crate) type RowGradient<'g> = &'g mut dyn FnMut(usize, &[f64]);
+
 /// What [`ClassRows::evaluate`] returns: per-row losses and LSE, the sum of the losses and
 /// of their z-loss terms.
 pub(crate) struct RowsOut {
@@ -168,7 +171,7 @@ impl ClassRows<'_> {
     pub fn evaluate(
         &self,
         raw: impl Fn(usize, &mut Vec<f64>),
-        mut grad: Option<&mut dyn FnMut(usize, &[f64])>,
+        mut grad: Option<RowGradient<'_>>,
     ) -> RowsOut {
         let (batch, opts) = (self.batch, self.opts);
         let v = batch.classes;
