@@ -5,5 +5,6 @@
 
 pub(crate) mod fast;
 mod fast_cells;
+mod fast_linear;
 pub(crate) mod reference;
 mod reference_linear;
