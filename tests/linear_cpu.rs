@@ -449,3 +449,87 @@ fn repeat_runs_and_thread_counts_are_bit_identical() {
     assert_eq!(first, pool(2).install(once), "two threads");
     assert_eq!(first, pool(3).install(once), "three threads");
 }
+
+/// The fast path's speed (no assertion): `cargo test --release --test linear_cpu --
+/// --ignored --nocapture`. Forward (2 N V D flops) and forward + backward (6 N V D) at
+/// two shapes, best of three, against the same products done by the GEMM alone on whole
+/// matrices (the floor).
+#[test]
+#[ignore]
+fn speed() {
+    use std::time::Instant;
+    let best = |reps: usize, f: &mut dyn FnMut()| -> f64 {
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let gemm = |dst: &mut [f32],
+                m: usize,
+                n: usize,
+                k: usize,
+                a: (&[f32], isize, isize),
+                b: (&[f32], isize, isize)| {
+        // SAFETY: the test's operands are dense matrices of the stated shapes and strides.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.0.as_ptr(),
+                a.2,
+                a.1,
+                b.0.as_ptr(),
+                b.2,
+                b.1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            )
+        }
+    };
+    for (n, d, v) in [(512usize, 512usize, 8192usize), (2048, 1024, 32000)] {
+        let hd = head(n, d, v, 9);
+        let opts = LossOptions::new();
+        let problem = |grads: bool| {
+            let p = Problem::linear(LinearHead::new(Values::F32(&hd.h), Values::F32(&hd.w), d), &hd.t);
+            if grads { p.gradient(Gradient::Linear(HeadGradients::owned())) } else { p }
+        };
+        let fwd = best(3, &mut || {
+            CpuFast.evaluate(problem(false), &opts).unwrap();
+        });
+        let both = best(3, &mut || {
+            CpuFast.evaluate(problem(true), &opts).unwrap();
+        });
+        let (mut x, mut dh, mut dw) = (vec![0.0f32; n * v], vec![0.0f32; n * d], vec![0.0f32; v * d]);
+        let (di, vi) = (d as isize, v as isize);
+        let g_fwd = best(3, &mut || gemm(&mut x, n, v, d, (&hd.h, di, 1), (&hd.w, 1, di)));
+        let g_bwd = best(3, &mut || {
+            gemm(&mut dh, n, d, v, (&x, vi, 1), (&hd.w, di, 1));
+            gemm(&mut dw, v, d, n, (&x, 1, vi), (&hd.h, di, 1));
+        });
+        let f = 2.0 * (n * v * d) as f64 / 1e9;
+        eprintln!(
+            "N={n} D={d} V={v}: forward {:.1} ms ({:.0} GFLOP/s; GEMM alone {:.1} ms, {:.0} GFLOP/s), \
+             forward+backward {:.1} ms ({:.0} GFLOP/s; GEMMs alone {:.1} ms, {:.0} GFLOP/s)",
+            fwd * 1e3,
+            f / fwd,
+            g_fwd * 1e3,
+            f / g_fwd,
+            both * 1e3,
+            3.0 * f / both,
+            (g_fwd + g_bwd) * 1e3,
+            3.0 * f / (g_fwd + g_bwd),
+        );
+    }
+}
