@@ -168,11 +168,7 @@ impl ClassRows<'_> {
     /// Evaluates every row: `raw(r, z)` appends row `r`'s raw logits (before scale and
     /// softcap) to `z`; `grad`, when given, receives each row's ∂loss/∂x (times the
     /// upstream gradient; zeros for an ignored row).
-    pub fn evaluate(
-        &self,
-        raw: impl Fn(usize, &mut Vec<f64>),
-        mut grad: Option<RowGradient<'_>>,
-    ) -> RowsOut {
+    pub fn evaluate(&self, raw: impl Fn(usize, &mut Vec<f64>), mut grad: Option<RowGradient<'_>>) -> RowsOut {
         let (batch, opts) = (self.batch, self.opts);
         let v = batch.classes;
         let reduction = opts.get_reduction();
