@@ -93,6 +93,13 @@ pub struct BenchArgs {
     /// run, which is measured too when not listed.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "plain")]
     pub options: Vec<OptionSet>,
+    /// Time the fused linear head + cross-entropy (h [N, D], W [V, D], b [V]) through the
+    /// front door instead: --rows, --hidden-dim and --classes together pick one shape.
+    #[arg(long)]
+    pub linear: bool,
+    /// Hidden dimension D of --linear (with --rows and --classes).
+    #[arg(long, requires = "linear", value_parser = clap::value_parser!(u64).range(1..))]
+    pub hidden_dim: Option<u64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -117,9 +124,20 @@ pub enum ReductionArg {
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// Logits: float32 [N, V], C order.
+    /// Logits: float32 or float16 [N, V] (or give the linear head: --hidden, --weight).
     #[arg(long)]
-    pub logits: PathBuf,
+    pub logits: Option<PathBuf>,
+    /// The linear head's hidden states h: float32 or float16 [N, D] (instead of --logits;
+    /// the logits h Wᵀ + b are never stored).
+    #[arg(long)]
+    pub hidden: Option<PathBuf>,
+    /// The linear head's weight W [V, D] (nn.Linear(D, V).weight), the type of --hidden.
+    /// Not --weights, the class weights.
+    #[arg(long)]
+    pub weight: Option<PathBuf>,
+    /// The linear head's bias b [V]: float32, or the type of --hidden.
+    #[arg(long)]
+    pub bias: Option<PathBuf>,
     /// Targets: int64 or int32 [N] class indices.
     #[arg(long)]
     pub targets: PathBuf,
@@ -161,10 +179,79 @@ pub struct EvalArgs {
     /// Write d(loss)/d(logits) as float32 [N, V].
     #[arg(long)]
     pub out_grad: Option<PathBuf>,
+    /// Linear head: write d(loss)/dh as float32 [N, D].
+    #[arg(long)]
+    pub out_grad_hidden: Option<PathBuf>,
+    /// Linear head: write d(loss)/dW as float32 [V, D].
+    #[arg(long)]
+    pub out_grad_weight: Option<PathBuf>,
+    /// Linear head: write d(loss)/db as float32 [V] (needs --bias).
+    #[arg(long)]
+    pub out_grad_bias: Option<PathBuf>,
+}
+
+impl EvalArgs {
+    /// The output files asked for, of either input kind.
+    pub fn outputs(&self) -> impl Iterator<Item = &PathBuf> {
+        [&self.out_loss, &self.out_grad, &self.out_grad_hidden, &self.out_grad_weight, &self.out_grad_bias]
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// Checks that `eval` was given one input kind, logits or a linear head, and only the
+/// options of that kind.
+fn check_input_kind(args: &EvalArgs) -> xent::Result<()> {
+    let usage = |m: &str| Err(Error::InvalidOption(m.into()));
+    match (&args.logits, &args.hidden) {
+        (Some(_), Some(_)) => {
+            return usage(
+                "--logits and --hidden exclude each other: give the logits [N, V], or the linear \
+                 head's --hidden [N, D] and --weight [V, D]",
+            );
+        }
+        (None, None) => {
+            return usage("give --logits [N, V], or the linear head's --hidden [N, D] and --weight [V, D]");
+        }
+        (Some(_), None) => {
+            let head_only = [
+                ("--weight", args.weight.is_some()),
+                ("--bias", args.bias.is_some()),
+                ("--out-grad-hidden", args.out_grad_hidden.is_some()),
+                ("--out-grad-weight", args.out_grad_weight.is_some()),
+                ("--out-grad-bias", args.out_grad_bias.is_some()),
+            ];
+            if let Some((flag, _)) = head_only.iter().find(|(_, given)| *given) {
+                return Err(Error::InvalidOption(format!(
+                    "{flag} belongs to the linear head (--hidden), not to --logits{}",
+                    if *flag == "--weight" { " (class weights are --weights)" } else { "" }
+                )));
+            }
+        }
+        (None, Some(_)) => {
+            if args.weight.is_none() {
+                return usage("--hidden needs the linear head's --weight [V, D]");
+            }
+            if args.out_grad.is_some() {
+                return usage(
+                    "--out-grad is d(loss)/d(logits), which the linear head never stores: use \
+                     --out-grad-hidden, --out-grad-weight, --out-grad-bias",
+                );
+            }
+            if args.loss_kind != LossKind::Ce {
+                return usage("the linear head (--hidden) takes class-index targets: --loss-kind ce only");
+            }
+            if args.out_grad_bias.is_some() && args.bias.is_none() {
+                return usage("--out-grad-bias needs --bias");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks `eval`'s options and builds the loss options, before any file is touched.
 pub fn eval_options(args: &EvalArgs) -> xent::Result<LossOptions> {
+    check_input_kind(args)?;
     if args.pos_weight.is_some() && args.loss_kind != LossKind::Bce {
         return Err(Error::InvalidOption("--pos-weight applies to --loss-kind bce only".into()));
     }

@@ -1,8 +1,10 @@
-//! The `xent` command line: `info`, `check`, `eval`.
+//! The `xent` command line: `info`, `check`, `eval`, `bench`.
 
 use std::path::Path;
 
+mod alloc;
 mod args;
+mod linear;
 use args::{Cli, Command, DeviceArg, EvalArgs};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -11,12 +13,18 @@ use clap::Parser;
 use xent::npy::{self, NpyData};
 use xent::{Backend, Error, GpuContext, Gradient, Labels, Logits, Problem, Reference, Targets};
 
+/// Every heap allocation of the process is counted, so that `bench --linear` can say how
+/// much memory a call held at its peak beyond its inputs and outputs.
+#[global_allocator]
+static ALLOCATOR: alloc::Counting = alloc::Counting;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => info(),
         Command::Check { adapter } => check(adapter.as_deref()),
         Command::Eval(args) => eval(&args),
+        Command::Bench(args) if args.linear => linear::bench(&args),
         Command::Bench(args) => bench::run(&args),
     };
     match result {
@@ -123,18 +131,22 @@ fn check_writable(path: &Path) -> xent::Result<()> {
 
 fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     let mut opts = args::eval_options(args)?;
-    for p in args.out_loss.iter().chain(&args.out_grad) {
+    for p in args.outputs() {
         check_writable(p)?;
     }
+    let logits_path = match &args.logits {
+        Some(p) => p,
+        None => return linear::eval(args, opts),
+    };
 
     // The logits are memory-mapped and used in place: no copy, whatever their size
     // (Fortran-order files are transposed into memory once).
-    let logits = npy::MappedNpy::open(&args.logits)?;
+    let logits = npy::MappedNpy::open(logits_path)?;
     let (rows, classes) = match logits.header().shape[..] {
         [n, v] => (n, v),
         ref s => {
             return Err(Error::Npy {
-                path: args.logits.clone(),
+                path: logits_path.clone(),
                 message: format!("logits must be 2-D [N, V], got shape {s:?}"),
             });
         }
@@ -147,7 +159,7 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     let logits_data: &[f32] = match half_data {
         Some(_) => &[],
         None => logits.as_f32().map_err(|_| Error::Npy {
-            path: args.logits.clone(),
+            path: logits_path.clone(),
             message: format!("logits must be float32 or float16, found {:?}", logits.header().dtype),
         })?,
     };
@@ -190,24 +202,7 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     let targets_ref: Option<Targets<'_>> = match &targets {
         None => None,
         Some(targets) => {
-            if targets.shape.len() != 1 {
-                return Err(Error::Npy {
-                    path: args.targets.clone(),
-                    message: format!("class-index targets must be 1-D [N], got shape {:?}", targets.shape),
-                });
-            }
-            let t: Targets<'_> = match &targets.data {
-                NpyData::I64(t) => t.into(),
-                NpyData::I32(t) => t.into(),
-                _ => {
-                    return Err(Error::Npy {
-                        path: args.targets.clone(),
-                        message:
-                            "class-index targets must be int64 or int32 (float targets: --loss-kind bce)"
-                                .into(),
-                    });
-                }
-            };
+            let t = class_targets(&args.targets, targets, "float targets: --loss-kind bce")?;
             if t.len() != rows {
                 return Err(Error::Shape {
                     what: format!("targets ({} rows; logits have {rows})", t.len()),
@@ -236,20 +231,7 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         (None, None) => unreachable!("targets of one kind or the other"),
     }
 
-    let backend: Box<dyn Backend> = match args.device {
-        DeviceArg::Gpu => {
-            let adapter = match &args.adapter {
-                Some(name) => Some(xent::gpu::select_adapters(Some(name))?.remove(0)),
-                None => None,
-            };
-            Box::new(match adapter {
-                Some(a) => GpuContext::from_adapter_blocking(&a)?,
-                None => GpuContext::new_blocking()?,
-            })
-        }
-        DeviceArg::Cpu => Box::new(xent::CpuFast),
-        DeviceArg::Reference => Box::new(Reference),
-    };
+    let backend = open_backend(args)?;
     let adapter = backend.describe();
     // The gradient goes straight into a memory-mapped output file, renamed into place
     // only when everything succeeded.
@@ -285,11 +267,7 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     if let Some(w) = grad_file {
         w.commit()?;
     }
-    let device = match args.device {
-        DeviceArg::Gpu => "gpu",
-        DeviceArg::Cpu => "cpu",
-        DeviceArg::Reference => "reference",
-    };
+    let device = device_name(args.device);
     println!(
         "{{\"loss\": {}, \"z_loss\": {}, \"rows\": {rows}, \"classes\": {classes}, \"device\": \"{device}\", \"adapter\": {}, \"elapsed_ms\": {elapsed_ms:.3}}}",
         out.loss.map_or("null".to_string(), json_number),
@@ -297,6 +275,53 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         json_string(&adapter)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `eval`'s backend: the GPU (the adapter named, or the default one), the fast CPU path
+/// or the reference.
+fn open_backend(args: &EvalArgs) -> xent::Result<Box<dyn Backend>> {
+    Ok(match args.device {
+        DeviceArg::Gpu => {
+            let adapter = match &args.adapter {
+                Some(name) => Some(xent::gpu::select_adapters(Some(name))?.remove(0)),
+                None => None,
+            };
+            Box::new(match adapter {
+                Some(a) => GpuContext::from_adapter_blocking(&a)?,
+                None => GpuContext::new_blocking()?,
+            })
+        }
+        DeviceArg::Cpu => Box::new(xent::CpuFast),
+        DeviceArg::Reference => Box::new(Reference),
+    })
+}
+
+/// The device's name in `eval`'s JSON.
+fn device_name(device: DeviceArg) -> &'static str {
+    match device {
+        DeviceArg::Gpu => "gpu",
+        DeviceArg::Cpu => "cpu",
+        DeviceArg::Reference => "reference",
+    }
+}
+
+/// The class-index targets of an array read from `path`: 1-D, int64 or int32 (`other`
+/// says where float targets go instead).
+fn class_targets<'a>(path: &Path, targets: &'a npy::NpyArray, other: &str) -> xent::Result<Targets<'a>> {
+    if targets.shape.len() != 1 {
+        return Err(Error::Npy {
+            path: path.to_path_buf(),
+            message: format!("class-index targets must be 1-D [N], got shape {:?}", targets.shape),
+        });
+    }
+    match &targets.data {
+        NpyData::I64(t) => Ok(t.into()),
+        NpyData::I32(t) => Ok(t.into()),
+        _ => Err(Error::Npy {
+            path: path.to_path_buf(),
+            message: format!("class-index targets must be int64 or int32 ({other})"),
+        }),
+    }
 }
 
 /// A per-class float32 vector [V] from a `.npy` file.
