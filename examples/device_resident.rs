@@ -5,7 +5,7 @@
 //! Run: `cargo run --release --example device_resident`
 
 use wgpu::util::DeviceExt;
-use xent::gpu::{DeviceGradient, DeviceLabels, DeviceLogits, DeviceProblem, DeviceWorkspace};
+use xent::gpu::{DeviceGradient, DeviceLabels, DeviceLogits, DeviceProblem, DeviceSlice, DeviceWorkspace};
 use xent::{BackendExt, Dtype, GpuContext, LossOptions, Reduction};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -49,8 +49,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         logits: DeviceLogits { buffer: &logits_buf, offset: 0, dtype: Dtype::F32 },
         rows,
         classes,
-        labels: DeviceLabels::ClassesI64 { buffer: &targets_buf, offset: 0 },
-        gradient: DeviceGradient::Into { buffer: &grad_buf, offset: 0 },
+        labels: DeviceLabels::ClassesI64(DeviceSlice::new(&targets_buf, 0)),
+        gradient: DeviceGradient::Into(DeviceSlice::new(&grad_buf, 0)),
         mode: Default::default(),
     };
     // Reused by every later recording: one shape, no new buffers.

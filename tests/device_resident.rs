@@ -8,7 +8,8 @@ mod common;
 use wgpu::util::DeviceExt;
 use xent::check::{Tolerance, compare};
 use xent::gpu::{
-    DeviceGradient, DeviceLabels, DeviceLogits, DeviceMode, DeviceProblem, DeviceUpstream, DeviceWorkspace,
+    DeviceGradient, DeviceLabels, DeviceLogits, DeviceMode, DeviceProblem, DeviceSlice, DeviceUpstream,
+    DeviceWorkspace,
 };
 use xent::{
     Backend, Cell, Dtype, Error, GpuContext, Gradient, HalfFormat, LabelKind, Labels, Logits, LossOptions,
@@ -66,8 +67,8 @@ fn device_case(n: usize, v: usize) {
                     };
                     let grad_buf = buffer(gpu, &vec![0u8; n * v * 4]);
                     let labels = match wide {
-                        true => DeviceLabels::ClassesI64 { buffer: &targets_buf, offset: 0 },
-                        false => DeviceLabels::ClassesI32 { buffer: &targets_buf, offset: 0 },
+                        true => DeviceLabels::ClassesI64(DeviceSlice::from(&targets_buf)),
+                        false => DeviceLabels::ClassesI32(DeviceSlice::from(&targets_buf)),
                     };
                     let problem = DeviceProblem {
                         logits: DeviceLogits {
@@ -80,7 +81,7 @@ fn device_case(n: usize, v: usize) {
                         labels,
                         gradient: match mode {
                             "none" => DeviceGradient::None,
-                            "into" => DeviceGradient::Into { buffer: &grad_buf, offset: 0 },
+                            "into" => DeviceGradient::Into(DeviceSlice::from(&grad_buf)),
                             _ => DeviceGradient::InPlace,
                         },
                         mode: Default::default(),
@@ -131,7 +132,7 @@ fn device_path_takes_i64_targets_and_the_options_ignore_index() {
                 logits: DeviceLogits { buffer: &logits_buf, offset: 0, dtype: Dtype::F32 },
                 rows: n,
                 classes: v,
-                labels: DeviceLabels::ClassesI64 { buffer: &targets_buf, offset: 0 },
+                labels: DeviceLabels::ClassesI64(DeviceSlice::from(&targets_buf)),
                 gradient: DeviceGradient::None,
                 mode: Default::default(),
             };
@@ -167,8 +168,8 @@ fn repeated_recordings_of_one_shape_create_no_buffer() {
             logits: DeviceLogits { buffer: &logits_buf, offset: 0, dtype: Dtype::F32 },
             rows: n,
             classes: v,
-            labels: DeviceLabels::ClassesI64 { buffer: &targets_buf, offset: 0 },
-            gradient: DeviceGradient::Into { buffer: &grad_buf, offset: 0 },
+            labels: DeviceLabels::ClassesI64(DeviceSlice::from(&targets_buf)),
+            gradient: DeviceGradient::Into(DeviceSlice::from(&grad_buf)),
             mode: Default::default(),
         };
         let opts = LossOptions::new();
@@ -213,7 +214,7 @@ fn misaligned_or_short_device_buffers_are_errors() {
             logits: DeviceLogits { buffer: &logits, offset: 4, dtype: Dtype::F32 },
             rows: 4,
             classes: 10,
-            labels: DeviceLabels::ClassesI32 { buffer: &targets, offset: 0 },
+            labels: DeviceLabels::ClassesI32(DeviceSlice::from(&targets)),
             gradient: DeviceGradient::None,
             mode: Default::default(),
         };
@@ -227,7 +228,7 @@ fn misaligned_or_short_device_buffers_are_errors() {
         assert!(matches!(e, Err(Error::Shape { .. })), "{:?}", e.err());
         // i64 targets are 8 bytes a row.
         problem.rows = 4;
-        problem.labels = DeviceLabels::ClassesI64 { buffer: &targets, offset: 0 };
+        problem.labels = DeviceLabels::ClassesI64(DeviceSlice::from(&targets));
         let e = gpu.record(&mut enc, &problem, &LossOptions::new(), &mut workspace);
         assert!(matches!(e, Err(Error::Shape { .. })), "{:?}", e.err());
     }
@@ -268,8 +269,8 @@ fn options_case(n: usize, v: usize) {
                 logits: DeviceLogits { buffer: &logits_buf, offset: 0, dtype: Dtype::F32 },
                 rows: n,
                 classes: v,
-                labels: DeviceLabels::ClassesI32 { buffer: &targets_buf, offset: 0 },
-                gradient: DeviceGradient::Into { buffer: &grad_buf, offset: 0 },
+                labels: DeviceLabels::ClassesI32(DeviceSlice::from(&targets_buf)),
+                gradient: DeviceGradient::Into(DeviceSlice::from(&grad_buf)),
                 mode: Default::default(),
             };
             let mut enc = gpu.device().create_command_encoder(&Default::default());
@@ -487,10 +488,10 @@ fn device_cell(
         }
     };
     let labels = match kind {
-        Kind::I32 => DeviceLabels::ClassesI32 { buffer: &labels_buf, offset: 0 },
-        Kind::I64 => DeviceLabels::ClassesI64 { buffer: &labels_buf, offset: 0 },
-        Kind::Probabilities => DeviceLabels::Probabilities { buffer: &labels_buf, offset: 0 },
-        Kind::Binary => DeviceLabels::Binary { buffer: &labels_buf, offset: 0 },
+        Kind::I32 => DeviceLabels::ClassesI32(DeviceSlice::from(&labels_buf)),
+        Kind::I64 => DeviceLabels::ClassesI64(DeviceSlice::from(&labels_buf)),
+        Kind::Probabilities => DeviceLabels::Probabilities(DeviceSlice::from(&labels_buf)),
+        Kind::Binary => DeviceLabels::Binary(DeviceSlice::from(&labels_buf)),
     };
     let grad_buf = buffer(gpu, &vec![0u8; (elems * 4).max(4)]);
     let lse_buf = buffer(
@@ -506,19 +507,19 @@ fn device_cell(
     };
     let mode = match output {
         Output::Backward => DeviceMode::Backward {
-            lse: (kind != Kind::Binary).then_some((&lse_buf, 0)),
+            lse: (kind != Kind::Binary).then_some(DeviceSlice::from(&lse_buf)),
             upstream: match (&upstream.0, kind) {
                 (None, _) => DeviceUpstream::Scalar(upstream.1),
-                (Some(b), Kind::Binary) => DeviceUpstream::PerElement { buffer: b, offset: 0 },
-                (Some(b), _) => DeviceUpstream::PerRow { buffer: b, offset: 0 },
+                (Some(b), Kind::Binary) => DeviceUpstream::PerElement(b.into()),
+                (Some(b), _) => DeviceUpstream::PerRow(b.into()),
             },
         },
         _ => DeviceMode::Fused,
     };
     let gradient = match output {
         Output::Loss => DeviceGradient::None,
-        Output::IntoF32 | Output::Backward => DeviceGradient::Into { buffer: &grad_buf, offset: 0 },
-        Output::IntoHalf => DeviceGradient::IntoHalf { buffer: &grad_buf, offset: 0 },
+        Output::IntoF32 | Output::Backward => DeviceGradient::Into(DeviceSlice::from(&grad_buf)),
+        Output::IntoHalf => DeviceGradient::IntoHalf(DeviceSlice::from(&grad_buf)),
         Output::InPlace => DeviceGradient::InPlace,
         Output::Owned => unreachable!("no owned gradient on the device"),
     };
@@ -785,7 +786,7 @@ fn device_inputs_that_do_not_fit_the_cell_are_typed_errors() {
             logits: DeviceLogits { buffer: &logits, offset: 0, dtype: Dtype::F32 },
             rows: 4,
             classes: 10,
-            labels: DeviceLabels::ClassesI32 { buffer: &dense, offset: 0 },
+            labels: DeviceLabels::ClassesI32(DeviceSlice::from(&dense)),
             gradient: DeviceGradient::None,
             mode: Default::default(),
         };
@@ -793,12 +794,15 @@ fn device_inputs_that_do_not_fit_the_cell_are_typed_errors() {
         let cases: Vec<(&str, DeviceProblem<'_>, LossOptions)> = vec![
             (
                 "f32 logits into half",
-                DeviceProblem { gradient: DeviceGradient::IntoHalf { buffer: &dense, offset: 0 }, ..base },
+                DeviceProblem { gradient: DeviceGradient::IntoHalf(DeviceSlice::from(&dense)), ..base },
                 LossOptions::new(),
             ),
             (
                 "backward without a gradient",
-                DeviceProblem { mode: backward(Some((&dense, 0)), DeviceUpstream::Scalar(1.0)), ..base },
+                DeviceProblem {
+                    mode: backward(Some(DeviceSlice::from(&dense)), DeviceUpstream::Scalar(1.0)),
+                    ..base
+                },
                 LossOptions::new(),
             ),
             (
@@ -813,8 +817,8 @@ fn device_inputs_that_do_not_fit_the_cell_are_typed_errors() {
             (
                 "binary backward with an LSE",
                 DeviceProblem {
-                    labels: DeviceLabels::Binary { buffer: &dense, offset: 0 },
-                    mode: backward(Some((&dense, 0)), DeviceUpstream::Scalar(1.0)),
+                    labels: DeviceLabels::Binary(DeviceSlice::from(&dense)),
+                    mode: backward(Some(DeviceSlice::from(&dense)), DeviceUpstream::Scalar(1.0)),
                     gradient: DeviceGradient::InPlace,
                     ..base
                 },
@@ -823,8 +827,8 @@ fn device_inputs_that_do_not_fit_the_cell_are_typed_errors() {
             (
                 "binary backward per row",
                 DeviceProblem {
-                    labels: DeviceLabels::Binary { buffer: &dense, offset: 0 },
-                    mode: backward(None, DeviceUpstream::PerRow { buffer: &dense, offset: 0 }),
+                    labels: DeviceLabels::Binary(DeviceSlice::from(&dense)),
+                    mode: backward(None, DeviceUpstream::PerRow(DeviceSlice::from(&dense))),
                     gradient: DeviceGradient::InPlace,
                     ..base
                 },
@@ -833,7 +837,7 @@ fn device_inputs_that_do_not_fit_the_cell_are_typed_errors() {
             ("pos_weight with class indices", base, LossOptions::new().pos_weight(vec![1.0; 10])),
             (
                 "label smoothing with binary targets",
-                DeviceProblem { labels: DeviceLabels::Binary { buffer: &dense, offset: 0 }, ..base },
+                DeviceProblem { labels: DeviceLabels::Binary(DeviceSlice::from(&dense)), ..base },
                 LossOptions::new().label_smoothing(0.1),
             ),
         ];
@@ -847,7 +851,7 @@ fn device_inputs_that_do_not_fit_the_cell_are_typed_errors() {
         // Probabilities are 4 bytes a logit.
         let short = buffer(gpu, &[0u8; 4 * 10 * 4 - 4]);
         let problem =
-            DeviceProblem { labels: DeviceLabels::Probabilities { buffer: &short, offset: 0 }, ..base };
+            DeviceProblem { labels: DeviceLabels::Probabilities(DeviceSlice::from(&short)), ..base };
         let mut enc = gpu.device().create_command_encoder(&Default::default());
         let e = gpu.record(&mut enc, &problem, &LossOptions::new(), &mut ws);
         assert!(matches!(e, Err(Error::Shape { .. })), "{:?}", e.err());

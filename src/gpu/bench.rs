@@ -249,14 +249,14 @@ impl<'a> GpuBench<'a> {
             ctx.queue.write_buffer(&logits_buf, 0, bytemuck::cast_slice(logits));
             ctx.queue.write_buffer(&targets_buf, 0, bytemuck::cast_slice(targets));
             let gradient = match &grad_buf {
-                Some(b) => DeviceGradient::Into { buffer: b, offset: 0 },
+                Some(b) => DeviceGradient::Into(b.into()),
                 None => DeviceGradient::None,
             };
             let problem = DeviceProblem {
                 logits: DeviceLogits { buffer: &logits_buf, offset: 0, dtype: crate::Dtype::F32 },
                 rows,
                 classes,
-                labels: DeviceLabels::ClassesI32 { buffer: &targets_buf, offset: 0 },
+                labels: DeviceLabels::ClassesI32((&targets_buf).into()),
                 gradient,
                 mode: Default::default(),
             };

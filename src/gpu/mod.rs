@@ -26,7 +26,7 @@ pub use context::{GpuContext, adapters, instance, select_adapters};
 pub use kernels::{ParamsField, ParamsLayout, Shader, shaders};
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
 pub use resident::{
-    DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceMode, DeviceProblem, DeviceUpstream,
-    DeviceWorkspace,
+    DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceMode, DeviceProblem, DeviceSlice,
+    DeviceUpstream, DeviceWorkspace,
 };
 pub use tuning::Tuning;

@@ -70,6 +70,41 @@ pub struct DeviceProblem<'a> {
     pub mode: DeviceMode<'a>,
 }
 
+/// A caller's buffer from a byte offset: where a device problem's array starts. The
+/// buffer needs `BufferUsages::STORAGE`; the offset is a multiple of
+/// `min_storage_buffer_offset_alignment`.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceSlice<'a> {
+    /// The buffer.
+    pub buffer: &'a wgpu::Buffer,
+    /// Byte offset.
+    pub offset: u64,
+}
+
+impl<'a> DeviceSlice<'a> {
+    /// `buffer` from byte `offset`.
+    pub fn new(buffer: &'a wgpu::Buffer, offset: u64) -> Self {
+        Self { buffer, offset }
+    }
+
+    /// `bytes` from the offset, as a binding range.
+    fn range(self, bytes: u64) -> (&'a wgpu::Buffer, u64, u64) {
+        (self.buffer, self.offset, bytes)
+    }
+
+    /// `bytes` from element `e0` of 4-byte elements, as a binding range.
+    fn elems(self, e0: u64, bytes: u64) -> (&'a wgpu::Buffer, u64, u64) {
+        (self.buffer, self.offset + e0 * 4, bytes)
+    }
+}
+
+impl<'a> From<&'a wgpu::Buffer> for DeviceSlice<'a> {
+    /// The whole buffer, from offset 0.
+    fn from(buffer: &'a wgpu::Buffer) -> Self {
+        Self { buffer, offset: 0 }
+    }
+}
+
 /// How a device problem is evaluated: the twin of [`crate::Mode`].
 #[derive(Clone, Copy, Debug, Default)]
 pub enum DeviceMode<'a> {
@@ -81,9 +116,8 @@ pub enum DeviceMode<'a> {
     /// (class indices, probabilities) starts from the per-row LSE a forward saved; binary
     /// cross-entropy recomputes from the logits and takes no LSE.
     Backward {
-        /// The saved LSE, f32 \[rows\], in a buffer at a byte offset (`None` for binary
-        /// targets).
-        lse: Option<(&'a wgpu::Buffer, u64)>,
+        /// The saved LSE, f32 \[rows\] (`None` for binary targets).
+        lse: Option<DeviceSlice<'a>>,
         /// The upstream gradient.
         upstream: DeviceUpstream<'a>,
     },
@@ -95,19 +129,9 @@ pub enum DeviceUpstream<'a> {
     /// One value for the whole loss (1 for the gradient of the loss itself).
     Scalar(f32),
     /// f32 \[rows\], one per row (cross-entropy under `none`).
-    PerRow {
-        /// The buffer.
-        buffer: &'a wgpu::Buffer,
-        /// Byte offset.
-        offset: u64,
-    },
+    PerRow(DeviceSlice<'a>),
     /// f32 [rows, classes], one per element (binary targets under `none`).
-    PerElement {
-        /// The buffer.
-        buffer: &'a wgpu::Buffer,
-        /// Byte offset.
-        offset: u64,
-    },
+    PerElement(DeviceSlice<'a>),
 }
 
 /// Logits in a caller's buffer.
@@ -126,33 +150,13 @@ pub struct DeviceLogits<'a> {
 #[derive(Clone, Copy, Debug)]
 pub enum DeviceLabels<'a> {
     /// i32 class indices \[rows\].
-    ClassesI32 {
-        /// The buffer.
-        buffer: &'a wgpu::Buffer,
-        /// Byte offset.
-        offset: u64,
-    },
+    ClassesI32(DeviceSlice<'a>),
     /// i64 class indices \[rows\] (PyTorch's `long`), narrowed on the device.
-    ClassesI64 {
-        /// The buffer.
-        buffer: &'a wgpu::Buffer,
-        /// Byte offset.
-        offset: u64,
-    },
+    ClassesI64(DeviceSlice<'a>),
     /// f32 probabilities [rows, classes].
-    Probabilities {
-        /// The buffer.
-        buffer: &'a wgpu::Buffer,
-        /// Byte offset.
-        offset: u64,
-    },
+    Probabilities(DeviceSlice<'a>),
     /// f32 binary targets [rows, classes].
-    Binary {
-        /// The buffer.
-        buffer: &'a wgpu::Buffer,
-        /// Byte offset.
-        offset: u64,
-    },
+    Binary(DeviceSlice<'a>),
 }
 
 /// Where the device path writes the gradient.
@@ -163,22 +167,12 @@ pub enum DeviceGradient<'a> {
     /// Over the logits, in the caller's buffer, in their type (a half gradient rounded
     /// once from f32).
     InPlace,
-    /// Into `buffer` at `offset` bytes: f32 [rows, classes].
-    Into {
-        /// The buffer (needs `STORAGE`).
-        buffer: &'a wgpu::Buffer,
-        /// Byte offset (aligned like the logits).
-        offset: u64,
-    },
-    /// Into `buffer` at `offset` bytes in the half-precision logits' own type (rounded
-    /// once), [rows, classes] packed two per word: the twin of
+    /// f32 [rows, classes] into the slice (aligned like the logits).
+    Into(DeviceSlice<'a>),
+    /// Into the slice (aligned like the logits) in the half-precision logits' own type
+    /// (rounded once), [rows, classes] packed two per word: the twin of
     /// [`crate::Gradient::IntoHalf`].
-    IntoHalf {
-        /// The buffer (needs `STORAGE`).
-        buffer: &'a wgpu::Buffer,
-        /// Byte offset (aligned like the logits).
-        offset: u64,
-    },
+    IntoHalf(DeviceSlice<'a>),
 }
 
 impl DeviceProblem<'_> {
@@ -188,16 +182,16 @@ impl DeviceProblem<'_> {
             input: Input::Logits,
             dtype: self.logits.dtype,
             labels: match self.labels {
-                DeviceLabels::ClassesI32 { .. } | DeviceLabels::ClassesI64 { .. } => LabelKind::Classes,
-                DeviceLabels::Probabilities { .. } => LabelKind::Probabilities,
-                DeviceLabels::Binary { .. } => LabelKind::Binary,
+                DeviceLabels::ClassesI32(_) | DeviceLabels::ClassesI64(_) => LabelKind::Classes,
+                DeviceLabels::Probabilities(_) => LabelKind::Probabilities,
+                DeviceLabels::Binary(_) => LabelKind::Binary,
             },
             output: match (self.mode, self.gradient) {
                 (DeviceMode::Backward { .. }, _) => Output::Backward,
                 (_, DeviceGradient::None) => Output::Loss,
                 (_, DeviceGradient::InPlace) => Output::InPlace,
-                (_, DeviceGradient::Into { .. }) => Output::IntoF32,
-                (_, DeviceGradient::IntoHalf { .. }) => Output::IntoHalf,
+                (_, DeviceGradient::Into(_)) => Output::IntoF32,
+                (_, DeviceGradient::IntoHalf(_)) => Output::IntoHalf,
             },
         }
     }
@@ -257,6 +251,21 @@ impl DeviceWorkspace {
         }
         self.slots[i].get().clone()
     }
+    /// The f32 chunks of `chunk_bytes` a kernel that reads f32 only needs: the widened
+    /// half logits, and the gradient on its way to a half or in-place destination
+    /// (16 bytes where `f` needs none).
+    fn chunk_scratch(&mut self, device: &wgpu::Device, f: &Frame<'_>, chunk_bytes: u64) -> [wgpu::Buffer; 2] {
+        let bytes = |on: bool| if on { chunk_bytes } else { 16 };
+        [
+            self.storage(device, slot::WIDE, "xent wide logits", bytes(f.half.is_some())),
+            self.storage(device, slot::GRAD, "xent gradient chunk", bytes(f.via_scratch())),
+        ]
+    }
+    /// A uniform buffer (parameter blocks) of slot `i` with at least `bytes`.
+    fn uniform(&mut self, device: &wgpu::Device, i: usize, label: &str, bytes: u64) -> wgpu::Buffer {
+        use wgpu::BufferUsages as U;
+        self.buffer(device, i, label, U::UNIFORM | U::COPY_DST, bytes)
+    }
     /// A storage buffer of slot `i` with at least `bytes`.
     fn storage(&mut self, device: &wgpu::Device, i: usize, label: &str, bytes: u64) -> wgpu::Buffer {
         use wgpu::BufferUsages as U;
@@ -299,8 +308,7 @@ mod slot {
 struct Frame<'a> {
     n: usize,
     v: usize,
-    logits: &'a wgpu::Buffer,
-    logits_offset: u64,
+    logits: DeviceSlice<'a>,
     half: Option<HalfFormat>,
     gradient: DeviceGradient<'a>,
     align: u64,
@@ -309,7 +317,43 @@ struct Frame<'a> {
     max_dim: u32,
 }
 
-impl Frame<'_> {
+impl<'a> Frame<'a> {
+    /// Whether the gradient of a kernel that reads its logits read-only (probabilities,
+    /// binary) goes through the workspace's f32 chunk (in place, or into a half buffer).
+    fn via_scratch(&self) -> bool {
+        matches!(self.gradient, DeviceGradient::InPlace | DeviceGradient::IntoHalf(_))
+    }
+
+    /// What follows such a kernel's chunk for its gradient in the f32 chunk to reach the
+    /// caller's destination.
+    fn after_scratch(&self) -> After<'a> {
+        match self.gradient {
+            DeviceGradient::InPlace if self.half.is_some() => After::Narrow(self.logits),
+            DeviceGradient::InPlace => After::Copy(self.logits),
+            DeviceGradient::IntoHalf(grad) => After::Narrow(grad),
+            _ => After::Nothing,
+        }
+    }
+
+    /// Such a kernel's gradient binding for elements [e0, e0 + len): `dummy` without a
+    /// gradient, the caller's f32 destination, else the f32 chunk `grad`.
+    fn scratch_grad_range<'b>(
+        &self,
+        dummy: &'b wgpu::Buffer,
+        grad: &'b wgpu::Buffer,
+        e0: u64,
+        len: u64,
+    ) -> (&'b wgpu::Buffer, u64, u64)
+    where
+        'a: 'b,
+    {
+        match self.gradient {
+            DeviceGradient::None => whole(dummy, 16),
+            DeviceGradient::Into(dst) => dst.elems(e0, len * 4),
+            _ => (grad, 0, len * 4),
+        }
+    }
+
     /// The most workgroups one dispatch takes (folded into 2D).
     fn max_groups(&self) -> u64 {
         u64::from(self.max_dim).pow(2)
@@ -346,10 +390,10 @@ impl Frame<'_> {
 #[derive(Clone, Copy)]
 enum After<'a> {
     Nothing,
-    /// Round the f32 gradient in `src` into the 16-bit array at (buffer, byte offset).
-    Narrow(&'a wgpu::Buffer, u64),
-    /// Copy the f32 gradient in `src` over the f32 array at (buffer, byte offset).
-    Copy(&'a wgpu::Buffer, u64),
+    /// Round the f32 gradient in `src` into the 16-bit array of the slice.
+    Narrow(DeviceSlice<'a>),
+    /// Copy the f32 gradient in `src` over the f32 array of the slice.
+    Copy(DeviceSlice<'a>),
 }
 
 impl GpuContext {
@@ -388,17 +432,17 @@ impl GpuContext {
             return Ok(self.empty_device_loss(problem, opts, workspace));
         }
         self.scoped(|| match problem.labels {
-            DeviceLabels::ClassesI32 { buffer, offset } => {
-                self.record_classes(encoder, &frame, (buffer, offset, false), problem.mode, opts, workspace)
+            DeviceLabels::ClassesI32(targets) => {
+                self.record_classes(encoder, &frame, (targets, false), problem.mode, opts, workspace)
             }
-            DeviceLabels::ClassesI64 { buffer, offset } => {
-                self.record_classes(encoder, &frame, (buffer, offset, true), problem.mode, opts, workspace)
+            DeviceLabels::ClassesI64(targets) => {
+                self.record_classes(encoder, &frame, (targets, true), problem.mode, opts, workspace)
             }
-            DeviceLabels::Probabilities { buffer, offset } => {
-                self.record_soft(encoder, &frame, (buffer, offset), problem.mode, opts, workspace)
+            DeviceLabels::Probabilities(probs) => {
+                self.record_soft(encoder, &frame, probs, problem.mode, opts, workspace)
             }
-            DeviceLabels::Binary { buffer, offset } => {
-                self.record_binary(encoder, &frame, (buffer, offset), problem.mode, opts, workspace)
+            DeviceLabels::Binary(targets) => {
+                self.record_binary(encoder, &frame, targets, problem.mode, opts, workspace)
             }
         })
     }
@@ -415,7 +459,7 @@ impl GpuContext {
         })?;
         let half = problem.logits.dtype.half();
         let esize = if half.is_some() { 2 } else { 4 };
-        let binary = matches!(problem.labels, DeviceLabels::Binary { .. });
+        let binary = matches!(problem.labels, DeviceLabels::Binary(_));
         if binary {
             opts.validate_binary(v)?;
         } else {
@@ -426,7 +470,7 @@ impl GpuContext {
         }
         let align = u64::from(self.limits.min_storage_buffer_offset_alignment);
         let bind_cap = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
-        let check = |what: &str, buffer: &wgpu::Buffer, offset: u64, bytes: u64| -> Result<()> {
+        let check = |what: &str, DeviceSlice { buffer, offset }: DeviceSlice<'_>, bytes: u64| -> Result<()> {
             if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
                 return Err(Error::InvalidOption(format!("{what} buffer needs BufferUsages::STORAGE")));
             }
@@ -444,23 +488,24 @@ impl GpuContext {
             }
             Ok(())
         };
-        check("logits", problem.logits.buffer, problem.logits.offset, words(elems * esize))?;
+        let logits = DeviceSlice::new(problem.logits.buffer, problem.logits.offset);
+        check("logits", logits, words(elems * esize))?;
         match problem.labels {
-            DeviceLabels::ClassesI32 { buffer, offset } => check("targets", buffer, offset, n as u64 * 4)?,
-            DeviceLabels::ClassesI64 { buffer, offset } => check("targets", buffer, offset, n as u64 * 8)?,
-            DeviceLabels::Probabilities { buffer, offset } | DeviceLabels::Binary { buffer, offset } => {
-                check("targets", buffer, offset, elems * 4)?
+            DeviceLabels::ClassesI32(targets) => check("targets", targets, n as u64 * 4)?,
+            DeviceLabels::ClassesI64(targets) => check("targets", targets, n as u64 * 8)?,
+            DeviceLabels::Probabilities(targets) | DeviceLabels::Binary(targets) => {
+                check("targets", targets, elems * 4)?
             }
         }
         match problem.gradient {
-            DeviceGradient::Into { buffer, offset } => check("gradient", buffer, offset, elems * 4)?,
-            DeviceGradient::IntoHalf { buffer, offset } => {
+            DeviceGradient::Into(grad) => check("gradient", grad, elems * 4)?,
+            DeviceGradient::IntoHalf(grad) => {
                 if half.is_none() {
                     return bad("DeviceGradient::IntoHalf writes the logits' half type; f32 logits take \
                          DeviceGradient::Into"
                         .into());
                 }
-                check("gradient", buffer, offset, words(elems * 2))?
+                check("gradient", grad, words(elems * 2))?
             }
             DeviceGradient::None | DeviceGradient::InPlace => {}
         }
@@ -479,21 +524,17 @@ impl GpuContext {
                 (None, false) => {
                     return bad("a cross-entropy backward needs the LSE its forward saved".into());
                 }
-                (Some((buffer, offset)), false) => check("lse", buffer, offset, n as u64 * 4)?,
+                (Some(lse), false) => check("lse", lse, n as u64 * 4)?,
                 (None, true) => {}
             }
             match (upstream, binary) {
                 (DeviceUpstream::Scalar(_), _) => {}
-                (DeviceUpstream::PerRow { buffer, offset }, false) => {
-                    check("upstream", buffer, offset, n as u64 * 4)?
-                }
-                (DeviceUpstream::PerElement { buffer, offset }, true) => {
-                    check("upstream", buffer, offset, elems * 4)?
-                }
-                (DeviceUpstream::PerRow { .. }, true) => {
+                (DeviceUpstream::PerRow(up), false) => check("upstream", up, n as u64 * 4)?,
+                (DeviceUpstream::PerElement(up), true) => check("upstream", up, elems * 4)?,
+                (DeviceUpstream::PerRow(_), true) => {
                     return bad("binary cross-entropy takes a scalar or per-element upstream gradient".into());
                 }
-                (DeviceUpstream::PerElement { .. }, false) => {
+                (DeviceUpstream::PerElement(_), false) => {
                     return bad("cross-entropy takes a scalar or per-row upstream gradient".into());
                 }
             }
@@ -517,8 +558,7 @@ impl GpuContext {
         Ok(Frame {
             n,
             v,
-            logits: problem.logits.buffer,
-            logits_offset: problem.logits.offset,
+            logits,
             half,
             gradient: problem.gradient,
             align,
@@ -562,7 +602,7 @@ impl GpuContext {
         rec: &mut Recorder<'_>,
         params: &wgpu::Buffer,
         f: &Frame<'_>,
-        (buffer, offset): (&wgpu::Buffer, u64),
+        DeviceSlice { buffer, offset }: DeviceSlice<'_>,
         e0: u64,
         len: u64,
         wide: &wgpu::Buffer,
@@ -603,10 +643,10 @@ impl GpuContext {
         len: u64,
     ) -> (&'b wgpu::Buffer, u64, u64) {
         if widened {
-            self.record_convert(rec, params, f, (f.logits, f.logits_offset), e0, len, wide, CONVERT_WIDEN);
+            self.record_convert(rec, params, f, f.logits, e0, len, wide, CONVERT_WIDEN);
             (wide, 0, len * 4)
         } else {
-            (f.logits, f.logits_offset + e0 * 4, len * 4)
+            f.logits.elems(e0, len * 4)
         }
     }
 
@@ -625,8 +665,8 @@ impl GpuContext {
     ) {
         match after {
             After::Nothing => {}
-            After::Narrow(b, o) => self.record_convert(rec, params, f, (b, o), e0, len, src, CONVERT_NARROW),
-            After::Copy(b, o) => self.record_convert(rec, params, f, (b, o), e0, len, src, CONVERT_COPY),
+            After::Narrow(to) => self.record_convert(rec, params, f, to, e0, len, src, CONVERT_NARROW),
+            After::Copy(to) => self.record_convert(rec, params, f, to, e0, len, src, CONVERT_COPY),
         }
     }
 
@@ -634,22 +674,15 @@ impl GpuContext {
     fn narrow_targets(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        wide: &wgpu::Buffer,
-        offset: u64,
+        wide: DeviceSlice<'_>,
         rows: usize,
         ignore_index: i64,
         ws: &mut DeviceWorkspace,
     ) -> Result<wgpu::Buffer> {
-        use wgpu::BufferUsages as U;
         let bytes = rows as u64 * 8;
         let narrow = ws.storage(&self.device, slot::NARROW, "xent narrowed targets", rows as u64 * 4);
-        let params = ws.buffer(
-            &self.device,
-            slot::NARROW_PARAMS,
-            "xent narrow params",
-            U::UNIFORM | U::COPY_DST,
-            params_stride(&self.limits),
-        );
+        let params =
+            ws.uniform(&self.device, slot::NARROW_PARAMS, "xent narrow params", params_stride(&self.limits));
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let groups = (rows as u64).div_ceil(u64::from(wg)).max(1);
@@ -657,7 +690,7 @@ impl GpuContext {
             &self.device,
             &self.kernels.narrow,
             &params,
-            &[(wide, offset, bytes.max(8)), whole(&narrow, narrow.size())],
+            &[wide.range(bytes.max(8)), whole(&narrow, narrow.size())],
         );
         let bits = ignore_index as u64;
         let p = NarrowParams {
@@ -677,17 +710,17 @@ impl GpuContext {
         &self,
         encoder: &mut wgpu::CommandEncoder,
         f: &Frame<'_>,
-        (targets, targets_offset, wide_targets): (&wgpu::Buffer, u64, bool),
+        (targets, wide_targets): (DeviceSlice<'_>, bool),
         mode: DeviceMode<'_>,
         opts: &LossOptions,
         ws: &mut DeviceWorkspace,
     ) -> Result<DeviceLoss> {
         let ignore = opts.get_ignore_index();
         let (targets, targets_offset, ignore_index) = if wide_targets {
-            (self.narrow_targets(encoder, targets, targets_offset, f.n, ignore, ws)?, 0, -1)
+            (self.narrow_targets(encoder, targets, f.n, ignore, ws)?, 0, -1)
         } else {
             // An ignore_index no i32 holds matches no i32 target; -1 is ignored anyway.
-            (targets.clone(), targets_offset, i32::try_from(ignore).unwrap_or(-1))
+            (targets.buffer.clone(), targets.offset, i32::try_from(ignore).unwrap_or(-1))
         };
         let (n, v) = (f.n, f.v);
         let (wg, max_dim) = (f.wg, f.max_dim);
@@ -773,13 +806,7 @@ impl GpuContext {
             + 2 * loss_levels.levels.len()
             + pair_levels.levels.len();
         let blocks_needed = (4 * chunks + 8 + levels) as u64;
-        let params = ws.buffer(
-            d,
-            slot::PARAMS,
-            "xent params",
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            blocks_needed * params_stride(&self.limits),
-        );
+        let params = ws.uniform(d, slot::PARAMS, "xent params", blocks_needed * params_stride(&self.limits));
 
         let mut rec = Recorder::into_encoder(encoder, &self.limits);
         // 1. Row weights from the targets, and their sum (the `mean` denominator), before
@@ -827,7 +854,7 @@ impl GpuContext {
         let format = match f.half {
             Some(format) if direct_half => ElemFormat::Half {
                 format,
-                half_grad: matches!(f.gradient, DeviceGradient::IntoHalf { .. }),
+                half_grad: matches!(f.gradient, DeviceGradient::IntoHalf(_)),
                 native: self.native_f16() && format == HalfFormat::F16,
             },
             _ => ElemFormat::f32_for(v),
@@ -835,30 +862,28 @@ impl GpuContext {
         let esize = if direct_half { 2 } else { 4 };
         let (grad_mode, after) = match f.gradient {
             DeviceGradient::None => (GradMode::None, After::Nothing),
-            DeviceGradient::Into { .. } => (GradMode::Separate, After::Nothing),
-            DeviceGradient::IntoHalf { .. } if direct_half => (GradMode::Separate, After::Nothing),
+            DeviceGradient::Into(_) => (GradMode::Separate, After::Nothing),
+            DeviceGradient::IntoHalf(_) if direct_half => (GradMode::Separate, After::Nothing),
             // Over the widened f32 chunk, then rounded into the caller's half buffer.
-            DeviceGradient::IntoHalf { buffer, offset } => (GradMode::InPlace, After::Narrow(buffer, offset)),
-            DeviceGradient::InPlace if widened => {
-                (GradMode::InPlace, After::Narrow(f.logits, f.logits_offset))
-            }
+            DeviceGradient::IntoHalf(grad) => (GradMode::InPlace, After::Narrow(grad)),
+            DeviceGradient::InPlace if widened => (GradMode::InPlace, After::Narrow(f.logits)),
             DeviceGradient::InPlace => (GradMode::InPlace, After::Nothing),
         };
         let grad_range = |e0: u64, len: u64| match f.gradient {
-            DeviceGradient::Into { buffer, offset } => (buffer, offset + e0 * 4, len * 4),
-            DeviceGradient::IntoHalf { buffer, offset } if direct_half => {
-                (buffer, offset + e0 * 2, words(len * 2))
+            DeviceGradient::Into(grad) => grad.elems(e0, len * 4),
+            DeviceGradient::IntoHalf(grad) if direct_half => {
+                (grad.buffer, grad.offset + e0 * 2, words(len * 2))
             }
             _ => (&dummy, 0, 16),
         };
-        if let Some(((saved, saved_offset), _)) = backward {
+        if let Some((saved, _)) = backward {
             // (max, sum) = (lse, 1): the row statistics of the saved LSE.
             let bg = bind_ranges(
                 d,
                 &self.kernels.row_map,
                 &params,
                 &[
-                    (saved, saved_offset, rows * 4),
+                    saved.range(rows * 4),
                     whole(&class_weights, 16),
                     whole(&class_weights, 16),
                     whole(&stats, rows * 8),
@@ -879,7 +904,7 @@ impl GpuContext {
         if grid {
             let bpr = v.div_ceil(SPLIT_BLOCK_COLS);
             let partials = ws.storage(d, slot::PARTIALS, "xent partials", (n * bpr * 32) as u64);
-            let logits_range = (f.logits, f.logits_offset, total);
+            let logits_range = f.logits.range(total);
             let partials_bg = bind_ranges(
                 d,
                 &self.kernels.partials,
@@ -935,7 +960,7 @@ impl GpuContext {
             let count = rows_per_chunk.min(n - first);
             let (e0, len) = ((first * v) as u64, (count * v) as u64);
             let logits_range = if direct_half {
-                (f.logits, f.logits_offset + e0 * esize, words(len * esize))
+                (f.logits.buffer, f.logits.offset + e0 * esize, words(len * esize))
             } else {
                 self.chunk_logits(&mut rec, &params, f, &wide, widened, e0, len)
             };
@@ -976,8 +1001,8 @@ impl GpuContext {
                 Some((_, upstream)) => {
                     let (scale, per_row, up) = match upstream {
                         DeviceUpstream::Scalar(g) => (g, 0, whole(&norm, 16)),
-                        DeviceUpstream::PerRow { buffer, offset } => (1.0, 1, (buffer, offset, rows * 4)),
-                        DeviceUpstream::PerElement { .. } => unreachable!("checked: per-row or scalar"),
+                        DeviceUpstream::PerRow(up) => (1.0, 1, up.range(rows * 4)),
+                        DeviceUpstream::PerElement(_) => unreachable!("checked: per-row or scalar"),
                     };
                     let bg = bind_ranges(
                         d,
@@ -1090,7 +1115,7 @@ impl GpuContext {
         &self,
         encoder: &mut wgpu::CommandEncoder,
         f: &Frame<'_>,
-        (probs, probs_offset): (&wgpu::Buffer, u64),
+        probs: DeviceSlice<'_>,
         mode: DeviceMode<'_>,
         opts: &LossOptions,
         ws: &mut DeviceWorkspace,
@@ -1115,7 +1140,6 @@ impl GpuContext {
         let rows_per_chunk = f.rows_per_chunk(row_bytes, f.max_groups())?;
         let chunks = n.div_ceil(rows_per_chunk);
         let chunk_bytes = rows_per_chunk.min(n) as u64 * row_bytes;
-        let via_scratch = matches!(f.gradient, DeviceGradient::InPlace | DeviceGradient::IntoHalf { .. });
 
         let d = &self.device;
         let rows = n as u64;
@@ -1129,31 +1153,18 @@ impl GpuContext {
         if let Some(w) = opts.get_weights() {
             self.queue.write_buffer(&weights, 0, bytemuck::cast_slice(w));
         }
-        let wide = ws.storage(d, slot::WIDE, "xent wide logits", if widened { chunk_bytes } else { 16 });
-        let grad =
-            ws.storage(d, slot::GRAD, "xent gradient chunk", if via_scratch { chunk_bytes } else { 16 });
+        let [wide, grad] = ws.chunk_scratch(d, f, chunk_bytes);
         let levels = reduce_levels(rows, 0, wg, max_dim, denom as f32, NO_INDEX);
         let scratch = ws.storage(d, slot::SCRATCH, "xent scratch", levels.extent * 4);
         let blocks_needed = (3 * chunks + levels.levels.len()) as u64;
-        let params = ws.buffer(
-            d,
-            slot::PARAMS,
-            "xent params",
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            blocks_needed * params_stride(&self.limits),
-        );
-        let after = match f.gradient {
-            DeviceGradient::InPlace if widened => After::Narrow(f.logits, f.logits_offset),
-            DeviceGradient::InPlace => After::Copy(f.logits, f.logits_offset),
-            DeviceGradient::IntoHalf { buffer, offset } => After::Narrow(buffer, offset),
-            _ => After::Nothing,
-        };
+        let params = ws.uniform(d, slot::PARAMS, "xent params", blocks_needed * params_stride(&self.limits));
+        let after = f.after_scratch();
         let lse_range = match saved {
-            Some((buffer, offset)) => (buffer, offset, rows * 4),
+            Some(saved) => saved.range(rows * 4),
             None => whole(&lse, rows * 4),
         };
         let upstream_range = match upstream {
-            DeviceUpstream::PerRow { buffer, offset } => (buffer, offset, rows * 4),
+            DeviceUpstream::PerRow(up) => up.range(rows * 4),
             _ => whole(&dummy_ro, 16),
         };
         let mut rec = Recorder::into_encoder(encoder, &self.limits);
@@ -1162,18 +1173,14 @@ impl GpuContext {
             let count = rows_per_chunk.min(n - first);
             let (e0, len) = ((first * v) as u64, (count * v) as u64);
             let logits_range = self.chunk_logits(&mut rec, &params, f, &wide, widened, e0, len);
-            let grad_range = match f.gradient {
-                DeviceGradient::None => whole(&dummy, 16),
-                DeviceGradient::Into { buffer, offset } => (buffer, offset + e0 * 4, len * 4),
-                _ => (&grad, 0, len * 4),
-            };
+            let grad_range = f.scratch_grad_range(&dummy, &grad, e0, len);
             let bg = bind_ranges(
                 d,
                 &self.kernels.soft,
                 &params,
                 &[
                     logits_range,
-                    (probs, probs_offset + e0 * 4, len * 4),
+                    probs.elems(e0, len * 4),
                     whole(&row_loss, rows * 4),
                     lse_range,
                     grad_range,
@@ -1208,7 +1215,7 @@ impl GpuContext {
         &self,
         encoder: &mut wgpu::CommandEncoder,
         f: &Frame<'_>,
-        (targets, targets_offset): (&wgpu::Buffer, u64),
+        targets: DeviceSlice<'_>,
         mode: DeviceMode<'_>,
         opts: &LossOptions,
         ws: &mut DeviceWorkspace,
@@ -1225,7 +1232,7 @@ impl GpuContext {
         };
         let has_grad = !matches!(f.gradient, DeviceGradient::None);
         let losses = !backward && reduction == Reduction::None;
-        let per_element = has_grad && matches!(upstream, DeviceUpstream::PerElement { .. });
+        let per_element = has_grad && matches!(upstream, DeviceUpstream::PerElement(_));
         let shape = BinaryShape::new(
             v,
             has_grad,
@@ -1245,7 +1252,6 @@ impl GpuContext {
         let chunks = elems.div_ceil(chunk);
         let chunk_bytes = chunk.min(elems) * 4;
         let widened = f.half.is_some();
-        let via_scratch = matches!(f.gradient, DeviceGradient::InPlace | DeviceGradient::IntoHalf { .. });
 
         let d = &self.device;
         let row_loss = ws.storage(d, slot::ROW_LOSS, "xent row_loss", if losses { elems * 4 } else { 16 });
@@ -1274,40 +1280,21 @@ impl GpuContext {
         let partials = ws.storage(d, slot::PARTIALS, "xent partials", partial_levels.extent * 4);
         let sum_levels = reduce_levels(chunks, 0, wg, max_dim, denom as f32, NO_INDEX);
         let sums = ws.storage(d, slot::SUMS, "xent sums", sum_levels.extent * 4);
-        let wide = ws.storage(d, slot::WIDE, "xent wide logits", if widened { chunk_bytes } else { 16 });
-        let grad =
-            ws.storage(d, slot::GRAD, "xent gradient chunk", if via_scratch { chunk_bytes } else { 16 });
+        let [wide, grad] = ws.chunk_scratch(d, f, chunk_bytes);
         let blocks_needed =
             chunks * (3 + partial_levels.levels.len() as u64) + sum_levels.levels.len() as u64;
-        let params = ws.buffer(
-            d,
-            slot::PARAMS,
-            "xent params",
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            blocks_needed * params_stride(&self.limits),
-        );
-        let after = match f.gradient {
-            DeviceGradient::InPlace if widened => After::Narrow(f.logits, f.logits_offset),
-            DeviceGradient::InPlace => After::Copy(f.logits, f.logits_offset),
-            DeviceGradient::IntoHalf { buffer, offset } => After::Narrow(buffer, offset),
-            _ => After::Nothing,
-        };
+        let params = ws.uniform(d, slot::PARAMS, "xent params", blocks_needed * params_stride(&self.limits));
+        let after = f.after_scratch();
         let partials_bg = bind_ranges(d, &self.kernels.reduce, &params, &[whole(&partials, partials.size())]);
         let mut rec = Recorder::into_encoder(encoder, &self.limits);
         for c in 0..chunks {
             let e0 = c * chunk;
             let len = chunk.min(elems - e0);
             let logits_range = self.chunk_logits(&mut rec, &params, f, &wide, widened, e0, len);
-            let grad_range = match f.gradient {
-                DeviceGradient::None => whole(&dummy, 16),
-                DeviceGradient::Into { buffer, offset } => (buffer, offset + e0 * 4, len * 4),
-                _ => (&grad, 0, len * 4),
-            };
+            let grad_range = f.scratch_grad_range(&dummy, &grad, e0, len);
             let losses_range = if losses { (&row_loss, e0 * 4, len * 4) } else { whole(&dummy, 16) };
             let upstream_range = match upstream {
-                DeviceUpstream::PerElement { buffer, offset } if per_element => {
-                    (buffer, offset + e0 * 4, len * 4)
-                }
+                DeviceUpstream::PerElement(up) if per_element => up.elems(e0, len * 4),
                 _ => whole(&dummy_ro, 16),
             };
             let bce_bg = bind_ranges(
@@ -1316,7 +1303,7 @@ impl GpuContext {
                 &params,
                 &[
                     logits_range,
-                    (targets, targets_offset + e0 * 4, len * 4),
+                    targets.elems(e0, len * 4),
                     whole(&weights, weights.size()),
                     whole(&pos_weight, pos_weight.size()),
                     grad_range,
