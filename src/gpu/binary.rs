@@ -8,7 +8,7 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 use crate::options::{LossOptions, LossOutput, Reduction, Upstream};
 
-use super::buffers::{Recorder, Slot, bind, groups_x};
+use super::buffers::{Grow, Recorder, bind, groups_x};
 use super::context::GpuContext;
 use super::kernels::{BINARY_GRAD, BINARY_LOSSES, BINARY_UPSTREAM, BinaryParams, Kernels, NO_INDEX};
 use super::plan::{Plan, Streamed};
@@ -143,11 +143,7 @@ impl GpuContext {
     /// Makes the binary buffers big enough for `plan`, rebuilding the bind groups only
     /// when a buffer was replaced.
     fn prepare_binary(&self, ws: &mut Workspace, plan: &Plan, shape: Shape) {
-        use wgpu::BufferUsages as U;
         let d = &self.device;
-        let bind_cap = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
-        let buf_cap = self.limits.max_buffer_size;
-        let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let bytes = plan.chunk_elems as u64 * 4;
@@ -156,35 +152,20 @@ impl GpuContext {
         let groups = (plan.chunk_elems as u64).div_ceil(4 * u64::from(wg));
         let partials = reduce_levels(groups, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
         let sums = reduce_levels(plan.chunk_sums() as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
-        let stride = super::buffers::params_stride(&self.limits);
         let b: &mut BinaryWorkspace = &mut ws.binary;
-        let mut created = [
-            b.logits.ensure(d, "xent bce logits", st, bytes, bind_cap),
-            b.targets.ensure(d, "xent bce targets", st, bytes, bind_cap),
-            b.weights.ensure(d, "xent bce weights", st, class_bytes(shape.weights), bind_cap),
-            b.pos_weight.ensure(d, "xent bce pos_weight", st, class_bytes(shape.pos_weight), bind_cap),
-            b.grad.ensure(d, "xent bce grad", st, elems_or_16(shape.grad), bind_cap),
-            b.losses.ensure(d, "xent bce losses", st, elems_or_16(shape.losses), bind_cap),
-            b.partials.ensure(d, "xent bce partials", st, partials, bind_cap),
-            b.upstream.ensure(d, "xent bce upstream", st, elems_or_16(shape.per_element), bind_cap),
-            b.sums.ensure(d, "xent bce sums", st, sums, bind_cap),
-            b.params.ensure(
-                d,
-                "xent bce params",
-                U::UNIFORM | U::COPY_DST,
-                stride * MAX_PARAM_BLOCKS,
-                buf_cap,
-            ),
-        ]
-        .iter()
-        .filter(|&&c| c)
-        .count() as u64;
-        let readback = shape.readback_bytes(plan);
-        b.readback.resize_with(plan.ring.max(b.readback.len()), Slot::default);
-        for slot in &mut b.readback[..plan.ring] {
-            created +=
-                u64::from(slot.ensure(d, "xent bce readback", U::MAP_READ | U::COPY_DST, readback, buf_cap));
-        }
+        let mut grow = Grow::new(d, &self.limits, MAX_PARAM_BLOCKS);
+        grow.storage(&mut b.logits, "xent bce logits", bytes);
+        grow.storage(&mut b.targets, "xent bce targets", bytes);
+        grow.storage(&mut b.weights, "xent bce weights", class_bytes(shape.weights));
+        grow.storage(&mut b.pos_weight, "xent bce pos_weight", class_bytes(shape.pos_weight));
+        grow.storage(&mut b.grad, "xent bce grad", elems_or_16(shape.grad));
+        grow.storage(&mut b.losses, "xent bce losses", elems_or_16(shape.losses));
+        grow.storage(&mut b.partials, "xent bce partials", partials);
+        grow.storage(&mut b.upstream, "xent bce upstream", elems_or_16(shape.per_element));
+        grow.storage(&mut b.sums, "xent bce sums", sums);
+        grow.params(&mut b.params, "xent bce params");
+        grow.readback(&mut b.readback, plan.ring, "xent bce readback", shape.readback_bytes(plan));
+        let created = grow.created();
         if b.groups.is_none() || created > 0 {
             let k = &self.kernels;
             let p = b.params.get();

@@ -43,6 +43,58 @@ impl Slot {
     }
 }
 
+/// Grows the slots of a host path's workspace for a plan, counting the buffers it
+/// creates: storage within one binding, `param_blocks` parameter blocks, readbacks.
+pub(crate) struct Grow<'d> {
+    device: &'d wgpu::Device,
+    bind_cap: u64,
+    buf_cap: u64,
+    params_bytes: u64,
+    created: u64,
+}
+
+impl<'d> Grow<'d> {
+    pub fn new(device: &'d wgpu::Device, limits: &wgpu::Limits, param_blocks: u64) -> Self {
+        Self {
+            device,
+            bind_cap: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
+            buf_cap: limits.max_buffer_size,
+            params_bytes: params_stride(limits) * param_blocks,
+            created: 0,
+        }
+    }
+
+    fn ensure(&mut self, slot: &mut Slot, label: &str, usage: wgpu::BufferUsages, bytes: u64, cap: u64) {
+        self.created += u64::from(slot.ensure(self.device, label, usage, bytes, cap));
+    }
+
+    /// A storage buffer (copied to and from) of at least `bytes`, within one binding.
+    pub fn storage(&mut self, slot: &mut Slot, label: &str, bytes: u64) {
+        use wgpu::BufferUsages as U;
+        self.ensure(slot, label, U::STORAGE | U::COPY_SRC | U::COPY_DST, bytes, self.bind_cap);
+    }
+
+    /// The uniform buffer of the parameter blocks.
+    pub fn params(&mut self, slot: &mut Slot, label: &str) {
+        use wgpu::BufferUsages as U;
+        self.ensure(slot, label, U::UNIFORM | U::COPY_DST, self.params_bytes, self.buf_cap);
+    }
+
+    /// The first `ring` readback buffers of `slots` (grown to that many), `bytes` each.
+    pub fn readback(&mut self, slots: &mut Vec<Slot>, ring: usize, label: &str, bytes: u64) {
+        use wgpu::BufferUsages as U;
+        slots.resize_with(ring.max(slots.len()), Slot::default);
+        for slot in &mut slots[..ring] {
+            self.ensure(slot, label, U::MAP_READ | U::COPY_DST, bytes, self.buf_cap);
+        }
+    }
+
+    /// Buffers created so far.
+    pub fn created(&self) -> u64 {
+        self.created
+    }
+}
+
 /// Distance between parameter blocks in a uniform buffer.
 pub(crate) fn params_stride(limits: &wgpu::Limits) -> u64 {
     MAX_PARAMS_SIZE.next_multiple_of(u64::from(limits.min_uniform_buffer_offset_alignment))
@@ -214,25 +266,7 @@ pub(crate) fn bind(
     params: &wgpu::Buffer,
     buffers: &[&wgpu::Buffer],
 ) -> wgpu::BindGroup {
-    let mut entries = vec![wgpu::BindGroupEntry {
-        binding: 0,
-        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: params,
-            offset: 0,
-            size: wgpu::BufferSize::new(kernel.params_size),
-        }),
-    }];
-    entries.extend(
-        buffers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() }),
-    );
-    device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: None,
-        layout: &kernel.layout,
-        entries: &entries,
-    })
+    bind_resources(device, kernel, params, buffers.iter().map(|b| b.as_entire_binding()))
 }
 
 /// Like [`bind`], with explicit (buffer, offset, size) ranges.
@@ -242,22 +276,33 @@ pub(crate) fn bind_ranges(
     params: &wgpu::Buffer,
     ranges: &[(&wgpu::Buffer, u64, u64)],
 ) -> wgpu::BindGroup {
-    let mut entries = vec![wgpu::BindGroupEntry {
-        binding: 0,
-        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: params,
-            offset: 0,
-            size: wgpu::BufferSize::new(kernel.params_size),
-        }),
-    }];
-    entries.extend(ranges.iter().enumerate().map(|(i, &(buffer, offset, size))| wgpu::BindGroupEntry {
-        binding: i as u32 + 1,
-        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+    let ranges = ranges.iter().map(|&(buffer, offset, size)| {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer,
             offset,
             size: wgpu::BufferSize::new(size),
-        }),
-    }));
+        })
+    });
+    bind_resources(device, kernel, params, ranges)
+}
+
+/// The bind group of `kernel`: its parameter block at binding 0, `resources` at 1...
+fn bind_resources<'a>(
+    device: &wgpu::Device,
+    kernel: &Kernel,
+    params: &'a wgpu::Buffer,
+    resources: impl Iterator<Item = wgpu::BindingResource<'a>>,
+) -> wgpu::BindGroup {
+    let params = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer: params,
+        offset: 0,
+        size: wgpu::BufferSize::new(kernel.params_size),
+    });
+    let entries: Vec<_> = std::iter::once(params)
+        .chain(resources)
+        .enumerate()
+        .map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource })
+        .collect();
     device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: None,
         layout: &kernel.layout,

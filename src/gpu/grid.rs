@@ -17,6 +17,48 @@ pub(crate) struct RowGrid {
     pub mode: GradMode,
 }
 
+impl RowGrid {
+    /// Column blocks per row.
+    pub fn blocks(&self) -> usize {
+        self.classes.div_ceil(SPLIT_BLOCK_COLS)
+    }
+
+    /// Workgroups of the grid: one per (row, column block).
+    pub fn workgroups(&self) -> u64 {
+        (self.rows * self.blocks()) as u64
+    }
+
+    /// `cross_entropy_backward.wgsl`'s parameters over the grid of these whole rows,
+    /// the first at batch row `row_base`; `per_row` 1 scales each row by its bound
+    /// upstream gradient.
+    pub fn backward_params(
+        &self,
+        row_base: usize,
+        per_row: u32,
+        kopts: &KernelOpts,
+        max_dim: u32,
+    ) -> BackwardParams {
+        let (v, bpr) = (self.classes as u32, self.blocks() as u32);
+        BackwardParams {
+            rows: self.rows as u32,
+            row_stride: v,
+            cols: v,
+            col_base: 0,
+            block_cols: SPLIT_BLOCK_COLS as u32,
+            blocks: bpr,
+            row_base: row_base as u32,
+            groups_x: groups_x(self.workgroups(), max_dim),
+            scale: self.grad_scale,
+            grad_mode: self.mode as u32,
+            ignore_index: self.ignore_index,
+            classes: v,
+            per_row,
+            ..bytemuck::Zeroable::zeroed()
+        }
+        .with_opts(kopts)
+    }
+}
+
 /// Records the grid path: partial states over a (row × block) grid, a merge per row, and
 /// the gradient over the same grid — 1 read for the loss, 2 reads + 1 write with the
 /// gradient, as the fused kernel, but with `rows × blocks` workgroups. `groups` binds
@@ -29,9 +71,9 @@ pub(crate) fn record_row_grid(
     kopts: &KernelOpts,
     max_dim: u32,
 ) {
-    let RowGrid { rows, classes: v, ignore_index, grad_scale, mode } = grid;
-    let bpr = v.div_ceil(SPLIT_BLOCK_COLS);
-    let wgs = (rows * bpr) as u64;
+    let RowGrid { rows, classes: v, ignore_index, mode, .. } = grid;
+    let bpr = grid.blocks();
+    let wgs = grid.workgroups();
     let partial = PartialParams {
         rows: rows as u32,
         row_stride: v as u32,
@@ -62,22 +104,7 @@ pub(crate) fn record_row_grid(
     .with_opts(kopts);
     rec.dispatch(&kernels.merge, merge_bg, &merge, merge_groups);
     if mode != GradMode::None {
-        let backward = BackwardParams {
-            rows: rows as u32,
-            row_stride: v as u32,
-            cols: v as u32,
-            col_base: 0,
-            block_cols: SPLIT_BLOCK_COLS as u32,
-            blocks: bpr as u32,
-            row_base: 0,
-            groups_x: groups_x(wgs, max_dim),
-            scale: grad_scale,
-            grad_mode: mode as u32,
-            ignore_index,
-            classes: v as u32,
-            ..bytemuck::Zeroable::zeroed()
-        }
-        .with_opts(kopts);
+        let backward = grid.backward_params(0, 0, kopts, max_dim);
         rec.dispatch(&kernels.backward, backward_bg, &backward, wgs);
     }
 }

@@ -33,8 +33,8 @@ use super::buffers::{Recorder, Slot, bind_ranges, groups_x, params_stride};
 use super::context::GpuContext;
 use super::grid::{RowGrid, record_row_grid};
 use super::kernels::{
-    BackwardParams, CONVERT_BF16, CONVERT_COPY, CONVERT_NARROW, CONVERT_WIDEN, ConvertParams, ElemFormat,
-    GradMode, KernelOpts, NO_INDEX, NarrowParams, ROW_MAP_STATS, ROW_MAP_Z_SPLIT, RowMapParams, RowParams,
+    CONVERT_BF16, CONVERT_COPY, CONVERT_NARROW, CONVERT_WIDEN, ConvertParams, ElemFormat, GradMode,
+    KernelOpts, NO_INDEX, NarrowParams, ROW_MAP_STATS, ROW_MAP_Z_SPLIT, RowMapParams, RowParams,
     WeightParams,
 };
 use super::reduce::reduce_levels;
@@ -876,6 +876,24 @@ impl GpuContext {
             }
             _ => (&dummy, 0, 16),
         };
+        // `cross_entropy_backward.wgsl` over logits, into a gradient, times `upstream`
+        // (per row, or a dummy).
+        let backward_bind = |logits, grad, upstream| {
+            bind_ranges(
+                d,
+                &self.kernels.backward,
+                &params,
+                &[
+                    logits,
+                    targets_range,
+                    whole(&stats, rows * 8),
+                    whole(&norm, 16),
+                    grad,
+                    whole(&class_weights, class_weights.size()),
+                    upstream,
+                ],
+            )
+        };
         if let Some((saved, _)) = backward {
             // (max, sum) = (lse, 1): the row statistics of the saved LSE.
             let bg = bind_ranges(
@@ -931,20 +949,8 @@ impl GpuContext {
                 ],
             );
             // The gradient's scale is the divisor the device reduced into `norm`.
-            let backward_bg = bind_ranges(
-                d,
-                &self.kernels.backward,
-                &params,
-                &[
-                    logits_range,
-                    targets_range,
-                    whole(&stats, rows * 8),
-                    whole(&norm, 16),
-                    grad_range(0, n as u64 * v as u64),
-                    whole(&class_weights, class_weights.size()),
-                    whole(&norm, 16),
-                ],
-            );
+            let backward_bg =
+                backward_bind(logits_range, grad_range(0, n as u64 * v as u64), whole(&norm, 16));
             let grid = RowGrid { rows: n, classes: v, ignore_index, grad_scale: 1.0, mode: grad_mode };
             record_row_grid(
                 &mut rec,
@@ -1004,39 +1010,11 @@ impl GpuContext {
                         DeviceUpstream::PerRow(up) => (1.0, 1, up.range(rows * 4)),
                         DeviceUpstream::PerElement(_) => unreachable!("checked: per-row or scalar"),
                     };
-                    let bg = bind_ranges(
-                        d,
-                        &self.kernels.backward,
-                        &params,
-                        &[
-                            logits_range,
-                            targets_range,
-                            whole(&stats, rows * 8),
-                            whole(&norm, 16),
-                            grad_range(e0, len),
-                            whole(&class_weights, class_weights.size()),
-                            up,
-                        ],
-                    );
-                    let wgs = (count * blocks) as u64;
-                    let p = BackwardParams {
-                        rows: count as u32,
-                        row_stride: v as u32,
-                        cols: v as u32,
-                        col_base: 0,
-                        block_cols: SPLIT_BLOCK_COLS as u32,
-                        blocks: blocks as u32,
-                        row_base: first as u32,
-                        groups_x: groups_x(wgs, max_dim),
-                        scale,
-                        grad_mode: grad_mode as u32,
-                        ignore_index,
-                        classes: v as u32,
-                        per_row,
-                        ..bytemuck::Zeroable::zeroed()
-                    }
-                    .with_opts(&kopts);
-                    rec.dispatch(&self.kernels.backward, &bg, &p, wgs);
+                    let bg = backward_bind(logits_range, grad_range(e0, len), up);
+                    let grid =
+                        RowGrid { rows: count, classes: v, ignore_index, grad_scale: scale, mode: grad_mode };
+                    let p = grid.backward_params(first, per_row, &kopts, max_dim);
+                    rec.dispatch(&self.kernels.backward, &bg, &p, grid.workgroups());
                 }
             }
             self.finish_gradient(&mut rec, &params, f, after, &wide, e0, len);

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::options::{LossOptions, LossOutput, Reduction, Upstream};
 use crate::problem::Mode;
 
-use super::buffers::{Recorder, Slot, bind, groups_x};
+use super::buffers::{Grow, Recorder, bind, groups_x};
 use super::context::GpuContext;
 use super::kernels::{KernelOpts, NO_INDEX, SOFT_GRAD, SOFT_PER_ROW, SOFT_SAVED_LSE, SoftParams};
 use super::plan::{GradKind, Plan, Streamed};
@@ -166,11 +166,7 @@ impl GpuContext {
     /// Makes the soft-target buffers big enough for `plan`, rebuilding the bind groups
     /// only when a buffer was replaced.
     fn prepare_soft(&self, ws: &mut Workspace, plan: &Plan, weights: usize) {
-        use wgpu::BufferUsages as U;
         let dev = &self.device;
-        let bind_cap = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
-        let buf_cap = self.limits.max_buffer_size;
-        let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let chunk_bytes = plan.chunk_elems as u64 * 4;
@@ -178,40 +174,20 @@ impl GpuContext {
         let grad = if plan.grad == GradKind::None { 16 } else { chunk_bytes };
         let scratch = reduce_levels(plan.slot_rows as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
         let sums = reduce_levels(plan.chunk_sums() as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
-        let stride = super::buffers::params_stride(&self.limits);
         let s: &mut SoftWorkspace = &mut ws.soft;
-        let mut created = [
-            s.logits.ensure(dev, "xent soft logits", st, chunk_bytes, bind_cap),
-            s.probs.ensure(dev, "xent soft targets", st, chunk_bytes, bind_cap),
-            s.row_loss.ensure(dev, "xent soft row_loss", st, rows, bind_cap),
-            s.row_lse.ensure(dev, "xent soft row_lse", st, rows, bind_cap),
-            s.grad.ensure(dev, "xent soft grad", st, grad, bind_cap),
-            s.weights.ensure(dev, "xent soft weights", st, weights as u64 * 4, bind_cap),
-            s.upstream.ensure(dev, "xent soft upstream", st, rows, bind_cap),
-            s.scratch.ensure(dev, "xent soft scratch", st, scratch, bind_cap),
-            s.sums.ensure(dev, "xent soft sums", st, sums, bind_cap),
-            s.params.ensure(
-                dev,
-                "xent soft params",
-                U::UNIFORM | U::COPY_DST,
-                stride * MAX_PARAM_BLOCKS,
-                buf_cap,
-            ),
-        ]
-        .iter()
-        .filter(|&&c| c)
-        .count() as u64;
-        let readback = SlotLayout::of(plan).size;
-        s.readback.resize_with(plan.ring.max(s.readback.len()), Slot::default);
-        for slot in &mut s.readback[..plan.ring] {
-            created += u64::from(slot.ensure(
-                dev,
-                "xent soft readback",
-                U::MAP_READ | U::COPY_DST,
-                readback,
-                buf_cap,
-            ));
-        }
+        let mut grow = Grow::new(dev, &self.limits, MAX_PARAM_BLOCKS);
+        grow.storage(&mut s.logits, "xent soft logits", chunk_bytes);
+        grow.storage(&mut s.probs, "xent soft targets", chunk_bytes);
+        grow.storage(&mut s.row_loss, "xent soft row_loss", rows);
+        grow.storage(&mut s.row_lse, "xent soft row_lse", rows);
+        grow.storage(&mut s.grad, "xent soft grad", grad);
+        grow.storage(&mut s.weights, "xent soft weights", weights as u64 * 4);
+        grow.storage(&mut s.upstream, "xent soft upstream", rows);
+        grow.storage(&mut s.scratch, "xent soft scratch", scratch);
+        grow.storage(&mut s.sums, "xent soft sums", sums);
+        grow.params(&mut s.params, "xent soft params");
+        grow.readback(&mut s.readback, plan.ring, "xent soft readback", SlotLayout::of(plan).size);
+        let created = grow.created();
         if s.groups.is_none() || created > 0 {
             let k = &self.kernels;
             let p = s.params.get();

@@ -9,7 +9,7 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 use crate::options::{Batch, LossOptions, LossOutput, Reduction};
 
-use super::buffers::{Recorder, Slot, bind, groups_x};
+use super::buffers::{Grow, Recorder, bind, groups_x};
 use super::context::GpuContext;
 use super::grid::{RowGrid, record_row_grid};
 use super::kernels::{
@@ -160,11 +160,7 @@ impl GpuContext {
     /// Makes every buffer big enough for `plan`, rebuilding the bind groups only when a
     /// buffer was replaced.
     pub(crate) fn prepare(&self, ws: &mut Workspace, plan: &Plan, weights: usize) {
-        use wgpu::BufferUsages as U;
         let d = &self.device;
-        let bind_cap = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
-        let buf_cap = self.limits.max_buffer_size;
-        let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let chunk_bytes = plan.chunk_elems as u64 * 4;
@@ -177,32 +173,23 @@ impl GpuContext {
         let scratch = reduce_levels(rows, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
         let sums = reduce_levels(plan.row_groups() as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
         let grad_bytes = if plan.grad == GradKind::Separate { chunk_bytes } else { 16 };
-        let stride = super::buffers::params_stride(&self.limits);
-        let mut created = [
-            ws.logits.ensure(d, "xent logits", st, chunk_bytes, bind_cap),
-            ws.grad.ensure(d, "xent grad", st, grad_bytes, bind_cap),
-            ws.targets.ensure(d, "xent targets", st, rows * 4, bind_cap),
-            ws.row_loss.ensure(d, "xent row_loss", st, rows * 4, bind_cap),
-            ws.row_lse.ensure(d, "xent row_lse", st, rows * 4, bind_cap),
-            ws.row_weight.ensure(d, "xent row_weight", st, rows * 4, bind_cap),
-            ws.row_stats.ensure(d, "xent row_stats", st, rows * 8, bind_cap),
-            ws.scratch.ensure(d, "xent scratch", st, scratch, bind_cap),
-            ws.partials.ensure(d, "xent partials", st, partials, bind_cap),
-            ws.sums.ensure(d, "xent sums", st, sums, bind_cap),
-            ws.norm.ensure(d, "xent norm", st, 16, bind_cap),
-            ws.weights.ensure(d, "xent weights", st, weights as u64 * 4, bind_cap),
-            ws.upstream.ensure(d, "xent upstream", st, rows * 4, bind_cap),
-            ws.params.ensure(d, "xent params", U::UNIFORM | U::COPY_DST, stride * MAX_PARAM_BLOCKS, buf_cap),
-        ]
-        .iter()
-        .filter(|&&c| c)
-        .count() as u64;
-        let readback = readback_layout(plan).2;
-        ws.readback.resize_with(plan.ring.max(ws.readback.len()), Slot::default);
-        for slot in &mut ws.readback[..plan.ring] {
-            created +=
-                u64::from(slot.ensure(d, "xent readback", U::MAP_READ | U::COPY_DST, readback, buf_cap));
-        }
+        let mut grow = Grow::new(d, &self.limits, MAX_PARAM_BLOCKS);
+        grow.storage(&mut ws.logits, "xent logits", chunk_bytes);
+        grow.storage(&mut ws.grad, "xent grad", grad_bytes);
+        grow.storage(&mut ws.targets, "xent targets", rows * 4);
+        grow.storage(&mut ws.row_loss, "xent row_loss", rows * 4);
+        grow.storage(&mut ws.row_lse, "xent row_lse", rows * 4);
+        grow.storage(&mut ws.row_weight, "xent row_weight", rows * 4);
+        grow.storage(&mut ws.row_stats, "xent row_stats", rows * 8);
+        grow.storage(&mut ws.scratch, "xent scratch", scratch);
+        grow.storage(&mut ws.partials, "xent partials", partials);
+        grow.storage(&mut ws.sums, "xent sums", sums);
+        grow.storage(&mut ws.norm, "xent norm", 16);
+        grow.storage(&mut ws.weights, "xent weights", weights as u64 * 4);
+        grow.storage(&mut ws.upstream, "xent upstream", rows * 4);
+        grow.params(&mut ws.params, "xent params");
+        grow.readback(&mut ws.readback, plan.ring, "xent readback", readback_layout(plan).2);
+        let created = grow.created();
         ws.allocations += created;
         if ws.groups.is_none() || created > 0 {
             let k = &self.kernels;
