@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::Fixture;
+
 use wgpu::util::DeviceExt;
 use xent::check::{Tolerance, compare};
 use xent::gpu::{
@@ -317,52 +319,11 @@ impl Kind {
     }
 }
 
-/// One problem's host inputs, on values every element type represents exactly.
-struct Fixture {
-    rows: usize,
-    classes: usize,
-    dtype: Dtype,
-    /// The logits as f32, already rounded to `dtype`.
-    logits: Vec<f32>,
-    bits: Vec<u16>,
-    targets: Vec<i64>,
-    probs: Vec<f32>,
-    binary: Vec<f32>,
-    upstream_rows: Vec<f32>,
-    upstream_elems: Vec<f32>,
-}
-
 impl Fixture {
-    fn new(rows: usize, classes: usize, dtype: Dtype, seed: u64) -> Self {
-        let raw = synth::logits(rows, classes, 2.0, seed);
-        let (logits, bits) = match dtype.half() {
-            None => (raw, Vec::new()),
-            Some(f) => {
-                let bits: Vec<u16> = raw.iter().map(|&x| f.from_f32(x)).collect();
-                (bits.iter().map(|&b| f.to_f32(b)).collect(), bits)
-            }
-        };
-        let mut targets = synth::targets(rows, classes, seed + 1);
-        targets.iter_mut().step_by(7).for_each(|t| *t = -100);
-        let u = synth::logits(rows, classes, 1.0, seed + 2);
-        let (probs, binary) = common::dense_targets(&u, classes);
-        let upstream_rows = (0..rows).map(|r| 0.5 + (r % 5) as f32 * 0.25).collect();
-        let upstream_elems = (0..rows * classes).map(|i| 0.25 + (i % 7) as f32 * 0.125).collect();
-        Self { rows, classes, dtype, logits, bits, targets, probs, binary, upstream_rows, upstream_elems }
-    }
-
     /// The targets the host reference takes: a negative one (ignored on the device
     /// whatever ignore_index is) carries the options' ignore_index.
     fn host_targets(&self, opts: &LossOptions) -> Vec<i64> {
         self.targets.iter().map(|&t| if t < 0 { opts.get_ignore_index() } else { t }).collect()
-    }
-
-    fn upstream(&self, kind: Kind, reduction: Reduction) -> Upstream<'_> {
-        match (reduction, kind) {
-            (Reduction::None, Kind::Binary) => Upstream::PerElement(&self.upstream_elems),
-            (Reduction::None, _) => Upstream::PerRow(&self.upstream_rows),
-            _ => Upstream::Scalar(0.75),
-        }
     }
 }
 
@@ -498,7 +459,7 @@ fn device_cell(
         gpu,
         bytemuck::cast_slice(&saved_lse.unwrap_or(&[0.0]).iter().copied().chain([0.0]).collect::<Vec<_>>()),
     );
-    let upstream = match f.upstream(kind, opts.get_reduction()) {
+    let upstream = match f.upstream(kind.label_kind(), opts.get_reduction()) {
         Upstream::Scalar(g) => (None, g),
         Upstream::PerRow(g) | Upstream::PerElement(g) => (
             Some(buffer(gpu, bytemuck::cast_slice(&g.iter().copied().chain([0.0]).collect::<Vec<_>>()))),
@@ -592,7 +553,7 @@ fn reference_cell(f: &Fixture, kind: Kind, output: Output, opts: &LossOptions, l
     let problem = match output {
         Output::Backward => problem
             .gradient(Gradient::IntoF32(&mut grad))
-            .backward(lse, f.upstream(kind, opts.get_reduction())),
+            .backward(lse, f.upstream(kind.label_kind(), opts.get_reduction())),
         Output::Loss => problem.row_losses(true).lse(ce),
         _ => problem.row_losses(true).lse(ce).gradient(Gradient::IntoF32(&mut grad)),
     };

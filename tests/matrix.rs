@@ -9,56 +9,19 @@
 
 mod common;
 
+use common::Fixture;
+
 use xent::{
     Backend, Cell, Dtype, Error, Gradient, HalfFormat, Input, LabelKind, Labels, Logits, LossOptions,
-    LossOutput, Output, Problem, Reduction, Upstream,
+    LossOutput, Output, Problem, Reduction,
 };
 
-/// One problem's inputs, on values that every element type represents exactly.
-struct Fixture {
-    classes: usize,
-    /// The logits as f32, already rounded to `dtype`.
-    logits: Vec<f32>,
-    bits: Vec<u16>,
-    targets: Vec<i64>,
-    probs: Vec<f32>,
-    binary: Vec<f32>,
-    upstream_rows: Vec<f32>,
-    upstream_elems: Vec<f32>,
-}
-
 impl Fixture {
-    fn new(rows: usize, classes: usize, dtype: Dtype, seed: u64) -> Self {
-        let raw = xent::synth::logits(rows, classes, 2.0, seed);
-        let (logits, bits) = match dtype.half() {
-            None => (raw, Vec::new()),
-            Some(f) => {
-                let bits: Vec<u16> = raw.iter().map(|&x| f.from_f32(x)).collect();
-                (bits.iter().map(|&b| f.to_f32(b)).collect(), bits)
-            }
-        };
-        let mut targets = xent::synth::targets(rows, classes, seed + 1);
-        targets.iter_mut().step_by(7).for_each(|t| *t = -100);
-        let u = xent::synth::logits(rows, classes, 1.0, seed + 2);
-        let (probs, binary) = common::dense_targets(&u, classes);
-        let upstream_rows = (0..rows).map(|r| 0.5 + (r % 5) as f32 * 0.25).collect();
-        let upstream_elems = (0..rows * classes).map(|i| 0.25 + (i % 7) as f32 * 0.125).collect();
-        Self { classes, logits, bits, targets, probs, binary, upstream_rows, upstream_elems }
-    }
-
     fn labels(&self, kind: LabelKind) -> Labels<'_> {
         match kind {
             LabelKind::Classes => Labels::from(&self.targets),
             LabelKind::Probabilities => Labels::Probabilities(&self.probs),
             LabelKind::Binary => Labels::Binary(&self.binary),
-        }
-    }
-
-    fn upstream(&self, kind: LabelKind, reduction: Reduction) -> Upstream<'_> {
-        match (reduction, kind) {
-            (Reduction::None, LabelKind::Binary) => Upstream::PerElement(&self.upstream_elems),
-            (Reduction::None, _) => Upstream::PerRow(&self.upstream_rows),
-            _ => Upstream::Scalar(0.75),
         }
     }
 }

@@ -95,3 +95,52 @@ pub fn dense_targets(u: &[f32], classes: usize) -> (Vec<f32>, Vec<f32>) {
         u.iter().enumerate().map(|(i, &x)| if i % 3 == 0 { 0.3 } else { f32::from(x > 0.0) }).collect();
     (probs, binary)
 }
+
+/// One problem's host inputs, on values that every element type represents exactly:
+/// logits rounded to `dtype`, class indices with every seventh row ignored (-100),
+/// probability and binary targets, and per-row and per-element upstream gradients.
+pub struct Fixture {
+    pub rows: usize,
+    pub classes: usize,
+    pub dtype: xent::Dtype,
+    /// The logits as f32, already rounded to `dtype`.
+    pub logits: Vec<f32>,
+    /// The logits' 16-bit words for a half `dtype` (empty for f32).
+    pub bits: Vec<u16>,
+    pub targets: Vec<i64>,
+    pub probs: Vec<f32>,
+    pub binary: Vec<f32>,
+    pub upstream_rows: Vec<f32>,
+    pub upstream_elems: Vec<f32>,
+}
+
+impl Fixture {
+    pub fn new(rows: usize, classes: usize, dtype: xent::Dtype, seed: u64) -> Self {
+        let raw = xent::synth::logits(rows, classes, 2.0, seed);
+        let (logits, bits) = match dtype.half() {
+            None => (raw, Vec::new()),
+            Some(f) => {
+                let bits: Vec<u16> = raw.iter().map(|&x| f.from_f32(x)).collect();
+                (bits.iter().map(|&b| f.to_f32(b)).collect(), bits)
+            }
+        };
+        let mut targets = xent::synth::targets(rows, classes, seed + 1);
+        targets.iter_mut().step_by(7).for_each(|t| *t = -100);
+        let u = xent::synth::logits(rows, classes, 1.0, seed + 2);
+        let (probs, binary) = dense_targets(&u, classes);
+        let upstream_rows = (0..rows).map(|r| 0.5 + (r % 5) as f32 * 0.25).collect();
+        let upstream_elems = (0..rows * classes).map(|i| 0.25 + (i % 7) as f32 * 0.125).collect();
+        Self { rows, classes, dtype, logits, bits, targets, probs, binary, upstream_rows, upstream_elems }
+    }
+
+    /// The upstream gradient of a backward of `kind` under `reduction`: per element
+    /// (binary) or per row under `none`, else the scalar 0.75.
+    pub fn upstream(&self, kind: xent::LabelKind, reduction: xent::Reduction) -> xent::Upstream<'_> {
+        use xent::{LabelKind, Reduction, Upstream};
+        match (reduction, kind) {
+            (Reduction::None, LabelKind::Binary) => Upstream::PerElement(&self.upstream_elems),
+            (Reduction::None, _) => Upstream::PerRow(&self.upstream_rows),
+            _ => Upstream::Scalar(0.75),
+        }
+    }
+}
