@@ -149,12 +149,8 @@ impl Native for GpuContext {
         }
     }
 
-    fn linear(&self, _task: crate::head::LinearTask<'_>, _opts: &LossOptions) -> Result<LossOutput> {
-        Err(crate::Error::Unsupported {
-            path: crate::Backend::describe(self),
-            cell: "linear head".into(),
-            why: "not yet implemented".into(),
-        })
+    fn linear(&self, task: crate::head::LinearTask<'_>, opts: &LossOptions) -> Result<LossOutput> {
+        self.linear_head(task, opts)
     }
 }
 

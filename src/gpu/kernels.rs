@@ -476,6 +476,127 @@ pub(crate) struct RowMapParams {
     pub scale: f32,
 }
 
+/// `GemmParams::flags` bits (`FLAG_*` of `gemm.wgsl`): C += the product.
+pub(crate) const GEMM_ACCUMULATE: u32 = 1;
+/// + bias[bias_off + n].
+pub(crate) const GEMM_BIAS: u32 = 2;
+/// Floats of workgroup memory per operand of `gemm.wgsl` (`TILE_FLOATS` there).
+pub(crate) const GEMM_TILE_FLOATS: u32 = 1024;
+
+/// `Params` of `gemm.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct GemmParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub a_off: u32,
+    pub lda: u32,
+    pub b_off: u32,
+    pub ldb: u32,
+    pub c_off: u32,
+    pub ldc: u32,
+    pub bias_off: u32,
+    pub flags: u32,
+    pub groups_x: u32,
+    pub tiles_n: u32,
+    pub tile_base: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+}
+
+/// `Params` of `linear_colsum.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct ColsumParams {
+    pub rows: u32,
+    pub cols: u32,
+    pub groups_x: u32,
+    pub accumulate: u32,
+    pub col_base: u32,
+    pub count: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+}
+
+/// The source of `gemm.wgsl` with its loader: vec4 loads, or one float per load.
+pub(crate) fn gemm_source(vec4: bool) -> String {
+    wgsl::compose(&[if vec4 { "gemm_load_vec4" } else { "gemm_load_f32" }, "gemm"])
+}
+
+/// Pipeline constants the host sets on `gemm.wgsl`.
+pub(crate) const GEMM_OVERRIDES: [&str; 5] = ["GX", "GY", "BK", "A_T", "B_T"];
+
+/// A GEMM pipeline: vec4 loads, `A_T`, `B_T`, the tile.
+type GemmKey = (bool, bool, bool, [u32; 3]);
+
+/// The linear head's matrix products: one bind group layout, a pipeline per (loader,
+/// operand layout, tile shape), built on first use.
+pub(crate) struct GemmKernels {
+    /// The bind group layout (params; a, b, c, bias), for [`super::buffers::bind_ranges`].
+    pub kernel: Kernel,
+    modules: Mutex<HashMap<bool, wgpu::ShaderModule>>,
+    built: Mutex<HashMap<GemmKey, RowsPipeline>>,
+}
+
+impl GemmKernels {
+    fn new(device: &wgpu::Device) -> Self {
+        // a, b, c, bias
+        let kernel = Kernel::layout_only::<GemmParams>(device, "gemm", &[(RO, 0), (RO, 0), (RW, 4), (RO, 4)]);
+        Self { kernel, modules: Default::default(), built: Default::default() }
+    }
+
+    /// The pipeline with vec4 loads or not, `a_t` / `b_t` operand layouts, and a tile of
+    /// `[gx, gy, bk]` (inside the caller's error scopes, as [`Kernel::pipeline`]).
+    pub fn get(
+        &self,
+        device: &wgpu::Device,
+        vec4: bool,
+        a_t: bool,
+        b_t: bool,
+        tile: [u32; 3],
+    ) -> RowsPipeline {
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        built
+            .entry((vec4, a_t, b_t, tile))
+            .or_insert_with(|| {
+                let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+                let module = modules.entry(vec4).or_insert_with(|| {
+                    device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some("gemm"),
+                        source: wgpu::ShaderSource::Wgsl(gemm_source(vec4).into()),
+                    })
+                });
+                let [gx, gy, bk, at, bt] = GEMM_OVERRIDES;
+                let pipeline = pipeline(
+                    device,
+                    "gemm",
+                    module,
+                    &self.kernel.layout,
+                    &[
+                        (gx, f64::from(tile[0])),
+                        (gy, f64::from(tile[1])),
+                        (bk, f64::from(tile[2])),
+                        (at, f64::from(u8::from(a_t))),
+                        (bt, f64::from(u8::from(b_t))),
+                    ],
+                );
+                let op = |t: bool| if t { "t" } else { "n" };
+                let name = format!(
+                    "gemm ({}{}, {}, {}x{}x{})",
+                    op(a_t),
+                    op(b_t),
+                    if vec4 { "vec4" } else { "f32" },
+                    tile[0],
+                    tile[1],
+                    tile[2]
+                );
+                RowsPipeline { pipeline, name }
+            })
+            .clone()
+    }
+}
+
 /// `divisor_index` meaning "use the uniform divisor" (`NO_INDEX` of reduce_sum.wgsl).
 pub(crate) const NO_INDEX: u32 = u32::MAX;
 
@@ -676,6 +797,31 @@ fn params_layouts() -> HashMap<&'static str, ParamsLayout> {
         ),
         ("convert_half", params_layout!(ConvertParams { first, count, groups_x, flags })),
         ("row_map", params_layout!(RowMapParams { rows, groups_x, mode, scale })),
+        (
+            "gemm",
+            params_layout!(GemmParams {
+                m,
+                n,
+                k,
+                a_off,
+                lda,
+                b_off,
+                ldb,
+                c_off,
+                ldc,
+                bias_off,
+                flags,
+                groups_x,
+                tiles_n,
+                tile_base,
+                _pad0,
+                _pad1,
+            }),
+        ),
+        (
+            "linear_colsum",
+            params_layout!(ColsumParams { rows, cols, groups_x, accumulate, col_base, count, _pad0, _pad1 }),
+        ),
         ("bench_copy", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),
         ("bench_read", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),
     ])
@@ -780,6 +926,26 @@ pub fn shaders() -> Vec<Shader> {
             overrides: &OVERRIDES,
         });
     }
+    for vec4 in [false, true] {
+        out.push(Shader {
+            name: format!("gemm ({})", if vec4 { "vec4 loads" } else { "f32 loads" }),
+            source: gemm_source(vec4),
+            params: layouts["gemm"].clone(),
+            constants: vec![
+                ("FLAG_ACCUMULATE", GEMM_ACCUMULATE),
+                ("FLAG_BIAS", GEMM_BIAS),
+                ("TILE_FLOATS", GEMM_TILE_FLOATS),
+            ],
+            overrides: &GEMM_OVERRIDES,
+        });
+    }
+    out.push(Shader {
+        name: "linear_colsum".into(),
+        source: wgsl::compose(&["linear_colsum"]),
+        params: layouts["linear_colsum"].clone(),
+        constants: vec![],
+        overrides: &OVERRIDES,
+    });
     out
 }
 
@@ -985,6 +1151,10 @@ pub(crate) struct Kernels {
     pub soft: Kernel,
     pub convert: Kernel,
     pub row_map: Kernel,
+    /// The linear head's matrix products (`gemm.wgsl`).
+    pub gemm: GemmKernels,
+    /// The linear head's bias gradient (`linear_colsum.wgsl`).
+    pub colsum: Kernel,
     /// Workgroup size of every kernel (a power of two).
     pub workgroup_size: u32,
 }
@@ -1093,6 +1263,15 @@ impl Kernels {
                 "row_map",
                 wgsl::file("row_map"),
                 &[(RO, 4), (RO, 4), (RO, 4), (RW, 4)],
+                wg,
+            ),
+            gemm: GemmKernels::new(device),
+            // G, db
+            colsum: Kernel::new::<ColsumParams>(
+                device,
+                "linear_colsum",
+                wgsl::file("linear_colsum"),
+                &[(RO, 4), (RW, 4)],
                 wg,
             ),
             workgroup_size: wg,

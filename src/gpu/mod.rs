@@ -9,6 +9,9 @@ mod context;
 mod evaluate;
 mod grid;
 mod kernels;
+mod linear;
+mod linear_bench;
+mod linear_plan;
 pub mod plan;
 mod reduce;
 mod resident;
@@ -24,9 +27,10 @@ pub use buffers::{Dispatch, trace};
 pub(crate) use context::check_grad_len;
 pub use context::{GpuContext, adapters, instance, select_adapters};
 pub use kernels::{ParamsField, ParamsLayout, Shader, shaders};
+pub use linear::LinearPlan;
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
 pub use resident::{
     DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceMode, DeviceProblem, DeviceSlice,
     DeviceUpstream, DeviceWorkspace,
 };
-pub use tuning::Tuning;
+pub use tuning::{GemmTuning, Tuning};

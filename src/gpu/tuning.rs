@@ -166,3 +166,59 @@ pub fn rows_layout(classes: u64, tuning: &Tuning) -> (u32, bool) {
         (1u32 << (63 - t.leading_zeros()), false)
     }
 }
+
+/// The tile of the linear head's matrix product (`gemm.wgsl`): a workgroup of `x` × `y`
+/// invocations, each with a 4 × 4 register tile, so a (4y × 4x) tile of the output per
+/// workgroup, walking K in steps of `k` through workgroup memory. Pipeline constants,
+/// chosen per adapter by [`GemmTuning::for_adapter`], overridable with
+/// `XENT_GEMM_TILE=XxYxK` (e.g. `16x16x16`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmTuning {
+    /// Invocations along the output's columns.
+    pub x: u32,
+    /// Invocations along the output's rows.
+    pub y: u32,
+    /// K step (a multiple of 4).
+    pub k: u32,
+}
+
+impl GemmTuning {
+    /// GPUs: 256 invocations, 64 × 64 output tiles, K steps of 16.
+    pub const GPU: GemmTuning = GemmTuning { x: 16, y: 16, k: 16 };
+    /// CPU adapters (lavapipe, llvmpipe): a workgroup runs as SIMD lanes of one thread;
+    /// measured on lavapipe (2 cores, N 1024 × D 256 × V 8192), 8 × 8 invocations (32 × 32
+    /// tiles) with K steps of 32 against 16 × 16 × 16.
+    pub const CPU: GemmTuning = GemmTuning { x: 8, y: 8, k: 32 };
+
+    /// The tile for an adapter, with `XENT_GEMM_TILE` applied.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> GemmTuning {
+        let t = match info.device_type {
+            wgpu::DeviceType::Cpu => Self::CPU,
+            _ => Self::GPU,
+        };
+        let parsed = std::env::var("XENT_GEMM_TILE").ok().and_then(|v| {
+            let p: Vec<u32> = v.split('x').filter_map(|s| s.parse().ok()).collect();
+            (p.len() == 3).then(|| GemmTuning { x: p[0], y: p[1], k: p[2] })
+        });
+        parsed.unwrap_or(t)
+    }
+
+    /// Clamped to the device and to the shader's workgroup memory (`TILE_FLOATS` floats
+    /// per operand): powers of two, `x·y` invocations within the limits, K a multiple of 4.
+    pub fn within(self, limits: &wgpu::Limits, tile_floats: u32) -> GemmTuning {
+        let pow2 = |v: u32| 1u32 << (31 - v.max(1).leading_zeros());
+        let mut x = pow2(self.x.min(limits.max_compute_workgroup_size_x));
+        let mut y = pow2(self.y.min(limits.max_compute_workgroup_size_y));
+        while x * y > limits.max_compute_invocations_per_workgroup.max(1) {
+            if x >= y { x /= 2 } else { y /= 2 }
+        }
+        let mut k = pow2(self.k.max(4)).max(4);
+        while k > 4 && k * 4 * x.max(y) > tile_floats {
+            k /= 2;
+        }
+        while k * 4 * x.max(y) > tile_floats {
+            if x >= y { x /= 2 } else { y /= 2 }
+        }
+        GemmTuning { x, y, k }
+    }
+}

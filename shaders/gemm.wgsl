@@ -1,0 +1,169 @@
+// Tiled matrix product C (+)= op(A) · op(B) (+ bias), the linear head's products
+// (src/gpu/linear.rs): logits = h·Wᵀ (A row-major, B transposed), dh = G·W, dW = Gᵀ·h.
+// The host composes it with a loader (gemm_load_vec4.wgsl: vec4 loads, every
+// contiguous length, stride and offset a multiple of 4; gemm_load_f32.wgsl otherwise)
+// that declares `a` (binding 1), `b` (binding 2) and `load_a4` / `load_b4`.
+//
+// A workgroup of GX × GY invocations computes a BM × BN tile of C (BM = 4·GY,
+// BN = 4·GX); each invocation keeps a 4 × 4 register tile (four vec4 accumulators).
+// The K dimension is walked in steps of BK: the A and B sub-tiles go through workgroup
+// memory, four values per global load along each operand's contiguous dimension.
+// Out-of-range elements load as 0, so ragged edges need no other care. Every element of
+// C is written by one invocation, summed over K in a fixed order: no atomics, the same
+// bits run to run.
+
+// Workgroup shape and K step: pipeline constants chosen per adapter (`Tuning::gemm_*`).
+override GX: u32 = 16u;
+override GY: u32 = 16u;
+override BK: u32 = 16u;
+// A(m, k) at a[a_off + k·lda + m] (contiguous along m) instead of a[a_off + m·lda + k].
+override A_T: bool = false;
+// B(k, n) at b[b_off + n·ldb + k] (contiguous along k) instead of b[b_off + k·ldb + n].
+override B_T: bool = false;
+
+// Floats of workgroup memory per operand: BK · BM and BK · BN must fit (the host checks).
+const TILE_FLOATS: u32 = 1024u;
+const FLAG_ACCUMULATE: u32 = 1u;
+const FLAG_BIAS: u32 = 2u;
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    a_off: u32,
+    lda: u32,
+    b_off: u32,
+    ldb: u32,
+    c_off: u32,
+    ldc: u32,
+    bias_off: u32,
+    flags: u32,      // FLAG_*: C += (else C =); + bias[bias_off + n]
+    groups_x: u32,   // x size of the (folded) 2D dispatch
+    tiles_n: u32,    // tiles along n
+    tile_base: u32,  // flat tile index of this dispatch's workgroup 0
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+
+var<workgroup> sa: array<f32, TILE_FLOATS>; // [BK][BM]
+var<workgroup> sb: array<f32, TILE_FLOATS>; // [BK][BN]
+
+// Loads the BK × BM tile of A at (m0, k0) and the BK × BN tile of B at (k0, n0).
+fn load_tiles(lid: u32, m0: u32, n0: u32, k0: u32) {
+    let threads = GX * GY;
+    let bm = 4u * GY;
+    let bn = 4u * GX;
+    let p = params;
+    for (var i = lid; i < BK * bm / 4u; i += threads) {
+        if (A_T) {
+            let kk = i / (bm / 4u);
+            let mm = 4u * (i % (bm / 4u));
+            let k = k0 + kk;
+            let m = m0 + mm;
+            let count = select(0u, min(4u, p.m - min(m, p.m)), k < p.k);
+            let v = load_a4(p.a_off + k * p.lda + m, count);
+            sa[kk * bm + mm] = v.x;
+            sa[kk * bm + mm + 1u] = v.y;
+            sa[kk * bm + mm + 2u] = v.z;
+            sa[kk * bm + mm + 3u] = v.w;
+        } else {
+            let mm = i / (BK / 4u);
+            let kk = 4u * (i % (BK / 4u));
+            let k = k0 + kk;
+            let m = m0 + mm;
+            let count = select(0u, min(4u, p.k - min(k, p.k)), m < p.m);
+            let v = load_a4(p.a_off + m * p.lda + k, count);
+            sa[kk * bm + mm] = v.x;
+            sa[(kk + 1u) * bm + mm] = v.y;
+            sa[(kk + 2u) * bm + mm] = v.z;
+            sa[(kk + 3u) * bm + mm] = v.w;
+        }
+    }
+    for (var i = lid; i < BK * bn / 4u; i += threads) {
+        if (B_T) {
+            let nn = i / (BK / 4u);
+            let kk = 4u * (i % (BK / 4u));
+            let k = k0 + kk;
+            let n = n0 + nn;
+            let count = select(0u, min(4u, p.k - min(k, p.k)), n < p.n);
+            let v = load_b4(p.b_off + n * p.ldb + k, count);
+            sb[kk * bn + nn] = v.x;
+            sb[(kk + 1u) * bn + nn] = v.y;
+            sb[(kk + 2u) * bn + nn] = v.z;
+            sb[(kk + 3u) * bn + nn] = v.w;
+        } else {
+            let kk = i / (bn / 4u);
+            let nn = 4u * (i % (bn / 4u));
+            let k = k0 + kk;
+            let n = n0 + nn;
+            let count = select(0u, min(4u, p.n - min(n, p.n)), k < p.k);
+            let v = load_b4(p.b_off + k * p.ldb + n, count);
+            sb[kk * bn + nn] = v.x;
+            sb[kk * bn + nn + 1u] = v.y;
+            sb[kk * bn + nn + 2u] = v.z;
+            sb[kk * bn + nn + 3u] = v.w;
+        }
+    }
+}
+
+@compute @workgroup_size(GX, GY)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_id) lid3: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let bm = 4u * GY;
+    let bn = 4u * GX;
+    let tiles_m = (params.m + bm - 1u) / bm;
+    let g = params.tile_base + wid.y * params.groups_x + wid.x;
+    let tm = g / params.tiles_n;
+    // Uniform per workgroup: the barriers below stay in uniform control flow.
+    if (tm >= tiles_m) {
+        return;
+    }
+    let m0 = tm * bm;
+    let n0 = (g % params.tiles_n) * bn;
+    let tx = lid3.x;
+    let ty = lid3.y;
+    var acc: array<vec4<f32>, 4>;
+    for (var k0 = 0u; k0 < params.k; k0 += BK) {
+        load_tiles(lid, m0, n0, k0);
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            let ai = kk * bm + 4u * ty;
+            let bi = kk * bn + 4u * tx;
+            let bv = vec4<f32>(sb[bi], sb[bi + 1u], sb[bi + 2u], sb[bi + 3u]);
+            acc[0] += sa[ai] * bv;
+            acc[1] += sa[ai + 1u] * bv;
+            acc[2] += sa[ai + 2u] * bv;
+            acc[3] += sa[ai + 3u] * bv;
+        }
+        workgroupBarrier();
+    }
+    let accumulate = (params.flags & FLAG_ACCUMULATE) != 0u;
+    let with_bias = (params.flags & FLAG_BIAS) != 0u;
+    for (var i = 0u; i < 4u; i++) {
+        let m = m0 + 4u * ty + i;
+        if (m >= params.m) {
+            break;
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let n = n0 + 4u * tx + j;
+            if (n < params.n) {
+                let at = params.c_off + m * params.ldc + n;
+                var x = acc[i][j];
+                if (with_bias) {
+                    x += bias[params.bias_off + n];
+                }
+                if (accumulate) {
+                    x += c[at];
+                }
+                c[at] = x;
+            }
+        }
+    }
+}

@@ -1,0 +1,44 @@
+// The bias gradient of the linear head: db[c] (+)= Σ_r G[r, c] over the rows of one
+// chunk of G [rows, classes], one invocation per column, rows summed in order (a fixed
+// order: the same bits run to run, no atomics). The host accumulates over chunks in
+// chunk order.
+
+#import workgroup
+
+struct Params {
+    rows: u32,
+    cols: u32,        // columns of G (its row stride) and of db
+    groups_x: u32,
+    accumulate: u32,  // 1: db += the sum, 0: db = the sum
+    col_base: u32,    // first column of this dispatch
+    count: u32,       // columns of this dispatch
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> g: array<f32>;
+@group(0) @binding(2) var<storage, read_write> db: array<f32>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = group_index(wid, params.groups_x) * WG + lid;
+    if (i >= params.count) {
+        return;
+    }
+    let col = params.col_base + i;
+    // Pairs of rows, then the pair into the total: no single chain of `rows` additions
+    // with its rounding error growing linearly more than it must.
+    var total = 0.0;
+    var r = 0u;
+    for (; r + 1u < params.rows; r += 2u) {
+        total += g[r * params.cols + col] + g[(r + 1u) * params.cols + col];
+    }
+    if (r < params.rows) {
+        total += g[r * params.cols + col];
+    }
+    if (params.accumulate != 0u) {
+        total += db[col];
+    }
+    db[col] = total;
+}

@@ -1,0 +1,562 @@
+//! The fused linear + cross-entropy head on the device (`x = h Wᵀ + b`, never stored
+//! whole): rows in chunks of `Rc` (an `Rc × V` f32 chunk of logits within the memory
+//! budget and one binding), each chunk
+//!
+//! 1. `logits_c = h_c Wᵀ + b` by `gemm.wgsl` (A row major × B transposed), W bound in
+//!    pieces of whole classes when `V·D` is beyond one storage binding;
+//! 2. the fused row kernel (`cross_entropy_rows.wgsl`, every option, the whole batch's
+//!    denominators) over the chunk, writing `G` over the logits; or, for a backward from
+//!    a saved LSE, `cross_entropy_backward.wgsl` with (lse, 1) row statistics and the
+//!    upstream gradient;
+//! 3. `dh_c = G W` (over W's pieces in order), `dW += Gᵀ h_c` (over chunks in order),
+//!    `db += Σ_rows G` (`linear_colsum.wgsl`, rows in order).
+//!
+//! No float atomics: every output element is summed by one invocation in a fixed order,
+//! so results are bit-identical run to run. The device holds W, dW and db (O(VD)), one
+//! chunk's h, dh and logits, and O(Rc) row state; the row losses and LSE come back per
+//! chunk (O(N)) and the loss is their f64 sum in row order. Half-precision `h`, `W` and
+//! `b` are widened to f32 on the host once (O(ND + VD)); the products accumulate in f32.
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+use crate::head::LinearTask;
+use crate::options::{Batch, LossOptions, LossOutput, Reduction, Upstream};
+use crate::problem::Mode;
+
+use super::buffers::{Recorder, Slot, bind, bind_ranges, groups_x};
+use super::context::GpuContext;
+use super::kernels::{
+    BackwardParams, ColsumParams, GEMM_ACCUMULATE, GEMM_BIAS, GEMM_TILE_FLOATS, GemmParams, GradMode,
+    KernelOpts, RowParams, RowsPipeline,
+};
+pub use super::linear_plan::LinearPlan;
+use super::linear_plan::SLOTS;
+use super::ring::{MAX_PARAM_BLOCKS, Ring};
+use super::tuning::{GemmTuning, SPLIT_BLOCK_COLS, rows_layout};
+
+/// The call's device buffers.
+struct Buffers {
+    w: wgpu::Buffer,
+    bias: wgpu::Buffer,
+    weights: wgpu::Buffer,
+    h: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    dh: wgpu::Buffer,
+    dw: wgpu::Buffer,
+    db: wgpu::Buffer,
+    targets: wgpu::Buffer,
+    row_loss: wgpu::Buffer,
+    row_lse: wgpu::Buffer,
+    row_stats: wgpu::Buffer,
+    dummy: wgpu::Buffer,
+    norm: wgpu::Buffer,
+    upstream: wgpu::Buffer,
+    params: wgpu::Buffer,
+    readback: Vec<Slot>,
+}
+
+/// Where a chunk's readback goes: its rows, and whether dh is in it.
+struct Back {
+    rows: Range<usize>,
+    dh: bool,
+}
+
+impl GpuContext {
+    /// The linear head (see the module's documentation).
+    pub(crate) fn linear_head(&self, task: LinearTask<'_>, opts: &LossOptions) -> Result<LossOutput> {
+        let LinearTask {
+            head, rows: n, classes: v, batch, mode, grad_hidden, grad_weight, grad_bias, ..
+        } = task;
+        let (want_rows, want_lse) = (task.row_losses, task.lse);
+        let d = head.dim;
+        let backward = matches!(mode, Mode::Backward { .. });
+        let (saved_lse, upstream) = match mode {
+            Mode::Fused => (None, Upstream::Scalar(1.0)),
+            Mode::Backward { lse, upstream } => {
+                let lse = lse.ok_or_else(|| Error::InvalidOption("a backward needs the saved LSE".into()))?;
+                crate::cpu::reference::check_lse(lse, n)?;
+                upstream.check(n)?;
+                if matches!(upstream, Upstream::PerElement(_)) {
+                    return Err(Error::InvalidOption(
+                        "the linear head takes a scalar or per-row upstream gradient".into(),
+                    ));
+                }
+                (Some(lse), upstream)
+            }
+        };
+        let plan = LinearPlan::new(n, v, d, &self.limits, self.budget)?;
+        let h = head.hidden.to_f32();
+        let w = head.weight.to_f32();
+        let bias: Option<Vec<f32>> = head.bias.map(|b| b.to_f32().into_owned());
+        let want = (grad_hidden.is_some(), grad_weight.is_some(), grad_bias.is_some() && bias.is_some());
+        let grads = want.0 || want.1 || want.2;
+        let dh_out = grad_hidden;
+        let mut row_loss = vec![0.0f32; if backward { 0 } else { n }];
+        let mut row_lse = vec![0.0f32; if backward { 0 } else { n }];
+        let (dw, db) = self.scoped(|| {
+            let bufs = self.linear_buffers(&plan, v, d, opts, &w, bias.as_deref())?;
+            let run = LinearRun {
+                ctx: self,
+                plan: &plan,
+                bufs: &bufs,
+                batch: &batch,
+                opts,
+                h: &h,
+                dim: d,
+                has_bias: bias.is_some(),
+                want,
+                saved_lse,
+                upstream,
+                grads,
+            };
+            run.chunks(&mut row_loss, &mut row_lse, dh_out)?;
+            run.finish()
+        })?;
+        if let (Some(out), Some(dw)) = (grad_weight, dw) {
+            out.copy_from_slice(&dw);
+        }
+        if let (Some(out), Some(db)) = (grad_bias, db) {
+            out.copy_from_slice(&db);
+        }
+        if backward {
+            return Ok(LossOutput::default());
+        }
+        let reduction = opts.get_reduction();
+        let s = opts.get_z_loss();
+        let counted = |i: &usize| batch.targets[*i] != Batch::IGNORED;
+        let sum: f64 = row_loss.iter().map(|&l| f64::from(l)).sum();
+        let z_sum: f64 = (0..n).filter(counted).map(|i| s * f64::from(row_lse[i]).powi(2)).sum();
+        let (loss, z_loss) = batch.reduce_with_z(sum, z_sum, reduction);
+        Ok(LossOutput {
+            loss,
+            row_losses: (want_rows || reduction == Reduction::None).then_some(row_loss),
+            lse: want_lse.then_some(row_lse),
+            z_loss: if s > 0.0 { z_loss } else { None },
+            ..Default::default()
+        })
+    }
+
+    fn linear_buffers(
+        &self,
+        plan: &LinearPlan,
+        v: usize,
+        d: usize,
+        opts: &LossOptions,
+        w: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Result<Buffers> {
+        use wgpu::BufferUsages as U;
+        let dev = &self.device;
+        let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
+        let rc = plan.rows_per_chunk as u64;
+        let (v, d) = (v as u64, d as u64);
+        let make = |label: &str, usage: U, size: u64| {
+            dev.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: size.max(16).next_multiple_of(16),
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let stride = super::buffers::params_stride(&self.limits);
+        let bufs = Buffers {
+            w: make("xent linear w", st, v * d * 4),
+            bias: make("xent linear bias", st, if bias.is_some() { v * 4 } else { 16 }),
+            weights: make("xent linear weights", st, opts.get_weights().map_or(16, |w| w.len() as u64 * 4)),
+            h: make("xent linear h", st, rc * d * 4),
+            logits: make("xent linear logits", st, rc * v * 4),
+            dh: make("xent linear dh", st, rc * d * 4),
+            dw: make("xent linear dw", st, v * d * 4),
+            db: make("xent linear db", st, v * 4),
+            targets: make("xent linear targets", st, rc * 4),
+            row_loss: make("xent linear row_loss", st, rc * 4),
+            row_lse: make("xent linear row_lse", st, rc * 4),
+            row_stats: make("xent linear row_stats", st, rc * 8),
+            dummy: make("xent linear dummy", st, 16),
+            norm: make("xent linear norm", st, 16),
+            upstream: make("xent linear upstream", st, rc * 4),
+            params: make("xent linear params", U::UNIFORM | U::COPY_DST, stride * MAX_PARAM_BLOCKS),
+            readback: (0..SLOTS)
+                .map(|_| {
+                    let mut s = Slot::default();
+                    let bytes = readback_bytes(plan.rows_per_chunk, d as usize);
+                    s.ensure(dev, "xent linear readback", U::MAP_READ | U::COPY_DST, bytes, bytes);
+                    s
+                })
+                .collect(),
+        };
+        self.queue.write_buffer(&bufs.w, 0, bytemuck::cast_slice(w));
+        if let Some(b) = bias {
+            self.queue.write_buffer(&bufs.bias, 0, bytemuck::cast_slice(b));
+        }
+        if let Some(wt) = opts.get_weights() {
+            self.queue.write_buffer(&bufs.weights, 0, bytemuck::cast_slice(wt));
+        }
+        self.queue.write_buffer(&bufs.norm, 0, bytemuck::cast_slice(&[1.0f32, 1.0, 0.0, 0.0]));
+        Ok(bufs)
+    }
+
+    /// Records `C (+)= op(A)·op(B)` over `m × n` (the params' `m`, `n`, `k`, offsets and
+    /// strides set), its tiles in as many dispatches as the dispatch limits need.
+    pub(crate) fn record_gemm(
+        &self,
+        rec: &mut Recorder<'_>,
+        pipeline: &RowsPipeline,
+        group: &wgpu::BindGroup,
+        params: GemmParams,
+        tile: GemmTuning,
+    ) {
+        let (bm, bn) = (4 * tile.y, 4 * tile.x);
+        let tiles_n = params.n.div_ceil(bn);
+        let total = u64::from(params.m.div_ceil(bm)) * u64::from(tiles_n);
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let most = u64::from(max_dim).pow(2);
+        let mut base = 0;
+        while base < total {
+            let groups = most.min(total - base);
+            let p =
+                GemmParams { tiles_n, tile_base: base as u32, groups_x: groups_x(groups, max_dim), ..params };
+            rec.dispatch_pipeline(pipeline, group, &p, groups);
+            base += groups;
+        }
+    }
+
+    /// The GEMM tile of this device.
+    pub(crate) fn gemm_tile(&self) -> GemmTuning {
+        GemmTuning::for_adapter(self.adapter_info()).within(&self.limits, GEMM_TILE_FLOATS)
+    }
+}
+
+/// Bytes of a chunk's readback: dh, then the row losses and LSE.
+fn readback_bytes(rows: usize, d: usize) -> u64 {
+    ((rows * d + 2 * rows) * 4) as u64
+}
+
+/// dW and db as read back.
+type WeightGrads = (Option<Vec<f32>>, Option<Vec<f32>>);
+
+/// One call's state while its chunks run.
+struct LinearRun<'a> {
+    ctx: &'a GpuContext,
+    plan: &'a LinearPlan,
+    bufs: &'a Buffers,
+    batch: &'a Batch,
+    opts: &'a LossOptions,
+    h: &'a [f32],
+    dim: usize,
+    has_bias: bool,
+    /// dh, dW, db.
+    want: (bool, bool, bool),
+    saved_lse: Option<&'a [f32]>,
+    upstream: Upstream<'a>,
+    grads: bool,
+}
+
+impl LinearRun<'_> {
+    fn chunks(
+        &self,
+        row_loss: &mut [f32],
+        row_lse: &mut [f32],
+        mut dh_out: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let ctx = self.ctx;
+        let b = self.bufs;
+        let dev = &ctx.device;
+        let k = &ctx.kernels;
+        let (n, v, d) = (self.batch.rows, self.batch.classes, self.dim);
+        let rc = self.plan.rows_per_chunk;
+        let tile = ctx.gemm_tile();
+        let tile_key = [tile.x, tile.y, tile.k];
+        let max_dim = ctx.limits.max_compute_workgroups_per_dimension;
+        let vec4_d = d.is_multiple_of(4);
+        let vec4_v = vec4_d && v.is_multiple_of(4) && self.plan.piece_classes.is_multiple_of(4);
+        let nt = k.gemm.get(dev, vec4_d, false, true, tile_key);
+        let nn = k.gemm.get(dev, vec4_v, false, false, tile_key);
+        let tn = k.gemm.get(dev, vec4_v, true, false, tile_key);
+        let w_range = |p: usize| {
+            let r = self.plan.piece(p, v);
+            (&b.w, (r.start * d * 4) as u64, (r.len() * d * 4) as u64)
+        };
+        let dw_range = |p: usize| {
+            let r = self.plan.piece(p, v);
+            (&b.dw, (r.start * d * 4) as u64, (r.len() * d * 4) as u64)
+        };
+        fn whole(buf: &wgpu::Buffer) -> (&wgpu::Buffer, u64, u64) {
+            (buf, 0, buf.size())
+        }
+        let mut logits_groups = Vec::new();
+        let mut dh_groups = Vec::new();
+        let mut dw_groups = Vec::new();
+        for p in 0..self.plan.pieces {
+            let gl = &k.gemm.kernel;
+            logits_groups.push(bind_ranges(
+                dev,
+                gl,
+                &b.params,
+                &[whole(&b.h), w_range(p), whole(&b.logits), whole(&b.bias)],
+            ));
+            dh_groups.push(bind_ranges(
+                dev,
+                gl,
+                &b.params,
+                &[whole(&b.logits), w_range(p), whole(&b.dh), whole(&b.bias)],
+            ));
+            dw_groups.push(bind_ranges(
+                dev,
+                gl,
+                &b.params,
+                &[whole(&b.logits), whole(&b.h), dw_range(p), whole(&b.bias)],
+            ));
+        }
+        let rows_group = bind(
+            dev,
+            &k.rows,
+            &b.params,
+            &[&b.logits, &b.targets, &b.row_loss, &b.row_lse, &b.dummy, &b.row_stats, &b.norm, &b.weights],
+        );
+        let backward_group = bind(
+            dev,
+            &k.backward,
+            &b.params,
+            &[&b.logits, &b.targets, &b.row_stats, &b.norm, &b.dummy, &b.weights, &b.upstream],
+        );
+        let colsum_group = bind(dev, &k.colsum, &b.params, &[&b.logits, &b.db]);
+
+        let reduction = self.opts.get_reduction();
+        let kopts = KernelOpts::new(self.opts, v).for_batch(self.batch, self.opts);
+        let grad_scale = self.batch.gradient_scale(reduction);
+        let (threads_per_row, cached) = rows_layout(v as u64, &ctx.tuning);
+        let wg = k.workgroup_size;
+        let rows_per_group = (wg / threads_per_row) as usize;
+        let rows_pipeline =
+            k.rows_variants.get(dev, super::kernels::ElemFormat::f32_for(v), kopts.features());
+        let (rows_at, lse_at) = (rc * d * 4, rc * d * 4 + rc * 4);
+        let mut ring = Ring::new(ctx, &b.readback, &b.params, SLOTS);
+        let mut out = |back: Back, bytes: &[u8]| {
+            let floats: &[f32] = bytemuck::cast_slice(bytes);
+            let r = back.rows.clone();
+            if let (true, Some(dh)) = (back.dh, dh_out.as_deref_mut()) {
+                dh[r.start * d..r.end * d].copy_from_slice(&floats[..r.len() * d]);
+            }
+            if !row_loss.is_empty() {
+                row_loss[r.clone()].copy_from_slice(&floats[rows_at / 4..rows_at / 4 + r.len()]);
+                row_lse[r.clone()].copy_from_slice(&floats[lse_at / 4..lse_at / 4 + r.len()]);
+            }
+        };
+        let mut stats: Vec<[f32; 2]> = Vec::new();
+        for (ci, r0) in (0..n).step_by(rc).enumerate() {
+            let rows = r0..(r0 + rc).min(n);
+            let m = rows.len();
+            let slot = ring.next_slot(&mut out)?;
+            ctx.queue.write_buffer(&b.h, 0, bytemuck::cast_slice(&self.h[rows.start * d..rows.end * d]));
+            ctx.queue.write_buffer(&b.targets, 0, bytemuck::cast_slice(&self.batch.targets[rows.clone()]));
+            let mut rec = Recorder::new(dev, &ctx.limits);
+            // Submits what is recorded when the parameter blocks would outgrow the buffer.
+            let flush = |rec: &mut Recorder<'_>, need: u64| {
+                if rec.blocks() + need > MAX_PARAM_BLOCKS {
+                    let full = std::mem::replace(rec, Recorder::new(dev, &ctx.limits));
+                    full.submit(&ctx.queue, &b.params);
+                }
+            };
+            let gemm_dispatches = |m: usize, n: usize| {
+                let tiles = (m.div_ceil(4 * tile.y as usize) * n.div_ceil(4 * tile.x as usize)) as u64;
+                tiles.div_ceil(u64::from(max_dim).pow(2))
+            };
+            // 1. The chunk's logits, piece by piece of W.
+            for (p, group) in logits_groups.iter().enumerate() {
+                let piece = self.plan.piece(p, v);
+                flush(&mut rec, gemm_dispatches(m, piece.len()));
+                let params = GemmParams {
+                    m: m as u32,
+                    n: piece.len() as u32,
+                    k: d as u32,
+                    a_off: 0,
+                    lda: d as u32,
+                    b_off: 0,
+                    ldb: d as u32,
+                    c_off: piece.start as u32,
+                    ldc: v as u32,
+                    bias_off: piece.start as u32,
+                    flags: if self.has_bias { GEMM_BIAS } else { 0 },
+                    ..bytemuck::Zeroable::zeroed()
+                };
+                ctx.record_gemm(&mut rec, &nt, group, params, tile);
+            }
+            // 2. Loss and G over the logits.
+            flush(&mut rec, 1);
+            match self.saved_lse {
+                None => {
+                    let wgs = ctx.tuning.rows_workgroups(m.div_ceil(rows_per_group) as u64);
+                    let params = RowParams {
+                        rows: m as u32,
+                        classes: v as u32,
+                        row_base: 0,
+                        groups_x: groups_x(wgs, max_dim),
+                        grad_scale,
+                        grad_mode: if self.grads { GradMode::InPlace } else { GradMode::None } as u32,
+                        ignore_index: Batch::IGNORED,
+                        threads_per_row,
+                        cached: u32::from(cached),
+                        ..bytemuck::Zeroable::zeroed()
+                    }
+                    .with_opts(&kopts);
+                    rec.dispatch_pipeline(&rows_pipeline, &rows_group, &params, wgs);
+                }
+                Some(lse) => {
+                    stats.clear();
+                    stats.extend(lse[rows.clone()].iter().map(|&l| [l, 1.0]));
+                    ctx.queue.write_buffer(&b.row_stats, 0, bytemuck::cast_slice(&stats));
+                    let (scale, per_row) = match self.upstream {
+                        Upstream::Scalar(g) => (g * grad_scale, 0),
+                        Upstream::PerRow(g) => {
+                            ctx.queue.write_buffer(&b.upstream, 0, bytemuck::cast_slice(&g[rows.clone()]));
+                            (grad_scale, 1)
+                        }
+                        Upstream::PerElement(_) => unreachable!("rejected above"),
+                    };
+                    let blocks = v.div_ceil(SPLIT_BLOCK_COLS);
+                    let wgs = (m * blocks) as u64;
+                    let params = BackwardParams {
+                        rows: m as u32,
+                        row_stride: v as u32,
+                        cols: v as u32,
+                        col_base: 0,
+                        block_cols: SPLIT_BLOCK_COLS as u32,
+                        blocks: blocks as u32,
+                        row_base: 0,
+                        groups_x: groups_x(wgs, max_dim),
+                        scale,
+                        grad_mode: GradMode::InPlace as u32,
+                        ignore_index: Batch::IGNORED,
+                        classes: v as u32,
+                        per_row,
+                        ..bytemuck::Zeroable::zeroed()
+                    }
+                    .with_opts(&kopts);
+                    rec.dispatch(&k.backward, &backward_group, &params, wgs);
+                }
+            }
+            // 3. dh_c = G W, dW += Gᵀ h_c, db += Σ_rows G.
+            if self.want.0 {
+                for (p, group) in dh_groups.iter().enumerate() {
+                    let piece = self.plan.piece(p, v);
+                    flush(&mut rec, gemm_dispatches(m, d));
+                    let params = GemmParams {
+                        m: m as u32,
+                        n: d as u32,
+                        k: piece.len() as u32,
+                        a_off: piece.start as u32,
+                        lda: v as u32,
+                        b_off: 0,
+                        ldb: d as u32,
+                        c_off: 0,
+                        ldc: d as u32,
+                        flags: if p > 0 { GEMM_ACCUMULATE } else { 0 },
+                        ..bytemuck::Zeroable::zeroed()
+                    };
+                    ctx.record_gemm(&mut rec, &nn, group, params, tile);
+                }
+            }
+            if self.want.1 {
+                for (p, group) in dw_groups.iter().enumerate() {
+                    let piece = self.plan.piece(p, v);
+                    flush(&mut rec, gemm_dispatches(piece.len(), d));
+                    let params = GemmParams {
+                        m: piece.len() as u32,
+                        n: d as u32,
+                        k: m as u32,
+                        a_off: piece.start as u32,
+                        lda: v as u32,
+                        b_off: 0,
+                        ldb: d as u32,
+                        c_off: 0,
+                        ldc: d as u32,
+                        flags: if ci > 0 { GEMM_ACCUMULATE } else { 0 },
+                        ..bytemuck::Zeroable::zeroed()
+                    };
+                    ctx.record_gemm(&mut rec, &tn, group, params, tile);
+                }
+            }
+            if self.want.2 {
+                let per = u64::from(wg) * u64::from(max_dim).pow(2);
+                let mut c0 = 0u64;
+                while c0 < v as u64 {
+                    let count = per.min(v as u64 - c0);
+                    let wgs = count.div_ceil(u64::from(wg));
+                    flush(&mut rec, 1);
+                    let params = ColsumParams {
+                        rows: m as u32,
+                        cols: v as u32,
+                        groups_x: groups_x(wgs, max_dim),
+                        accumulate: u32::from(ci > 0),
+                        col_base: c0 as u32,
+                        count: count as u32,
+                        _pad0: 0,
+                        _pad1: 0,
+                    };
+                    rec.dispatch(&k.colsum, &colsum_group, &params, wgs);
+                    c0 += count;
+                }
+            }
+            let rb = ring.readback(slot);
+            let dh = self.want.0;
+            if dh {
+                rec.copy(&b.dh, 0, rb, 0, (m * d * 4) as u64);
+            }
+            let with_rows = self.saved_lse.is_none();
+            if with_rows {
+                rec.copy(&b.row_loss, 0, rb, rows_at as u64, (m * 4) as u64);
+                rec.copy(&b.row_lse, 0, rb, lse_at as u64, (m * 4) as u64);
+            }
+            let map = if with_rows {
+                lse_at + m * 4
+            } else if dh {
+                m * d * 4
+            } else {
+                0
+            };
+            ring.submit(rec, slot, map as u64, Back { rows, dh });
+        }
+        ring.drain(&mut out)
+    }
+
+    /// Reads dW and db back.
+    fn finish(&self) -> Result<WeightGrads> {
+        let (_, want_dw, want_db) = self.want;
+        if !(want_dw || want_db) || self.batch.rows == 0 {
+            return Ok((None, None));
+        }
+        let ctx = self.ctx;
+        let (v, d) = (self.batch.classes, self.dim);
+        let dw_bytes = if want_dw { (v * d * 4) as u64 } else { 0 };
+        let db_at = dw_bytes.next_multiple_of(16);
+        let total = db_at + if want_db { (v * 4) as u64 } else { 0 };
+        let readback = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("xent linear dw readback"),
+            size: total.next_multiple_of(16),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut rec = Recorder::new(&ctx.device, &ctx.limits);
+        if want_dw {
+            rec.copy(&self.bufs.dw, 0, &readback, 0, dw_bytes);
+        }
+        if want_db {
+            rec.copy(&self.bufs.db, 0, &readback, db_at, (v * 4) as u64);
+        }
+        let submission = rec.submit(&ctx.queue, &self.bufs.params);
+        let map = ctx.request_map(&readback, total);
+        let (mut dw, mut db) = (None, None);
+        ctx.finish_map(&readback, map, Some(submission), |bytes| {
+            let floats: &[f32] = bytemuck::cast_slice(bytes);
+            if want_dw {
+                dw = Some(floats[..v * d].to_vec());
+            }
+            if want_db {
+                db = Some(floats[db_at as usize / 4..db_at as usize / 4 + v].to_vec());
+            }
+        })?;
+        Ok((dw, db))
+    }
+}

@@ -1,0 +1,447 @@
+//! The linear head on every GPU adapter against the f64 reference (`xent::Reference`),
+//! through the front door: every option alone and combined, the reductions, `n_items`,
+//! ignored rows, bias or none, half inputs, backwards from a saved LSE, several row
+//! chunks, W in pieces on a tiny-limit device, the 4096 × 32000 head under an 8 MiB
+//! budget, and bit-identical repeats.
+//!
+//! Tolerances (u = 2⁻²⁴, f32 accumulation against an f64 reference):
+//! - Losses: `|Δ| ≤ 1e-5·|ref| + 1e-6`, as for plain logits.
+//! - Logits: `x = Σ_k h_k W_k + b` summed in f32 over D terms in a fixed order has
+//!   `|Δx| ≤ ε_x = (D + 1)·u·(D·max|h|·max|W| + max|b|)` (the recursive-sum bound γ_n ≤
+//!   n·u/(1 − n·u) with n = D + 1 terms of at most that magnitude).
+//! - G: per row, the softmax moves by `|Δp_v| ≤ 2·p_v·ε_x` (its Jacobian `p ⊙ (Δx − pᵀΔx)`),
+//!   and the kernel's own rounding is a few u per element, so `Σ_v |ΔG_rv| ≤ s_r·κ·(2ε_x
+//!   + 8u)` with `s_r` the row's gradient scale (1/denominator for `mean`, 1 for `sum`,
+//!   the upstream for a backward) and κ the options' bound on `Σ_v |∂ℓ/∂z_v|` and
+//!   `dz/dx` (2 for the plain loss; × max class weight, × logit scale, + the z-loss term).
+//! - dh = G W (length V): `|Δdh_rk| ≤ max|W|·s_r·κ·(2ε_x + 8u) + γ_V·Σ_v |G_rv||W_vk| ≤
+//!   max|W|·s_r·κ·(2ε_x + 8u + V·u)`, since `Σ_v |G_rv| ≤ s_r·κ`.
+//! - dW = Gᵀ h and db = Σ_r G (length N): the same with max|h| (1 for db) and Σ_r s_r in
+//!   place of s_r, and N·u for the f32 sums over rows (inside a chunk and over chunks).
+//!
+//! These are worst-case bounds; a wrong piece, chunk, scale or option misses them by
+//! orders of magnitude.
+
+mod common;
+
+use xent::gpu::{GpuContext, trace};
+use xent::{
+    Backend, Gradient, GradientTo, HalfFormat, HeadGradients, LinearHead, LossOptions, LossOutput, Problem,
+    Reduction, Reference, Upstream, Values,
+};
+
+const U: f64 = 1.0 / (1u64 << 24) as f64;
+
+struct Head {
+    n: usize,
+    d: usize,
+    v: usize,
+    h: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    t: Vec<i64>,
+}
+
+fn head(n: usize, d: usize, v: usize, seed: u64) -> Head {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut u = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    };
+    let h = (0..n * d).map(|_| (u() * 1.5) as f32).collect();
+    let w = (0..v * d).map(|_| (u() * 0.8) as f32).collect();
+    let b = (0..v).map(|_| (u() * 0.5) as f32).collect();
+    let t = (0..n).map(|r| if r % 7 == 3 { -100 } else { ((r * 31 + 5) % v) as i64 }).collect();
+    Head { n, d, v, h, w, b, t }
+}
+
+fn max_abs(x: &[f32]) -> f64 {
+    x.iter().fold(0.0f64, |m, &v| m.max(f64::from(v).abs()))
+}
+
+impl Head {
+    fn linear(&self, bias: bool) -> LinearHead<'_> {
+        let head = LinearHead::new(Values::F32(&self.h), Values::F32(&self.w), self.d);
+        if bias { head.bias(Values::F32(&self.b)) } else { head }
+    }
+    /// ε_x of the module's documentation.
+    fn eps_x(&self, bias: bool) -> f64 {
+        let b = if bias { max_abs(&self.b) } else { 0.0 };
+        (self.d as f64 + 1.0) * U * (self.d as f64 * max_abs(&self.h) * max_abs(&self.w) + b)
+    }
+}
+
+/// Every output the head gives, owned, with row losses and LSE.
+fn problem<'a>(hd: &'a Head, bias: bool) -> Problem<'a> {
+    Problem::linear(hd.linear(bias), &hd.t[..]).gradient(Gradient::Owned).lse(true).row_losses(true)
+}
+
+/// The bounds of the module's documentation for one problem.
+struct Bounds {
+    eps_x: f64,
+    kappa: f64,
+    /// Largest row scale s_r.
+    s_max: f64,
+    /// Σ_r s_r.
+    s_sum: f64,
+}
+
+fn bounds(hd: &Head, bias: bool, opts: &LossOptions, kappa: f64, upstream: f64) -> Bounds {
+    let counted = hd.t.iter().filter(|&&t| t >= 0).count() as f64;
+    let wmax = opts.get_weights().map_or(1.0, |w| max_abs(w).max(1.0));
+    let s = match opts.get_reduction() {
+        Reduction::Mean => {
+            let d = opts.get_n_items().unwrap_or(counted);
+            // With class weights the denominator is Σ w_y ≥ counted · min w; the test
+            // weights are ≥ 0.5.
+            let d = if opts.get_weights().is_some() { d * 0.5 } else { d };
+            if d > 0.0 { 1.0 / d } else { 0.0 }
+        }
+        _ => 1.0,
+    } * upstream;
+    Bounds { eps_x: hd.eps_x(bias), kappa: kappa * wmax, s_max: s, s_sum: s * counted.max(1.0) }
+}
+
+fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (f64::from(g) - f64::from(w)).abs();
+        assert!(
+            err <= tol + 1e-7 * f64::from(w).abs(),
+            "{what}[{i}]: got {g}, want {w} (|Δ| {err:.3e} > {tol:.3e})"
+        );
+    }
+}
+
+fn loss_close(what: &str, got: Option<f32>, want: Option<f32>) {
+    match (got, want) {
+        (Some(g), Some(w)) if g.is_nan() && w.is_nan() => {}
+        (Some(g), Some(w)) => {
+            let err = (f64::from(g) - f64::from(w)).abs();
+            assert!(err <= 1e-5 * f64::from(w).abs() + 1e-6, "{what}: got {g}, want {w}");
+        }
+        (None, None) => {}
+        _ => panic!("{what}: got {got:?}, want {want:?}"),
+    }
+}
+
+/// The GPU against the reference on every output, within the bounds.
+fn check(gpu: &GpuContext, got: &LossOutput, want: &LossOutput, hd: &Head, b: &Bounds, what: &str) {
+    let what = format!("{what} on {}", common::name(gpu));
+    loss_close(&format!("{what}: loss"), got.loss, want.loss);
+    loss_close(&format!("{what}: z_loss"), got.z_loss, want.z_loss);
+    for (name, g, w) in [("row_losses", &got.row_losses, &want.row_losses), ("lse", &got.lse, &want.lse)] {
+        match (g, w) {
+            (Some(g), Some(w)) => {
+                assert_eq!(g.len(), w.len());
+                for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
+                    // Each row's loss and LSE move by at most κ·ε_x with the logits.
+                    let tol = 1e-5 * f64::from(w).abs() + 1e-6 + b.kappa * b.eps_x;
+                    assert!((f64::from(g) - f64::from(w)).abs() <= tol, "{what}: {name}[{i}] {g} vs {w}");
+                }
+            }
+            (None, None) => {}
+            _ => panic!("{what}: {name} present on one side only"),
+        }
+    }
+    let g_err = |s: f64| s * b.kappa * (2.0 * b.eps_x + 8.0 * U);
+    let (n, v) = (hd.n as f64, hd.v as f64);
+    let pairs = [
+        (
+            "dh",
+            &got.grad_hidden,
+            &want.grad_hidden,
+            max_abs(&hd.w) * (g_err(b.s_max) + b.s_max * b.kappa * v * U),
+        ),
+        (
+            "dW",
+            &got.grad_weight,
+            &want.grad_weight,
+            max_abs(&hd.h) * (g_err(b.s_sum) + b.s_sum * b.kappa * n * U),
+        ),
+        ("db", &got.grad_bias, &want.grad_bias, g_err(b.s_sum) + b.s_sum * b.kappa * n * U),
+    ];
+    for (name, g, w, tol) in pairs {
+        match (g, w) {
+            (Some(g), Some(w)) => close(&format!("{what}: {name}"), g, w, tol),
+            (None, None) => {}
+            _ => panic!("{what}: {name} present on one side only"),
+        }
+    }
+}
+
+fn option_sets(v: usize) -> Vec<(&'static str, LossOptions, f64)> {
+    let weights: Vec<f32> = (0..v).map(|c| 0.5 + (c % 5) as f32 * 0.25).collect();
+    vec![
+        ("plain", LossOptions::new(), 2.0),
+        ("smoothing", LossOptions::new().label_smoothing(0.1), 2.0),
+        ("weights", LossOptions::new().weights(weights.clone()), 2.0),
+        ("z-loss", LossOptions::new().z_loss(1e-3), 2.0 + 2e-3 * 20.0),
+        ("softcap", LossOptions::new().softcap(5.0), 2.0),
+        ("scale", LossOptions::new().logit_scale(0.7), 2.0),
+        (
+            "all",
+            LossOptions::new()
+                .weights(weights)
+                .label_smoothing(0.1)
+                .z_loss(1e-3)
+                .softcap(8.0)
+                .logit_scale(1.3),
+            2.0 * 1.3 + 2e-3 * 20.0,
+        ),
+    ]
+}
+
+#[test]
+fn every_option_and_reduction_matches_the_reference() {
+    let gpus = common::gpus("every_option_and_reduction_matches_the_reference");
+    // D 20 and V 37: scalar loads; D 32 and V 100: vec4 loads.
+    for (n, d, v) in [(70, 20, 37), (150, 32, 100)] {
+        let hd = head(n, d, v, 1);
+        for (name, base, kappa) in option_sets(v) {
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                let opts = base.clone().reduction(reduction);
+                let bias = reduction != Reduction::Sum;
+                let want = Reference.evaluate(problem(&hd, bias), &opts).unwrap();
+                let b = bounds(&hd, bias, &opts, kappa, 1.0);
+                for gpu in gpus {
+                    let got = gpu.evaluate(problem(&hd, bias), &opts).unwrap();
+                    check(
+                        gpu,
+                        &got,
+                        &want,
+                        &hd,
+                        &b,
+                        &format!("{n}x{d}x{v} {name} {reduction:?} bias {bias}"),
+                    );
+                }
+            }
+        }
+        // n_items.
+        let opts = LossOptions::new().n_items(1000.0).z_loss(1e-3);
+        let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
+        let b = Bounds { s_max: 1e-3, s_sum: 1e-3 * n as f64, ..bounds(&hd, true, &opts, 2.1, 1.0) };
+        for gpu in gpus {
+            let got = gpu.evaluate(problem(&hd, true), &opts).unwrap();
+            check(gpu, &got, &want, &hd, &b, "n_items");
+        }
+    }
+}
+
+#[test]
+fn ignored_rows_and_an_all_ignored_batch() {
+    let gpus = common::gpus("ignored_rows_and_an_all_ignored_batch");
+    let mut hd = head(40, 12, 30, 3);
+    for (r, t) in hd.t.iter_mut().enumerate() {
+        if r % 3 == 0 {
+            *t = -100;
+        }
+    }
+    let opts = LossOptions::new().label_smoothing(0.05);
+    let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
+    let b = bounds(&hd, true, &opts, 2.0, 1.0);
+    for gpu in gpus {
+        let got = gpu.evaluate(problem(&hd, true), &opts).unwrap();
+        check(gpu, &got, &want, &hd, &b, "ignored rows");
+        let dh = got.grad_hidden.unwrap();
+        assert!(dh[..hd.d].iter().all(|&x| x == 0.0), "an ignored row's dh is 0");
+    }
+    hd.t.iter_mut().for_each(|t| *t = -100);
+    for reduction in [Reduction::Mean, Reduction::Sum] {
+        let opts = LossOptions::new().reduction(reduction);
+        let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
+        for gpu in gpus {
+            let got = gpu.evaluate(problem(&hd, true), &opts).unwrap();
+            loss_close("all ignored", got.loss, want.loss);
+            assert!(got.grad_weight.unwrap().iter().all(|&x| x == 0.0));
+            assert!(got.grad_bias.unwrap().iter().all(|&x| x == 0.0));
+        }
+    }
+}
+
+#[test]
+fn half_inputs_are_widened_once() {
+    let gpus = common::gpus("half_inputs_are_widened_once");
+    let hd = head(60, 16, 48, 4);
+    for format in [HalfFormat::F16, HalfFormat::Bf16] {
+        let hh: Vec<u16> = hd.h.iter().map(|&x| format.from_f32(x)).collect();
+        let wh: Vec<u16> = hd.w.iter().map(|&x| format.from_f32(x)).collect();
+        let bh: Vec<u16> = hd.b.iter().map(|&x| format.from_f32(x)).collect();
+        // The same head in f32 holds the rounded values exactly: the bounds are the f32 ones.
+        let wide = Head {
+            h: hh.iter().map(|&x| format.to_f32(x)).collect(),
+            w: wh.iter().map(|&x| format.to_f32(x)).collect(),
+            b: bh.iter().map(|&x| format.to_f32(x)).collect(),
+            t: hd.t.clone(),
+            ..hd
+        };
+        let opts = LossOptions::new().z_loss(1e-4);
+        let head = || {
+            LinearHead::new(Values::Half(&hh, format), Values::Half(&wh, format), hd.d)
+                .bias(Values::Half(&bh, format))
+        };
+        let want =
+            Reference.evaluate(Problem::linear(head(), &hd.t[..]).gradient(Gradient::Owned), &opts).unwrap();
+        let b = bounds(&wide, true, &opts, 2.1, 1.0);
+        for gpu in gpus {
+            let got =
+                gpu.evaluate(Problem::linear(head(), &hd.t[..]).gradient(Gradient::Owned), &opts).unwrap();
+            check(gpu, &got, &want, &wide, &b, &format!("{format:?}"));
+        }
+    }
+}
+
+#[test]
+fn backward_from_the_saved_lse_with_scalar_and_per_row_upstream() {
+    let gpus = common::gpus("backward_from_the_saved_lse_with_scalar_and_per_row_upstream");
+    let hd = head(90, 24, 64, 5);
+    for (reduction, per_row) in [(Reduction::Mean, false), (Reduction::None, true)] {
+        let opts = LossOptions::new().reduction(reduction).label_smoothing(0.1).z_loss(1e-3);
+        let fused = Reference.evaluate(Problem::linear(hd.linear(true), &hd.t[..]).lse(true), &opts).unwrap();
+        let lse = fused.lse.unwrap();
+        let up: Vec<f32> = (0..hd.n).map(|r| 0.5 + (r % 10) as f32 * 0.15).collect();
+        let upstream = if per_row { Upstream::PerRow(&up) } else { Upstream::Scalar(1.7) };
+        let run = |backend: &dyn Backend| {
+            let (mut dh, mut dw, mut db) =
+                (vec![0.0f32; hd.n * hd.d], vec![0.0f32; hd.v * hd.d], vec![0.0f32; hd.v]);
+            let grads = HeadGradients {
+                hidden: GradientTo::IntoF32(&mut dh),
+                weight: GradientTo::IntoF32(&mut dw),
+                bias: GradientTo::IntoF32(&mut db),
+            };
+            let p = Problem::linear(hd.linear(true), &hd.t[..])
+                .gradient(Gradient::Linear(grads))
+                .backward(Some(&lse), upstream);
+            let out = backend.evaluate(p, &opts).unwrap();
+            assert!(out.loss.is_none());
+            LossOutput {
+                grad_hidden: Some(dh),
+                grad_weight: Some(dw),
+                grad_bias: Some(db),
+                ..Default::default()
+            }
+        };
+        let want = run(&Reference);
+        // The saved f32 LSE adds |p|·ulp(lse) ≈ 1e-7 relative to G: inside 8u.
+        let b = bounds(&hd, true, &opts, 2.1, 2.0);
+        for gpu in gpus {
+            let got = run(gpu);
+            check(gpu, &got, &want, &hd, &b, &format!("backward {reduction:?} per_row {per_row}"));
+        }
+    }
+}
+
+/// Runs `work` on a context of `gpu`'s adapter with the memory budget `budget`.
+fn with_budget(gpu: &GpuContext, budget: u64) -> GpuContext {
+    let adapter = common::adapter_of(gpu);
+    let mut ctx = pollster::block_on(GpuContext::from_adapter_tuned(&adapter, gpu.tuning())).unwrap();
+    ctx.set_memory_budget(budget);
+    ctx
+}
+
+#[test]
+fn linear_head_runs_the_gemm_the_row_kernel_and_the_products_per_row_chunk() {
+    let gpus = common::gpus("linear_head_runs_the_gemm_the_row_kernel_and_the_products_per_row_chunk");
+    let hd = head(500, 32, 256, 6);
+    let opts = LossOptions::new();
+    let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
+    let b = bounds(&hd, true, &opts, 2.0, 1.0);
+    for gpu in gpus {
+        // 64 KiB: well under the 500 rows' 512 KB of logits.
+        let ctx = with_budget(gpu, 64 << 10);
+        let (got, dispatches) = trace(|| ctx.evaluate(problem(&hd, true), &opts));
+        check(gpu, &got.unwrap(), &want, &hd, &b, "row chunks");
+        let count = |needle: &str| dispatches.iter().filter(|d| d.kernel.contains(needle)).count();
+        let chunks = count("cross_entropy_rows");
+        assert!(chunks >= 5, "{chunks} chunks: {dispatches:?}");
+        assert_eq!(count("gemm (nt, vec4"), chunks, "logits by the vec4 GEMM, once per chunk");
+        assert_eq!(count("gemm (nn, vec4"), chunks, "dh per chunk");
+        assert_eq!(count("gemm (tn, vec4"), chunks, "dW per chunk");
+        assert_eq!(count("linear_colsum"), chunks, "db per chunk");
+    }
+}
+
+#[test]
+fn tiny_limits_bind_w_in_pieces_and_fold_dispatches() {
+    let gpus = common::gpus("tiny_limits_bind_w_in_pieces_and_fold_dispatches");
+    let Some(tiny) = common::tiny_device(gpus) else { return };
+    // W is 1000 × 64 f32 = 256 KB over 64 KiB bindings: 4 pieces or more.
+    let hd = head(300, 64, 1000, 7);
+    let opts = LossOptions::new().label_smoothing(0.1).reduction(Reduction::Sum);
+    let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
+    let b = bounds(&hd, true, &opts, 2.0, 1.0);
+    let (got, dispatches) = trace(|| tiny.evaluate(problem(&hd, true), &opts));
+    check(&tiny, &got.unwrap(), &want, &hd, &b, "tiny limits");
+    let chunks = dispatches.iter().filter(|d| d.kernel.contains("cross_entropy_rows")).count();
+    let logits = dispatches.iter().filter(|d| d.kernel.starts_with("gemm (nt")).count();
+    assert!(logits >= 4 * chunks, "W in pieces: {logits} logits GEMMs for {chunks} chunks");
+    assert!(dispatches.iter().all(|d| d.groups[0] <= 7 && d.groups[1] <= 7), "{dispatches:?}");
+    assert!(dispatches.iter().any(|d| d.groups[1] > 1), "some dispatch folds into 2D");
+}
+
+#[test]
+fn repeats_are_bit_identical() {
+    let gpus = common::gpus("repeats_are_bit_identical");
+    let hd = head(333, 40, 200, 8);
+    let opts = LossOptions::new().z_loss(1e-3).label_smoothing(0.1);
+    for gpu in gpus {
+        let ctx = with_budget(gpu, 96 << 10);
+        let a = ctx.evaluate(problem(&hd, true), &opts).unwrap();
+        let b = ctx.evaluate(problem(&hd, true), &opts).unwrap();
+        let bits = |o: &LossOutput| {
+            let mut all = vec![o.loss.unwrap().to_bits()];
+            for v in [&o.grad_hidden, &o.grad_weight, &o.grad_bias, &o.lse] {
+                all.extend(v.as_ref().unwrap().iter().map(|x| x.to_bits()));
+            }
+            all
+        };
+        assert_eq!(bits(&a), bits(&b), "{}", common::name(gpu));
+    }
+}
+
+#[test]
+fn a_4096_by_32000_head_in_an_8_mib_budget() {
+    let gpus = common::gpus("a_4096_by_32000_head_in_an_8_mib_budget");
+    if gpus.is_empty() {
+        return;
+    }
+    let hd = head(4096, 64, 32000, 9);
+    let opts = LossOptions::new();
+    let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
+    let b = bounds(&hd, true, &opts, 2.0, 1.0);
+    for gpu in gpus {
+        let ctx = with_budget(gpu, 8 << 20);
+        let (got, dispatches) = trace(|| ctx.evaluate(problem(&hd, true), &opts));
+        check(gpu, &got.unwrap(), &want, &hd, &b, "4096 x 32000");
+        let chunks = dispatches.iter().filter(|d| d.kernel.contains("cross_entropy_rows")).count();
+        assert!(chunks >= 64, "{chunks} chunks of at most 8 MiB");
+    }
+}
+
+/// Timings for the report (`cargo test --release --test linear_gpu -- --ignored
+/// --nocapture`): the head's forward and forward+backward against the plain GEMM of the
+/// same shape on each adapter.
+#[test]
+#[ignore]
+fn linear_timings() {
+    let gpus = common::gpus("linear_timings");
+    for gpu in gpus {
+        for (n, d, v) in [(1024, 256, 8192), (2048, 512, 16384)] {
+            let flops = 2.0 * (n * d * v) as f64;
+            let gemm = gpu.bench_gemm(n, d, v, 2).unwrap();
+            let fwd = gpu.bench_linear(n, d, v, false, &LossOptions::new(), 2).unwrap();
+            let both = gpu.bench_linear(n, d, v, true, &LossOptions::new(), 2).unwrap();
+            println!(
+                "{}: N {n} D {d} V {v}: gemm {gemm:.1} ms ({:.1} GFLOP/s), forward {fwd:.1} ms ({:.2}x gemm), \
+                 fwd+bwd {both:.1} ms ({:.2}x gemm, {:.1} GFLOP/s of 6NVD)",
+                common::name(gpu),
+                flops / gemm / 1e6,
+                fwd / gemm,
+                both / gemm,
+                3.0 * flops / both / 1e6
+            );
+        }
+    }
+}
