@@ -2,58 +2,15 @@
 //! reference on logits formed in the test, hand-worked values, the input checks, and the
 //! empty batch.
 
+mod common;
+
+use common::head::{Head, head};
+
 use xent::check::{Tolerance, compare};
 use xent::{
     Backend, Error, Gradient, GradientTo, HalfFormat, HeadGradients, LinearHead, Logits, LossOptions,
     LossOutput, Mode, Problem, Reduction, Reference, Upstream, Values,
 };
-
-/// A deterministic head: h [n, d], W [v, d], b [v], targets with every 7th row ignored
-/// (-100) and the rest spread over the classes.
-struct Head {
-    n: usize,
-    d: usize,
-    v: usize,
-    h: Vec<f32>,
-    w: Vec<f32>,
-    b: Vec<f32>,
-    t: Vec<i64>,
-}
-
-fn head(n: usize, d: usize, v: usize, seed: u64) -> Head {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut u = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    };
-    let h = (0..n * d).map(|_| (u() * 1.5) as f32).collect();
-    let w = (0..v * d).map(|_| (u() * 0.8) as f32).collect();
-    let b = (0..v).map(|_| (u() * 0.5) as f32).collect();
-    let t = (0..n).map(|r| if r % 7 == 3 { -100 } else { ((r * 31 + 5) % v) as i64 }).collect();
-    Head { n, d, v, h, w, b, t }
-}
-
-impl Head {
-    fn linear(&self, bias: bool) -> LinearHead<'_> {
-        let head = LinearHead::new(Values::F32(&self.h), Values::F32(&self.w), self.d);
-        if bias { head.bias(Values::F32(&self.b)) } else { head }
-    }
-    /// The logits in f64, rounded once to f32.
-    fn logits(&self, bias: bool) -> Vec<f32> {
-        let mut x = Vec::with_capacity(self.n * self.v);
-        for r in 0..self.n {
-            for j in 0..self.v {
-                let dot: f64 = (0..self.d)
-                    .map(|k| f64::from(self.h[r * self.d + k]) * f64::from(self.w[j * self.d + k]))
-                    .sum();
-                x.push((dot + if bias { f64::from(self.b[j]) } else { 0.0 }) as f32);
-            }
-        }
-        x
-    }
-}
 
 /// `dh = G W`, `dW = Gᵀ h`, `db = Σ_rows G` in f64 from an f32 gradient of the logits,
 /// with each value's tolerance when every element of G is within `g_atol`:
@@ -206,13 +163,7 @@ fn reference_linear_head_half_inputs() {
     for f in [HalfFormat::F16, HalfFormat::Bf16] {
         let hh: Vec<u16> = hd.h.iter().map(|&x| f.from_f32(x)).collect();
         let wh: Vec<u16> = hd.w.iter().map(|&x| f.from_f32(x)).collect();
-        let wide = Head {
-            h: hh.iter().map(|&b| f.to_f32(b)).collect(),
-            w: wh.iter().map(|&b| f.to_f32(b)).collect(),
-            b: hd.b.clone(),
-            t: hd.t.clone(),
-            ..hd
-        };
+        let wide = hd.rounded(f);
         let opts = LossOptions::new().label_smoothing(0.1);
         let want = Reference
             .evaluate(Problem::linear(wide.linear(true), &wide.t).gradient(Gradient::Owned), &opts)
@@ -234,7 +185,7 @@ fn reference_linear_head_half_inputs() {
 #[test]
 fn linear_head_input_errors() {
     let hd = head(4, 3, 5, 4);
-    let mut dh = vec![7.0f32; 12];
+    let mut dh = [7.0f32; 12];
     let short_w = &hd.w[..14];
     let probs = vec![0.2f32; 20];
     let cases: Vec<(&str, Problem<'_>)> = vec![
@@ -286,4 +237,181 @@ fn linear_head_empty_batch() {
         .unwrap();
     assert!(out.loss.unwrap().is_nan());
     assert!(dw.iter().all(|&x| x == 0.0));
+}
+
+/// The paths under test: the reference, the fast CPU path, every adapter.
+fn paths() -> Vec<&'static dyn Backend> {
+    static CPU: xent::CpuFast = xent::CpuFast;
+    let mut all: Vec<&'static dyn Backend> = vec![&Reference, &CPU];
+    all.extend(common::gpus("every_linear_cell_on_every_path").iter().map(|g| g as &dyn Backend));
+    all
+}
+
+/// One run of a linear cell: the loss output and the three gradients as f32.
+fn run_cell(
+    path: &dyn Backend,
+    cell: xent::Cell,
+    hd: &Head,
+    opts: &LossOptions,
+    lse: Option<&[f32]>,
+) -> xent::Result<(LossOutput, [Option<Vec<f32>>; 3])> {
+    use xent::{Dtype, Output};
+    let f = cell.dtype.half();
+    let bits = |x: &[f32]| -> Vec<u16> { x.iter().map(|&v| f.unwrap().from_f32(v)).collect() };
+    let (hh, wh) = match f {
+        Some(_) => (bits(&hd.h), bits(&hd.w)),
+        None => (Vec::new(), Vec::new()),
+    };
+    let head = match f {
+        Some(f) => LinearHead::new(Values::Half(&hh, f), Values::Half(&wh, f), hd.d),
+        None => LinearHead::new(Values::F32(&hd.h), Values::F32(&hd.w), hd.d),
+    }
+    .bias(Values::F32(&hd.b));
+    let (n, v, d) = (hd.n * hd.d, hd.v * hd.d, hd.v);
+    let (mut dh, mut dw, mut db) = (vec![0.0f32; n], vec![0.0f32; v], vec![0.0f32; d]);
+    let (mut dhh, mut dwh, mut dbh) = (vec![0u16; n], vec![0u16; v], vec![0u16; d]);
+    let problem = Problem::linear(head, &hd.t).lse(true).row_losses(true);
+    let problem = match cell.output {
+        Output::Loss => problem,
+        Output::Owned => problem.gradient(Gradient::Owned),
+        Output::IntoF32 | Output::Backward => problem.gradient(Gradient::Linear(HeadGradients {
+            hidden: GradientTo::IntoF32(&mut dh),
+            weight: GradientTo::IntoF32(&mut dw),
+            bias: GradientTo::IntoF32(&mut db),
+        })),
+        Output::IntoHalf => problem.gradient(Gradient::Linear(HeadGradients {
+            hidden: GradientTo::IntoHalf(&mut dhh),
+            weight: GradientTo::IntoHalf(&mut dwh),
+            bias: GradientTo::IntoHalf(&mut dbh),
+        })),
+        Output::InPlace => unreachable!("no in-place cell for a head"),
+    };
+    let problem = match cell.output {
+        Output::Backward => problem.backward(lse, Upstream::Scalar(0.7)),
+        _ => problem,
+    };
+    let mut out = path.evaluate(problem, opts)?;
+    let widen = |b: &[u16]| -> Vec<f32> { b.iter().map(|&x| f.unwrap().to_f32(x)).collect() };
+    let grads = match cell.output {
+        Output::Loss => [None, None, None],
+        Output::Owned => [out.grad_hidden.take(), out.grad_weight.take(), out.grad_bias.take()],
+        Output::IntoF32 | Output::Backward => [Some(dh), Some(dw), Some(db)],
+        _ => [Some(widen(&dhh)), Some(widen(&dwh)), Some(widen(&dbh))],
+    };
+    let _ = Dtype::F32;
+    Ok((out, grads))
+}
+
+/// Every cell of the linear head (`Cell::linear()`) on every path against the f64
+/// reference on the same (widened) inputs, under three option sets.
+///
+/// Tolerances. The paths form the logits by f32 products of length D, so each logit may be
+/// off by γ_D Σ_k |h_k W_jk| (γ_D = D u / (1 − D u), u = 2⁻²⁴) whatever the order of the
+/// sums; a logit error δ moves a row's loss by at most α·w_max·(1 + ε)·2δ and each element of
+/// G = ∂loss/∂x by at most 2 α² w_max δ / divisor (α the logit scale, softcap derivative ≤ α).
+/// The products dh = G W (length V), dW = Gᵀ h, db (length N) then add their own f32
+/// rounding γ_L Σ |G| |other|. So each gradient element is allowed
+/// (c_G + γ_L G_max) Σ |other operand| with c_G = 2e-6 (the f32 gradient tolerance of the
+/// reference's G, twice: the paths' and the f64 rounding) + the logit term above. A
+/// half destination adds the half ulp of the value (rounded once).
+#[test]
+fn every_linear_cell_on_every_path() {
+    let hd = head(37, 16, 29, 7);
+    let u = f64::from(f32::EPSILON) / 2.0;
+    let gamma = |l: usize| l as f64 * u / (1.0 - l as f64 * u);
+    let x_abs_max = (0..hd.n)
+        .flat_map(|r| (0..hd.v).map(move |j| (r, j)))
+        .map(|(r, j)| {
+            (0..hd.d).map(|k| f64::from((hd.h[r * hd.d + k] * hd.w[j * hd.d + k]).abs())).sum::<f64>()
+        })
+        .fold(0.0, f64::max);
+    let delta = gamma(hd.d) * x_abs_max + u * 20.0;
+    let weights: Vec<f32> = (0..hd.v).map(|c| 0.5 + (c % 4) as f32 * 0.4).collect();
+    let sets = [
+        ("plain mean", LossOptions::new(), 1.0, 1.0),
+        (
+            "everything sum",
+            LossOptions::new()
+                .reduction(Reduction::Sum)
+                .weights(weights.clone())
+                .label_smoothing(0.1)
+                .z_loss(1e-3)
+                .softcap(5.0)
+                .logit_scale(1.2),
+            1.2,
+            1.7,
+        ),
+        ("none + n_items", LossOptions::new().reduction(Reduction::None).n_items(50.0), 1.0, 1.0),
+    ];
+    for path in paths() {
+        for cell in xent::Cell::linear() {
+            for (name, opts, alpha, w_max) in &sets {
+                let what = format!("{} / {cell} / {name}", path.describe());
+                let widened = match cell.dtype.half() {
+                    Some(f) => hd.rounded(f),
+                    None => Head { h: hd.h.clone(), w: hd.w.clone(), b: hd.b.clone(), t: hd.t.clone(), ..hd },
+                };
+                let output =
+                    if cell.output == xent::Output::IntoHalf { xent::Output::IntoF32 } else { cell.output };
+                let exact = xent::Cell { dtype: xent::Dtype::F32, output, ..cell };
+                let want_fused = run_cell(
+                    &Reference,
+                    xent::Cell { output: xent::Output::IntoF32, ..exact },
+                    &widened,
+                    opts,
+                    None,
+                )
+                .unwrap();
+                let lse = want_fused.0.lse.clone().unwrap();
+                let (want, want_g) = run_cell(&Reference, exact, &widened, opts, Some(&lse)).unwrap();
+                let (got, got_g) =
+                    run_cell(path, cell, &hd, opts, Some(&lse)).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let divisor = match opts.get_reduction() {
+                    Reduction::Mean => 30.0f64.min(opts.get_n_items().unwrap_or(30.0)),
+                    _ => 1.0,
+                };
+                let loss_atol = 1e-6
+                    + alpha
+                        * w_max
+                        * 1.1
+                        * 2.0
+                        * delta
+                        * if opts.get_reduction() == Reduction::Sum { hd.n as f64 } else { 1.0 };
+                let tol = Tolerance { loss_atol, ..Tolerance::F32 };
+                compare(&got, &want, tol).unwrap_or_else(|e| panic!("{what}: {e}"));
+                // G within c_G of the reference's; products of length L add γ_L G_max.
+                let up = if cell.output == xent::Output::Backward { 0.7 } else { 1.0 };
+                let g_max = up * alpha * w_max * 2.0 / divisor;
+                let c_g = 2e-6 + 2.0 * alpha * alpha * w_max * delta / divisor * up;
+                let half_ulp = match cell.dtype {
+                    xent::Dtype::F16 => 2f64.powi(-11),
+                    xent::Dtype::Bf16 => 2f64.powi(-8),
+                    _ => 0.0,
+                };
+                for (i, (g, w)) in got_g.iter().zip(&want_g).enumerate() {
+                    let (Some(g), Some(w)) = (g, w) else {
+                        assert!(g.is_none() && w.is_none(), "{what}: gradient {i} present on one side");
+                        continue;
+                    };
+                    let (len, other): (usize, &dyn Fn(usize) -> f64) = match i {
+                        0 => (hd.v, &|e: usize| {
+                            (0..hd.v).map(|j| f64::from(widened.w[j * hd.d + e % hd.d].abs())).sum()
+                        }),
+                        1 => (hd.n, &|e: usize| {
+                            (0..hd.n).map(|r| f64::from(widened.h[r * hd.d + e % hd.d].abs())).sum()
+                        }),
+                        _ => (hd.n, &|_| hd.n as f64),
+                    };
+                    for (e, (&a, &b)) in g.iter().zip(w).enumerate() {
+                        let tol = (c_g + gamma(len) * g_max) * other(e) + half_ulp * f64::from(b.abs());
+                        let err = f64::from(a - b).abs();
+                        assert!(
+                            err <= tol,
+                            "{what}: gradient {i}[{e}] got {a}, want {b} (error {err:.3e} > {tol:.3e})"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -34,6 +34,9 @@
 //! the half type on each side: 2⁻¹⁰ |want| (f16) or 2⁻⁷ |want| (bf16) more, plus the
 //! smallest subnormal step.
 
+mod common;
+
+use common::head::{Head, head};
 use xent::check::{Tolerance, compare};
 use xent::{
     Backend, CpuFast, Gradient, GradientTo, HalfFormat, HeadGradients, LinearHead, LossOptions, LossOutput,
@@ -41,42 +44,6 @@ use xent::{
 };
 
 const U: f64 = f32::EPSILON as f64;
-
-/// A deterministic head: h [n, d], W [v, d], b [v], targets with every 7th row ignored
-/// (-100) and the rest spread over the classes.
-struct Head {
-    n: usize,
-    d: usize,
-    v: usize,
-    h: Vec<f32>,
-    w: Vec<f32>,
-    b: Vec<f32>,
-    t: Vec<i64>,
-}
-
-fn head(n: usize, d: usize, v: usize, seed: u64) -> Head {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut u = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    };
-    let h = (0..n * d).map(|_| (u() * 1.5) as f32).collect();
-    let w = (0..v * d).map(|_| (u() * 0.8) as f32).collect();
-    let b = (0..v).map(|_| (u() * 0.5) as f32).collect();
-    let t = (0..n).map(|r| if r % 7 == 3 { -100 } else { ((r * 31 + 5) % v) as i64 }).collect();
-    Head { n, d, v, h, w, b, t }
-}
-
-impl Head {
-    /// The same head with h and W rounded to a half format (and kept as f32 for the
-    /// bounds, exactly the values the paths widen).
-    fn rounded(&self, f: HalfFormat) -> Head {
-        let r = |x: &[f32]| x.iter().map(|&x| f.to_f32(f.from_f32(x))).collect();
-        Head { h: r(&self.h), w: r(&self.w), b: self.b.clone(), t: self.t.clone(), ..*self }
-    }
-}
 
 /// Where the gradients go in one run.
 #[derive(Clone, Copy, PartialEq, Debug)]
