@@ -12,9 +12,12 @@
 // C is written by one invocation, summed over K in a fixed order: no atomics, the same
 // bits run to run.
 
+#import workgroup
+
 // Workgroup shape and K step: pipeline constants chosen per adapter (`Tuning::gemm_*`).
 override GX: u32 = 16u;
 override GY: u32 = 16u;
+// (WG of workgroup.wgsl is GX · GY here; the host sets it so.)
 override BK: u32 = 16u;
 // A(m, k) at a[a_off + k·lda + m] (contiguous along m) instead of a[a_off + m·lda + k].
 override A_T: bool = false;
@@ -119,7 +122,7 @@ fn main(
     let bm = 4u * GY;
     let bn = 4u * GX;
     let tiles_m = (params.m + bm - 1u) / bm;
-    let g = params.tile_base + wid.y * params.groups_x + wid.x;
+    let g = params.tile_base + group_index(wid, params.groups_x);
     let tm = g / params.tiles_n;
     // Uniform per workgroup: the barriers below stay in uniform control flow.
     if (tm >= tiles_m) {

@@ -525,7 +525,7 @@ pub(crate) fn gemm_source(vec4: bool) -> String {
 }
 
 /// Pipeline constants the host sets on `gemm.wgsl`.
-pub(crate) const GEMM_OVERRIDES: [&str; 5] = ["GX", "GY", "BK", "A_T", "B_T"];
+pub(crate) const GEMM_OVERRIDES: [&str; 6] = ["GX", "GY", "BK", "A_T", "B_T", "WG"];
 
 /// A GEMM pipeline: vec4 loads, `A_T`, `B_T`, the tile.
 type GemmKey = (bool, bool, bool, [u32; 3]);
@@ -567,7 +567,7 @@ impl GemmKernels {
                         source: wgpu::ShaderSource::Wgsl(gemm_source(vec4).into()),
                     })
                 });
-                let [gx, gy, bk, at, bt] = GEMM_OVERRIDES;
+                let [gx, gy, bk, at, bt, wg] = GEMM_OVERRIDES;
                 let pipeline = pipeline(
                     device,
                     "gemm",
@@ -579,6 +579,7 @@ impl GemmKernels {
                         (bk, f64::from(tile[2])),
                         (at, f64::from(u8::from(a_t))),
                         (bt, f64::from(u8::from(b_t))),
+                        (wg, f64::from(tile[0] * tile[1])),
                     ],
                 );
                 let op = |t: bool| if t { "t" } else { "n" };
