@@ -113,6 +113,28 @@ fn load_tiles(lid: u32, m0: u32, n0: u32, k0: u32) {
     }
 }
 
+// Row m, columns n..n+4 of C from one accumulator (in range only).
+fn store_row(m: u32, n: u32, v: vec4<f32>) {
+    if (m >= params.m) {
+        return;
+    }
+    let accumulate = (params.flags & FLAG_ACCUMULATE) != 0u;
+    let with_bias = (params.flags & FLAG_BIAS) != 0u;
+    for (var j = 0u; j < 4u; j++) {
+        if (n + j < params.n) {
+            let at = params.c_off + m * params.ldc + n + j;
+            var x = v[j];
+            if (with_bias) {
+                x += bias[params.bias_off + n + j];
+            }
+            if (accumulate) {
+                x += c[at];
+            }
+            c[at] = x;
+        }
+    }
+}
+
 @compute @workgroup_size(GX, GY)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -132,7 +154,12 @@ fn main(
     let n0 = (g % params.tiles_n) * bn;
     let tx = lid3.x;
     let ty = lid3.y;
-    var acc: array<vec4<f32>, 4>;
+    // Four named accumulators, not an array: a private array indexed at run time would
+    // live in memory on CPU adapters (every FMA a load and a store).
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < params.k; k0 += BK) {
         load_tiles(lid, m0, n0, k0);
         workgroupBarrier();
@@ -140,33 +167,17 @@ fn main(
             let ai = kk * bm + 4u * ty;
             let bi = kk * bn + 4u * tx;
             let bv = vec4<f32>(sb[bi], sb[bi + 1u], sb[bi + 2u], sb[bi + 3u]);
-            acc[0] += sa[ai] * bv;
-            acc[1] += sa[ai + 1u] * bv;
-            acc[2] += sa[ai + 2u] * bv;
-            acc[3] += sa[ai + 3u] * bv;
+            acc0 += sa[ai] * bv;
+            acc1 += sa[ai + 1u] * bv;
+            acc2 += sa[ai + 2u] * bv;
+            acc3 += sa[ai + 3u] * bv;
         }
         workgroupBarrier();
     }
-    let accumulate = (params.flags & FLAG_ACCUMULATE) != 0u;
-    let with_bias = (params.flags & FLAG_BIAS) != 0u;
-    for (var i = 0u; i < 4u; i++) {
-        let m = m0 + 4u * ty + i;
-        if (m >= params.m) {
-            break;
-        }
-        for (var j = 0u; j < 4u; j++) {
-            let n = n0 + 4u * tx + j;
-            if (n < params.n) {
-                let at = params.c_off + m * params.ldc + n;
-                var x = acc[i][j];
-                if (with_bias) {
-                    x += bias[params.bias_off + n];
-                }
-                if (accumulate) {
-                    x += c[at];
-                }
-                c[at] = x;
-            }
-        }
-    }
+    let row = m0 + 4u * ty;
+    let col = n0 + 4u * tx;
+    store_row(row, col, acc0);
+    store_row(row + 1u, col, acc1);
+    store_row(row + 2u, col, acc2);
+    store_row(row + 3u, col, acc3);
 }

@@ -428,7 +428,15 @@ fn a_4096_by_32000_head_in_an_8_mib_budget() {
 fn linear_timings() {
     let gpus = common::gpus("linear_timings");
     for gpu in gpus {
-        for (n, d, v) in [(1024, 256, 8192), (2048, 512, 16384)] {
+        // XENT_LINEAR_SHAPE=N,D,V times that shape alone.
+        let shape: Option<Vec<usize>> = std::env::var("XENT_LINEAR_SHAPE")
+            .ok()
+            .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect());
+        let shapes = match shape.as_deref() {
+            Some(&[n, d, v]) => vec![(n, d, v)],
+            _ => vec![(1024, 256, 8192), (2048, 256, 16384)],
+        };
+        for (n, d, v) in shapes {
             let flops = 2.0 * (n * d * v) as f64;
             let gemm = gpu.bench_gemm(n, d, v, 2).unwrap();
             let fwd = gpu.bench_linear(n, d, v, false, &LossOptions::new(), 2).unwrap();
