@@ -407,7 +407,9 @@ fn a_4096_by_32000_head_in_an_8_mib_budget() {
     if gpus.is_empty() {
         return;
     }
-    let hd = head(4096, 64, 32000, 9);
+    // D = 16 keeps the products (2·N·V·D = 4.2 GFLOP forward) within a CI run on a
+    // software adapter; the logits are 512 MB whatever D is.
+    let hd = head(4096, 16, 32000, 9);
     let opts = LossOptions::new();
     let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
     let b = bounds(&hd, true, &opts, 2.0, 1.0);
@@ -417,39 +419,5 @@ fn a_4096_by_32000_head_in_an_8_mib_budget() {
         check(gpu, &got.unwrap(), &want, &hd, &b, "4096 x 32000");
         let chunks = dispatches.iter().filter(|d| d.kernel.contains("cross_entropy_rows")).count();
         assert!(chunks >= 64, "{chunks} chunks of at most 8 MiB");
-    }
-}
-
-/// Timings for the report (`cargo test --release --test linear_gpu -- --ignored
-/// --nocapture`): the head's forward and forward+backward against the plain GEMM of the
-/// same shape on each adapter.
-#[test]
-#[ignore]
-fn linear_timings() {
-    let gpus = common::gpus("linear_timings");
-    for gpu in gpus {
-        // XENT_LINEAR_SHAPE=N,D,V times that shape alone.
-        let shape: Option<Vec<usize>> = std::env::var("XENT_LINEAR_SHAPE")
-            .ok()
-            .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect());
-        let shapes = match shape.as_deref() {
-            Some(&[n, d, v]) => vec![(n, d, v)],
-            _ => vec![(1024, 256, 8192), (2048, 256, 16384)],
-        };
-        for (n, d, v) in shapes {
-            let flops = 2.0 * (n * d * v) as f64;
-            let gemm = gpu.bench_gemm(n, d, v, 2).unwrap();
-            let fwd = gpu.bench_linear(n, d, v, false, &LossOptions::new(), 2).unwrap();
-            let both = gpu.bench_linear(n, d, v, true, &LossOptions::new(), 2).unwrap();
-            println!(
-                "{}: N {n} D {d} V {v}: gemm {gemm:.1} ms ({:.1} GFLOP/s), forward {fwd:.1} ms ({:.2}x gemm), \
-                 fwd+bwd {both:.1} ms ({:.2}x gemm, {:.1} GFLOP/s of 6NVD)",
-                common::name(gpu),
-                flops / gemm / 1e6,
-                fwd / gemm,
-                both / gemm,
-                3.0 * flops / both / 1e6
-            );
-        }
     }
 }

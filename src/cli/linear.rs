@@ -425,9 +425,16 @@ pub fn bench(args: &BenchArgs) -> xent::Result<ExitCode> {
                         }
                         Err(e) => return Err(e),
                     };
-                // The plain GEMM [N, D] × [D, V] on the same adapter goes here once the GPU
-                // offers one (`gemm_ms` and `ratio_to_gemm` in the JSON follow from it).
-                let gemm_ms = None;
+                // The floor: the same products by the head's own GEMM kernel on the same
+                // adapter in this run — one h·Wᵀ forward, three products (logits, dh, dW)
+                // with the backward.
+                let gemm_ms = match gpu {
+                    Some(g) => {
+                        let one = g.bench_gemm(n, d, v, repeats.iters.max(1))?;
+                        Some(if pass == Pass::ForwardBackward { 3.0 * one } else { one })
+                    }
+                    None => None,
+                };
                 rows.push(Row {
                     device,
                     adapter: backend.describe(),
