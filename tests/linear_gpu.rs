@@ -24,6 +24,8 @@
 
 mod common;
 
+use common::head::{Head, head};
+
 use xent::gpu::{GpuContext, trace};
 use xent::{
     Backend, Gradient, GradientTo, HalfFormat, HeadGradients, LinearHead, LossOptions, LossOutput, Problem,
@@ -32,45 +34,14 @@ use xent::{
 
 const U: f64 = 1.0 / (1u64 << 24) as f64;
 
-struct Head {
-    n: usize,
-    d: usize,
-    v: usize,
-    h: Vec<f32>,
-    w: Vec<f32>,
-    b: Vec<f32>,
-    t: Vec<i64>,
-}
-
-fn head(n: usize, d: usize, v: usize, seed: u64) -> Head {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut u = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    };
-    let h = (0..n * d).map(|_| (u() * 1.5) as f32).collect();
-    let w = (0..v * d).map(|_| (u() * 0.8) as f32).collect();
-    let b = (0..v).map(|_| (u() * 0.5) as f32).collect();
-    let t = (0..n).map(|r| if r % 7 == 3 { -100 } else { ((r * 31 + 5) % v) as i64 }).collect();
-    Head { n, d, v, h, w, b, t }
-}
-
 fn max_abs(x: &[f32]) -> f64 {
     x.iter().fold(0.0f64, |m, &v| m.max(f64::from(v).abs()))
 }
 
-impl Head {
-    fn linear(&self, bias: bool) -> LinearHead<'_> {
-        let head = LinearHead::new(Values::F32(&self.h), Values::F32(&self.w), self.d);
-        if bias { head.bias(Values::F32(&self.b)) } else { head }
-    }
-    /// ε_x of the module's documentation.
-    fn eps_x(&self, bias: bool) -> f64 {
-        let b = if bias { max_abs(&self.b) } else { 0.0 };
-        (self.d as f64 + 1.0) * U * (self.d as f64 * max_abs(&self.h) * max_abs(&self.w) + b)
-    }
+/// ε_x of the module's documentation.
+fn eps_x(hd: &Head, bias: bool) -> f64 {
+    let b = if bias { max_abs(&hd.b) } else { 0.0 };
+    (hd.d as f64 + 1.0) * U * (hd.d as f64 * max_abs(&hd.h) * max_abs(&hd.w) + b)
 }
 
 /// Every output the head gives, owned, with row losses and LSE.
@@ -101,7 +72,7 @@ fn bounds(hd: &Head, bias: bool, opts: &LossOptions, kappa: f64, upstream: f64) 
         }
         _ => 1.0,
     } * upstream;
-    Bounds { eps_x: hd.eps_x(bias), kappa: kappa * wmax, s_max: s, s_sum: s * counted.max(1.0) }
+    Bounds { eps_x: eps_x(hd, bias), kappa: kappa * wmax, s_max: s, s_sum: s * counted.max(1.0) }
 }
 
 fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
