@@ -392,3 +392,28 @@ fn a_4096_by_32000_head_in_an_8_mib_budget() {
         assert!(chunks >= 64, "{chunks} chunks of at most 8 MiB");
     }
 }
+
+/// Repeated calls of one shape create no buffer: the head's buffers live in the
+/// context's workspace (the allocation counter, as for the host path).
+#[test]
+fn repeated_linear_calls_create_no_buffer() {
+    for shared in common::gpus("repeated_linear_calls_create_no_buffer") {
+        // A context of its own: the shared ones serve the other tests at the same time.
+        let gpu = &with_budget(shared, 1 << 30);
+        let hd = head(70, 12, 300, 5);
+        let opts = LossOptions::new().label_smoothing(0.1);
+        let first = gpu.evaluate(problem(&hd, true), &opts).unwrap();
+        let before = gpu.buffer_allocations();
+        assert!(before > 0, "{}: the first call created its buffers", common::name(gpu));
+        for _ in 0..3 {
+            let again = gpu.evaluate(problem(&hd, true), &opts).unwrap();
+            assert_eq!(again.loss, first.loss, "{}", common::name(gpu));
+        }
+        assert_eq!(
+            gpu.buffer_allocations(),
+            before,
+            "{}: no new buffer on repeated calls",
+            common::name(gpu)
+        );
+    }
+}

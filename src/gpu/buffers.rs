@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use super::kernels::{Kernel, MAX_PARAMS_SIZE, RowsPipeline};
 
 /// A GPU buffer that is reallocated only when a call needs more than it holds.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(crate) struct Slot {
     buffer: Option<wgpu::Buffer>,
 }

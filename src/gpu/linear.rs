@@ -34,6 +34,7 @@ pub use super::linear_plan::LinearPlan;
 use super::linear_plan::SLOTS;
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
 use super::tuning::{GemmTuning, SPLIT_BLOCK_COLS, rows_layout};
+use super::workspace::Workspace;
 
 /// The call's device buffers.
 struct Buffers {
@@ -94,25 +95,32 @@ impl GpuContext {
         let dh_out = grad_hidden;
         let mut row_loss = vec![0.0f32; if backward { 0 } else { n }];
         let mut row_lse = vec![0.0f32; if backward { 0 } else { n }];
-        let (dw, db) = self.scoped(|| {
-            let bufs = self.linear_buffers(&plan, v, d, opts, &w, bias.as_deref())?;
-            let run = LinearRun {
-                ctx: self,
-                plan: &plan,
-                bufs: &bufs,
-                batch: &batch,
-                opts,
-                h: &h,
-                dim: d,
-                has_bias: bias.is_some(),
-                want,
-                saved_lse,
-                upstream,
-                grads,
-            };
-            run.chunks(&mut row_loss, &mut row_lse, dh_out)?;
-            run.finish()
-        })?;
+        // Calls on one context are serialised on its workspace, whose slots the head's
+        // buffers live in: repeated calls of one shape create none.
+        let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
+        let (dw, db) = self
+            .scoped(|| {
+                let bufs = self.linear_buffers(&mut ws, &plan, v, d, opts, &w, bias.as_deref())?;
+                let run = LinearRun {
+                    ctx: self,
+                    plan: &plan,
+                    bufs: &bufs,
+                    batch: &batch,
+                    opts,
+                    h: &h,
+                    dim: d,
+                    has_bias: bias.is_some(),
+                    want,
+                    saved_lse,
+                    upstream,
+                    grads,
+                };
+                run.chunks(&mut row_loss, &mut row_lse, dh_out)?;
+                run.finish()
+            })
+            // Buffers may still be in flight or mapped after an error.
+            .inspect_err(|_| ws.release())?;
+        drop(ws);
         if let (Some(out), Some(dw)) = (grad_weight, dw) {
             out.copy_from_slice(&dw);
         }
@@ -137,8 +145,10 @@ impl GpuContext {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn linear_buffers(
         &self,
+        ws: &mut Workspace,
         plan: &LinearPlan,
         v: usize,
         d: usize,
@@ -151,13 +161,16 @@ impl GpuContext {
         let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
         let rc = plan.rows_per_chunk as u64;
         let (v, d) = (v as u64, d as u64);
-        let make = |label: &str, usage: U, size: u64| {
-            dev.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: size.max(16).next_multiple_of(16),
-                usage,
-                mapped_at_creation: false,
-            })
+        let mut created = 0u64;
+        let mut next = 0usize;
+        let slots = &mut ws.linear.slots;
+        let mut make = |label: &str, usage: U, size: u64| {
+            // Exactly the size asked (no power-of-two growth: W may be near max_buffer_size).
+            let size = size.max(16).next_multiple_of(16);
+            let slot = &mut slots[next];
+            next += 1;
+            created += u64::from(slot.ensure(dev, label, usage, size, size));
+            slot.get().clone()
         };
         let stride = super::buffers::params_stride(&self.limits);
         let bufs = Buffers {
@@ -177,15 +190,17 @@ impl GpuContext {
             norm: make("xent linear norm", st, 16),
             upstream: make("xent linear upstream", st, rc * 4),
             params: make("xent linear params", U::UNIFORM | U::COPY_DST, stride * MAX_PARAM_BLOCKS),
-            readback: (0..SLOTS)
-                .map(|_| {
-                    let mut s = Slot::default();
-                    let bytes = readback_bytes(plan.rows_per_chunk, d as usize);
-                    s.ensure(dev, "xent linear readback", U::MAP_READ | U::COPY_DST, bytes, bytes);
-                    s
-                })
-                .collect(),
+            readback: Vec::new(),
         };
+        let bytes = readback_bytes(plan.rows_per_chunk, d as usize);
+        ws.linear.readback.resize_with(SLOTS, Slot::default);
+        for s in &mut ws.linear.readback {
+            created +=
+                u64::from(s.ensure(dev, "xent linear readback", U::MAP_READ | U::COPY_DST, bytes, bytes));
+        }
+        let mut bufs = bufs;
+        bufs.readback = ws.linear.readback.clone();
+        ws.allocations += created;
         self.queue.write_buffer(&bufs.w, 0, bytemuck::cast_slice(w));
         if let Some(b) = bias {
             self.queue.write_buffer(&bufs.bias, 0, bytemuck::cast_slice(b));

@@ -24,6 +24,7 @@ pub(crate) struct Workspace {
     pub groups: Option<BindGroups>,
     pub binary: BinaryWorkspace,
     pub soft: SoftWorkspace,
+    pub linear: LinearWorkspace,
     /// Buffers created so far (a steady state of same-shape calls creates none).
     pub allocations: u64,
 }
@@ -81,4 +82,12 @@ pub(crate) struct BinaryWorkspace {
     pub readback: Vec<Slot>,
     /// The binary kernel's, and `reduce_sum` over `partials` and over `sums`.
     pub groups: Option<[wgpu::BindGroup; 3]>,
+}
+
+/// Buffers of the linear head, reused across calls: one slot per buffer of
+/// `linear::Buffers`, in its order, and the readback slots.
+#[derive(Default)]
+pub(crate) struct LinearWorkspace {
+    pub slots: [Slot; 16],
+    pub readback: Vec<Slot>,
 }
