@@ -270,6 +270,27 @@ pub fn set_ratios_to_plain(rows: &mut [Row]) {
 }
 
 /// `xent bench`.
+/// The GPU context a bench asks for (`--device gpu|all`, `--adapter`), or `None` for
+/// `--device cpu` — and for `--device all` on a machine without an adapter, which still
+/// measures the CPU.
+pub fn open_gpu(args: &BenchArgs) -> xent::Result<Option<GpuContext>> {
+    let opened = match (args.device != BenchDevice::Cpu, &args.adapter) {
+        (false, _) => return Ok(None),
+        (true, Some(name)) => {
+            xent::gpu::select_adapters(Some(name)).and_then(|a| GpuContext::from_adapter_blocking(&a[0]))
+        }
+        (true, None) => GpuContext::new_blocking(),
+    };
+    match opened {
+        Ok(ctx) => Ok(Some(ctx)),
+        Err(e @ Error::NoAdapter { .. }) if args.device == BenchDevice::All => {
+            eprintln!("warning: {e}\nmeasuring the CPU path only");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub fn run(args: &BenchArgs) -> xent::Result<ExitCode> {
     let passes: &[Pass] = match args.pass {
         PassArg::Forward => &[Pass::Forward],
@@ -284,28 +305,12 @@ pub fn run(args: &BenchArgs) -> xent::Result<ExitCode> {
             sets.push(s);
         }
     }
-    let (gpu, cpu) = (args.device != BenchDevice::Cpu, args.device != BenchDevice::Gpu);
+    let cpu = args.device != BenchDevice::Gpu;
     let (shapes, latency): (Vec<_>, Vec<_>) = match (args.rows, args.classes) {
         (Some(n), Some(v)) => (vec![(n, v)], vec![]),
         _ => (BENCH_SHAPES.to_vec(), LATENCY_SHAPES.to_vec()),
     };
-    let opened = match (gpu, &args.adapter) {
-        (false, _) => None,
-        (true, Some(name)) => Some(
-            xent::gpu::select_adapters(Some(name)).and_then(|a| GpuContext::from_adapter_blocking(&a[0])),
-        ),
-        (true, None) => Some(GpuContext::new_blocking()),
-    };
-    let ctx = match opened {
-        None => None,
-        Some(Ok(ctx)) => Some(ctx),
-        // `--device all` on a machine without an adapter still measures the CPU.
-        Some(Err(e @ Error::NoAdapter { .. })) if args.device == BenchDevice::All => {
-            eprintln!("warning: {e}\nmeasuring the CPU path only");
-            None
-        }
-        Some(Err(e)) => return Err(e),
-    };
+    let ctx = open_gpu(args)?;
     let gpu = ctx.is_some();
     let gpu_bench = ctx.as_ref().map(GpuBench::new).transpose()?;
     let repeats = Repeats { warmup: WARMUP, iters: args.iters as usize };

@@ -385,23 +385,8 @@ pub fn bench(args: &BenchArgs) -> xent::Result<ExitCode> {
         PassArg::ForwardBackward => &[Pass::ForwardBackward],
         PassArg::All => &[Pass::Forward, Pass::ForwardBackward],
     };
-    let (want_gpu, want_cpu) = (args.device != BenchDevice::Cpu, args.device != BenchDevice::Gpu);
-    let opened = match (want_gpu, &args.adapter) {
-        (false, _) => None,
-        (true, Some(name)) => Some(
-            xent::gpu::select_adapters(Some(name)).and_then(|a| GpuContext::from_adapter_blocking(&a[0])),
-        ),
-        (true, None) => Some(GpuContext::new_blocking()),
-    };
-    let ctx = match opened {
-        None => None,
-        Some(Ok(ctx)) => Some(ctx),
-        Some(Err(e @ Error::NoAdapter { .. })) if args.device == BenchDevice::All => {
-            eprintln!("warning: {e}\nmeasuring the CPU path only");
-            None
-        }
-        Some(Err(e)) => return Err(e),
-    };
+    let want_cpu = args.device != BenchDevice::Gpu;
+    let ctx = super::bench::open_gpu(args)?;
     let repeats = Repeats { warmup: WARMUP, iters: args.iters as usize };
     let mut rows = Vec::new();
     for &(n, d, v) in &shapes {

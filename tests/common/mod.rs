@@ -1,6 +1,7 @@
 //! Shared by the GPU test binaries: one context per adapter, opened once per binary.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod head;
 
 use std::sync::OnceLock;
