@@ -80,8 +80,8 @@ struct Params {
 // z_grad: 1, or the ratio of the two `mean` denominators reduced on the device (z-loss
 // with class weights, see LossOpts).
 @group(0) @binding(7) var<storage, read> norm: array<f32>;
-// Class weights [V] (a dummy without F_WEIGHTS).
-@group(0) @binding(8) var<storage, read> weights: array<f32>;
+// Class weights [V] (binding 8, a dummy without F_WEIGHTS) are declared by the element
+// type, with `weights_of` and `class_weight`.
 
 // The options, with every feature this pipeline lacks a constant that folds away.
 fn opts() -> LossOpts {
@@ -176,6 +176,10 @@ fn row_group(ids: Ids, group: u32) {
         var block = zero;
         var total = zero;
         var steps = 0u;
+        // The smoothing sums per lane of Elem (summed across lanes after the loop, not per
+        // element): Σ w (max - z) relative to st.max, and Σ w.
+        var aux_e = zero;
+        var wsum_e = zero;
         for (var c = lane; c < v; c += step) {
             let c1 = c + tpr;
             let c2 = c + 2u * tpr;
@@ -190,7 +194,8 @@ fn row_group(ids: Ids, group: u32) {
                 block *= f;
                 total *= f;
                 if (smoothing) {
-                    aux = rebase(aux, wsum, st.max, m4);
+                    // rebase (row_state.wgsl) per lane: an empty lane stays 0.
+                    aux_e += select(zero, wsum_e * (m4 - st.max), wsum_e > zero);
                 }
                 st.max = m4;
             }
@@ -203,15 +208,18 @@ fn row_group(ids: Ids, group: u32) {
                 block = zero;
             }
             if (smoothing) {
+                let me = splat(m);
                 let w0 = weights_of(c, has_w);
-                aux += hsum(w0 * (m - x0));
-                wsum += hsum(w0);
-                if (c1 < v) { let w = weights_of(c1, has_w); aux += hsum(w * (m - x1)); wsum += hsum(w); }
-                if (c2 < v) { let w = weights_of(c2, has_w); aux += hsum(w * (m - x2)); wsum += hsum(w); }
-                if (c3 < v) { let w = weights_of(c3, has_w); aux += hsum(w * (m - x3)); wsum += hsum(w); }
+                aux_e += w0 * (me - x0);
+                wsum_e += w0;
+                if (c1 < v) { let w = weights_of(c1, has_w); aux_e += w * (me - x1); wsum_e += w; }
+                if (c2 < v) { let w = weights_of(c2, has_w); aux_e += w * (me - x2); wsum_e += w; }
+                if (c3 < v) { let w = weights_of(c3, has_w); aux_e += w * (me - x3); wsum_e += w; }
             }
         }
         st.sum = hsum(total + block);
+        aux = hsum(aux_e);
+        wsum = hsum(wsum_e);
     }
     let local = st;
 
@@ -230,7 +238,7 @@ fn row_group(ids: Ids, group: u32) {
     let ignored = ignored_target(t, params.ignore_index, v * WIDTH);
     var w_y = 1.0;
     if (has_w && !ignored) {
-        w_y = weights[u32(t)];
+        w_y = class_weight(u32(t));
     }
     if (in_batch && lane == 0u) {
         var loss = 0.0;
@@ -291,18 +299,20 @@ fn row_group(ids: Ids, group: u32) {
         // still in the cache.
         for (var i = lane_steps(lane, v, tpr); i > 0u; i--) {
             let c = lane + (i - 1u) * tpr;
-            let x = load_logit(base + c);
-            let p = exp(transform(x, o) - m) * inv_sum;
+            var dz: Elem;
+            let z = transform_slope(load_logit(base + c), o, &dz);
+            let p = exp(z - m) * inv_sum;
             let d = p * k - smooth_w * weights_of(c, smooth_has_w) - onehot(c * WIDTH, tc) * target_w;
-            store_logit(base + c, d * dtransform(x, o) * scale);
+            store_logit(base + c, d * dz * scale);
         }
     } else {
         for (var i = lane_steps(lane, v, tpr); i > 0u; i--) {
             let c = lane + (i - 1u) * tpr;
-            let x = load_logit(base + c);
-            let p = exp(transform(x, o) - m) * inv_sum;
+            var dz: Elem;
+            let z = transform_slope(load_logit(base + c), o, &dz);
+            let p = exp(z - m) * inv_sum;
             let d = p * k - smooth_w * weights_of(c, smooth_has_w) - onehot(c * WIDTH, tc) * target_w;
-            store_grad(base + c, d * dtransform(x, o) * scale);
+            store_grad(base + c, d * dz * scale);
         }
     }
 }

@@ -20,6 +20,16 @@ fn onehot(first: u32, col: u32) -> Elem { return select(0.0, 1.0, first == col);
 
 fn transform(x: Elem, o: LossOpts) -> Elem { return transform1(x, o); }
 fn dtransform(x: Elem, o: LossOpts) -> Elem { return dtransform1(x, o); }
+// transform(x), with its derivative in `dz` (one tanh for both).
+fn transform_slope(x: Elem, o: LossOpts, dz: ptr<function, Elem>) -> Elem {
+    let a = transform_slope1(x, o);
+    *dz = a.y;
+    return a.x;
+}
+// Class weights [V] (binding 8; a dummy without them).
+@group(0) @binding(8) var<storage, read> weights: array<f32>;
+// The weight of class `t`.
+fn class_weight(t: u32) -> f32 { return weights[t]; }
 // Class weights of the WIDTH columns of element `c` (1 without weights).
 fn weights_of(c: u32, has: bool) -> Elem {
     if (has) { return weights[c]; }

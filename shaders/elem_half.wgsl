@@ -23,10 +23,21 @@ fn transform(x: Elem, o: LossOpts) -> Elem {
 fn dtransform(x: Elem, o: LossOpts) -> Elem {
     return vec2<f32>(dtransform1(x.x, o), dtransform1(x.y, o));
 }
+// transform(x), with its derivative in `dz` (one tanh per lane for both).
+fn transform_slope(x: Elem, o: LossOpts, dz: ptr<function, Elem>) -> Elem {
+    let a = transform_slope1(x.x, o);
+    let b = transform_slope1(x.y, o);
+    *dz = vec2<f32>(a.y, b.y);
+    return vec2<f32>(a.x, b.x);
+}
+// Class weights [V] (binding 8; a dummy without them).
+@group(0) @binding(8) var<storage, read> weights: array<vec2<f32>>;
+// The weight of class `t`.
+fn class_weight(t: u32) -> f32 { return weights[t / 2u][t % 2u]; }
 // Class weights of the two columns of element `c` (1 without weights).
 fn weights_of(c: u32, has: bool) -> Elem {
     if (has) {
-        return vec2<f32>(weights[2u * c], weights[2u * c + 1u]);
+        return weights[c];
     }
     return vec2<f32>(1.0);
 }

@@ -26,11 +26,23 @@ fn transform(x: Elem, o: LossOpts) -> Elem {
 fn dtransform(x: Elem, o: LossOpts) -> Elem {
     return vec4<f32>(dtransform1(x.x, o), dtransform1(x.y, o), dtransform1(x.z, o), dtransform1(x.w, o));
 }
+// transform(x), with its derivative in `dz` (one tanh per lane for both).
+fn transform_slope(x: Elem, o: LossOpts, dz: ptr<function, Elem>) -> Elem {
+    let a = transform_slope1(x.x, o);
+    let b = transform_slope1(x.y, o);
+    let c = transform_slope1(x.z, o);
+    let d = transform_slope1(x.w, o);
+    *dz = vec4<f32>(a.y, b.y, c.y, d.y);
+    return vec4<f32>(a.x, b.x, c.x, d.x);
+}
+// Class weights [V] (binding 8; a dummy without them).
+@group(0) @binding(8) var<storage, read> weights: array<vec4<f32>>;
+// The weight of class `t`.
+fn class_weight(t: u32) -> f32 { return weights[t / 4u][t % 4u]; }
 // Class weights of the WIDTH columns of element `c` (1 without weights).
 fn weights_of(c: u32, has: bool) -> Elem {
     if (has) {
-        let i = 4u * c;
-        return vec4<f32>(weights[i], weights[i + 1u], weights[i + 2u], weights[i + 3u]);
+        return weights[c];
     }
     return vec4<f32>(1.0);
 }

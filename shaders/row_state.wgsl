@@ -40,9 +40,14 @@ fn combine_parts(a: Part, b: Part, smoothing: bool) -> Part {
         a.wsum + b.wsum);
 }
 
-fn push(s: RowState, x: f32) -> RowState {
-    let m = max(s.max, x);
-    return RowState(m, s.sum * exp(s.max - m) + exp(x - m));
+// `a` with one more transformed logit z of class weight w (w matters only with smoothing).
+fn push_part(a: Part, z: f32, w: f32, smoothing: bool) -> Part {
+    let m = max(a.st.max, z);
+    let st = RowState(m, a.st.sum * exp(a.st.max - m) + exp(z - m));
+    if (!smoothing) {
+        return Part(st, 0.0, 0.0);
+    }
+    return Part(st, rebase(a.aux, a.wsum, a.st.max, m) + w * (m - z), a.wsum + w);
 }
 
 // The loss options every row kernel shares (each kernel fills one from its parameters).
@@ -56,40 +61,42 @@ struct LossOpts {
     classes: u32,       // V
 }
 
-// The one tanh of the library (the vector element types apply it per lane): from exp,
-// which carries NaN through on every backend we test (a driver's tanh
-// need not: GL's returns a number for NaN): an odd series for |u| < 0.4, where 1 - exp
-// would cancel, and sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) elsewhere (±1 at ±inf).
-fn tanh_carrying_nan(u: f32) -> f32 {
+// The one tanh of the library, with 1 - tanh^2 from the same exp (the vector element
+// types apply it per lane): (tanh(u), 1 - tanh(u)^2). From exp, which carries NaN through
+// on every backend we test (a driver's tanh need not: GL's returns a number for NaN): an
+// odd series for |u| < 0.4, where 1 - exp would cancel, and sign(u) (1 - e) / (1 + e) with
+// e = exp(-2|u|) elsewhere (±1 at ±inf); the slope there is 4e / (1 + e)^2, without the
+// cancellation of 1 - t^2 near |t| = 1.
+fn tanh_slope(u: f32) -> vec2<f32> {
     let u2 = u * u;
     let series = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0 + u2 * (-1382.0 / 155925.0 + u2 * (21844.0 / 6081075.0)))))));
     let e = exp(-2.0 * abs(u));
-    let far = sign(u) * (1.0 - e) / (1.0 + e);
-    return select(far, series, abs(u) < 0.4);
+    let r = 1.0 / (1.0 + e);
+    let far = vec2<f32>(sign(u) * (1.0 - e) * r, 4.0 * e * r * r);
+    return select(far, vec2<f32>(series, 1.0 - series * series), abs(u) < 0.4);
 }
 
-// 1 - tanh(u)^2, without the cancellation near |tanh| = 1: 4e / (1 + e)^2 there.
-fn sech2(u: f32) -> f32 {
-    let t = tanh_carrying_nan(u);
-    let e = exp(-2.0 * abs(u));
-    return select(4.0 * e / ((1.0 + e) * (1.0 + e)), 1.0 - t * t, abs(u) < 0.4);
-}
-
-// The logit the loss sees: α x, then c · tanh(α x / c) with a softcap.
-fn transform1(x: f32, o: LossOpts) -> f32 {
+// The logit the loss sees and its derivative: (z, dz/dx) with z = α x, then c · tanh(α x / c)
+// with a softcap. One tanh serves both (the gradient passes need both).
+fn transform_slope1(x: f32, o: LossOpts) -> vec2<f32> {
     let z = x * o.scale;
     if (o.softcap > 0.0) {
-        return o.softcap * tanh_carrying_nan(z / o.softcap);
+        // x · (1/c): the reciprocal is the same for every element (hoisted out of the
+        // loops), a division per element is not.
+        let t = tanh_slope(z * (1.0 / o.softcap));
+        return vec2<f32>(o.softcap * t.x, o.scale * t.y);
     }
-    return z;
+    return vec2<f32>(z, o.scale);
+}
+
+// The logit the loss sees.
+fn transform1(x: f32, o: LossOpts) -> f32 {
+    return transform_slope1(x, o).x;
 }
 
 // d(transform1)/dx.
 fn dtransform1(x: f32, o: LossOpts) -> f32 {
-    if (o.softcap > 0.0) {
-        return o.scale * sech2(x * o.scale / o.softcap);
-    }
-    return o.scale;
+    return transform_slope1(x, o).y;
 }
 
 // A counted row's loss from its statistics: the target term, label smoothing with

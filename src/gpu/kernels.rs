@@ -1172,7 +1172,7 @@ impl Kernels {
         let rows = Kernel::layout_only::<RowParams>(
             device,
             "cross_entropy_rows",
-            &[(RW, 0), (RO, 4), (RW, 4), (RW, 4), (RW, 0), (RW, 8), (RO, 8), (RO, 4)],
+            &[(RW, 0), (RO, 4), (RW, 4), (RW, 4), (RW, 0), (RW, 8), (RO, 8), (RO, 0)],
         );
         let rows_variants = RowsVariants {
             layout: rows.layout.clone(),
