@@ -4,15 +4,11 @@
 // block) workgroups, so that few long rows still fill the device. g_r is the upstream
 // gradient of the row (`upstream`, when per_row) or 1.
 // Reads each logit once and writes each gradient once, to `grad` or over the logits.
-//
-// Row statistics are (max, sum) pairs rather than LSE: under large offsets max + log(sum)
-// rounds in f32 and exp(x - lse) would lose digits, and GPUs may take log near 1 with an
-// absolute error of 2^-21, which p = exp(z - max - log(sum)) would carry as a relative
-// one. A saved LSE comes as (lse, 1).
+// The element's gradient is class_grad.wgsl's (row statistics as (max, sum) pairs; a
+// saved LSE comes as (lse, 1)).
 
+#import class_grad
 #import grad_mode
-#import row_state
-#import targets
 #import workgroup
 
 struct Params {
@@ -63,43 +59,24 @@ fn main(
     let last = min(first + params.block_cols, params.cols);
     let base = r * params.row_stride;
     let t = targets[params.row_base + r];
-    let ignored = ignored_target(t, params.ignore_index, params.classes);
-    let tc = select(u32(t) - params.col_base, 0xffffffffu, ignored || u32(t) < params.col_base);
-    let stats = row_stats[params.row_base + r];
     let o = LossOpts(params.logit_scale, params.softcap, params.smoothing, params.z_loss,
                      params.z_grad * norm[1], params.weight_total, params.classes);
     let has_w = params.has_weights != 0u;
     var w_y = 1.0;
-    if (has_w && !ignored) {
+    if (has_w && !ignored_target(t, params.ignore_index, params.classes)) {
         w_y = weights[u32(t)];
     }
     var up = 1.0;
     if (params.per_row != 0u) {
         up = upstream[params.row_base + r];
     }
-    let scale = up * params.scale / norm[0];
-    let k = grad_k(o, stats.x, log(stats.y), w_y);
-    let inv_sum = 1.0 / stats.y;
-    let smooth_w = o.eps / f32(o.classes);
-    let target_w = (1.0 - o.eps) * w_y;
+    let rg = row_grad(o, t, params.ignore_index, w_y, row_stats[params.row_base + r], up * params.scale / norm[0]);
     for (var c = first + lid; c < last; c += WG) {
-        var g = 0.0;
-        if (!ignored) {
-            let x = logits[base + c];
-            let p = exp(transform1(x, o) - stats.x) * inv_sum;
-            var d = p * k;
-            if (o.eps > 0.0) {
-                var w = 1.0;
-                if (has_w) {
-                    w = weights[params.col_base + c];
-                }
-                d -= smooth_w * w;
-            }
-            if (c == tc) {
-                d -= target_w;
-            }
-            g = d * dtransform1(x, o) * scale;
+        var w = 1.0;
+        if (o.eps > 0.0 && has_w) {
+            w = weights[params.col_base + c];
         }
+        let g = class_grad(rg, o, transform_slope1(logits[base + c], o), params.col_base + c, w);
         if (params.grad_mode == GRAD_IN_PLACE) {
             logits[base + c] = g;
         } else {

@@ -44,8 +44,23 @@ struct Params {
     groups_x: u32,   // x size of the (folded) 2D dispatch
     tiles_n: u32,    // tiles along n
     tile_base: u32,  // flat tile index of this dispatch's workgroup 0
+    // The loss, for the epilogues of gemm_epilogue.wgsl (unread by `main`):
+    col_base: u32,   // class of column 0 of C
+    classes: u32,    // V
+    ignore_index: i32,
+    loss_flags: u32, // LOSS_*
+    logit_scale: f32,
+    softcap: f32,    // 0: none
+    smoothing: f32,
+    z_loss: f32,
+    weight_total: f32,
+    z_grad: f32,
+    grad_scale: f32, // upstream gradient (over norm[0])
+    out_base: u32,   // partials: block of this dispatch's column 0 in a row
+    out_stride: u32, // partials: blocks per row
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -135,21 +150,26 @@ fn store_row(m: u32, n: u32, v: vec4<f32>) {
     }
 }
 
-@compute @workgroup_size(GX, GY)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_id) lid3: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
+// One workgroup's tile of the product: its 4 × 4 register tile at (row, col), rows
+// row..row+3 in acc0..acc3. `valid` is uniform per workgroup (false past the last tile).
+struct Tile {
+    valid: bool,
+    m0: u32,
+    n0: u32,
+    row: u32,
+    col: u32,
+    acc0: vec4<f32>,
+    acc1: vec4<f32>,
+    acc2: vec4<f32>,
+    acc3: vec4<f32>,
+}
+
+fn tile_product(wid: vec3<u32>, lid3: vec3<u32>, lid: u32) -> Tile {
     let bm = 4u * GY;
     let bn = 4u * GX;
     let tiles_m = (params.m + bm - 1u) / bm;
     let g = params.tile_base + group_index(wid, params.groups_x);
     let tm = g / params.tiles_n;
-    // Uniform per workgroup: the barriers below stay in uniform control flow.
-    if (tm >= tiles_m) {
-        return;
-    }
     let m0 = tm * bm;
     let n0 = (g % params.tiles_n) * bn;
     let tx = lid3.x;
@@ -160,24 +180,39 @@ fn main(
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < params.k; k0 += BK) {
-        load_tiles(lid, m0, n0, k0);
-        workgroupBarrier();
-        for (var kk = 0u; kk < BK; kk++) {
-            let ai = kk * bm + 4u * ty;
-            let bi = kk * bn + 4u * tx;
-            let bv = vec4<f32>(sb[bi], sb[bi + 1u], sb[bi + 2u], sb[bi + 3u]);
-            acc0 += sa[ai] * bv;
-            acc1 += sa[ai + 1u] * bv;
-            acc2 += sa[ai + 2u] * bv;
-            acc3 += sa[ai + 3u] * bv;
+    // Uniform per workgroup: the barriers below stay in uniform control flow.
+    let valid = tm < tiles_m;
+    if (valid) {
+        for (var k0 = 0u; k0 < params.k; k0 += BK) {
+            load_tiles(lid, m0, n0, k0);
+            workgroupBarrier();
+            for (var kk = 0u; kk < BK; kk++) {
+                let ai = kk * bm + 4u * ty;
+                let bi = kk * bn + 4u * tx;
+                let bv = vec4<f32>(sb[bi], sb[bi + 1u], sb[bi + 2u], sb[bi + 3u]);
+                acc0 += sa[ai] * bv;
+                acc1 += sa[ai + 1u] * bv;
+                acc2 += sa[ai + 2u] * bv;
+                acc3 += sa[ai + 3u] * bv;
+            }
+            workgroupBarrier();
         }
-        workgroupBarrier();
     }
-    let row = m0 + 4u * ty;
-    let col = n0 + 4u * tx;
-    store_row(row, col, acc0);
-    store_row(row + 1u, col, acc1);
-    store_row(row + 2u, col, acc2);
-    store_row(row + 3u, col, acc3);
+    return Tile(valid, m0, n0, m0 + 4u * ty, n0 + 4u * tx, acc0, acc1, acc2, acc3);
+}
+
+@compute @workgroup_size(GX, GY)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_id) lid3: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let t = tile_product(wid, lid3, lid);
+    if (!t.valid) {
+        return;
+    }
+    store_row(t.row, t.col, t.acc0);
+    store_row(t.row + 1u, t.col, t.acc1);
+    store_row(t.row + 2u, t.col, t.acc2);
+    store_row(t.row + 3u, t.col, t.acc3);
 }

@@ -1,5 +1,5 @@
-// The bias gradient of the linear head: db[c] (+)= Σ_r G[r, c] over the rows of one
-// chunk of G [rows, classes], one invocation per column, rows summed in order (a fixed
+// The bias gradient of the linear head: db[db_base + i] (+)= Σ_r G[r, col_base + i] over
+// the rows of one chunk of G [rows, cols] (db bound at its piece of classes), one invocation per column, rows summed in order (a fixed
 // order: the same bits run to run, no atomics). The host accumulates over chunks in
 // chunk order.
 
@@ -12,8 +12,8 @@ struct Params {
     accumulate: u32,  // 1: db += the sum, 0: db = the sum
     col_base: u32,    // first column of this dispatch
     count: u32,       // columns of this dispatch
+    db_base: u32,     // entry of db for column col_base
     _pad0: u32,
-    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -37,8 +37,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (r < params.rows) {
         total += g[r * params.cols + col];
     }
+    let at = params.db_base + i;
     if (params.accumulate != 0u) {
-        total += db[col];
+        total += db[at];
     }
-    db[col] = total;
+    db[at] = total;
 }

@@ -51,24 +51,15 @@ fn main(
     let first = block * params.block_cols;
     let last = min(first + params.block_cols, params.cols);
     let base = r * params.row_stride;
-    var st = RowState(EMPTY_MAX, 0.0);
-    var aux = 0.0;
-    var wsum = 0.0;
+    var part = Part(RowState(EMPTY_MAX, 0.0), 0.0, 0.0);
     for (var c = first + lid; c < last; c += WG) {
-        let z = transform1(logits[base + c], o);
-        let m = max(st.max, z);
-        if (smoothing) {
-            aux = rebase(aux, wsum, st.max, m);
-            var w = 1.0;
-            if (params.has_weights != 0u) {
-                w = weights[params.col_base + c];
-            }
-            aux += w * (m - z);
-            wsum += w;
+        var w = 1.0;
+        if (smoothing && params.has_weights != 0u) {
+            w = weights[params.col_base + c];
         }
-        st = RowState(m, st.sum * exp(st.max - m) + exp(z - m));
+        part = push_part(part, transform1(logits[base + c], o), w, smoothing);
     }
-    let merged = merge_parts(lid, lid, WG, Part(st, aux, wsum), true);
+    let merged = merge_parts(lid, lid, WG, part, true);
     if (lid == 0u) {
         let t = targets[params.row_base + r];
         var z_t = 0.0;

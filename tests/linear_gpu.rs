@@ -417,3 +417,71 @@ fn repeated_linear_calls_create_no_buffer() {
         );
     }
 }
+
+/// The loss alone takes the partials path: the GEMM's epilogue reduces each tile of
+/// logits to per-row parts and `merge_partials` combines them; no fused row kernel, no
+/// products from G, the loss and LSE against the reference.
+#[test]
+fn the_loss_alone_is_reduced_in_the_gemm_epilogue() {
+    let gpus = common::gpus("the_loss_alone_is_reduced_in_the_gemm_epilogue");
+    let hd = head(300, 20, 700, 11);
+    let opts = LossOptions::new().label_smoothing(0.1).z_loss(1e-3).softcap(5.0);
+    let p = || Problem::linear(hd.linear(true), &hd.t[..]).lse(true).row_losses(true);
+    let want = Reference.evaluate(p(), &opts).unwrap();
+    let b = bounds(&hd, true, &opts, 2.0, 1.0);
+    for gpu in gpus {
+        let ctx = with_budget(gpu, 64 << 10);
+        let (got, dispatches) = trace(|| ctx.evaluate(p(), &opts));
+        check(gpu, &got.unwrap(), &want, &hd, &b, "partials");
+        let count = |needle: &str| dispatches.iter().filter(|d| d.kernel.contains(needle)).count();
+        let chunks = count("merge_partials");
+        assert!(chunks >= 2, "{chunks} chunks: {dispatches:?}");
+        assert_eq!(count(") partials"), chunks, "one partials GEMM per chunk: {dispatches:?}");
+        assert_eq!(count("cross_entropy_rows") + count(") grad") + count("gemm (nn") + count("gemm (tn"), 0);
+    }
+}
+
+/// Rows longer than one storage binding (20000 logits over a 64 KiB binding) with
+/// gradients take the recompute path: the partials forward, then per piece of W the
+/// GEMM's `grad` epilogue forms G from the recomputed logits, then the piece's products.
+#[test]
+fn rows_beyond_one_binding_recompute_g_per_piece() {
+    let gpus = common::gpus("rows_beyond_one_binding_recompute_g_per_piece");
+    let Some(tiny) = common::tiny_device(gpus) else { return };
+    let hd = head(40, 8, 20000, 12);
+    let opts = LossOptions::new().label_smoothing(0.05).reduction(Reduction::Sum);
+    let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
+    let b = bounds(&hd, true, &opts, 2.0, 1.0);
+    let (got, dispatches) = trace(|| tiny.evaluate(problem(&hd, true), &opts));
+    check(&tiny, &got.unwrap(), &want, &hd, &b, "recompute");
+    let count = |needle: &str| dispatches.iter().filter(|d| d.kernel.contains(needle)).count();
+    let chunks = count("merge_partials");
+    assert!(chunks >= 1 && count("cross_entropy_rows") == 0, "{dispatches:?}");
+    // W (20000 × 8 f32 = 640 KB) in pieces of at most 64 KiB: G, dh and dW per piece and
+    // chunk (dispatches: a product may take several within the 7-workgroup limit).
+    for kernel in [") grad", "gemm (nn", "gemm (tn"] {
+        assert!(count(kernel) >= 10 * chunks, "{kernel}: {} dispatches for {chunks} chunks", count(kernel));
+    }
+}
+
+/// A backward from the saved LSE forms G in the GEMM's epilogue: no logits buffer, no
+/// backward kernel over stored logits.
+#[test]
+fn a_backward_forms_g_in_the_gemm_epilogue() {
+    let gpus = common::gpus("a_backward_forms_g_in_the_gemm_epilogue");
+    let hd = head(64, 16, 300, 13);
+    let opts = LossOptions::new();
+    let lse = Reference.evaluate(Problem::linear(hd.linear(false), &hd.t[..]).lse(true), &opts).unwrap().lse.unwrap();
+    let p = || {
+        Problem::linear(hd.linear(false), &hd.t[..]).gradient(Gradient::Owned).backward(Some(&lse), Upstream::Scalar(1.0))
+    };
+    let want = Reference.evaluate(p(), &opts).unwrap();
+    let b = bounds(&hd, false, &opts, 2.1, 1.0);
+    for gpu in gpus {
+        let (got, dispatches) = trace(|| gpu.evaluate(p(), &opts));
+        check(gpu, &got.unwrap(), &want, &hd, &b, "backward");
+        let count = |needle: &str| dispatches.iter().filter(|d| d.kernel.contains(needle)).count();
+        assert!(count(") grad") >= 1, "{dispatches:?}");
+        assert_eq!(count("cross_entropy_backward") + count("cross_entropy_rows") + count("merge_partials"), 0);
+    }
+}

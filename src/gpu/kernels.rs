@@ -483,7 +483,12 @@ pub(crate) const GEMM_BIAS: u32 = 2;
 /// Floats of workgroup memory per operand of `gemm.wgsl` (`TILE_FLOATS` there).
 pub(crate) const GEMM_TILE_FLOATS: u32 = 1024;
 
-/// `Params` of `gemm.wgsl`.
+/// `GemmParams::loss_flags` bits (`LOSS_*` of `gemm_epilogue.wgsl`): class weights.
+pub(crate) const LOSS_WEIGHTS: u32 = 1;
+/// A per-row upstream gradient (`upstream[row]`).
+pub(crate) const LOSS_PER_ROW: u32 = 2;
+
+/// `Params` of `gemm.wgsl` (the loss fields are read by `gemm_epilogue.wgsl` only).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 pub(crate) struct GemmParams {
@@ -501,8 +506,38 @@ pub(crate) struct GemmParams {
     pub groups_x: u32,
     pub tiles_n: u32,
     pub tile_base: u32,
+    pub col_base: u32,
+    pub classes: u32,
+    pub ignore_index: i32,
+    pub loss_flags: u32,
+    pub logit_scale: f32,
+    pub softcap: f32,
+    pub smoothing: f32,
+    pub z_loss: f32,
+    pub weight_total: f32,
+    pub z_grad: f32,
+    pub grad_scale: f32,
+    pub out_base: u32,
+    pub out_stride: u32,
     pub _pad0: u32,
     pub _pad1: u32,
+    pub _pad2: u32,
+}
+
+impl GemmParams {
+    /// With the loss options of `k` for the epilogues.
+    pub fn with_opts(self, k: &KernelOpts) -> Self {
+        Self {
+            loss_flags: if k.has_weights != 0 { LOSS_WEIGHTS } else { 0 } | (self.loss_flags & LOSS_PER_ROW),
+            logit_scale: k.logit_scale,
+            softcap: k.softcap,
+            smoothing: k.smoothing,
+            z_loss: k.z_loss,
+            weight_total: k.weight_total,
+            z_grad: k.z_grad,
+            ..self
+        }
+    }
 }
 
 /// `Params` of `linear_colsum.wgsl`.
@@ -515,39 +550,72 @@ pub(crate) struct ColsumParams {
     pub accumulate: u32,
     pub col_base: u32,
     pub count: u32,
+    /// Entry of `db` (bound at its piece) for column `col_base` of G.
+    pub db_base: u32,
     pub _pad0: u32,
-    pub _pad1: u32,
 }
 
-/// The source of `gemm.wgsl` with its loader: vec4 loads, or one float per load.
+/// The source of `gemm.wgsl` with its loader (vec4 loads, or one float per load) and the
+/// linear head's epilogues (`gemm_epilogue.wgsl`, entry points beside `main`).
 pub(crate) fn gemm_source(vec4: bool) -> String {
-    wgsl::compose(&[if vec4 { "gemm_load_vec4" } else { "gemm_load_f32" }, "gemm"])
+    wgsl::compose(&[if vec4 { "gemm_load_vec4" } else { "gemm_load_f32" }, "gemm", "gemm_epilogue"])
 }
 
 /// Pipeline constants the host sets on `gemm.wgsl`.
 pub(crate) const GEMM_OVERRIDES: [&str; 6] = ["GX", "GY", "BK", "A_T", "B_T", "WG"];
 
-/// A GEMM pipeline: vec4 loads, `A_T`, `B_T`, the tile.
-type GemmKey = (bool, bool, bool, [u32; 3]);
+/// What a GEMM pipeline does with its tile of the product (its entry point).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum GemmEntry {
+    /// `C (+)= A·B (+ bias)` (`main`).
+    Store,
+    /// The linear head's per-row softmax parts of the tile's logits (`partials`).
+    Partials,
+    /// The linear head's G from the rows' statistics (`grad`).
+    Grad,
+}
 
-/// The linear head's matrix products: one bind group layout, a pipeline per (loader,
-/// operand layout, tile shape), built on first use.
+impl GemmEntry {
+    fn name(self) -> &'static str {
+        match self {
+            GemmEntry::Store => "main",
+            GemmEntry::Partials => "partials",
+            GemmEntry::Grad => "grad",
+        }
+    }
+}
+
+/// A GEMM pipeline: vec4 loads, `A_T`, `B_T`, the tile, the entry point.
+type GemmKey = (bool, bool, bool, [u32; 3], GemmEntry);
+
+/// The linear head's matrix products: two bind group layouts (the plain product's, and
+/// the epilogues' with the loss's arrays), a pipeline per (loader, operand layout, tile
+/// shape, entry point), built on first use.
 pub(crate) struct GemmKernels {
-    /// The bind group layout (params; a, b, c, bias), for [`super::buffers::bind_ranges`].
+    /// The plain product's bind group layout (params; a, b, c, bias), for
+    /// [`super::buffers::bind_ranges`].
     pub kernel: Kernel,
+    /// The epilogues' (params; a, b, c, bias, targets, class weights, row statistics,
+    /// upstream: eight storage bindings, WebGPU's default limit).
+    pub epilogue: Kernel,
     modules: Mutex<HashMap<bool, wgpu::ShaderModule>>,
     built: Mutex<HashMap<GemmKey, RowsPipeline>>,
 }
 
 impl GemmKernels {
     fn new(device: &wgpu::Device) -> Self {
-        // a, b, c, bias
         let kernel = Kernel::layout_only::<GemmParams>(device, "gemm", &[(RO, 0), (RO, 0), (RW, 4), (RO, 4)]);
-        Self { kernel, modules: Default::default(), built: Default::default() }
+        let epilogue = Kernel::layout_only::<GemmParams>(
+            device,
+            "gemm epilogue",
+            &[(RO, 0), (RO, 0), (RW, 4), (RO, 4), (RO, 4), (RO, 4), (RO, 8), (RO, 4)],
+        );
+        Self { kernel, epilogue, modules: Default::default(), built: Default::default() }
     }
 
-    /// The pipeline with vec4 loads or not, `a_t` / `b_t` operand layouts, and a tile of
-    /// `[gx, gy, bk]` (inside the caller's error scopes, as [`Kernel::pipeline`]).
+    /// The pipeline with vec4 loads or not, `a_t` / `b_t` operand layouts, a tile of
+    /// `[gx, gy, bk]` and the entry point (inside the caller's error scopes, as
+    /// [`Kernel::pipeline`]).
     pub fn get(
         &self,
         device: &wgpu::Device,
@@ -555,10 +623,11 @@ impl GemmKernels {
         a_t: bool,
         b_t: bool,
         tile: [u32; 3],
+        entry: GemmEntry,
     ) -> RowsPipeline {
         let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
         built
-            .entry((vec4, a_t, b_t, tile))
+            .entry((vec4, a_t, b_t, tile, entry))
             .or_insert_with(|| {
                 let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
                 let module = modules.entry(vec4).or_insert_with(|| {
@@ -568,11 +637,13 @@ impl GemmKernels {
                     })
                 });
                 let [gx, gy, bk, at, bt, wg] = GEMM_OVERRIDES;
-                let pipeline = pipeline(
+                let layout = if entry == GemmEntry::Store { &self.kernel } else { &self.epilogue };
+                let pipeline = pipeline_at(
                     device,
                     "gemm",
                     module,
-                    &self.kernel.layout,
+                    &layout.layout,
+                    entry.name(),
                     &[
                         (gx, f64::from(tile[0])),
                         (gy, f64::from(tile[1])),
@@ -583,8 +654,12 @@ impl GemmKernels {
                     ],
                 );
                 let op = |t: bool| if t { "t" } else { "n" };
+                let what = match entry {
+                    GemmEntry::Store => String::new(),
+                    other => format!(" {}", other.name()),
+                };
                 let name = format!(
-                    "gemm ({}{}, {}, {}x{}x{})",
+                    "gemm ({}{}, {}, {}x{}x{}){what}",
                     op(a_t),
                     op(b_t),
                     if vec4 { "vec4" } else { "f32" },
@@ -603,7 +678,7 @@ pub(crate) const NO_INDEX: u32 = u32::MAX;
 
 /// Size of the largest parameter block; each dispatch's block sits at a multiple of
 /// the uniform offset alignment above it.
-pub(crate) const MAX_PARAMS_SIZE: u64 = 80;
+pub(crate) const MAX_PARAMS_SIZE: u64 = 128;
 
 /// A field of a parameter block as the host lays it out.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -815,13 +890,27 @@ fn params_layouts() -> HashMap<&'static str, ParamsLayout> {
                 groups_x,
                 tiles_n,
                 tile_base,
+                col_base,
+                classes,
+                ignore_index,
+                loss_flags,
+                logit_scale,
+                softcap,
+                smoothing,
+                z_loss,
+                weight_total,
+                z_grad,
+                grad_scale,
+                out_base,
+                out_stride,
                 _pad0,
                 _pad1,
+                _pad2,
             }),
         ),
         (
             "linear_colsum",
-            params_layout!(ColsumParams { rows, cols, groups_x, accumulate, col_base, count, _pad0, _pad1 }),
+            params_layout!(ColsumParams { rows, cols, groups_x, accumulate, col_base, count, db_base, _pad0 }),
         ),
         ("bench_copy", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),
         ("bench_read", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),
@@ -936,6 +1025,8 @@ pub fn shaders() -> Vec<Shader> {
                 ("FLAG_ACCUMULATE", GEMM_ACCUMULATE),
                 ("FLAG_BIAS", GEMM_BIAS),
                 ("TILE_FLOATS", GEMM_TILE_FLOATS),
+                ("LOSS_WEIGHTS", LOSS_WEIGHTS),
+                ("LOSS_PER_ROW", LOSS_PER_ROW),
             ],
             overrides: &GEMM_OVERRIDES,
         });
@@ -1056,6 +1147,18 @@ fn pipeline(
     layout: &wgpu::BindGroupLayout,
     constants: &[(&str, f64)],
 ) -> wgpu::ComputePipeline {
+    pipeline_at(device, name, module, layout, "main", constants)
+}
+
+/// [`pipeline`] of the entry point `entry`.
+fn pipeline_at(
+    device: &wgpu::Device,
+    name: &str,
+    module: &wgpu::ShaderModule,
+    layout: &wgpu::BindGroupLayout,
+    entry: &str,
+    constants: &[(&str, f64)],
+) -> wgpu::ComputePipeline {
     let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
         label: Some(name),
         bind_group_layouts: &[Some(layout)],
@@ -1065,7 +1168,7 @@ fn pipeline(
         label: Some(name),
         layout: Some(&pipeline_layout),
         module,
-        entry_point: Some("main"),
+        entry_point: Some(entry),
         compilation_options: wgpu::PipelineCompilationOptions {
             constants,
             zero_initialize_workgroup_memory: false,

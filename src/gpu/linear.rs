@@ -1,21 +1,27 @@
 //! The fused linear + cross-entropy head on the device (`x = h Wᵀ + b`, never stored
-//! whole): rows in chunks of `Rc` (an `Rc × V` f32 chunk of logits within the memory
-//! budget and one binding), each chunk
+//! whole): rows in chunks of `Rc` within the memory budget, W bound in pieces of whole
+//! classes when `V·D` is beyond one storage binding, each chunk down one of three paths
+//! ([`HeadPath`], chosen by [`LinearPlan`]):
 //!
-//! 1. `logits_c = h_c Wᵀ + b` by `gemm.wgsl` (A row major × B transposed), W bound in
-//!    pieces of whole classes when `V·D` is beyond one storage binding;
-//! 2. the fused row kernel (`cross_entropy_rows.wgsl`, every option, the whole batch's
-//!    denominators) over the chunk, writing `G` over the logits; or, for a backward from
-//!    a saved LSE, `cross_entropy_backward.wgsl` with (lse, 1) row statistics and the
-//!    upstream gradient;
-//! 3. `dh_c = G W` (over W's pieces in order), `dW += Gᵀ h_c` (over chunks in order),
-//!    `db += Σ_rows G` (`linear_colsum.wgsl`, rows in order).
+//! - **Partials** (the loss alone): `gemm.wgsl`'s tile product with the `partials`
+//!   epilogue (`gemm_epilogue.wgsl`) reduces each tile of logits to per-row online-softmax
+//!   parts in registers and workgroup memory; `merge_partials.wgsl` combines a row's
+//!   parts into its loss, LSE and (max, sum). No logits buffer: O(Rc · V / 32) parts.
+//! - **Whole rows** (loss and gradients, rows within a binding): `logits_c = h_c Wᵀ + b`
+//!   into a chunk buffer, the fused row kernel (`cross_entropy_rows.wgsl`, every option,
+//!   the whole batch's denominators) writing G over it, then `dh_c = G W`,
+//!   `dW += Gᵀ h_c`, `db += Σ_rows G` (`linear_colsum.wgsl`): the logits product once.
+//! - **Recompute** (gradients from row statistics: a saved LSE as (lse, 1), or the
+//!   partials forward first): per piece of W, the `grad` epilogue forms G from the
+//!   recomputed tile of logits in registers (`class_grad.wgsl`) into a buffer of that
+//!   piece's columns, then the piece's products. Rows of any length.
 //!
 //! No float atomics: every output element is summed by one invocation in a fixed order,
 //! so results are bit-identical run to run. The device holds W, dW and db (O(VD)), one
-//! chunk's h, dh and logits, and O(Rc) row state; the row losses and LSE come back per
-//! chunk (O(N)) and the loss is their f64 sum in row order. Half-precision `h`, `W` and
-//! `b` are widened to f32 on the host once (O(ND + VD)); the products accumulate in f32.
+//! chunk's h, dh and logits, G or parts, and O(Rc) row state; the row losses and LSE come
+//! back per chunk (O(N)) and the loss is their f64 sum in row order. Half-precision `h`,
+//! `W` and `b` are widened to f32 on the host once (O(ND + VD)); the products accumulate
+//! in f32.
 
 use std::ops::Range;
 
@@ -27,13 +33,13 @@ use crate::problem::Mode;
 use super::buffers::{Recorder, Slot, bind, bind_ranges, groups_x};
 use super::context::GpuContext;
 use super::kernels::{
-    BackwardParams, ColsumParams, GEMM_ACCUMULATE, GEMM_BIAS, GEMM_TILE_FLOATS, GemmParams, GradMode,
-    KernelOpts, RowParams, RowsPipeline,
+    ColsumParams, GEMM_ACCUMULATE, GEMM_BIAS, GEMM_TILE_FLOATS, GemmEntry, GemmParams, GradMode, KernelOpts,
+    LOSS_PER_ROW, MergeParams, RowParams, RowsPipeline,
 };
-pub use super::linear_plan::LinearPlan;
-use super::linear_plan::SLOTS;
+pub use super::linear_plan::{HeadPath, HeadWork, LinearPlan};
+use super::linear_plan::{PART_BYTES, SLOTS};
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
-use super::tuning::{GemmTuning, SPLIT_BLOCK_COLS, rows_layout};
+use super::tuning::{GemmTuning, rows_layout};
 use super::workspace::Workspace;
 
 /// The call's device buffers.
@@ -42,7 +48,10 @@ struct Buffers {
     bias: wgpu::Buffer,
     weights: wgpu::Buffer,
     h: wgpu::Buffer,
+    /// Whole rows: the chunk's logits (then G). Recompute: G of one piece.
     logits: wgpu::Buffer,
+    /// The partials' entries (two vec4 per row and tile).
+    partials: wgpu::Buffer,
     dh: wgpu::Buffer,
     dw: wgpu::Buffer,
     db: wgpu::Buffer,
@@ -50,6 +59,8 @@ struct Buffers {
     row_loss: wgpu::Buffer,
     row_lse: wgpu::Buffer,
     row_stats: wgpu::Buffer,
+    /// merge_partials' mean weights (unread: the head's denominators come from the host).
+    row_weight: wgpu::Buffer,
     dummy: wgpu::Buffer,
     norm: wgpu::Buffer,
     upstream: wgpu::Buffer,
@@ -86,12 +97,26 @@ impl GpuContext {
                 (Some(lse), upstream)
             }
         };
-        let plan = LinearPlan::new(n, v, d, &self.limits, self.budget)?;
+        let want = (grad_hidden.is_some(), grad_weight.is_some(), grad_bias.is_some() && head.bias.is_some());
+        let grads = want.0 || want.1 || want.2;
+        let work = match (backward, grads) {
+            (true, _) => HeadWork::Backward,
+            (false, false) => HeadWork::Loss,
+            (false, true) => HeadWork::Fused { recompute: recompute_preferred() },
+        };
+        let tile = self.gemm_tile();
+        let plan = LinearPlan::new(n, v, d, 4 * tile.x as usize, work, &self.limits, self.budget)?;
+        let binding = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
+        if opts.get_weights().is_some() && v as u64 * 4 > binding {
+            return Err(Error::Unsupported {
+                path: "gpu".into(),
+                cell: "linear head with class weights for more classes than one storage binding holds".into(),
+                why: format!("{v} class weights do not fit a binding of {binding} bytes"),
+            });
+        }
         let h = head.hidden.to_f32();
         let w = head.weight.to_f32();
         let bias: Option<Vec<f32>> = head.bias.map(|b| b.to_f32().into_owned());
-        let want = (grad_hidden.is_some(), grad_weight.is_some(), grad_bias.is_some() && bias.is_some());
-        let grads = want.0 || want.1 || want.2;
         let dh_out = grad_hidden;
         let mut row_loss = vec![0.0f32; if backward { 0 } else { n }];
         let mut row_lse = vec![0.0f32; if backward { 0 } else { n }];
@@ -161,6 +186,13 @@ impl GpuContext {
         let st = U::STORAGE | U::COPY_SRC | U::COPY_DST;
         let rc = plan.rows_per_chunk as u64;
         let (v, d) = (v as u64, d as u64);
+        let logits_bytes = match plan.path {
+            HeadPath::Partials => 16,
+            HeadPath::WholeRows => rc * v * 4,
+            HeadPath::Recompute => rc * plan.piece_classes as u64 * 4,
+        };
+        let partials_bytes =
+            if plan.path == HeadPath::WholeRows { PART_BYTES } else { rc * plan.blocks as u64 * PART_BYTES };
         let mut created = 0u64;
         let mut next = 0usize;
         let slots = &mut ws.linear.slots;
@@ -178,7 +210,8 @@ impl GpuContext {
             bias: make("xent linear bias", st, if bias.is_some() { v * 4 } else { 16 }),
             weights: make("xent linear weights", st, opts.get_weights().map_or(16, |w| w.len() as u64 * 4)),
             h: make("xent linear h", st, rc * d * 4),
-            logits: make("xent linear logits", st, rc * v * 4),
+            logits: make("xent linear logits", st, logits_bytes),
+            partials: make("xent linear partials", st, partials_bytes),
             dh: make("xent linear dh", st, rc * d * 4),
             dw: make("xent linear dw", st, v * d * 4),
             db: make("xent linear db", st, v * 4),
@@ -186,6 +219,7 @@ impl GpuContext {
             row_loss: make("xent linear row_loss", st, rc * 4),
             row_lse: make("xent linear row_lse", st, rc * 4),
             row_stats: make("xent linear row_stats", st, rc * 8),
+            row_weight: make("xent linear row_weight", st, rc * 4),
             dummy: make("xent linear dummy", st, 16),
             norm: make("xent linear norm", st, 16),
             upstream: make("xent linear upstream", st, rc * 4),
@@ -243,6 +277,12 @@ impl GpuContext {
     }
 }
 
+/// `XENT_LINEAR_RECOMPUTE=1`: loss and gradients in one call take the recompute path
+/// even where whole rows fit (to measure one path against the other).
+fn recompute_preferred() -> bool {
+    std::env::var("XENT_LINEAR_RECOMPUTE").is_ok_and(|v| v == "1")
+}
+
 /// Bytes of a chunk's readback: dh, then the row losses and LSE.
 fn readback_bytes(rows: usize, d: usize) -> u64 {
     ((rows * d + 2 * rows) * 4) as u64
@@ -279,64 +319,100 @@ impl LinearRun<'_> {
         let b = self.bufs;
         let dev = &ctx.device;
         let k = &ctx.kernels;
+        let plan = self.plan;
+        let path = plan.path;
         let (n, v, d) = (self.batch.rows, self.batch.classes, self.dim);
-        let rc = self.plan.rows_per_chunk;
+        let rc = plan.rows_per_chunk;
         let tile = ctx.gemm_tile();
-        let tile_key = [tile.x, tile.y, tile.k];
+        let bn = 4 * tile.x as usize;
         let max_dim = ctx.limits.max_compute_workgroups_per_dimension;
         let vec4_d = d.is_multiple_of(4);
-        let vec4_v = vec4_d && v.is_multiple_of(4) && self.plan.piece_classes.is_multiple_of(4);
-        let nt = k.gemm.get(dev, vec4_d, false, true, tile_key);
-        let nn = k.gemm.get(dev, vec4_v, false, false, tile_key);
-        let tn = k.gemm.get(dev, vec4_v, true, false, tile_key);
-        let w_range = |p: usize| {
-            let r = self.plan.piece(p, v);
-            (&b.w, (r.start * d * 4) as u64, (r.len() * d * 4) as u64)
+        // G's rows (V or a piece's columns) and dW's pieces in vec4 steps.
+        let vec4_v = vec4_d && v.is_multiple_of(4) && plan.piece_classes.is_multiple_of(4);
+        let gemm = |vec4: bool, a_t: bool, b_t: bool, entry: GemmEntry| {
+            k.gemm.get(dev, vec4, a_t, b_t, [tile.x, tile.y, tile.k], entry)
         };
-        let dw_range = |p: usize| {
-            let r = self.plan.piece(p, v);
-            (&b.dw, (r.start * d * 4) as u64, (r.len() * d * 4) as u64)
-        };
+        let nt = gemm(vec4_d, false, true, GemmEntry::Store);
+        let nn = gemm(vec4_v, false, false, GemmEntry::Store);
+        let tn = gemm(vec4_v, true, false, GemmEntry::Store);
+        let parts_pipe = gemm(vec4_d, false, true, GemmEntry::Partials);
+        let grad_pipe = gemm(vec4_d, false, true, GemmEntry::Grad);
         fn whole(buf: &wgpu::Buffer) -> (&wgpu::Buffer, u64, u64) {
             (buf, 0, buf.size())
         }
-        let mut logits_groups = Vec::new();
-        let mut dh_groups = Vec::new();
-        let mut dw_groups = Vec::new();
-        for p in 0..self.plan.pieces {
-            let gl = &k.gemm.kernel;
-            logits_groups.push(bind_ranges(
-                dev,
-                gl,
-                &b.params,
-                &[whole(&b.h), w_range(p), whole(&b.logits), whole(&b.bias)],
-            ));
-            dh_groups.push(bind_ranges(
-                dev,
-                gl,
-                &b.params,
-                &[whole(&b.logits), w_range(p), whole(&b.dh), whole(&b.bias)],
-            ));
-            dw_groups.push(bind_ranges(
-                dev,
-                gl,
-                &b.params,
-                &[whole(&b.logits), whole(&b.h), dw_range(p), whole(&b.bias)],
-            ));
+        // Piece p of an array of `per` floats a class (offsets aligned by the plan).
+        let piece_of = |buf, p: usize, per: usize| {
+            let r = plan.piece(p, v);
+            (buf, (r.start * per * 4) as u64, (r.len() * per * 4) as u64)
+        };
+        let bias_of = |p: usize| if self.has_bias { piece_of(&b.bias, p, 1) } else { whole(&b.dummy) };
+        let db_of = |p: usize| if self.want.2 { piece_of(&b.db, p, 1) } else { whole(&b.dummy) };
+        let (store, epilogue) = (&k.gemm.kernel, &k.gemm.epilogue);
+        // The epilogues' bindings over piece p, their output in `c`.
+        let epilogue_group = |p: usize, c: &wgpu::Buffer| {
+            let ranges = [
+                whole(&b.h),
+                piece_of(&b.w, p, d),
+                whole(c),
+                bias_of(p),
+                whole(&b.targets),
+                whole(&b.weights),
+                whole(&b.row_stats),
+                whole(&b.upstream),
+            ];
+            bind_ranges(dev, epilogue, &b.params, &ranges)
+        };
+        let pieces = 0..plan.pieces;
+        let forward = self.saved_lse.is_none();
+        let (mut logits_groups, mut part_groups, mut g_groups) = (Vec::new(), Vec::new(), Vec::new());
+        match path {
+            HeadPath::WholeRows => {
+                logits_groups = pieces
+                    .clone()
+                    .map(|p| {
+                        let ranges = [whole(&b.h), piece_of(&b.w, p, d), whole(&b.logits), bias_of(p)];
+                        bind_ranges(dev, store, &b.params, &ranges)
+                    })
+                    .collect();
+            }
+            HeadPath::Partials | HeadPath::Recompute => {
+                if forward {
+                    part_groups = pieces.clone().map(|p| epilogue_group(p, &b.partials)).collect();
+                }
+                if self.grads {
+                    g_groups = pieces.clone().map(|p| epilogue_group(p, &b.logits)).collect();
+                }
+            }
         }
+        // The products from G (over the whole rows, or one piece's columns).
+        let dh_groups: Vec<_> = pieces
+            .clone()
+            .map(|p| {
+                let ranges = [whole(&b.logits), piece_of(&b.w, p, d), whole(&b.dh), whole(&b.dummy)];
+                bind_ranges(dev, store, &b.params, &ranges)
+            })
+            .collect();
+        let dw_groups: Vec<_> = pieces
+            .clone()
+            .map(|p| {
+                let ranges = [whole(&b.logits), whole(&b.h), piece_of(&b.dw, p, d), whole(&b.dummy)];
+                bind_ranges(dev, store, &b.params, &ranges)
+            })
+            .collect();
+        let db_groups: Vec<_> =
+            pieces.clone().map(|p| bind_ranges(dev, &k.colsum, &b.params, &[whole(&b.logits), db_of(p)])).collect();
         let rows_group = bind(
             dev,
             &k.rows,
             &b.params,
             &[&b.logits, &b.targets, &b.row_loss, &b.row_lse, &b.dummy, &b.row_stats, &b.norm, &b.weights],
         );
-        let backward_group = bind(
+        let merge_group = bind(
             dev,
-            &k.backward,
+            &k.merge,
             &b.params,
-            &[&b.logits, &b.targets, &b.row_stats, &b.norm, &b.dummy, &b.weights, &b.upstream],
+            &[&b.partials, &b.targets, &b.row_loss, &b.row_lse, &b.row_weight, &b.row_stats, &b.weights],
         );
-        let colsum_group = bind(dev, &k.colsum, &b.params, &[&b.logits, &b.db]);
 
         let reduction = self.opts.get_reduction();
         let kopts = KernelOpts::new(self.opts, v).for_batch(self.batch, self.opts);
@@ -359,6 +435,28 @@ impl LinearRun<'_> {
                 row_lse[r.clone()].copy_from_slice(&floats[lse_at / 4..lse_at / 4 + r.len()]);
             }
         };
+        // The upstream gradient: a scalar in the parameters, or one per row.
+        let (g_scale, per_row) = match self.upstream {
+            Upstream::Scalar(g) => (g * grad_scale, false),
+            Upstream::PerRow(_) => (grad_scale, true),
+            Upstream::PerElement(_) => unreachable!("rejected by linear_head"),
+        };
+        // What every logits product shares: the loss's fields for the epilogues.
+        let head = GemmParams {
+            k: d as u32,
+            lda: d as u32,
+            ldb: d as u32,
+            flags: if self.has_bias { GEMM_BIAS } else { 0 },
+            classes: v as u32,
+            ignore_index: Batch::IGNORED,
+            grad_scale: g_scale,
+            loss_flags: if per_row { LOSS_PER_ROW } else { 0 },
+            out_stride: plan.blocks as u32,
+            ..bytemuck::Zeroable::zeroed()
+        }
+        .with_opts(&kopts);
+        // G's row stride: whole rows, or one piece's columns.
+        let g_cols = if path == HeadPath::WholeRows { v } else { plan.piece_classes };
         let mut stats: Vec<[f32; 2]> = Vec::new();
         for (ci, r0) in (0..n).step_by(rc).enumerate() {
             let rows = r0..(r0 + rc).min(n);
@@ -366,6 +464,14 @@ impl LinearRun<'_> {
             let slot = ring.next_slot(&mut out)?;
             ctx.queue.write_buffer(&b.h, 0, bytemuck::cast_slice(&self.h[rows.start * d..rows.end * d]));
             ctx.queue.write_buffer(&b.targets, 0, bytemuck::cast_slice(&self.batch.targets[rows.clone()]));
+            if let Upstream::PerRow(g) = self.upstream {
+                ctx.queue.write_buffer(&b.upstream, 0, bytemuck::cast_slice(&g[rows.clone()]));
+            }
+            if let Some(lse) = self.saved_lse {
+                stats.clear();
+                stats.extend(lse[rows.clone()].iter().map(|&l| [l, 1.0]));
+                ctx.queue.write_buffer(&b.row_stats, 0, bytemuck::cast_slice(&stats));
+            }
             let mut rec = Recorder::new(dev, &ctx.limits);
             // Submits what is recorded when the parameter blocks would outgrow the buffer.
             let flush = |rec: &mut Recorder<'_>, need: u64| {
@@ -375,143 +481,124 @@ impl LinearRun<'_> {
                 }
             };
             let gemm_dispatches = |m: usize, n: usize| {
-                let tiles = (m.div_ceil(4 * tile.y as usize) * n.div_ceil(4 * tile.x as usize)) as u64;
+                let tiles = (m.div_ceil(4 * tile.y as usize) * n.div_ceil(bn)) as u64;
                 tiles.div_ceil(u64::from(max_dim).pow(2))
             };
-            // 1. The chunk's logits, piece by piece of W.
-            for (p, group) in logits_groups.iter().enumerate() {
-                let piece = self.plan.piece(p, v);
-                flush(&mut rec, gemm_dispatches(m, piece.len()));
-                let params = GemmParams {
-                    m: m as u32,
-                    n: piece.len() as u32,
-                    k: d as u32,
-                    a_off: 0,
-                    lda: d as u32,
-                    b_off: 0,
-                    ldb: d as u32,
-                    c_off: piece.start as u32,
-                    ldc: v as u32,
-                    bias_off: piece.start as u32,
-                    flags: if self.has_bias { GEMM_BIAS } else { 0 },
-                    ..bytemuck::Zeroable::zeroed()
-                };
-                ctx.record_gemm(&mut rec, &nt, group, params, tile);
-            }
-            // 2. Loss and G over the logits.
-            flush(&mut rec, 1);
-            match self.saved_lse {
-                None => {
-                    let wgs = ctx.tuning.rows_workgroups(m.div_ceil(rows_per_group) as u64);
-                    let params = RowParams {
-                        rows: m as u32,
-                        classes: v as u32,
-                        row_base: 0,
-                        groups_x: groups_x(wgs, max_dim),
-                        grad_scale,
-                        grad_mode: if self.grads { GradMode::InPlace } else { GradMode::None } as u32,
-                        ignore_index: Batch::IGNORED,
-                        threads_per_row,
-                        cached: u32::from(cached),
-                        ..bytemuck::Zeroable::zeroed()
-                    }
-                    .with_opts(&kopts);
-                    rec.dispatch_pipeline(&rows_pipeline, &rows_group, &params, wgs);
-                }
-                Some(lse) => {
-                    stats.clear();
-                    stats.extend(lse[rows.clone()].iter().map(|&l| [l, 1.0]));
-                    ctx.queue.write_buffer(&b.row_stats, 0, bytemuck::cast_slice(&stats));
-                    let (scale, per_row) = match self.upstream {
-                        Upstream::Scalar(g) => (g * grad_scale, 0),
-                        Upstream::PerRow(g) => {
-                            ctx.queue.write_buffer(&b.upstream, 0, bytemuck::cast_slice(&g[rows.clone()]));
-                            (grad_scale, 1)
-                        }
-                        Upstream::PerElement(_) => unreachable!("rejected above"),
+            // h_c Wₚᵀ (+ bₚ) over piece p into `pipeline`'s epilogue (C from column c_off).
+            let logits_product =
+                |rec: &mut Recorder<'_>, p: usize, pipeline: &RowsPipeline, group: &wgpu::BindGroup, c_off: usize| {
+                    let piece = plan.piece(p, v);
+                    flush(rec, gemm_dispatches(m, piece.len()));
+                    let params = GemmParams {
+                        m: m as u32,
+                        n: piece.len() as u32,
+                        c_off: c_off as u32,
+                        ldc: g_cols as u32,
+                        col_base: piece.start as u32,
+                        out_base: plan.first_block(p, bn) as u32,
+                        ..head
                     };
-                    let blocks = v.div_ceil(SPLIT_BLOCK_COLS);
-                    let wgs = (m * blocks) as u64;
-                    let params = BackwardParams {
-                        rows: m as u32,
-                        row_stride: v as u32,
-                        cols: v as u32,
-                        col_base: 0,
-                        block_cols: SPLIT_BLOCK_COLS as u32,
-                        blocks: blocks as u32,
-                        row_base: 0,
-                        groups_x: groups_x(wgs, max_dim),
-                        scale,
-                        grad_mode: GradMode::InPlace as u32,
-                        ignore_index: Batch::IGNORED,
-                        classes: v as u32,
-                        per_row,
-                        ..bytemuck::Zeroable::zeroed()
-                    }
-                    .with_opts(&kopts);
-                    rec.dispatch(&k.backward, &backward_group, &params, wgs);
+                    ctx.record_gemm(rec, pipeline, group, params, tile);
+                };
+            // 1. The loss (and, on whole rows, G): the fused row kernel over the chunk's
+            // logits, or the tiles' parts merged per row.
+            if path == HeadPath::WholeRows {
+                for (p, group) in logits_groups.iter().enumerate() {
+                    logits_product(&mut rec, p, &nt, group, plan.piece(p, v).start);
                 }
+                flush(&mut rec, 1);
+                let wgs = ctx.tuning.rows_workgroups(m.div_ceil(rows_per_group) as u64);
+                let params = RowParams {
+                    rows: m as u32,
+                    classes: v as u32,
+                    row_base: 0,
+                    groups_x: groups_x(wgs, max_dim),
+                    grad_scale,
+                    grad_mode: if self.grads { GradMode::InPlace } else { GradMode::None } as u32,
+                    ignore_index: Batch::IGNORED,
+                    threads_per_row,
+                    cached: u32::from(cached),
+                    ..bytemuck::Zeroable::zeroed()
+                }
+                .with_opts(&kopts);
+                rec.dispatch_pipeline(&rows_pipeline, &rows_group, &params, wgs);
+            } else if forward {
+                for (p, group) in part_groups.iter().enumerate() {
+                    logits_product(&mut rec, p, &parts_pipe, group, 0);
+                }
+                flush(&mut rec, 1);
+                let groups = (m as u64).div_ceil(u64::from(wg));
+                let params = MergeParams {
+                    rows: m as u32,
+                    blocks: plan.blocks as u32,
+                    row_base: 0,
+                    groups_x: groups_x(groups, max_dim),
+                    classes: v as u32,
+                    ignore_index: Batch::IGNORED,
+                    ..bytemuck::Zeroable::zeroed()
+                }
+                .with_opts(&kopts);
+                rec.dispatch(&k.merge, &merge_group, &params, groups);
             }
-            // 3. dh_c = G W, dW += Gᵀ h_c, db += Σ_rows G.
-            if self.want.0 {
-                for (p, group) in dh_groups.iter().enumerate() {
-                    let piece = self.plan.piece(p, v);
+            // 2. Per piece: G (recomputed from the rows' statistics, unless whole rows
+            // hold it), dh_c += Gₚ Wₚ, dWₚ += Gₚᵀ h_c, dbₚ += Σ_rows Gₚ.
+            for p in pieces.clone().filter(|_| self.grads) {
+                let piece = plan.piece(p, v);
+                // Column of piece p in the G buffer.
+                let g0 = if path == HeadPath::WholeRows { piece.start } else { 0 };
+                if path != HeadPath::WholeRows {
+                    logits_product(&mut rec, p, &grad_pipe, &g_groups[p], 0);
+                }
+                if self.want.0 {
                     flush(&mut rec, gemm_dispatches(m, d));
                     let params = GemmParams {
                         m: m as u32,
                         n: d as u32,
                         k: piece.len() as u32,
-                        a_off: piece.start as u32,
-                        lda: v as u32,
-                        b_off: 0,
+                        a_off: g0 as u32,
+                        lda: g_cols as u32,
                         ldb: d as u32,
-                        c_off: 0,
                         ldc: d as u32,
                         flags: if p > 0 { GEMM_ACCUMULATE } else { 0 },
                         ..bytemuck::Zeroable::zeroed()
                     };
-                    ctx.record_gemm(&mut rec, &nn, group, params, tile);
+                    ctx.record_gemm(&mut rec, &nn, &dh_groups[p], params, tile);
                 }
-            }
-            if self.want.1 {
-                for (p, group) in dw_groups.iter().enumerate() {
-                    let piece = self.plan.piece(p, v);
+                if self.want.1 {
                     flush(&mut rec, gemm_dispatches(piece.len(), d));
                     let params = GemmParams {
                         m: piece.len() as u32,
                         n: d as u32,
                         k: m as u32,
-                        a_off: piece.start as u32,
-                        lda: v as u32,
-                        b_off: 0,
+                        a_off: g0 as u32,
+                        lda: g_cols as u32,
                         ldb: d as u32,
-                        c_off: 0,
                         ldc: d as u32,
                         flags: if ci > 0 { GEMM_ACCUMULATE } else { 0 },
                         ..bytemuck::Zeroable::zeroed()
                     };
-                    ctx.record_gemm(&mut rec, &tn, group, params, tile);
+                    ctx.record_gemm(&mut rec, &tn, &dw_groups[p], params, tile);
                 }
-            }
-            if self.want.2 {
-                let per = u64::from(wg) * u64::from(max_dim).pow(2);
-                let mut c0 = 0u64;
-                while c0 < v as u64 {
-                    let count = per.min(v as u64 - c0);
-                    let wgs = count.div_ceil(u64::from(wg));
-                    flush(&mut rec, 1);
-                    let params = ColsumParams {
-                        rows: m as u32,
-                        cols: v as u32,
-                        groups_x: groups_x(wgs, max_dim),
-                        accumulate: u32::from(ci > 0),
-                        col_base: c0 as u32,
-                        count: count as u32,
-                        _pad0: 0,
-                        _pad1: 0,
-                    };
-                    rec.dispatch(&k.colsum, &colsum_group, &params, wgs);
-                    c0 += count;
+                if self.want.2 {
+                    let per = u64::from(wg) * u64::from(max_dim).pow(2);
+                    let mut c0 = 0u64;
+                    while c0 < piece.len() as u64 {
+                        let count = per.min(piece.len() as u64 - c0);
+                        let wgs = count.div_ceil(u64::from(wg));
+                        flush(&mut rec, 1);
+                        let params = ColsumParams {
+                            rows: m as u32,
+                            cols: g_cols as u32,
+                            groups_x: groups_x(wgs, max_dim),
+                            accumulate: u32::from(ci > 0),
+                            col_base: (g0 as u64 + c0) as u32,
+                            count: count as u32,
+                            db_base: c0 as u32,
+                            _pad0: 0,
+                        };
+                        rec.dispatch(&k.colsum, &db_groups[p], &params, wgs);
+                        c0 += count;
+                    }
                 }
             }
             let rb = ring.readback(slot);
@@ -519,12 +606,11 @@ impl LinearRun<'_> {
             if dh {
                 rec.copy(&b.dh, 0, rb, 0, (m * d * 4) as u64);
             }
-            let with_rows = self.saved_lse.is_none();
-            if with_rows {
+            if forward {
                 rec.copy(&b.row_loss, 0, rb, rows_at as u64, (m * 4) as u64);
                 rec.copy(&b.row_lse, 0, rb, lse_at as u64, (m * 4) as u64);
             }
-            let map = if with_rows {
+            let map = if forward {
                 lse_at + m * 4
             } else if dh {
                 m * d * 4

@@ -12,8 +12,8 @@ use crate::problem::{Gradient, Problem};
 
 use super::buffers::{Recorder, bind_ranges};
 use super::context::GpuContext;
-use super::kernels::GemmParams;
-use super::linear_plan::LinearPlan;
+use super::kernels::{GemmEntry, GemmParams};
+use super::linear_plan::{HeadWork, LinearPlan};
 
 /// Deterministic values in [-scale, scale).
 fn values(len: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -35,7 +35,9 @@ impl GpuContext {
     /// iteration is one submission, timed on the host from submit to completion.
     #[doc(hidden)]
     pub fn bench_gemm(&self, rows: usize, dim: usize, classes: usize, iters: usize) -> Result<f64> {
-        let plan = LinearPlan::new(rows, classes, dim, &self.limits, self.budget)?;
+        let tile = self.gemm_tile();
+        let work = HeadWork::Fused { recompute: false };
+        let plan = LinearPlan::new(rows, classes, dim, 4 * tile.x as usize, work, &self.limits, self.budget)?;
         let (n, v, d) = (rows, classes, dim);
         let rc = plan.rows_per_chunk.min(n);
         let h = values(n * d, 1, 1.0);
@@ -53,11 +55,11 @@ impl GpuContext {
             let st = U::STORAGE | U::COPY_DST;
             let hb = make("xent bench h", st, (n * d * 4) as u64);
             let wb = make("xent bench w", st, (v * d * 4) as u64);
-            let cb = make("xent bench logits", st, (rc * v * 4) as u64);
+            // One piece of logits at a time (the whole rows when W is one piece).
+            let cb = make("xent bench logits", st, (rc * plan.piece_classes * 4) as u64);
             let bias = make("xent bench bias", st, 16);
             let chunks = n.div_ceil(rc);
             let stride = super::buffers::params_stride(&self.limits);
-            let tile = self.gemm_tile();
             let tiles = |m: usize, cols: usize| {
                 (m.div_ceil(4 * tile.y as usize) * cols.div_ceil(4 * tile.x as usize)) as u64
             };
@@ -69,7 +71,7 @@ impl GpuContext {
             self.queue.write_buffer(&hb, 0, bytemuck::cast_slice(&h));
             self.queue.write_buffer(&wb, 0, bytemuck::cast_slice(&w));
             let k = &self.kernels;
-            let pipe = k.gemm.get(&self.device, d.is_multiple_of(4), false, true, [tile.x, tile.y, tile.k]);
+            let pipe = k.gemm.get(&self.device, d.is_multiple_of(4), false, true, [tile.x, tile.y, tile.k], GemmEntry::Store);
             let hb_chunk = |c: usize| {
                 let r0 = c * rc;
                 let m = rc.min(n - r0);
@@ -109,8 +111,7 @@ impl GpuContext {
                         a_off: *a_off,
                         lda: d as u32,
                         ldb: d as u32,
-                        c_off: piece.start as u32,
-                        ldc: v as u32,
+                        ldc: plan.piece_classes as u32,
                         ..bytemuck::Zeroable::zeroed()
                     };
                     self.record_gemm(&mut rec, &pipe, g, p, tile);

@@ -204,7 +204,7 @@ impl GemmTuning {
     }
 
     /// Clamped to the device and to the shader's workgroup memory (`TILE_FLOATS` floats
-    /// per operand): powers of two, `x·y` invocations within the limits, K a multiple of 4.
+    /// per operand, which the partials epilogue reuses for four floats per invocation): powers of two, `x·y` invocations within the limits, K a multiple of 4.
     pub fn within(self, limits: &wgpu::Limits, tile_floats: u32) -> GemmTuning {
         let pow2 = |v: u32| 1u32 << (31 - v.max(1).leading_zeros());
         let mut x = pow2(self.x.min(limits.max_compute_workgroup_size_x));
@@ -216,7 +216,8 @@ impl GemmTuning {
         while k > 4 && k * 4 * x.max(y) > tile_floats {
             k /= 2;
         }
-        while k * 4 * x.max(y) > tile_floats {
+        // The operand tiles, and the partials epilogue's four floats per invocation.
+        while k * 4 * x.max(y) > tile_floats || 4 * x * y > tile_floats {
             if x >= y { x /= 2 } else { y /= 2 }
         }
         GemmTuning { x, y, k }

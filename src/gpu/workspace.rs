@@ -88,6 +88,6 @@ pub(crate) struct BinaryWorkspace {
 /// `linear::Buffers`, in its order, and the readback slots.
 #[derive(Default)]
 pub(crate) struct LinearWorkspace {
-    pub slots: [Slot; 16],
+    pub slots: [Slot; 20],
     pub readback: Vec<Slot>,
 }
