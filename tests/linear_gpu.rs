@@ -471,9 +471,15 @@ fn a_backward_forms_g_in_the_gemm_epilogue() {
     let gpus = common::gpus("a_backward_forms_g_in_the_gemm_epilogue");
     let hd = head(64, 16, 300, 13);
     let opts = LossOptions::new();
-    let lse = Reference.evaluate(Problem::linear(hd.linear(false), &hd.t[..]).lse(true), &opts).unwrap().lse.unwrap();
+    let lse = Reference
+        .evaluate(Problem::linear(hd.linear(false), &hd.t[..]).lse(true), &opts)
+        .unwrap()
+        .lse
+        .unwrap();
     let p = || {
-        Problem::linear(hd.linear(false), &hd.t[..]).gradient(Gradient::Owned).backward(Some(&lse), Upstream::Scalar(1.0))
+        Problem::linear(hd.linear(false), &hd.t[..])
+            .gradient(Gradient::Owned)
+            .backward(Some(&lse), Upstream::Scalar(1.0))
     };
     let want = Reference.evaluate(p(), &opts).unwrap();
     let b = bounds(&hd, false, &opts, 2.1, 1.0);
@@ -482,6 +488,9 @@ fn a_backward_forms_g_in_the_gemm_epilogue() {
         check(gpu, &got.unwrap(), &want, &hd, &b, "backward");
         let count = |needle: &str| dispatches.iter().filter(|d| d.kernel.contains(needle)).count();
         assert!(count(") grad") >= 1, "{dispatches:?}");
-        assert_eq!(count("cross_entropy_backward") + count("cross_entropy_rows") + count("merge_partials"), 0);
+        assert_eq!(
+            count("cross_entropy_backward") + count("cross_entropy_rows") + count("merge_partials"),
+            0
+        );
     }
 }

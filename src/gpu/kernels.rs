@@ -910,7 +910,16 @@ fn params_layouts() -> HashMap<&'static str, ParamsLayout> {
         ),
         (
             "linear_colsum",
-            params_layout!(ColsumParams { rows, cols, groups_x, accumulate, col_base, count, db_base, _pad0 }),
+            params_layout!(ColsumParams {
+                rows,
+                cols,
+                groups_x,
+                accumulate,
+                col_base,
+                count,
+                db_base,
+                _pad0
+            }),
         ),
         ("bench_copy", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),
         ("bench_read", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),

@@ -399,8 +399,10 @@ impl LinearRun<'_> {
                 bind_ranges(dev, store, &b.params, &ranges)
             })
             .collect();
-        let db_groups: Vec<_> =
-            pieces.clone().map(|p| bind_ranges(dev, &k.colsum, &b.params, &[whole(&b.logits), db_of(p)])).collect();
+        let db_groups: Vec<_> = pieces
+            .clone()
+            .map(|p| bind_ranges(dev, &k.colsum, &b.params, &[whole(&b.logits), db_of(p)]))
+            .collect();
         let rows_group = bind(
             dev,
             &k.rows,
@@ -485,21 +487,24 @@ impl LinearRun<'_> {
                 tiles.div_ceil(u64::from(max_dim).pow(2))
             };
             // h_c Wₚᵀ (+ bₚ) over piece p into `pipeline`'s epilogue (C from column c_off).
-            let logits_product =
-                |rec: &mut Recorder<'_>, p: usize, pipeline: &RowsPipeline, group: &wgpu::BindGroup, c_off: usize| {
-                    let piece = plan.piece(p, v);
-                    flush(rec, gemm_dispatches(m, piece.len()));
-                    let params = GemmParams {
-                        m: m as u32,
-                        n: piece.len() as u32,
-                        c_off: c_off as u32,
-                        ldc: g_cols as u32,
-                        col_base: piece.start as u32,
-                        out_base: plan.first_block(p, bn) as u32,
-                        ..head
-                    };
-                    ctx.record_gemm(rec, pipeline, group, params, tile);
+            let logits_product = |rec: &mut Recorder<'_>,
+                                  p: usize,
+                                  pipeline: &RowsPipeline,
+                                  group: &wgpu::BindGroup,
+                                  c_off: usize| {
+                let piece = plan.piece(p, v);
+                flush(rec, gemm_dispatches(m, piece.len()));
+                let params = GemmParams {
+                    m: m as u32,
+                    n: piece.len() as u32,
+                    c_off: c_off as u32,
+                    ldc: g_cols as u32,
+                    col_base: piece.start as u32,
+                    out_base: plan.first_block(p, bn) as u32,
+                    ..head
                 };
+                ctx.record_gemm(rec, pipeline, group, params, tile);
+            };
             // 1. The loss (and, on whole rows, G): the fused row kernel over the chunk's
             // logits, or the tiles' parts merged per row.
             if path == HeadPath::WholeRows {

@@ -71,7 +71,14 @@ impl GpuContext {
             self.queue.write_buffer(&hb, 0, bytemuck::cast_slice(&h));
             self.queue.write_buffer(&wb, 0, bytemuck::cast_slice(&w));
             let k = &self.kernels;
-            let pipe = k.gemm.get(&self.device, d.is_multiple_of(4), false, true, [tile.x, tile.y, tile.k], GemmEntry::Store);
+            let pipe = k.gemm.get(
+                &self.device,
+                d.is_multiple_of(4),
+                false,
+                true,
+                [tile.x, tile.y, tile.k],
+                GemmEntry::Store,
+            );
             let hb_chunk = |c: usize| {
                 let r0 = c * rc;
                 let m = rc.min(n - r0);

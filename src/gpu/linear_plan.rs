@@ -125,10 +125,16 @@ impl LinearPlan {
             (HeadPath::Recompute, HeadWork::Backward) => (common + 4 * piece, 4 * piece),
             (HeadPath::Recompute, _) => (common + partials + 4 * piece, partials.max(4 * piece)),
         };
-        let fit = [binding / widest, binding / (4 * d), budget / per_row, u64::from(u32::MAX) / (v.max(d) + 8 * blocks), n.max(1)]
-            .into_iter()
-            .min()
-            .unwrap_or(0);
+        let fit = [
+            binding / widest,
+            binding / (4 * d),
+            budget / per_row,
+            u64::from(u32::MAX) / (v.max(d) + 8 * blocks),
+            n.max(1),
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(0);
         if fit == 0 {
             return Err(Error::InvalidOption(format!(
                 "memory budget of {budget} bytes cannot hold one row of {classes} classes of the linear head \
@@ -163,7 +169,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 mod tests {
     use super::*;
 
-    fn limits(binding: u32) -> wgpu::Limits {
+    fn limits(binding: u64) -> wgpu::Limits {
         wgpu::Limits {
             max_storage_buffer_binding_size: binding,
             max_buffer_size: 1 << 31,
@@ -195,8 +201,8 @@ mod tests {
     fn the_loss_alone_needs_no_logits_buffer() {
         // 4096 × 32000 under 8 MiB: whole rows take 128 KB each, parts 1000 × 32 bytes.
         let l = limits(128 << 20);
-        let whole = LinearPlan::new(4096, 32000, 16, 32, HeadWork::Fused { recompute: false }, &l, 8 << 20)
-            .unwrap();
+        let whole =
+            LinearPlan::new(4096, 32000, 16, 32, HeadWork::Fused { recompute: false }, &l, 8 << 20).unwrap();
         let loss = LinearPlan::new(4096, 32000, 16, 32, HeadWork::Loss, &l, 8 << 20).unwrap();
         assert!(loss.rows_per_chunk >= 3 * whole.rows_per_chunk, "{loss:?} vs {whole:?}");
     }
@@ -204,7 +210,8 @@ mod tests {
     #[test]
     fn a_budget_below_one_row_is_an_error() {
         let l = limits(128 << 20);
-        let err = LinearPlan::new(10, 32000, 16, 32, HeadWork::Fused { recompute: false }, &l, 1000).unwrap_err();
+        let err =
+            LinearPlan::new(10, 32000, 16, 32, HeadWork::Fused { recompute: false }, &l, 1000).unwrap_err();
         assert!(err.to_string().contains("cannot hold one row"), "{err}");
     }
 }
