@@ -61,6 +61,7 @@ struct Params {
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
+    _pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -164,7 +165,16 @@ struct Tile {
     acc3: vec4<f32>,
 }
 
-fn tile_product(wid: vec3<u32>, lid3: vec3<u32>, lid: u32) -> Tile {
+// The builtins of every entry point over the tile product.
+struct TileIds {
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_id) lid3: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+}
+
+fn tile_product(ids: TileIds) -> Tile {
+    let wid = ids.wid;
+    let lid = ids.lid;
     let bm = 4u * GY;
     let bn = 4u * GX;
     let tiles_m = (params.m + bm - 1u) / bm;
@@ -172,8 +182,8 @@ fn tile_product(wid: vec3<u32>, lid3: vec3<u32>, lid: u32) -> Tile {
     let tm = g / params.tiles_n;
     let m0 = tm * bm;
     let n0 = (g % params.tiles_n) * bn;
-    let tx = lid3.x;
-    let ty = lid3.y;
+    let tx = ids.lid3.x;
+    let ty = ids.lid3.y;
     // Four named accumulators, not an array: a private array indexed at run time would
     // live in memory on CPU adapters (every FMA a load and a store).
     var acc0 = vec4<f32>(0.0);
@@ -202,12 +212,8 @@ fn tile_product(wid: vec3<u32>, lid3: vec3<u32>, lid: u32) -> Tile {
 }
 
 @compute @workgroup_size(GX, GY)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_id) lid3: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let t = tile_product(wid, lid3, lid);
+fn main(ids: TileIds) {
+    let t = tile_product(ids);
     if (!t.valid) {
         return;
     }

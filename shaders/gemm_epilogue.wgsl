@@ -78,7 +78,8 @@ fn row_part(m: u32, n: u32, v: vec4<f32>, o: LossOpts) -> RowPart {
 // Combines row t.row + slot's parts over the GX invocations of each workgroup row, in
 // order, and writes the tile's entry. The operand tiles are free once the product is
 // done: they hold the parts (4 · GX · GY <= TILE_FLOATS, checked by the host).
-fn write_part(lid3: vec3<u32>, lid: u32, t: Tile, slot: u32, r: RowPart, smoothing: bool) {
+fn write_part(ids: TileIds, t: Tile, slot: u32, r: RowPart, smoothing: bool) {
+    let lid = ids.lid;
     sa[4u * lid] = r.part.st.max;
     sa[4u * lid + 1u] = r.part.st.sum;
     sa[4u * lid + 2u] = r.part.aux;
@@ -87,7 +88,7 @@ fn write_part(lid3: vec3<u32>, lid: u32, t: Tile, slot: u32, r: RowPart, smoothi
     sb[2u * lid + 1u] = r.has_t;
     workgroupBarrier();
     let m = t.row + slot;
-    if (lid3.x == 0u && m < params.m) {
+    if (ids.lid3.x == 0u && m < params.m) {
         var acc = Part(RowState(EMPTY_MAX, 0.0), 0.0, 0.0);
         var z_t = 0.0;
         var has_t = 0.0;
@@ -115,21 +116,17 @@ fn write_part(lid3: vec3<u32>, lid: u32, t: Tile, slot: u32, r: RowPart, smoothi
 }
 
 @compute @workgroup_size(GX, GY)
-fn partials(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_id) lid3: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let t = tile_product(wid, lid3, lid);
+fn partials(ids: TileIds) {
+    let t = tile_product(ids);
     if (!t.valid) {
         return;
     }
     let o = head_opts();
     let smoothing = o.eps > 0.0;
-    write_part(lid3, lid, t, 0u, row_part(t.row, t.col, t.acc0, o), smoothing);
-    write_part(lid3, lid, t, 1u, row_part(t.row + 1u, t.col, t.acc1, o), smoothing);
-    write_part(lid3, lid, t, 2u, row_part(t.row + 2u, t.col, t.acc2, o), smoothing);
-    write_part(lid3, lid, t, 3u, row_part(t.row + 3u, t.col, t.acc3, o), smoothing);
+    write_part(ids, t, 0u, row_part(t.row, t.col, t.acc0, o), smoothing);
+    write_part(ids, t, 1u, row_part(t.row + 1u, t.col, t.acc1, o), smoothing);
+    write_part(ids, t, 2u, row_part(t.row + 2u, t.col, t.acc2, o), smoothing);
+    write_part(ids, t, 3u, row_part(t.row + 3u, t.col, t.acc3, o), smoothing);
 }
 
 // G over row m's columns n..n+3 (product values v), into C.
@@ -156,12 +153,8 @@ fn grad_row(m: u32, n: u32, v: vec4<f32>, o: LossOpts) {
 }
 
 @compute @workgroup_size(GX, GY)
-fn grad(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_id) lid3: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let t = tile_product(wid, lid3, lid);
+fn grad(ids: TileIds) {
+    let t = tile_product(ids);
     if (!t.valid) {
         return;
     }

@@ -522,6 +522,7 @@ pub(crate) struct GemmParams {
     pub _pad0: u32,
     pub _pad1: u32,
     pub _pad2: u32,
+    pub _pad3: u32,
 }
 
 impl GemmParams {
@@ -906,6 +907,7 @@ fn params_layouts() -> HashMap<&'static str, ParamsLayout> {
                 _pad0,
                 _pad1,
                 _pad2,
+                _pad3,
             }),
         ),
         (

@@ -27,7 +27,7 @@ pub use buffers::{Dispatch, trace};
 pub(crate) use context::check_grad_len;
 pub use context::{GpuContext, adapters, instance, select_adapters};
 pub use kernels::{ParamsField, ParamsLayout, Shader, shaders};
-pub use linear::LinearPlan;
+pub use linear::{HeadPath, HeadWork, LinearPlan};
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
 pub use resident::{
     DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceMode, DeviceProblem, DeviceSlice,
