@@ -2,7 +2,8 @@
 # One prepared run on a lent GPU machine (the `device` tool): Vulkan loader, a carried
 # binary (the machine has no Rust), `xent info`, `xent check`, `xent bench --json` with
 # the default shapes plus 8192 x 131072 and 2 x 262144, a tuning sweep of the fused
-# kernel on long rows, and PyTorch's eager F.cross_entropy as an anchor (its own in-run
+# kernel on long rows, the linear head at 8192 x 4096 x 128256 and a sweep of its GEMM
+# tile, and PyTorch's eager F.cross_entropy as an anchor (its own in-run
 # copy and read) — everything under $OUT, at most 8 files, a summary table printed last.
 #
 # Prepare here, once (x86-64 machine, in the repo root):
@@ -39,9 +40,11 @@ fi
 if [ "${XENT_GPU_BENCH_SMALL:-0}" = 1 ]; then
   BIG=(--rows 64 --classes 131072); SPLIT=(--rows 2 --classes 65536); SWEEP=(--rows 128 --classes 32768)
   TORCH_SHAPES=64x4096; ITERS=3
+  HEAD=(--rows 64 --hidden-dim 64 --classes 4096); HEAD_SWEEP=(--rows 64 --hidden-dim 64 --classes 2048)
 else
   BIG=(--rows 8192 --classes 131072); SPLIT=(--rows 2 --classes 262144); SWEEP=(--rows 2048 --classes 131072)
   TORCH_SHAPES=8192x131072,1024x32000,256x32000; ITERS=10
+  HEAD=(--rows 8192 --hidden-dim 4096 --classes 128256); HEAD_SWEEP=(--rows 4096 --hidden-dim 4096 --classes 32000)
 fi
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true; "$XENT" info 2>&1; } > "$OUT/info.txt"
@@ -67,6 +70,14 @@ timeout 300 "$XENT" bench --device all "${ADAPTER_ARG[@]}" --iters 20 --json > "
   bench_line "" "${SPLIT[@]}" --iters 20
   # Few long rows on whole rows instead of the (row x column block) grid.
   bench_line XENT_FEW_ROWS=0 "${SPLIT[@]}" --iters 20
+  # The linear head (an LLM's: 8192 tokens, D 4096, a 128K vocabulary), ÷gemm beside it;
+  # its GEMM tile (GX x GY invocations, K step) swept on a smaller head, and the
+  # recompute path (G in the GEMM's epilogue) against whole rows.
+  bench_line "" --linear "${HEAD[@]}" --iters 3
+  for config in "" XENT_GEMM_TILE=8x8x16 XENT_GEMM_TILE=16x16x8 XENT_GEMM_TILE=16x16x32 \
+    XENT_GEMM_TILE=16x8x16 XENT_GEMM_TILE=32x8x16 XENT_LINEAR_RECOMPUTE=1; do
+    bench_line "$config" --linear "${HEAD_SWEEP[@]}" --iters 3
+  done
 } > "$OUT/bench_big.jsonl"
 # The fused kernel's tuning on long rows: workgroup size, workgroups in flight (each
 # looping over rows, so more of a row is still in L2 for its second read; H200: 132
