@@ -59,9 +59,6 @@ struct Params {
     out_base: u32,   // partials: block of this dispatch's column 0 in a row
     out_stride: u32, // partials: blocks per row
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-    _pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;

@@ -520,9 +520,6 @@ pub(crate) struct GemmParams {
     pub out_base: u32,
     pub out_stride: u32,
     pub _pad0: u32,
-    pub _pad1: u32,
-    pub _pad2: u32,
-    pub _pad3: u32,
 }
 
 impl GemmParams {
@@ -679,7 +676,7 @@ pub(crate) const NO_INDEX: u32 = u32::MAX;
 
 /// Size of the largest parameter block; each dispatch's block sits at a multiple of
 /// the uniform offset alignment above it.
-pub(crate) const MAX_PARAMS_SIZE: u64 = 128;
+pub(crate) const MAX_PARAMS_SIZE: u64 = 112;
 
 /// A field of a parameter block as the host lays it out.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -905,9 +902,6 @@ fn params_layouts() -> HashMap<&'static str, ParamsLayout> {
                 out_base,
                 out_stride,
                 _pad0,
-                _pad1,
-                _pad2,
-                _pad3,
             }),
         ),
         (
