@@ -3,6 +3,9 @@
 
 Usage: python3 scripts/make_reference.py   (needs numpy and torch; not crate deps)
 
+Also the fused linear head (folders linear_*: hidden, weight, bias and the gradients of
+all three; see `linear_case`).
+
 Each case is a folder with logits.npy (float32 [N, V]), targets.npy (int64 [N]),
 weights.npy (float32 [V], optional), options.txt (key = value lines), and for each
 reduction r in mean/sum/none: loss_r.npy (float64: 0-d, or [N] for none) and grad_r.npy
@@ -33,6 +36,17 @@ def write_options(d, opts, softcap, n_items):
         for k, val in opts.items():
             f.write(f"{k} = {val!r}\n")
 
+def mean_of(ce, zl, keep, tt, wt, ignore_index, n_items):
+    """`mean` as shared/docs/semantics.md defines it: the cross-entropy part over
+    PyTorch's Σ w_y, the z-loss part over the counted rows (Liger's convention); both
+    over n_items when it is given."""
+    if n_items is not None:
+        return (ce.sum() + zl.sum()) / float(n_items)
+    safe_t = torch.where(tt == ignore_index, torch.zeros_like(tt), tt)
+    den = (keep * (wt[safe_t] if wt is not None else 1.0)).sum()
+    return ce.sum() / den + zl.sum() / keep.sum()
+
+
 def case(name, n, v, seed, weights=False, ignore_index=-100, ignored=0, label_smoothing=0.0,
          z_loss=0.0, softcap=None, logit_scale=1.0, n_items=None, offset=0.0, masked=False):
     rng = np.random.default_rng(seed)
@@ -62,22 +76,17 @@ def case(name, n, v, seed, weights=False, ignore_index=-100, ignored=0, label_sm
         z = xt * logit_scale
         if softcap is not None:
             z = softcap * torch.tanh(z / softcap)
-        rows = F.cross_entropy(z, tt, weight=wt, ignore_index=ignore_index, reduction="none",
-                               label_smoothing=label_smoothing)
+        ce = F.cross_entropy(z, tt, weight=wt, ignore_index=ignore_index, reduction="none",
+                             label_smoothing=label_smoothing)
         keep = (tt != ignore_index).to(torch.float64)
-        if z_loss:
-            lse = torch.logsumexp(z, dim=1)
-            rows = rows + z_loss * lse.square() * keep
+        zl = z_loss * torch.logsumexp(z, dim=1).square() * keep if z_loss else torch.zeros_like(ce)
+        rows = ce + zl
         if reduction == "none":
             loss = rows
         elif reduction == "sum":
             loss = rows.sum()
         else:
-            safe_t = torch.where(tt == ignore_index, torch.zeros_like(tt), tt)
-            den = (keep * (wt[safe_t] if wt is not None else 1.0)).sum()
-            if n_items is not None:
-                den = torch.tensor(float(n_items), dtype=torch.float64)
-            loss = rows.sum() / den
+            loss = mean_of(ce, zl, keep, tt, wt, ignore_index, n_items)
             if n_items is None and not z_loss and not softcap and logit_scale == 1.0:
                 direct = F.cross_entropy(z, tt, weight=wt, ignore_index=ignore_index,
                                          label_smoothing=label_smoothing)
@@ -193,6 +202,64 @@ def half_case(name, n, v, seed, dtype, **kw):
         np.save(os.path.join(d, f"loss_{reduction}.npy"), loss.detach().numpy())
         np.save(os.path.join(d, f"grad_{reduction}.npy"), xt.grad.numpy())
 
+def linear_case(name, n, d, v, seed, bias=True, dtype=np.float32, weights=False, ignore_index=-100,
+                ignored=0, label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
+                n_items=None, grad_reductions=("mean", "sum", "none")):
+    """The fused linear head: folder linear_<name> with hidden.npy [N, D], weight.npy
+    [V, D] (nn.Linear's layout) and bias.npy [V] (optional) in `dtype` (float32 or
+    float16), targets.npy, options as for `case`, and per reduction loss_r.npy and, for
+    the reductions in `grad_reductions`, grad_hidden_r.npy, grad_weight_r.npy and
+    grad_bias_r.npy (float64: the gradients of the loss with upstream gradient 1, or 1
+    per row for none). The inputs are widened to float64 before PyTorch sees them
+    (F.linear, then the same loss as `case`)."""
+    rng = np.random.default_rng(seed)
+    h = rng.standard_normal((n, d)).astype(dtype)
+    w = (rng.standard_normal((v, d)) * (2.0 / np.sqrt(d))).astype(dtype)
+    b = (rng.standard_normal(v) * 0.5).astype(dtype) if bias else None
+    t = rng.integers(0, v, size=n).astype(np.int64)
+    for i in range(ignored):
+        t[(i * 5) % n] = ignore_index
+    cw = (rng.random(v) * 2).astype(np.float32) if weights else None
+    dd = os.path.join(OUT, "linear_" + name)
+    os.makedirs(dd)
+    np.save(os.path.join(dd, "hidden.npy"), h)
+    np.save(os.path.join(dd, "weight.npy"), w)
+    if b is not None:
+        np.save(os.path.join(dd, "bias.npy"), b)
+    np.save(os.path.join(dd, "targets.npy"), t)
+    if cw is not None:
+        np.save(os.path.join(dd, "weights.npy"), cw)
+    opts = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss,
+            "logit_scale": logit_scale}
+    write_options(dd, opts, softcap, n_items)
+    wt = torch.from_numpy(cw.astype(np.float64)) if cw is not None else None
+    tt = torch.from_numpy(t)
+    keep = (tt != ignore_index).to(torch.float64)
+    for reduction in ["mean", "sum", "none"]:
+        ht = torch.from_numpy(h.astype(np.float64)).requires_grad_(True)
+        wm = torch.from_numpy(w.astype(np.float64)).requires_grad_(True)
+        bt = torch.from_numpy(b.astype(np.float64)).requires_grad_(True) if b is not None else None
+        z = F.linear(ht, wm, bt) * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        ce = F.cross_entropy(z, tt, weight=wt, ignore_index=ignore_index, reduction="none",
+                             label_smoothing=label_smoothing)
+        zl = z_loss * torch.logsumexp(z, dim=1).square() * keep if z_loss else torch.zeros_like(ce)
+        rows = ce + zl
+        if reduction == "none":
+            loss = rows
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            loss = mean_of(ce, zl, keep, tt, wt, ignore_index, n_items)
+        np.save(os.path.join(dd, f"loss_{reduction}.npy"), loss.detach().numpy())
+        if reduction in grad_reductions:
+            loss.backward(torch.ones_like(loss))
+            np.save(os.path.join(dd, f"grad_hidden_{reduction}.npy"), ht.grad.numpy())
+            np.save(os.path.join(dd, f"grad_weight_{reduction}.npy"), wm.grad.numpy())
+            if bt is not None:
+                np.save(os.path.join(dd, f"grad_bias_{reduction}.npy"), bt.grad.numpy())
+
 
 def main():
     shutil.rmtree(OUT, ignore_errors=True)
@@ -225,6 +292,21 @@ def main():
     bce_case("pos_weight", 11, 7, 23, pos_weight=True)
     bce_case("soft_weights_pos_weight", 10, 17, 24, weights=True, pos_weight=True, soft=True)
     bce_case("n_items", 8, 6, 25, n_items=100.0)
+    # The linear head: N from 1 to 700, D from 1 to 512, V from 2 to 32000.
+    linear_case("plain", 13, 8, 37, 51)
+    linear_case("no_bias_tiny", 1, 1, 2, 52, bias=False)
+    linear_case("weights_smoothing_ignore", 16, 12, 29, 53, weights=True, ignored=4, label_smoothing=0.1)
+    linear_case("z_loss_softcap", 11, 16, 50, 54, z_loss=1e-2, softcap=3.0, ignored=2)
+    linear_case("logit_scale_n_items", 12, 5, 30, 55, logit_scale=0.5, n_items=100.0, ignored=2)
+    # Under mean, 0/0: PyTorch's gradients are NaN there, ours exactly 0 (the contract).
+    linear_case("all_ignored", 6, 4, 9, 56, ignored=6, grad_reductions=("sum", "none"))
+    linear_case("everything", 17, 24, 64, 57, weights=True, ignored=4, label_smoothing=0.05,
+                z_loss=1e-3, softcap=8.0, logit_scale=1.3)
+    linear_case("many_rows", 700, 4, 50, 58, ignored=30, label_smoothing=0.1)
+    linear_case("wide", 5, 512, 20, 59, weights=True)
+    linear_case("vocab_32000", 3, 1, 32000, 60, grad_reductions=("mean",))
+    linear_case("f16", 9, 16, 40, 61, dtype=np.float16, ignored=1)
+    linear_case("f16_smoothing_no_bias", 7, 8, 64, 62, dtype=np.float16, bias=False, label_smoothing=0.1)
     print("wrote", sorted(os.listdir(OUT)))
 
 

@@ -24,7 +24,7 @@
 
 mod common;
 
-use common::head::{Head, head};
+use common::head::{Head, bounds, check, head, loss_close};
 
 use xent::gpu::{GpuContext, trace};
 use xent::{
@@ -32,115 +32,9 @@ use xent::{
     Reduction, Reference, Upstream, Values,
 };
 
-const U: f64 = 1.0 / (1u64 << 24) as f64;
-
-fn max_abs(x: &[f32]) -> f64 {
-    x.iter().fold(0.0f64, |m, &v| m.max(f64::from(v).abs()))
-}
-
-/// ε_x of the module's documentation.
-fn eps_x(hd: &Head, bias: bool) -> f64 {
-    let b = if bias { max_abs(&hd.b) } else { 0.0 };
-    (hd.d as f64 + 1.0) * U * (hd.d as f64 * max_abs(&hd.h) * max_abs(&hd.w) + b)
-}
-
 /// Every output the head gives, owned, with row losses and LSE.
 fn problem<'a>(hd: &'a Head, bias: bool) -> Problem<'a> {
     Problem::linear(hd.linear(bias), &hd.t[..]).gradient(Gradient::Owned).lse(true).row_losses(true)
-}
-
-/// The bounds of the module's documentation for one problem.
-struct Bounds {
-    eps_x: f64,
-    kappa: f64,
-    /// Largest row scale s_r.
-    s_max: f64,
-    /// Σ_r s_r.
-    s_sum: f64,
-}
-
-fn bounds(hd: &Head, bias: bool, opts: &LossOptions, kappa: f64, upstream: f64) -> Bounds {
-    let counted = hd.t.iter().filter(|&&t| t >= 0).count() as f64;
-    let wmax = opts.get_weights().map_or(1.0, |w| max_abs(w).max(1.0));
-    let s = match opts.get_reduction() {
-        Reduction::Mean => {
-            let d = opts.get_n_items().unwrap_or(counted);
-            // With class weights the denominator is Σ w_y ≥ counted · min w; the test
-            // weights are ≥ 0.5.
-            let d = if opts.get_weights().is_some() { d * 0.5 } else { d };
-            if d > 0.0 { 1.0 / d } else { 0.0 }
-        }
-        _ => 1.0,
-    } * upstream;
-    Bounds { eps_x: eps_x(hd, bias), kappa: kappa * wmax, s_max: s, s_sum: s * counted.max(1.0) }
-}
-
-fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (f64::from(g) - f64::from(w)).abs();
-        assert!(
-            err <= tol + 1e-7 * f64::from(w).abs(),
-            "{what}[{i}]: got {g}, want {w} (|Δ| {err:.3e} > {tol:.3e})"
-        );
-    }
-}
-
-fn loss_close(what: &str, got: Option<f32>, want: Option<f32>) {
-    match (got, want) {
-        (Some(g), Some(w)) if g.is_nan() && w.is_nan() => {}
-        (Some(g), Some(w)) => {
-            let err = (f64::from(g) - f64::from(w)).abs();
-            assert!(err <= 1e-5 * f64::from(w).abs() + 1e-6, "{what}: got {g}, want {w}");
-        }
-        (None, None) => {}
-        _ => panic!("{what}: got {got:?}, want {want:?}"),
-    }
-}
-
-/// The GPU against the reference on every output, within the bounds.
-fn check(gpu: &GpuContext, got: &LossOutput, want: &LossOutput, hd: &Head, b: &Bounds, what: &str) {
-    let what = format!("{what} on {}", common::name(gpu));
-    loss_close(&format!("{what}: loss"), got.loss, want.loss);
-    loss_close(&format!("{what}: z_loss"), got.z_loss, want.z_loss);
-    for (name, g, w) in [("row_losses", &got.row_losses, &want.row_losses), ("lse", &got.lse, &want.lse)] {
-        match (g, w) {
-            (Some(g), Some(w)) => {
-                assert_eq!(g.len(), w.len());
-                for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
-                    // Each row's loss and LSE move by at most κ·ε_x with the logits.
-                    let tol = 1e-5 * f64::from(w).abs() + 1e-6 + b.kappa * b.eps_x;
-                    assert!((f64::from(g) - f64::from(w)).abs() <= tol, "{what}: {name}[{i}] {g} vs {w}");
-                }
-            }
-            (None, None) => {}
-            _ => panic!("{what}: {name} present on one side only"),
-        }
-    }
-    let g_err = |s: f64| s * b.kappa * (2.0 * b.eps_x + 8.0 * U);
-    let (n, v) = (hd.n as f64, hd.v as f64);
-    let pairs = [
-        (
-            "dh",
-            &got.grad_hidden,
-            &want.grad_hidden,
-            max_abs(&hd.w) * (g_err(b.s_max) + b.s_max * b.kappa * v * U),
-        ),
-        (
-            "dW",
-            &got.grad_weight,
-            &want.grad_weight,
-            max_abs(&hd.h) * (g_err(b.s_sum) + b.s_sum * b.kappa * n * U),
-        ),
-        ("db", &got.grad_bias, &want.grad_bias, g_err(b.s_sum) + b.s_sum * b.kappa * n * U),
-    ];
-    for (name, g, w, tol) in pairs {
-        match (g, w) {
-            (Some(g), Some(w)) => close(&format!("{what}: {name}"), g, w, tol),
-            (None, None) => {}
-            _ => panic!("{what}: {name} present on one side only"),
-        }
-    }
 }
 
 fn option_sets(v: usize) -> Vec<(&'static str, LossOptions, f64)> {
@@ -180,7 +74,7 @@ fn every_option_and_reduction_matches_the_reference() {
                 for gpu in gpus {
                     let got = gpu.evaluate(problem(&hd, bias), &opts).unwrap();
                     check(
-                        gpu,
+                        &common::name(gpu),
                         &got,
                         &want,
                         &hd,
@@ -193,10 +87,11 @@ fn every_option_and_reduction_matches_the_reference() {
         // n_items.
         let opts = LossOptions::new().n_items(1000.0).z_loss(1e-3);
         let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
-        let b = Bounds { s_max: 1e-3, s_sum: 1e-3 * n as f64, ..bounds(&hd, true, &opts, 2.1, 1.0) };
+        // bounds() takes the n_items denominator: s = 1/1000 per row.
+        let b = bounds(&hd, true, &opts, 2.1, 1.0);
         for gpu in gpus {
             let got = gpu.evaluate(problem(&hd, true), &opts).unwrap();
-            check(gpu, &got, &want, &hd, &b, "n_items");
+            check(&common::name(gpu), &got, &want, &hd, &b, "n_items");
         }
     }
 }
@@ -215,7 +110,7 @@ fn ignored_rows_and_an_all_ignored_batch() {
     let b = bounds(&hd, true, &opts, 2.0, 1.0);
     for gpu in gpus {
         let got = gpu.evaluate(problem(&hd, true), &opts).unwrap();
-        check(gpu, &got, &want, &hd, &b, "ignored rows");
+        check(&common::name(gpu), &got, &want, &hd, &b, "ignored rows");
         let dh = got.grad_hidden.unwrap();
         assert!(dh[..hd.d].iter().all(|&x| x == 0.0), "an ignored row's dh is 0");
     }
@@ -225,7 +120,7 @@ fn ignored_rows_and_an_all_ignored_batch() {
         let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
         for gpu in gpus {
             let got = gpu.evaluate(problem(&hd, true), &opts).unwrap();
-            loss_close("all ignored", got.loss, want.loss);
+            loss_close("all ignored", got.loss, want.loss, 0.0);
             assert!(got.grad_weight.unwrap().iter().all(|&x| x == 0.0));
             assert!(got.grad_bias.unwrap().iter().all(|&x| x == 0.0));
         }
@@ -259,7 +154,7 @@ fn half_inputs_are_widened_once() {
         for gpu in gpus {
             let got =
                 gpu.evaluate(Problem::linear(head(), &hd.t[..]).gradient(Gradient::Owned), &opts).unwrap();
-            check(gpu, &got, &want, &wide, &b, &format!("{format:?}"));
+            check(&common::name(gpu), &got, &want, &wide, &b, &format!("{format:?}"));
         }
     }
 }
@@ -299,7 +194,14 @@ fn backward_from_the_saved_lse_with_scalar_and_per_row_upstream() {
         let b = bounds(&hd, true, &opts, 2.1, 2.0);
         for gpu in gpus {
             let got = run(gpu);
-            check(gpu, &got, &want, &hd, &b, &format!("backward {reduction:?} per_row {per_row}"));
+            check(
+                &common::name(gpu),
+                &got,
+                &want,
+                &hd,
+                &b,
+                &format!("backward {reduction:?} per_row {per_row}"),
+            );
         }
     }
 }
@@ -323,7 +225,7 @@ fn linear_head_runs_the_gemm_the_row_kernel_and_the_products_per_row_chunk() {
         // 64 KiB: well under the 500 rows' 512 KB of logits.
         let ctx = with_budget(gpu, 64 << 10);
         let (got, dispatches) = trace(|| ctx.evaluate(problem(&hd, true), &opts));
-        check(gpu, &got.unwrap(), &want, &hd, &b, "row chunks");
+        check(&common::name(gpu), &got.unwrap(), &want, &hd, &b, "row chunks");
         let count = |needle: &str| dispatches.iter().filter(|d| d.kernel.contains(needle)).count();
         let chunks = count("cross_entropy_rows");
         assert!(chunks >= 5, "{chunks} chunks: {dispatches:?}");
@@ -344,7 +246,7 @@ fn tiny_limits_bind_w_in_pieces_and_fold_dispatches() {
     let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
     let b = bounds(&hd, true, &opts, 2.0, 1.0);
     let (got, dispatches) = trace(|| tiny.evaluate(problem(&hd, true), &opts));
-    check(&tiny, &got.unwrap(), &want, &hd, &b, "tiny limits");
+    check(&common::name(&tiny), &got.unwrap(), &want, &hd, &b, "tiny limits");
     let chunks = dispatches.iter().filter(|d| d.kernel.contains("cross_entropy_rows")).count();
     let logits = dispatches.iter().filter(|d| d.kernel.starts_with("gemm (nt")).count();
     assert!(logits >= 4 * chunks, "W in pieces: {logits} logits GEMMs for {chunks} chunks");
@@ -387,7 +289,7 @@ fn a_4096_by_32000_head_in_an_8_mib_budget() {
     for gpu in gpus {
         let ctx = with_budget(gpu, 8 << 20);
         let (got, dispatches) = trace(|| ctx.evaluate(problem(&hd, true), &opts));
-        check(gpu, &got.unwrap(), &want, &hd, &b, "4096 x 32000");
+        check(&common::name(gpu), &got.unwrap(), &want, &hd, &b, "4096 x 32000");
         let chunks = dispatches.iter().filter(|d| d.kernel.contains("cross_entropy_rows")).count();
         assert!(chunks >= 64, "{chunks} chunks of at most 8 MiB");
     }
@@ -432,7 +334,7 @@ fn the_loss_alone_is_reduced_in_the_gemm_epilogue() {
     for gpu in gpus {
         let ctx = with_budget(gpu, 64 << 10);
         let (got, dispatches) = trace(|| ctx.evaluate(p(), &opts));
-        check(gpu, &got.unwrap(), &want, &hd, &b, "partials");
+        check(&common::name(gpu), &got.unwrap(), &want, &hd, &b, "partials");
         let count = |needle: &str| dispatches.iter().filter(|d| d.kernel.contains(needle)).count();
         let chunks = count("merge_partials");
         assert!(chunks >= 2, "{chunks} chunks: {dispatches:?}");
@@ -453,7 +355,7 @@ fn rows_beyond_one_binding_recompute_g_per_piece() {
     let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
     let b = bounds(&hd, true, &opts, 2.0, 1.0);
     let (got, dispatches) = trace(|| tiny.evaluate(problem(&hd, true), &opts));
-    check(&tiny, &got.unwrap(), &want, &hd, &b, "recompute");
+    check(&common::name(&tiny), &got.unwrap(), &want, &hd, &b, "recompute");
     let count = |needle: &str| dispatches.iter().filter(|d| d.kernel.contains(needle)).count();
     let chunks = count("merge_partials");
     assert!(chunks >= 1 && count("cross_entropy_rows") == 0, "{dispatches:?}");
@@ -485,7 +387,7 @@ fn a_backward_forms_g_in_the_gemm_epilogue() {
     let b = bounds(&hd, false, &opts, 2.1, 1.0);
     for gpu in gpus {
         let (got, dispatches) = trace(|| gpu.evaluate(p(), &opts));
-        check(gpu, &got.unwrap(), &want, &hd, &b, "backward");
+        check(&common::name(gpu), &got.unwrap(), &want, &hd, &b, "backward");
         let count = |needle: &str| dispatches.iter().filter(|d| d.kernel.contains(needle)).count();
         assert!(count(") grad") >= 1, "{dispatches:?}");
         assert_eq!(

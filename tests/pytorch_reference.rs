@@ -261,7 +261,7 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let kinds = ["bce_", "soft_", "half_"];
+    let kinds = ["bce_", "soft_", "half_", "linear_"];
     let dirs = case_dirs("class-index", 15, |n| !kinds.iter().any(|k| n.starts_with(k)));
     dirs.into_iter()
         .map(|dir| {

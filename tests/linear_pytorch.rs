@@ -1,0 +1,186 @@
+//! The linear head on every path (the reference, the fast CPU path, every GPU adapter)
+//! against PyTorch float64 on the committed cases tests/data/linear_* (made by
+//! scripts/make_reference.py: `F.linear` then the loss, N from 1 to 700, D from 1 to
+//! 512, V from 2 to 32000, bias or not, every class-index option, ignored rows and an
+//! all-ignored batch, float16 h/W/b): loss or row losses, dh, dW and db for every
+//! reduction. Tolerances: those of tests/linear_gpu.rs (derived from the f32 products of
+//! length D, tests/common/head.rs), since PyTorch's float64 answer is exact for the
+//! stored inputs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::head::{Head, bounds, check};
+use xent::npy::{self, NpyData};
+use xent::{Backend, Gradient, HalfFormat, LinearHead, LossOptions, LossOutput, Problem, Reduction, Values};
+
+/// One case's inputs: f32 values, and the float16 bits when the case stores float16.
+struct Case {
+    name: String,
+    dir: PathBuf,
+    head: Head,
+    bias: bool,
+    half: Option<[Vec<u16>; 3]>,
+    opts: LossOptions,
+}
+
+/// A float32 or float16 array as f32 (float16 widened exactly), with its bits.
+fn values(path: &Path) -> (Vec<f32>, Option<Vec<u16>>) {
+    match npy::read(path).unwrap().data {
+        NpyData::F32(v) => (v, None),
+        NpyData::F16(bits) => (bits.iter().map(|&b| HalfFormat::F16.to_f32(b)).collect(), Some(bits)),
+        other => panic!("{}: {other:?}", path.display()),
+    }
+}
+
+fn f64s(path: &Path) -> Option<Vec<f32>> {
+    path.exists().then(|| match npy::read(path).unwrap().data {
+        NpyData::F64(v) => v.iter().map(|&x| x as f32).collect(),
+        other => panic!("{}: {other:?}", path.display()),
+    })
+}
+
+/// The options of a case folder (weights.npy and options.txt, as the plain cases).
+fn options(dir: &Path) -> LossOptions {
+    let mut opts = LossOptions::new();
+    if dir.join("weights.npy").exists() {
+        opts = opts.weights(values(&dir.join("weights.npy")).0);
+    }
+    for line in std::fs::read_to_string(dir.join("options.txt")).unwrap().lines() {
+        let (key, value) = line.split_once(" = ").unwrap();
+        let x: f64 = value.parse().unwrap();
+        opts = match key {
+            "ignore_index" => opts.ignore_index(x as i64),
+            "label_smoothing" => opts.label_smoothing(x),
+            "z_loss" => opts.z_loss(x),
+            "softcap" => opts.softcap(x),
+            "logit_scale" => opts.logit_scale(x),
+            "n_items" => opts.n_items(x),
+            other => panic!("unknown option {other}"),
+        };
+    }
+    opts
+}
+
+fn cases() -> Vec<Case> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("linear_"))
+        .collect();
+    dirs.sort();
+    assert!(
+        dirs.len() >= 12,
+        "tests/data holds {} linear-head cases; run scripts/make_reference.py",
+        dirs.len()
+    );
+    dirs.into_iter()
+        .map(|dir| {
+            let shape = npy::read(dir.join("weight.npy")).unwrap().shape;
+            let (v, d) = (shape[0], shape[1]);
+            let (h, h16) = values(&dir.join("hidden.npy"));
+            let (w, w16) = values(&dir.join("weight.npy"));
+            let bias = dir.join("bias.npy").exists();
+            let (b, b16) = if bias { values(&dir.join("bias.npy")) } else { (vec![0.0; v], None) };
+            let NpyData::I64(t) = npy::read(dir.join("targets.npy")).unwrap().data else { panic!("targets") };
+            let half = h16.map(|h16| [h16, w16.unwrap(), b16.unwrap_or_default()]);
+            Case {
+                name: dir.file_name().unwrap().to_string_lossy().into_owned(),
+                head: Head { n: t.len(), d, v, h, w, b, t },
+                bias,
+                half,
+                opts: options(&dir),
+                dir,
+            }
+        })
+        .collect()
+}
+
+impl Case {
+    /// The head as the case stores it (float16 bits for float16 cases).
+    fn linear(&self) -> LinearHead<'_> {
+        let hd = &self.head;
+        let head = match &self.half {
+            Some([h, w, _]) => {
+                LinearHead::new(Values::Half(h, HalfFormat::F16), Values::Half(w, HalfFormat::F16), hd.d)
+            }
+            None => LinearHead::new(Values::F32(&hd.h), Values::F32(&hd.w), hd.d),
+        };
+        match (&self.half, self.bias) {
+            (_, false) => head,
+            (Some([_, _, b]), true) => head.bias(Values::Half(b, HalfFormat::F16)),
+            (None, true) => head.bias(Values::F32(&hd.b)),
+        }
+    }
+
+    /// PyTorch's outputs for one reduction (gradients where the case stores them).
+    fn expected(&self, reduction: Reduction) -> LossOutput {
+        let r = reduction.name();
+        let file = |what: &str| f64s(&self.dir.join(format!("{what}_{r}.npy")));
+        let loss = file("loss").unwrap();
+        LossOutput {
+            loss: (reduction != Reduction::None).then(|| loss[0]),
+            row_losses: (reduction == Reduction::None).then_some(loss),
+            grad_hidden: file("grad_hidden"),
+            grad_weight: file("grad_weight"),
+            grad_bias: file("grad_bias"),
+            ..Default::default()
+        }
+    }
+
+    /// κ of tests/linear_gpu.rs: Σ_v |∂ℓ/∂z_v| ≤ 2 (times the class weights, in
+    /// `bounds`), plus the z-loss term 2·s·|lse| with |lse| ≤ max |z| + ln V, all times
+    /// the logit scale (dz/dx; a softcap only shrinks it).
+    fn kappa(&self) -> f64 {
+        let hd = &self.head;
+        let o = &self.opts;
+        let x_max = (hd.d as f64) * common::head::max_abs(&hd.h) * common::head::max_abs(&hd.w)
+            + common::head::max_abs(&hd.b);
+        let z_max = (x_max * o.get_logit_scale()).min(o.get_softcap().unwrap_or(f64::INFINITY));
+        o.get_logit_scale() * (2.0 + 2.0 * o.get_z_loss() * (z_max + (hd.v as f64).ln()))
+    }
+}
+
+/// Every path: the reference, the fast CPU path, every GPU of `common::gpus`.
+fn every_path(test: &str) -> Vec<(String, &'static dyn Backend)> {
+    [("reference".to_string(), &xent::Reference as &dyn Backend), ("cpu fast".to_string(), &xent::CpuFast)]
+        .into_iter()
+        .chain(common::gpus(test).iter().map(|g| (common::name(g), g as &dyn Backend)))
+        .collect()
+}
+
+#[test]
+fn every_linear_case_matches_pytorch_on_every_path() {
+    let paths = every_path("every_linear_case_matches_pytorch_on_every_path");
+    let mut checked = 0;
+    for case in cases() {
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            let opts = case.opts.clone().reduction(reduction);
+            let want = case.expected(reduction);
+            let grads = want.grad_hidden.is_some();
+            let b = bounds(&case.head, case.bias, &opts, case.kappa(), 1.0);
+            for (label, path) in &paths {
+                let mut p = Problem::linear(case.linear(), &case.head.t[..]);
+                if grads {
+                    p = p.gradient(Gradient::Owned);
+                }
+                let got = path
+                    .evaluate(p, &opts)
+                    .unwrap_or_else(|e| panic!("{} {reduction:?} on {label}: {e}", case.name));
+                let mut got = got;
+                // The data holds the total loss (the z-loss part inside it) and no bias
+                // gradient without a bias.
+                got.z_loss = None;
+                if !case.bias {
+                    got.grad_bias = None;
+                }
+                check(label, &got, &want, &case.head, &b, &format!("{} {reduction:?}", case.name));
+                checked += 1;
+            }
+        }
+    }
+    // 12 cases × 3 reductions on the reference, the fast path and each adapter.
+    assert!(checked >= 12 * 3 * 2, "{checked} comparisons");
+}
