@@ -11,7 +11,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::head::{Head, bounds, check};
+use common::head::{Head, bounds, check, kappa};
 use xent::npy::{self, NpyData};
 use xent::{Backend, Gradient, HalfFormat, LinearHead, LossOptions, LossOutput, Problem, Reduction, Values};
 
@@ -129,18 +129,6 @@ impl Case {
             ..Default::default()
         }
     }
-
-    /// κ of tests/linear_gpu.rs: Σ_v |∂ℓ/∂z_v| ≤ 2 (times the class weights, in
-    /// `bounds`), plus the z-loss term 2·s·|lse| with |lse| ≤ max |z| + ln V, all times
-    /// the logit scale (dz/dx; a softcap only shrinks it).
-    fn kappa(&self) -> f64 {
-        let hd = &self.head;
-        let o = &self.opts;
-        let x_max = (hd.d as f64) * common::head::max_abs(&hd.h) * common::head::max_abs(&hd.w)
-            + common::head::max_abs(&hd.b);
-        let z_max = (x_max * o.get_logit_scale()).min(o.get_softcap().unwrap_or(f64::INFINITY));
-        o.get_logit_scale() * (2.0 + 2.0 * o.get_z_loss() * (z_max + (hd.v as f64).ln()))
-    }
 }
 
 /// Every path: the reference, the fast CPU path, every GPU of `common::gpus`.
@@ -160,7 +148,7 @@ fn every_linear_case_matches_pytorch_on_every_path() {
             let opts = case.opts.clone().reduction(reduction);
             let want = case.expected(reduction);
             let grads = want.grad_hidden.is_some();
-            let b = bounds(&case.head, case.bias, &opts, case.kappa(), 1.0);
+            let b = bounds(&case.head, case.bias, &opts, kappa(&case.head, &opts), 1.0);
             for (label, path) in &paths {
                 let mut p = Problem::linear(case.linear(), &case.head.t[..]);
                 if grads {

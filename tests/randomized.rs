@@ -1,6 +1,8 @@
 //! Randomised cases, GPU against the f64 reference on every adapter: at least 500 cases
 //! a run over shapes, options and awkward values, from a fixed seed (`XENT_PROPTEST_SEED`
-//! to vary it). A failure shrinks towards the smallest shape and plainest values.
+//! to vary it). A failure shrinks towards the smallest shape and plainest values. The
+//! linear head too: random shapes, options and inputs on every path against the reference,
+//! within tests/linear_gpu.rs's bounds.
 
 mod common;
 
@@ -174,4 +176,128 @@ fn random_cases_match_the_reference_on_every_adapter() {
     let ran = ran.into_inner();
     assert!(ran >= 500, "only {ran} cases ran");
     eprintln!("{ran} random cases on {} adapters and the fast CPU path: no mismatch", gpus.len());
+}
+
+#[derive(Clone, Debug)]
+struct HeadCase {
+    rows: usize,
+    dim: usize,
+    classes: usize,
+    bias: bool,
+    /// 0 f32, 1 f16, 2 bf16 h and W.
+    half: u8,
+    reduction: u8,
+    grads: bool,
+    ignored_share: u8,
+    /// As `Case::options`.
+    options: u8,
+    seed: u64,
+}
+
+fn head_cases() -> impl Strategy<Value = HeadCase> {
+    let classes = prop_oneof![4 => 1usize..60, 2 => 60usize..400, 1 => prop::sample::select(vec![1000usize, 2049, 4096])];
+    (
+        0usize..30,
+        1usize..40,
+        classes,
+        any::<bool>(),
+        0u8..3,
+        0u8..3,
+        any::<bool>(),
+        0u8..4,
+        0u8..6,
+        any::<u64>(),
+    )
+        .prop_map(|(rows, dim, classes, bias, half, reduction, grads, ignored_share, options, seed)| {
+            HeadCase {
+                rows: if classes >= 1000 { rows.min(5) } else { rows },
+                dim,
+                classes,
+                bias,
+                half,
+                reduction,
+                grads,
+                ignored_share,
+                options,
+                seed,
+            }
+        })
+}
+
+fn run_head(backend: &dyn Backend, case: &HeadCase) -> Result<(), TestCaseError> {
+    use common::head::{bounds, check, head, kappa};
+    use xent::{HalfFormat, LinearHead, Values};
+    let mut hd = head(case.rows, case.dim, case.classes, case.seed);
+    let mut rng = Rng::new(case.seed ^ 0x1234);
+    for t in hd.t.iter_mut() {
+        *t = if rng.below(8) < u64::from(case.ignored_share) {
+            -100
+        } else {
+            rng.below(case.classes as u64) as i64
+        };
+    }
+    let format = [None, Some(HalfFormat::F16), Some(HalfFormat::Bf16)][case.half as usize];
+    if let Some(f) = format {
+        hd = hd.rounded(f);
+    }
+    let bits = |x: &[f32], f: HalfFormat| x.iter().map(|&v| f.from_f32(v)).collect::<Vec<u16>>();
+    let (h16, w16) = format.map_or((vec![], vec![]), |f| (bits(&hd.h, f), bits(&hd.w, f)));
+    let linear = || match format {
+        Some(f) => LinearHead::new(Values::Half(&h16, f), Values::Half(&w16, f), hd.d),
+        None => LinearHead::new(Values::F32(&hd.h), Values::F32(&hd.w), hd.d),
+    };
+    let head_of = || if case.bias { linear().bias(Values::F32(&hd.b)) } else { linear() };
+    let plain = Case {
+        rows: case.rows,
+        classes: case.classes,
+        style: 0,
+        reduction: case.reduction,
+        gradient: 0,
+        ignore_class_zero: false,
+        ignored_share: 0,
+        options: case.options,
+        seed: case.seed,
+    };
+    let opts = plain.opts();
+    let problem = || {
+        let p = Problem::linear(head_of(), &hd.t[..]).row_losses(true).lse(true);
+        if case.grads { p.gradient(Gradient::Owned) } else { p }
+    };
+    let want = xent::Reference.evaluate(problem(), &opts).unwrap();
+    let mut got = backend.evaluate(problem(), &opts).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    if !case.bias {
+        got.grad_bias = want.grad_bias.as_ref().and(got.grad_bias);
+    }
+    let b = bounds(&hd, case.bias, &opts, kappa(&hd, &opts), 1.0);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        check(&backend.describe(), &got, &want, &hd, &b, "random head")
+    }))
+    .map_err(|e| {
+        let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+        TestCaseError::fail(msg)
+    })
+}
+
+#[test]
+fn random_linear_heads_match_the_reference_on_every_path() {
+    let gpus = common::gpus("random_linear_heads_match_the_reference_on_every_path");
+    let config = Config {
+        cases: 150,
+        rng_seed: RngSeed::Fixed(seed()),
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let ran = std::sync::atomic::AtomicUsize::new(0);
+    TestRunner::new(config)
+        .run(&head_cases(), |case| {
+            ran.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for gpu in gpus {
+                run_head(gpu, &case)?;
+            }
+            run_head(&xent::CpuFast, &case)
+        })
+        .unwrap();
+    let ran = ran.into_inner();
+    assert!(ran >= 150, "only {ran} cases ran");
+    eprintln!("{ran} random linear heads on {} adapters and the fast CPU path: no mismatch", gpus.len());
 }

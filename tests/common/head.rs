@@ -174,3 +174,12 @@ pub fn check(label: &str, got: &LossOutput, want: &LossOutput, hd: &Head, b: &Bo
         }
     }
 }
+
+/// κ of tests/linear_gpu.rs for any options: Σ_v |∂ℓ/∂z_v| ≤ 2 (times the class
+/// weights, in `bounds`), plus the z-loss term 2·s·|lse| with |lse| ≤ max |z| + ln V,
+/// all times the logit scale (dz/dx; a softcap only shrinks it).
+pub fn kappa(hd: &Head, o: &LossOptions) -> f64 {
+    let x_max = (hd.d as f64) * max_abs(&hd.h) * max_abs(&hd.w) + max_abs(&hd.b);
+    let z_max = (x_max * o.get_logit_scale()).min(o.get_softcap().unwrap_or(f64::INFINITY));
+    o.get_logit_scale() * (2.0 + 2.0 * o.get_z_loss() * (z_max + (hd.v.max(1) as f64).ln()))
+}
