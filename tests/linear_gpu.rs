@@ -396,3 +396,19 @@ fn a_backward_forms_g_in_the_gemm_epilogue() {
         );
     }
 }
+
+/// dW larger than the staging buffer (here 5.2 MB over 4 MiB) comes back in pieces
+/// through it, in the right places.
+#[test]
+fn dw_comes_back_in_pieces_through_the_staging_buffer() {
+    let gpus = common::gpus("dw_comes_back_in_pieces_through_the_staging_buffer");
+    let hd = head(8, 160, 8192, 14);
+    let opts = LossOptions::new().reduction(Reduction::Sum);
+    let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
+    let b = bounds(&hd, true, &opts, 2.0, 1.0);
+    for gpu in gpus {
+        let ctx = with_budget(gpu, 8 << 20);
+        let got = ctx.evaluate(problem(&hd, true), &opts).unwrap();
+        check(&common::name(gpu), &got, &want, &hd, &b, "staged dW");
+    }
+}

@@ -210,8 +210,10 @@ struct Row {
     peak_heap: usize,
     /// GPU only: device bytes the context's allocations grew by from before the first
     /// call (warm-up included) to the most seen after any call: the buffers it keeps for
-    /// the shape. From the wgpu allocator's report (Vulkan, DX12; `None` elsewhere);
-    /// buffers created and freed within one call are not seen.
+    /// the shape. From the wgpu allocator's report (Vulkan, DX12; `None` elsewhere). The
+    /// head creates no buffer within a call that it does not keep (every one lives in the
+    /// context's workspace, dW and db come back through a bounded staging buffer there),
+    /// so what it keeps is its peak.
     peak_device: Option<u64>,
     /// GPU only: the plain GEMM of the same shape on the same adapter.
     gemm_ms: Option<f64>,

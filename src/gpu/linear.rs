@@ -66,6 +66,8 @@ struct Buffers {
     upstream: wgpu::Buffer,
     params: wgpu::Buffer,
     readback: Vec<Slot>,
+    /// dW and db come back through it in pieces (bounded, reused: no per-call buffer).
+    staging: wgpu::Buffer,
 }
 
 /// Where a chunk's readback goes: its rows, and whether dh is in it.
@@ -125,7 +127,8 @@ impl GpuContext {
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
         let (dw, db) = self
             .scoped(|| {
-                let bufs = self.linear_buffers(&mut ws, &plan, v, d, opts, &w, bias.as_deref())?;
+                let bufs =
+                    self.linear_buffers(&mut ws, &plan, v, d, opts, &w, bias.as_deref(), want.1 || want.2)?;
                 let run = LinearRun {
                     ctx: self,
                     plan: &plan,
@@ -180,6 +183,7 @@ impl GpuContext {
         opts: &LossOptions,
         w: &[f32],
         bias: Option<&[f32]>,
+        weight_grads: bool,
     ) -> Result<Buffers> {
         use wgpu::BufferUsages as U;
         let dev = &self.device;
@@ -225,6 +229,11 @@ impl GpuContext {
             upstream: make("xent linear upstream", st, rc * 4),
             params: make("xent linear params", U::UNIFORM | U::COPY_DST, stride * MAX_PARAM_BLOCKS),
             readback: Vec::new(),
+            staging: make(
+                "xent linear staging",
+                U::MAP_READ | U::COPY_DST,
+                if weight_grads { staging_bytes(v, d, self.budget) } else { 16 },
+            ),
         };
         let bytes = readback_bytes(plan.rows_per_chunk, d as usize);
         ws.linear.readback.resize_with(SLOTS, Slot::default);
@@ -281,6 +290,12 @@ impl GpuContext {
 /// even where whole rows fit (to measure one path against the other).
 fn recompute_preferred() -> bool {
     std::env::var("XENT_LINEAR_RECOMPUTE").is_ok_and(|v| v == "1")
+}
+
+/// Bytes of the staging buffer dW and db come back through: all of dW, or an eighth of
+/// the memory budget (at least 4 MiB) when that is less.
+fn staging_bytes(v: u64, d: u64, budget: u64) -> u64 {
+    (v * d * 4).min((budget / 8).max(4 << 20))
 }
 
 /// Bytes of a chunk's readback: dh, then the row losses and LSE.
@@ -633,36 +648,32 @@ impl LinearRun<'_> {
         if !(want_dw || want_db) || self.batch.rows == 0 {
             return Ok((None, None));
         }
-        let ctx = self.ctx;
         let (v, d) = (self.batch.classes, self.dim);
-        let dw_bytes = if want_dw { (v * d * 4) as u64 } else { 0 };
-        let db_at = dw_bytes.next_multiple_of(16);
-        let total = db_at + if want_db { (v * 4) as u64 } else { 0 };
-        let readback = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("xent linear dw readback"),
-            size: total.next_multiple_of(16),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut rec = Recorder::new(&ctx.device, &ctx.limits);
-        if want_dw {
-            rec.copy(&self.bufs.dw, 0, &readback, 0, dw_bytes);
-        }
-        if want_db {
-            rec.copy(&self.bufs.db, 0, &readback, db_at, (v * 4) as u64);
-        }
-        let submission = rec.submit(&ctx.queue, &self.bufs.params);
-        let map = ctx.request_map(&readback, total);
-        let (mut dw, mut db) = (None, None);
-        ctx.finish_map(&readback, map, Some(submission), |bytes| {
-            let floats: &[f32] = bytemuck::cast_slice(bytes);
-            if want_dw {
-                dw = Some(floats[..v * d].to_vec());
+        let mut dw = want_dw.then(|| vec![0.0f32; v * d]);
+        let mut db = want_db.then(|| vec![0.0f32; v]);
+        for (src, out) in [(&self.bufs.dw, dw.as_deref_mut()), (&self.bufs.db, db.as_deref_mut())] {
+            if let Some(out) = out {
+                self.read_back(src, out)?;
             }
-            if want_db {
-                db = Some(floats[db_at as usize / 4..db_at as usize / 4 + v].to_vec());
-            }
-        })?;
+        }
         Ok((dw, db))
+    }
+
+    /// `out.len()` floats of `src` from its start, through the staging buffer in pieces.
+    fn read_back(&self, src: &wgpu::Buffer, out: &mut [f32]) -> Result<()> {
+        let ctx = self.ctx;
+        let staging = &self.bufs.staging;
+        let step = (staging.size() / 4) as usize;
+        for (i, part) in out.chunks_mut(step).enumerate() {
+            let bytes = (part.len() * 4) as u64;
+            let mut rec = Recorder::new(&ctx.device, &ctx.limits);
+            rec.copy(src, (i * step * 4) as u64, staging, 0, bytes);
+            let submission = rec.submit(&ctx.queue, &self.bufs.params);
+            let map = ctx.request_map(staging, bytes);
+            ctx.finish_map(staging, map, Some(submission), |b| {
+                part.copy_from_slice(bytemuck::cast_slice(b))
+            })?;
+        }
+        Ok(())
     }
 }
