@@ -23,6 +23,12 @@ override BK: u32 = 16u;
 override A_T: bool = false;
 // B(k, n) at b[b_off + n·ldb + k] (contiguous along k) instead of b[b_off + k·ldb + n].
 override B_T: bool = false;
+// false: no workgroup tiles; each invocation reads its own 4 × 4 blocks of A and B (four
+// vec4 loads each, transposed in registers where the layout runs the other way) and no
+// barrier is needed. CPU adapters run a workgroup's invocations as SIMD lanes of one
+// thread, where workgroup memory is memory like any other and a barrier switches
+// between the lanes' batches (`GemmTuning::shared`).
+override SHARED: bool = true;
 
 // Floats of workgroup memory per operand: BK · BM and BK · BN must fit (the host checks).
 const TILE_FLOATS: u32 = 1024u;
@@ -126,6 +132,44 @@ fn load_tiles(lid: u32, m0: u32, n0: u32, k0: u32) {
     }
 }
 
+// A(m..m+4, k..k+4) as four vec4 along m, one per k (0 out of range).
+fn a_block(m: u32, k: u32) -> mat4x4<f32> {
+    let p = params;
+    if (A_T) {
+        let count = min(4u, p.m - min(m, p.m));
+        var cols: mat4x4<f32>;
+        for (var j = 0u; j < 4u; j++) {
+            cols[j] = load_a4(p.a_off + (k + j) * p.lda + m, select(0u, count, k + j < p.k));
+        }
+        return cols;
+    }
+    let count = min(4u, p.k - min(k, p.k));
+    var rows: mat4x4<f32>;
+    for (var i = 0u; i < 4u; i++) {
+        rows[i] = load_a4(p.a_off + (m + i) * p.lda + k, select(0u, count, m + i < p.m));
+    }
+    return transpose(rows);
+}
+
+// B(k..k+4, n..n+4) as four vec4 along n, one per k (0 out of range).
+fn b_block(k: u32, n: u32) -> mat4x4<f32> {
+    let p = params;
+    if (B_T) {
+        let count = min(4u, p.k - min(k, p.k));
+        var cols: mat4x4<f32>;
+        for (var j = 0u; j < 4u; j++) {
+            cols[j] = load_b4(p.b_off + (n + j) * p.ldb + k, select(0u, count, n + j < p.n));
+        }
+        return transpose(cols);
+    }
+    let count = min(4u, p.n - min(n, p.n));
+    var rows: mat4x4<f32>;
+    for (var j = 0u; j < 4u; j++) {
+        rows[j] = load_b4(p.b_off + (k + j) * p.ldb + n, select(0u, count, k + j < p.k));
+    }
+    return rows;
+}
+
 // Row m, columns n..n+4 of C from one accumulator (in range only).
 fn store_row(m: u32, n: u32, v: vec4<f32>) {
     if (m >= params.m) {
@@ -189,7 +233,23 @@ fn tile_product(ids: TileIds) -> Tile {
     var acc3 = vec4<f32>(0.0);
     // Uniform per workgroup: the barriers below stay in uniform control flow.
     let valid = tm < tiles_m;
-    if (valid) {
+    if (valid && !SHARED) {
+        let row = m0 + 4u * ty;
+        let col = n0 + 4u * tx;
+        for (var k = 0u; k < params.k; k += 4u) {
+            let ab = a_block(row, k);
+            let bb = b_block(k, col);
+            for (var kk = 0u; kk < 4u; kk++) {
+                let av = ab[kk];
+                let bv = bb[kk];
+                acc0 += av.x * bv;
+                acc1 += av.y * bv;
+                acc2 += av.z * bv;
+                acc3 += av.w * bv;
+            }
+        }
+    }
+    if (valid && SHARED) {
         for (var k0 = 0u; k0 < params.k; k0 += BK) {
             load_tiles(lid, m0, n0, k0);
             workgroupBarrier();

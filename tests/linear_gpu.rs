@@ -412,3 +412,24 @@ fn dw_comes_back_in_pieces_through_the_staging_buffer() {
         check(&common::name(gpu), &got, &want, &hd, &b, "staged dW");
     }
 }
+
+/// Products longer than `GEMM_MAX_K` along K (dh: K = V = 40000, one float per load at
+/// D = 1; dW: K = the chunk's 20000 rows) are split into dispatches that accumulate:
+/// CPU adapters cut a loop nest short after 65535 iterations without a word.
+#[test]
+fn long_products_are_split_along_k() {
+    let gpus = common::gpus("long_products_are_split_along_k");
+    for (n, d, v) in [(3, 1, 40000), (20000, 4, 40)] {
+        let hd = head(n, d, v, 15);
+        let opts = LossOptions::new().reduction(Reduction::Sum);
+        let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
+        let b = bounds(&hd, true, &opts, 2.0, 1.0);
+        for gpu in gpus {
+            let (got, dispatches) = trace(|| gpu.evaluate(problem(&hd, true), &opts));
+            check(&common::name(gpu), &got.unwrap(), &want, &hd, &b, &format!("{n}x{d}x{v}"));
+            let product = if n > v { "gemm (tn" } else { "gemm (nn" };
+            let count = dispatches.iter().filter(|d| d.kernel.starts_with(product)).count();
+            assert!(count >= 2, "{product}: K in segments, {count} dispatches");
+        }
+    }
+}

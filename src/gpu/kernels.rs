@@ -10,6 +10,7 @@ use std::sync::{Mutex, OnceLock};
 
 use bytemuck::{Pod, Zeroable};
 
+use super::tuning::GemmTuning;
 use super::wgsl;
 
 /// The bench's copy roofline (1 read + 1 write).
@@ -560,7 +561,7 @@ pub(crate) fn gemm_source(vec4: bool) -> String {
 }
 
 /// Pipeline constants the host sets on `gemm.wgsl`.
-pub(crate) const GEMM_OVERRIDES: [&str; 6] = ["GX", "GY", "BK", "A_T", "B_T", "WG"];
+pub(crate) const GEMM_OVERRIDES: [&str; 7] = ["GX", "GY", "BK", "A_T", "B_T", "SHARED", "WG"];
 
 /// What a GEMM pipeline does with its tile of the product (its entry point).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -584,7 +585,7 @@ impl GemmEntry {
 }
 
 /// A GEMM pipeline: vec4 loads, `A_T`, `B_T`, the tile, the entry point.
-type GemmKey = (bool, bool, bool, [u32; 3], GemmEntry);
+type GemmKey = (bool, bool, bool, GemmTuning, GemmEntry);
 
 /// The linear head's matrix products: two bind group layouts (the plain product's, and
 /// the epilogues' with the loss's arrays), a pipeline per (loader, operand layout, tile
@@ -620,7 +621,7 @@ impl GemmKernels {
         vec4: bool,
         a_t: bool,
         b_t: bool,
-        tile: [u32; 3],
+        tile: GemmTuning,
         entry: GemmEntry,
     ) -> RowsPipeline {
         let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
@@ -634,7 +635,7 @@ impl GemmKernels {
                         source: wgpu::ShaderSource::Wgsl(gemm_source(vec4).into()),
                     })
                 });
-                let [gx, gy, bk, at, bt, wg] = GEMM_OVERRIDES;
+                let [gx, gy, bk, at, bt, shared, wg] = GEMM_OVERRIDES;
                 let layout = if entry == GemmEntry::Store { &self.kernel } else { &self.epilogue };
                 let pipeline = pipeline_at(
                     device,
@@ -643,12 +644,13 @@ impl GemmKernels {
                     &layout.layout,
                     entry.name(),
                     &[
-                        (gx, f64::from(tile[0])),
-                        (gy, f64::from(tile[1])),
-                        (bk, f64::from(tile[2])),
+                        (gx, f64::from(tile.x)),
+                        (gy, f64::from(tile.y)),
+                        (bk, f64::from(tile.k)),
                         (at, f64::from(u8::from(a_t))),
                         (bt, f64::from(u8::from(b_t))),
-                        (wg, f64::from(tile[0] * tile[1])),
+                        (shared, f64::from(u8::from(tile.shared))),
+                        (wg, f64::from(tile.x * tile.y)),
                     ],
                 );
                 let op = |t: bool| if t { "t" } else { "n" };
@@ -661,9 +663,9 @@ impl GemmKernels {
                     op(a_t),
                     op(b_t),
                     if vec4 { "vec4" } else { "f32" },
-                    tile[0],
-                    tile[1],
-                    tile[2]
+                    tile.x,
+                    tile.y,
+                    if tile.shared { tile.k.to_string() } else { "direct".into() }
                 );
                 RowsPipeline { pipeline, name }
             })

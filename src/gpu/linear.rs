@@ -39,7 +39,7 @@ use super::kernels::{
 pub use super::linear_plan::{HeadPath, HeadWork, LinearPlan};
 use super::linear_plan::{PART_BYTES, SLOTS};
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
-use super::tuning::{GemmTuning, rows_layout};
+use super::tuning::{GEMM_MAX_K, GemmTuning, rows_layout};
 use super::workspace::Workspace;
 
 /// The call's device buffers.
@@ -256,7 +256,10 @@ impl GpuContext {
     }
 
     /// Records `C (+)= op(A)·op(B)` over `m × n` (the params' `m`, `n`, `k`, offsets and
-    /// strides set), its tiles in as many dispatches as the dispatch limits need.
+    /// strides set; `a_t`, `b_t` the operands' layouts as the pipeline's), its tiles in as
+    /// many dispatches as the dispatch limits need, K in segments of at most
+    /// [`GEMM_MAX_K`] accumulating into C (the bias added once).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn record_gemm(
         &self,
         rec: &mut Recorder<'_>,
@@ -264,20 +267,45 @@ impl GpuContext {
         group: &wgpu::BindGroup,
         params: GemmParams,
         tile: GemmTuning,
+        (a_t, b_t): (bool, bool),
     ) {
         let (bm, bn) = (4 * tile.y, 4 * tile.x);
         let tiles_n = params.n.div_ceil(bn);
         let total = u64::from(params.m.div_ceil(bm)) * u64::from(tiles_n);
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let most = u64::from(max_dim).pow(2);
-        let mut base = 0;
-        while base < total {
-            let groups = most.min(total - base);
-            let p =
-                GemmParams { tiles_n, tile_base: base as u32, groups_x: groups_x(groups, max_dim), ..params };
-            rec.dispatch_pipeline(pipeline, group, &p, groups);
-            base += groups;
+        let mut k0 = 0;
+        while k0 < params.k.max(1) {
+            let len = GEMM_MAX_K.min(params.k - k0);
+            // Segment k0.. of K: A's and B's offsets move along K in their layouts.
+            let seg = GemmParams {
+                k: len,
+                a_off: params.a_off + if a_t { k0 * params.lda } else { k0 },
+                b_off: params.b_off + if b_t { k0 } else { k0 * params.ldb },
+                flags: if k0 == 0 { params.flags } else { (params.flags | GEMM_ACCUMULATE) & !GEMM_BIAS },
+                ..params
+            };
+            let mut base = 0;
+            while base < total {
+                let groups = most.min(total - base);
+                let p = GemmParams {
+                    tiles_n,
+                    tile_base: base as u32,
+                    groups_x: groups_x(groups, max_dim),
+                    ..seg
+                };
+                rec.dispatch_pipeline(pipeline, group, &p, groups);
+                base += groups;
+            }
+            k0 += GEMM_MAX_K;
         }
+    }
+
+    /// Dispatches of one [`GpuContext::record_gemm`] of `m × n` over `k`.
+    pub(crate) fn gemm_dispatches(&self, tile: GemmTuning, m: usize, n: usize, k: usize) -> u64 {
+        let tiles = (m.div_ceil(4 * tile.y as usize) * n.div_ceil(4 * tile.x as usize)) as u64;
+        let most = u64::from(self.limits.max_compute_workgroups_per_dimension).pow(2);
+        tiles.div_ceil(most) * (k as u64).div_ceil(u64::from(GEMM_MAX_K)).max(1)
     }
 
     /// The GEMM tile of this device.
@@ -344,9 +372,8 @@ impl LinearRun<'_> {
         let vec4_d = d.is_multiple_of(4);
         // G's rows (V or a piece's columns) and dW's pieces in vec4 steps.
         let vec4_v = vec4_d && v.is_multiple_of(4) && plan.piece_classes.is_multiple_of(4);
-        let gemm = |vec4: bool, a_t: bool, b_t: bool, entry: GemmEntry| {
-            k.gemm.get(dev, vec4, a_t, b_t, [tile.x, tile.y, tile.k], entry)
-        };
+        let gemm =
+            |vec4: bool, a_t: bool, b_t: bool, entry: GemmEntry| k.gemm.get(dev, vec4, a_t, b_t, tile, entry);
         let nt = gemm(vec4_d, false, true, GemmEntry::Store);
         let nn = gemm(vec4_v, false, false, GemmEntry::Store);
         let tn = gemm(vec4_v, true, false, GemmEntry::Store);
@@ -497,10 +524,7 @@ impl LinearRun<'_> {
                     full.submit(&ctx.queue, &b.params);
                 }
             };
-            let gemm_dispatches = |m: usize, n: usize| {
-                let tiles = (m.div_ceil(4 * tile.y as usize) * n.div_ceil(bn)) as u64;
-                tiles.div_ceil(u64::from(max_dim).pow(2))
-            };
+            let gemm_dispatches = |m: usize, n: usize, k: usize| ctx.gemm_dispatches(tile, m, n, k);
             // h_c Wₚᵀ (+ bₚ) over piece p into `pipeline`'s epilogue (C from column c_off).
             let logits_product = |rec: &mut Recorder<'_>,
                                   p: usize,
@@ -508,7 +532,7 @@ impl LinearRun<'_> {
                                   group: &wgpu::BindGroup,
                                   c_off: usize| {
                 let piece = plan.piece(p, v);
-                flush(rec, gemm_dispatches(m, piece.len()));
+                flush(rec, gemm_dispatches(m, piece.len(), d));
                 let params = GemmParams {
                     m: m as u32,
                     n: piece.len() as u32,
@@ -518,7 +542,7 @@ impl LinearRun<'_> {
                     out_base: plan.first_block(p, bn) as u32,
                     ..head
                 };
-                ctx.record_gemm(rec, pipeline, group, params, tile);
+                ctx.record_gemm(rec, pipeline, group, params, tile, (false, true));
             };
             // 1. The loss (and, on whole rows, G): the fused row kernel over the chunk's
             // logits, or the tiles' parts merged per row.
@@ -570,7 +594,7 @@ impl LinearRun<'_> {
                     logits_product(&mut rec, p, &grad_pipe, &g_groups[p], 0);
                 }
                 if self.want.0 {
-                    flush(&mut rec, gemm_dispatches(m, d));
+                    flush(&mut rec, gemm_dispatches(m, d, piece.len()));
                     let params = GemmParams {
                         m: m as u32,
                         n: d as u32,
@@ -582,10 +606,10 @@ impl LinearRun<'_> {
                         flags: if p > 0 { GEMM_ACCUMULATE } else { 0 },
                         ..bytemuck::Zeroable::zeroed()
                     };
-                    ctx.record_gemm(&mut rec, &nn, &dh_groups[p], params, tile);
+                    ctx.record_gemm(&mut rec, &nn, &dh_groups[p], params, tile, (false, false));
                 }
                 if self.want.1 {
-                    flush(&mut rec, gemm_dispatches(piece.len(), d));
+                    flush(&mut rec, gemm_dispatches(piece.len(), d, m));
                     let params = GemmParams {
                         m: piece.len() as u32,
                         n: d as u32,
@@ -597,7 +621,7 @@ impl LinearRun<'_> {
                         flags: if ci > 0 { GEMM_ACCUMULATE } else { 0 },
                         ..bytemuck::Zeroable::zeroed()
                     };
-                    ctx.record_gemm(&mut rec, &tn, &dw_groups[p], params, tile);
+                    ctx.record_gemm(&mut rec, &tn, &dw_groups[p], params, tile, (true, false));
                 }
                 if self.want.2 {
                     let per = u64::from(wg) * u64::from(max_dim).pow(2);

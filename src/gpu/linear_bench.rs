@@ -71,14 +71,7 @@ impl GpuContext {
             self.queue.write_buffer(&hb, 0, bytemuck::cast_slice(&h));
             self.queue.write_buffer(&wb, 0, bytemuck::cast_slice(&w));
             let k = &self.kernels;
-            let pipe = k.gemm.get(
-                &self.device,
-                d.is_multiple_of(4),
-                false,
-                true,
-                [tile.x, tile.y, tile.k],
-                GemmEntry::Store,
-            );
+            let pipe = k.gemm.get(&self.device, d.is_multiple_of(4), false, true, tile, GemmEntry::Store);
             let hb_chunk = |c: usize| {
                 let r0 = c * rc;
                 let m = rc.min(n - r0);
@@ -121,7 +114,7 @@ impl GpuContext {
                         ldc: plan.piece_classes as u32,
                         ..bytemuck::Zeroable::zeroed()
                     };
-                    self.record_gemm(&mut rec, &pipe, g, p, tile);
+                    self.record_gemm(&mut rec, &pipe, g, p, tile, (false, true));
                 }
                 let submission = rec.submit(&self.queue, &params);
                 self.wait(Some(submission))?;

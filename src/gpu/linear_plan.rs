@@ -7,6 +7,7 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 
 use super::plan::ROW_OVERHEAD_BYTES;
+use super::tuning::GEMM_MAX_K;
 
 /// Readback slots of a call (chunks whose results are on their way back at once).
 pub(crate) const SLOTS: usize = 2;
@@ -81,6 +82,13 @@ impl LinearPlan {
     ) -> Result<Self> {
         let (n, v, d) = (rows as u64, classes as u64, dim as u64);
         let binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        if d > u64::from(GEMM_MAX_K) {
+            return Err(Error::Unsupported {
+                path: "gpu".into(),
+                cell: format!("linear head with a hidden dimension of {dim}"),
+                why: format!("the GEMM's epilogues take K = D of at most {GEMM_MAX_K} in one dispatch"),
+            });
+        }
         if v * d * 4 > limits.max_buffer_size {
             return Err(Error::TooLarge {
                 what: format!("the weight ({classes} × {dim} f32)"),

@@ -167,28 +167,39 @@ pub fn rows_layout(classes: u64, tuning: &Tuning) -> (u32, bool) {
     }
 }
 
+/// The longest K one GEMM dispatch walks. CPU adapters (llvmpipe) stop a loop nest after
+/// 65535 iterations, inner loops included, and leave the rest of the sum out without a
+/// word: the shared-tile K loop takes about K / BK · (BK + 40) of them, the direct one
+/// K / 4 · 4. Longer products are split into dispatches that accumulate; the epilogues
+/// (K = D) need D within it (`LinearPlan`).
+pub const GEMM_MAX_K: u32 = 16384;
+
 /// The tile of the linear head's matrix product (`gemm.wgsl`): a workgroup of `x` × `y`
 /// invocations, each with a 4 × 4 register tile, so a (4y × 4x) tile of the output per
-/// workgroup, walking K in steps of `k` through workgroup memory. Pipeline constants,
-/// chosen per adapter by [`GemmTuning::for_adapter`], overridable with
-/// `XENT_GEMM_TILE=XxYxK` (e.g. `16x16x16`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// workgroup, walking K in steps of `k` through workgroup memory, or (`shared` false)
+/// each invocation reading its own blocks of the operands. Pipeline constants, chosen per
+/// adapter by [`GemmTuning::for_adapter`], overridable with `XENT_GEMM_TILE=XxYxK`
+/// (e.g. `16x16x16`) or `XxYxdirect` (no workgroup tiles).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmTuning {
     /// Invocations along the output's columns.
     pub x: u32,
     /// Invocations along the output's rows.
     pub y: u32,
-    /// K step (a multiple of 4).
+    /// K step (a multiple of 4) through workgroup memory.
     pub k: u32,
+    /// Operand tiles in workgroup memory (else each invocation loads its own blocks).
+    pub shared: bool,
 }
 
 impl GemmTuning {
-    /// GPUs: 256 invocations, 64 × 64 output tiles, K steps of 16.
-    pub const GPU: GemmTuning = GemmTuning { x: 16, y: 16, k: 16 };
-    /// CPU adapters (lavapipe, llvmpipe): a workgroup runs as SIMD lanes of one thread.
-    /// On lavapipe (2 cores, 256 × 256 × 2048) every tile tried (4×4×16, 8×8×8, 8×8×32,
-    /// 16×8×16, 16×16×16) ran at 0.4–0.6 GFLOP/s: the tile is not what limits it there.
-    pub const CPU: GemmTuning = GemmTuning { x: 8, y: 8, k: 32 };
+    /// GPUs: 256 invocations, 64 × 64 output tiles, K steps of 16 through workgroup memory.
+    pub const GPU: GemmTuning = GemmTuning { x: 16, y: 16, k: 16, shared: true };
+    /// CPU adapters (lavapipe, llvmpipe): a workgroup runs as SIMD lanes of one thread,
+    /// workgroup memory is memory like any other and a barrier switches between the
+    /// lanes' batches, so each invocation reads its own operand blocks (measured in
+    /// docs/benchmarks.md: with workgroup tiles every tile tried ran at the same speed).
+    pub const CPU: GemmTuning = GemmTuning { x: 8, y: 8, k: 32, shared: false };
 
     /// The tile for an adapter, with `XENT_GEMM_TILE` applied.
     pub fn for_adapter(info: &wgpu::AdapterInfo) -> GemmTuning {
@@ -197,14 +208,20 @@ impl GemmTuning {
             _ => Self::GPU,
         };
         let parsed = std::env::var("XENT_GEMM_TILE").ok().and_then(|v| {
-            let p: Vec<u32> = v.split('x').filter_map(|s| s.parse().ok()).collect();
-            (p.len() == 3).then(|| GemmTuning { x: p[0], y: p[1], k: p[2] })
+            let p: Vec<&str> = v.split('x').collect();
+            let num = |s: &str| s.parse::<u32>().ok();
+            match p[..] {
+                [x, y, "direct"] => Some(GemmTuning { x: num(x)?, y: num(y)?, k: t.k, shared: false }),
+                [x, y, k] => Some(GemmTuning { x: num(x)?, y: num(y)?, k: num(k)?, shared: true }),
+                _ => None,
+            }
         });
         parsed.unwrap_or(t)
     }
 
     /// Clamped to the device and to the shader's workgroup memory (`TILE_FLOATS` floats
-    /// per operand, which the partials epilogue reuses for four floats per invocation): powers of two, `x·y` invocations within the limits, K a multiple of 4.
+    /// per operand, which the partials epilogue reuses for four floats per invocation):
+    /// powers of two, `x·y` invocations within the limits, K a multiple of 4.
     pub fn within(self, limits: &wgpu::Limits, tile_floats: u32) -> GemmTuning {
         let pow2 = |v: u32| 1u32 << (31 - v.max(1).leading_zeros());
         let mut x = pow2(self.x.min(limits.max_compute_workgroup_size_x));
@@ -220,6 +237,6 @@ impl GemmTuning {
         while k * 4 * x.max(y) > tile_floats || 4 * x * y > tile_floats {
             if x >= y { x /= 2 } else { y /= 2 }
         }
-        GemmTuning { x, y, k }
+        GemmTuning { x, y, k, ..self }
     }
 }
