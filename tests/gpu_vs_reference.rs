@@ -438,3 +438,22 @@ fn gradients_of_order_one_keep_the_f32_tolerance() {
         }
     }
 }
+
+/// Rows longer than 4 × 65535 classes with V odd (one element per load): each invocation
+/// of the fused row kernel must stay under CPU adapters' 65535 loop iterations, or the
+/// end of its part of the row is silently left unwritten (it was, at 64 × 300001).
+#[test]
+fn long_odd_rows_stay_within_the_loop_cap() {
+    let gpus = common::gpus("long_odd_rows_stay_within_the_loop_cap");
+    let (n, v) = (64, 262147);
+    let x = xent::synth::logits(n, v, 2.0, 3);
+    let t: Vec<i64> = (0..n).map(|r| ((r * 7919) % v) as i64).collect();
+    let p = || Problem::new(Logits::F32(&x), v, Labels::from(&t[..])).gradient(Gradient::Owned);
+    let want = Reference.evaluate(p(), &LossOptions::new()).unwrap();
+    for gpu in gpus {
+        let (got, dispatches) = xent::gpu::trace(|| gpu.evaluate(p(), &LossOptions::new()));
+        assert!(dispatches.iter().any(|d| d.kernel.contains("cross_entropy_rows")), "{dispatches:?}");
+        compare(&got.unwrap(), &want, Tolerance::F32)
+            .unwrap_or_else(|e| panic!("{}: {e}", common::name(gpu)));
+    }
+}

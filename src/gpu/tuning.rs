@@ -155,6 +155,9 @@ impl std::fmt::Display for Tuning {
 /// the row fits the one-read (register-cached) path: rows up to `CACHED` elements per
 /// invocation of a workgroup are cached; longer rows stream with `elems_per_thread`
 /// (tuned per adapter) elements per invocation at least.
+///
+/// Each invocation takes at most [`MAX_LANE_STEPS`] elements of a row per pass (more
+/// invocations per row than the tuning asks where a row is longer than that allows).
 pub fn rows_layout(classes: u64, tuning: &Tuning) -> (u32, bool) {
     let wg = u64::from(tuning.workgroup_size);
     let cached = u64::from(tuning.cached_per_thread);
@@ -163,9 +166,17 @@ pub fn rows_layout(classes: u64, tuning: &Tuning) -> (u32, bool) {
     } else {
         let most = wg.min(u64::from(tuning.max_threads_per_row.max(1)));
         let t = (classes / tuning.elems_per_thread.max(1)).clamp(1, most);
-        (1u32 << (63 - t.leading_zeros()), false)
+        let tuned = 1u64 << (63 - t.leading_zeros());
+        let needed = classes.div_ceil(MAX_LANE_STEPS).next_power_of_two();
+        (tuned.max(needed).min(wg) as u32, false)
     }
 }
+
+/// The most elements of a row one invocation of the fused row kernel walks per pass (one
+/// loop iteration each in the gradient pass). CPU adapters (llvmpipe) end a loop after
+/// 65535 iterations without a word, leaving the rest of the row unwritten; rows longer
+/// than the workgroup size times this would need the (row × block) grid there.
+pub const MAX_LANE_STEPS: u64 = 60000;
 
 /// The longest K one GEMM dispatch walks. CPU adapters (llvmpipe) stop a loop nest after
 /// 65535 iterations, inner loops included, and leave the rest of the sum out without a
