@@ -13,7 +13,7 @@ struct Params {
     col_base: u32,    // first column of this dispatch
     count: u32,       // columns of this dispatch
     db_base: u32,     // entry of db for column col_base
-    _pad0: u32,
+    row_base: u32,    // first row of G summed by this dispatch (`rows` from it)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -29,12 +29,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let col = params.col_base + i;
     // Pairs of rows, then the pair into the total: no single chain of `rows` additions
     // with its rounding error growing linearly more than it must.
+    // The host keeps `rows` within CPU adapters' 65535 loop iterations (COLSUM_ROWS).
     var total = 0.0;
-    var r = 0u;
-    for (; r + 1u < params.rows; r += 2u) {
+    var r = params.row_base;
+    let end = params.row_base + params.rows;
+    for (; r + 1u < end; r += 2u) {
         total += g[r * params.cols + col] + g[(r + 1u) * params.cols + col];
     }
-    if (r < params.rows) {
+    if (r < end) {
         total += g[r * params.cols + col];
     }
     let at = params.db_base + i;

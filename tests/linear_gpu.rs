@@ -433,3 +433,23 @@ fn long_products_are_split_along_k() {
         }
     }
 }
+
+/// db over a chunk of 200000 rows: `linear_colsum` sums them in dispatches of at most
+/// 120000 rows (CPU adapters stopped its loop at 131070 rows: db came out 0.655 of the
+/// sum, within the worst-case bound of `check` at this size, so the sum is compared
+/// here as a sum: to 1e-4 of the largest |db|, five times the random-walk error
+/// √(N/2)·u of the f32 sum in pairs; the dropped rows would be 0.35 of it).
+#[test]
+fn db_sums_every_row_of_a_long_chunk() {
+    let gpus = common::gpus("db_sums_every_row_of_a_long_chunk");
+    let hd = head(200000, 1, 8, 3);
+    let opts = LossOptions::new().reduction(Reduction::Sum);
+    let want = Reference.evaluate(problem(&hd, true), &opts).unwrap().grad_bias.unwrap();
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    for gpu in gpus {
+        let got = gpu.evaluate(problem(&hd, true), &opts).unwrap().grad_bias.unwrap();
+        for (c, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-4 * scale, "{}: db[{c}] {g} vs {w}", common::name(gpu));
+        }
+    }
+}

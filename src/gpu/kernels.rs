@@ -551,7 +551,8 @@ pub(crate) struct ColsumParams {
     pub count: u32,
     /// Entry of `db` (bound at its piece) for column `col_base` of G.
     pub db_base: u32,
-    pub _pad0: u32,
+    /// First row of G this dispatch sums.
+    pub row_base: u32,
 }
 
 /// The source of `gemm.wgsl` with its loader (vec4 loads, or one float per load) and the
@@ -916,7 +917,7 @@ fn params_layouts() -> HashMap<&'static str, ParamsLayout> {
                 col_base,
                 count,
                 db_base,
-                _pad0
+                row_base
             }),
         ),
         ("bench_copy", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),

@@ -39,7 +39,7 @@ use super::kernels::{
 pub use super::linear_plan::{HeadPath, HeadWork, LinearPlan};
 use super::linear_plan::{PART_BYTES, SLOTS};
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
-use super::tuning::{GEMM_MAX_K, GemmTuning, rows_layout};
+use super::tuning::{GEMM_MAX_K, GemmTuning, MAX_LANE_STEPS, rows_layout};
 use super::workspace::Workspace;
 
 /// The call's device buffers.
@@ -313,6 +313,10 @@ impl GpuContext {
         GemmTuning::for_adapter(self.adapter_info()).within(&self.limits, GEMM_TILE_FLOATS)
     }
 }
+
+/// Rows of G one `linear_colsum` dispatch sums: two a loop iteration, within CPU
+/// adapters' 65535 (see [`MAX_LANE_STEPS`]).
+const COLSUM_ROWS: usize = 2 * MAX_LANE_STEPS as usize;
 
 /// `XENT_LINEAR_RECOMPUTE=1`: loss and gradients in one call take the recompute path
 /// even where whole rows fit (to measure one path against the other).
@@ -629,18 +633,20 @@ impl LinearRun<'_> {
                     while c0 < piece.len() as u64 {
                         let count = per.min(piece.len() as u64 - c0);
                         let wgs = count.div_ceil(u64::from(wg));
-                        flush(&mut rec, 1);
-                        let params = ColsumParams {
-                            rows: m as u32,
-                            cols: g_cols as u32,
-                            groups_x: groups_x(wgs, max_dim),
-                            accumulate: u32::from(ci > 0),
-                            col_base: (g0 as u64 + c0) as u32,
-                            count: count as u32,
-                            db_base: c0 as u32,
-                            _pad0: 0,
-                        };
-                        rec.dispatch(&k.colsum, &db_groups[p], &params, wgs);
+                        for (s, r0) in (0..m).step_by(COLSUM_ROWS).enumerate() {
+                            flush(&mut rec, 1);
+                            let params = ColsumParams {
+                                rows: COLSUM_ROWS.min(m - r0) as u32,
+                                cols: g_cols as u32,
+                                groups_x: groups_x(wgs, max_dim),
+                                accumulate: u32::from(ci > 0 || s > 0),
+                                col_base: (g0 as u64 + c0) as u32,
+                                count: count as u32,
+                                db_base: c0 as u32,
+                                row_base: r0 as u32,
+                            };
+                            rec.dispatch(&k.colsum, &db_groups[p], &params, wgs);
+                        }
                         c0 += count;
                     }
                 }

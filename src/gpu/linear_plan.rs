@@ -7,7 +7,7 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 
 use super::plan::ROW_OVERHEAD_BYTES;
-use super::tuning::GEMM_MAX_K;
+use super::tuning::{GEMM_MAX_K, MAX_LANE_STEPS};
 
 /// Readback slots of a call (chunks whose results are on their way back at once).
 pub(crate) const SLOTS: usize = 2;
@@ -116,6 +116,16 @@ impl LinearPlan {
         let bn = tile_cols.max(1) as u64;
         let last = v - (pieces - 1) * piece;
         let blocks = (pieces - 1) * piece.div_ceil(bn) + last.div_ceil(bn);
+        if blocks > MAX_LANE_STEPS && work != (HeadWork::Fused { recompute: false }) {
+            return Err(Error::Unsupported {
+                path: "gpu".into(),
+                cell: format!("linear head of {classes} classes without whole rows of logits"),
+                why: format!(
+                    "merge_partials walks {blocks} tiles a row, beyond the {MAX_LANE_STEPS} loop iterations CPU \
+                     adapters allow"
+                ),
+            });
+        }
         // Per row of a chunk, whatever the path: h, dh, the readbacks (dh, loss, LSE)
         // and the row buffers.
         let common = 8 * d + SLOTS as u64 * 4 * (d + 2) + ROW_OVERHEAD_BYTES;
