@@ -240,8 +240,10 @@ fn linear_head_runs_the_gemm_the_row_kernel_and_the_products_per_row_chunk() {
 fn tiny_limits_bind_w_in_pieces_and_fold_dispatches() {
     let gpus = common::gpus("tiny_limits_bind_w_in_pieces_and_fold_dispatches");
     let Some(tiny) = common::tiny_device(gpus) else { return };
-    // W is 1000 × 64 f32 = 256 KB over 64 KiB bindings: 4 pieces or more.
-    let hd = head(300, 64, 1000, 7);
+    // W is 1000 × 32 f32 = 128 KB over 64 KiB bindings: 2 pieces or more, each of at
+    // least 8 GEMM tiles along V whatever the adapter's tile (up to 64 columns): more
+    // workgroups than the 7 a dimension allows.
+    let hd = head(300, 32, 1000, 7);
     let opts = LossOptions::new().label_smoothing(0.1).reduction(Reduction::Sum);
     let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
     let b = bounds(&hd, true, &opts, 2.0, 1.0);
@@ -249,7 +251,7 @@ fn tiny_limits_bind_w_in_pieces_and_fold_dispatches() {
     check(&common::name(&tiny), &got.unwrap(), &want, &hd, &b, "tiny limits");
     let chunks = dispatches.iter().filter(|d| d.kernel.contains("cross_entropy_rows")).count();
     let logits = dispatches.iter().filter(|d| d.kernel.starts_with("gemm (nt")).count();
-    assert!(logits >= 4 * chunks, "W in pieces: {logits} logits GEMMs for {chunks} chunks");
+    assert!(logits >= 2 * chunks, "W in pieces: {logits} logits GEMMs for {chunks} chunks");
     assert!(dispatches.iter().all(|d| d.groups[0] <= 7 && d.groups[1] <= 7), "{dispatches:?}");
     assert!(dispatches.iter().any(|d| d.groups[1] > 1), "some dispatch folds into 2D");
 }

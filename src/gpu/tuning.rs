@@ -210,7 +210,7 @@ impl GemmTuning {
     /// workgroup memory is memory like any other and a barrier switches between the
     /// lanes' batches, so each invocation reads its own operand blocks (measured in
     /// docs/benchmarks.md: with workgroup tiles every tile tried ran at the same speed).
-    pub const CPU: GemmTuning = GemmTuning { x: 8, y: 8, k: 32, shared: false };
+    pub const CPU: GemmTuning = GemmTuning { x: 16, y: 16, k: 16, shared: false };
 
     /// The tile for an adapter, with `XENT_GEMM_TILE` applied.
     pub fn for_adapter(info: &wgpu::AdapterInfo) -> GemmTuning {

@@ -83,7 +83,8 @@ fn main() {
     let (n, d, v, iters) = (num("--rows", "512"), num("--hidden-dim", "1024"), num("--classes", "32000"), num("--iters", "3"));
     let passes = match arg(&args, "--pass", "all").as_str() {
         "all" => vec!["forward-backward", "forward"],
-        p @ ("forward" | "forward-backward") => vec![p],
+        "forward" => vec!["forward"],
+        "forward-backward" => vec!["forward-backward"],
         p => panic!("--pass {p}: forward, forward-backward or all"),
     };
 
@@ -120,7 +121,7 @@ fn main() {
             (linear.valid(), h.clone().without_autodiff(), targets.clone().without_autodiff())
         };
         reset_peak();
-        let mut call = || -> (f64, f32) {
+        let call = || -> (f64, f32) {
             let start = Instant::now();
             let loss = loss_fn.forward(lin.forward(hh.clone()), tt.clone());
             let grads = backward.then(|| {
