@@ -12,18 +12,22 @@
 //! `vulkan` feature, burn's SPIR-V path, is not enabled), default adapter: lavapipe where that is
 //! the only Vulkan adapter. `--pass forward|forward-backward|all` (default `all`) picks the passes;
 //! `all` runs forward-backward first, so its first call carries the autotune of the forward
-//! product too. Each pass: one untimed-separately first call (burn's autotune and shader
+//! product too. Each pass: a first call timed on its own (burn's autotune and shader
 //! compilation included), then `--iters` timed calls; each call ends once the device is
 //! synchronised (the loss read back, then `Device::sync`), the gradients staying on the device.
 //!
 //! Inputs are deterministic (a fixed-seed generator): h ~ N(0, 1) [N, D], W ~ N(0, 4/D) (stored
 //! as burn's `[D, V]`), b ~ N(0, 0.25), targets uniform in [0, V). One JSON line per pass:
 //! rows, hidden_dim, classes, pass, first_ms, median_ms, min_ms, loss, adapter, and the process's
-//! resident memory — `rss_inputs_mib` once the inputs are on the device, `peak_rss_mib` the
-//! pass's peak (`VmHWM`, reset per pass through `/proc/self/clear_refs`), and `peak_beyond_inputs_mib`
-//! their difference. On lavapipe device memory is host memory, so that difference is the fair
-//! figure; with `--pass all` the forward's peak also holds what burn's pool kept from the
-//! backward before it, so run `--pass forward` alone for the forward's own peak.
+//! resident memory (`VmRSS`/`VmHWM`; the peak reset through `/proc/self/clear_refs`):
+//! `rss_inputs_mib` once the inputs are on the device, `first_peak_rss_mib` the peak up to the end
+//! of the first call (lavapipe's LLVM shader compilation and the autotune runs included),
+//! `timed_peak_rss_mib` the peak over the timed calls alone, and `timed_peak_beyond_inputs_mib`
+//! that less the inputs' RSS. On lavapipe device memory is host memory, so that difference is
+//! the call's memory, plus the compiled pipelines lavapipe keeps (a few hundred MiB: compare a
+//! `--rows 1` run). With `--pass all` the forward's peak also holds what burn's pool kept from
+//! the backward before it, so run `--pass forward` alone for the forward's own peak. The reset
+//! also lowers what `/usr/bin/time -v` reports as the maximum RSS (the kernel's same counter).
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
@@ -59,9 +63,9 @@ impl Rng {
 /// A field of `/proc/self/status` in MiB (`VmRSS`, `VmHWM`).
 fn status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok());
+    let kib = status.lines().find_map(|l| {
+        l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok()
+    });
     kib.unwrap_or(f64::NAN) / 1024.0
 }
 
@@ -80,7 +84,8 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let num = |name, default| arg(&args, name, default).parse::<usize>().expect(name);
-    let (n, d, v, iters) = (num("--rows", "512"), num("--hidden-dim", "1024"), num("--classes", "32000"), num("--iters", "3"));
+    let (n, d, v, iters) =
+        (num("--rows", "512"), num("--hidden-dim", "1024"), num("--classes", "32000"), num("--iters", "3"));
     let passes = match arg(&args, "--pass", "all").as_str() {
         "all" => vec!["forward-backward", "forward"],
         "forward" => vec!["forward"],
@@ -126,7 +131,8 @@ fn main() {
             let loss = loss_fn.forward(lin.forward(hh.clone()), tt.clone());
             let grads = backward.then(|| {
                 let g = loss.backward();
-                let (dh, dw, db) = (hh.grad(&g), lin.weight.val().grad(&g), lin.bias.as_ref().unwrap().val().grad(&g));
+                let (dh, dw, db) =
+                    (hh.grad(&g), lin.weight.val().grad(&g), lin.bias.as_ref().unwrap().val().grad(&g));
                 assert!(dh.is_some() && dw.is_some() && db.is_some(), "missing gradients");
                 (dh, dw, db)
             });
@@ -137,19 +143,21 @@ fn main() {
             (ms, value)
         };
         let (first, loss) = call();
+        let peak = status_mib("VmHWM");
+        reset_peak();
         let mut ms: Vec<f64> = (0..iters).map(|_| call().0).collect();
         ms.sort_by(f64::total_cmp);
-        let peak = status_mib("VmHWM");
+        let steady = status_mib("VmHWM");
         println!(
             "{{\"rows\":{n},\"hidden_dim\":{d},\"classes\":{v},\"pass\":\"{pass}\",\"first_ms\":{first:.1},\
              \"median_ms\":{:.1},\"min_ms\":{:.1},\"iters\":{iters},\"loss\":{loss:.5},\"adapter\":\"{adapter}\",\
-             \"fusion\":{},\"autotune\":{},\"rss_inputs_mib\":{rss_inputs:.1},\"peak_rss_mib\":{peak:.1},\
-             \"peak_beyond_inputs_mib\":{:.1}}}",
+             \"fusion\":{},\"autotune\":{},\"rss_inputs_mib\":{rss_inputs:.1},\"first_peak_rss_mib\":{peak:.1},\
+             \"timed_peak_rss_mib\":{steady:.1},\"timed_peak_beyond_inputs_mib\":{:.1}}}",
             ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN),
             ms.first().copied().unwrap_or(f64::NAN),
             cfg!(feature = "fusion"),
             cfg!(feature = "autotune"),
-            peak - rss_inputs
+            steady - rss_inputs
         );
     }
 }
