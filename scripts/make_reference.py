@@ -47,6 +47,25 @@ def mean_of(ce, zl, keep, tt, wt, ignore_index, n_items):
     return ce.sum() / den + zl.sum() / keep.sum()
 
 
+def class_index_loss(x, tt, wt, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                     logit_scale, n_items):
+    """(z, loss): the logits x as the loss sees them (logit scale, softcap) and the
+    class-index loss under `reduction`, PyTorch's F.cross_entropy with the extensions of
+    shared/docs/semantics.md on top."""
+    z = x * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    ce = F.cross_entropy(z, tt, weight=wt, ignore_index=ignore_index, reduction="none",
+                         label_smoothing=label_smoothing)
+    keep = (tt != ignore_index).to(torch.float64)
+    zl = z_loss * torch.logsumexp(z, dim=1).square() * keep if z_loss else torch.zeros_like(ce)
+    if reduction == "none":
+        return z, ce + zl
+    if reduction == "sum":
+        return z, (ce + zl).sum()
+    return z, mean_of(ce, zl, keep, tt, wt, ignore_index, n_items)
+
+
 def case(name, n, v, seed, weights=False, ignore_index=-100, ignored=0, label_smoothing=0.0,
          z_loss=0.0, softcap=None, logit_scale=1.0, n_items=None, offset=0.0, masked=False):
     rng = np.random.default_rng(seed)
@@ -73,20 +92,9 @@ def case(name, n, v, seed, weights=False, ignore_index=-100, ignored=0, label_sm
     tt = torch.from_numpy(t)
     for reduction in ["mean", "sum", "none"]:
         xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
-        z = xt * logit_scale
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        ce = F.cross_entropy(z, tt, weight=wt, ignore_index=ignore_index, reduction="none",
-                             label_smoothing=label_smoothing)
-        keep = (tt != ignore_index).to(torch.float64)
-        zl = z_loss * torch.logsumexp(z, dim=1).square() * keep if z_loss else torch.zeros_like(ce)
-        rows = ce + zl
-        if reduction == "none":
-            loss = rows
-        elif reduction == "sum":
-            loss = rows.sum()
-        else:
-            loss = mean_of(ce, zl, keep, tt, wt, ignore_index, n_items)
+        z, loss = class_index_loss(xt, tt, wt, reduction, ignore_index, label_smoothing, z_loss,
+                                   softcap, logit_scale, n_items)
+        if reduction == "mean":
             if n_items is None and not z_loss and not softcap and logit_scale == 1.0:
                 direct = F.cross_entropy(z, tt, weight=wt, ignore_index=ignore_index,
                                          label_smoothing=label_smoothing)
@@ -234,24 +242,12 @@ def linear_case(name, n, d, v, seed, bias=True, dtype=np.float32, weights=False,
     write_options(dd, opts, softcap, n_items)
     wt = torch.from_numpy(cw.astype(np.float64)) if cw is not None else None
     tt = torch.from_numpy(t)
-    keep = (tt != ignore_index).to(torch.float64)
     for reduction in ["mean", "sum", "none"]:
         ht = torch.from_numpy(h.astype(np.float64)).requires_grad_(True)
         wm = torch.from_numpy(w.astype(np.float64)).requires_grad_(True)
         bt = torch.from_numpy(b.astype(np.float64)).requires_grad_(True) if b is not None else None
-        z = F.linear(ht, wm, bt) * logit_scale
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        ce = F.cross_entropy(z, tt, weight=wt, ignore_index=ignore_index, reduction="none",
-                             label_smoothing=label_smoothing)
-        zl = z_loss * torch.logsumexp(z, dim=1).square() * keep if z_loss else torch.zeros_like(ce)
-        rows = ce + zl
-        if reduction == "none":
-            loss = rows
-        elif reduction == "sum":
-            loss = rows.sum()
-        else:
-            loss = mean_of(ce, zl, keep, tt, wt, ignore_index, n_items)
+        _, loss = class_index_loss(F.linear(ht, wm, bt), tt, wt, reduction, ignore_index,
+                                   label_smoothing, z_loss, softcap, logit_scale, n_items)
         np.save(os.path.join(dd, f"loss_{reduction}.npy"), loss.detach().numpy())
         if reduction in grad_reductions:
             loss.backward(torch.ones_like(loss))

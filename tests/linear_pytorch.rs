@@ -41,28 +41,6 @@ fn f64s(path: &Path) -> Option<Vec<f32>> {
     })
 }
 
-/// The options of a case folder (weights.npy and options.txt, as the plain cases).
-fn options(dir: &Path) -> LossOptions {
-    let mut opts = LossOptions::new();
-    if dir.join("weights.npy").exists() {
-        opts = opts.weights(values(&dir.join("weights.npy")).0);
-    }
-    for line in std::fs::read_to_string(dir.join("options.txt")).unwrap().lines() {
-        let (key, value) = line.split_once(" = ").unwrap();
-        let x: f64 = value.parse().unwrap();
-        opts = match key {
-            "ignore_index" => opts.ignore_index(x as i64),
-            "label_smoothing" => opts.label_smoothing(x),
-            "z_loss" => opts.z_loss(x),
-            "softcap" => opts.softcap(x),
-            "logit_scale" => opts.logit_scale(x),
-            "n_items" => opts.n_items(x),
-            other => panic!("unknown option {other}"),
-        };
-    }
-    opts
-}
-
 fn cases() -> Vec<Case> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     let mut dirs: Vec<_> = std::fs::read_dir(&root)
@@ -91,7 +69,7 @@ fn cases() -> Vec<Case> {
                 head: Head { n: t.len(), d, v, h, w, b, t },
                 bias,
                 half,
-                opts: options(&dir),
+                opts: common::case_options(&dir),
                 dir,
             }
         })

@@ -48,32 +48,6 @@ fn classes(dir: &Path) -> usize {
     npy::read(dir.join("logits.npy")).unwrap().shape[1]
 }
 
-/// The options a case's folder holds: weights.npy, pos_weight.npy, and options.txt
-/// (`key = value` lines).
-fn options(dir: &Path) -> LossOptions {
-    let mut opts = LossOptions::new();
-    if dir.join("weights.npy").exists() {
-        opts = opts.weights(f32s(&dir.join("weights.npy")));
-    }
-    if dir.join("pos_weight.npy").exists() {
-        opts = opts.pos_weight(f32s(&dir.join("pos_weight.npy")));
-    }
-    for line in std::fs::read_to_string(dir.join("options.txt")).unwrap().lines() {
-        let (key, value) = line.split_once(" = ").unwrap();
-        let x: f64 = value.parse().unwrap();
-        opts = match key {
-            "ignore_index" => opts.ignore_index(x as i64),
-            "label_smoothing" => opts.label_smoothing(x),
-            "z_loss" => opts.z_loss(x),
-            "softcap" => opts.softcap(x),
-            "logit_scale" => opts.logit_scale(x),
-            "n_items" => opts.n_items(x),
-            other => panic!("unknown option {other}"),
-        };
-    }
-    opts
-}
-
 /// PyTorch's loss and gradient for one reduction, as f32.
 fn expected(dir: &Path, reduction: Reduction) -> LossOutput {
     let r = reduction.name();
@@ -273,7 +247,7 @@ fn cases() -> Vec<Case> {
                 logits: f32s(&dir.join("logits.npy")),
                 classes: classes(&dir),
                 targets,
-                opts: options(&dir),
+                opts: common::case_options(&dir),
                 dir,
             }
         })
@@ -370,7 +344,7 @@ fn check_float_targets(
         let (name, logits, targets) =
             (name(&dir), f32s(&dir.join("logits.npy")), f32s(&dir.join("targets.npy")));
         for reduction in REDUCTIONS {
-            let opts = options(&dir).reduction(reduction);
+            let opts = common::case_options(&dir).reduction(reduction);
             let want = expected(&dir, reduction);
             for &way in ways {
                 let compared =
@@ -500,7 +474,7 @@ fn float16_logits_match_pytorch_on_every_path() {
         let classes = classes(&dir);
         for reduction in REDUCTIONS {
             let want = expected(&dir, reduction);
-            let opts = options(&dir).reduction(reduction);
+            let opts = common::case_options(&dir).reduction(reduction);
             for &backend in &backends {
                 let problem =
                     Problem::new(Logits::Half(&bits, HalfFormat::F16), classes, Labels::from(&targets));

@@ -147,3 +147,33 @@ impl Fixture {
         }
     }
 }
+
+/// The options of a committed case folder of tests/data (scripts/make_reference.py):
+/// weights.npy, pos_weight.npy and options.txt (`key = value` lines).
+pub fn case_options(dir: &std::path::Path) -> xent::LossOptions {
+    let f32s = |name: &str| match xent::npy::read(dir.join(name)).unwrap().data {
+        xent::npy::NpyData::F32(v) => v,
+        other => panic!("{}: {other:?}", dir.join(name).display()),
+    };
+    let mut opts = xent::LossOptions::new();
+    if dir.join("weights.npy").exists() {
+        opts = opts.weights(f32s("weights.npy"));
+    }
+    if dir.join("pos_weight.npy").exists() {
+        opts = opts.pos_weight(f32s("pos_weight.npy"));
+    }
+    for line in std::fs::read_to_string(dir.join("options.txt")).unwrap().lines() {
+        let (key, value) = line.split_once(" = ").unwrap();
+        let x: f64 = value.parse().unwrap();
+        opts = match key {
+            "ignore_index" => opts.ignore_index(x as i64),
+            "label_smoothing" => opts.label_smoothing(x),
+            "z_loss" => opts.z_loss(x),
+            "softcap" => opts.softcap(x),
+            "logit_scale" => opts.logit_scale(x),
+            "n_items" => opts.n_items(x),
+            other => panic!("unknown option {other}"),
+        };
+    }
+    opts
+}
