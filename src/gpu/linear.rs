@@ -430,23 +430,21 @@ impl LinearRun<'_> {
                 }
             }
         }
-        // The products from G (over the whole rows, or one piece's columns).
-        let dh_groups: Vec<_> = pieces
-            .clone()
+        // The products from G (over the whole rows, or one piece's columns), when asked.
+        let grad_pieces = || pieces.clone().filter(|_| self.grads);
+        let dh_groups: Vec<_> = grad_pieces()
             .map(|p| {
                 let ranges = [whole(&b.logits), piece_of(&b.w, p, d), whole(&b.dh), whole(&b.dummy)];
                 bind_ranges(dev, store, &b.params, &ranges)
             })
             .collect();
-        let dw_groups: Vec<_> = pieces
-            .clone()
+        let dw_groups: Vec<_> = grad_pieces()
             .map(|p| {
                 let ranges = [whole(&b.logits), whole(&b.h), piece_of(&b.dw, p, d), whole(&b.dummy)];
                 bind_ranges(dev, store, &b.params, &ranges)
             })
             .collect();
-        let db_groups: Vec<_> = pieces
-            .clone()
+        let db_groups: Vec<_> = grad_pieces()
             .map(|p| bind_ranges(dev, &k.colsum, &b.params, &[whole(&b.logits), db_of(p)]))
             .collect();
         let rows_group = bind(
