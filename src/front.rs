@@ -76,6 +76,11 @@ pub(crate) fn evaluate<B: Native>(path: &B, problem: Problem<'_>, opts: &LossOpt
 /// class-index targets in range. Returns the number of rows.
 pub(crate) fn check(problem: &Problem<'_>, opts: &LossOptions) -> Result<usize> {
     let rows = check_shape(problem)?;
+    if opts.get_metrics().is_some() && matches!(problem.mode, Mode::Backward { .. }) {
+        return Err(Error::InvalidOption(
+            "metrics come from a fused evaluation (they need the forward's row state), not a backward".into(),
+        ));
+    }
     let n = problem.logits.len();
     let v = problem.classes;
     match problem.labels {
@@ -112,6 +117,7 @@ pub(crate) fn empty(problem: &Problem<'_>, opts: &LossOptions) -> LossOutput {
         lse: (!backward && problem.lse).then(Vec::new),
         gradient: None,
         z_loss: if z_on { loss.map(|l| if l.is_nan() { l } else { 0.0 }) } else { None },
+        metrics: opts.get_metrics().map(|spec| crate::Metrics::from_rows(spec, &[])),
         ..Default::default()
     }
 }
@@ -170,6 +176,7 @@ pub(crate) fn by_blocks<B: Native>(
     let (mut loss, mut z_loss, mut any_z) = (0.0f64, 0.0f64, false);
     let mut row_losses = want_rows.then(|| Vec::with_capacity(rows));
     let mut lse = want_lse.then(|| Vec::with_capacity(rows));
+    let mut metrics: Option<crate::Metrics> = None;
     for r0 in (0..rows).step_by(block_rows) {
         let r1 = (r0 + block_rows).min(rows);
         let elems = r0 * v..r1 * v;
@@ -229,6 +236,12 @@ pub(crate) fn by_blocks<B: Native>(
         if let (Some(all), Some(part)) = (&mut lse, &out.lse) {
             all.extend_from_slice(part);
         }
+        if let Some(part) = out.metrics {
+            metrics = Some(match metrics.take() {
+                Some(all) => all.append(part),
+                None => part,
+            });
+        }
         if want_grad {
             write_gradient(&mut problem, elems, &grad);
         }
@@ -239,6 +252,7 @@ pub(crate) fn by_blocks<B: Native>(
         lse,
         gradient: None,
         z_loss: (reduced && any_z).then_some(z_loss as f32),
+        metrics,
         ..Default::default()
     })
 }

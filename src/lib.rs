@@ -45,6 +45,7 @@ mod error;
 mod front;
 pub mod gpu;
 mod head;
+pub mod metrics;
 pub mod npy;
 mod options;
 mod problem;
@@ -57,6 +58,7 @@ pub use error::{Error, Result};
 pub use front::set_block_elems;
 pub use gpu::GpuContext;
 pub use head::{GradientTo, HeadGradients, LinearHead, Values};
+pub use metrics::{Metrics, MetricsSpec, RowMetrics};
 pub use options::{
     Batch, DEFAULT_IGNORE_INDEX, HalfFormat, LossOptions, LossOutput, Reduction, Targets, Upstream,
     check_binary, check_soft,

@@ -2,6 +2,7 @@
 //! checks that run before any work is done.
 
 use crate::error::{Error, Result};
+use crate::metrics::{Metrics, MetricsSpec};
 
 /// How per-row losses are combined into the result (PyTorch's `reduction`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -64,6 +65,7 @@ pub struct LossOptions {
     logit_scale: f64,
     n_items: Option<f64>,
     pos_weight: Option<Vec<f32>>,
+    metrics: Option<MetricsSpec>,
     /// The `mean` denominators (cross-entropy part, z-loss part) of a whole batch, set by
     /// the front door when it evaluates the batch in row blocks (not validated: they may
     /// be 0 or negative, as sums of class weights may).
@@ -92,6 +94,7 @@ impl LossOptions {
             logit_scale: 1.0,
             n_items: None,
             pos_weight: None,
+            metrics: None,
             denominators: None,
         }
     }
@@ -100,6 +103,17 @@ impl LossOptions {
     pub fn pos_weight(mut self, pos_weight: Vec<f32>) -> Self {
         self.pos_weight = Some(pos_weight);
         self
+    }
+    /// Computes evaluation metrics beside the loss, in the same pass
+    /// ([`LossOutput::metrics`]): accuracy, top-k accuracies, nll, perplexity, entropy and
+    /// the ECE (class-index and probability targets, fused evaluations).
+    pub fn metrics(mut self, spec: MetricsSpec) -> Self {
+        self.metrics = Some(spec);
+        self
+    }
+    /// The metrics asked for.
+    pub fn get_metrics(&self) -> Option<&MetricsSpec> {
+        self.metrics.as_ref()
     }
     /// The positive-class weights.
     pub fn get_pos_weight(&self) -> Option<&[f32]> {
@@ -205,6 +219,9 @@ impl LossOptions {
         if let Some(w) = &self.pos_weight {
             check_class_vector("pos_weight", w, classes)?;
         }
+        if let Some(m) = &self.metrics {
+            m.validate()?;
+        }
         Ok(())
     }
 
@@ -218,6 +235,7 @@ impl LossOptions {
             ("softcap", self.softcap.is_some()),
             ("logit scale", self.logit_scale != 1.0),
             ("ignore_index", self.ignore_index != DEFAULT_IGNORE_INDEX),
+            ("metrics (accuracy and the rest need one class per row)", self.metrics.is_some()),
         ];
         match extra.iter().find(|(_, set)| *set) {
             Some((name, _)) => {
@@ -530,6 +548,8 @@ pub struct LossOutput {
     pub grad_weight: Option<Vec<f32>>,
     /// A linear head's `db` [classes], when owned.
     pub grad_bias: Option<Vec<f32>>,
+    /// The evaluation metrics, when asked for ([`LossOptions::metrics`]).
+    pub metrics: Option<Metrics>,
 }
 
 /// A checked problem: the shape, the targets made ready for the kernels, and the

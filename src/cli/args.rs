@@ -100,6 +100,14 @@ pub struct BenchArgs {
     /// Hidden dimension D of --linear (with --rows and --classes).
     #[arg(long, requires = "linear", value_parser = clap::value_parser!(u64).range(1..))]
     pub hidden_dim: Option<u64>,
+    /// Also time the loss with the evaluation metrics (top-1/5, 15 bins) beside it
+    /// (JSON: metrics true), to show what asking for them costs.
+    #[arg(long)]
+    pub metrics: bool,
+    /// Draw the measured throughput (and the copy/read rooflines of each adapter) as an
+    /// SVG picture at this path.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -188,14 +196,39 @@ pub struct EvalArgs {
     /// Linear head: write d(loss)/db as float32 [V] (needs --bias).
     #[arg(long)]
     pub out_grad_bias: Option<PathBuf>,
+    /// Compute the evaluation metrics in the same pass (accuracy, top-k, nll, perplexity,
+    /// entropy, ECE): the JSON gains "metrics".
+    #[arg(long)]
+    pub metrics: bool,
+    /// The k of the top-k accuracies (with --metrics).
+    #[arg(long, value_delimiter = ',', default_value = "1,5", requires = "metrics")]
+    pub top_k: Vec<usize>,
+    /// Equal-width confidence bins of the ECE (with --metrics).
+    #[arg(long, default_value_t = xent::metrics::DEFAULT_ECE_BINS, requires = "metrics")]
+    pub ece_bins: usize,
+    /// Write each row's predicted class as int64 [N] (with --metrics; −1 for a NaN row).
+    #[arg(long, requires = "metrics")]
+    pub out_pred: Option<PathBuf>,
+    /// Draw a reliability diagram (accuracy against confidence per bin, with the bin
+    /// counts) and a histogram of the row losses as an SVG picture (with --metrics).
+    #[arg(long, requires = "metrics")]
+    pub plot: Option<PathBuf>,
 }
 
 impl EvalArgs {
     /// The output files asked for, of either input kind.
     pub fn outputs(&self) -> impl Iterator<Item = &PathBuf> {
-        [&self.out_loss, &self.out_grad, &self.out_grad_hidden, &self.out_grad_weight, &self.out_grad_bias]
-            .into_iter()
-            .flatten()
+        [
+            &self.out_loss,
+            &self.out_grad,
+            &self.out_grad_hidden,
+            &self.out_grad_weight,
+            &self.out_grad_bias,
+            &self.out_pred,
+            &self.plot,
+        ]
+        .into_iter()
+        .flatten()
     }
 }
 
@@ -278,6 +311,19 @@ pub fn eval_options(args: &EvalArgs) -> xent::Result<LossOptions> {
     }
     if let Some(n) = args.n_items {
         opts = opts.n_items(n);
+    }
+    if args.metrics {
+        if args.loss_kind == LossKind::Bce {
+            return Err(Error::InvalidOption(
+                "--metrics needs one class per row (class indices or probabilities), not --loss-kind bce"
+                    .into(),
+            ));
+        }
+        let spec = xent::MetricsSpec::new()
+            .top_k(&args.top_k)
+            .ece_bins(args.ece_bins)
+            .per_row(args.out_pred.is_some() || args.plot.is_some());
+        opts = opts.metrics(spec);
     }
     // Every scalar option is checked here, before any file is read; the class weights
     // (read from --weights later) are checked against V when the logits are known.

@@ -47,9 +47,10 @@ fn info() -> xent::Result<ExitCode> {
         println!("[{i}] {} ({:?}, {:?})", info.name, info.backend, info.device_type);
         println!("    driver: {} {}", info.driver, info.driver_info);
         println!(
-            "    max_storage_buffer_binding_size: {} MiB, max_buffer_size: {} MiB",
+            "    max_storage_buffer_binding_size: {} MiB, max_buffer_size: {} MiB, storage buffers per stage: {}",
             l.max_storage_buffer_binding_size >> 20,
-            l.max_buffer_size >> 20
+            l.max_buffer_size >> 20,
+            l.max_storage_buffers_per_shader_stage
         );
         println!(
             "    max_compute_workgroups_per_dimension: {}, max_compute_invocations_per_workgroup: {}, workgroup storage: {} KiB",

@@ -18,6 +18,7 @@
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::metrics::RowMetrics;
 use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets, Upstream};
 
 /// Elements per block of the online softmax (a whole number of SIMD vectors).
@@ -805,6 +806,96 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// The metrics of a batch of rows (class-index `targets`, or probability rows
+    /// `probs`): one pass over each row before its loss pass, which then finds the row in
+    /// the cache. A transformed row (scale, softcap) goes through `z` first.
+    fn metrics_rows(
+        logits: &[f32],
+        v: usize,
+        targets: &[i32],
+        probs: &[f32],
+        o: &RowOpts<'_>,
+        out: &mut [RowMetrics],
+        z: &mut Vec<f32>,
+    ) {
+        z.resize(if o.transforms() { v } else { 0 }, 0.0);
+        for (r, (row, m)) in logits.chunks_exact(v).zip(out.iter_mut()).enumerate() {
+            let zs: &[f32] = if o.transforms() {
+                transform_into::<F>(row, z, &mut [], o);
+                z
+            } else {
+                row
+            };
+            let target = if probs.is_empty() {
+                i64::from(targets[r])
+            } else {
+                crate::metrics::target_class(&probs[r * v..(r + 1) * v]) as i64
+            };
+            *m = row_metrics::<F>(zs, target);
+        }
+    }
+}
+
+/// One row's metrics from its transformed logits: the max, then Σ e, Σ e (z − m) with
+/// e = exp(z − m) and the count above the target's logit in one vectorised pass, and the
+/// first index of the max.
+#[inline(always)]
+fn row_metrics<const F: bool>(z: &[f32], target: i64) -> RowMetrics {
+    let m = block_max(z);
+    let z_t = if target >= 0 { z[target as usize] } else { f32::INFINITY };
+    let (mut sum, mut spread, mut above) = (0.0f64, 0.0f64, 0u64);
+    for block in z.chunks(BLOCK) {
+        let (mut s, mut sp, mut ab) = ([0.0f32; LANES], [0.0f32; LANES], [0u32; LANES]);
+        let mut one = |i: usize, x: f32| {
+            let d = x - m;
+            let e = exp_neg::<F>(d);
+            s[i] += e;
+            // A masked (−inf) class adds 0, not 0 · −inf.
+            sp[i] += if e > 0.0 { e * d } else { 0.0 };
+            ab[i] += u32::from(x > z_t);
+        };
+        let chunks = block.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                one(i, c[i]);
+            }
+        }
+        for (i, &x) in rest.iter().enumerate() {
+            one(i, x);
+        }
+        sum += f64::from(tree_sum(s));
+        spread += f64::from(tree_sum(sp));
+        above += ab.iter().map(|&a| u64::from(a)).sum::<u64>();
+    }
+    let nan = sum.is_nan() && z.iter().any(|x| x.is_nan());
+    let argmax = (!nan).then(|| z.iter().position(|&x| x == m).unwrap_or(0));
+    RowMetrics::from_stats(target, argmax, above, m, sum as f32, spread as f32, z_t)
+}
+
+/// Each row's metrics, when the options ask for them, and the slot of each task of
+/// `step` rows in them (`None` when not asked).
+fn metric_slots(
+    metrics: &mut Option<Vec<RowMetrics>>,
+    rows: usize,
+    step: usize,
+) -> Vec<Option<&mut [RowMetrics]>> {
+    match metrics {
+        Some(m) => m.chunks_mut(step).map(Some).collect(),
+        None => (0..rows.div_ceil(step)).map(|_| None).collect(),
+    }
+}
+
+/// An empty row's metrics, overwritten by [`metrics_rows`].
+const NO_METRICS: RowMetrics =
+    RowMetrics { target: -1, pred: -1, above: 0, confidence: 0.0, entropy: 0.0, nll: 0.0 };
+
+/// The metrics of an output, from each row's.
+fn finish_metrics(opts: &LossOptions, rows: Option<Vec<RowMetrics>>) -> Option<crate::Metrics> {
+    Some(crate::Metrics::from_rows(opts.get_metrics()?, &rows?))
+}
+
 /// Rows per parallel task: about 256 KiB of logits, at least one row.
 fn rows_per_task(v: usize) -> usize {
     ((1 << 16) / v.max(1)).max(1)
@@ -823,19 +914,31 @@ fn run(logits: &[f32], batch: &Batch, opts: &LossOptions, grad: Option<&mut [f32
     let mut lse = vec![0.0f32; n];
     let step = rows_per_task(v);
     let o = class_opts(opts, batch);
+    let mut metrics = opts.get_metrics().map(|_| vec![NO_METRICS; n]);
+    let slots = metric_slots(&mut metrics, n, step);
     let tasks = logits
         .par_chunks(step * v)
         .zip(batch.targets.par_chunks(step))
-        .zip(loss.par_chunks_mut(step).zip(lse.par_chunks_mut(step)));
+        .zip(loss.par_chunks_mut(step).zip(lse.par_chunks_mut(step)))
+        .zip(slots);
+    let metrics_of = |l: &[f32], t: &[i32], m: Option<&mut [RowMetrics]>| {
+        if let Some(m) = m {
+            metrics_rows(l, v, t, &[], &o, m, &mut Vec::new());
+        }
+    };
     match grad {
-        Some(g) => tasks.zip(g.par_chunks_mut(step * v)).for_each(|(((l, t), (lo, ls)), g)| {
+        Some(g) => tasks.zip(g.par_chunks_mut(step * v)).for_each(|((((l, t), (lo, ls)), m), g)| {
+            metrics_of(l, t, m);
             rows(l, v, t, Some(g), lo, ls, &o, &mut Scratch::new(v, &o, true, false))
         }),
-        None => tasks.for_each(|((l, t), (lo, ls))| {
+        None => tasks.for_each(|(((l, t), (lo, ls)), m)| {
+            metrics_of(l, t, m);
             rows(l, v, t, None, lo, ls, &o, &mut Scratch::new(v, &o, false, false))
         }),
     }
-    output(loss, lse, step, batch, opts)
+    let mut out = output(loss, lse, step, batch, opts);
+    out.metrics = finish_metrics(opts, metrics);
+    out
 }
 
 /// The output from the row losses and LSEs. The reduction: per-task partial sums in f64,
@@ -916,11 +1019,17 @@ pub fn cross_entropy_in_place<'t>(
     let mut lse = vec![0.0f32; n];
     let step = rows_per_task(v);
     let o = class_opts(opts, &batch);
+    let mut metrics = opts.get_metrics().map(|_| vec![NO_METRICS; n]);
+    let slots = metric_slots(&mut metrics, n, step);
     logits
         .par_chunks_mut(step * v)
         .zip(batch.targets.par_chunks(step))
         .zip(loss.par_chunks_mut(step).zip(lse.par_chunks_mut(step)))
-        .for_each(|((l, t), (lo, ls))| {
+        .zip(slots)
+        .for_each(|(((l, t), (lo, ls)), m)| {
+            if let Some(m) = m {
+                metrics_rows(l, v, t, &[], &o, m, &mut Vec::new());
+            }
             // One row at a time through a row-sized buffer, so the row is still intact
             // while its statistics are taken.
             let mut tmp = vec![0.0f32; v];
@@ -930,7 +1039,9 @@ pub fn cross_entropy_in_place<'t>(
                 row.copy_from_slice(&tmp);
             }
         });
-    Ok(output(loss, lse, step, &batch, opts))
+    let mut out = output(loss, lse, step, &batch, opts);
+    out.metrics = finish_metrics(opts, metrics);
+    Ok(out)
 }
 
 /// The separate backward on the CPU: the gradient from the logits and the per-row LSE a
@@ -1135,16 +1246,26 @@ pub fn cross_entropy_soft(
     let mut losses = vec![0.0f32; rows];
     let mut lses = vec![0.0f32; rows];
     let mut grad = vec![0.0f32; if want_grad { logits.len() } else { 0 }];
+    let mut metrics = opts.get_metrics().map(|_| vec![NO_METRICS; rows]);
+    let slots = metric_slots(&mut metrics, rows, step);
     let tasks = logits
         .par_chunks(step * v)
         .zip(targets.par_chunks(step * v))
-        .zip(losses.par_chunks_mut(step).zip(lses.par_chunks_mut(step)));
+        .zip(losses.par_chunks_mut(step).zip(lses.par_chunks_mut(step)))
+        .zip(slots);
+    let metrics_of = |x: &[f32], t: &[f32], m: Option<&mut [RowMetrics]>| {
+        if let Some(m) = m {
+            metrics_rows(x, v, &[], t, &o, m, &mut Vec::new());
+        }
+    };
     if want_grad {
-        tasks.zip(grad.par_chunks_mut(step * v)).for_each(|(((x, t), (lo, ls)), g)| {
+        tasks.zip(grad.par_chunks_mut(step * v)).for_each(|((((x, t), (lo, ls)), m), g)| {
+            metrics_of(x, t, m);
             soft_rows(x, t, v, Some(g), lo, ls, &o, &mut Scratch::new(v, &o, true, false))
         });
     } else {
-        tasks.for_each(|((x, t), (lo, ls))| {
+        tasks.for_each(|(((x, t), (lo, ls)), m)| {
+            metrics_of(x, t, m);
             soft_rows(x, t, v, None, lo, ls, &o, &mut Scratch::new(v, &o, false, false))
         });
     }
@@ -1161,6 +1282,7 @@ pub fn cross_entropy_soft(
         lse: opts.wants_lse().then_some(lses),
         gradient: want_grad.then_some(grad),
         z_loss,
+        metrics: finish_metrics(opts, metrics),
         ..Default::default()
     })
 }

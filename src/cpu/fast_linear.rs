@@ -169,6 +169,7 @@ pub(crate) fn linear(task: LinearTask<'_>, opts: &LossOptions) -> Result<LossOut
     let (mut loss, mut z_loss, mut any_z) = (0.0f64, 0.0f64, false);
     let mut all_rows = (!backward && row_losses).then(|| Vec::with_capacity(n));
     let mut all_lse = (!backward && lse).then(|| Vec::with_capacity(n));
+    let mut metrics: Option<crate::Metrics> = None;
     for (block, r0) in (0..n).step_by(step).enumerate() {
         let r1 = (r0 + step).min(n);
         let r = r1 - r0;
@@ -205,6 +206,12 @@ pub(crate) fn linear(task: LinearTask<'_>, opts: &LossOptions) -> Result<LossOut
                 }
                 if let (Some(all), Some(part)) = (&mut all_lse, &out.lse) {
                     all.extend_from_slice(part);
+                }
+                if let Some(part) = out.metrics {
+                    metrics = Some(match metrics.take() {
+                        Some(all) => all.append(part),
+                        None => part,
+                    });
                 }
                 if !want_grad {
                     continue;
@@ -245,6 +252,7 @@ pub(crate) fn linear(task: LinearTask<'_>, opts: &LossOptions) -> Result<LossOut
         row_losses: all_rows,
         lse: all_lse,
         z_loss: (reduced && any_z).then_some(z_loss as f32),
+        metrics,
         ..Default::default()
     })
 }

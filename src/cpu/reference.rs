@@ -7,6 +7,7 @@
 
 use crate::error::Result;
 use crate::front::Native;
+use crate::metrics::{Metrics, RowMetrics, target_class};
 use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets, Upstream};
 use crate::problem::{Gradient, Labels, Logits, Mode, Problem};
 
@@ -102,6 +103,7 @@ fn output(
     z_loss: Option<f32>,
     want: Want,
     mode: &Mode<'_>,
+    metrics: Option<Metrics>,
 ) -> LossOutput {
     if matches!(mode, Mode::Backward { .. }) {
         return LossOutput::default();
@@ -112,6 +114,7 @@ fn output(
         lse: want.lse.then(|| lses.iter().map(|&l| l as f32).collect()),
         gradient: None,
         z_loss,
+        metrics,
         ..Default::default()
     }
 }
@@ -136,7 +139,8 @@ fn classes(e: Eval<'_, '_>, targets: Targets<'_>, opts: &LossOptions) -> Result<
     };
     let (loss, z_loss) = batch.reduce_with_z(out.sum, out.z_sum, opts.get_reduction());
     let z_loss = z_loss.filter(|_| opts.get_z_loss() > 0.0);
-    Ok(output(&out.losses, &out.lses, loss, z_loss, want, &mode))
+    let metrics = opts.get_metrics().map(|spec| Metrics::from_rows(spec, &out.metrics));
+    Ok(output(&out.losses, &out.lses, loss, z_loss, want, &mode, metrics))
 }
 
 /// Rows of class-index cross-entropy whose raw logits come from a function: the plain
@@ -156,12 +160,13 @@ pub(crate) struct ClassRows<'a> {
 pub(crate) type RowGradient<'g> = &'g mut dyn FnMut(usize, &[f64]);
 
 /// What [`ClassRows::evaluate`] returns: per-row losses and LSE, the sum of the losses and
-/// of their z-loss terms.
+/// of their z-loss terms, and each row's metrics when the options ask for them.
 pub(crate) struct RowsOut {
     pub losses: Vec<f64>,
     pub lses: Vec<f64>,
     pub sum: f64,
     pub z_sum: f64,
+    pub metrics: Vec<RowMetrics>,
 }
 
 impl ClassRows<'_> {
@@ -179,7 +184,9 @@ impl ClassRows<'_> {
         let d = batch.divisor(reduction);
         let ce_scale = if d != 0.0 { 1.0 / d } else { 0.0 };
         let z_scale = 1.0 / batch.z_divisor(reduction);
-        let mut out = RowsOut { losses: Vec::new(), lses: Vec::new(), sum: 0.0, z_sum: 0.0 };
+        let mut out =
+            RowsOut { losses: Vec::new(), lses: Vec::new(), sum: 0.0, z_sum: 0.0, metrics: Vec::new() };
+        let want_metrics = opts.get_metrics().is_some();
         let (mut x, mut g) = (Vec::with_capacity(v), vec![0.0f64; v]);
         for (r, &t) in batch.targets.iter().enumerate() {
             x.clear();
@@ -191,6 +198,9 @@ impl ClassRows<'_> {
                 None => lse_f64(&z),
             };
             out.lses.push(l);
+            if want_metrics {
+                out.metrics.push(RowMetrics::of_row(&z, (t != Batch::IGNORED).then_some(t as usize)));
+            }
             if t == Batch::IGNORED {
                 out.losses.push(0.0);
                 if let Some(grad) = grad.as_deref_mut() {
@@ -252,6 +262,7 @@ fn probabilities(e: Eval<'_, '_>, targets: &[f32], opts: &LossOptions) -> Result
     let w = |c: usize| opts.get_weights().map_or(1.0, |w| f64::from(w[c]));
     let mut losses = Vec::with_capacity(rows);
     let mut lses = Vec::with_capacity(rows);
+    let mut row_metrics = Vec::new();
     let (mut sum, mut z_sum) = (0.0f64, 0.0f64);
     for r in 0..rows {
         let zs: Vec<(f64, f64)> =
@@ -261,6 +272,10 @@ fn probabilities(e: Eval<'_, '_>, targets: &[f32], opts: &LossOptions) -> Result
             Some(saved) => f64::from(saved[r]),
             None => lse_f64(&z),
         };
+        if opts.get_metrics().is_some() {
+            let target = target_class(&targets[r * v..(r + 1) * v]);
+            row_metrics.push(RowMetrics::of_row(&z, Some(target)));
+        }
         let t = |c: usize| (1.0 - eps) * f64::from(targets[r * v + c]) + eps / v as f64;
         let a: f64 = (0..v).map(|c| w(c) * t(c)).sum();
         let mut loss: f64 = (0..v).filter(|&c| w(c) * t(c) != 0.0).map(|c| w(c) * t(c) * (l - z[c])).sum();
@@ -282,7 +297,8 @@ fn probabilities(e: Eval<'_, '_>, targets: &[f32], opts: &LossOptions) -> Result
     let reduced = reduction != Reduction::None;
     let loss = reduced.then(|| (sum / d) as f32);
     let z_loss = (reduced && s > 0.0).then(|| (z_sum / d) as f32);
-    Ok(output(&losses, &lses, loss, z_loss, want, &mode))
+    let metrics = opts.get_metrics().map(|spec| Metrics::from_rows(spec, &row_metrics));
+    Ok(output(&losses, &lses, loss, z_loss, want, &mode, metrics))
 }
 
 /// Binary (multilabel) cross-entropy with logits, as PyTorch's
@@ -310,7 +326,7 @@ fn binary(e: Eval<'_, '_>, targets: &[f32], opts: &LossOptions) -> Result<LossOu
     }
     let total: f64 = losses.iter().sum();
     let loss = (reduction != Reduction::None).then(|| (total / d) as f32);
-    Ok(output(&losses, &[], loss, None, Want { lse: false, ..want }, &mode))
+    Ok(output(&losses, &[], loss, None, Want { lse: false, ..want }, &mode, None))
 }
 
 /// The saved LSE must have one value per row.

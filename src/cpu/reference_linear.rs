@@ -86,6 +86,7 @@ pub(crate) fn linear(task: LinearTask<'_>, opts: &LossOptions) -> Result<LossOut
             .then(|| out.losses.iter().map(|&l| l as f32).collect()),
         lse: lse.then(|| out.lses.iter().map(|&l| l as f32).collect()),
         z_loss: z_loss.filter(|_| opts.get_z_loss() > 0.0),
+        metrics: opts.get_metrics().map(|spec| crate::Metrics::from_rows(spec, &out.metrics)),
         ..Default::default()
     })
 }
