@@ -93,6 +93,22 @@ impl Row {
         self.read_ms.map(|c| self.samples.median() / c)
     }
 
+    /// The row as `--plot` draws it.
+    pub fn point(&self) -> crate::plot::BenchPoint {
+        crate::plot::BenchPoint {
+            device: self.device.to_string(),
+            adapter: self.adapter.clone(),
+            rows: self.rows,
+            classes: self.classes,
+            pass: self.pass,
+            options: self.options.name().to_string(),
+            api: self.api.to_string(),
+            median_ms: self.samples.median(),
+            copy_ms: self.copy_ms,
+            read_ms: self.read_ms,
+        }
+    }
+
     pub fn json(&self) -> String {
         let num = |x: Option<f64>| x.map_or("null".to_string(), |v| format!("{v:.6}"));
         let mut s = format!(
@@ -435,6 +451,9 @@ pub fn run(args: &BenchArgs) -> xent::Result<ExitCode> {
                 "÷plain: median time over the plain loss's on the same device, API, shape and pass in this run."
             );
         }
+    }
+    if let Some(path) = &args.plot {
+        crate::plot::bench_svg(path, &rows.iter().map(Row::point).collect::<Vec<_>>())?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -37,6 +37,7 @@ fn main() -> ExitCode {
 }
 
 mod bench;
+mod plot;
 
 fn info() -> xent::Result<ExitCode> {
     let adapters = xent::gpu::select_adapters(None)?;
