@@ -26,6 +26,7 @@
 
 #import grad_mode
 #import part_tree
+#import row_metrics
 #import row_state
 #import targets
 #import workgroup
@@ -39,6 +40,7 @@ const F_SMOOTHING: u32 = 2u;
 const F_Z_LOSS: u32 = 4u;
 const F_SOFTCAP: u32 = 8u;
 const F_SCALE: u32 = 16u;
+const F_METRICS: u32 = 32u; // the evaluation metrics (row_metrics.wgsl)
 
 fn has(feature: u32) -> bool {
     return (FEATURES & feature) != 0u;
@@ -138,6 +140,24 @@ fn row_group(ids: Ids, group: u32) {
     let v = select(0u, params.classes / WIDTH, in_batch);
     let base = r * (params.classes / WIDTH);
     let cached = params.cached != 0u;
+    let metrics = has(F_METRICS);
+    var t = -1;
+    if (in_batch) {
+        t = targets[params.row_base + r];
+    }
+    // The columns this kernel sees (none past the batch), so that every index stays in
+    // bounds whatever the targets.
+    let ignored = ignored_target(t, params.ignore_index, v * WIDTH);
+    // With metrics every invocation counts its elements above the target's logit, read
+    // first (and then cached).
+    var z_t = FLT_MAX;
+    if (metrics && !ignored) {
+        z_t = lane_of(transform(load_logit(base + u32(t) / WIDTH), o), u32(t) % WIDTH);
+    }
+    var arg = NO_ARG;
+    var above_e = splat(0.0);
+    var spread_e = splat(0.0);
+    var nan_seen = false;
     // Pass 1: this invocation's (max, sum) state, and its smoothing sum.
     var e: array<Elem, CACHED>;
     var st = RowState(EMPTY_MAX, 0.0);
@@ -149,7 +169,15 @@ fn row_group(ids: Ids, group: u32) {
             let c = lane + j * tpr;
             if (c < v) {
                 e[j] = transform(load_logit(base + c), o);
-                m = max(m, hmax(e[j]));
+                let h = hmax(e[j]);
+                if (metrics) {
+                    if (h > m) {
+                        arg = first_at(e[j], h, c * WIDTH);
+                    }
+                    above_e += above_of(e[j], z_t, true);
+                    nan_seen = nan_seen || nan_in(e[j]);
+                }
+                m = max(m, h);
             }
         }
         var s = 0.0;
@@ -161,7 +189,11 @@ fn row_group(ids: Ids, group: u32) {
                     aux += hsum(w * (m - e[j]));
                     wsum += hsum(w);
                 }
-                e[j] = exp(e[j] - m);
+                let z = e[j];
+                e[j] = exp(z - m);
+                if (metrics) {
+                    spread_e += spread_of(e[j], z - m);
+                }
                 s += hsum(e[j]);
             }
         }
@@ -191,6 +223,18 @@ fn row_group(ids: Ids, group: u32) {
             let m4 = hmax(max(max(x0, x1), max(x2, x3)));
             if (m4 > st.max) {
                 let f = exp(st.max - m4);
+                if (metrics) {
+                    // The spread moves to the new max as the sum does (rebase of the
+                    // terms' z − max); an empty lane stays 0.
+                    let s_l = block + total;
+                    spread_e = f * (spread_e + select(zero, s_l * (st.max - m4), s_l > zero));
+                    // The first column holding the new max, in column order.
+                    var a = first_at(x0, m4, c * WIDTH);
+                    if (a == NO_ARG) { a = first_at(x1, m4, c1 * WIDTH); }
+                    if (a == NO_ARG) { a = first_at(x2, m4, c2 * WIDTH); }
+                    if (a == NO_ARG) { a = first_at(x3, m4, c3 * WIDTH); }
+                    arg = a;
+                }
                 block *= f;
                 total *= f;
                 if (smoothing) {
@@ -200,8 +244,21 @@ fn row_group(ids: Ids, group: u32) {
                 st.max = m4;
             }
             let m = st.max;
-            block += (exp(x0 - m) + select(zero, exp(x1 - m), c1 < v))
-                + (select(zero, exp(x2 - m), c2 < v) + select(zero, exp(x3 - m), c3 < v));
+            if (metrics) {
+                let e0 = exp(x0 - m);
+                let e1 = select(zero, exp(x1 - m), c1 < v);
+                let e2 = select(zero, exp(x2 - m), c2 < v);
+                let e3 = select(zero, exp(x3 - m), c3 < v);
+                block += (e0 + e1) + (e2 + e3);
+                spread_e += (spread_of(e0, x0 - m) + spread_of(e1, x1 - m))
+                    + (spread_of(e2, x2 - m) + spread_of(e3, x3 - m));
+                above_e += (above_of(x0, z_t, true) + above_of(x1, z_t, c1 < v))
+                    + (above_of(x2, z_t, c2 < v) + above_of(x3, z_t, c3 < v));
+                nan_seen = nan_seen || nan_in(x0) || nan_in(x1) || nan_in(x2) || nan_in(x3);
+            } else {
+                block += (exp(x0 - m) + select(zero, exp(x1 - m), c1 < v))
+                    + (select(zero, exp(x2 - m), c2 < v) + select(zero, exp(x3 - m), c3 < v));
+            }
             steps++;
             if (steps % 8u == 0u) {
                 total += block;
@@ -228,14 +285,14 @@ fn row_group(ids: Ids, group: u32) {
     let m = merged.st.max;
     let sum = merged.st.sum;
     let log_s = log(sum);
-
-    var t = -1;
-    if (in_batch) {
-        t = targets[params.row_base + r];
+    if (metrics) {
+        let mine = Seen(local.max, local.sum, arg, hsum(above_e), hsum(spread_e), u32(nan_seen));
+        let row = merge_metrics(lid, lane, tpr, mine, m);
+        if (in_batch && lane == 0u) {
+            store_row_metrics(params.row_base + r, metrics_record(row, sum, log_s, z_t, !ignored));
+        }
     }
-    // The columns this kernel sees (none past the batch), so that every index stays in
-    // bounds whatever the targets.
-    let ignored = ignored_target(t, params.ignore_index, v * WIDTH);
+
     var w_y = 1.0;
     if (has_w && !ignored) {
         w_y = class_weight(u32(t));

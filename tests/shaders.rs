@@ -36,8 +36,9 @@ fn shaders_list_every_variant_once() {
     let all = shaders();
     let rows: Vec<_> = all.iter().filter(|s| s.name.starts_with("cross_entropy_rows")).collect();
     // f32, vec4, f16 (portable, native) and bf16, each half one with an f32 or a half
-    // gradient: 8 formats, each with the subgroup and the workgroup merge.
-    assert_eq!(rows.len(), 16, "{:?}", rows.iter().map(|s| &s.name).collect::<Vec<_>>());
+    // gradient: 8 formats, each with the subgroup and the workgroup merge, with and
+    // without the metrics.
+    assert_eq!(rows.len(), 32, "{:?}", rows.iter().map(|s| &s.name).collect::<Vec<_>>());
     for needle in ["native f16, f16 gradient", "native f16, f32 gradient", "bf16, bf16 gradient", "subgroups"]
     {
         assert!(rows.iter().any(|s| s.name.contains(needle)), "no rows variant with {needle}");
@@ -150,9 +151,9 @@ fn shared_constants_have_the_hosts_values() {
             checked += 1;
         }
     }
-    // 16 rows variants × 11 + backward 3 + reduce 1 + soft 3 + binary 3 + convert 4 + row map 2,
+    // 32 rows variants × 12 + backward 3 + reduce 1 + soft 3 + binary 3 + convert 4 + row map 2,
     // and the linear head's GEMM in 2 loaders × 5 (flags, tile capacity, loss flags).
-    assert_eq!(checked, 16 * 11 + 16 + 2 * 5);
+    assert_eq!(checked, 32 * 12 + 16 + 2 * 5);
 }
 
 /// The pipeline constants the host sets are exactly the module's overrides (wgpu rejects
@@ -264,13 +265,16 @@ fn compose_panics_on_a_missing_file() {
 #[test]
 fn shared_code_is_written_once() {
     for (needle, home) in [
-        ("stride = stride / 2u", &["part_tree", "workgroup_sum"][..]),
+        // row_metrics' tree merges the metrics' sums, minimum column and NaN flags (not
+        // `Part`s) once the row's max is known; it folds into part_tree when `Part` carries
+        // the metrics for the split-row and linear kernels.
+        ("stride = stride / 2u", &["part_tree", "row_metrics", "workgroup_sum"][..]),
         ("21844.0 / 6081075.0", &["row_state"]),
         ("t < 0 ||", &["targets"]),
         ("wid.y *", &["workgroup"]),
         ("override WG", &["workgroup"]),
         // The GEMM's operand tiles are its own.
-        ("var<workgroup>", &["gemm", "part_tree", "workgroup_sum"]),
+        ("var<workgroup>", &["gemm", "part_tree", "row_metrics", "workgroup_sum"]),
         ("const GRAD_", &["grad_mode"]),
     ] {
         let found: Vec<_> = LIBRARY.iter().filter(|(_, t)| t.contains(needle)).map(|(n, _)| *n).collect();

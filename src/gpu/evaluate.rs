@@ -127,6 +127,7 @@ impl Native for GpuContext {
                 Ok(LossOutput::default())
             }
             (Labels::Probabilities(t), mode) => {
+                self.no_metrics_yet(&o, "probability targets")?;
                 let x = f32_logits(&problem.logits).expect("takes() accepts f32 logits");
                 let grad = match problem.gradient {
                     Gradient::IntoF32(g) => Some(g),
@@ -150,7 +151,25 @@ impl Native for GpuContext {
     }
 
     fn linear(&self, task: crate::head::LinearTask<'_>, opts: &LossOptions) -> Result<LossOutput> {
+        self.no_metrics_yet(opts, "a linear head")?;
         self.linear_head(task, opts)
+    }
+}
+
+impl GpuContext {
+    /// Metrics are computed by the fused row kernel (class-index targets, rows within one
+    /// binding); the other kernels refuse them rather than return a loss without them.
+    pub(crate) fn no_metrics_yet(&self, opts: &LossOptions, what: &str) -> Result<()> {
+        if opts.get_metrics().is_none() {
+            return Ok(());
+        }
+        Err(crate::Error::Unsupported {
+            path: self.path_name(),
+            cell: format!("evaluation metrics with {what}"),
+            why: "the GPU computes metrics in the fused class-index kernel only so far; use --device cpu \
+                  or reference (CpuFast, Reference) for these"
+                .into(),
+        })
     }
 }
 

@@ -110,9 +110,10 @@ impl ElemFormat {
 /// The fused row kernel's source for an element format and a register cache of `cached`
 /// floats per invocation (`CACHED_FLOATS` there), merging row states with subgroup
 /// operations when `subgroups`.
-pub(crate) fn rows_source(format: ElemFormat, cached: u32, subgroups: bool) -> String {
+pub(crate) fn rows_source(format: ElemFormat, cached: u32, subgroups: bool, metrics: bool) -> String {
     let mut files = format.files();
     files.push(if subgroups { "row_merge_subgroup" } else { "row_merge_workgroup" });
+    files.push(if metrics { "row_metrics_store" } else { "row_metrics_off" });
     files.push("cross_entropy_rows");
     wgsl::with_u32_const(&wgsl::compose(&files), "CACHED_FLOATS", cached)
 }
@@ -131,6 +132,9 @@ pub(crate) const F_Z_LOSS: u32 = 4;
 pub(crate) const F_SOFTCAP: u32 = 8;
 /// Logit scale.
 pub(crate) const F_SCALE: u32 = 16;
+/// The evaluation metrics (`row_metrics.wgsl`), over the layout with binding 9
+/// ([`Kernels::rows_metrics`]).
+pub(crate) const F_METRICS: u32 = 32;
 
 /// `SoftParams::flags` bits (`FLAG_*` of `cross_entropy_soft.wgsl`): write the gradient.
 pub(crate) const SOFT_GRAD: u32 = 1;
@@ -956,7 +960,7 @@ pub fn shaders() -> Vec<Shader> {
     ];
     let mut out = Vec::new();
     for format in ElemFormat::all() {
-        for subgroups in [false, true] {
+        for (subgroups, metrics) in [(false, false), (true, false), (false, true), (true, true)] {
             let width = format.width();
             let mut constants = vec![
                 ("F_WEIGHTS", F_WEIGHTS),
@@ -964,15 +968,17 @@ pub fn shaders() -> Vec<Shader> {
                 ("F_Z_LOSS", F_Z_LOSS),
                 ("F_SOFTCAP", F_SOFTCAP),
                 ("F_SCALE", F_SCALE),
+                ("F_METRICS", F_METRICS),
                 ("WIDTH", width),
                 ("CACHED_FLOATS", ROWS_CACHED),
                 ("CACHED", (ROWS_CACHED / width).max(1)),
             ];
             constants.extend(grad_modes);
             let merge = if subgroups { "subgroups" } else { "workgroup merge" };
+            let with = if metrics { ", metrics" } else { "" };
             out.push(Shader {
-                name: format!("cross_entropy_rows ({}, {merge})", format.label()),
-                source: rows_source(format, ROWS_CACHED, subgroups),
+                name: format!("cross_entropy_rows ({}, {merge}{with})", format.label()),
+                source: rows_source(format, ROWS_CACHED, subgroups, metrics),
                 params: layouts["cross_entropy_rows"].clone(),
                 constants,
                 overrides: &ROWS_OVERRIDES,
@@ -1189,12 +1195,14 @@ fn pipeline_at(
 /// on first use over one shared bind group layout.
 pub(crate) struct RowsVariants {
     layout: wgpu::BindGroupLayout,
+    /// The layout with the metrics binding, where the adapter has one more storage buffer.
+    metrics_layout: Option<wgpu::BindGroupLayout>,
     wg: u32,
     cached: u32,
     subgroups: bool,
     /// `ROW_LOOP`: workgroups take row groups in turn (`Tuning::max_workgroups` set).
     row_loop: bool,
-    modules: Mutex<HashMap<ElemFormat, wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<(ElemFormat, bool), wgpu::ShaderModule>>,
     built: Mutex<HashMap<(ElemFormat, u32), RowsPipeline>>,
 }
 
@@ -1208,27 +1216,33 @@ pub(crate) struct RowsPipeline {
 
 impl RowsVariants {
     /// The pipeline for rows in `format` computing the options in `features`, built on
-    /// the first call (inside the caller's error scopes, as [`Kernel::pipeline`]).
+    /// the first call (inside the caller's error scopes, as [`Kernel::pipeline`]). With
+    /// [`F_METRICS`] it is over [`Kernels::rows_metrics`]'s layout, which must exist.
     pub fn get(&self, device: &wgpu::Device, format: ElemFormat, features: u32) -> RowsPipeline {
+        let metrics = features & F_METRICS != 0;
         let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
         built
             .entry((format, features))
             .or_insert_with(|| {
                 let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-                let module = modules.entry(format).or_insert_with(|| {
+                let module = modules.entry((format, metrics)).or_insert_with(|| {
                     device.create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some("cross_entropy_rows"),
                         source: wgpu::ShaderSource::Wgsl(
-                            rows_source(format, self.cached, self.subgroups).into(),
+                            rows_source(format, self.cached, self.subgroups, metrics).into(),
                         ),
                     })
                 });
+                let layout = match &self.metrics_layout {
+                    Some(l) if metrics => l,
+                    _ => &self.layout,
+                };
                 let [wg, feat, row_loop] = ROWS_OVERRIDES;
                 let pipeline = pipeline(
                     device,
                     "cross_entropy_rows",
                     module,
-                    &self.layout,
+                    layout,
                     &[
                         (wg, f64::from(self.wg)),
                         (feat, f64::from(features)),
@@ -1252,6 +1266,9 @@ pub(crate) const RW: bool = false;
 pub(crate) struct Kernels {
     /// The fused kernel's bind group layout (the pipelines are in `rows_variants`).
     pub rows: Kernel,
+    /// The same with the per-row metrics at binding 9, where the adapter has nine storage
+    /// buffers per stage (`None` elsewhere: metrics are then unsupported on the device).
+    pub rows_metrics: Option<Kernel>,
     pub rows_variants: RowsVariants,
     pub partials: Kernel,
     pub merge: Kernel,
@@ -1280,13 +1297,18 @@ impl Kernels {
         // weights.
         // Logits and grad have no minimum size: the scalar and vec4 variants share this
         // layout.
-        let rows = Kernel::layout_only::<RowParams>(
-            device,
-            "cross_entropy_rows",
-            &[(RW, 0), (RO, 4), (RW, 4), (RW, 4), (RW, 0), (RW, 8), (RO, 8), (RO, 0)],
-        );
+        const ROWS_STORAGE: [(bool, u64); 8] =
+            [(RW, 0), (RO, 4), (RW, 4), (RW, 4), (RW, 0), (RW, 8), (RO, 8), (RO, 0)];
+        let rows = Kernel::layout_only::<RowParams>(device, "cross_entropy_rows", &ROWS_STORAGE);
+        // ... and row_metrics.
+        let rows_metrics = (device.limits().max_storage_buffers_per_shader_stage > 8).then(|| {
+            let mut storage = ROWS_STORAGE.to_vec();
+            storage.push((RW, 32));
+            Kernel::layout_only::<RowParams>(device, "cross_entropy_rows (metrics)", &storage)
+        });
         let rows_variants = RowsVariants {
             layout: rows.layout.clone(),
+            metrics_layout: rows_metrics.as_ref().map(|k| k.layout.clone()),
             wg,
             cached,
             subgroups,
@@ -1296,6 +1318,7 @@ impl Kernels {
         };
         Self {
             rows,
+            rows_metrics,
             rows_variants,
             partials: Kernel::new::<PartialParams>(
                 device,

@@ -428,6 +428,7 @@ impl GpuContext {
         workspace: &mut DeviceWorkspace,
     ) -> Result<DeviceLoss> {
         let frame = self.check_device_problem(problem, opts)?;
+        self.no_metrics_yet(opts, "device-resident buffers")?;
         if frame.n == 0 {
             return Ok(self.empty_device_loss(problem, opts, workspace));
         }

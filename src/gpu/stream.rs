@@ -7,13 +7,15 @@
 use std::ops::Range;
 
 use crate::error::{Error, Result};
+use crate::metrics::{Metrics, RowMetrics};
 use crate::options::{Batch, LossOptions, LossOutput, Reduction};
 
 use super::buffers::{Grow, Recorder, bind, groups_x};
 use super::context::GpuContext;
 use super::grid::{RowGrid, record_row_grid};
 use super::kernels::{
-    BackwardParams, ElemFormat, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams, RowParams,
+    BackwardParams, ElemFormat, F_METRICS, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams,
+    RowParams,
 };
 use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
 use super::reduce::reduce_levels;
@@ -109,11 +111,15 @@ struct Readback {
     grad_to: Option<Range<usize>>,
     /// Rows whose loss and LSE are in the readback, and their offsets there.
     rows_to: Option<(Range<usize>, u64, u64)>,
+    /// Rows whose metric records are in the readback, and their offset there.
+    metrics_to: Option<(Range<usize>, u64)>,
 }
 
 struct Outputs {
     row_losses: Option<Vec<f32>>,
     lse: Option<Vec<f32>>,
+    /// Each row's metrics (targets filled in after the readback).
+    metrics: Option<Vec<RowMetrics>>,
 }
 
 impl GpuContext {
@@ -124,10 +130,24 @@ impl GpuContext {
         let (rows, classes, grad) = (batch.rows, batch.classes, io.grad_kind());
         let half = matches!(io.format(classes, false), ElemFormat::Half { .. });
         let weights = opts.get_weights().map_or(0, <[f32]>::len);
-        let (loss, outputs) = self.planned(
+        let metrics = opts.get_metrics().is_some();
+        if metrics && self.kernels.rows_metrics.is_none() {
+            return Err(Error::Unsupported {
+                path: self.path_name(),
+                cell: "evaluation metrics".into(),
+                why: "the adapter has 8 storage buffers per shader stage, and the metrics need a ninth; \
+                      use the CPU paths"
+                    .into(),
+            });
+        }
+        let (loss, mut outputs) = self.planned(
             |limits| {
                 let plan = Plan::new(rows, classes, grad, limits)?;
                 let split = matches!(plan.layout, Layout::Split { .. });
+                let grid = matches!(plan.layout, Layout::Rows { blocks_per_row: Some(_), .. }) && !half;
+                if metrics && (split || grid) {
+                    self.no_metrics_yet(opts, "rows split over several workgroups (few long rows)")?;
+                }
                 if split && half {
                     return Err(Error::InvalidOption(format!(
                         "rows of {classes} classes are split across bindings, and the split kernels read \
@@ -139,9 +159,21 @@ impl GpuContext {
                 }
                 Ok(plan)
             },
-            |ws, plan| self.prepare(ws, plan, weights),
+            |ws, plan| self.prepare(ws, plan, weights, metrics),
             |ws, plan| self.stream(ws, &mut io, batch, opts, &plan),
         )?;
+        let metrics = match (opts.get_metrics(), outputs.metrics.take()) {
+            (Some(spec), Some(mut rows)) => {
+                rows.iter_mut().zip(&batch.targets).for_each(|(m, &t)| {
+                    m.target = i64::from(t);
+                    if t == Batch::IGNORED {
+                        (m.above, m.nll) = (0, 0.0);
+                    }
+                });
+                Some(Metrics::from_rows(spec, &rows))
+            }
+            _ => None,
+        };
         Ok(LossOutput {
             loss: match opts.get_reduction() {
                 Reduction::None => None,
@@ -153,13 +185,14 @@ impl GpuContext {
             lse: outputs.lse,
             gradient: None,
             z_loss: None,
+            metrics,
             ..Default::default()
         })
     }
 
-    /// Makes every buffer big enough for `plan`, rebuilding the bind groups only when a
-    /// buffer was replaced.
-    pub(crate) fn prepare(&self, ws: &mut Workspace, plan: &Plan, weights: usize) {
+    /// Makes every buffer big enough for `plan` (and its metric records when `metrics`),
+    /// rebuilding the bind groups only when a buffer was replaced.
+    pub(crate) fn prepare(&self, ws: &mut Workspace, plan: &Plan, weights: usize, metrics: bool) {
         let d = &self.device;
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
@@ -187,29 +220,33 @@ impl GpuContext {
         grow.storage(&mut ws.norm, "xent norm", 16);
         grow.storage(&mut ws.weights, "xent weights", weights as u64 * 4);
         grow.storage(&mut ws.upstream, "xent upstream", rows * 4);
+        if self.kernels.rows_metrics.is_some() {
+            grow.storage(&mut ws.row_metrics, "xent row_metrics", if metrics { rows * 32 } else { 32 });
+        }
         grow.params(&mut ws.params, "xent params");
-        grow.readback(&mut ws.readback, plan.ring, "xent readback", readback_layout(plan).2);
+        grow.readback(&mut ws.readback, plan.ring, "xent readback", readback_layout(plan, metrics).3);
         let created = grow.created();
         ws.allocations += created;
         if ws.groups.is_none() || created > 0 {
             let k = &self.kernels;
             let p = ws.params.get();
+            let rows_buffers = [
+                ws.logits.get(),
+                ws.targets.get(),
+                ws.row_loss.get(),
+                ws.row_lse.get(),
+                ws.grad.get(),
+                ws.row_stats.get(),
+                ws.norm.get(),
+                ws.weights.get(),
+            ];
             ws.groups = Some(BindGroups {
-                rows: bind(
-                    d,
-                    &k.rows,
-                    p,
-                    &[
-                        ws.logits.get(),
-                        ws.targets.get(),
-                        ws.row_loss.get(),
-                        ws.row_lse.get(),
-                        ws.grad.get(),
-                        ws.row_stats.get(),
-                        ws.norm.get(),
-                        ws.weights.get(),
-                    ],
-                ),
+                rows: bind(d, &k.rows, p, &rows_buffers),
+                rows_metrics: k.rows_metrics.as_ref().map(|kernel| {
+                    let mut buffers = rows_buffers.to_vec();
+                    buffers.push(ws.row_metrics.get());
+                    bind(d, kernel, p, &buffers)
+                }),
                 partials: bind(
                     d,
                     &k.partials,
@@ -265,9 +302,11 @@ impl GpuContext {
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let grad_scale = batch.gradient_scale(opts.get_reduction());
         let mode = grad_mode(plan.grad);
+        let want_metrics = opts.get_metrics().is_some();
         let mut outputs = Outputs {
             row_losses: opts.wants_row_losses().then(|| vec![0.0; n]),
             lse: opts.wants_lse().then(|| vec![0.0; n]),
+            metrics: want_metrics.then(|| vec![NO_RECORD; n]),
         };
         let want_rows = outputs.row_losses.is_some() || outputs.lse.is_some();
         self.queue.write_buffer(ws.norm.get(), 0, bytemuck::cast_slice(&[1.0f32, 1.0]));
@@ -284,13 +323,16 @@ impl GpuContext {
             levels.record(rec, &self.kernels, &groups.reduce_scratch);
             rec.copy(ws.scratch.get(), u64::from(levels.result) * 4, ws.sums.get(), group as u64 * 4, 4);
         };
-        let (rows_at, lse_at, _) = readback_layout(plan);
+        let (rows_at, lse_at, metrics_at, _) = readback_layout(plan, want_metrics);
         // Copies the chunk's per-row results into the readback slot.
         let rows_readback = |rec: &mut Recorder, slot: usize, rows: usize| {
+            let rb = ws.readback[slot].get();
             if want_rows {
-                let rb = ws.readback[slot].get();
                 rec.copy(ws.row_loss.get(), 0, rb, rows_at, rows as u64 * 4);
                 rec.copy(ws.row_lse.get(), 0, rb, lse_at, rows as u64 * 4);
+            }
+            if want_metrics {
+                rec.copy(ws.row_metrics.get(), 0, rb, metrics_at, rows as u64 * 32);
             }
         };
         let submit = |ring: &mut Ring<'_, Readback>,
@@ -298,16 +340,23 @@ impl GpuContext {
                       slot: usize,
                       grad_to: Option<Range<usize>>,
                       rows_to: Option<Range<usize>>| {
-            let map_bytes = match (&grad_to, &rows_to) {
-                (_, Some(r)) => lse_at + r.len() as u64 * 4,
-                (Some(g), None) => g.len() as u64 * 4,
-                (None, None) => 0,
+            let metrics_to = rows_to.clone().filter(|_| want_metrics);
+            let rows_to = rows_to.filter(|_| want_rows);
+            let map_bytes = match (&grad_to, &rows_to, &metrics_to) {
+                (_, _, Some(r)) => metrics_at + r.len() as u64 * 32,
+                (_, Some(r), None) => lse_at + r.len() as u64 * 4,
+                (Some(g), None, None) => g.len() as u64 * 4,
+                (None, None, None) => 0,
             };
             ring.submit(
                 rec,
                 slot,
                 map_bytes,
-                Readback { grad_to, rows_to: rows_to.map(|r| (r, rows_at, lse_at)) },
+                Readback {
+                    grad_to,
+                    rows_to: rows_to.map(|r| (r, rows_at, lse_at)),
+                    metrics_to: metrics_to.map(|r| (r, metrics_at)),
+                },
             );
         };
 
@@ -353,12 +402,16 @@ impl GpuContext {
                                 ..bytemuck::Zeroable::zeroed()
                             }
                             .with_opts(kopts);
+                            let (features, group) = match &groups.rows_metrics {
+                                Some(g) if want_metrics => (kopts.features() | F_METRICS, g),
+                                _ => (kopts.features(), &groups.rows),
+                            };
                             let pipeline = self.kernels.rows_variants.get(
                                 &self.device,
                                 io.format(v, self.native_f16()),
-                                kopts.features(),
+                                features,
                             );
-                            rec.dispatch_pipeline(&pipeline, &groups.rows, &params, wgs);
+                            rec.dispatch_pipeline(&pipeline, group, &params, wgs);
                         }
                     }
                     chunk_sum(&mut rec, rows, group);
@@ -371,7 +424,8 @@ impl GpuContext {
                         rec.copy(src, 0, ws.readback[slot].get(), 0, elems.len() as u64 * io.grad_bytes());
                     }
                     rows_readback(&mut rec, slot, rows);
-                    submit(&mut ring, rec, slot, grad_src.map(|_| elems), want_rows.then_some(chunk.rows));
+                    let rows_to = (want_rows || want_metrics).then_some(chunk.rows);
+                    submit(&mut ring, rec, slot, grad_src.map(|_| elems), rows_to);
                 }
             }
             Layout::Split { piece_cols, pieces, blocks_per_piece } => {
@@ -494,7 +548,24 @@ fn copy_out(io: &mut Io<'_>, outputs: &mut Outputs, what: Readback, bytes: &[u8]
             out[rows.clone()].copy_from_slice(&floats[e..e + rows.len()]);
         }
     }
+    if let (Some((rows, at)), Some(out)) = (what.metrics_to, &mut outputs.metrics) {
+        let records = &floats[(at / 4) as usize..][..rows.len() * 8];
+        for (m, rec) in out[rows].iter_mut().zip(records.chunks_exact(8)) {
+            *m = RowMetrics {
+                target: -1,
+                pred: i64::from(rec[0].to_bits() as i32),
+                above: u64::from(rec[1].to_bits()),
+                confidence: rec[2],
+                entropy: rec[3],
+                nll: rec[4],
+            };
+        }
+    }
 }
+
+/// A row's metrics before its record is read back.
+const NO_RECORD: RowMetrics =
+    RowMetrics { target: -1, pred: -1, above: 0, confidence: f32::NAN, entropy: f32::NAN, nll: f32::NAN };
 
 /// Class weights cannot be bound whole when a row is longer than one binding.
 pub(crate) fn split_weights_error(path: String, classes: usize) -> Error {
@@ -508,13 +579,15 @@ pub(crate) fn split_weights_error(path: String, classes: usize) -> Error {
     }
 }
 
-/// Offsets in a readback slot of the row losses and LSE (after the gradient chunk), and
-/// the slot's size.
-fn readback_layout(plan: &Plan) -> (u64, u64, u64) {
+/// Offsets in a readback slot of the row losses, the LSE and (with `metrics`) the metric
+/// records (after the gradient chunk), and the slot's size.
+fn readback_layout(plan: &Plan, metrics: bool) -> (u64, u64, u64, u64) {
     let grad = if plan.grad == GradKind::None { 0 } else { plan.chunk_elems as u64 * 4 };
+    let rows = plan.slot_rows as u64;
     let rows_at = grad.next_multiple_of(16);
-    let lse_at = rows_at + (plan.slot_rows as u64 * 4).next_multiple_of(16);
-    (rows_at, lse_at, lse_at + plan.slot_rows as u64 * 4)
+    let lse_at = rows_at + (rows * 4).next_multiple_of(16);
+    let metrics_at = lse_at + (rows * 4).next_multiple_of(16);
+    (rows_at, lse_at, metrics_at, metrics_at + if metrics { rows * 32 } else { 0 })
 }
 
 pub(crate) fn empty_output(opts: &LossOptions) -> LossOutput {

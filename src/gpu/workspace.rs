@@ -19,6 +19,8 @@ pub(crate) struct Workspace {
     pub norm: Slot,
     pub weights: Slot,
     pub upstream: Slot,
+    /// Two vec4 per row of evaluation metrics (where the adapter binds them).
+    pub row_metrics: Slot,
     pub params: Slot,
     pub readback: Vec<Slot>,
     pub groups: Option<BindGroups>,
@@ -39,6 +41,8 @@ impl Workspace {
 /// The bind groups of the class-index kernels over a [`Workspace`]'s buffers.
 pub(crate) struct BindGroups {
     pub rows: wgpu::BindGroup,
+    /// The fused kernel's with the metrics binding, where the adapter has it.
+    pub rows_metrics: Option<wgpu::BindGroup>,
     pub partials: wgpu::BindGroup,
     pub merge: wgpu::BindGroup,
     pub backward: wgpu::BindGroup,

@@ -1,0 +1,324 @@
+//! Evaluation metrics (shared/docs/semantics.md, "Evaluation metrics") on every path — the
+//! reference, the fast CPU path and every GPU adapter — against scikit-learn / PyTorch
+//! float64 results committed in tests/data/metrics_* (scripts/make_metrics_reference.py),
+//! and against the f64 reference on random batches with ties, ignored rows, NaN rows and
+//! masked classes, in every element type and with the gradient asked or not.
+//!
+//! Counts (accuracy, top-k, the counted rows, each row's prediction) must be exact; the
+//! means of nll and entropy are f32 row values added in f64, so they take the loss's
+//! rtol 1e-5; the ECE is a sum of |bin accuracy − bin confidence| weighted by the bin
+//! shares, each confidence an f32 with rtol ~1e-6, so it takes 1e-5 absolute.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use xent::npy::{self, NpyData};
+use xent::{
+    Backend, CpuFast, Error, Gradient, HalfFormat, Labels, Logits, LossOptions, LossOutput, Metrics,
+    MetricsSpec, Problem, Reduction, Reference,
+};
+
+/// A committed case: inputs, options and the expected figures.
+struct Case {
+    name: String,
+    classes: usize,
+    logits: Vec<f32>,
+    targets: Option<Vec<i64>>,
+    probs: Option<Vec<f32>>,
+    opts: LossOptions,
+    expected: serde_json::Value,
+}
+
+fn number(v: &serde_json::Value) -> f64 {
+    match v {
+        serde_json::Value::String(s) if s == "NaN" => f64::NAN,
+        v => v.as_f64().unwrap_or_else(|| panic!("not a number: {v}")),
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("metrics_"))
+        .collect();
+    dirs.sort();
+    assert!(
+        dirs.len() >= 10,
+        "tests/data holds {} metrics cases; run scripts/make_metrics_reference.py",
+        dirs.len()
+    );
+    dirs.iter().map(|d| case(d)).collect()
+}
+
+fn case(dir: &Path) -> Case {
+    let array = npy::read(dir.join("logits.npy")).unwrap();
+    let classes = array.shape[1];
+    let NpyData::F32(logits) = array.data else { panic!("{}: logits are not float32", dir.display()) };
+    let targets =
+        dir.join("targets.npy").exists().then(|| match npy::read(dir.join("targets.npy")).unwrap().data {
+            NpyData::I64(t) => t,
+            other => panic!("{other:?}"),
+        });
+    let probs =
+        dir.join("probs.npy").exists().then(|| match npy::read(dir.join("probs.npy")).unwrap().data {
+            NpyData::F32(p) => p,
+            other => panic!("{other:?}"),
+        });
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap();
+    let ks: Vec<usize> =
+        expected["top_k"].as_array().unwrap().iter().map(|k| k.as_u64().unwrap() as usize).collect();
+    let spec =
+        MetricsSpec::new().top_k(&ks).ece_bins(expected["ece_bins"].as_u64().unwrap() as usize).per_row(true);
+    let mut opts = LossOptions::new().ignore_index(expected["ignore_index"].as_i64().unwrap()).metrics(spec);
+    if let Some(c) = expected["softcap"].as_f64() {
+        opts = opts.softcap(c);
+    }
+    if let Some(a) = expected["logit_scale"].as_f64() {
+        opts = opts.logit_scale(a);
+    }
+    Case {
+        name: dir.file_name().unwrap().to_string_lossy().into_owned(),
+        classes,
+        logits,
+        targets,
+        probs,
+        opts,
+        expected,
+    }
+}
+
+fn close(got: f64, want: f64, rtol: f64, atol: f64) -> bool {
+    got == want || (got.is_nan() && want.is_nan()) || (got - want).abs() <= atol + rtol * want.abs()
+}
+
+/// Checks `m` against the committed figures.
+fn check_expected(m: &Metrics, e: &serde_json::Value, what: &str) {
+    assert_eq!(m.counted_rows, e["counted_rows"].as_u64().unwrap(), "{what}: counted rows");
+    let pred: Vec<i64> = e["pred"].as_array().unwrap().iter().map(|p| p.as_i64().unwrap()).collect();
+    assert_eq!(m.predictions.as_ref().unwrap(), &pred, "{what}: predictions");
+    assert!(
+        close(m.accuracy, number(&e["accuracy"]), 1e-12, 0.0),
+        "{what}: accuracy {} vs {}",
+        m.accuracy,
+        e["accuracy"]
+    );
+    for &(k, acc) in &m.top_k_accuracy {
+        let want = number(&e["top_k_accuracy"][k.to_string()]);
+        assert!(close(acc, want, 1e-12, 0.0), "{what}: top-{k} {acc} vs {want}");
+    }
+    for (field, got) in [("nll", m.nll), ("perplexity", m.perplexity), ("entropy", m.entropy)] {
+        let want = number(&e[field]);
+        assert!(close(got, want, 1e-5, 1e-6), "{what}: {field} {got} vs {want}");
+    }
+    assert!(close(m.ece, number(&e["ece"]), 0.0, 1e-5), "{what}: ece {} vs {}", m.ece, e["ece"]);
+}
+
+fn evaluate(path: &dyn Backend, c: &Case, gradient: bool) -> xent::Result<LossOutput> {
+    let labels = match (&c.targets, &c.probs) {
+        (Some(t), _) => Labels::from(t),
+        (None, Some(p)) => Labels::Probabilities(p),
+        _ => unreachable!(),
+    };
+    let mut problem = Problem::new(Logits::F32(&c.logits), c.classes, labels);
+    if gradient {
+        problem = problem.gradient(Gradient::Owned);
+    }
+    path.evaluate(problem, &c.opts)
+}
+
+/// The paths this binary checks: the reference, the fast CPU path, every adapter.
+fn paths(test: &str) -> Vec<&'static dyn Backend> {
+    let mut paths: Vec<&'static dyn Backend> = vec![&Reference, &CpuFast];
+    paths.extend(common::gpus(test).iter().map(|g| g as &dyn Backend));
+    paths
+}
+
+/// What the GPU does not compute yet answers a typed error naming it (never a loss
+/// without its metrics): probability targets.
+fn unsupported_yet(path: &dyn Backend, c: &Case, r: &xent::Result<LossOutput>) -> bool {
+    let gpu = !path.describe().starts_with("cpu");
+    match r {
+        Err(Error::Unsupported { cell, .. }) if gpu && c.probs.is_some() => {
+            assert!(cell.contains("metrics"), "{cell}");
+            true
+        }
+        _ => false,
+    }
+}
+
+#[test]
+fn committed_cases_on_every_path() {
+    for c in cases() {
+        for path in paths("committed_cases_on_every_path") {
+            for gradient in [false, true] {
+                let what = format!("{} on {} (gradient {gradient})", c.name, path.describe());
+                let r = evaluate(path, &c, gradient);
+                if unsupported_yet(path, &c, &r) {
+                    continue;
+                }
+                let out = r.unwrap_or_else(|e| panic!("{what}: {e}"));
+                check_expected(out.metrics.as_ref().expect("metrics asked"), &c.expected, &what);
+            }
+        }
+    }
+}
+
+/// Checks `got` against the reference's metrics of the same problem: counts and every
+/// prediction exact, per-row confidences to 1e-6 relative, the means as above.
+fn check_against(got: &Metrics, want: &Metrics, what: &str) {
+    assert_eq!(got.counted_rows, want.counted_rows, "{what}");
+    assert_eq!(got.predictions, want.predictions, "{what}: predictions");
+    assert_eq!(got.sums.correct, want.sums.correct, "{what}: correct");
+    assert_eq!(got.sums.top_k, want.sums.top_k, "{what}: top-k counts");
+    let bins = |m: &Metrics| m.sums.bins.iter().map(|b| (b.count, b.correct)).collect::<Vec<_>>();
+    assert_eq!(bins(got), bins(want), "{what}: bins");
+    for (field, g, w) in [("nll", got.nll, want.nll), ("entropy", got.entropy, want.entropy)] {
+        assert!(close(g, w, 1e-5, 1e-6), "{what}: {field} {g} vs {w}");
+    }
+    assert!(close(got.ece, want.ece, 0.0, 1e-5), "{what}: ece {} vs {}", got.ece, want.ece);
+    for (r, (g, w)) in
+        got.confidences.as_ref().unwrap().iter().zip(want.confidences.as_ref().unwrap()).enumerate()
+    {
+        assert!(close(f64::from(*g), f64::from(*w), 2e-6, 0.0), "{what}: row {r} confidence {g} vs {w}");
+    }
+}
+
+/// A batch with what the contract singles out: exact ties of the max (and of the target
+/// with the max), ignored rows, masked (−inf) classes and, with `specials`, a NaN row, a
+/// row with +inf and a row of only −inf (which make the means NaN, so both are tested).
+fn tricky_batch(rows: usize, classes: usize, seed: u64, specials: bool) -> (Vec<f32>, Vec<i64>) {
+    let mut logits = xent::synth::logits(rows, classes, 3.0, seed);
+    let mut targets = xent::synth::targets(rows, classes, seed + 1);
+    let v = classes;
+    // Row 0: the max at two columns, the target at the second (not the prediction).
+    logits[1] = 50.0;
+    logits[v - 1] = 50.0;
+    targets[0] = (v - 1) as i64;
+    // Row 1: the target ties the max.
+    logits[v + 2] = 40.0;
+    logits[v] = 40.0;
+    targets[1] = 2;
+    targets[2] = -100;
+    logits[4 * v + 1] = f32::NEG_INFINITY;
+    logits[4 * v + v - 1] = f32::NEG_INFINITY;
+    if targets[4] == 1 || targets[4] == (v - 1) as i64 {
+        targets[4] = 0; // a masked target would make every mean infinite
+    }
+    if specials {
+        logits[3 * v + v / 2] = f32::NAN;
+        logits[5 * v..6 * v].fill(f32::NEG_INFINITY);
+        logits[6 * v + 3] = f32::INFINITY;
+    }
+    targets.iter_mut().skip(9).step_by(11).for_each(|t| *t = -100);
+    (logits, targets)
+}
+
+#[test]
+fn random_batches_match_the_reference_on_every_path() {
+    // Small rows (the cached path, several rows per workgroup), odd V (scalar loads),
+    // long rows (the streaming pass), many rows.
+    let shapes = [(70, 5), (67, 33), (64, 100), (80, 3000), (300, 257)];
+    let option_sets = [
+        LossOptions::new(),
+        LossOptions::new().softcap(4.0).logit_scale(1.5).label_smoothing(0.1),
+        // (with class weights, below)
+        LossOptions::new().reduction(Reduction::Sum).z_loss(1e-3),
+    ];
+    for ((seed, &(rows, v)), specials) in shapes.iter().enumerate().flat_map(|s| [(s, false), (s, true)]) {
+        let (logits, targets) = tricky_batch(rows, v, 11 + seed as u64, specials);
+        for (o, base) in option_sets.iter().enumerate() {
+            let mut opts = base.clone();
+            if o == 2 {
+                opts = opts.weights((0..v).map(|c| 0.5 + (c % 3) as f32).collect());
+            }
+            let opts = opts.metrics(MetricsSpec::new().top_k(&[1, 2, 5]).ece_bins(10).per_row(true));
+            let problem = || Problem::new(Logits::F32(&logits), v, Labels::from(&targets));
+            let want = Reference.evaluate(problem(), &opts).unwrap().metrics.unwrap();
+            for path in paths("random_batches_match_the_reference_on_every_path") {
+                for gradient in [false, true] {
+                    let what = format!(
+                        "{rows}x{v}, options {o}, specials {specials}, on {} (gradient {gradient})",
+                        path.describe()
+                    );
+                    let p = if gradient { problem().gradient(Gradient::Owned) } else { problem() };
+                    let out = path.evaluate(p, &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    check_against(out.metrics.as_ref().unwrap(), &want, &what);
+                }
+                // In place: the metrics come from the logits before the gradient overwrites them.
+                let mut x = logits.clone();
+                let p = Problem::new(Logits::F32Mut(&mut x), v, Labels::from(&targets))
+                    .gradient(Gradient::InPlace);
+                let out = path.evaluate(p, &opts).unwrap();
+                check_against(
+                    out.metrics.as_ref().unwrap(),
+                    &want,
+                    &format!("{rows}x{v} in place on {}", path.describe()),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn half_logits_give_the_reference_metrics() {
+    let (rows, v) = (90, 130);
+    // Row blocks of 7 rows, so that the front door's composition (which widens half
+    // logits for the CPU paths) appends the metrics of many blocks.
+    xent::set_block_elems(7 * v);
+    let (raw, targets) = tricky_batch(rows, v, 5, true);
+    let opts = LossOptions::new().metrics(MetricsSpec::new().per_row(true));
+    for format in [HalfFormat::F16, HalfFormat::Bf16] {
+        let bits: Vec<u16> = raw.iter().map(|&x| format.from_f32(x)).collect();
+        let wide: Vec<f32> = bits.iter().map(|&b| format.to_f32(b)).collect();
+        let want =
+            Reference.evaluate(Problem::new(Logits::F32(&wide), v, Labels::from(&targets)), &opts).unwrap();
+        for path in paths("half_logits_give_the_reference_metrics") {
+            let out = path
+                .evaluate(Problem::new(Logits::Half(&bits, format), v, Labels::from(&targets)), &opts)
+                .unwrap();
+            check_against(
+                out.metrics.as_ref().unwrap(),
+                want.metrics.as_ref().unwrap(),
+                &format!("{format:?} on {}", path.describe()),
+            );
+        }
+    }
+}
+
+#[test]
+fn metrics_are_refused_where_they_do_not_apply() {
+    let logits = [0.5f32, 1.0, -1.0, 2.0];
+    let opts = LossOptions::new().metrics(MetricsSpec::new());
+    let binary = [1.0f32, 0.0, 0.0, 1.0];
+    let lse = [1.0f32, 2.0];
+    for path in paths("metrics_are_refused_where_they_do_not_apply") {
+        let r = path.evaluate(Problem::new(Logits::F32(&logits), 2, Labels::Binary(&binary)), &opts);
+        assert!(matches!(r, Err(Error::InvalidOption(ref m)) if m.contains("metrics")), "{r:?}");
+        let mut g = [0.0f32; 4];
+        let p = Problem::new(Logits::F32(&logits), 2, Labels::from(&[0i64, 1]))
+            .gradient(Gradient::IntoF32(&mut g))
+            .backward(Some(&lse), xent::Upstream::Scalar(1.0));
+        let r = path.evaluate(p, &opts);
+        assert!(matches!(r, Err(Error::InvalidOption(ref m)) if m.contains("fused")), "{r:?}");
+    }
+    // Few long rows go over the row grid (several workgroups per row), which does not
+    // compute metrics yet: a typed error, not a loss without them.
+    let (rows, v) = (8, 3000);
+    let (long, targets) = tricky_batch(rows, v, 3, false);
+    for gpu in common::gpus("metrics_are_refused_where_they_do_not_apply") {
+        let r = gpu.evaluate(Problem::new(Logits::F32(&long), v, Labels::from(&targets)), &opts);
+        assert!(matches!(r, Err(Error::Unsupported { ref cell, .. }) if cell.contains("metrics")), "{r:?}");
+    }
+    let bad = LossOptions::new().metrics(MetricsSpec::new().top_k(&[0, 1]));
+    let r = Reference.evaluate(Problem::new(Logits::F32(&logits), 2, Labels::from(&[0i64, 1])), &bad);
+    assert!(matches!(r, Err(Error::InvalidOption(ref m)) if m.contains("top-k")), "{r:?}");
+    let r = Reference.evaluate(
+        Problem::new(Logits::F32(&logits), 2, Labels::from(&[0i64, 1])),
+        &LossOptions::new().metrics(MetricsSpec::new().ece_bins(0)),
+    );
+    assert!(matches!(r, Err(Error::InvalidOption(ref m)) if m.contains("ECE")), "{r:?}");
+}
