@@ -17,9 +17,10 @@ use super::kernels::{
     BackwardParams, ElemFormat, F_METRICS, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams,
     RowParams,
 };
-use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
+use super::plan::{GradKind, Layout, Plan, PlanLimits, SPLIT_BLOCK_COLS};
 use super::reduce::reduce_levels;
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
+use super::tuning::Tuning;
 use super::workspace::{BindGroups, Workspace};
 
 /// Logits as the caller holds them.
@@ -142,11 +143,19 @@ impl GpuContext {
         }
         let (loss, mut outputs) = self.planned(
             |limits| {
+                // The metrics are the fused row kernel's: few long rows take it too rather
+                // than the (row × column block) grid.
+                let no_grid;
+                let limits = if metrics {
+                    no_grid = PlanLimits { tuning: Tuning { few_rows: 0, ..limits.tuning }, ..*limits };
+                    &no_grid
+                } else {
+                    limits
+                };
                 let plan = Plan::new(rows, classes, grad, limits)?;
                 let split = matches!(plan.layout, Layout::Split { .. });
-                let grid = matches!(plan.layout, Layout::Rows { blocks_per_row: Some(_), .. }) && !half;
-                if metrics && (split || grid) {
-                    self.no_metrics_yet(opts, "rows split over several workgroups (few long rows)")?;
+                if metrics && split {
+                    self.no_metrics_yet(opts, "rows longer than one storage binding")?;
                 }
                 if split && half {
                     return Err(Error::InvalidOption(format!(
