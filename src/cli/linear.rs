@@ -165,7 +165,7 @@ pub fn eval(args: &EvalArgs, mut opts: LossOptions) -> xent::Result<ExitCode> {
     if let Some(b) = b_values {
         head = head.bias(b);
     }
-    let mut problem = Problem::linear(head, targets);
+    let mut problem = Problem::linear(head, targets).row_losses(args.plot.is_some());
     if grads.any() {
         problem = problem.gradient(Gradient::Linear(grads));
     }
@@ -179,11 +179,12 @@ pub fn eval(args: &EvalArgs, mut opts: LossOptions) -> xent::Result<ExitCode> {
             None => npy::write_f32(p, &[rows], out.row_losses.as_deref().unwrap_or_default())?,
         }
     }
+    let metrics = crate::metrics_outputs(args, &out)?;
     for w in [dh_file, dw_file, db_file].into_iter().flatten() {
         w.commit()?;
     }
     println!(
-        "{{\"loss\": {}, \"z_loss\": {}, \"rows\": {rows}, \"classes\": {classes}, \"hidden_dim\": {dim}, \"device\": \"{}\", \"adapter\": {}, \"elapsed_ms\": {elapsed_ms:.3}}}",
+        "{{\"loss\": {}, \"z_loss\": {}, \"rows\": {rows}, \"classes\": {classes}, \"hidden_dim\": {dim}, \"device\": \"{}\", \"adapter\": {}, \"elapsed_ms\": {elapsed_ms:.3}{metrics}}}",
         out.loss.map_or("null".to_string(), json_number),
         out.z_loss.map_or("null".to_string(), json_number),
         crate::device_name(args.device),

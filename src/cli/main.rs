@@ -256,7 +256,9 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
         None => Gradient::None,
     };
     let start = Instant::now();
-    let out = backend.evaluate(Problem::new(logits_view, classes, labels).gradient(gradient), &opts)?;
+    let problem =
+        Problem::new(logits_view, classes, labels).gradient(gradient).row_losses(args.plot.is_some());
+    let out = backend.evaluate(problem, &opts)?;
     let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
 
     if let Some(p) = &args.out_loss {
@@ -266,17 +268,42 @@ fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
             None => npy::write_f32(p, none_shape, out.row_losses.as_deref().unwrap_or_default())?,
         }
     }
+    let metrics = metrics_outputs(args, &out)?;
     if let Some(w) = grad_file {
         w.commit()?;
     }
     let device = device_name(args.device);
     println!(
-        "{{\"loss\": {}, \"z_loss\": {}, \"rows\": {rows}, \"classes\": {classes}, \"device\": \"{device}\", \"adapter\": {}, \"elapsed_ms\": {elapsed_ms:.3}}}",
+        "{{\"loss\": {}, \"z_loss\": {}, \"rows\": {rows}, \"classes\": {classes}, \"device\": \"{device}\", \"adapter\": {}, \"elapsed_ms\": {elapsed_ms:.3}{metrics}}}",
         out.loss.map_or("null".to_string(), json_number),
         out.z_loss.map_or("null".to_string(), json_number),
         json_string(&adapter)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `eval --metrics`: writes `--out-pred` (int64 [N]) and the `--plot` picture, and returns
+/// the JSON's `, "metrics": {...}` (empty without --metrics).
+pub(crate) fn metrics_outputs(args: &EvalArgs, out: &xent::LossOutput) -> xent::Result<String> {
+    let Some(m) = &out.metrics else { return Ok(String::new()) };
+    if let (Some(p), Some(pred)) = (&args.out_pred, &m.predictions) {
+        npy::write_i64(p, pred)?;
+    }
+    if let Some(p) = &args.plot {
+        plot::calibration_svg(p, m, out.row_losses.as_deref())?;
+    }
+    let num = |x: f64| json_number64(x);
+    let top_k: Vec<String> = m.top_k_accuracy.iter().map(|(k, a)| format!("\"{k}\": {}", num(*a))).collect();
+    Ok(format!(
+        ", \"metrics\": {{\"accuracy\": {}, \"top_k_accuracy\": {{{}}}, \"nll\": {}, \"perplexity\": {}, \"entropy\": {}, \"ece\": {}, \"counted_rows\": {}}}",
+        num(m.accuracy),
+        top_k.join(", "),
+        num(m.nll),
+        num(m.perplexity),
+        num(m.entropy),
+        num(m.ece),
+        m.counted_rows
+    ))
 }
 
 /// `eval`'s backend: the GPU (the adapter named, or the default one), the fast CPU path
@@ -344,6 +371,14 @@ fn read_class_vector(path: &Path, what: &str) -> xent::Result<Vec<f32>> {
 /// A number as Python's `json` writes it (NaN and infinities included, which its
 /// reader accepts).
 fn json_number(x: f32) -> String {
+    if x.is_finite() {
+        return format!("{x:?}");
+    }
+    json_number64(f64::from(x))
+}
+
+/// [`json_number`] of an f64.
+fn json_number64(x: f64) -> String {
     if x.is_nan() {
         "NaN".into()
     } else if x.is_infinite() {

@@ -386,9 +386,6 @@ fn bins(metrics: &Metrics) -> Vec<(f64, f64, u64, f64, f64)> {
 /// as bars against the bin, the diagonal y = x, the mean confidence per bin as points),
 /// the rows per bin in a small panel below, and — with `row_losses` — a histogram of the
 /// finite row losses beside them (the caption counts the NaN/inf ones skipped).
-// `xent eval --plot` wires this (another change); until then only tests/plots.rs's bench
-// path runs the module.
-#[allow(dead_code)]
 pub fn calibration_svg(path: &Path, metrics: &Metrics, row_losses: Option<&[f32]>) -> xent::Result<()> {
     let width = if row_losses.is_some() { 1200 } else { 720 };
     let mut svg = String::new();
