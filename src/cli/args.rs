@@ -64,6 +64,8 @@ pub enum OptionSet {
     Scale,
     /// Class weights, label smoothing 0.1, softcap 30 and z-loss 1e-4 together.
     All,
+    /// The plain loss with the evaluation metrics beside it (top-1 and top-5, 15 bins).
+    Metrics,
 }
 
 #[derive(clap::Args)]
@@ -100,8 +102,8 @@ pub struct BenchArgs {
     /// Hidden dimension D of --linear (with --rows and --classes).
     #[arg(long, requires = "linear", value_parser = clap::value_parser!(u64).range(1..))]
     pub hidden_dim: Option<u64>,
-    /// Also time the loss with the evaluation metrics (top-1/5, 15 bins) beside it
-    /// (JSON: metrics true), to show what asking for them costs.
+    /// Also time the loss with the evaluation metrics (top-1/5, 15 bins) beside it (the
+    /// option set "metrics", as `--options metrics`), to show what asking for them costs.
     #[arg(long)]
     pub metrics: bool,
     /// Draw the measured throughput (and the copy/read rooflines of each adapter) as an

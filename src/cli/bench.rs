@@ -28,6 +28,7 @@ impl OptionSet {
             OptionSet::ZLoss => "z-loss",
             OptionSet::Scale => "scale",
             OptionSet::All => "all",
+            OptionSet::Metrics => "metrics",
         }
     }
 
@@ -44,6 +45,7 @@ impl OptionSet {
             OptionSet::ZLoss => o.z_loss(1e-4),
             OptionSet::Scale => o.logit_scale(0.5),
             OptionSet::All => o.weights(weights()).label_smoothing(0.1).softcap(30.0).z_loss(1e-4),
+            OptionSet::Metrics => o.metrics(xent::MetricsSpec::new()),
         }
     }
 }
@@ -316,7 +318,8 @@ pub fn run(args: &BenchArgs) -> xent::Result<ExitCode> {
     // The option sets in command-line order, each once, the plain loss first (measured
     // even when not listed: it is what the ratios divide by).
     let mut sets = vec![OptionSet::Plain];
-    for &s in &args.options {
+    let metrics = args.metrics.then_some(OptionSet::Metrics);
+    for &s in args.options.iter().chain(&metrics) {
         if !sets.contains(&s) {
             sets.push(s);
         }

@@ -186,6 +186,66 @@ fn row_stats(row: &[f32]) -> (f32, f64) {
     (m, total)
 }
 
+/// [`block_sum_exp`] with the metrics' parts in the same read: (Σ e, Σ e (x − m),
+/// #{x > z_t}) with e = exp(x − m).
+#[inline(always)]
+fn block_sums_metrics(xs: &[f32], m: f32, z_t: f32) -> (f32, f32, u64) {
+    // f32 lanes throughout (the count is exact: at most BLOCK per lane), so the loop
+    // vectorises as one.
+    let (mut s, mut sp, mut ab) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+    let mut one = |i: usize, x: f32| {
+        let d = x - m;
+        let e = exp_f32(d);
+        s[i] += e;
+        // A masked (−inf) class adds 0, not 0 · −inf.
+        sp[i] += e * d.max(f32::MIN);
+        ab[i] += if x > z_t { 1.0 } else { 0.0 };
+    };
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (i, &x) in c.iter().enumerate() {
+            one(i, x);
+        }
+    }
+    for (i, &x) in rest.iter().enumerate() {
+        one(i, x);
+    }
+    (s.iter().sum(), sp.iter().sum(), ab.iter().sum::<f32>() as u64)
+}
+
+/// [`row_stats`] with the metrics in the same read: a row's [`RowMetrics`] (against
+/// `target`, −1 ignored) beside (max, Σ exp(x − max)). The spread Σ e (x − max) moves to
+/// a new max as the sum does; the argmax is the first column holding the max (a scan
+/// that stops there), −1 for a row holding a NaN.
+#[inline(always)]
+fn row_stats_metrics(row: &[f32], target: i64) -> (f32, f64, RowMetrics) {
+    let z_t = if target >= 0 { row[target as usize] } else { f32::INFINITY };
+    let mut m = crate::row_state::EMPTY_MAX;
+    let (mut total, mut spread, mut above) = (0.0f64, 0.0f64, 0u64);
+    // The first block holding the max: the argmax is found in it alone.
+    let mut max_block = 0;
+    for (b, block) in row.chunks(BLOCK).enumerate() {
+        let bm = block_max(block);
+        if bm > m {
+            let d = f64::from(m) - f64::from(bm);
+            let f = d.exp();
+            spread = if total > 0.0 { f * (spread + total * d) } else { 0.0 };
+            total *= f;
+            m = bm;
+            max_block = b;
+        }
+        let (s, sp, ab) = block_sums_metrics(block, m, z_t);
+        total += f64::from(s);
+        spread += f64::from(sp);
+        above += ab;
+    }
+    let nan = total.is_nan() && row.iter().any(|x| x.is_nan());
+    let first = max_block * BLOCK;
+    let argmax = (!nan).then(|| row[first..].iter().position(|&x| x == m).map_or(0, |i| first + i));
+    (m, total, RowMetrics::from_stats(target, argmax, above, m, total as f32, spread as f32, z_t))
+}
+
 /// Writes `(exp(x − m − log s) − onehot) · scale` for one row.
 #[inline(always)]
 fn row_grad(row: &[f32], out: &mut [f32], m: f32, log_s: f32, target: usize, scale: f32) {
@@ -204,11 +264,24 @@ fn row_grad(row: &[f32], out: &mut [f32], m: f32, log_s: f32, target: usize, sca
     out[target] = (exp_f32((row[target] - m) - log_s) - 1.0) * scale;
 }
 
-/// Everything about one row without options: loss, LSE, and its gradient if `out` is
-/// given.
+/// Everything about one row without options: loss, LSE, its gradient if `out` is given,
+/// and its metrics (in the same read) if `metrics` is.
 #[inline(always)]
-fn process_row(row: &[f32], target: i32, scale: f32, out: Option<&mut [f32]>) -> (f32, f32) {
-    let (m, s) = row_stats(row);
+fn process_row(
+    row: &[f32],
+    target: i32,
+    scale: f32,
+    out: Option<&mut [f32]>,
+    metrics: Option<&mut RowMetrics>,
+) -> (f32, f32) {
+    let (m, s) = match metrics {
+        Some(slot) => {
+            let (m, s, rm) = row_stats_metrics(row, i64::from(target));
+            *slot = rm;
+            (m, s)
+        }
+        None => row_stats(row),
+    };
     let log_s = s.ln() as f32;
     let lse = m + log_s;
     if target == Batch::IGNORED {
@@ -736,7 +809,9 @@ macro_rules! multiversion {
 }
 
 multiversion! {
-    /// One batch of rows: the plain row loop, or the one with options.
+    /// One batch of rows: the plain row loop, or the one with options; and each row's
+    /// metrics into `metrics` when given (in the plain loop's one read; with options, in
+    /// a pass of [`metrics_rows`] before, which leaves the rows in the cache).
     fn rows(
         logits: &[f32],
         v: usize,
@@ -746,25 +821,40 @@ multiversion! {
         lse: &mut [f32],
         o: &RowOpts<'_>,
         sc: &mut Scratch,
+        metrics: Option<&mut [RowMetrics]>,
     ) {
         let rows = logits.chunks_exact(v).zip(targets).zip(loss.iter_mut().zip(lse.iter_mut()));
-        match (grad, o.plain) {
-            (Some(g), true) => {
+        let mut metrics = metrics;
+        if let (false, Some(m)) = (o.plain, metrics.as_deref_mut()) {
+            metrics_rows(logits, v, targets, &[], o, m, &mut Vec::new());
+        }
+        match (grad, o.plain, metrics) {
+            (Some(g), true, Some(m)) => {
+                for ((((row, &t), (l, e)), out), m) in rows.zip(g.chunks_exact_mut(v)).zip(m) {
+                    (*l, *e) = process_row(row, t, o.scale, Some(out), Some(m));
+                }
+            }
+            (None, true, Some(m)) => {
+                for (((row, &t), (l, e)), m) in rows.zip(m) {
+                    (*l, *e) = process_row(row, t, o.scale, None, Some(m));
+                }
+            }
+            (Some(g), true, None) => {
                 for (((row, &t), (l, e)), out) in rows.zip(g.chunks_exact_mut(v)) {
-                    (*l, *e) = process_row(row, t, o.scale, Some(out));
+                    (*l, *e) = process_row(row, t, o.scale, Some(out), None);
                 }
             }
-            (None, true) => {
+            (None, true, None) => {
                 for ((row, &t), (l, e)) in rows {
-                    (*l, *e) = process_row(row, t, o.scale, None);
+                    (*l, *e) = process_row(row, t, o.scale, None, None);
                 }
             }
-            (Some(g), false) => {
+            (Some(g), false, _) => {
                 for (((row, &t), (l, e)), out) in rows.zip(g.chunks_exact_mut(v)) {
                     (*l, *e) = process_row_with_options::<F>(row, t, Some(out), o, sc);
                 }
             }
-            (None, false) => {
+            (None, false, _) => {
                 for ((row, &t), (l, e)) in rows {
                     (*l, *e) = process_row_with_options::<F>(row, t, None, o, sc);
                 }
@@ -808,8 +898,9 @@ multiversion! {
 
 multiversion! {
     /// The metrics of a batch of rows (class-index `targets`, or probability rows
-    /// `probs`): one pass over each row before its loss pass, which then finds the row in
-    /// the cache. A transformed row (scale, softcap) goes through `z` first.
+    /// `probs`) for the loops with options: one pass of [`row_stats_metrics`] over each
+    /// row before its loss pass, which then finds the row in the cache. A transformed row
+    /// (scale, softcap) goes through `z` first.
     fn metrics_rows(
         logits: &[f32],
         v: usize,
@@ -832,46 +923,9 @@ multiversion! {
             } else {
                 crate::metrics::target_class(&probs[r * v..(r + 1) * v]) as i64
             };
-            *m = row_metrics::<F>(zs, target);
+            *m = row_stats_metrics(zs, target).2;
         }
     }
-}
-
-/// One row's metrics from its transformed logits: the max, then Σ e, Σ e (z − m) with
-/// e = exp(z − m) and the count above the target's logit in one vectorised pass, and the
-/// first index of the max.
-#[inline(always)]
-fn row_metrics<const F: bool>(z: &[f32], target: i64) -> RowMetrics {
-    let m = block_max(z);
-    let z_t = if target >= 0 { z[target as usize] } else { f32::INFINITY };
-    let (mut sum, mut spread, mut above) = (0.0f64, 0.0f64, 0u64);
-    for block in z.chunks(BLOCK) {
-        let (mut s, mut sp, mut ab) = ([0.0f32; LANES], [0.0f32; LANES], [0u32; LANES]);
-        let mut one = |i: usize, x: f32| {
-            let d = x - m;
-            let e = exp_neg::<F>(d);
-            s[i] += e;
-            // A masked (−inf) class adds 0, not 0 · −inf.
-            sp[i] += if e > 0.0 { e * d } else { 0.0 };
-            ab[i] += u32::from(x > z_t);
-        };
-        let chunks = block.chunks_exact(LANES);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for i in 0..LANES {
-                one(i, c[i]);
-            }
-        }
-        for (i, &x) in rest.iter().enumerate() {
-            one(i, x);
-        }
-        sum += f64::from(tree_sum(s));
-        spread += f64::from(tree_sum(sp));
-        above += ab.iter().map(|&a| u64::from(a)).sum::<u64>();
-    }
-    let nan = sum.is_nan() && z.iter().any(|x| x.is_nan());
-    let argmax = (!nan).then(|| z.iter().position(|&x| x == m).unwrap_or(0));
-    RowMetrics::from_stats(target, argmax, above, m, sum as f32, spread as f32, z_t)
 }
 
 /// Each row's metrics, when the options ask for them, and the slot of each task of
@@ -921,19 +975,12 @@ fn run(logits: &[f32], batch: &Batch, opts: &LossOptions, grad: Option<&mut [f32
         .zip(batch.targets.par_chunks(step))
         .zip(loss.par_chunks_mut(step).zip(lse.par_chunks_mut(step)))
         .zip(slots);
-    let metrics_of = |l: &[f32], t: &[i32], m: Option<&mut [RowMetrics]>| {
-        if let Some(m) = m {
-            metrics_rows(l, v, t, &[], &o, m, &mut Vec::new());
-        }
-    };
     match grad {
         Some(g) => tasks.zip(g.par_chunks_mut(step * v)).for_each(|((((l, t), (lo, ls)), m), g)| {
-            metrics_of(l, t, m);
-            rows(l, v, t, Some(g), lo, ls, &o, &mut Scratch::new(v, &o, true, false))
+            rows(l, v, t, Some(g), lo, ls, &o, &mut Scratch::new(v, &o, true, false), m)
         }),
         None => tasks.for_each(|(((l, t), (lo, ls)), m)| {
-            metrics_of(l, t, m);
-            rows(l, v, t, None, lo, ls, &o, &mut Scratch::new(v, &o, false, false))
+            rows(l, v, t, None, lo, ls, &o, &mut Scratch::new(v, &o, false, false), m)
         }),
     }
     let mut out = output(loss, lse, step, batch, opts);
@@ -1026,16 +1073,24 @@ pub fn cross_entropy_in_place<'t>(
         .zip(batch.targets.par_chunks(step))
         .zip(loss.par_chunks_mut(step).zip(lse.par_chunks_mut(step)))
         .zip(slots)
-        .for_each(|(((l, t), (lo, ls)), m)| {
-            if let Some(m) = m {
-                metrics_rows(l, v, t, &[], &o, m, &mut Vec::new());
-            }
+        .for_each(|(((l, t), (lo, ls)), mut m)| {
             // One row at a time through a row-sized buffer, so the row is still intact
             // while its statistics are taken.
             let mut tmp = vec![0.0f32; v];
             let mut sc = Scratch::new(v, &o, true, false);
             for (r, row) in l.chunks_exact_mut(v).enumerate() {
-                rows(row, v, &t[r..r + 1], Some(&mut tmp), &mut lo[r..r + 1], &mut ls[r..r + 1], &o, &mut sc);
+                let m = m.as_deref_mut().map(|m| &mut m[r..r + 1]);
+                rows(
+                    row,
+                    v,
+                    &t[r..r + 1],
+                    Some(&mut tmp),
+                    &mut lo[r..r + 1],
+                    &mut ls[r..r + 1],
+                    &o,
+                    &mut sc,
+                    m,
+                );
                 row.copy_from_slice(&tmp);
             }
         });
