@@ -26,7 +26,7 @@
 
 #import grad_mode
 #import part_tree
-#import row_metrics
+#import elem_metrics
 #import row_state
 #import targets
 #import workgroup
@@ -289,7 +289,7 @@ fn row_group(ids: Ids, group: u32) {
         let mine = Seen(local.max, local.sum, arg, hsum(above_e), hsum(spread_e), u32(nan_seen));
         let row = merge_metrics(lid, lane, tpr, mine, m);
         if (in_batch && lane == 0u) {
-            store_row_metrics(params.row_base + r, metrics_record(row, sum, log_s, z_t, !ignored));
+            store_row_metrics(params.row_base + r, metrics_record(row, sum, log_s, z_t, t, !ignored));
         }
     }
 

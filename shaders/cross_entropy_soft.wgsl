@@ -7,9 +7,14 @@
 // As a separate backward (FLAG_SAVED_LSE), the row's saved LSE replaces the one of pass 1
 // (p = exp(z - lse)) and nothing but the gradient is written; FLAG_PER_ROW multiplies
 // row r's gradient by upstream[r]. Rows count from the dispatch's first row in the
-// logits, targets and gradient, from `row_base` in row_loss, row_lse and upstream.
+// logits, targets and gradient, from `row_base` in row_loss, row_lse, upstream and
+// row_metrics.
+// FLAG_METRICS: the evaluation metrics against the argmax of the target row
+// (row_metrics.wgsl), found in a pass over the target row before pass 1, which then also
+// keeps the metrics' parts; no extra read of the logits.
 
 #import part_tree
+#import row_metrics
 #import row_state
 #import workgroup
 
@@ -36,10 +41,32 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(6) var<storage, read> weights: array<f32>;
 @group(0) @binding(7) var<storage, read> upstream: array<f32>;
+// Two vec4 per row (row_metrics.wgsl's record), with FLAG_METRICS.
+@group(0) @binding(8) var<storage, read_write> row_metrics: array<vec4<f32>>;
 
 const FLAG_GRAD: u32 = 1u;
 const FLAG_SAVED_LSE: u32 = 2u;
 const FLAG_PER_ROW: u32 = 4u;
+const FLAG_METRICS: u32 = 8u;
+
+// The row's target class: the first column of its largest probability, merged across
+// the workgroup. Call from uniform control flow.
+fn target_class(lid: u32, base: u32, v: u32) -> u32 {
+    var pm = EMPTY_MAX;
+    var arg = NO_ARG;
+    for (var c = lid; c < v; c += WG) {
+        let p = probs[base + c];
+        if (p > pm) {
+            pm = p;
+            arg = c;
+        }
+    }
+    let top = merge_parts(lid, lid, WG, Part(RowState(pm, 0.0), 0.0, 0.0), false).st.max;
+    let t = merge_metrics(lid, lid, WG, Seen(pm, 0.0, arg, 0.0, 0.0, 0u), top).arg;
+    // The merges' workgroup memory is used again below.
+    workgroupBarrier();
+    return select(t, 0u, t == NO_ARG);
+}
 
 fn target_weight(c: u32, base: u32, o: LossOpts) -> f32 {
     let w = select(1.0, weights[c], params.has_weights != 0u);
@@ -56,6 +83,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                      params.z_loss, params.weight_total, params.classes);
     let v = params.classes;
     let base = r * v;
+    let metrics = (params.flags & FLAG_METRICS) != 0u;
+    var t = 0u;
+    var z_t = FLT_MAX;
+    if (metrics) {
+        t = target_class(lid, base, v);
+        z_t = transform1(logits[base + t], o);
+    }
+    var arg = NO_ARG;
+    var above = 0.0;
+    var spread = 0.0;
+    var nan_seen = false;
     var m = EMPTY_MAX;
     // (sum of exp(z - m), a = Σ target weights, b = Σ weight · (m − z)), four columns a
     // step added pairwise, then in two levels (blocks of 16 steps, then the blocks): a
@@ -73,16 +111,35 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             if (inside[i]) {
                 z[i] = transform1(logits[base + cs[i]], o);
                 wt[i] = target_weight(cs[i], base, o);
+                if (metrics) {
+                    above += select(0.0, 1.0, z[i] > z_t);
+                    nan_seen = nan_seen || nan_bits(z[i]);
+                }
             }
         }
         let m4 = max(max(z.x, z.y), max(z.z, z.w));
         if (m4 > m) {
             let f = exp(m - m4);
+            if (metrics) {
+                // The spread moves to the new max as the sum does; the first column
+                // holding the new max (columns cs ascend).
+                let s_before = total.x + block.x;
+                spread = select(0.0, f * (spread + s_before * (m - m4)), s_before > 0.0);
+                // Downwards (ending past 0 by wrapping): the lowest match is written last.
+                for (var i = 3u; i < 4u; i--) {
+                    if (z[i] == m4) {
+                        arg = cs[i];
+                    }
+                }
+            }
             total = vec3<f32>(total.x * f, total.y, rebase(total.z, total.y, m, m4));
             block = vec3<f32>(block.x * f, block.y, rebase(block.z, block.y, m, m4));
             m = m4;
         }
         let e = select(vec4<f32>(0.0), exp(z - m), inside);
+        if (metrics) {
+            spread += dot(e, max(z - m, vec4<f32>(-FLT_MAX)));
+        }
         let bt = select(vec4<f32>(0.0), wt * (m - z), wt != vec4<f32>(0.0));
         block += vec3<f32>((e.x + e.y) + (e.z + e.w), (wt.x + wt.y) + (wt.z + wt.w), (bt.x + bt.y) + (bt.z + bt.w));
         steps++;
@@ -97,6 +154,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let saved = (params.flags & FLAG_SAVED_LSE) != 0u;
     let mx = select(row.st.max, row_lse[params.row_base + r], saved);
     let log_s = select(log(row.st.sum), 0.0, saved);
+    if (metrics) {
+        let seen = merge_metrics(lid, lid, WG, Seen(m, total.x, arg, above, spread, u32(nan_seen)), row.st.max);
+        if (lid == 0u) {
+            let record = metrics_record(seen, row.st.sum, log_s, z_t, i32(t), true);
+            row_metrics[2u * (params.row_base + r)] = record[0];
+            row_metrics[2u * (params.row_base + r) + 1u] = record[1];
+        }
+    }
     let lse = mx + log_s;
     let a_total = row.wsum;
     if (lid == 0u && !saved) {

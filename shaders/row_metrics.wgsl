@@ -4,8 +4,10 @@
 // target's logit, Σ e (z − m) beside Σ e (e = exp(z − m), m its running max) and whether
 // it saw a NaN. Once the row's max M is known, `merge_metrics` moves each invocation's
 // sum to M and merges them across the row's invocations; the Rust twin is
-// `RowMetrics::from_stats` in src/metrics.rs. The host composes this file with
-// row_metrics_store.wgsl (binding 9) or row_metrics_off.wgsl (no binding).
+// `RowMetrics::from_stats` in src/metrics.rs. The fused kernel takes it through
+// elem_metrics.wgsl (the per-element parts, for its element type) with
+// row_metrics_store.wgsl (binding 9) or row_metrics_off.wgsl (no binding); the soft-target
+// kernel directly, with its own binding.
 
 #import row_state
 #import workgroup
@@ -30,34 +32,10 @@ var<workgroup> wm_above: array<f32, WG>;
 var<workgroup> wm_spread: array<f32, WG>;
 var<workgroup> wm_nan: array<u32, WG>;
 
-// Whether an element holds a NaN, from its bits: a compiler may assume no NaN occurs and
-// fold `x != x` away, not an integer test.
-fn nan_in(x: Elem) -> bool {
-    var any = false;
-    for (var j = 0u; j < WIDTH; j++) {
-        any = any || (bitcast<u32>(lane_of(x, j)) & 0x7fffffffu) > 0x7f800000u;
-    }
-    return any;
-}
-
-// The first column of element `x` (its first column `col`) holding `m`, or NO_ARG.
-fn first_at(x: Elem, m: f32, col: u32) -> u32 {
-    for (var j = 0u; j < WIDTH; j++) {
-        if (lane_of(x, j) == m) {
-            return col + j;
-        }
-    }
-    return NO_ARG;
-}
-
-// 1 in each lane of `x` above `z_t`, when `live` (a column of the row).
-fn above_of(x: Elem, z_t: f32, live: bool) -> Elem {
-    return select(splat(0.0), select(splat(0.0), splat(1.0), x > splat(z_t)), live);
-}
-
-// e (z − m) for the spread, 0 for a masked class (e = 0, z − m = −inf).
-fn spread_of(e: Elem, d: Elem) -> Elem {
-    return e * max(d, splat(-FLT_MAX));
+// Whether x is a NaN, from its bits: a compiler may assume no NaN occurs and fold
+// `x != x` away, not an integer test.
+fn nan_bits(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }
 
 // The row's merged metrics in every invocation of its segment (`tpr` invocations from
@@ -84,9 +62,10 @@ fn merge_metrics(lid: u32, lane: u32, tpr: u32, mine: Seen, row_max: f32) -> See
 }
 
 // A row's record from its merged state (sum = Σ exp(z − M)): (pred as i32 bits, above as
-// u32 bits, confidence, entropy), (nll, 0, 0, 0). A row of only −inf (sum 0) has NaN
-// confidence and entropy; nll is 0 for an ignored row.
-fn metrics_record(seen: Seen, sum: f32, log_s: f32, z_t: f32, counted: bool) -> array<vec4<f32>, 2> {
+// u32 bits, confidence, entropy), (nll, the target class as i32 bits, 0, 0). A row of
+// only −inf (sum 0) has NaN confidence and entropy; nll is 0 and the target −1 for an
+// ignored row.
+fn metrics_record(seen: Seen, sum: f32, log_s: f32, z_t: f32, scored: i32, counted: bool) -> array<vec4<f32>, 2> {
     let nan_value = bitcast<f32>(0x7fc00000u);
     let live = sum > 0.0;
     var pred = select(i32(seen.arg), 0, seen.arg == NO_ARG);
@@ -97,5 +76,5 @@ fn metrics_record(seen: Seen, sum: f32, log_s: f32, z_t: f32, counted: bool) -> 
     let nll = select(0.0, (seen.max - z_t) + log_s, counted);
     return array<vec4<f32>, 2>(
         vec4<f32>(bitcast<f32>(pred), bitcast<f32>(above), confidence, entropy),
-        vec4<f32>(nll, 0.0, 0.0, 0.0));
+        vec4<f32>(nll, bitcast<f32>(select(-1, scored, counted)), 0.0, 0.0));
 }

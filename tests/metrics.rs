@@ -137,30 +137,13 @@ fn paths(test: &str) -> Vec<&'static dyn Backend> {
     paths
 }
 
-/// What the GPU does not compute yet answers a typed error naming it (never a loss
-/// without its metrics): probability targets.
-fn unsupported_yet(path: &dyn Backend, c: &Case, r: &xent::Result<LossOutput>) -> bool {
-    let gpu = !path.describe().starts_with("cpu");
-    match r {
-        Err(Error::Unsupported { cell, .. }) if gpu && c.probs.is_some() => {
-            assert!(cell.contains("metrics"), "{cell}");
-            true
-        }
-        _ => false,
-    }
-}
-
 #[test]
 fn committed_cases_on_every_path() {
     for c in cases() {
         for path in paths("committed_cases_on_every_path") {
             for gradient in [false, true] {
                 let what = format!("{} on {} (gradient {gradient})", c.name, path.describe());
-                let r = evaluate(path, &c, gradient);
-                if unsupported_yet(path, &c, &r) {
-                    continue;
-                }
-                let out = r.unwrap_or_else(|e| panic!("{what}: {e}"));
+                let out = evaluate(path, &c, gradient).unwrap_or_else(|e| panic!("{what}: {e}"));
                 check_expected(out.metrics.as_ref().expect("metrics asked"), &c.expected, &what);
             }
         }
@@ -314,4 +297,27 @@ fn metrics_are_refused_where_they_do_not_apply() {
         &LossOptions::new().metrics(MetricsSpec::new().ece_bins(0)),
     );
     assert!(matches!(r, Err(Error::InvalidOption(ref m)) if m.contains("ECE")), "{r:?}");
+}
+
+#[test]
+fn probability_targets_match_the_reference_on_every_path() {
+    for (seed, &(rows, v)) in [(40, 7), (33, 300), (8, 5000)].iter().enumerate() {
+        let (logits, _) = tricky_batch(rows, v, 40 + seed as u64, seed == 1);
+        let (probs, _) = common::dense_targets(&xent::synth::logits(rows, v, 1.0, 7 + seed as u64), v);
+        for base in [LossOptions::new(), LossOptions::new().softcap(3.0).label_smoothing(0.2)] {
+            let opts = base.metrics(MetricsSpec::new().top_k(&[1, 3]).ece_bins(20).per_row(true));
+            let problem = || Problem::new(Logits::F32(&logits), v, Labels::Probabilities(&probs));
+            let want = Reference.evaluate(problem(), &opts).unwrap().metrics.unwrap();
+            assert_eq!(want.counted_rows, rows as u64, "every probability row is counted");
+            for path in paths("probability_targets_match_the_reference_on_every_path") {
+                for gradient in [false, true] {
+                    let what =
+                        format!("{rows}x{v} probabilities on {} (gradient {gradient})", path.describe());
+                    let p = if gradient { problem().gradient(Gradient::Owned) } else { problem() };
+                    let out = path.evaluate(p, &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    check_against(out.metrics.as_ref().unwrap(), &want, &what);
+                }
+            }
+        }
+    }
 }

@@ -127,7 +127,6 @@ impl Native for GpuContext {
                 Ok(LossOutput::default())
             }
             (Labels::Probabilities(t), mode) => {
-                self.no_metrics_yet(&o, "probability targets")?;
                 let x = f32_logits(&problem.logits).expect("takes() accepts f32 logits");
                 let grad = match problem.gradient {
                     Gradient::IntoF32(g) => Some(g),

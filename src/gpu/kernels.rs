@@ -142,6 +142,8 @@ pub(crate) const SOFT_GRAD: u32 = 1;
 pub(crate) const SOFT_SAVED_LSE: u32 = 2;
 /// Multiply row r's gradient by `upstream[r]`.
 pub(crate) const SOFT_PER_ROW: u32 = 4;
+/// Write each row's metrics (binding 8).
+pub(crate) const SOFT_METRICS: u32 = 8;
 
 /// `BinaryParams::flags` bits (`FLAG_*` of `binary_cross_entropy.wgsl`): write the
 /// gradient.
@@ -998,6 +1000,7 @@ pub fn shaders() -> Vec<Shader> {
                 ("FLAG_GRAD", SOFT_GRAD),
                 ("FLAG_SAVED_LSE", SOFT_SAVED_LSE),
                 ("FLAG_PER_ROW", SOFT_PER_ROW),
+                ("FLAG_METRICS", SOFT_METRICS),
             ],
         ),
         (
@@ -1376,12 +1379,13 @@ impl Kernels {
                 &[(RO, 4), (RO, 4), (RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RO, 4)],
                 wg,
             ),
-            // logits, probs, row_loss, row_lse (read for a saved LSE), grad, weights, upstream
+            // logits, probs, row_loss, row_lse (read for a saved LSE), grad, weights, upstream,
+            // row_metrics
             soft: Kernel::new::<SoftParams>(
                 device,
                 "cross_entropy_soft",
                 wgsl::file("cross_entropy_soft"),
-                &[(RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RO, 4), (RO, 4)],
+                &[(RO, 4), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RO, 4), (RO, 4), (RW, 32)],
                 wg,
             ),
             // 16-bit words, f32 values

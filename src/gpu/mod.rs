@@ -12,6 +12,7 @@ mod kernels;
 mod linear;
 mod linear_bench;
 mod linear_plan;
+mod metrics;
 pub mod plan;
 mod reduce;
 mod resident;

@@ -301,7 +301,9 @@ mod slot {
     pub const DUMMY_RO: usize = 17;
     pub const POS_WEIGHT: usize = 18;
     pub const SUMS: usize = 19;
-    pub const COUNT: usize = 20;
+    /// Bound where the soft kernel writes no metric records.
+    pub const NO_METRICS: usize = 20;
+    pub const COUNT: usize = 21;
 }
 
 /// The checked problem, as every kind's recording takes it.
@@ -1128,6 +1130,7 @@ impl GpuContext {
         self.queue.write_buffer(&loss, 0, bytemuck::cast_slice(&[0.0f32, n as f32]));
         let dummy = ws.storage(d, slot::DUMMY, "xent unused", 16);
         let dummy_ro = ws.storage(d, slot::DUMMY_RO, "xent unused (read)", 16);
+        let metrics_dummy = ws.storage(d, slot::NO_METRICS, "xent unused (metrics)", 32);
         let weights = ws.storage(d, slot::CLASS_WEIGHTS, "xent class weights", v as u64 * 4);
         if let Some(w) = opts.get_weights() {
             self.queue.write_buffer(&weights, 0, bytemuck::cast_slice(w));
@@ -1165,6 +1168,8 @@ impl GpuContext {
                     grad_range,
                     whole(&weights, weights.size()),
                     upstream_range,
+                    // No metrics from device-resident buffers yet.
+                    whole(&metrics_dummy, 32),
                 ],
             );
             let p = soft_params(&kopts, count, v, first, flags, scale, max_dim);
@@ -1184,7 +1189,7 @@ impl GpuContext {
             lse,
             loss,
             rows: n,
-            _scratch: vec![scratch, params, dummy, dummy_ro, weights, wide, grad],
+            _scratch: vec![scratch, params, dummy, dummy_ro, weights, wide, grad, metrics_dummy],
         })
     }
 

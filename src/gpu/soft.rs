@@ -10,11 +10,15 @@ use crate::problem::Mode;
 
 use super::buffers::{Grow, Recorder, bind, groups_x};
 use super::context::GpuContext;
-use super::kernels::{KernelOpts, NO_INDEX, SOFT_GRAD, SOFT_PER_ROW, SOFT_SAVED_LSE, SoftParams};
+use super::kernels::{
+    KernelOpts, NO_INDEX, SOFT_GRAD, SOFT_METRICS, SOFT_PER_ROW, SOFT_SAVED_LSE, SoftParams,
+};
+use super::metrics::{NO_RECORD, RECORD_BYTES, decode};
 use super::plan::{GradKind, Plan, Streamed};
 use super::reduce::reduce_levels;
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
 use super::workspace::{SoftWorkspace, Workspace};
+use crate::metrics::{Metrics, RowMetrics};
 
 /// The `SOFT_*` flags and the gradient scale of `cross_entropy_soft.wgsl` for a gradient
 /// (`grad`), a saved LSE (`saved`) and `upstream`, under the `mean` denominator `d` (1
@@ -74,22 +78,27 @@ struct Wanted {
     total: bool,
     row_losses: bool,
     lse: bool,
+    metrics: bool,
 }
 
-/// Offsets in a readback slot: the gradient at 0, then the row losses and the LSE.
+/// Offsets in a readback slot: the gradient at 0, then the row losses, the LSE and the
+/// metric records.
 struct SlotLayout {
     loss_at: u64,
     lse_at: u64,
+    metrics_at: u64,
     size: u64,
 }
 
 impl SlotLayout {
-    fn of(plan: &Plan) -> Self {
+    fn of(plan: &Plan, metrics: bool) -> Self {
         let grad = if plan.grad == GradKind::None { 0 } else { plan.chunk_elems as u64 * 4 };
         let rows = plan.slot_rows as u64 * 4;
         let loss_at = grad.next_multiple_of(16);
         let lse_at = loss_at + rows.next_multiple_of(16);
-        Self { loss_at, lse_at, size: lse_at + rows }
+        let metrics_at = lse_at + rows.next_multiple_of(16);
+        let records = if metrics { plan.slot_rows as u64 * RECORD_BYTES } else { 0 };
+        Self { loss_at, lse_at, metrics_at, size: metrics_at + records }
     }
 }
 
@@ -117,6 +126,7 @@ impl GpuContext {
             total,
             row_losses: !backward && opts.wants_row_losses(),
             lse: !backward && (opts.wants_lse() || (total && z > 0.0)),
+            metrics: !backward && opts.get_metrics().is_some(),
         };
         let max_binding = self.plan_limits().max_binding;
         if classes as u64 * 4 > max_binding {
@@ -134,6 +144,7 @@ impl GpuContext {
             lse: want.lse.then(|| vec![0.0; rows]),
             ..LossOutput::default()
         };
+        let mut records = want.metrics.then(|| vec![NO_RECORD; rows]);
         let sum = if rows == 0 {
             0.0
         } else {
@@ -141,10 +152,14 @@ impl GpuContext {
             let weights = opts.get_weights().map_or(0, <[f32]>::len);
             self.planned(
                 |limits| Plan::streaming(rows, classes, Streamed::Probabilities(grad), limits),
-                |ws, plan| self.prepare_soft(ws, plan, weights),
-                |ws, plan| self.soft_chunks(&ws.soft, &plan, logits, targets, run, opts, d, want, &mut out),
+                |ws, plan| self.prepare_soft(ws, plan, weights, want.metrics),
+                |ws, plan| {
+                    let outs = (&mut out, records.as_deref_mut());
+                    self.soft_chunks(&ws.soft, &plan, logits, targets, run, opts, d, want, outs)
+                },
             )?
         };
+        out.metrics = opts.get_metrics().zip(records).map(|(spec, rows)| Metrics::from_rows(spec, &rows));
         if backward {
             return Ok(LossOutput::default());
         }
@@ -165,7 +180,7 @@ impl GpuContext {
 
     /// Makes the soft-target buffers big enough for `plan`, rebuilding the bind groups
     /// only when a buffer was replaced.
-    fn prepare_soft(&self, ws: &mut Workspace, plan: &Plan, weights: usize) {
+    fn prepare_soft(&self, ws: &mut Workspace, plan: &Plan, weights: usize, metrics: bool) {
         let dev = &self.device;
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
@@ -185,8 +200,10 @@ impl GpuContext {
         grow.storage(&mut s.upstream, "xent soft upstream", rows);
         grow.storage(&mut s.scratch, "xent soft scratch", scratch);
         grow.storage(&mut s.sums, "xent soft sums", sums);
+        let records = if metrics { plan.slot_rows as u64 * RECORD_BYTES } else { RECORD_BYTES };
+        grow.storage(&mut s.row_metrics, "xent soft row_metrics", records);
         grow.params(&mut s.params, "xent soft params");
-        grow.readback(&mut s.readback, plan.ring, "xent soft readback", SlotLayout::of(plan).size);
+        grow.readback(&mut s.readback, plan.ring, "xent soft readback", SlotLayout::of(plan, metrics).size);
         let created = grow.created();
         if s.groups.is_none() || created > 0 {
             let k = &self.kernels;
@@ -204,6 +221,7 @@ impl GpuContext {
                         s.grad.get(),
                         s.weights.get(),
                         s.upstream.get(),
+                        s.row_metrics.get(),
                     ],
                 ),
                 bind(dev, &k.reduce, p, &[s.scratch.get()]),
@@ -225,7 +243,7 @@ impl GpuContext {
         opts: &LossOptions,
         d: f64,
         want: Wanted,
-        out: &mut LossOutput,
+        (out, mut records): (&mut LossOutput, Option<&mut [RowMetrics]>),
     ) -> Result<f32> {
         let SoftRun { mode, mut grad } = run;
         let (saved, upstream) = match mode {
@@ -240,8 +258,8 @@ impl GpuContext {
             self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
         }
         let k = KernelOpts::new(opts, v);
-        let layout = SlotLayout::of(plan);
-        let (loss_at, lse_at) = (layout.loss_at, layout.lse_at);
+        let layout = SlotLayout::of(plan, want.metrics);
+        let (loss_at, lse_at, metrics_at) = (layout.loss_at, layout.lse_at, layout.metrics_at);
         let mut ring = Ring::new(self, &ws.readback, ws.params.get(), plan.ring);
         // Copies a finished chunk's rows out of its readback.
         let mut copy = |rows: Range<usize>, bytes: &[u8]| {
@@ -257,8 +275,15 @@ impl GpuContext {
             if let Some(e) = &mut out.lse {
                 e[rows.clone()].copy_from_slice(&f[ea..ea + rows.len()]);
             }
+            if let Some(m) = records.as_deref_mut() {
+                let n = rows.len();
+                decode(&f[(metrics_at / 4) as usize..][..n * 8], &mut m[rows]);
+            }
         };
-        let (flags, scale) = soft_flags(plan.grad != GradKind::None, saved.is_some(), upstream, d);
+        let (mut flags, scale) = soft_flags(plan.grad != GradKind::None, saved.is_some(), upstream, d);
+        if want.metrics {
+            flags |= SOFT_METRICS;
+        }
         for (c, chunk) in plan.chunks().enumerate() {
             let slot = ring.next_slot(&mut copy)?;
             let r = chunk.rows.clone();
@@ -294,6 +319,10 @@ impl GpuContext {
             if want.lse {
                 map = lse_at + rows as u64 * 4;
                 rec.copy(ws.row_lse.get(), 0, rb, lse_at, rows as u64 * 4);
+            }
+            if want.metrics {
+                map = metrics_at + rows as u64 * RECORD_BYTES;
+                rec.copy(ws.row_metrics.get(), 0, rb, metrics_at, rows as u64 * RECORD_BYTES);
             }
             ring.submit(rec, slot, map, r);
         }

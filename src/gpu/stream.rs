@@ -172,15 +172,7 @@ impl GpuContext {
             |ws, plan| self.stream(ws, &mut io, batch, opts, &plan),
         )?;
         let metrics = match (opts.get_metrics(), outputs.metrics.take()) {
-            (Some(spec), Some(mut rows)) => {
-                rows.iter_mut().zip(&batch.targets).for_each(|(m, &t)| {
-                    m.target = i64::from(t);
-                    if t == Batch::IGNORED {
-                        (m.above, m.nll) = (0, 0.0);
-                    }
-                });
-                Some(Metrics::from_rows(spec, &rows))
-            }
+            (Some(spec), Some(rows)) => Some(Metrics::from_rows(spec, &rows)),
             _ => None,
         };
         Ok(LossOutput {
@@ -315,7 +307,7 @@ impl GpuContext {
         let mut outputs = Outputs {
             row_losses: opts.wants_row_losses().then(|| vec![0.0; n]),
             lse: opts.wants_lse().then(|| vec![0.0; n]),
-            metrics: want_metrics.then(|| vec![NO_RECORD; n]),
+            metrics: want_metrics.then(|| vec![super::metrics::NO_RECORD; n]),
         };
         let want_rows = outputs.row_losses.is_some() || outputs.lse.is_some();
         self.queue.write_buffer(ws.norm.get(), 0, bytemuck::cast_slice(&[1.0f32, 1.0]));
@@ -558,23 +550,10 @@ fn copy_out(io: &mut Io<'_>, outputs: &mut Outputs, what: Readback, bytes: &[u8]
         }
     }
     if let (Some((rows, at)), Some(out)) = (what.metrics_to, &mut outputs.metrics) {
-        let records = &floats[(at / 4) as usize..][..rows.len() * 8];
-        for (m, rec) in out[rows].iter_mut().zip(records.chunks_exact(8)) {
-            *m = RowMetrics {
-                target: -1,
-                pred: i64::from(rec[0].to_bits() as i32),
-                above: u64::from(rec[1].to_bits()),
-                confidence: rec[2],
-                entropy: rec[3],
-                nll: rec[4],
-            };
-        }
+        let n = rows.len();
+        super::metrics::decode(&floats[(at / 4) as usize..][..n * 8], &mut out[rows]);
     }
 }
-
-/// A row's metrics before its record is read back.
-const NO_RECORD: RowMetrics =
-    RowMetrics { target: -1, pred: -1, above: 0, confidence: f32::NAN, entropy: f32::NAN, nll: f32::NAN };
 
 /// Class weights cannot be bound whole when a row is longer than one binding.
 pub(crate) fn split_weights_error(path: String, classes: usize) -> Error {

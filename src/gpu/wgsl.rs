@@ -33,6 +33,7 @@ library!(
     elem_f16_native,
     elem_f32,
     elem_half,
+    elem_metrics,
     elem_vec4,
     gemm,
     gemm_epilogue,

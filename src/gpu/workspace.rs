@@ -62,6 +62,8 @@ pub(crate) struct SoftWorkspace {
     pub upstream: Slot,
     pub scratch: Slot,
     pub sums: Slot,
+    /// The metric records (32 bytes when not asked).
+    pub row_metrics: Slot,
     pub params: Slot,
     /// One per chunk in flight.
     pub readback: Vec<Slot>,
