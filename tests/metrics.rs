@@ -321,3 +321,31 @@ fn probability_targets_match_the_reference_on_every_path() {
         }
     }
 }
+
+#[test]
+fn linear_heads_match_the_reference_on_every_path() {
+    use xent::{LinearHead, Values};
+    for (seed, &(rows, d, v)) in [(70, 16, 50), (130, 8, 1000), (9, 33, 3001)].iter().enumerate() {
+        let h = xent::synth::logits(rows, d, 1.0, 60 + seed as u64);
+        let w = xent::synth::logits(v, d, 0.5, 61 + seed as u64);
+        let b = xent::synth::logits(1, v, 0.5, 62 + seed as u64);
+        let mut targets = xent::synth::targets(rows, v, 63 + seed as u64);
+        targets.iter_mut().step_by(5).for_each(|t| *t = -100);
+        for base in [LossOptions::new(), LossOptions::new().softcap(2.0).logit_scale(0.5)] {
+            let opts = base.metrics(MetricsSpec::new().top_k(&[1, 5]).per_row(true));
+            let problem = || {
+                let head = LinearHead::new(Values::F32(&h), Values::F32(&w), d).bias(Values::F32(&b));
+                Problem::linear(head, &targets)
+            };
+            let want = Reference.evaluate(problem(), &opts).unwrap().metrics.unwrap();
+            for path in paths("linear_heads_match_the_reference_on_every_path") {
+                for gradient in [false, true] {
+                    let what = format!("head {rows}x{d}x{v} on {} (gradients {gradient})", path.describe());
+                    let p = if gradient { problem().gradient(Gradient::Owned) } else { problem() };
+                    let out = path.evaluate(p, &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    check_against(out.metrics.as_ref().unwrap(), &want, &what);
+                }
+            }
+        }
+    }
+}

@@ -150,12 +150,23 @@ impl Native for GpuContext {
     }
 
     fn linear(&self, task: crate::head::LinearTask<'_>, opts: &LossOptions) -> Result<LossOutput> {
-        self.no_metrics_yet(opts, "a linear head")?;
         self.linear_head(task, opts)
     }
 }
 
 impl GpuContext {
+    /// Metrics on an adapter without the ninth storage buffer the fused kernel's record
+    /// binding needs.
+    pub(crate) fn no_metrics_binding(&self) -> crate::Error {
+        crate::Error::Unsupported {
+            path: self.path_name(),
+            cell: "evaluation metrics".into(),
+            why: "the adapter has 8 storage buffers per shader stage, and the metrics need a ninth; use the \
+                  CPU paths"
+                .into(),
+        }
+    }
+
     /// Metrics are computed by the fused row kernel (class-index targets, rows within one
     /// binding); the other kernels refuse them rather than return a loss without them.
     pub(crate) fn no_metrics_yet(&self, opts: &LossOptions, what: &str) -> Result<()> {

@@ -27,17 +27,19 @@ use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::head::LinearTask;
+use crate::metrics::RowMetrics;
 use crate::options::{Batch, LossOptions, LossOutput, Reduction, Upstream};
 use crate::problem::Mode;
 
 use super::buffers::{Recorder, Slot, bind, bind_ranges, groups_x};
 use super::context::GpuContext;
 use super::kernels::{
-    ColsumParams, GEMM_ACCUMULATE, GEMM_BIAS, GEMM_TILE_FLOATS, GemmEntry, GemmParams, GradMode, KernelOpts,
-    LOSS_PER_ROW, MergeParams, RowParams, RowsPipeline,
+    ColsumParams, F_METRICS, GEMM_ACCUMULATE, GEMM_BIAS, GEMM_TILE_FLOATS, GemmEntry, GemmParams, GradMode,
+    KernelOpts, LOSS_PER_ROW, MergeParams, RowParams, RowsPipeline,
 };
 pub use super::linear_plan::{HeadPath, HeadWork, LinearPlan};
 use super::linear_plan::{PART_BYTES, SLOTS};
+use super::metrics::RECORD_BYTES;
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
 use super::tuning::{GEMM_MAX_K, GemmTuning, MAX_LANE_STEPS, rows_layout};
 use super::workspace::Workspace;
@@ -64,6 +66,8 @@ struct Buffers {
     dummy: wgpu::Buffer,
     norm: wgpu::Buffer,
     upstream: wgpu::Buffer,
+    /// The fused row kernel's metric records (whole rows, with the metrics).
+    row_metrics: wgpu::Buffer,
     params: wgpu::Buffer,
     readback: Vec<Slot>,
     /// dW and db come back through it in pieces (bounded, reused: no per-call buffer).
@@ -101,13 +105,25 @@ impl GpuContext {
         };
         let want = (grad_hidden.is_some(), grad_weight.is_some(), grad_bias.is_some() && head.bias.is_some());
         let grads = want.0 || want.1 || want.2;
-        let work = match (backward, grads) {
-            (true, _) => HeadWork::Backward,
-            (false, false) => HeadWork::Loss,
-            (false, true) => HeadWork::Fused { recompute: recompute_preferred() },
+        // The metrics are the fused row kernel's: whole rows of logits, a chunk at a time.
+        let metrics = opts.get_metrics().filter(|_| !backward);
+        if metrics.is_some() && self.kernels.rows_metrics.is_none() {
+            return Err(self.no_metrics_binding());
+        }
+        let work = match (backward, grads, metrics.is_some()) {
+            (true, _, _) => HeadWork::Backward,
+            (false, false, false) => HeadWork::Loss,
+            (false, false, true) => HeadWork::WholeLoss,
+            (false, true, m) => HeadWork::Fused { recompute: !m && recompute_preferred() },
         };
         let tile = self.gemm_tile();
         let plan = LinearPlan::new(n, v, d, 4 * tile.x as usize, work, &self.limits, self.budget)?;
+        if metrics.is_some() && plan.path != HeadPath::WholeRows {
+            self.no_metrics_yet(
+                opts,
+                "a linear head whose rows of logits do not fit the budget with its gradients",
+            )?;
+        }
         let binding = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
         if opts.get_weights().is_some() && v as u64 * 4 > binding {
             return Err(Error::Unsupported {
@@ -122,13 +138,23 @@ impl GpuContext {
         let dh_out = grad_hidden;
         let mut row_loss = vec![0.0f32; if backward { 0 } else { n }];
         let mut row_lse = vec![0.0f32; if backward { 0 } else { n }];
+        let mut records = metrics.map(|_| vec![super::metrics::NO_RECORD; n]);
         // Calls on one context are serialised on its workspace, whose slots the head's
         // buffers live in: repeated calls of one shape create none.
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
         let (dw, db) = self
             .scoped(|| {
-                let bufs =
-                    self.linear_buffers(&mut ws, &plan, v, d, opts, &w, bias.as_deref(), want.1 || want.2)?;
+                let bufs = self.linear_buffers(
+                    &mut ws,
+                    &plan,
+                    v,
+                    d,
+                    opts,
+                    &w,
+                    bias.as_deref(),
+                    want.1 || want.2,
+                    metrics.is_some(),
+                )?;
                 let run = LinearRun {
                     ctx: self,
                     plan: &plan,
@@ -143,7 +169,7 @@ impl GpuContext {
                     upstream,
                     grads,
                 };
-                run.chunks(&mut row_loss, &mut row_lse, dh_out)?;
+                run.chunks(&mut row_loss, &mut row_lse, records.as_deref_mut(), dh_out)?;
                 run.finish()
             })
             // Buffers may still be in flight or mapped after an error.
@@ -169,6 +195,7 @@ impl GpuContext {
             row_losses: (want_rows || reduction == Reduction::None).then_some(row_loss),
             lse: want_lse.then_some(row_lse),
             z_loss: if s > 0.0 { z_loss } else { None },
+            metrics: metrics.zip(records).map(|(spec, rows)| crate::Metrics::from_rows(spec, &rows)),
             ..Default::default()
         })
     }
@@ -184,6 +211,7 @@ impl GpuContext {
         w: &[f32],
         bias: Option<&[f32]>,
         weight_grads: bool,
+        metrics: bool,
     ) -> Result<Buffers> {
         use wgpu::BufferUsages as U;
         let dev = &self.device;
@@ -227,6 +255,7 @@ impl GpuContext {
             dummy: make("xent linear dummy", st, 16),
             norm: make("xent linear norm", st, 16),
             upstream: make("xent linear upstream", st, rc * 4),
+            row_metrics: make("xent linear row_metrics", st, if metrics { rc * RECORD_BYTES } else { 16 }),
             params: make("xent linear params", U::UNIFORM | U::COPY_DST, stride * MAX_PARAM_BLOCKS),
             readback: Vec::new(),
             staging: make(
@@ -235,7 +264,7 @@ impl GpuContext {
                 if weight_grads { staging_bytes(v, d, self.budget) } else { 16 },
             ),
         };
-        let bytes = readback_bytes(plan.rows_per_chunk, d as usize);
+        let bytes = readback_bytes(plan.rows_per_chunk, d as usize, metrics);
         ws.linear.readback.resize_with(SLOTS, Slot::default);
         for s in &mut ws.linear.readback {
             created +=
@@ -330,9 +359,10 @@ fn staging_bytes(v: u64, d: u64, budget: u64) -> u64 {
     (v * d * 4).min((budget / 8).max(4 << 20))
 }
 
-/// Bytes of a chunk's readback: dh, then the row losses and LSE.
-fn readback_bytes(rows: usize, d: usize) -> u64 {
-    ((rows * d + 2 * rows) * 4) as u64
+/// Bytes of a chunk's readback: dh, then the row losses and LSE, then (with `metrics`)
+/// the metric records.
+fn readback_bytes(rows: usize, d: usize, metrics: bool) -> u64 {
+    ((rows * d + 2 * rows) * 4) as u64 + if metrics { rows as u64 * RECORD_BYTES } else { 0 }
 }
 
 /// dW and db as read back.
@@ -360,6 +390,7 @@ impl LinearRun<'_> {
         &self,
         row_loss: &mut [f32],
         row_lse: &mut [f32],
+        mut records: Option<&mut [RowMetrics]>,
         mut dh_out: Option<&mut [f32]>,
     ) -> Result<()> {
         let ctx = self.ctx;
@@ -447,12 +478,17 @@ impl LinearRun<'_> {
         let db_groups: Vec<_> = grad_pieces()
             .map(|p| bind_ranges(dev, &k.colsum, &b.params, &[whole(&b.logits), db_of(p)]))
             .collect();
-        let rows_group = bind(
-            dev,
-            &k.rows,
-            &b.params,
-            &[&b.logits, &b.targets, &b.row_loss, &b.row_lse, &b.dummy, &b.row_stats, &b.norm, &b.weights],
-        );
+        let rows_buffers =
+            [&b.logits, &b.targets, &b.row_loss, &b.row_lse, &b.dummy, &b.row_stats, &b.norm, &b.weights];
+        let want_metrics = records.is_some();
+        let (rows_group, metrics_bit) = match &k.rows_metrics {
+            Some(kernel) if want_metrics => {
+                let mut buffers = rows_buffers.to_vec();
+                buffers.push(&b.row_metrics);
+                (bind(dev, kernel, &b.params, &buffers), F_METRICS)
+            }
+            _ => (bind(dev, &k.rows, &b.params, &rows_buffers), 0),
+        };
         let merge_group = bind(
             dev,
             &k.merge,
@@ -467,8 +503,9 @@ impl LinearRun<'_> {
         let wg = k.workgroup_size;
         let rows_per_group = (wg / threads_per_row) as usize;
         let rows_pipeline =
-            k.rows_variants.get(dev, super::kernels::ElemFormat::f32_for(v), kopts.features());
+            k.rows_variants.get(dev, super::kernels::ElemFormat::f32_for(v), kopts.features() | metrics_bit);
         let (rows_at, lse_at) = (rc * d * 4, rc * d * 4 + rc * 4);
+        let metrics_at = lse_at + rc * 4;
         let mut ring = Ring::new(ctx, &b.readback, &b.params, SLOTS);
         let mut out = |back: Back, bytes: &[u8]| {
             let floats: &[f32] = bytemuck::cast_slice(bytes);
@@ -479,6 +516,10 @@ impl LinearRun<'_> {
             if !row_loss.is_empty() {
                 row_loss[r.clone()].copy_from_slice(&floats[rows_at / 4..rows_at / 4 + r.len()]);
                 row_lse[r.clone()].copy_from_slice(&floats[lse_at / 4..lse_at / 4 + r.len()]);
+            }
+            if let Some(m) = records.as_deref_mut() {
+                let n = r.len();
+                super::metrics::decode(&floats[metrics_at / 4..][..n * 8], &mut m[r]);
             }
         };
         // The upstream gradient: a scalar in the parameters, or one per row.
@@ -658,7 +699,12 @@ impl LinearRun<'_> {
                 rec.copy(&b.row_loss, 0, rb, rows_at as u64, (m * 4) as u64);
                 rec.copy(&b.row_lse, 0, rb, lse_at as u64, (m * 4) as u64);
             }
-            let map = if forward {
+            if want_metrics {
+                rec.copy(&b.row_metrics, 0, rb, metrics_at as u64, m as u64 * RECORD_BYTES);
+            }
+            let map = if want_metrics {
+                metrics_at + m * RECORD_BYTES as usize
+            } else if forward {
                 lse_at + m * 4
             } else if dh {
                 m * d * 4

@@ -28,6 +28,9 @@ pub enum HeadWork {
     },
     /// Gradients from a saved LSE.
     Backward,
+    /// The loss from whole rows of logits, through the fused row kernel (the evaluation
+    /// metrics are computed there).
+    WholeLoss,
 }
 
 /// How a chunk's logits are handled.
@@ -116,7 +119,8 @@ impl LinearPlan {
         let bn = tile_cols.max(1) as u64;
         let last = v - (pieces - 1) * piece;
         let blocks = (pieces - 1) * piece.div_ceil(bn) + last.div_ceil(bn);
-        if blocks > MAX_LANE_STEPS && work != (HeadWork::Fused { recompute: false }) {
+        let whole = matches!(work, HeadWork::Fused { recompute: false } | HeadWork::WholeLoss);
+        if blocks > MAX_LANE_STEPS && !whole {
             return Err(Error::Unsupported {
                 path: "gpu".into(),
                 cell: format!("linear head of {classes} classes without whole rows of logits"),
@@ -135,6 +139,18 @@ impl LinearPlan {
             HeadWork::Backward => HeadPath::Recompute,
             HeadWork::Fused { recompute } if !recompute && whole_rows_fit(4 * v) => HeadPath::WholeRows,
             HeadWork::Fused { .. } => HeadPath::Recompute,
+            HeadWork::WholeLoss if whole_rows_fit(4 * v) => HeadPath::WholeRows,
+            HeadWork::WholeLoss => {
+                return Err(Error::Unsupported {
+                    path: "gpu".into(),
+                    cell: format!("evaluation metrics of a linear head of {classes} classes"),
+                    why: format!(
+                        "the metrics come from whole rows of logits, and a row of {classes} f32 does not fit \
+                         one binding ({binding} bytes) and the memory budget ({budget} bytes) with the head's \
+                         buffers; use the CPU path"
+                    ),
+                });
+            }
         };
         let partials = blocks * PART_BYTES;
         let (per_row, widest) = match (path, work) {

@@ -133,13 +133,7 @@ impl GpuContext {
         let weights = opts.get_weights().map_or(0, <[f32]>::len);
         let metrics = opts.get_metrics().is_some();
         if metrics && self.kernels.rows_metrics.is_none() {
-            return Err(Error::Unsupported {
-                path: self.path_name(),
-                cell: "evaluation metrics".into(),
-                why: "the adapter has 8 storage buffers per shader stage, and the metrics need a ninth; \
-                      use the CPU paths"
-                    .into(),
-            });
+            return Err(self.no_metrics_binding());
         }
         let (loss, mut outputs) = self.planned(
             |limits| {

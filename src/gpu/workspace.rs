@@ -94,6 +94,6 @@ pub(crate) struct BinaryWorkspace {
 /// `linear::Buffers`, in its order, and the readback slots.
 #[derive(Default)]
 pub(crate) struct LinearWorkspace {
-    pub slots: [Slot; 20],
+    pub slots: [Slot; 21],
     pub readback: Vec<Slot>,
 }
