@@ -244,11 +244,12 @@ impl MetricSums {
         }
     }
 
-    /// The bin of a confidence: `min(floor(confidence · B), B − 1)` (a NaN confidence goes
-    /// to bin 0, where it makes the ECE NaN).
+    /// The bin of a confidence: `min(floor(confidence · B), B − 1)`, the product in f32
+    /// as the device computes it (a NaN confidence goes to bin 0, where it makes the ECE
+    /// NaN).
     pub fn bin_of(&self, confidence: f32) -> usize {
         let b = self.bins.len();
-        ((f64::from(confidence) * b as f64).floor() as usize).min(b - 1)
+        ((confidence * b as f32).floor() as usize).min(b - 1)
     }
 
     /// Adds one row (nothing for a row that is not counted).

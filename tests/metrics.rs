@@ -349,3 +349,57 @@ fn linear_heads_match_the_reference_on_every_path() {
         }
     }
 }
+
+/// The device reduces the metrics per chunk, then over the chunks: under a small memory
+/// budget (many chunks, several in flight) the figures are the reference's, with and
+/// without the per-row outputs (which alone bring the row records back), for class
+/// indices, probabilities and the linear head; repeated calls create no buffer.
+#[test]
+fn device_reduced_metrics_over_many_chunks_match_the_reference() {
+    use xent::{LinearHead, Values};
+    let (rows, v) = (700, 300);
+    let (logits, targets) = tricky_batch(rows, v, 77, false);
+    let (probs, _) = common::dense_targets(&xent::synth::logits(rows, v, 1.0, 78), v);
+    let (d, hv) = (8, 200);
+    let h = xent::synth::logits(rows, d, 1.0, 79);
+    let w = xent::synth::logits(hv, d, 0.7, 80);
+    let head_targets: Vec<i64> = targets.iter().map(|&t| if t < 0 { t } else { t % hv as i64 }).collect();
+    let head = || LinearHead::new(Values::F32(&h), Values::F32(&w), d);
+    type Make<'a> = Box<dyn Fn() -> Problem<'a> + 'a>;
+    let problems: [(&str, Make<'_>); 3] = [
+        ("classes", Box::new(|| Problem::new(Logits::F32(&logits), v, Labels::from(&targets)))),
+        ("probabilities", Box::new(|| Problem::new(Logits::F32(&logits), v, Labels::Probabilities(&probs)))),
+        ("linear head", Box::new(|| Problem::linear(head(), &head_targets))),
+    ];
+    for gpu in common::gpus("device_reduced_metrics_over_many_chunks_match_the_reference") {
+        let mut ctx = xent::GpuContext::from_adapter_blocking(&common::adapter_of(gpu)).unwrap();
+        ctx.set_memory_budget(96 << 10);
+        ctx.set_chunks_in_flight(3);
+        for (kind, problem) in &problems {
+            for per_row in [false, true] {
+                let opts = LossOptions::new()
+                    .metrics(MetricsSpec::new().top_k(&[1, 3, 10]).ece_bins(40).per_row(per_row));
+                let spec = MetricsSpec::new().top_k(&[1, 3, 10]).ece_bins(40);
+                let want = Reference.evaluate(problem(), &opts.clone().metrics(spec.per_row(true))).unwrap();
+                let want = want.metrics.unwrap();
+                let what = format!("{kind} on {} (per row {per_row})", common::name(gpu));
+                let got = ctx.evaluate(problem(), &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let got = got.metrics.unwrap();
+                assert_eq!(got.predictions.is_some(), per_row, "{what}");
+                if per_row {
+                    check_against(&got, &want, &what);
+                } else {
+                    let with_rows = Metrics {
+                        predictions: want.predictions.clone(),
+                        confidences: want.confidences.clone(),
+                        ..got
+                    };
+                    check_against(&with_rows, &want, &what);
+                }
+                let before = ctx.buffer_allocations();
+                ctx.evaluate(problem(), &opts).unwrap();
+                assert_eq!(ctx.buffer_allocations(), before, "{what}: a repeated call created a buffer");
+            }
+        }
+    }
+}

@@ -235,7 +235,8 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let kinds = ["bce_", "soft_", "half_", "linear_"];
+    // (metrics_ folders are tests/metrics.rs's.)
+    let kinds = ["bce_", "soft_", "half_", "linear_", "metrics_"];
     let dirs = case_dirs("class-index", 15, |n| !kinds.iter().any(|k| n.starts_with(k)));
     dirs.into_iter()
         .map(|dir| {

@@ -52,7 +52,7 @@ impl GpuContext {
                 }
                 Ok(plan)
             },
-            |ws, plan| self.prepare(ws, plan, weights, false),
+            |ws, plan| self.prepare(ws, plan, weights, None),
             |ws, plan| self.backward_chunks(ws, logits, &batch, lse, upstream, opts, &plan, grad),
         )
     }

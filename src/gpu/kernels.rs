@@ -393,6 +393,28 @@ pub(crate) struct ReduceParams {
     pub _pad: u32,
 }
 
+/// `Params` of `reduce_metrics.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct MetricsReduceParams {
+    pub count: u32,
+    pub from_rows: u32,
+    pub src: u32,
+    pub dst: u32,
+    pub bins: u32,
+    pub k_count: u32,
+    pub groups_x: u32,
+    pub _pad: u32,
+    pub k0: u32,
+    pub k1: u32,
+    pub k2: u32,
+    pub k3: u32,
+    pub k4: u32,
+    pub k5: u32,
+    pub k6: u32,
+    pub k7: u32,
+}
+
 /// `Params` of `bench_copy.wgsl` and `bench_read.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -844,6 +866,27 @@ fn params_layouts() -> HashMap<&'static str, ParamsLayout> {
             params_layout!(ReduceParams { count, src, dst, groups_x, divisor, last, divisor_index, _pad }),
         ),
         (
+            "reduce_metrics",
+            params_layout!(MetricsReduceParams {
+                count,
+                from_rows,
+                src,
+                dst,
+                bins,
+                k_count,
+                groups_x,
+                _pad,
+                k0,
+                k1,
+                k2,
+                k3,
+                k4,
+                k5,
+                k6,
+                k7
+            }),
+        ),
+        (
             "row_weights",
             params_layout!(WeightParams { rows, groups_x, classes, ignore_index, has_weights, _pad }),
         ),
@@ -987,13 +1030,22 @@ pub fn shaders() -> Vec<Shader> {
             });
         }
     }
-    let others: [(&str, Vec<(&'static str, u32)>); 12] = [
+    let others: [(&str, Vec<(&'static str, u32)>); 13] = [
         ("row_partials", vec![]),
         ("merge_partials", vec![]),
         ("cross_entropy_backward", grad_modes.to_vec()),
         ("row_weights", vec![]),
         ("narrow_targets", vec![]),
         ("reduce_sum", vec![("NO_INDEX", NO_INDEX)]),
+        (
+            "reduce_metrics",
+            vec![
+                ("MAX_K", super::metrics::MAX_K as u32),
+                ("HEAD", super::metrics::HEAD as u32),
+                ("BIN_GROUP", super::metrics::BIN_GROUP as u32),
+                ("IN", super::metrics::IN as u32),
+            ],
+        ),
         (
             "cross_entropy_soft",
             vec![
@@ -1277,6 +1329,8 @@ pub(crate) struct Kernels {
     pub merge: Kernel,
     pub backward: Kernel,
     pub reduce: Kernel,
+    /// The metrics' sums (`reduce_metrics.wgsl`).
+    pub reduce_metrics: Kernel,
     pub weights: Kernel,
     pub narrow: Kernel,
     pub binary: Kernel,
@@ -1355,6 +1409,14 @@ impl Kernels {
                 &[(RW, 4)],
                 wg,
             ),
+            // row records, entries
+            reduce_metrics: Kernel::new::<MetricsReduceParams>(
+                device,
+                "reduce_metrics",
+                wgsl::file("reduce_metrics"),
+                &[(RO, 32), (RW, 4)],
+                wg,
+            ),
             // targets, row_weight, weights
             weights: Kernel::new::<WeightParams>(
                 device,
@@ -1426,7 +1488,8 @@ mod tests {
     /// source as written is the one the host builds by default.
     #[test]
     fn written_cached_floats_is_rows_cached() {
-        let source = wgsl::compose(&["elem_f32", "row_merge_workgroup", "cross_entropy_rows"]);
+        let source =
+            wgsl::compose(&["elem_f32", "row_merge_workgroup", "row_metrics_off", "cross_entropy_rows"]);
         let module = naga::front::wgsl::parse_str(&source).expect("parses");
         let (_, c) =
             module.constants.iter().find(|(_, c)| c.name.as_deref() == Some("CACHED_FLOATS")).unwrap();

@@ -27,7 +27,7 @@ use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::head::LinearTask;
-use crate::metrics::RowMetrics;
+use crate::metrics::{MetricSums, MetricsSpec, RowMetrics};
 use crate::options::{Batch, LossOptions, LossOutput, Reduction, Upstream};
 use crate::problem::Mode;
 
@@ -39,7 +39,7 @@ use super::kernels::{
 };
 pub use super::linear_plan::{HeadPath, HeadWork, LinearPlan};
 use super::linear_plan::{PART_BYTES, SLOTS};
-use super::metrics::RECORD_BYTES;
+use super::metrics::{RECORD_BYTES, entries_needed, entry_words, metric_levels};
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
 use super::tuning::{GEMM_MAX_K, GemmTuning, MAX_LANE_STEPS, rows_layout};
 use super::workspace::Workspace;
@@ -68,6 +68,8 @@ struct Buffers {
     upstream: wgpu::Buffer,
     /// The fused row kernel's metric records (whole rows, with the metrics).
     row_metrics: wgpu::Buffer,
+    /// Their sums: an entry per chunk, then the reduction's scratch.
+    metric_entries: wgpu::Buffer,
     params: wgpu::Buffer,
     readback: Vec<Slot>,
     /// dW and db come back through it in pieces (bounded, reused: no per-call buffer).
@@ -107,8 +109,11 @@ impl GpuContext {
         let grads = want.0 || want.1 || want.2;
         // The metrics are the fused row kernel's: whole rows of logits, a chunk at a time.
         let metrics = opts.get_metrics().filter(|_| !backward);
-        if metrics.is_some() && self.kernels.rows_metrics.is_none() {
-            return Err(self.no_metrics_binding());
+        if let Some(spec) = metrics {
+            if self.kernels.rows_metrics.is_none() {
+                return Err(self.no_metrics_binding());
+            }
+            super::metrics::check_spec(spec, self.path_name())?;
         }
         let work = match (backward, grads, metrics.is_some()) {
             (true, _, _) => HeadWork::Backward,
@@ -138,7 +143,8 @@ impl GpuContext {
         let dh_out = grad_hidden;
         let mut row_loss = vec![0.0f32; if backward { 0 } else { n }];
         let mut row_lse = vec![0.0f32; if backward { 0 } else { n }];
-        let mut records = metrics.map(|_| vec![super::metrics::NO_RECORD; n]);
+        let mut records = metrics.filter(|s| s.get_per_row()).map(|_| vec![super::metrics::NO_RECORD; n]);
+        let mut sums = None;
         // Calls on one context are serialised on its workspace, whose slots the head's
         // buffers live in: repeated calls of one shape create none.
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
@@ -153,7 +159,7 @@ impl GpuContext {
                     &w,
                     bias.as_deref(),
                     want.1 || want.2,
-                    metrics.is_some(),
+                    metrics.map(|spec| (spec, n.div_ceil(plan.rows_per_chunk))),
                 )?;
                 let run = LinearRun {
                     ctx: self,
@@ -168,8 +174,9 @@ impl GpuContext {
                     saved_lse,
                     upstream,
                     grads,
+                    metrics,
                 };
-                run.chunks(&mut row_loss, &mut row_lse, records.as_deref_mut(), dh_out)?;
+                sums = run.chunks(&mut row_loss, &mut row_lse, records.as_deref_mut(), dh_out)?;
                 run.finish()
             })
             // Buffers may still be in flight or mapped after an error.
@@ -195,7 +202,7 @@ impl GpuContext {
             row_losses: (want_rows || reduction == Reduction::None).then_some(row_loss),
             lse: want_lse.then_some(row_lse),
             z_loss: if s > 0.0 { z_loss } else { None },
-            metrics: metrics.zip(records).map(|(spec, rows)| crate::Metrics::from_rows(spec, &rows)),
+            metrics: sums.map(|sums| super::metrics::finish_metrics(&sums, records)),
             ..Default::default()
         })
     }
@@ -211,7 +218,7 @@ impl GpuContext {
         w: &[f32],
         bias: Option<&[f32]>,
         weight_grads: bool,
-        metrics: bool,
+        metrics: Option<(&MetricsSpec, usize)>,
     ) -> Result<Buffers> {
         use wgpu::BufferUsages as U;
         let dev = &self.device;
@@ -255,7 +262,24 @@ impl GpuContext {
             dummy: make("xent linear dummy", st, 16),
             norm: make("xent linear norm", st, 16),
             upstream: make("xent linear upstream", st, rc * 4),
-            row_metrics: make("xent linear row_metrics", st, if metrics { rc * RECORD_BYTES } else { 16 }),
+            row_metrics: make(
+                "xent linear row_metrics",
+                st,
+                if metrics.is_some() { rc * RECORD_BYTES } else { 32 },
+            ),
+            metric_entries: make(
+                "xent linear metric sums",
+                st,
+                match metrics {
+                    Some((spec, chunks)) => {
+                        let (wg, max_dim) =
+                            (self.kernels.workgroup_size, self.limits.max_compute_workgroups_per_dimension);
+                        let count = entries_needed(spec, plan.rows_per_chunk, chunks, wg, max_dim);
+                        count * entry_words(spec) as u64 * 4
+                    }
+                    None => 16,
+                },
+            ),
             params: make("xent linear params", U::UNIFORM | U::COPY_DST, stride * MAX_PARAM_BLOCKS),
             readback: Vec::new(),
             staging: make(
@@ -264,7 +288,9 @@ impl GpuContext {
                 if weight_grads { staging_bytes(v, d, self.budget) } else { 16 },
             ),
         };
-        let bytes = readback_bytes(plan.rows_per_chunk, d as usize, metrics);
+        let per_row = metrics.is_some_and(|(s, _)| s.get_per_row());
+        let entry = metrics.map_or(0, |(s, _)| entry_words(s) as u64 * 4);
+        let bytes = readback_bytes(plan.rows_per_chunk, d as usize, per_row).max(entry);
         ws.linear.readback.resize_with(SLOTS, Slot::default);
         for s in &mut ws.linear.readback {
             created +=
@@ -383,6 +409,8 @@ struct LinearRun<'a> {
     saved_lse: Option<&'a [f32]>,
     upstream: Upstream<'a>,
     grads: bool,
+    /// The metrics asked for (their sums reduced on the device).
+    metrics: Option<&'a MetricsSpec>,
 }
 
 impl LinearRun<'_> {
@@ -392,7 +420,7 @@ impl LinearRun<'_> {
         row_lse: &mut [f32],
         mut records: Option<&mut [RowMetrics]>,
         mut dh_out: Option<&mut [f32]>,
-    ) -> Result<()> {
+    ) -> Result<Option<MetricSums>> {
         let ctx = self.ctx;
         let b = self.bufs;
         let dev = &ctx.device;
@@ -480,7 +508,10 @@ impl LinearRun<'_> {
             .collect();
         let rows_buffers =
             [&b.logits, &b.targets, &b.row_loss, &b.row_lse, &b.dummy, &b.row_stats, &b.norm, &b.weights];
-        let want_metrics = records.is_some();
+        let want_metrics = self.metrics.is_some();
+        let want_records = records.is_some();
+        let metrics_group = bind(dev, &k.reduce_metrics, &b.params, &[&b.row_metrics, &b.metric_entries]);
+        let chunks = n.div_ceil(rc);
         let (rows_group, metrics_bit) = match &k.rows_metrics {
             Some(kernel) if want_metrics => {
                 let mut buffers = rows_buffers.to_vec();
@@ -609,6 +640,13 @@ impl LinearRun<'_> {
                 }
                 .with_opts(&kopts);
                 rec.dispatch_pipeline(&rows_pipeline, &rows_group, &params, wgs);
+                // The chunk's metric sums into its entry.
+                if let Some(spec) = self.metrics {
+                    let levels =
+                        metric_levels(spec, m, true, 0, chunks as u32, Some(ci as u32), (wg, max_dim));
+                    flush(&mut rec, levels.levels.len() as u64);
+                    levels.record(&mut rec, k, &metrics_group);
+                }
             } else if forward {
                 for (p, group) in part_groups.iter().enumerate() {
                     logits_product(&mut rec, p, &parts_pipe, group, 0);
@@ -699,10 +737,10 @@ impl LinearRun<'_> {
                 rec.copy(&b.row_loss, 0, rb, rows_at as u64, (m * 4) as u64);
                 rec.copy(&b.row_lse, 0, rb, lse_at as u64, (m * 4) as u64);
             }
-            if want_metrics {
+            if want_records {
                 rec.copy(&b.row_metrics, 0, rb, metrics_at as u64, m as u64 * RECORD_BYTES);
             }
-            let map = if want_metrics {
+            let map = if want_records {
                 metrics_at + m * RECORD_BYTES as usize
             } else if forward {
                 lse_at + m * 4
@@ -713,7 +751,15 @@ impl LinearRun<'_> {
             };
             ring.submit(rec, slot, map as u64, Back { rows, dh });
         }
-        ring.drain(&mut out)
+        ring.drain(&mut out)?;
+        match self.metrics {
+            Some(spec) => {
+                let entries = (&b.metric_entries, &metrics_group);
+                let readback = ring.readback(0);
+                ctx.read_metric_sums(spec, entries, chunks, &b.params, readback).map(Some)
+            }
+            None => Ok(None),
+        }
     }
 
     /// Reads dW and db back.

@@ -13,12 +13,14 @@ use super::context::GpuContext;
 use super::kernels::{
     KernelOpts, NO_INDEX, SOFT_GRAD, SOFT_METRICS, SOFT_PER_ROW, SOFT_SAVED_LSE, SoftParams,
 };
-use super::metrics::{NO_RECORD, RECORD_BYTES, decode};
+use super::metrics::{
+    NO_RECORD, RECORD_BYTES, check_spec, decode, entries_needed, entry_words, finish_metrics, metric_levels,
+};
 use super::plan::{GradKind, Plan, Streamed};
 use super::reduce::reduce_levels;
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
 use super::workspace::{SoftWorkspace, Workspace};
-use crate::metrics::{Metrics, RowMetrics};
+use crate::metrics::{MetricSums, Metrics, MetricsSpec, RowMetrics};
 
 /// The `SOFT_*` flags and the gradient scale of `cross_entropy_soft.wgsl` for a gradient
 /// (`grad`), a saved LSE (`saved`) and `upstream`, under the `mean` denominator `d` (1
@@ -78,7 +80,10 @@ struct Wanted {
     total: bool,
     row_losses: bool,
     lse: bool,
+    /// The metrics' sums (reduced on the device).
     metrics: bool,
+    /// Each row's metric record.
+    per_row: bool,
 }
 
 /// Offsets in a readback slot: the gradient at 0, then the row losses, the LSE and the
@@ -127,7 +132,11 @@ impl GpuContext {
             row_losses: !backward && opts.wants_row_losses(),
             lse: !backward && (opts.wants_lse() || (total && z > 0.0)),
             metrics: !backward && opts.get_metrics().is_some(),
+            per_row: !backward && opts.get_metrics().is_some_and(MetricsSpec::get_per_row),
         };
+        if let Some(spec) = opts.get_metrics().filter(|_| want.metrics) {
+            check_spec(spec, self.path_name())?;
+        }
         let max_binding = self.plan_limits().max_binding;
         if classes as u64 * 4 > max_binding {
             return Err(Error::Unsupported {
@@ -144,7 +153,8 @@ impl GpuContext {
             lse: want.lse.then(|| vec![0.0; rows]),
             ..LossOutput::default()
         };
-        let mut records = want.metrics.then(|| vec![NO_RECORD; rows]);
+        let mut records = want.per_row.then(|| vec![NO_RECORD; rows]);
+        let mut sums = None;
         let sum = if rows == 0 {
             0.0
         } else {
@@ -152,14 +162,19 @@ impl GpuContext {
             let weights = opts.get_weights().map_or(0, <[f32]>::len);
             self.planned(
                 |limits| Plan::streaming(rows, classes, Streamed::Probabilities(grad), limits),
-                |ws, plan| self.prepare_soft(ws, plan, weights, want.metrics),
+                |ws, plan| self.prepare_soft(ws, plan, weights, opts.get_metrics().filter(|_| want.metrics)),
                 |ws, plan| {
-                    let outs = (&mut out, records.as_deref_mut());
+                    let outs = (&mut out, records.as_deref_mut(), &mut sums);
                     self.soft_chunks(&ws.soft, &plan, logits, targets, run, opts, d, want, outs)
                 },
             )?
         };
-        out.metrics = opts.get_metrics().zip(records).map(|(spec, rows)| Metrics::from_rows(spec, &rows));
+        out.metrics = match (opts.get_metrics(), sums) {
+            (Some(_), Some(sums)) => Some(finish_metrics(&sums, records)),
+            // No rows: the figures of none.
+            (Some(spec), None) if want.metrics => Some(Metrics::from_rows(spec, &[])),
+            _ => None,
+        };
         if backward {
             return Ok(LossOutput::default());
         }
@@ -180,7 +195,7 @@ impl GpuContext {
 
     /// Makes the soft-target buffers big enough for `plan`, rebuilding the bind groups
     /// only when a buffer was replaced.
-    fn prepare_soft(&self, ws: &mut Workspace, plan: &Plan, weights: usize, metrics: bool) {
+    fn prepare_soft(&self, ws: &mut Workspace, plan: &Plan, weights: usize, metrics: Option<&MetricsSpec>) {
         let dev = &self.device;
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
@@ -200,10 +215,20 @@ impl GpuContext {
         grow.storage(&mut s.upstream, "xent soft upstream", rows);
         grow.storage(&mut s.scratch, "xent soft scratch", scratch);
         grow.storage(&mut s.sums, "xent soft sums", sums);
-        let records = if metrics { plan.slot_rows as u64 * RECORD_BYTES } else { RECORD_BYTES };
+        let (records, entries, entry) = match metrics {
+            Some(spec) => {
+                let entries = entries_needed(spec, plan.slot_rows, plan.chunk_sums(), wg, max_dim);
+                let entry = entry_words(spec) as u64 * 4;
+                (plan.slot_rows as u64 * RECORD_BYTES, entries * entry, entry)
+            }
+            None => (RECORD_BYTES, 16, 0),
+        };
         grow.storage(&mut s.row_metrics, "xent soft row_metrics", records);
+        grow.storage(&mut s.metric_entries, "xent soft metric sums", entries);
         grow.params(&mut s.params, "xent soft params");
-        grow.readback(&mut s.readback, plan.ring, "xent soft readback", SlotLayout::of(plan, metrics).size);
+        let per_row = metrics.is_some_and(MetricsSpec::get_per_row);
+        let slot_bytes = SlotLayout::of(plan, per_row).size.max(entry);
+        grow.readback(&mut s.readback, plan.ring, "xent soft readback", slot_bytes);
         let created = grow.created();
         if s.groups.is_none() || created > 0 {
             let k = &self.kernels;
@@ -227,6 +252,8 @@ impl GpuContext {
                 bind(dev, &k.reduce, p, &[s.scratch.get()]),
                 bind(dev, &k.reduce, p, &[s.sums.get()]),
             ]);
+            s.metrics_group =
+                Some(bind(dev, &k.reduce_metrics, p, &[s.row_metrics.get(), s.metric_entries.get()]));
         }
         ws.allocations += created;
     }
@@ -243,7 +270,7 @@ impl GpuContext {
         opts: &LossOptions,
         d: f64,
         want: Wanted,
-        (out, mut records): (&mut LossOutput, Option<&mut [RowMetrics]>),
+        (out, mut records, sums): (&mut LossOutput, Option<&mut [RowMetrics]>, &mut Option<MetricSums>),
     ) -> Result<f32> {
         let SoftRun { mode, mut grad } = run;
         let (saved, upstream) = match mode {
@@ -258,7 +285,9 @@ impl GpuContext {
             self.queue.write_buffer(ws.weights.get(), 0, bytemuck::cast_slice(w));
         }
         let k = KernelOpts::new(opts, v);
-        let layout = SlotLayout::of(plan, want.metrics);
+        let layout = SlotLayout::of(plan, want.per_row);
+        let spec = opts.get_metrics().filter(|_| want.metrics);
+        let metrics_bg = ws.metrics_group.as_ref().expect("prepared");
         let (loss_at, lse_at, metrics_at) = (layout.loss_at, layout.lse_at, layout.metrics_at);
         let mut ring = Ring::new(self, &ws.readback, ws.params.get(), plan.ring);
         // Copies a finished chunk's rows out of its readback.
@@ -300,6 +329,14 @@ impl GpuContext {
             let params = soft_params(&k, rows, v, 0, flags, scale, max_dim);
             let mut rec = Recorder::new(&self.device, &self.limits);
             rec.dispatch(&self.kernels.soft, soft_bg, &params, rows as u64);
+            if let Some(spec) = spec {
+                let chunks = plan.chunk_sums() as u32;
+                metric_levels(spec, rows, true, 0, chunks, Some(c as u32), (wg, max_dim)).record(
+                    &mut rec,
+                    &self.kernels,
+                    metrics_bg,
+                );
+            }
             if want.total {
                 rec.copy(ws.row_loss.get(), 0, ws.scratch.get(), 0, rows as u64 * 4);
                 let levels = reduce_levels(rows as u64, 0, wg, max_dim, 1.0, NO_INDEX);
@@ -320,13 +357,18 @@ impl GpuContext {
                 map = lse_at + rows as u64 * 4;
                 rec.copy(ws.row_lse.get(), 0, rb, lse_at, rows as u64 * 4);
             }
-            if want.metrics {
+            if want.per_row {
                 map = metrics_at + rows as u64 * RECORD_BYTES;
                 rec.copy(ws.row_metrics.get(), 0, rb, metrics_at, rows as u64 * RECORD_BYTES);
             }
             ring.submit(rec, slot, map, r);
         }
         ring.drain(&mut copy)?;
+        if let Some(spec) = spec {
+            let entries = (ws.metric_entries.get(), metrics_bg);
+            let chunks = plan.chunk_sums();
+            *sums = Some(self.read_metric_sums(spec, entries, chunks, ws.params.get(), ring.readback(0))?);
+        }
         if !want.total {
             return Ok(f32::NAN);
         }

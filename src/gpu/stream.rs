@@ -7,7 +7,9 @@
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::metrics::{Metrics, RowMetrics};
+use crate::metrics::{MetricSums, MetricsSpec, RowMetrics};
+
+use super::metrics::{RECORD_BYTES, finish_metrics, metric_levels};
 use crate::options::{Batch, LossOptions, LossOutput, Reduction};
 
 use super::buffers::{Grow, Recorder, bind, groups_x};
@@ -119,8 +121,10 @@ struct Readback {
 struct Outputs {
     row_losses: Option<Vec<f32>>,
     lse: Option<Vec<f32>>,
-    /// Each row's metrics (targets filled in after the readback).
+    /// Each row's metric record, for the per-row outputs.
     metrics: Option<Vec<RowMetrics>>,
+    /// The metrics' sums, reduced on the device.
+    sums: Option<MetricSums>,
 }
 
 impl GpuContext {
@@ -132,8 +136,11 @@ impl GpuContext {
         let half = matches!(io.format(classes, false), ElemFormat::Half { .. });
         let weights = opts.get_weights().map_or(0, <[f32]>::len);
         let metrics = opts.get_metrics().is_some();
-        if metrics && self.kernels.rows_metrics.is_none() {
-            return Err(self.no_metrics_binding());
+        if let Some(spec) = opts.get_metrics() {
+            if self.kernels.rows_metrics.is_none() {
+                return Err(self.no_metrics_binding());
+            }
+            super::metrics::check_spec(spec, self.path_name())?;
         }
         let (loss, mut outputs) = self.planned(
             |limits| {
@@ -162,13 +169,10 @@ impl GpuContext {
                 }
                 Ok(plan)
             },
-            |ws, plan| self.prepare(ws, plan, weights, metrics),
+            |ws, plan| self.prepare(ws, plan, weights, opts.get_metrics()),
             |ws, plan| self.stream(ws, &mut io, batch, opts, &plan),
         )?;
-        let metrics = match (opts.get_metrics(), outputs.metrics.take()) {
-            (Some(spec), Some(rows)) => Some(Metrics::from_rows(spec, &rows)),
-            _ => None,
-        };
+        let metrics = outputs.sums.take().map(|sums| finish_metrics(&sums, outputs.metrics.take()));
         Ok(LossOutput {
             loss: match opts.get_reduction() {
                 Reduction::None => None,
@@ -185,9 +189,15 @@ impl GpuContext {
         })
     }
 
-    /// Makes every buffer big enough for `plan` (and its metric records when `metrics`),
-    /// rebuilding the bind groups only when a buffer was replaced.
-    pub(crate) fn prepare(&self, ws: &mut Workspace, plan: &Plan, weights: usize, metrics: bool) {
+    /// Makes every buffer big enough for `plan` (and its metric records and sums under
+    /// `metrics`), rebuilding the bind groups only when a buffer was replaced.
+    pub(crate) fn prepare(
+        &self,
+        ws: &mut Workspace,
+        plan: &Plan,
+        weights: usize,
+        metrics: Option<&MetricsSpec>,
+    ) {
         let d = &self.device;
         let wg = self.kernels.workgroup_size;
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
@@ -216,10 +226,22 @@ impl GpuContext {
         grow.storage(&mut ws.weights, "xent weights", weights as u64 * 4);
         grow.storage(&mut ws.upstream, "xent upstream", rows * 4);
         if self.kernels.rows_metrics.is_some() {
-            grow.storage(&mut ws.row_metrics, "xent row_metrics", if metrics { rows * 32 } else { 32 });
+            let (records, entries) = match metrics {
+                Some(spec) => {
+                    let chunks = plan.row_groups();
+                    let entries = super::metrics::entries_needed(spec, plan.slot_rows, chunks, wg, max_dim);
+                    (rows * RECORD_BYTES, entries * super::metrics::entry_words(spec) as u64 * 4)
+                }
+                None => (RECORD_BYTES, 16),
+            };
+            grow.storage(&mut ws.row_metrics, "xent row_metrics", records);
+            grow.storage(&mut ws.metric_entries, "xent metric sums", entries);
         }
         grow.params(&mut ws.params, "xent params");
-        grow.readback(&mut ws.readback, plan.ring, "xent readback", readback_layout(plan, metrics).3);
+        let per_row = metrics.is_some_and(MetricsSpec::get_per_row);
+        let entry = metrics.map_or(0, |s| super::metrics::entry_words(s) as u64 * 4);
+        let slot_bytes = readback_layout(plan, per_row).3.max(entry);
+        grow.readback(&mut ws.readback, plan.ring, "xent readback", slot_bytes);
         let created = grow.created();
         ws.allocations += created;
         if ws.groups.is_none() || created > 0 {
@@ -242,6 +264,10 @@ impl GpuContext {
                     buffers.push(ws.row_metrics.get());
                     bind(d, kernel, p, &buffers)
                 }),
+                metrics_reduce: k
+                    .rows_metrics
+                    .as_ref()
+                    .map(|_| bind(d, &k.reduce_metrics, p, &[ws.row_metrics.get(), ws.metric_entries.get()])),
                 partials: bind(
                     d,
                     &k.partials,
@@ -297,11 +323,16 @@ impl GpuContext {
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let grad_scale = batch.gradient_scale(opts.get_reduction());
         let mode = grad_mode(plan.grad);
-        let want_metrics = opts.get_metrics().is_some();
+        let spec = opts.get_metrics();
+        let want_metrics = spec.is_some();
+        // Each row's record comes back only for the per-row outputs; the sums are the
+        // device's.
+        let per_row = spec.is_some_and(MetricsSpec::get_per_row);
         let mut outputs = Outputs {
             row_losses: opts.wants_row_losses().then(|| vec![0.0; n]),
             lse: opts.wants_lse().then(|| vec![0.0; n]),
-            metrics: want_metrics.then(|| vec![super::metrics::NO_RECORD; n]),
+            metrics: per_row.then(|| vec![super::metrics::NO_RECORD; n]),
+            sums: None,
         };
         let want_rows = outputs.row_losses.is_some() || outputs.lse.is_some();
         self.queue.write_buffer(ws.norm.get(), 0, bytemuck::cast_slice(&[1.0f32, 1.0]));
@@ -318,7 +349,7 @@ impl GpuContext {
             levels.record(rec, &self.kernels, &groups.reduce_scratch);
             rec.copy(ws.scratch.get(), u64::from(levels.result) * 4, ws.sums.get(), group as u64 * 4, 4);
         };
-        let (rows_at, lse_at, metrics_at, _) = readback_layout(plan, want_metrics);
+        let (rows_at, lse_at, metrics_at, _) = readback_layout(plan, per_row);
         // Copies the chunk's per-row results into the readback slot.
         let rows_readback = |rec: &mut Recorder, slot: usize, rows: usize| {
             let rb = ws.readback[slot].get();
@@ -326,8 +357,8 @@ impl GpuContext {
                 rec.copy(ws.row_loss.get(), 0, rb, rows_at, rows as u64 * 4);
                 rec.copy(ws.row_lse.get(), 0, rb, lse_at, rows as u64 * 4);
             }
-            if want_metrics {
-                rec.copy(ws.row_metrics.get(), 0, rb, metrics_at, rows as u64 * 32);
+            if per_row {
+                rec.copy(ws.row_metrics.get(), 0, rb, metrics_at, rows as u64 * RECORD_BYTES);
             }
         };
         let submit = |ring: &mut Ring<'_, Readback>,
@@ -335,10 +366,10 @@ impl GpuContext {
                       slot: usize,
                       grad_to: Option<Range<usize>>,
                       rows_to: Option<Range<usize>>| {
-            let metrics_to = rows_to.clone().filter(|_| want_metrics);
+            let metrics_to = rows_to.clone().filter(|_| per_row);
             let rows_to = rows_to.filter(|_| want_rows);
             let map_bytes = match (&grad_to, &rows_to, &metrics_to) {
-                (_, _, Some(r)) => metrics_at + r.len() as u64 * 32,
+                (_, _, Some(r)) => metrics_at + r.len() as u64 * RECORD_BYTES,
                 (_, Some(r), None) => lse_at + r.len() as u64 * 4,
                 (Some(g), None, None) => g.len() as u64 * 4,
                 (None, None, None) => 0,
@@ -397,7 +428,7 @@ impl GpuContext {
                                 ..bytemuck::Zeroable::zeroed()
                             }
                             .with_opts(kopts);
-                            let (features, group) = match &groups.rows_metrics {
+                            let (features, rows_bg) = match &groups.rows_metrics {
                                 Some(g) if want_metrics => (kopts.features() | F_METRICS, g),
                                 _ => (kopts.features(), &groups.rows),
                             };
@@ -406,7 +437,21 @@ impl GpuContext {
                                 io.format(v, self.native_f16()),
                                 features,
                             );
-                            rec.dispatch_pipeline(&pipeline, group, &params, wgs);
+                            rec.dispatch_pipeline(&pipeline, rows_bg, &params, wgs);
+                            // The chunk's metric sums into its entry.
+                            if let (Some(spec), Some(bg)) = (spec, &groups.metrics_reduce) {
+                                let chunks = plan.row_groups() as u32;
+                                let levels = metric_levels(
+                                    spec,
+                                    rows,
+                                    true,
+                                    0,
+                                    chunks,
+                                    Some(group as u32),
+                                    (wg, max_dim),
+                                );
+                                levels.record(&mut rec, &self.kernels, bg);
+                            }
                         }
                     }
                     chunk_sum(&mut rec, rows, group);
@@ -419,7 +464,7 @@ impl GpuContext {
                         rec.copy(src, 0, ws.readback[slot].get(), 0, elems.len() as u64 * io.grad_bytes());
                     }
                     rows_readback(&mut rec, slot, rows);
-                    let rows_to = (want_rows || want_metrics).then_some(chunk.rows);
+                    let rows_to = (want_rows || per_row).then_some(chunk.rows);
                     submit(&mut ring, rec, slot, grad_src.map(|_| elems), rows_to);
                 }
             }
@@ -524,6 +569,12 @@ impl GpuContext {
             ws.params.get(),
             ring.readback(0),
         )?;
+        if let (Some(spec), Some(bg)) = (spec, &groups.metrics_reduce) {
+            let entries = (ws.metric_entries.get(), bg);
+            let chunks = plan.row_groups();
+            outputs.sums =
+                Some(self.read_metric_sums(spec, entries, chunks, ws.params.get(), ring.readback(0))?);
+        }
         Ok((loss, outputs))
     }
 }

@@ -47,6 +47,7 @@ library!(
     merge_partials,
     narrow_targets,
     part_tree,
+    reduce_metrics,
     reduce_sum,
     row_merge_subgroup,
     row_merge_workgroup,

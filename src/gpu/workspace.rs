@@ -21,6 +21,8 @@ pub(crate) struct Workspace {
     pub upstream: Slot,
     /// Two vec4 per row of evaluation metrics (where the adapter binds them).
     pub row_metrics: Slot,
+    /// Their sums: one entry per chunk, then the reduction's scratch.
+    pub metric_entries: Slot,
     pub params: Slot,
     pub readback: Vec<Slot>,
     pub groups: Option<BindGroups>,
@@ -43,6 +45,8 @@ pub(crate) struct BindGroups {
     pub rows: wgpu::BindGroup,
     /// The fused kernel's with the metrics binding, where the adapter has it.
     pub rows_metrics: Option<wgpu::BindGroup>,
+    /// `reduce_metrics` over the records and the entries (with the binding).
+    pub metrics_reduce: Option<wgpu::BindGroup>,
     pub partials: wgpu::BindGroup,
     pub merge: wgpu::BindGroup,
     pub backward: wgpu::BindGroup,
@@ -64,6 +68,11 @@ pub(crate) struct SoftWorkspace {
     pub sums: Slot,
     /// The metric records (32 bytes when not asked).
     pub row_metrics: Slot,
+    /// Their sums: one entry per chunk, then the reduction's scratch (16 bytes when not
+    /// asked).
+    pub metric_entries: Slot,
+    /// `reduce_metrics` over the records and the entries.
+    pub metrics_group: Option<wgpu::BindGroup>,
     pub params: Slot,
     /// One per chunk in flight.
     pub readback: Vec<Slot>,
@@ -94,6 +103,6 @@ pub(crate) struct BinaryWorkspace {
 /// `linear::Buffers`, in its order, and the readback slots.
 #[derive(Default)]
 pub(crate) struct LinearWorkspace {
-    pub slots: [Slot; 21],
+    pub slots: [Slot; 22],
     pub readback: Vec<Slot>,
 }
