@@ -403,3 +403,78 @@ fn device_reduced_metrics_over_many_chunks_match_the_reference() {
         }
     }
 }
+
+/// Device-resident buffers: the metrics reduced on the device from the caller's logits
+/// (f32 and f16, i32 and i64 class indices, probabilities), read back after the caller's
+/// submission; repeated recordings of one shape create no buffer.
+#[test]
+fn device_resident_metrics_match_the_reference() {
+    use wgpu::util::DeviceExt;
+    use xent::Dtype;
+    use xent::gpu::{DeviceLabels, DeviceLogits, DeviceProblem, DeviceSlice, DeviceWorkspace};
+    let (rows, v) = (150, 260);
+    let (logits, targets) = tricky_batch(rows, v, 91, true);
+    let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+    let (probs, _) = common::dense_targets(&xent::synth::logits(rows, v, 1.0, 92), v);
+    let half: Vec<u16> = logits.iter().map(|&x| HalfFormat::F16.from_f32(x)).collect();
+    let wide_half: Vec<f32> = half.iter().map(|&b| HalfFormat::F16.to_f32(b)).collect();
+    let spec = MetricsSpec::new().top_k(&[1, 2, 7]).ece_bins(12).per_row(true);
+    let opts = LossOptions::new().softcap(6.0).metrics(spec.clone());
+    for gpu in common::gpus("device_resident_metrics_match_the_reference") {
+        let buffer = |data: &[u8]| {
+            gpu.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: data,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            })
+        };
+        let (f32_buf, f16_buf) = (buffer(bytemuck::cast_slice(&logits)), buffer(bytemuck::cast_slice(&half)));
+        let (t32_buf, t64_buf) = (buffer(bytemuck::cast_slice(&t32)), buffer(bytemuck::cast_slice(&targets)));
+        let probs_buf = buffer(bytemuck::cast_slice(&probs));
+        let mut ws = DeviceWorkspace::new();
+        for (what, dtype, labels, host) in [
+            ("f32, i32", Dtype::F32, DeviceLabels::ClassesI32(DeviceSlice::from(&t32_buf)), &logits),
+            ("f32, i64", Dtype::F32, DeviceLabels::ClassesI64(DeviceSlice::from(&t64_buf)), &logits),
+            ("f16, i32", Dtype::F16, DeviceLabels::ClassesI32(DeviceSlice::from(&t32_buf)), &wide_half),
+            (
+                "f32, probabilities",
+                Dtype::F32,
+                DeviceLabels::Probabilities(DeviceSlice::from(&probs_buf)),
+                &logits,
+            ),
+        ] {
+            let buf = if dtype == Dtype::F32 { &f32_buf } else { &f16_buf };
+            let problem = DeviceProblem {
+                logits: DeviceLogits { buffer: buf, offset: 0, dtype },
+                rows,
+                classes: v,
+                labels,
+                gradient: xent::gpu::DeviceGradient::None,
+                mode: Default::default(),
+            };
+            let host_labels = if matches!(labels, DeviceLabels::Probabilities(_)) {
+                Labels::Probabilities(&probs)
+            } else {
+                Labels::from(&targets)
+            };
+            let want = Reference.evaluate(Problem::new(Logits::F32(host), v, host_labels), &opts).unwrap();
+            let what = format!("{what} on {}", common::name(gpu));
+            for repeat in 0..2 {
+                let before = ws.buffer_allocations();
+                let mut enc = gpu.device().create_command_encoder(&Default::default());
+                let out =
+                    gpu.record(&mut enc, &problem, &opts, &mut ws).unwrap_or_else(|e| panic!("{what}: {e}"));
+                gpu.queue().submit([enc.finish()]);
+                let got = gpu.read_device_metrics(&out).unwrap().expect("metrics asked");
+                check_against(&got, want.metrics.as_ref().unwrap(), &what);
+                if repeat == 1 {
+                    assert_eq!(
+                        ws.buffer_allocations(),
+                        before,
+                        "{what}: a repeated recording created a buffer"
+                    );
+                }
+            }
+        }
+    }
+}

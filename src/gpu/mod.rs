@@ -31,7 +31,7 @@ pub use kernels::{ParamsField, ParamsLayout, Shader, shaders};
 pub use linear::{HeadPath, HeadWork, LinearPlan};
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
 pub use resident::{
-    DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceMode, DeviceProblem, DeviceSlice,
-    DeviceUpstream, DeviceWorkspace,
+    DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceMetrics, DeviceMode, DeviceProblem,
+    DeviceSlice, DeviceUpstream, DeviceWorkspace,
 };
 pub use tuning::{GemmTuning, Tuning};

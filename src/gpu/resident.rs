@@ -33,10 +33,11 @@ use super::buffers::{Recorder, Slot, bind_ranges, groups_x, params_stride};
 use super::context::GpuContext;
 use super::grid::{RowGrid, record_row_grid};
 use super::kernels::{
-    CONVERT_BF16, CONVERT_COPY, CONVERT_NARROW, CONVERT_WIDEN, ConvertParams, ElemFormat, GradMode,
-    KernelOpts, NO_INDEX, NarrowParams, ROW_MAP_STATS, ROW_MAP_Z_SPLIT, RowMapParams, RowParams,
-    WeightParams,
+    CONVERT_BF16, CONVERT_COPY, CONVERT_NARROW, CONVERT_WIDEN, ConvertParams, ElemFormat, F_METRICS,
+    GradMode, KernelOpts, NO_INDEX, NarrowParams, ROW_MAP_STATS, ROW_MAP_Z_SPLIT, RowMapParams, RowParams,
+    SOFT_METRICS, WeightParams,
 };
+use super::metrics::{MetricLevels, RECORD_BYTES, check_spec, entry_words, metric_levels};
 use super::reduce::reduce_levels;
 use super::soft::{soft_flags, soft_params};
 use super::tuning::{SPLIT_BLOCK_COLS, rows_layout};
@@ -213,8 +214,26 @@ pub struct DeviceLoss {
     pub loss: wgpu::Buffer,
     /// Rows N.
     pub rows: usize,
+    /// The evaluation metrics, when the options asked for them (read them with
+    /// [`GpuContext::read_device_metrics`]).
+    pub metrics: Option<DeviceMetrics>,
     // Kept alive until the caller's commands have run.
     _scratch: Vec<wgpu::Buffer>,
+}
+
+/// The evaluation metrics of a device-resident recording, reduced on the device.
+pub struct DeviceMetrics {
+    /// What was asked.
+    pub spec: crate::MetricsSpec,
+    /// The sums at the start (u32 words: counted rows, correct, 8 top-k counts, the nll
+    /// and entropy sums with their Kahan compensations as f32 bits, 2 zeros, then per
+    /// calibration bin count, correct, confidence sum, compensation); `None` for an
+    /// empty batch.
+    pub sums: Option<wgpu::Buffer>,
+    /// Each row's record (two vec4: pred and count above the target as integer bits,
+    /// confidence, entropy; nll, target class as integer bits, 0, 0); `None` for an
+    /// empty batch.
+    pub records: Option<wgpu::Buffer>,
 }
 
 /// The buffers of device-resident recordings, owned by the caller and reused by every
@@ -303,7 +322,11 @@ mod slot {
     pub const SUMS: usize = 19;
     /// Bound where the soft kernel writes no metric records.
     pub const NO_METRICS: usize = 20;
-    pub const COUNT: usize = 21;
+    /// Each row's metric record.
+    pub const RECORDS: usize = 21;
+    /// The metrics' sums (entry 0), then the reduction's scratch.
+    pub const METRIC_SUMS: usize = 22;
+    pub const COUNT: usize = 23;
 }
 
 /// The checked problem, as every kind's recording takes it.
@@ -430,7 +453,6 @@ impl GpuContext {
         workspace: &mut DeviceWorkspace,
     ) -> Result<DeviceLoss> {
         let frame = self.check_device_problem(problem, opts)?;
-        self.no_metrics_yet(opts, "device-resident buffers")?;
         if frame.n == 0 {
             return Ok(self.empty_device_loss(problem, opts, workspace));
         }
@@ -469,6 +491,11 @@ impl GpuContext {
             opts.validate(v)?;
             if opts.get_pos_weight().is_some() {
                 return bad("pos_weight applies to binary cross-entropy only".into());
+            }
+            if opts.get_metrics().is_some() && matches!(problem.mode, DeviceMode::Backward { .. }) {
+                return bad(
+                    "metrics come from a fused evaluation (the forward's row state), not a backward".into()
+                );
             }
         }
         let align = u64::from(self.limits.min_storage_buffer_offset_alignment);
@@ -592,6 +619,10 @@ impl GpuContext {
             lse: ws.storage(d, slot::LSE, "xent lse", 16),
             loss,
             rows: 0,
+            metrics: opts
+                .get_metrics()
+                .filter(|_| !matches!(problem.mode, DeviceMode::Backward { .. }))
+                .map(|spec| DeviceMetrics { spec: spec.clone(), sums: None, records: None }),
             _scratch: Vec::new(),
         }
     }
@@ -709,6 +740,54 @@ impl GpuContext {
     }
 
     /// Class-index targets: the fused kernel, or the saved-LSE backward.
+    /// The buffers of a recording's metrics over `f.n` rows — each row's record, and the
+    /// sums (entry 0) with the scratch of the levels that reduce the records into it —
+    /// and those levels.
+    fn device_metric_buffers(
+        &self,
+        spec: &crate::MetricsSpec,
+        f: &Frame<'_>,
+        ws: &mut DeviceWorkspace,
+    ) -> Result<(wgpu::Buffer, wgpu::Buffer, MetricLevels)> {
+        if self.kernels.rows_metrics.is_none() {
+            return Err(self.no_metrics_binding());
+        }
+        check_spec(spec, self.path_name())?;
+        let bytes = f.n as u64 * RECORD_BYTES;
+        if bytes > f.bind_cap {
+            return Err(Error::Unsupported {
+                path: self.path_name(),
+                cell: format!("evaluation metrics of {} device-resident rows", f.n),
+                why: format!(
+                    "their records ({bytes} bytes) do not fit one binding ({} bytes); evaluate fewer rows a call",
+                    f.bind_cap
+                ),
+            });
+        }
+        let levels = metric_levels(spec, f.n, true, 0, 1, Some(0), (f.wg, f.max_dim));
+        let d = &self.device;
+        let records = ws.storage(d, slot::RECORDS, "xent row_metrics", bytes);
+        let entries = u64::from(levels.extent) * entry_words(spec) as u64 * 4;
+        let sums = ws.storage(d, slot::METRIC_SUMS, "xent metric sums", entries);
+        Ok((records, sums, levels))
+    }
+
+    /// Records the reduction of the rows' records into the sums' entry 0.
+    fn record_metric_sums(
+        &self,
+        rec: &mut Recorder<'_>,
+        params: &wgpu::Buffer,
+        (records, sums, levels): &(wgpu::Buffer, wgpu::Buffer, MetricLevels),
+    ) {
+        let bg = bind_ranges(
+            &self.device,
+            &self.kernels.reduce_metrics,
+            params,
+            &[whole(records, records.size()), whole(sums, sums.size())],
+        );
+        levels.record(rec, &self.kernels, &bg);
+    }
+
     fn record_classes(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -754,8 +833,14 @@ impl GpuContext {
         };
         let direct_bytes = if direct_half { v as u64 * 2 } else { row_bytes };
         let rows_per_chunk = f.rows_per_chunk(direct_bytes, max_rows)?;
-        let grid =
-            backward.is_none() && f.half.is_none() && self.tuning.row_grid(n, v) && total <= f.bind_cap;
+        // The metrics are the fused row kernel's: few long rows take it too.
+        let metrics = opts.get_metrics().filter(|_| backward.is_none());
+        let metric_bufs = metrics.map(|spec| self.device_metric_buffers(spec, f, ws)).transpose()?;
+        let grid = backward.is_none()
+            && f.half.is_none()
+            && metrics.is_none()
+            && self.tuning.row_grid(n, v)
+            && total <= f.bind_cap;
         let chunks = if grid { 0 } else { n.div_ceil(rows_per_chunk) };
 
         let d = &self.device;
@@ -808,7 +893,8 @@ impl GpuContext {
             + counted_levels.levels.len()
             + 2 * loss_levels.levels.len()
             + pair_levels.levels.len();
-        let blocks_needed = (4 * chunks + 8 + levels) as u64;
+        let metric_levels = metric_bufs.as_ref().map_or(0, |m| m.2.levels.len());
+        let blocks_needed = (4 * chunks + 8 + levels + metric_levels) as u64;
         let params = ws.uniform(d, slot::PARAMS, "xent params", blocks_needed * params_stride(&self.limits));
 
         let mut rec = Recorder::into_encoder(encoder, &self.limits);
@@ -975,21 +1061,24 @@ impl GpuContext {
             };
             match backward {
                 None => {
-                    let bg = bind_ranges(
-                        d,
-                        &self.kernels.rows,
-                        &params,
-                        &[
-                            logits_range,
-                            targets_range,
-                            whole(&row_loss, rows * 4),
-                            whole(&lse, rows * 4),
-                            grad_range(e0, len),
-                            whole(&stats, rows * 8),
-                            whole(&norm, 16),
-                            whole(&class_weights, class_weights.size()),
-                        ],
-                    );
+                    let mut ranges = vec![
+                        logits_range,
+                        targets_range,
+                        whole(&row_loss, rows * 4),
+                        whole(&lse, rows * 4),
+                        grad_range(e0, len),
+                        whole(&stats, rows * 8),
+                        whole(&norm, 16),
+                        whole(&class_weights, class_weights.size()),
+                    ];
+                    let (kernel, features) = match (&metric_bufs, &self.kernels.rows_metrics) {
+                        (Some((records, _, _)), Some(kernel)) => {
+                            ranges.push(whole(records, rows * RECORD_BYTES));
+                            (kernel, kopts.features() | F_METRICS)
+                        }
+                        _ => (&self.kernels.rows, kopts.features()),
+                    };
+                    let bg = bind_ranges(d, kernel, &params, &ranges);
                     let groups = self.tuning.rows_workgroups((count as u64).div_ceil(rows_per_group));
                     let p = RowParams {
                         rows: count as u32,
@@ -1004,7 +1093,7 @@ impl GpuContext {
                         ..bytemuck::Zeroable::zeroed()
                     }
                     .with_opts(&kopts);
-                    let pipeline = self.kernels.rows_variants.get(d, format, kopts.features());
+                    let pipeline = self.kernels.rows_variants.get(d, format, features);
                     rec.dispatch_pipeline(&pipeline, &bg, &p, groups);
                 }
                 Some((_, upstream)) => {
@@ -1063,6 +1152,9 @@ impl GpuContext {
             }
             rec.copy(&scratch, u64::from(count_levels.result) * 4, &loss, 4, 4);
         }
+        if let Some(m) = &metric_bufs {
+            self.record_metric_sums(&mut rec, &params, m);
+        }
         debug_assert!(
             rec.blocks() <= blocks_needed,
             "{} parameter blocks, room for {blocks_needed}",
@@ -1074,6 +1166,11 @@ impl GpuContext {
             lse,
             loss,
             rows: n,
+            metrics: metrics.zip(metric_bufs).map(|(spec, (records, sums, _))| DeviceMetrics {
+                spec: spec.clone(),
+                sums: Some(sums),
+                records: Some(records),
+            }),
             _scratch: vec![
                 weight,
                 stats,
@@ -1115,7 +1212,12 @@ impl GpuContext {
             _ => Upstream::PerRow(&[]),
         };
         let has_grad = !matches!(f.gradient, DeviceGradient::None);
-        let (flags, scale) = soft_flags(has_grad, saved.is_some(), host_upstream, denom);
+        let (mut flags, scale) = soft_flags(has_grad, saved.is_some(), host_upstream, denom);
+        let metrics = opts.get_metrics().filter(|_| saved.is_none());
+        let metric_bufs = metrics.map(|spec| self.device_metric_buffers(spec, f, ws)).transpose()?;
+        if metric_bufs.is_some() {
+            flags |= SOFT_METRICS;
+        }
         let widened = f.half.is_some();
         let row_bytes = v as u64 * 4;
         let rows_per_chunk = f.rows_per_chunk(row_bytes, f.max_groups())?;
@@ -1138,7 +1240,8 @@ impl GpuContext {
         let [wide, grad] = ws.chunk_scratch(d, f, chunk_bytes);
         let levels = reduce_levels(rows, 0, wg, max_dim, denom as f32, NO_INDEX);
         let scratch = ws.storage(d, slot::SCRATCH, "xent scratch", levels.extent * 4);
-        let blocks_needed = (3 * chunks + levels.levels.len()) as u64;
+        let metric_levels = metric_bufs.as_ref().map_or(0, |m| m.2.levels.len());
+        let blocks_needed = (3 * chunks + levels.levels.len() + metric_levels) as u64;
         let params = ws.uniform(d, slot::PARAMS, "xent params", blocks_needed * params_stride(&self.limits));
         let after = f.after_scratch();
         let lse_range = match saved {
@@ -1168,8 +1271,10 @@ impl GpuContext {
                     grad_range,
                     whole(&weights, weights.size()),
                     upstream_range,
-                    // No metrics from device-resident buffers yet.
-                    whole(&metrics_dummy, 32),
+                    match &metric_bufs {
+                        Some((records, _, _)) => whole(records, rows * RECORD_BYTES),
+                        None => whole(&metrics_dummy, 32),
+                    },
                 ],
             );
             let p = soft_params(&kopts, count, v, first, flags, scale, max_dim);
@@ -1182,6 +1287,9 @@ impl GpuContext {
             levels.record(&mut rec, &self.kernels, &reduce_bg);
             rec.copy(&scratch, u64::from(levels.result) * 4, &loss, 0, 4);
         }
+        if let Some(m) = &metric_bufs {
+            self.record_metric_sums(&mut rec, &params, m);
+        }
         debug_assert!(rec.blocks() <= blocks_needed);
         rec.write_params(&self.queue, &params);
         Ok(DeviceLoss {
@@ -1189,6 +1297,11 @@ impl GpuContext {
             lse,
             loss,
             rows: n,
+            metrics: metrics.zip(metric_bufs).map(|(spec, (records, sums, _))| DeviceMetrics {
+                spec: spec.clone(),
+                sums: Some(sums),
+                records: Some(records),
+            }),
             _scratch: vec![scratch, params, dummy, dummy_ro, weights, wide, grad, metrics_dummy],
         })
     }
@@ -1321,8 +1434,30 @@ impl GpuContext {
             lse,
             loss,
             rows: n,
+            metrics: None,
             _scratch: vec![dummy, dummy_ro, weights, pos_weight, partials, sums, wide, grad, params],
         })
+    }
+
+    /// Reads the evaluation metrics of a recorded evaluation back to the host (after the
+    /// caller has submitted the encoder): the sums the device reduced, and each row's
+    /// prediction and confidence when the spec asked for them per row. `None` when the
+    /// options asked for no metrics.
+    pub fn read_device_metrics(&self, out: &DeviceLoss) -> Result<Option<crate::Metrics>> {
+        let Some(m) = &out.metrics else { return Ok(None) };
+        let (Some(sums), Some(records)) = (&m.sums, &m.records) else {
+            return Ok(Some(crate::Metrics::from_rows(&m.spec, &[])));
+        };
+        let words: Vec<u32> =
+            self.read_device_buffer(sums, entry_words(&m.spec))?.iter().map(|x| x.to_bits()).collect();
+        let sums = super::metrics::sums_of_entry(&m.spec, &words);
+        let rows = m.spec.get_per_row().then(|| -> Result<Vec<crate::RowMetrics>> {
+            let floats = self.read_device_buffer(records, out.rows * 8)?;
+            let mut rows = vec![super::metrics::NO_RECORD; out.rows];
+            super::metrics::decode(&floats, &mut rows);
+            Ok(rows)
+        });
+        Ok(Some(super::metrics::finish_metrics(&sums, rows.transpose()?)))
     }
 
     /// Reads the reduced loss of a recorded evaluation back to the host (after the
