@@ -171,14 +171,18 @@ fn row_group(ids: Ids, group: u32) {
                 e[j] = transform(load_logit(base + c), o);
                 let h = hmax(e[j]);
                 if (metrics) {
+                    // The element of the first max; its column is found after the loop.
                     if (h > m) {
-                        arg = first_at(e[j], h, c * WIDTH);
+                        arg = j;
                     }
                     above_e += above_of(e[j], z_t, true);
                     nan_seen = nan_seen || nan_in(e[j]);
                 }
                 m = max(m, h);
             }
+        }
+        if (metrics && arg != NO_ARG) {
+            arg = first_at(e[arg], m, (lane + arg * tpr) * WIDTH);
         }
         var s = 0.0;
         for (var j = 0u; j < CACHED; j++) {
@@ -228,12 +232,8 @@ fn row_group(ids: Ids, group: u32) {
                     // terms' z − max); an empty lane stays 0.
                     let s_l = block + total;
                     spread_e = f * (spread_e + select(zero, s_l * (st.max - m4), s_l > zero));
-                    // The first column holding the new max, in column order.
-                    var a = first_at(x0, m4, c * WIDTH);
-                    if (a == NO_ARG) { a = first_at(x1, m4, c1 * WIDTH); }
-                    if (a == NO_ARG) { a = first_at(x2, m4, c2 * WIDTH); }
-                    if (a == NO_ARG) { a = first_at(x3, m4, c3 * WIDTH); }
-                    arg = a;
+                    // The step of the first max; its column is found after the loop.
+                    arg = c;
                 }
                 block *= f;
                 total *= f;
@@ -277,20 +277,32 @@ fn row_group(ids: Ids, group: u32) {
         st.sum = hsum(total + block);
         aux = hsum(aux_e);
         wsum = hsum(wsum_e);
+        if (metrics && arg != NO_ARG) {
+            // The first column holding the max within its step, in column order (the
+            // step's elements read again, once).
+            let c = arg;
+            let x0 = transform(load_logit(base + c), o);
+            var a = first_at(x0, st.max, c * WIDTH);
+            for (var k = 1u; k < 4u && a == NO_ARG; k++) {
+                let ck = c + k * tpr;
+                if (ck < v) {
+                    a = first_at(transform(load_logit(base + ck), o), st.max, ck * WIDTH);
+                }
+            }
+            arg = a;
+        }
     }
     let local = st;
 
     // Merge the row's states across its invocations (row_merge_*.wgsl).
-    let merged = merge_row(ids, lane, Part(st, aux, wsum));
+    let mine = Merged(Part(st, aux, wsum), Seen(arg, hsum(above_e), hsum(spread_e), u32(nan_seen)));
+    let merged_all = merge_row(ids, lane, mine);
+    let merged = merged_all.part;
     let m = merged.st.max;
     let sum = merged.st.sum;
     let log_s = log(sum);
-    if (metrics) {
-        let mine = Seen(local.max, local.sum, arg, hsum(above_e), hsum(spread_e), u32(nan_seen));
-        let row = merge_metrics(lid, lane, tpr, mine, m);
-        if (in_batch && lane == 0u) {
-            store_row_metrics(params.row_base + r, metrics_record(row, sum, log_s, z_t, t, !ignored));
-        }
+    if (metrics && in_batch && lane == 0u) {
+        store_row_metrics(params.row_base + r, metrics_record(merged.st, merged_all.seen, log_s, z_t, t, !ignored));
     }
 
     var w_y = 1.0;

@@ -61,8 +61,8 @@ fn target_class(lid: u32, base: u32, v: u32) -> u32 {
             arg = c;
         }
     }
-    let top = merge_parts(lid, lid, WG, Part(RowState(pm, 0.0), 0.0, 0.0), false).st.max;
-    let t = merge_metrics(lid, lid, WG, Seen(pm, 0.0, arg, 0.0, 0.0, 0u), top).arg;
+    let mine = Merged(Part(RowState(pm, 0.0), 0.0, 0.0), Seen(arg, 0.0, 0.0, 0u));
+    let t = merge_parts_seen(lid, lid, WG, mine, false, true).seen.arg;
     // The merges' workgroup memory is used again below.
     workgroupBarrier();
     return select(t, 0u, t == NO_ARG);
@@ -150,14 +150,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     total += block;
     // (a, b) are a Part's (wsum, aux).
-    let row = merge_parts(lid, lid, WG, Part(RowState(m, total.x), total.z, total.y), true);
+    let mine = Merged(Part(RowState(m, total.x), total.z, total.y), Seen(arg, above, spread, u32(nan_seen)));
+    let merged = merge_parts_seen(lid, lid, WG, mine, true, metrics);
+    let row = merged.part;
     let saved = (params.flags & FLAG_SAVED_LSE) != 0u;
     let mx = select(row.st.max, row_lse[params.row_base + r], saved);
     let log_s = select(log(row.st.sum), 0.0, saved);
     if (metrics) {
-        let seen = merge_metrics(lid, lid, WG, Seen(m, total.x, arg, above, spread, u32(nan_seen)), row.st.max);
         if (lid == 0u) {
-            let record = metrics_record(seen, row.st.sum, log_s, z_t, i32(t), true);
+            let record = metrics_record(row.st, merged.seen, log_s, z_t, i32(t), true);
             row_metrics[2u * (params.row_base + r)] = record[0];
             row_metrics[2u * (params.row_base + r) + 1u] = record[1];
         }

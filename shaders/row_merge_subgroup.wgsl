@@ -30,22 +30,47 @@ fn subgroup_fold(p: Part, smoothing: bool) -> Part {
     return out;
 }
 
-fn merge_row(ids: Ids, lane: u32, mine: Part) -> Part {
-    if (params.threads_per_row != WG) {
-        return merge_parts(ids.lid, lane, params.threads_per_row, mine, has(F_SMOOTHING));
-    }
+// The subgroup's metrics (`Seen`) of parts with states `st`, combined: the same rule as
+// `combine_seen`, over the whole subgroup at once.
+fn subgroup_fold_seen(st: RowState, s: Seen) -> Seen {
+    let m = subgroupMax(st.max);
+    return Seen(subgroupMin(select(NO_ARG, s.arg, st.max == m)), subgroupAdd(s.above),
+        subgroupAdd(rebase_spread(st, s.spread, m)), subgroupMax(s.nan));
+}
+
+fn merge_row(ids: Ids, lane: u32, mine: Merged) -> Merged {
     let smoothing = has(F_SMOOTHING);
-    let folded = subgroup_fold(mine, smoothing);
+    let metrics = has(F_METRICS);
+    if (params.threads_per_row != WG) {
+        return merge_parts_seen(ids.lid, lane, params.threads_per_row, mine, smoothing, metrics);
+    }
+    let folded = subgroup_fold(mine.part, smoothing);
+    var seen = NO_SEEN;
+    if (metrics) {
+        seen = subgroup_fold_seen(mine.part.st, mine.seen);
+    }
     if (ids.sg_lane == 0u) {
         store_part(ids.sg, folded, smoothing);
+        if (metrics) {
+            store_seen(ids.sg, seen);
+        }
     }
     workgroupBarrier();
     // Every subgroup folds the subgroups' parts (WG / subgroup size of them, a few per
     // invocation), so the whole row's state reaches every invocation without a second
     // barrier.
     var p = Part(RowState(EMPTY_MAX, 0.0), 0.0, 0.0);
+    var s = NO_SEEN;
     for (var i = ids.sg_lane; i < ids.sg_count; i += ids.sg_size) {
-        p = combine_parts(p, part_at(i), smoothing);
+        let q = part_at(i);
+        if (metrics) {
+            s = combine_seen(p.st, s, q.st, seen_at(i));
+        }
+        p = combine_parts(p, q, smoothing);
     }
-    return subgroup_fold(p, smoothing);
+    var out = Merged(subgroup_fold(p, smoothing), NO_SEEN);
+    if (metrics) {
+        out.seen = subgroup_fold_seen(p.st, s);
+    }
+    return out;
 }

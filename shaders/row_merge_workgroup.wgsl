@@ -7,6 +7,6 @@ struct Ids {
     @builtin(local_invocation_index) lid: u32,
 }
 
-fn merge_row(ids: Ids, lane: u32, mine: Part) -> Part {
-    return merge_parts(ids.lid, lane, params.threads_per_row, mine, has(F_SMOOTHING));
+fn merge_row(ids: Ids, lane: u32, mine: Merged) -> Merged {
+    return merge_parts_seen(ids.lid, lane, params.threads_per_row, mine, has(F_SMOOTHING), has(F_METRICS));
 }

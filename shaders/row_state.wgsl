@@ -50,6 +50,36 @@ fn push_part(a: Part, z: f32, w: f32, smoothing: bool) -> Part {
     return Part(st, rebase(a.aux, a.wsum, a.st.max, m) + w * (m - z), a.wsum + w);
 }
 
+// What the evaluation metrics keep of a part of a row beside its state (row_metrics.wgsl):
+// the first column holding the part's max (NO_ARG: none), its elements above the target's
+// logit (exact below 2^24), the spread Σ exp(z − max) (z − max) relative to the part's
+// max, and whether it holds a NaN. The Rust twin is `RowMetrics::from_stats`.
+struct Seen {
+    arg: u32,
+    above: f32,
+    spread: f32,
+    nan: u32,
+}
+
+const NO_ARG: u32 = 0xffffffffu;
+const NO_SEEN: Seen = Seen(NO_ARG, 0.0, 0.0, 0u);
+
+// A spread relative to `st.max`, moved to `m` (>= st.max) as the sum is: an empty part
+// stays 0.
+fn rebase_spread(st: RowState, spread: f32, m: f32) -> f32 {
+    let f = exp(st.max - m);
+    return select(0.0, f * (spread + st.sum * (st.max - m)), st.sum > 0.0);
+}
+
+// `combine` for the metrics of two parts with states `a` and `b` (given in column order):
+// the argmax of the larger max, the lower column on equal maxima.
+fn combine_seen(a: RowState, sa: Seen, b: RowState, sb: Seen) -> Seen {
+    let m = max(a.max, b.max);
+    let arg = select(select(min(sa.arg, sb.arg), sa.arg, a.max > b.max), sb.arg, b.max > a.max);
+    return Seen(arg, sa.above + sb.above, rebase_spread(a, sa.spread, m) + rebase_spread(b, sb.spread, m),
+        max(sa.nan, sb.nan));
+}
+
 // The loss options every row kernel shares (each kernel fills one from its parameters).
 struct LossOpts {
     scale: f32,         // logit scale α

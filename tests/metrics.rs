@@ -478,3 +478,43 @@ fn device_resident_metrics_match_the_reference() {
         }
     }
 }
+
+/// Every row merge carries the metrics: the subgroup fold where one row fills the
+/// workgroup (Tuning::GPU for V > 4096 on an adapter with SUBGROUP), the workgroup tree
+/// (without subgroups, and for several rows a workgroup), the cached path, and workgroups
+/// that take several row groups in turn; class indices and probabilities.
+#[test]
+fn every_row_merge_carries_the_metrics() {
+    use xent::gpu::Tuning;
+    let gpus = common::gpus("every_row_merge_carries_the_metrics");
+    let Some(first) = gpus.first() else { return };
+    let adapter = common::adapter_of(first);
+    let subgroups = first.device().features().contains(wgpu::Features::SUBGROUP);
+    if !subgroups {
+        eprintln!(
+            "SKIPPED the subgroup fold of every_row_merge_carries_the_metrics: no SUBGROUP on the first adapter"
+        );
+    }
+    let tunings = [
+        Tuning::GPU,
+        Tuning { subgroups: false, ..Tuning::GPU },
+        Tuning { max_workgroups: 3, ..Tuning::GPU },
+        Tuning { cached_per_thread: 256, max_threads_per_row: 1024, workgroup_size: 32, ..Tuning::GPU },
+        Tuning::CPU,
+    ];
+    let opts = LossOptions::new().logit_scale(1.25).metrics(MetricsSpec::new().top_k(&[1, 4]).per_row(true));
+    for (rows, v) in [(20, 9000), (70, 600)] {
+        let (logits, targets) = tricky_batch(rows, v, 123, true);
+        let (probs, _) = common::dense_targets(&xent::synth::logits(rows, v, 1.0, 124), v);
+        for tuning in tunings {
+            let ctx = pollster::block_on(xent::GpuContext::from_adapter_tuned(&adapter, tuning)).unwrap();
+            for labels in [Labels::from(&targets), Labels::Probabilities(&probs)] {
+                let problem = || Problem::new(Logits::F32(&logits), v, labels);
+                let want = Reference.evaluate(problem(), &opts).unwrap().metrics.unwrap();
+                let what = format!("{rows}x{v} {:?} under {tuning:?}", labels.kind());
+                let got = ctx.evaluate(problem(), &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+                check_against(got.metrics.as_ref().unwrap(), &want, &what);
+            }
+        }
+    }
+}

@@ -265,16 +265,13 @@ fn compose_panics_on_a_missing_file() {
 #[test]
 fn shared_code_is_written_once() {
     for (needle, home) in [
-        // row_metrics' tree merges the metrics' sums, minimum column and NaN flags (not
-        // `Part`s) once the row's max is known; it folds into part_tree when `Part` carries
-        // the metrics for the split-row and linear kernels.
-        ("stride = stride / 2u", &["part_tree", "row_metrics", "workgroup_sum"][..]),
+        ("stride = stride / 2u", &["part_tree", "workgroup_sum"][..]),
         ("21844.0 / 6081075.0", &["row_state"]),
         ("t < 0 ||", &["targets"]),
         ("wid.y *", &["workgroup"]),
         ("override WG", &["workgroup"]),
         // The GEMM's operand tiles are its own.
-        ("var<workgroup>", &["gemm", "part_tree", "row_metrics", "workgroup_sum"]),
+        ("var<workgroup>", &["gemm", "part_tree", "workgroup_sum"]),
         ("const GRAD_", &["grad_mode"]),
     ] {
         let found: Vec<_> = LIBRARY.iter().filter(|(_, t)| t.contains(needle)).map(|(n, _)| *n).collect();
