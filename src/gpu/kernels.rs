@@ -136,6 +136,15 @@ pub(crate) const F_SCALE: u32 = 16;
 /// ([`Kernels::rows_metrics`]).
 pub(crate) const F_METRICS: u32 = 32;
 
+/// Top-k values the device's metric reduction takes (`MAX_K` of reduce_metrics.wgsl).
+pub(crate) const METRICS_MAX_K: usize = 8;
+/// Words of a metric entry's head (`HEAD`).
+pub(crate) const METRICS_HEAD: usize = 16;
+/// Calibration bins one invocation sums (`BIN_GROUP`).
+pub(crate) const METRICS_BIN_GROUP: usize = 16;
+/// Inputs one invocation adds (`IN`).
+pub(crate) const METRICS_IN: usize = 64;
+
 /// `SoftParams::flags` bits (`FLAG_*` of `cross_entropy_soft.wgsl`): write the gradient.
 pub(crate) const SOFT_GRAD: u32 = 1;
 /// Take the row's saved LSE (a separate backward).
@@ -1040,10 +1049,10 @@ pub fn shaders() -> Vec<Shader> {
         (
             "reduce_metrics",
             vec![
-                ("MAX_K", super::metrics::MAX_K as u32),
-                ("HEAD", super::metrics::HEAD as u32),
-                ("BIN_GROUP", super::metrics::BIN_GROUP as u32),
-                ("IN", super::metrics::IN as u32),
+                ("MAX_K", METRICS_MAX_K as u32),
+                ("HEAD", METRICS_HEAD as u32),
+                ("BIN_GROUP", METRICS_BIN_GROUP as u32),
+                ("IN", METRICS_IN as u32),
             ],
         ),
         (

@@ -8,6 +8,9 @@ use crate::error::{Error, Result};
 use crate::metrics::{MetricSums, MetricsSpec, RowMetrics};
 
 use super::kernels::MetricsReduceParams;
+use super::kernels::{
+    METRICS_BIN_GROUP as BIN_GROUP, METRICS_HEAD as HEAD, METRICS_IN as IN, METRICS_MAX_K as MAX_K,
+};
 
 /// Bytes of one row's record.
 pub(crate) const RECORD_BYTES: u64 = 32;
@@ -29,15 +32,6 @@ pub(crate) fn decode(records: &[f32], out: &mut [RowMetrics]) {
         };
     }
 }
-
-/// Top-k values the device reduction takes (`MAX_K` of reduce_metrics.wgsl).
-pub(crate) const MAX_K: usize = 8;
-/// Words of an entry's head (`HEAD`).
-pub(crate) const HEAD: usize = 16;
-/// Calibration bins one invocation sums (`BIN_GROUP`).
-pub(crate) const BIN_GROUP: usize = 16;
-/// Inputs one invocation adds (`IN`).
-pub(crate) const IN: usize = 64;
 
 /// u32 words of one entry of reduce_metrics.wgsl under `spec`.
 pub(crate) fn entry_words(spec: &MetricsSpec) -> usize {
