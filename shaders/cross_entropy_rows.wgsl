@@ -231,7 +231,9 @@ fn row_group(ids: Ids, group: u32) {
                     // The spread moves to the new max as the sum does (rebase of the
                     // terms' z − max); an empty lane stays 0.
                     let s_l = block + total;
-                    spread_e = f * (spread_e + select(zero, s_l * (st.max - m4), s_l > zero));
+                    let moved = f * (spread_e + select(zero, s_l * (st.max - m4), s_l > zero));
+                    // f = 0: the old terms vanish (st.max − m4 may be −inf).
+                    spread_e = select(zero, moved, f > 0.0);
                     // The step of the first max; its column is found after the loop.
                     arg = c;
                 }

@@ -42,7 +42,7 @@ struct Params {
 @group(0) @binding(6) var<storage, read> weights: array<f32>;
 @group(0) @binding(7) var<storage, read> upstream: array<f32>;
 // Two vec4 per row (row_metrics.wgsl's record), with FLAG_METRICS.
-@group(0) @binding(8) var<storage, read_write> row_metrics: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> row_metrics: array<vec4<u32>>;
 
 const FLAG_GRAD: u32 = 1u;
 const FLAG_SAVED_LSE: u32 = 2u;
@@ -124,7 +124,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 // The spread moves to the new max as the sum does; the first column
                 // holding the new max (columns cs ascend).
                 let s_before = total.x + block.x;
-                spread = select(0.0, f * (spread + s_before * (m - m4)), s_before > 0.0);
+                spread = select(0.0, f * (spread + s_before * (m - m4)), s_before > 0.0 && f > 0.0);
                 // Downwards (ending past 0 by wrapping): the lowest match is written last.
                 for (var i = 3u; i < 4u; i--) {
                     if (z[i] == m4) {

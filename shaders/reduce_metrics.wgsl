@@ -1,8 +1,10 @@
 // The evaluation metrics reduced on the device, in a fixed order (bit-identical run to
 // run): levels of sums, the first over the rows' records (`metrics_record` of
-// row_metrics.wgsl: two vec4 a row), the next ones over the previous level's entries,
-// each invocation adding IN consecutive inputs for one group of BIN_GROUP calibration
-// bins (the group-0 invocation also adds the head). Counts are exact u32 sums; float
+// row_metrics.wgsl: two vec4<u32> a row), the next ones over the previous level's
+// entries, each invocation adding IN_ROWS consecutive rows or IN consecutive entries for
+// one group of BIN_GROUP calibration bins (the group-0 invocation also adds the head):
+// an entry is (16 + 4 B) words, so rows go in by the thousand and the entries of a
+// chunk stay smaller than its records. Counts are exact u32 sums; float
 // sums are f32 with a Kahan compensation, carried in the entry, so no long serial chain
 // loses precision. Host twin: `MetricSums` in src/metrics.rs (push and add); the host
 // reads the last entry (src/gpu/metrics.rs).
@@ -19,6 +21,7 @@ const MAX_K: u32 = 8u;
 const HEAD: u32 = 16u;
 const BIN_GROUP: u32 = 16u;
 const IN: u32 = 64u;
+const IN_ROWS: u32 = 1024u;
 
 struct Params {
     count: u32,       // inputs of this level
@@ -41,7 +44,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> records: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> records: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read_write> entries: array<u32>;
 
 struct Kahan {
@@ -86,7 +89,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let groups = (params.bins + BIN_GROUP - 1u) / BIN_GROUP;
     let out = i / groups;
     let g = i % groups;
-    if (out >= (params.count + IN - 1u) / IN) {
+    let fan = select(IN, IN_ROWS, params.from_rows != 0u);
+    if (out >= (params.count + fan - 1u) / fan) {
         return;
     }
     let words = HEAD + 4u * params.bins;
@@ -100,8 +104,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var bin_n: array<u32, BIN_GROUP>;
     var bin_ok: array<u32, BIN_GROUP>;
     var bin_conf: array<Kahan, BIN_GROUP>;
-    let first = out * IN;
-    let last = min(first + IN, params.count);
+    let first = out * fan;
+    let last = min(first + fan, params.count);
     for (var j = first; j < last; j++) {
         if (params.from_rows != 0u) {
             let a = records[2u * (params.src + j)];
@@ -111,21 +115,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 continue; // an ignored row
             }
             let pred = bitcast<i32>(a.x);
-            let above = bitcast<u32>(a.y);
+            let above = a.y;
+            let confidence = bitcast<f32>(a.z);
             let ok = pred >= 0 && pred == scored;
             counted += 1u;
             correct += u32(ok);
             for (var q = 0u; q < MAX_K; q++) {
                 topk[q] += u32(q < params.k_count && pred >= 0 && above < k_at(q));
             }
-            nll = kahan_add(nll, b.x);
-            ent = kahan_add(ent, a.w);
-            let bin = bin_of(a.z);
+            nll = kahan_add(nll, bitcast<f32>(b.x));
+            ent = kahan_add(ent, bitcast<f32>(a.w));
+            let bin = bin_of(confidence);
             for (var q = 0u; q < BIN_GROUP; q++) {
                 if (bin == b0 + q) {
                     bin_n[q] += 1u;
                     bin_ok[q] += u32(ok);
-                    bin_conf[q] = kahan_add(bin_conf[q], a.z);
+                    bin_conf[q] = kahan_add(bin_conf[q], confidence);
                 }
             }
         } else {

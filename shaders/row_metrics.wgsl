@@ -19,12 +19,13 @@ fn nan_bits(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }
 
-// A row's record from its merged state `st` (sum = Σ exp(z − max)) and metrics: (pred as
-// i32 bits, above as u32 bits, confidence, entropy), (nll, the target class as i32 bits,
+// A row's record from its merged state `st` (sum = Σ exp(z − max)) and metrics, as u32
+// words (floats as their bits, so no move of a float can touch an integer's bits):
+// (pred as i32 bits, above, confidence, entropy), (nll, the target class as i32 bits,
 // 0, 0). A row of only −inf (sum 0) predicts class 0, as torch.argmax does, with NaN
 // confidence and entropy; a row holding a NaN predicts −1; nll is 0 and the target −1
 // for an ignored row.
-fn metrics_record(st: RowState, seen: Seen, log_s: f32, z_t: f32, scored: i32, counted: bool) -> array<vec4<f32>, 2> {
+fn metrics_record(st: RowState, seen: Seen, log_s: f32, z_t: f32, scored: i32, counted: bool) -> array<vec4<u32>, 2> {
     let nan_value = bitcast<f32>(0x7fc00000u);
     let live = st.sum > 0.0;
     var pred = select(i32(seen.arg), 0, seen.arg == NO_ARG);
@@ -33,7 +34,7 @@ fn metrics_record(st: RowState, seen: Seen, log_s: f32, z_t: f32, scored: i32, c
     let confidence = select(nan_value, 1.0 / st.sum, live);
     let entropy = select(nan_value, log_s - seen.spread / st.sum, live);
     let nll = select(0.0, (st.max - z_t) + log_s, counted);
-    return array<vec4<f32>, 2>(
-        vec4<f32>(bitcast<f32>(pred), bitcast<f32>(above), confidence, entropy),
-        vec4<f32>(nll, bitcast<f32>(select(-1, scored, counted)), 0.0, 0.0));
+    return array<vec4<u32>, 2>(
+        vec4<u32>(bitcast<u32>(pred), above, bitcast<u32>(confidence), bitcast<u32>(entropy)),
+        vec4<u32>(bitcast<u32>(nll), bitcast<u32>(select(-1, scored, counted)), 0u, 0u));
 }

@@ -65,10 +65,11 @@ const NO_ARG: u32 = 0xffffffffu;
 const NO_SEEN: Seen = Seen(NO_ARG, 0.0, 0.0, 0u);
 
 // A spread relative to `st.max`, moved to `m` (>= st.max) as the sum is: an empty part
-// stays 0.
+// stays 0, and so does a part whose terms vanish at the new max (f = 0, where
+// st.max − m may be −inf: 0 · −inf would be NaN).
 fn rebase_spread(st: RowState, spread: f32, m: f32) -> f32 {
     let f = exp(st.max - m);
-    return select(0.0, f * (spread + st.sum * (st.max - m)), st.sum > 0.0);
+    return select(0.0, f * (spread + st.sum * (st.max - m)), st.sum > 0.0 && f > 0.0);
 }
 
 // `combine` for the metrics of two parts with states `a` and `b` (given in column order):

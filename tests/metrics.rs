@@ -518,3 +518,26 @@ fn every_row_merge_carries_the_metrics() {
         }
     }
 }
+
+/// Logits spanning more than f32's range (−3e38 and 3e38 in one row) move the running
+/// spread by a factor exp(−inf) = 0: the entropy stays the reference's (0), not NaN, in
+/// the streaming and the cached passes and the merges.
+#[test]
+fn logits_spanning_the_f32_range_keep_the_entropy_finite() {
+    for v in [5, 1024] {
+        let rows = 66;
+        let mut logits = vec![-3.0e38f32; rows * v];
+        for r in 0..rows {
+            logits[r * v + (r * 7) % v] = 3.0e38;
+        }
+        let targets: Vec<i64> = (0..rows).map(|r| ((r * 7) % v) as i64).collect();
+        let opts = LossOptions::new().metrics(MetricsSpec::new().per_row(true));
+        let problem = || Problem::new(Logits::F32(&logits), v, Labels::from(&targets));
+        let want = Reference.evaluate(problem(), &opts).unwrap().metrics.unwrap();
+        assert_eq!((want.accuracy, want.entropy), (1.0, 0.0));
+        for path in paths("logits_spanning_the_f32_range_keep_the_entropy_finite") {
+            let got = path.evaluate(problem(), &opts).unwrap().metrics.unwrap();
+            check_against(&got, &want, &format!("V {v} on {}", path.describe()));
+        }
+    }
+}

@@ -142,8 +142,10 @@ pub(crate) const METRICS_MAX_K: usize = 8;
 pub(crate) const METRICS_HEAD: usize = 16;
 /// Calibration bins one invocation sums (`BIN_GROUP`).
 pub(crate) const METRICS_BIN_GROUP: usize = 16;
-/// Inputs one invocation adds (`IN`).
+/// Entries one invocation adds (`IN`).
 pub(crate) const METRICS_IN: usize = 64;
+/// Rows one invocation adds (`IN_ROWS`).
+pub(crate) const METRICS_IN_ROWS: usize = 1024;
 
 /// `SoftParams::flags` bits (`FLAG_*` of `cross_entropy_soft.wgsl`): write the gradient.
 pub(crate) const SOFT_GRAD: u32 = 1;
@@ -1053,6 +1055,7 @@ pub fn shaders() -> Vec<Shader> {
                 ("HEAD", METRICS_HEAD as u32),
                 ("BIN_GROUP", METRICS_BIN_GROUP as u32),
                 ("IN", METRICS_IN as u32),
+                ("IN_ROWS", METRICS_IN_ROWS as u32),
             ],
         ),
         (

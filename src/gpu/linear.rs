@@ -550,7 +550,7 @@ impl LinearRun<'_> {
             }
             if let Some(m) = records.as_deref_mut() {
                 let n = r.len();
-                super::metrics::decode(&floats[metrics_at / 4..][..n * 8], &mut m[r]);
+                super::metrics::decode(&bytemuck::cast_slice(bytes)[metrics_at / 4..][..n * 8], &mut m[r]);
             }
         };
         // The upstream gradient: a scalar in the parameters, or one per row.

@@ -162,6 +162,8 @@ impl LinearPlan {
         let fit = [
             binding / widest,
             binding / (4 * d),
+            // A row's metric record (two vec4), the widest per-row buffer.
+            binding / 32,
             budget / per_row,
             u64::from(u32::MAX) / (v.max(d) + 8 * blocks),
             n.max(1),

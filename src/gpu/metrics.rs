@@ -9,7 +9,8 @@ use crate::metrics::{MetricSums, MetricsSpec, RowMetrics};
 
 use super::kernels::MetricsReduceParams;
 use super::kernels::{
-    METRICS_BIN_GROUP as BIN_GROUP, METRICS_HEAD as HEAD, METRICS_IN as IN, METRICS_MAX_K as MAX_K,
+    METRICS_BIN_GROUP as BIN_GROUP, METRICS_HEAD as HEAD, METRICS_IN as IN, METRICS_IN_ROWS as IN_ROWS,
+    METRICS_MAX_K as MAX_K,
 };
 
 /// Bytes of one row's record.
@@ -19,16 +20,16 @@ pub(crate) const RECORD_BYTES: u64 = 32;
 pub(crate) const NO_RECORD: RowMetrics =
     RowMetrics { target: -1, pred: -1, above: 0, confidence: f32::NAN, entropy: f32::NAN, nll: f32::NAN };
 
-/// Decodes consecutive records (8 floats each) into `out`.
-pub(crate) fn decode(records: &[f32], out: &mut [RowMetrics]) {
+/// Decodes consecutive records (8 u32 words each) into `out`.
+pub(crate) fn decode(records: &[u32], out: &mut [RowMetrics]) {
     for (m, rec) in out.iter_mut().zip(records.chunks_exact(8)) {
         *m = RowMetrics {
-            target: i64::from(rec[5].to_bits() as i32),
-            pred: i64::from(rec[0].to_bits() as i32),
-            above: u64::from(rec[1].to_bits()),
-            confidence: rec[2],
-            entropy: rec[3],
-            nll: rec[4],
+            target: i64::from(rec[5] as i32),
+            pred: i64::from(rec[0] as i32),
+            above: u64::from(rec[1]),
+            confidence: f32::from_bits(rec[2]),
+            entropy: f32::from_bits(rec[3]),
+            nll: f32::from_bits(rec[4]),
         };
     }
 }
@@ -93,7 +94,7 @@ pub(crate) fn metric_levels(
         return out;
     }
     loop {
-        let n_out = count.div_ceil(IN);
+        let n_out = count.div_ceil(if from_rows { IN_ROWS } else { IN });
         let dst = match last_to {
             Some(d) if n_out == 1 => d,
             _ => next,
@@ -209,15 +210,16 @@ mod tests {
     #[test]
     fn levels_reduce_to_one_entry_where_asked() {
         let spec = MetricsSpec::new().ece_bins(40);
-        // 5000 rows: 79 entries, 2, then the chunk's entry 3; three bin groups each.
-        let l = metric_levels(&spec, 5000, true, 0, 10, Some(3), (64, 65535));
+        // 500000 rows: 489 entries (1024 rows each), 8 (64 entries each), then the
+        // chunk's entry 3; three bin groups each.
+        let l = metric_levels(&spec, 500_000, true, 0, 10, Some(3), (64, 65535));
         let counts: Vec<_> = l.levels.iter().map(|(p, _)| (p.count, p.from_rows, p.dst)).collect();
-        assert_eq!(counts, vec![(5000, 1, 10), (79, 0, 89), (2, 0, 3)]);
-        assert_eq!(l.levels[0].1, (79u64 * 3).div_ceil(64));
-        assert_eq!((l.result, l.extent), (3, 91));
+        assert_eq!(counts, vec![(500_000, 1, 10), (489, 0, 499), (8, 0, 3)]);
+        assert_eq!(l.levels[0].1, (489u64 * 3).div_ceil(64));
+        assert_eq!((l.result, l.extent), (3, 507));
         // One chunk's entry is already the total.
         let one = metric_levels(&spec, 1, false, 0, 1, None, (64, 65535));
         assert!(one.levels.is_empty() && one.result == 0);
-        assert_eq!(entries_needed(&spec, 5000, 10, 64, 65535), 91);
+        assert_eq!(entries_needed(&spec, 500_000, 10, 64, 65535), 507);
     }
 }

@@ -216,7 +216,8 @@ impl Plan {
         };
         let fit_rows = [
             limits.max_binding / (v * 4),
-            limits.max_binding / 16,
+            // The widest per-row buffer: a row's metric record (two vec4).
+            limits.max_binding / 32,
             slot_budget / (v * per_elem + ROW_OVERHEAD_BYTES),
             dispatch_rows,
             u64::from(u32::MAX) / v.max(1),

@@ -754,36 +754,41 @@ impl GpuContext {
         }
         check_spec(spec, self.path_name())?;
         let bytes = f.n as u64 * RECORD_BYTES;
-        if bytes > f.bind_cap {
+        let levels = metric_levels(spec, f.n, true, 0, 1, Some(0), (f.wg, f.max_dim));
+        let entries = u64::from(levels.extent) * entry_words(spec) as u64 * 4;
+        if bytes.max(entries) > f.bind_cap {
             return Err(Error::Unsupported {
                 path: self.path_name(),
                 cell: format!("evaluation metrics of {} device-resident rows", f.n),
                 why: format!(
-                    "their records ({bytes} bytes) do not fit one binding ({} bytes); evaluate fewer rows a call",
+                    "their records ({bytes} bytes) and sums ({entries} bytes) must each fit one binding ({} \
+                     bytes); evaluate fewer rows a call",
                     f.bind_cap
                 ),
             });
         }
-        let levels = metric_levels(spec, f.n, true, 0, 1, Some(0), (f.wg, f.max_dim));
         let d = &self.device;
         let records = ws.storage(d, slot::RECORDS, "xent row_metrics", bytes);
-        let entries = u64::from(levels.extent) * entry_words(spec) as u64 * 4;
         let sums = ws.storage(d, slot::METRIC_SUMS, "xent metric sums", entries);
         Ok((records, sums, levels))
     }
 
-    /// Records the reduction of the rows' records into the sums' entry 0.
+    /// Records the reduction of the `rows` rows' records into the sums' entry 0.
     fn record_metric_sums(
         &self,
         rec: &mut Recorder<'_>,
         params: &wgpu::Buffer,
+        rows: usize,
+        spec: &crate::MetricsSpec,
         (records, sums, levels): &(wgpu::Buffer, wgpu::Buffer, MetricLevels),
     ) {
+        // The bytes the levels use (the slots may be larger than a binding).
+        let entries = u64::from(levels.extent) * entry_words(spec) as u64 * 4;
         let bg = bind_ranges(
             &self.device,
             &self.kernels.reduce_metrics,
             params,
-            &[whole(records, records.size()), whole(sums, sums.size())],
+            &[whole(records, rows as u64 * RECORD_BYTES), whole(sums, entries)],
         );
         levels.record(rec, &self.kernels, &bg);
     }
@@ -1152,8 +1157,8 @@ impl GpuContext {
             }
             rec.copy(&scratch, u64::from(count_levels.result) * 4, &loss, 4, 4);
         }
-        if let Some(m) = &metric_bufs {
-            self.record_metric_sums(&mut rec, &params, m);
+        if let (Some(m), Some(spec)) = (&metric_bufs, metrics) {
+            self.record_metric_sums(&mut rec, &params, n, spec, m);
         }
         debug_assert!(
             rec.blocks() <= blocks_needed,
@@ -1287,8 +1292,8 @@ impl GpuContext {
             levels.record(&mut rec, &self.kernels, &reduce_bg);
             rec.copy(&scratch, u64::from(levels.result) * 4, &loss, 0, 4);
         }
-        if let Some(m) = &metric_bufs {
-            self.record_metric_sums(&mut rec, &params, m);
+        if let (Some(m), Some(spec)) = (&metric_bufs, metrics) {
+            self.record_metric_sums(&mut rec, &params, n, spec, m);
         }
         debug_assert!(rec.blocks() <= blocks_needed);
         rec.write_params(&self.queue, &params);
@@ -1452,9 +1457,10 @@ impl GpuContext {
             self.read_device_buffer(sums, entry_words(&m.spec))?.iter().map(|x| x.to_bits()).collect();
         let sums = super::metrics::sums_of_entry(&m.spec, &words);
         let rows = m.spec.get_per_row().then(|| -> Result<Vec<crate::RowMetrics>> {
-            let floats = self.read_device_buffer(records, out.rows * 8)?;
+            let words: Vec<u32> =
+                self.read_device_buffer(records, out.rows * 8)?.iter().map(|x| x.to_bits()).collect();
             let mut rows = vec![super::metrics::NO_RECORD; out.rows];
-            super::metrics::decode(&floats, &mut rows);
+            super::metrics::decode(&words, &mut rows);
             Ok(rows)
         });
         Ok(Some(super::metrics::finish_metrics(&sums, rows.transpose()?)))

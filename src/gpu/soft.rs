@@ -306,7 +306,8 @@ impl GpuContext {
             }
             if let Some(m) = records.as_deref_mut() {
                 let n = rows.len();
-                decode(&f[(metrics_at / 4) as usize..][..n * 8], &mut m[rows]);
+                let words: &[u32] = bytemuck::cast_slice(&bytes[..bytes.len() / 4 * 4]);
+                decode(&words[(metrics_at / 4) as usize..][..n * 8], &mut m[rows]);
             }
         };
         let (mut flags, scale) = soft_flags(plan.grad != GradKind::None, saved.is_some(), upstream, d);

@@ -596,7 +596,8 @@ fn copy_out(io: &mut Io<'_>, outputs: &mut Outputs, what: Readback, bytes: &[u8]
     }
     if let (Some((rows, at)), Some(out)) = (what.metrics_to, &mut outputs.metrics) {
         let n = rows.len();
-        super::metrics::decode(&floats[(at / 4) as usize..][..n * 8], &mut out[rows]);
+        let words: &[u32] = bytemuck::cast_slice(&bytes[..bytes.len() / 4 * 4]);
+        super::metrics::decode(&words[(at / 4) as usize..][..n * 8], &mut out[rows]);
     }
 }
 
