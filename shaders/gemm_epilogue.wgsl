@@ -101,7 +101,7 @@ fn write_part(ids: TileIds, t: Tile, slot: u32, r: RowPart, smoothing: bool) {
                 has_t = 1.0;
             }
         }
-        let at = 8u * (m * params.out_stride + params.out_base + t.n0 / (4u * GX));
+        let at = 12u * (m * params.out_stride + params.out_base + t.n0 / (4u * GX));
         c[at] = acc.st.max;
         c[at + 1u] = acc.st.sum;
         c[at + 2u] = z_t;
@@ -110,6 +110,10 @@ fn write_part(ids: TileIds, t: Tile, slot: u32, r: RowPart, smoothing: bool) {
         c[at + 5u] = acc.wsum;
         c[at + 6u] = 0.0;
         c[at + 7u] = 0.0;
+        // merge_partials' metrics parts: none here (the head's metrics take whole rows).
+        for (var k = 8u; k < 12u; k++) {
+            c[at + k] = 0.0;
+        }
     }
     // The next slot reuses the tiles.
     workgroupBarrier();

@@ -1,7 +1,9 @@
 // Combines the block states of each row written by row_partials.wgsl, in block order,
 // into the row's loss (class weights, label smoothing, z-loss), LSE, mean weight and
-// statistics. One invocation per row; rows have few blocks.
+// statistics, and with `metrics` the row's metric record (row_metrics.wgsl). One
+// invocation per row; rows have few blocks.
 
+#import row_metrics
 #import row_state
 #import targets
 #import workgroup
@@ -17,8 +19,8 @@ struct Params {
     smoothing: f32,
     z_loss: f32,
     weight_total: f32,
-    _pad0: u32,
-    _pad1: u32,
+    metrics: u32,       // 1: write each row's metric record
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -29,6 +31,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> row_weight: array<f32>;
 @group(0) @binding(6) var<storage, read_write> row_stats: array<vec2<f32>>;
 @group(0) @binding(7) var<storage, read> weights: array<f32>;
+// Two vec4 per row (row_metrics.wgsl's record), with `metrics`.
+@group(0) @binding(8) var<storage, read_write> row_metrics: array<vec4<u32>>;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -40,11 +44,16 @@ fn main(
         return;
     }
     let o = LossOpts(1.0, 0.0, params.smoothing, params.z_loss, params.z_loss, params.weight_total, params.classes);
+    let metrics = params.metrics != 0u;
     var acc = Part(RowState(EMPTY_MAX, 0.0), 0.0, 0.0);
+    var seen = NO_SEEN;
     var z_t = 0.0;
     for (var b = 0u; b < params.blocks; b++) {
-        let p = partials[2u * (r * params.blocks + b)];
-        let q = partials[2u * (r * params.blocks + b) + 1u];
+        let p = partials[3u * (r * params.blocks + b)];
+        let q = partials[3u * (r * params.blocks + b) + 1u];
+        if (metrics) {
+            seen = combine_seen(acc.st, seen, RowState(p.x, p.y), seen_of(partials[3u * (r * params.blocks + b) + 2u]));
+        }
         acc = combine_parts(acc, Part(RowState(p.x, p.y), q.x, q.y), o.eps > 0.0);
         if (p.w != 0.0) {
             z_t = p.z;
@@ -63,4 +72,9 @@ fn main(
     row_lse[row] = st.max + log_s;
     row_weight[row] = select(w_y, 0.0, ignored);
     row_stats[row] = vec2<f32>(st.max, st.sum);
+    if (metrics) {
+        let record = metrics_record(st, seen, log_s, z_t, t, !ignored);
+        row_metrics[2u * row] = record[0];
+        row_metrics[2u * row + 1u] = record[1];
+    }
 }

@@ -19,6 +19,26 @@ fn nan_bits(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }
 
+// `s` with one more transformed logit z of column `col` after the state `a` (the part
+// before z): the per-element form of the metrics, for kernels that push elements one by
+// one (row_partials.wgsl).
+fn push_seen(a: RowState, s: Seen, z: f32, col: u32, z_t: f32) -> Seen {
+    let m = max(a.max, z);
+    let e = exp(z - m);
+    return Seen(select(s.arg, col, z > a.max), s.above + select(0.0, 1.0, z > z_t),
+        rebase_spread(a, s.spread, m) + e * max(z - m, -FLT_MAX), max(s.nan, u32(nan_bits(z))));
+}
+
+// A partial entry's metrics (merge_partials' third vec4) and back: the column and the
+// NaN flag as their bits.
+fn seen_vec(s: Seen) -> vec4<f32> {
+    return vec4<f32>(bitcast<f32>(s.arg), s.above, s.spread, bitcast<f32>(s.nan));
+}
+
+fn seen_of(v: vec4<f32>) -> Seen {
+    return Seen(bitcast<u32>(v.x), v.y, v.z, bitcast<u32>(v.w));
+}
+
 // A row's record from its merged state `st` (sum = Σ exp(z − max)) and metrics, as u32
 // words (floats as their bits, so no move of a float can touch an integer's bits):
 // (pred as i32 bits, above, confidence, entropy), (nll, the target class as i32 bits,

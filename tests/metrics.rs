@@ -412,67 +412,73 @@ fn device_resident_metrics_match_the_reference() {
     use wgpu::util::DeviceExt;
     use xent::Dtype;
     use xent::gpu::{DeviceLabels, DeviceLogits, DeviceProblem, DeviceSlice, DeviceWorkspace};
-    let (rows, v) = (150, 260);
-    let (logits, targets) = tricky_batch(rows, v, 91, true);
-    let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
-    let (probs, _) = common::dense_targets(&xent::synth::logits(rows, v, 1.0, 92), v);
-    let half: Vec<u16> = logits.iter().map(|&x| HalfFormat::F16.from_f32(x)).collect();
-    let wide_half: Vec<f32> = half.iter().map(|&b| HalfFormat::F16.to_f32(b)).collect();
-    let spec = MetricsSpec::new().top_k(&[1, 2, 7]).ece_bins(12).per_row(true);
-    let opts = LossOptions::new().softcap(6.0).metrics(spec.clone());
-    for gpu in common::gpus("device_resident_metrics_match_the_reference") {
-        let buffer = |data: &[u8]| {
-            gpu.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: data,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            })
-        };
-        let (f32_buf, f16_buf) = (buffer(bytemuck::cast_slice(&logits)), buffer(bytemuck::cast_slice(&half)));
-        let (t32_buf, t64_buf) = (buffer(bytemuck::cast_slice(&t32)), buffer(bytemuck::cast_slice(&targets)));
-        let probs_buf = buffer(bytemuck::cast_slice(&probs));
-        let mut ws = DeviceWorkspace::new();
-        for (what, dtype, labels, host) in [
-            ("f32, i32", Dtype::F32, DeviceLabels::ClassesI32(DeviceSlice::from(&t32_buf)), &logits),
-            ("f32, i64", Dtype::F32, DeviceLabels::ClassesI64(DeviceSlice::from(&t64_buf)), &logits),
-            ("f16, i32", Dtype::F16, DeviceLabels::ClassesI32(DeviceSlice::from(&t32_buf)), &wide_half),
-            (
-                "f32, probabilities",
-                Dtype::F32,
-                DeviceLabels::Probabilities(DeviceSlice::from(&probs_buf)),
-                &logits,
-            ),
-        ] {
-            let buf = if dtype == Dtype::F32 { &f32_buf } else { &f16_buf };
-            let problem = DeviceProblem {
-                logits: DeviceLogits { buffer: buf, offset: 0, dtype },
-                rows,
-                classes: v,
-                labels,
-                gradient: xent::gpu::DeviceGradient::None,
-                mode: Default::default(),
+    // Whole rows, and few long rows on the row grid (these contexts turn it on).
+    for (rows, v) in [(150, 260), (10, 9000)] {
+        let (logits, targets) = tricky_batch(rows, v, 91, true);
+        let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+        let (probs, _) = common::dense_targets(&xent::synth::logits(rows, v, 1.0, 92), v);
+        let half: Vec<u16> = logits.iter().map(|&x| HalfFormat::F16.from_f32(x)).collect();
+        let wide_half: Vec<f32> = half.iter().map(|&b| HalfFormat::F16.to_f32(b)).collect();
+        let spec = MetricsSpec::new().top_k(&[1, 2, 7]).ece_bins(12).per_row(true);
+        let opts = LossOptions::new().softcap(6.0).metrics(spec.clone());
+        for gpu in common::gpus("device_resident_metrics_match_the_reference") {
+            let buffer = |data: &[u8]| {
+                gpu.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: data,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                })
             };
-            let host_labels = if matches!(labels, DeviceLabels::Probabilities(_)) {
-                Labels::Probabilities(&probs)
-            } else {
-                Labels::from(&targets)
-            };
-            let want = Reference.evaluate(Problem::new(Logits::F32(host), v, host_labels), &opts).unwrap();
-            let what = format!("{what} on {}", common::name(gpu));
-            for repeat in 0..2 {
-                let before = ws.buffer_allocations();
-                let mut enc = gpu.device().create_command_encoder(&Default::default());
-                let out =
-                    gpu.record(&mut enc, &problem, &opts, &mut ws).unwrap_or_else(|e| panic!("{what}: {e}"));
-                gpu.queue().submit([enc.finish()]);
-                let got = gpu.read_device_metrics(&out).unwrap().expect("metrics asked");
-                check_against(&got, want.metrics.as_ref().unwrap(), &what);
-                if repeat == 1 {
-                    assert_eq!(
-                        ws.buffer_allocations(),
-                        before,
-                        "{what}: a repeated recording created a buffer"
-                    );
+            let (f32_buf, f16_buf) =
+                (buffer(bytemuck::cast_slice(&logits)), buffer(bytemuck::cast_slice(&half)));
+            let (t32_buf, t64_buf) =
+                (buffer(bytemuck::cast_slice(&t32)), buffer(bytemuck::cast_slice(&targets)));
+            let probs_buf = buffer(bytemuck::cast_slice(&probs));
+            let mut ws = DeviceWorkspace::new();
+            for (what, dtype, labels, host) in [
+                ("f32, i32", Dtype::F32, DeviceLabels::ClassesI32(DeviceSlice::from(&t32_buf)), &logits),
+                ("f32, i64", Dtype::F32, DeviceLabels::ClassesI64(DeviceSlice::from(&t64_buf)), &logits),
+                ("f16, i32", Dtype::F16, DeviceLabels::ClassesI32(DeviceSlice::from(&t32_buf)), &wide_half),
+                (
+                    "f32, probabilities",
+                    Dtype::F32,
+                    DeviceLabels::Probabilities(DeviceSlice::from(&probs_buf)),
+                    &logits,
+                ),
+            ] {
+                let buf = if dtype == Dtype::F32 { &f32_buf } else { &f16_buf };
+                let problem = DeviceProblem {
+                    logits: DeviceLogits { buffer: buf, offset: 0, dtype },
+                    rows,
+                    classes: v,
+                    labels,
+                    gradient: xent::gpu::DeviceGradient::None,
+                    mode: Default::default(),
+                };
+                let host_labels = if matches!(labels, DeviceLabels::Probabilities(_)) {
+                    Labels::Probabilities(&probs)
+                } else {
+                    Labels::from(&targets)
+                };
+                let want =
+                    Reference.evaluate(Problem::new(Logits::F32(host), v, host_labels), &opts).unwrap();
+                let what = format!("{what} on {}", common::name(gpu));
+                for repeat in 0..2 {
+                    let before = ws.buffer_allocations();
+                    let mut enc = gpu.device().create_command_encoder(&Default::default());
+                    let out = gpu
+                        .record(&mut enc, &problem, &opts, &mut ws)
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    gpu.queue().submit([enc.finish()]);
+                    let got = gpu.read_device_metrics(&out).unwrap().expect("metrics asked");
+                    check_against(&got, want.metrics.as_ref().unwrap(), &what);
+                    if repeat == 1 {
+                        assert_eq!(
+                            ws.buffer_allocations(),
+                            before,
+                            "{what}: a repeated recording created a buffer"
+                        );
+                    }
                 }
             }
         }
@@ -539,5 +545,39 @@ fn logits_spanning_the_f32_range_keep_the_entropy_finite() {
             let got = path.evaluate(problem(), &opts).unwrap().metrics.unwrap();
             check_against(&got, &want, &format!("V {v} on {}", path.describe()));
         }
+    }
+}
+
+/// Rows longer than one binding (a 64 KiB binding: a row of 40000 f32 in three pieces)
+/// and the row grid (few long rows on the device with the grid on) carry the metrics in
+/// their partial states: the target's piece goes first, so the other pieces count above
+/// its logit; the merge writes each row's record.
+#[test]
+fn split_rows_and_the_row_grid_carry_the_metrics() {
+    let gpus = common::gpus("split_rows_and_the_row_grid_carry_the_metrics");
+    let opts = LossOptions::new().softcap(8.0).metrics(MetricsSpec::new().top_k(&[1, 3, 100]).per_row(true));
+    let check = |gpu: &xent::GpuContext, rows: usize, v: usize, what: &str| {
+        let (logits, mut targets) = tricky_batch(rows, v, 7 + v as u64, rows > 6);
+        // Targets in every piece, the first, the last.
+        targets[3] = 0;
+        targets[4] = (v - 1) as i64;
+        let problem = || Problem::new(Logits::F32(&logits), v, Labels::from(&targets));
+        let want = Reference.evaluate(problem(), &opts).unwrap().metrics.unwrap();
+        for gradient in [false, true] {
+            let p = if gradient { problem().gradient(Gradient::Owned) } else { problem() };
+            let what = format!("{what} {rows}x{v} on {} (gradient {gradient})", common::name(gpu));
+            let out = gpu.evaluate(p, &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+            check_against(out.metrics.as_ref().unwrap(), &want, &what);
+        }
+    };
+    if let Some(tiny) = common::tiny_device(gpus) {
+        let plan = xent::gpu::Plan::new(5, 40000, xent::gpu::GradKind::None, &tiny.plan_limits()).unwrap();
+        assert!(matches!(plan.layout, xent::gpu::Layout::Split { .. }), "{plan:?}");
+        check(&tiny, 7, 40000, "split rows");
+    }
+    for gpu in gpus {
+        let plan = xent::gpu::Plan::new(12, 10000, xent::gpu::GradKind::None, &gpu.plan_limits()).unwrap();
+        assert!(matches!(plan.layout, xent::gpu::Layout::Rows { blocks_per_row: Some(_), .. }), "{plan:?}");
+        check(gpu, 12, 10000, "row grid");
     }
 }

@@ -3,7 +3,7 @@
 //! device-resident path.
 
 use super::buffers::{Recorder, groups_x};
-use super::kernels::{BackwardParams, GradMode, KernelOpts, Kernels, MergeParams, PartialParams};
+use super::kernels::{BackwardParams, GradMode, KernelOpts, Kernels, MergeParams, NO_ENTRY, PartialParams};
 use super::tuning::SPLIT_BLOCK_COLS;
 
 /// One problem on the (row × column block) grid: few long rows.
@@ -15,6 +15,8 @@ pub(crate) struct RowGrid {
     /// Scale of the gradient (the upstream gradient over the divisor).
     pub grad_scale: f32,
     pub mode: GradMode,
+    /// The metrics' parts and each row's record (bound to the merge).
+    pub metrics: bool,
 }
 
 impl RowGrid {
@@ -71,7 +73,7 @@ pub(crate) fn record_row_grid(
     kopts: &KernelOpts,
     max_dim: u32,
 ) {
-    let RowGrid { rows, classes: v, ignore_index, mode, .. } = grid;
+    let RowGrid { rows, classes: v, ignore_index, mode, metrics, .. } = grid;
     let bpr = grid.blocks();
     let wgs = grid.workgroups();
     let partial = PartialParams {
@@ -87,6 +89,8 @@ pub(crate) fn record_row_grid(
         out_stride: bpr as u32,
         ignore_index,
         classes: v as u32,
+        metrics: u32::from(metrics),
+        zt_entry: NO_ENTRY,
         ..bytemuck::Zeroable::zeroed()
     }
     .with_opts(kopts);
@@ -99,6 +103,7 @@ pub(crate) fn record_row_grid(
         groups_x: groups_x(merge_groups, max_dim),
         classes: v as u32,
         ignore_index,
+        metrics: u32::from(metrics),
         ..bytemuck::Zeroable::zeroed()
     }
     .with_opts(kopts);

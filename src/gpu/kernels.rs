@@ -302,7 +302,17 @@ pub(crate) struct PartialParams {
     pub logit_scale: f32,
     pub softcap: f32,
     pub smoothing: f32,
+    /// 1: the metrics' parts too.
+    pub metrics: u32,
+    /// The entry (within a row) holding the target's z when it is not bound
+    /// ([`NO_ENTRY`]: bound, or no metrics).
+    pub zt_entry: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
 }
+
+/// `PartialParams::zt_entry` when the target's column is bound (`NO_ARG` of the shaders).
+pub(crate) const NO_ENTRY: u32 = u32::MAX;
 
 impl PartialParams {
     /// With the options of `k` (the plain loss when all are off).
@@ -331,8 +341,9 @@ pub(crate) struct MergeParams {
     pub smoothing: f32,
     pub z_loss: f32,
     pub weight_total: f32,
-    pub _pad0: u32,
-    pub _pad1: u32,
+    /// 1: write each row's metric record.
+    pub metrics: u32,
+    pub _pad: u32,
 }
 
 impl MergeParams {
@@ -828,6 +839,10 @@ fn params_layouts() -> HashMap<&'static str, ParamsLayout> {
                 logit_scale,
                 softcap,
                 smoothing,
+                metrics,
+                zt_entry,
+                _pad0,
+                _pad1,
             }),
         ),
         (
@@ -843,8 +858,8 @@ fn params_layouts() -> HashMap<&'static str, ParamsLayout> {
                 smoothing,
                 z_loss,
                 weight_total,
-                _pad0,
-                _pad1,
+                metrics,
+                _pad,
             }),
         ),
         (
@@ -1394,15 +1409,16 @@ impl Kernels {
                 "row_partials",
                 wgsl::file("row_partials"),
                 // logits, targets, partials, weights
-                &[(RO, 4), (RO, 4), (RW, 32), (RO, 4)],
+                &[(RO, 4), (RO, 4), (RW, 48), (RO, 4)],
                 wg,
             ),
             merge: Kernel::new::<MergeParams>(
                 device,
                 "merge_partials",
                 wgsl::file("merge_partials"),
-                // partials, targets, row_loss, row_lse, row_weight, row_stats, weights
-                &[(RO, 32), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RW, 8), (RO, 4)],
+                // partials, targets, row_loss, row_lse, row_weight, row_stats, weights,
+                // row_metrics
+                &[(RO, 48), (RO, 4), (RW, 4), (RW, 4), (RW, 4), (RW, 8), (RO, 4), (RW, 32)],
                 wg,
             ),
             backward: Kernel::new::<BackwardParams>(

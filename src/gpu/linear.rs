@@ -524,7 +524,17 @@ impl LinearRun<'_> {
             dev,
             &k.merge,
             &b.params,
-            &[&b.partials, &b.targets, &b.row_loss, &b.row_lse, &b.row_weight, &b.row_stats, &b.weights],
+            // (The head's metrics take whole rows: the merge writes no records.)
+            &[
+                &b.partials,
+                &b.targets,
+                &b.row_loss,
+                &b.row_lse,
+                &b.row_weight,
+                &b.row_stats,
+                &b.weights,
+                &b.row_metrics,
+            ],
         );
 
         let reduction = self.opts.get_reduction();

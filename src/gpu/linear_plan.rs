@@ -13,7 +13,7 @@ use super::tuning::{GEMM_MAX_K, MAX_LANE_STEPS};
 pub(crate) const SLOTS: usize = 2;
 
 /// Bytes of one row's entry per GEMM tile in the partials (two vec4).
-pub(crate) const PART_BYTES: u64 = 32;
+pub(crate) const PART_BYTES: u64 = 48;
 
 /// What a call asks of the head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,17 +230,18 @@ mod tests {
         assert_eq!(long.first_block(1, 32), long.piece_classes.div_ceil(32));
         // The chunk's G fits a binding and the partials too.
         assert!(long.rows_per_chunk * long.piece_classes * 4 <= 64 << 10);
-        assert!(long.rows_per_chunk * long.blocks * 32 <= 64 << 10);
+        assert!(long.rows_per_chunk * long.blocks * PART_BYTES as usize <= 64 << 10);
     }
 
     #[test]
     fn the_loss_alone_needs_no_logits_buffer() {
-        // 4096 × 32000 under 8 MiB: whole rows take 128 KB each, parts 1000 × 32 bytes.
+        // 4096 × 32000 under 8 MiB: whole rows take 128 KB each, parts 1000 × 48 bytes
+        // (with the row buffers and readbacks both share), so about 2.7 times the rows.
         let l = limits(128 << 20);
         let whole =
             LinearPlan::new(4096, 32000, 16, 32, HeadWork::Fused { recompute: false }, &l, 8 << 20).unwrap();
         let loss = LinearPlan::new(4096, 32000, 16, 32, HeadWork::Loss, &l, 8 << 20).unwrap();
-        assert!(loss.rows_per_chunk >= 3 * whole.rows_per_chunk, "{loss:?} vs {whole:?}");
+        assert!(2 * loss.rows_per_chunk >= 5 * whole.rows_per_chunk, "{loss:?} vs {whole:?}");
     }
 
     #[test]

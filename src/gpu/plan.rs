@@ -282,7 +282,8 @@ impl Plan {
         let pieces = classes.div_ceil(piece_cols);
         let blocks_per_piece = piece_cols.div_ceil(block);
         // The merge of a row's partial states binds them all (binary pieces have none).
-        let partial_bytes = (pieces * blocks_per_piece * 16) as u64;
+        // Three vec4 an entry (row_partials.wgsl).
+        let partial_bytes = (pieces * blocks_per_piece * 48) as u64;
         if matches!(streamed, Streamed::Classes(_)) && partial_bytes > limits.max_binding {
             return Err(Error::TooLarge {
                 what: format!("partial states of a row of {classes} classes"),

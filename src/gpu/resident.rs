@@ -841,11 +841,8 @@ impl GpuContext {
         // The metrics are the fused row kernel's: few long rows take it too.
         let metrics = opts.get_metrics().filter(|_| backward.is_none());
         let metric_bufs = metrics.map(|spec| self.device_metric_buffers(spec, f, ws)).transpose()?;
-        let grid = backward.is_none()
-            && f.half.is_none()
-            && metrics.is_none()
-            && self.tuning.row_grid(n, v)
-            && total <= f.bind_cap;
+        let grid =
+            backward.is_none() && f.half.is_none() && self.tuning.row_grid(n, v) && total <= f.bind_cap;
         let chunks = if grid { 0 } else { n.div_ceil(rows_per_chunk) };
 
         let d = &self.device;
@@ -1015,7 +1012,12 @@ impl GpuContext {
         //    grid of workgroups fills the device where one workgroup per row would not.
         if grid {
             let bpr = v.div_ceil(SPLIT_BLOCK_COLS);
-            let partials = ws.storage(d, slot::PARTIALS, "xent partials", (n * bpr * 32) as u64);
+            let partials = ws.storage(d, slot::PARTIALS, "xent partials", (n * bpr * 48) as u64);
+            let no_records = ws.storage(d, slot::NO_METRICS, "xent unused (metrics)", 32);
+            let records = match &metric_bufs {
+                Some((records, _, _)) => whole(records, rows * RECORD_BYTES),
+                None => whole(&no_records, 32),
+            };
             let logits_range = f.logits.range(total);
             let partials_bg = bind_ranges(
                 d,
@@ -1040,12 +1042,20 @@ impl GpuContext {
                     whole(&weight, rows * 4),
                     whole(&stats, rows * 8),
                     whole(&class_weights, class_weights.size()),
+                    records,
                 ],
             );
             // The gradient's scale is the divisor the device reduced into `norm`.
             let backward_bg =
                 backward_bind(logits_range, grad_range(0, n as u64 * v as u64), whole(&norm, 16));
-            let grid = RowGrid { rows: n, classes: v, ignore_index, grad_scale: 1.0, mode: grad_mode };
+            let grid = RowGrid {
+                rows: n,
+                classes: v,
+                ignore_index,
+                grad_scale: 1.0,
+                mode: grad_mode,
+                metrics: metric_bufs.is_some(),
+            };
             record_row_grid(
                 &mut rec,
                 &self.kernels,
@@ -1108,8 +1118,14 @@ impl GpuContext {
                         DeviceUpstream::PerElement(_) => unreachable!("checked: per-row or scalar"),
                     };
                     let bg = backward_bind(logits_range, grad_range(e0, len), up);
-                    let grid =
-                        RowGrid { rows: count, classes: v, ignore_index, grad_scale: scale, mode: grad_mode };
+                    let grid = RowGrid {
+                        rows: count,
+                        classes: v,
+                        ignore_index,
+                        grad_scale: scale,
+                        mode: grad_mode,
+                        metrics: false,
+                    };
                     let p = grid.backward_params(first, per_row, &kopts, max_dim);
                     rec.dispatch(&self.kernels.backward, &bg, &p, grid.workgroups());
                 }

@@ -16,13 +16,12 @@ use super::buffers::{Grow, Recorder, bind, groups_x};
 use super::context::GpuContext;
 use super::grid::{RowGrid, record_row_grid};
 use super::kernels::{
-    BackwardParams, ElemFormat, F_METRICS, GradMode, KernelOpts, MergeParams, NO_INDEX, PartialParams,
-    RowParams,
+    BackwardParams, ElemFormat, F_METRICS, GradMode, KernelOpts, MergeParams, NO_ENTRY, NO_INDEX,
+    PartialParams, RowParams,
 };
-use super::plan::{GradKind, Layout, Plan, PlanLimits, SPLIT_BLOCK_COLS};
+use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
 use super::reduce::reduce_levels;
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
-use super::tuning::Tuning;
 use super::workspace::{BindGroups, Workspace};
 
 /// Logits as the caller holds them.
@@ -135,7 +134,6 @@ impl GpuContext {
         let (rows, classes, grad) = (batch.rows, batch.classes, io.grad_kind());
         let half = matches!(io.format(classes, false), ElemFormat::Half { .. });
         let weights = opts.get_weights().map_or(0, <[f32]>::len);
-        let metrics = opts.get_metrics().is_some();
         if let Some(spec) = opts.get_metrics() {
             if self.kernels.rows_metrics.is_none() {
                 return Err(self.no_metrics_binding());
@@ -144,20 +142,8 @@ impl GpuContext {
         }
         let (loss, mut outputs) = self.planned(
             |limits| {
-                // The metrics are the fused row kernel's: few long rows take it too rather
-                // than the (row × column block) grid.
-                let no_grid;
-                let limits = if metrics {
-                    no_grid = PlanLimits { tuning: Tuning { few_rows: 0, ..limits.tuning }, ..*limits };
-                    &no_grid
-                } else {
-                    limits
-                };
                 let plan = Plan::new(rows, classes, grad, limits)?;
                 let split = matches!(plan.layout, Layout::Split { .. });
-                if metrics && split {
-                    self.no_metrics_yet(opts, "rows longer than one storage binding")?;
-                }
                 if split && half {
                     return Err(Error::InvalidOption(format!(
                         "rows of {classes} classes are split across bindings, and the split kernels read \
@@ -204,9 +190,10 @@ impl GpuContext {
         let chunk_bytes = plan.chunk_elems as u64 * 4;
         let rows = plan.slot_rows as u64;
         let partials = match plan.layout {
-            Layout::Split { pieces, blocks_per_piece, .. } => (pieces * blocks_per_piece * 32) as u64,
-            Layout::Rows { blocks_per_row: Some(b), .. } => (plan.slot_rows * b * 32) as u64,
-            Layout::Rows { blocks_per_row: None, .. } => 32,
+            // Three vec4 an entry (row_partials.wgsl).
+            Layout::Split { pieces, blocks_per_piece, .. } => (pieces * blocks_per_piece * 48) as u64,
+            Layout::Rows { blocks_per_row: Some(b), .. } => (plan.slot_rows * b * 48) as u64,
+            Layout::Rows { blocks_per_row: None, .. } => 48,
         };
         let scratch = reduce_levels(rows, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
         let sums = reduce_levels(plan.row_groups() as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
@@ -225,18 +212,18 @@ impl GpuContext {
         grow.storage(&mut ws.norm, "xent norm", 16);
         grow.storage(&mut ws.weights, "xent weights", weights as u64 * 4);
         grow.storage(&mut ws.upstream, "xent upstream", rows * 4);
-        if self.kernels.rows_metrics.is_some() {
-            let (records, entries) = match metrics {
-                Some(spec) => {
-                    let chunks = plan.row_groups();
-                    let entries = super::metrics::entries_needed(spec, plan.slot_rows, chunks, wg, max_dim);
-                    (rows * RECORD_BYTES, entries * super::metrics::entry_words(spec) as u64 * 4)
-                }
-                None => (RECORD_BYTES, 16),
-            };
-            grow.storage(&mut ws.row_metrics, "xent row_metrics", records);
-            grow.storage(&mut ws.metric_entries, "xent metric sums", entries);
-        }
+        // The records and sums of the metrics (small when not asked: the merge binds the
+        // records either way).
+        let (records, entries) = match metrics {
+            Some(spec) => {
+                let chunks = plan.row_groups();
+                let entries = super::metrics::entries_needed(spec, plan.slot_rows, chunks, wg, max_dim);
+                (rows * RECORD_BYTES, entries * super::metrics::entry_words(spec) as u64 * 4)
+            }
+            None => (RECORD_BYTES, 16),
+        };
+        grow.storage(&mut ws.row_metrics, "xent row_metrics", records);
+        grow.storage(&mut ws.metric_entries, "xent metric sums", entries);
         grow.params(&mut ws.params, "xent params");
         let per_row = metrics.is_some_and(MetricsSpec::get_per_row);
         let entry = metrics.map_or(0, |s| super::metrics::entry_words(s) as u64 * 4);
@@ -264,10 +251,12 @@ impl GpuContext {
                     buffers.push(ws.row_metrics.get());
                     bind(d, kernel, p, &buffers)
                 }),
-                metrics_reduce: k
-                    .rows_metrics
-                    .as_ref()
-                    .map(|_| bind(d, &k.reduce_metrics, p, &[ws.row_metrics.get(), ws.metric_entries.get()])),
+                metrics_reduce: bind(
+                    d,
+                    &k.reduce_metrics,
+                    p,
+                    &[ws.row_metrics.get(), ws.metric_entries.get()],
+                ),
                 partials: bind(
                     d,
                     &k.partials,
@@ -286,6 +275,7 @@ impl GpuContext {
                         ws.row_weight.get(),
                         ws.row_stats.get(),
                         ws.weights.get(),
+                        ws.row_metrics.get(),
                     ],
                 ),
                 backward: bind(
@@ -409,7 +399,14 @@ impl GpuContext {
                             &mut rec,
                             &self.kernels,
                             [&groups.partials, &groups.merge, &groups.backward],
-                            RowGrid { rows, classes: v, ignore_index: Batch::IGNORED, grad_scale, mode },
+                            RowGrid {
+                                rows,
+                                classes: v,
+                                ignore_index: Batch::IGNORED,
+                                grad_scale,
+                                mode,
+                                metrics: want_metrics,
+                            },
                             kopts,
                             self.limits.max_compute_workgroups_per_dimension,
                         ),
@@ -438,21 +435,14 @@ impl GpuContext {
                                 features,
                             );
                             rec.dispatch_pipeline(&pipeline, rows_bg, &params, wgs);
-                            // The chunk's metric sums into its entry.
-                            if let (Some(spec), Some(bg)) = (spec, &groups.metrics_reduce) {
-                                let chunks = plan.row_groups() as u32;
-                                let levels = metric_levels(
-                                    spec,
-                                    rows,
-                                    true,
-                                    0,
-                                    chunks,
-                                    Some(group as u32),
-                                    (wg, max_dim),
-                                );
-                                levels.record(&mut rec, &self.kernels, bg);
-                            }
                         }
+                    }
+                    // The chunk's metric sums into its entry.
+                    if let Some(spec) = spec {
+                        let chunks = plan.row_groups() as u32;
+                        let levels =
+                            metric_levels(spec, rows, true, 0, chunks, Some(group as u32), (wg, max_dim));
+                        levels.record(&mut rec, &self.kernels, &groups.metrics_reduce);
                     }
                     chunk_sum(&mut rec, rows, group);
                     let grad_src = match plan.grad {
@@ -477,7 +467,18 @@ impl GpuContext {
                         0,
                         bytemuck::cast_slice(&batch.targets[r..r + 1]),
                     );
-                    for p in 0..pieces {
+                    // With metrics the target's piece goes first: the other pieces count
+                    // above its z, read from its partial entry.
+                    let t = batch.targets[r];
+                    let target_piece = (want_metrics && t != Batch::IGNORED).then(|| t as usize / piece_cols);
+                    let zt_entry = target_piece.map_or(NO_ENTRY, |tp| {
+                        (tp * blocks_per_piece + (t as usize - tp * piece_cols) / SPLIT_BLOCK_COLS) as u32
+                    });
+                    let order: Vec<usize> = target_piece
+                        .into_iter()
+                        .chain((0..pieces).filter(|&p| Some(p) != target_piece))
+                        .collect();
+                    for (i, &p) in order.iter().enumerate() {
                         let slot = ring.next_slot(|r, b| copy_out(io, &mut outputs, r, b))?;
                         let elems = piece_of(r, p);
                         self.queue.write_buffer(ws.logits.get(), 0, io.logit_bytes(elems.clone()));
@@ -496,11 +497,13 @@ impl GpuContext {
                             out_stride: (pieces * blocks_per_piece) as u32,
                             ignore_index: Batch::IGNORED,
                             classes: v as u32,
+                            metrics: u32::from(want_metrics),
+                            zt_entry,
                             ..bytemuck::Zeroable::zeroed()
                         }
                         .with_opts(kopts);
                         rec.dispatch(&self.kernels.partials, &groups.partials, &params, wgs);
-                        let last = p + 1 == pieces;
+                        let last = i + 1 == pieces;
                         if last {
                             let params = MergeParams {
                                 rows: 1,
@@ -509,16 +512,23 @@ impl GpuContext {
                                 groups_x: 1,
                                 classes: v as u32,
                                 ignore_index: Batch::IGNORED,
-                                _pad0: 0,
-                                _pad1: 0,
+                                metrics: u32::from(want_metrics),
                                 ..bytemuck::Zeroable::zeroed()
                             }
                             .with_opts(kopts);
                             rec.dispatch(&self.kernels.merge, &groups.merge, &params, 1);
+                            // The row's metric sums into its entry.
+                            if let Some(spec) = spec {
+                                let chunks = plan.row_groups() as u32;
+                                let levels =
+                                    metric_levels(spec, 1, true, 0, chunks, Some(r as u32), (wg, max_dim));
+                                levels.record(&mut rec, &self.kernels, &groups.metrics_reduce);
+                            }
                             chunk_sum(&mut rec, 1, r);
                             rows_readback(&mut rec, slot, 1);
                         }
-                        submit(&mut ring, rec, slot, None, (last && want_rows).then_some(r..r + 1));
+                        let rows_to = (last && (want_rows || per_row)).then_some(r..r + 1);
+                        submit(&mut ring, rec, slot, None, rows_to);
                     }
                     if plan.grad == GradKind::None {
                         continue;
@@ -569,8 +579,8 @@ impl GpuContext {
             ws.params.get(),
             ring.readback(0),
         )?;
-        if let (Some(spec), Some(bg)) = (spec, &groups.metrics_reduce) {
-            let entries = (ws.metric_entries.get(), bg);
+        if let Some(spec) = spec {
+            let entries = (ws.metric_entries.get(), &groups.metrics_reduce);
             let chunks = plan.row_groups();
             outputs.sums =
                 Some(self.read_metric_sums(spec, entries, chunks, ws.params.get(), ring.readback(0))?);

@@ -45,8 +45,8 @@ pub(crate) struct BindGroups {
     pub rows: wgpu::BindGroup,
     /// The fused kernel's with the metrics binding, where the adapter has it.
     pub rows_metrics: Option<wgpu::BindGroup>,
-    /// `reduce_metrics` over the records and the entries (with the binding).
-    pub metrics_reduce: Option<wgpu::BindGroup>,
+    /// `reduce_metrics` over the records and the entries.
+    pub metrics_reduce: wgpu::BindGroup,
     pub partials: wgpu::BindGroup,
     pub merge: wgpu::BindGroup,
     pub backward: wgpu::BindGroup,
