@@ -432,6 +432,25 @@ fn bench_linear_json_has_every_field() {
         assert!(r["peak_bytes"].as_u64().is_some(), "{r}");
         assert!(r.get("gemm_ms").is_none() && r.get("ratio_to_gemm").is_none(), "GPU only: {r}");
     }
+    // --metrics adds a row per pass with the metrics beside the loss.
+    #[rustfmt::skip]
+    let (code, stdout, stderr) = xent(&[
+        "bench", "--linear", "--device", "cpu", "--rows", "16", "--hidden-dim", "8", "--classes", "50",
+        "--iters", "1", "--json", "--metrics",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    let sets: Vec<(&str, &str)> =
+        rows.iter().map(|r| (r["pass"].as_str().unwrap(), r["options"].as_str().unwrap())).collect();
+    assert_eq!(
+        sets,
+        [
+            ("forward", "plain"),
+            ("forward", "metrics"),
+            ("forward-backward", "plain"),
+            ("forward-backward", "metrics")
+        ]
+    );
     // --hidden-dim needs --linear; --linear takes the three sizes together.
     let (code, _, stderr) = xent(&["bench", "--hidden-dim", "8"]);
     assert_eq!(code, 2, "{stderr}");

@@ -205,6 +205,8 @@ struct Row {
     dim: usize,
     classes: usize,
     pass: Pass,
+    /// "plain", or "metrics" (the loss with the evaluation metrics, `--metrics`).
+    options: &'static str,
     samples: Samples,
     /// Heap bytes held at the peak of a call beyond what was held before it (the most
     /// over the timed calls; the warm-up's are left out).
@@ -236,12 +238,13 @@ impl Row {
     }
     fn json(&self) -> String {
         let mut s = format!(
-            "{{\"device\": \"{}\", \"adapter\": {}, \"rows\": {}, \"classes\": {}, \"pass\": \"{}\", \"median_ms\": {:.6}, \"min_ms\": {:.6}, \"timing\": \"{}\", \"api\": \"host\", \"hidden_dim\": {}, \"gflop_per_s\": {:.4}, \"peak_bytes\": {}, \"peak_heap_bytes\": {}",
+            "{{\"device\": \"{}\", \"adapter\": {}, \"rows\": {}, \"classes\": {}, \"pass\": \"{}\", \"options\": \"{}\", \"median_ms\": {:.6}, \"min_ms\": {:.6}, \"timing\": \"{}\", \"api\": \"host\", \"hidden_dim\": {}, \"gflop_per_s\": {:.4}, \"peak_bytes\": {}, \"peak_heap_bytes\": {}",
             self.device,
             json_string(&self.adapter),
             self.rows,
             self.classes,
             self.pass.name(),
+            self.options,
             self.samples.median(),
             self.samples.min(),
             self.samples.timing.name(),
@@ -265,17 +268,28 @@ impl Row {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<4} {:>6} {:>6} {:>7} {:<17} {:>10} {:>10} {:>9} {:>12} {:>9} adapter",
-        "dev", "rows", "dim", "classes", "pass", "median ms", "min ms", "GFLOP/s", "peak MiB", "÷gemm"
+        "{:<4} {:>6} {:>6} {:>7} {:<17} {:<8} {:>10} {:>10} {:>9} {:>12} {:>9} adapter",
+        "dev",
+        "rows",
+        "dim",
+        "classes",
+        "pass",
+        "options",
+        "median ms",
+        "min ms",
+        "GFLOP/s",
+        "peak MiB",
+        "÷gemm"
     );
     for r in rows {
         println!(
-            "{:<4} {:>6} {:>6} {:>7} {:<17} {:>10.3} {:>10.3} {:>9.1} {:>12.1} {:>9} {}",
+            "{:<4} {:>6} {:>6} {:>7} {:<17} {:<8} {:>10.3} {:>10.3} {:>9.1} {:>12.1} {:>9} {}",
             r.device,
             r.rows,
             r.dim,
             r.classes,
             r.pass.name(),
+            r.options,
             r.samples.median(),
             r.samples.min(),
             r.gflop_per_s(),
@@ -329,13 +343,15 @@ fn time_calls(
     (n, d, v): (usize, usize, usize),
     pass: Pass,
     repeats: Repeats,
+    metrics: bool,
 ) -> xent::Result<(Samples, usize, Option<u64>)> {
     let backward = pass == Pass::ForwardBackward;
     // The outputs exist (and are touched) before any call: they are not the call's memory.
     let mut dh = vec![0.0f32; if backward { n * d } else { 0 }];
     let mut dw = vec![0.0f32; if backward { v * d } else { 0 }];
     let mut db = vec![0.0f32; if backward { v } else { 0 }];
-    let opts = OptionSet::Plain.loss_options(v);
+    let set = if metrics { OptionSet::Metrics } else { OptionSet::Plain };
+    let opts = set.loss_options(v);
     let device_before = gpu.and_then(device_bytes);
     let (mut ms, mut peak_heap, mut device_after) = (Vec::with_capacity(repeats.iters), 0, device_before);
     for i in 0..repeats.total() {
@@ -371,7 +387,10 @@ fn time_calls(
 /// `xent bench --linear`.
 pub fn bench(args: &BenchArgs) -> xent::Result<ExitCode> {
     if args.options.iter().any(|&o| o != OptionSet::Plain) {
-        return Err(Error::InvalidOption("--linear times the plain loss only: leave out --options".into()));
+        return Err(Error::InvalidOption(
+            "--linear times the plain loss (and with --metrics the metrics beside it) only: leave out --options"
+                .into(),
+        ));
     }
     let shapes = match (args.rows, args.hidden_dim, args.classes) {
         (Some(n), Some(d), Some(v)) => vec![(n, d as usize, v)],
@@ -401,10 +420,11 @@ pub fn bench(args: &BenchArgs) -> xent::Result<ExitCode> {
         if want_cpu {
             devices.push(("cpu", &xent::CpuFast, None));
         }
+        let sets: &[bool] = if args.metrics { &[false, true] } else { &[false] };
         for (device, backend, gpu) in devices {
-            for &pass in passes {
+            for (&pass, &metrics) in passes.iter().flat_map(|p| sets.iter().map(move |m| (p, m))) {
                 let (samples, peak_heap, peak_device) =
-                    match time_calls(backend, gpu, &s, (n, d, v), pass, repeats) {
+                    match time_calls(backend, gpu, &s, (n, d, v), pass, repeats, metrics) {
                         Ok(m) => m,
                         // `--device all` still measures the other device.
                         Err(e @ Error::Unsupported { .. }) if args.device == BenchDevice::All => {
@@ -430,6 +450,7 @@ pub fn bench(args: &BenchArgs) -> xent::Result<ExitCode> {
                     dim: d,
                     classes: v,
                     pass,
+                    options: if metrics { "metrics" } else { "plain" },
                     samples,
                     peak_heap,
                     peak_device,
