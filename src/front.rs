@@ -236,12 +236,7 @@ pub(crate) fn by_blocks<B: Native>(
         if let (Some(all), Some(part)) = (&mut lse, &out.lse) {
             all.extend_from_slice(part);
         }
-        if let Some(part) = out.metrics {
-            metrics = Some(match metrics.take() {
-                Some(all) => all.append(part),
-                None => part,
-            });
-        }
+        metrics = crate::Metrics::join(metrics.take(), out.metrics);
         if want_grad {
             write_gradient(&mut problem, elems, &grad);
         }

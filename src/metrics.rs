@@ -114,6 +114,11 @@ pub struct RowMetrics {
 }
 
 impl RowMetrics {
+    /// A row not filled in yet (not counted, NaN figures): the placeholder of buffers the
+    /// paths write each row's metrics into.
+    pub(crate) const UNSET: RowMetrics =
+        RowMetrics { target: -1, pred: -1, above: 0, confidence: f32::NAN, entropy: f32::NAN, nll: f32::NAN };
+
     /// Whether the row is counted (its target is not ignored).
     pub fn counted(&self) -> bool {
         self.target >= 0
@@ -358,12 +363,26 @@ impl Metrics {
     pub fn from_rows(spec: &MetricsSpec, rows: &[RowMetrics]) -> Metrics {
         let mut sums = MetricSums::new(spec);
         rows.iter().for_each(|r| sums.push(r));
+        Metrics::from_sums(&sums, spec.per_row.then_some(rows))
+    }
+
+    /// The figures of `sums`, with each row's prediction and confidence from `rows` when
+    /// given (the per-row outputs).
+    pub fn from_sums(sums: &MetricSums, rows: Option<&[RowMetrics]>) -> Metrics {
         let mut m = sums.finish();
-        if spec.per_row {
+        if let Some(rows) = rows {
             m.predictions = Some(rows.iter().map(|r| r.pred).collect());
             m.confidences = Some(rows.iter().map(|r| r.confidence).collect());
         }
         m
+    }
+
+    /// `all` followed by `part` ([`append`](Self::append)), either possibly absent.
+    pub(crate) fn join(all: Option<Metrics>, part: Option<Metrics>) -> Option<Metrics> {
+        match (all, part) {
+            (Some(all), Some(part)) => Some(all.append(part)),
+            (all, part) => all.or(part),
+        }
     }
 
     /// The metrics of this evaluation's rows followed by `next`'s (row blocks of one

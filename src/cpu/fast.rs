@@ -354,6 +354,8 @@ impl<'a> RowOpts<'a> {
 struct Scratch {
     z: Vec<f32>,
     dz: Vec<f32>,
+    /// The transformed row of [`metrics_rows`] (sized on its first use).
+    metrics_z: Vec<f32>,
 }
 
 impl Scratch {
@@ -362,7 +364,7 @@ impl Scratch {
     fn new(v: usize, o: &RowOpts<'_>, grad: bool, backward: bool) -> Self {
         let z = if o.transforms() && (backward || !grad) { v } else { 0 };
         let dz = if o.cap.is_some() && grad { v } else { 0 };
-        Self { z: vec![0.0; z], dz: vec![0.0; dz] }
+        Self { z: vec![0.0; z], dz: vec![0.0; dz], metrics_z: Vec::new() }
     }
 }
 
@@ -826,35 +828,28 @@ multiversion! {
         let rows = logits.chunks_exact(v).zip(targets).zip(loss.iter_mut().zip(lse.iter_mut()));
         let mut metrics = metrics;
         if let (false, Some(m)) = (o.plain, metrics.as_deref_mut()) {
-            metrics_rows(logits, v, targets, &[], o, m, &mut Vec::new());
+            metrics_rows(logits, v, targets, &[], o, m, &mut sc.metrics_z);
         }
-        match (grad, o.plain, metrics) {
-            (Some(g), true, Some(m)) => {
-                for ((((row, &t), (l, e)), out), m) in rows.zip(g.chunks_exact_mut(v)).zip(m) {
-                    (*l, *e) = process_row(row, t, o.scale, Some(out), Some(m));
-                }
-            }
-            (None, true, Some(m)) => {
-                for (((row, &t), (l, e)), m) in rows.zip(m) {
-                    (*l, *e) = process_row(row, t, o.scale, None, Some(m));
-                }
-            }
-            (Some(g), true, None) => {
+        // Each row's metrics slot, when asked (the plain loop fills it in its read).
+        let mut slots = metrics.map(|m| m.iter_mut());
+        let mut slot = move || slots.as_mut().and_then(Iterator::next);
+        match (grad, o.plain) {
+            (Some(g), true) => {
                 for (((row, &t), (l, e)), out) in rows.zip(g.chunks_exact_mut(v)) {
-                    (*l, *e) = process_row(row, t, o.scale, Some(out), None);
+                    (*l, *e) = process_row(row, t, o.scale, Some(out), slot());
                 }
             }
-            (None, true, None) => {
+            (None, true) => {
                 for ((row, &t), (l, e)) in rows {
-                    (*l, *e) = process_row(row, t, o.scale, None, None);
+                    (*l, *e) = process_row(row, t, o.scale, None, slot());
                 }
             }
-            (Some(g), false, _) => {
+            (Some(g), false) => {
                 for (((row, &t), (l, e)), out) in rows.zip(g.chunks_exact_mut(v)) {
                     (*l, *e) = process_row_with_options::<F>(row, t, Some(out), o, sc);
                 }
             }
-            (None, false, _) => {
+            (None, false) => {
                 for ((row, &t), (l, e)) in rows {
                     (*l, *e) = process_row_with_options::<F>(row, t, None, o, sc);
                 }
@@ -941,10 +936,6 @@ fn metric_slots(
     }
 }
 
-/// An empty row's metrics, overwritten by [`metrics_rows`].
-const NO_METRICS: RowMetrics =
-    RowMetrics { target: -1, pred: -1, above: 0, confidence: 0.0, entropy: 0.0, nll: 0.0 };
-
 /// The metrics of an output, from each row's.
 fn finish_metrics(opts: &LossOptions, rows: Option<Vec<RowMetrics>>) -> Option<crate::Metrics> {
     Some(crate::Metrics::from_rows(opts.get_metrics()?, &rows?))
@@ -968,7 +959,7 @@ fn run(logits: &[f32], batch: &Batch, opts: &LossOptions, grad: Option<&mut [f32
     let mut lse = vec![0.0f32; n];
     let step = rows_per_task(v);
     let o = class_opts(opts, batch);
-    let mut metrics = opts.get_metrics().map(|_| vec![NO_METRICS; n]);
+    let mut metrics = opts.get_metrics().map(|_| vec![RowMetrics::UNSET; n]);
     let slots = metric_slots(&mut metrics, n, step);
     let tasks = logits
         .par_chunks(step * v)
@@ -1066,7 +1057,7 @@ pub fn cross_entropy_in_place<'t>(
     let mut lse = vec![0.0f32; n];
     let step = rows_per_task(v);
     let o = class_opts(opts, &batch);
-    let mut metrics = opts.get_metrics().map(|_| vec![NO_METRICS; n]);
+    let mut metrics = opts.get_metrics().map(|_| vec![RowMetrics::UNSET; n]);
     let slots = metric_slots(&mut metrics, n, step);
     logits
         .par_chunks_mut(step * v)
@@ -1301,27 +1292,29 @@ pub fn cross_entropy_soft(
     let mut losses = vec![0.0f32; rows];
     let mut lses = vec![0.0f32; rows];
     let mut grad = vec![0.0f32; if want_grad { logits.len() } else { 0 }];
-    let mut metrics = opts.get_metrics().map(|_| vec![NO_METRICS; rows]);
+    let mut metrics = opts.get_metrics().map(|_| vec![RowMetrics::UNSET; rows]);
     let slots = metric_slots(&mut metrics, rows, step);
     let tasks = logits
         .par_chunks(step * v)
         .zip(targets.par_chunks(step * v))
         .zip(losses.par_chunks_mut(step).zip(lses.par_chunks_mut(step)))
         .zip(slots);
-    let metrics_of = |x: &[f32], t: &[f32], m: Option<&mut [RowMetrics]>| {
+    let metrics_of = |x: &[f32], t: &[f32], m: Option<&mut [RowMetrics]>, sc: &mut Scratch| {
         if let Some(m) = m {
-            metrics_rows(x, v, &[], t, &o, m, &mut Vec::new());
+            metrics_rows(x, v, &[], t, &o, m, &mut sc.metrics_z);
         }
     };
     if want_grad {
         tasks.zip(grad.par_chunks_mut(step * v)).for_each(|((((x, t), (lo, ls)), m), g)| {
-            metrics_of(x, t, m);
-            soft_rows(x, t, v, Some(g), lo, ls, &o, &mut Scratch::new(v, &o, true, false))
+            let mut sc = Scratch::new(v, &o, true, false);
+            metrics_of(x, t, m, &mut sc);
+            soft_rows(x, t, v, Some(g), lo, ls, &o, &mut sc)
         });
     } else {
         tasks.for_each(|(((x, t), (lo, ls)), m)| {
-            metrics_of(x, t, m);
-            soft_rows(x, t, v, None, lo, ls, &o, &mut Scratch::new(v, &o, false, false))
+            let mut sc = Scratch::new(v, &o, false, false);
+            metrics_of(x, t, m, &mut sc);
+            soft_rows(x, t, v, None, lo, ls, &o, &mut sc)
         });
     }
     let sum = |xs: &[f32], f: &dyn Fn(f32) -> f64| -> f64 {

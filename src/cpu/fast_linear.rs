@@ -207,12 +207,7 @@ pub(crate) fn linear(task: LinearTask<'_>, opts: &LossOptions) -> Result<LossOut
                 if let (Some(all), Some(part)) = (&mut all_lse, &out.lse) {
                     all.extend_from_slice(part);
                 }
-                if let Some(part) = out.metrics {
-                    metrics = Some(match metrics.take() {
-                        Some(all) => all.append(part),
-                        None => part,
-                    });
-                }
+                metrics = crate::Metrics::join(metrics.take(), out.metrics);
                 if !want_grad {
                     continue;
                 }

@@ -143,7 +143,7 @@ impl GpuContext {
         let dh_out = grad_hidden;
         let mut row_loss = vec![0.0f32; if backward { 0 } else { n }];
         let mut row_lse = vec![0.0f32; if backward { 0 } else { n }];
-        let mut records = metrics.filter(|s| s.get_per_row()).map(|_| vec![super::metrics::NO_RECORD; n]);
+        let mut records = metrics.filter(|s| s.get_per_row()).map(|_| vec![crate::RowMetrics::UNSET; n]);
         let mut sums = None;
         // Calls on one context are serialised on its workspace, whose slots the head's
         // buffers live in: repeated calls of one shape create none.
@@ -202,7 +202,7 @@ impl GpuContext {
             row_losses: (want_rows || reduction == Reduction::None).then_some(row_loss),
             lse: want_lse.then_some(row_lse),
             z_loss: if s > 0.0 { z_loss } else { None },
-            metrics: sums.map(|sums| super::metrics::finish_metrics(&sums, records)),
+            metrics: sums.map(|sums| crate::Metrics::from_sums(&sums, records.as_deref())),
             ..Default::default()
         })
     }

@@ -16,10 +16,6 @@ use super::kernels::{
 /// Bytes of one row's record.
 pub(crate) const RECORD_BYTES: u64 = 32;
 
-/// A row's metrics before its record is read back.
-pub(crate) const NO_RECORD: RowMetrics =
-    RowMetrics { target: -1, pred: -1, above: 0, confidence: f32::NAN, entropy: f32::NAN, nll: f32::NAN };
-
 /// Decodes consecutive records (8 u32 words each) into `out`.
 pub(crate) fn decode(records: &[u32], out: &mut [RowMetrics]) {
     for (m, rec) in out.iter_mut().zip(records.chunks_exact(8)) {
@@ -190,17 +186,6 @@ pub(crate) fn entries_needed(spec: &MetricsSpec, rows: usize, chunks: usize, wg:
     let per_chunk = metric_levels(spec, rows, true, 0, c, Some(0), (wg, max_dim)).extent;
     let total = metric_levels(spec, chunks, false, 0, c, None, (wg, max_dim)).extent;
     u64::from(per_chunk.max(total).max(c))
-}
-
-/// The figures from the device's sums, with each row's prediction and confidence from
-/// their records when they were read back.
-pub(crate) fn finish_metrics(sums: &MetricSums, records: Option<Vec<RowMetrics>>) -> crate::Metrics {
-    let mut m = sums.finish();
-    if let Some(rows) = records {
-        m.predictions = Some(rows.iter().map(|r| r.pred).collect());
-        m.confidences = Some(rows.iter().map(|r| r.confidence).collect());
-    }
-    m
 }
 
 #[cfg(test)]

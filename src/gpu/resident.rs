@@ -1475,11 +1475,11 @@ impl GpuContext {
         let rows = m.spec.get_per_row().then(|| -> Result<Vec<crate::RowMetrics>> {
             let words: Vec<u32> =
                 self.read_device_buffer(records, out.rows * 8)?.iter().map(|x| x.to_bits()).collect();
-            let mut rows = vec![super::metrics::NO_RECORD; out.rows];
+            let mut rows = vec![crate::RowMetrics::UNSET; out.rows];
             super::metrics::decode(&words, &mut rows);
             Ok(rows)
         });
-        Ok(Some(super::metrics::finish_metrics(&sums, rows.transpose()?)))
+        Ok(Some(crate::Metrics::from_sums(&sums, rows.transpose()?.as_deref())))
     }
 
     /// Reads the reduced loss of a recorded evaluation back to the host (after the

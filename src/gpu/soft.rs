@@ -13,9 +13,7 @@ use super::context::GpuContext;
 use super::kernels::{
     KernelOpts, NO_INDEX, SOFT_GRAD, SOFT_METRICS, SOFT_PER_ROW, SOFT_SAVED_LSE, SoftParams,
 };
-use super::metrics::{
-    NO_RECORD, RECORD_BYTES, check_spec, decode, entries_needed, entry_words, finish_metrics, metric_levels,
-};
+use super::metrics::{RECORD_BYTES, check_spec, decode, entries_needed, entry_words, metric_levels};
 use super::plan::{GradKind, Plan, Streamed};
 use super::reduce::reduce_levels;
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
@@ -153,7 +151,7 @@ impl GpuContext {
             lse: want.lse.then(|| vec![0.0; rows]),
             ..LossOutput::default()
         };
-        let mut records = want.per_row.then(|| vec![NO_RECORD; rows]);
+        let mut records = want.per_row.then(|| vec![RowMetrics::UNSET; rows]);
         let mut sums = None;
         let sum = if rows == 0 {
             0.0
@@ -170,7 +168,7 @@ impl GpuContext {
             )?
         };
         out.metrics = match (opts.get_metrics(), sums) {
-            (Some(_), Some(sums)) => Some(finish_metrics(&sums, records)),
+            (Some(_), Some(sums)) => Some(Metrics::from_sums(&sums, records.as_deref())),
             // No rows: the figures of none.
             (Some(spec), None) if want.metrics => Some(Metrics::from_rows(spec, &[])),
             _ => None,

@@ -7,9 +7,9 @@
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::metrics::{MetricSums, MetricsSpec, RowMetrics};
+use crate::metrics::{MetricSums, Metrics, MetricsSpec, RowMetrics};
 
-use super::metrics::{RECORD_BYTES, finish_metrics, metric_levels};
+use super::metrics::{RECORD_BYTES, metric_levels};
 use crate::options::{Batch, LossOptions, LossOutput, Reduction};
 
 use super::buffers::{Grow, Recorder, bind, groups_x};
@@ -158,7 +158,7 @@ impl GpuContext {
             |ws, plan| self.prepare(ws, plan, weights, opts.get_metrics()),
             |ws, plan| self.stream(ws, &mut io, batch, opts, &plan),
         )?;
-        let metrics = outputs.sums.take().map(|sums| finish_metrics(&sums, outputs.metrics.take()));
+        let metrics = outputs.sums.take().map(|sums| Metrics::from_sums(&sums, outputs.metrics.as_deref()));
         Ok(LossOutput {
             loss: match opts.get_reduction() {
                 Reduction::None => None,
@@ -321,7 +321,7 @@ impl GpuContext {
         let mut outputs = Outputs {
             row_losses: opts.wants_row_losses().then(|| vec![0.0; n]),
             lse: opts.wants_lse().then(|| vec![0.0; n]),
-            metrics: per_row.then(|| vec![super::metrics::NO_RECORD; n]),
+            metrics: per_row.then(|| vec![crate::RowMetrics::UNSET; n]),
             sums: None,
         };
         let want_rows = outputs.row_losses.is_some() || outputs.lse.is_some();
