@@ -581,3 +581,74 @@ fn split_rows_and_the_row_grid_carry_the_metrics() {
         check(gpu, 12, 10000, "row grid");
     }
 }
+
+/// A device on `gpu`'s adapter with WebGPU's default 8 storage buffers a shader stage
+/// (the fused kernel's record binding is a ninth).
+fn eight_buffer_device(gpu: &xent::gpu::GpuContext) -> xent::gpu::GpuContext {
+    let adapter = common::adapter_of(gpu);
+    let mut limits = adapter.limits();
+    limits.max_storage_buffers_per_shader_stage = 8;
+    let (device, queue) = pollster::block_on(
+        adapter.request_device(&wgpu::DeviceDescriptor { required_limits: limits, ..Default::default() }),
+    )
+    .unwrap();
+    xent::gpu::GpuContext::from_device_tuned(device, queue, gpu.tuning()).unwrap()
+}
+
+/// The linear head's metrics come from the `partials` tiles (no logits buffer): each
+/// row's target logit first (`head_target`), the tiles' counts above it, then the merge
+/// writes the records. The loss alone, and the loss with gradients on the recompute path
+/// (a device with 8 storage buffers a stage, where the fused kernel has no record
+/// binding); classes duplicated in W and b give exact ties of the max and of the target
+/// with another class, which must count as the reference counts them (a tie is not
+/// above), with scalar and vec4 loads.
+#[test]
+fn linear_head_metrics_come_from_the_partials_tiles() {
+    use xent::gpu::trace;
+    use xent::{LinearHead, Values};
+    let gpus = common::gpus("linear_head_metrics_come_from_the_partials_tiles");
+    for (seed, &(rows, d, v)) in [(90, 7, 600), (40, 16, 2500)].iter().enumerate() {
+        let h = xent::synth::logits(rows, d, 1.0, 80 + seed as u64);
+        let mut w = xent::synth::logits(v, d, 0.5, 81 + seed as u64);
+        let mut b = xent::synth::logits(1, v, 0.5, 82 + seed as u64);
+        // Class c duplicates class c − 1 for c ≡ 1 (mod 3).
+        for c in (1..v).filter(|c| c % 3 == 1) {
+            w.copy_within((c - 1) * d..c * d, c * d);
+            b[c] = b[c - 1];
+        }
+        let mut targets = xent::synth::targets(rows, v, 83 + seed as u64);
+        // Some targets on a duplicated class (tied with the class before it).
+        targets.iter_mut().skip(3).step_by(5).for_each(|t| *t = 1 + 3 * (*t / 3).min((v as i64 - 2) / 3));
+        targets.iter_mut().step_by(7).for_each(|t| *t = -100);
+        for base in
+            [LossOptions::new(), LossOptions::new().softcap(2.0).logit_scale(0.5).label_smoothing(0.1)]
+        {
+            let opts = base.metrics(MetricsSpec::new().top_k(&[1, 2, 5]).per_row(true));
+            let problem = || {
+                let head = LinearHead::new(Values::F32(&h), Values::F32(&w), d).bias(Values::F32(&b));
+                Problem::linear(head, &targets)
+            };
+            let want = Reference.evaluate(problem(), &opts).unwrap().metrics.unwrap();
+            assert!(want.sums.top_k[0] < want.sums.top_k[1], "ties make top-2 differ from top-1");
+            for gpu in gpus {
+                let eight = eight_buffer_device(gpu);
+                for (ctx, gradient) in [(gpu, false), (&eight, false), (&eight, true)] {
+                    let what = format!("head {rows}x{d}x{v} on {} (gradients {gradient})", common::name(ctx));
+                    let p = if gradient { problem().gradient(Gradient::Owned) } else { problem() };
+                    let (out, dispatches) = trace(|| ctx.evaluate(p, &opts));
+                    let out = out.unwrap_or_else(|e| panic!("{what}: {e}"));
+                    check_against(out.metrics.as_ref().unwrap(), &want, &what);
+                    let count =
+                        |needle: &str| dispatches.iter().filter(|d| d.kernel.contains(needle)).count();
+                    assert!(count("head_target") >= 1, "{what}: {dispatches:?}");
+                    assert_eq!(count("head_target"), count("merge_partials"), "{what}: once a chunk");
+                    assert!(
+                        count(") partials") >= 1 && count("cross_entropy_rows") == 0,
+                        "{what}: {dispatches:?}"
+                    );
+                    assert_eq!(count(") grad") > 0, gradient, "{what}: G recomputed with the gradients");
+                }
+            }
+        }
+    }
+}

@@ -728,20 +728,40 @@ fn process_row_with_options<const F: bool>(
     out: Option<&mut [f32]>,
     o: &RowOpts<'_>,
     sc: &mut Scratch,
+    metrics: Option<&mut RowMetrics>,
 ) -> (f32, f32) {
     let v = row.len();
     let tr = o.transforms();
     let smooth = o.eps > 0.0;
     let y = (target != Batch::IGNORED).then_some(target as usize);
-    let (m, s, smooth_sum, z_y, out) = match out {
-        None => {
+    let (m, s, smooth_sum, z_y, out) = match (out, metrics) {
+        (None, None) => {
             let (m, s, sm) = options_stats::<F>(row, o, &mut sc.z, smooth);
             let z_y = y.map_or(0.0, |y| if tr { sc.z[y] } else { row[y] });
             (m, s, sm, z_y, None)
         }
-        Some(g) => {
+        // The metrics' pass over the (transformed) row gives its max and sum too.
+        (None, Some(slot)) => {
+            if tr {
+                transform_into::<F>(row, &mut sc.z, &mut [], o);
+            }
+            let z: &[f32] = if tr { &sc.z } else { row };
+            let (m, s, rm) = row_stats_metrics(z, i64::from(target));
+            *slot = rm;
+            let sm = match (smooth, o.weights) {
+                (false, _) => 0.0,
+                (true, Some(w)) => smooth_sum::<true>(z, w, m),
+                (true, None) => smooth_sum::<false>(z, &[], m),
+            };
+            (m, s, sm, y.map_or(0.0, |y| z[y]), None)
+        }
+        (Some(g), metrics) => {
             let m = if tr { transform_into::<F>(row, g, &mut sc.dz, o) } else { block_max(row) };
             let z_y = y.map_or(0.0, |y| if tr { g[y] } else { row[y] });
+            // The metrics from the transformed row before e replaces it.
+            if let Some(slot) = metrics {
+                *slot = row_stats_metrics(if tr { g } else { row }, i64::from(target)).2;
+            }
             let (s, sm, _) = sums_into::<F>(row, g, tr, if smooth { X_SMOOTH } else { X_NONE }, o, &[], m);
             (m, s, sm, z_y, Some(g))
         }
@@ -812,8 +832,8 @@ macro_rules! multiversion {
 
 multiversion! {
     /// One batch of rows: the plain row loop, or the one with options; and each row's
-    /// metrics into `metrics` when given (in the plain loop's one read; with options, in
-    /// a pass of [`metrics_rows`] before, which leaves the rows in the cache).
+    /// metrics into `metrics` when given (in the plain loop's one read; with options,
+    /// from the transformed row the loss reads).
     fn rows(
         logits: &[f32],
         v: usize,
@@ -826,11 +846,7 @@ multiversion! {
         metrics: Option<&mut [RowMetrics]>,
     ) {
         let rows = logits.chunks_exact(v).zip(targets).zip(loss.iter_mut().zip(lse.iter_mut()));
-        let mut metrics = metrics;
-        if let (false, Some(m)) = (o.plain, metrics.as_deref_mut()) {
-            metrics_rows(logits, v, targets, &[], o, m, &mut sc.metrics_z);
-        }
-        // Each row's metrics slot, when asked (the plain loop fills it in its read).
+        // Each row's metrics slot, when asked.
         let mut slots = metrics.map(|m| m.iter_mut());
         let mut slot = move || slots.as_mut().and_then(Iterator::next);
         match (grad, o.plain) {
@@ -846,12 +862,12 @@ multiversion! {
             }
             (Some(g), false) => {
                 for (((row, &t), (l, e)), out) in rows.zip(g.chunks_exact_mut(v)) {
-                    (*l, *e) = process_row_with_options::<F>(row, t, Some(out), o, sc);
+                    (*l, *e) = process_row_with_options::<F>(row, t, Some(out), o, sc, slot());
                 }
             }
             (None, false) => {
                 for ((row, &t), (l, e)) in rows {
-                    (*l, *e) = process_row_with_options::<F>(row, t, None, o, sc);
+                    (*l, *e) = process_row_with_options::<F>(row, t, None, o, sc, slot());
                 }
             }
         }

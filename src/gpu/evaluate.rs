@@ -166,21 +166,6 @@ impl GpuContext {
                 .into(),
         }
     }
-
-    /// Metrics are computed by the fused row kernel (class-index targets, rows within one
-    /// binding); the other kernels refuse them rather than return a loss without them.
-    pub(crate) fn no_metrics_yet(&self, opts: &LossOptions, what: &str) -> Result<()> {
-        if opts.get_metrics().is_none() {
-            return Ok(());
-        }
-        Err(crate::Error::Unsupported {
-            path: self.path_name(),
-            cell: format!("evaluation metrics with {what}"),
-            why: "the GPU computes metrics in the fused class-index kernel only so far; use --device cpu \
-                  or reference (CpuFast, Reference) for these"
-                .into(),
-        })
-    }
 }
 
 /// The f32 logits of a problem, read only.

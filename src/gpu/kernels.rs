@@ -536,8 +536,11 @@ pub(crate) const GEMM_TILE_FLOATS: u32 = 1024;
 
 /// `GemmParams::loss_flags` bits (`LOSS_*` of `gemm_epilogue.wgsl`): class weights.
 pub(crate) const LOSS_WEIGHTS: u32 = 1;
-/// A per-row upstream gradient (`upstream[row]`).
+/// A per-row upstream gradient (`per_row[row]`, the `grad` epilogue).
 pub(crate) const LOSS_PER_ROW: u32 = 2;
+/// The evaluation metrics' parts against each row's target logit (`per_row[row]`, from
+/// `head_target.wgsl`; the `partials` epilogue).
+pub(crate) const LOSS_METRICS: u32 = 4;
 
 /// `Params` of `gemm.wgsl` (the loss fields are read by `gemm_epilogue.wgsl` only).
 #[repr(C)]
@@ -603,6 +606,27 @@ pub(crate) struct ColsumParams {
     pub db_base: u32,
     /// First row of G this dispatch sums.
     pub row_base: u32,
+}
+
+/// `Params` of `head_target.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct HeadTargetParams {
+    pub rows: u32,
+    pub dim: u32,
+    /// Class of the piece's first row of W.
+    pub col_base: u32,
+    /// Classes in the piece.
+    pub count: u32,
+    pub classes: u32,
+    pub ignore_index: i32,
+    pub has_bias: u32,
+    pub groups_x: u32,
+    pub logit_scale: f32,
+    pub softcap: f32,
+    /// 1: this dispatch writes the ignored rows' FLT_MAX.
+    pub first_piece: u32,
+    pub _pad0: u32,
 }
 
 /// The source of `gemm.wgsl` with its loader (vec4 loads, or one float per load) and the
@@ -995,6 +1019,23 @@ fn params_layouts() -> HashMap<&'static str, ParamsLayout> {
                 row_base
             }),
         ),
+        (
+            "head_target",
+            params_layout!(HeadTargetParams {
+                rows,
+                dim,
+                col_base,
+                count,
+                classes,
+                ignore_index,
+                has_bias,
+                groups_x,
+                logit_scale,
+                softcap,
+                first_piece,
+                _pad0
+            }),
+        ),
         ("bench_copy", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),
         ("bench_read", params_layout!(BenchParams { count, groups_x, _pad0, _pad1 })),
     ])
@@ -1056,7 +1097,7 @@ pub fn shaders() -> Vec<Shader> {
             });
         }
     }
-    let others: [(&str, Vec<(&'static str, u32)>); 13] = [
+    let others: [(&str, Vec<(&'static str, u32)>); 14] = [
         ("row_partials", vec![]),
         ("merge_partials", vec![]),
         ("cross_entropy_backward", grad_modes.to_vec()),
@@ -1100,6 +1141,7 @@ pub fn shaders() -> Vec<Shader> {
             ],
         ),
         ("row_map", vec![("MODE_STATS", ROW_MAP_STATS), ("MODE_Z_SPLIT", ROW_MAP_Z_SPLIT)]),
+        ("head_target", vec![]),
         ("bench_copy", vec![]),
         ("bench_read", vec![]),
     ];
@@ -1123,6 +1165,7 @@ pub fn shaders() -> Vec<Shader> {
                 ("TILE_FLOATS", GEMM_TILE_FLOATS),
                 ("LOSS_WEIGHTS", LOSS_WEIGHTS),
                 ("LOSS_PER_ROW", LOSS_PER_ROW),
+                ("LOSS_METRICS", LOSS_METRICS),
             ],
             overrides: &GEMM_OVERRIDES,
         });
@@ -1368,6 +1411,8 @@ pub(crate) struct Kernels {
     pub gemm: GemmKernels,
     /// The linear head's bias gradient (`linear_colsum.wgsl`).
     pub colsum: Kernel,
+    /// The linear head's target logits for its metrics (`head_target.wgsl`).
+    pub head_target: Kernel,
     /// Workgroup size of every kernel (a power of two).
     pub workgroup_size: u32,
 }
@@ -1501,6 +1546,14 @@ impl Kernels {
                 "linear_colsum",
                 wgsl::file("linear_colsum"),
                 &[(RO, 4), (RW, 4)],
+                wg,
+            ),
+            // h, W, b, targets, target logits
+            head_target: Kernel::new::<HeadTargetParams>(
+                device,
+                "head_target",
+                wgsl::file("head_target"),
+                &[(RO, 4), (RO, 4), (RO, 4), (RO, 4), (RW, 4)],
                 wg,
             ),
             workgroup_size: wg,

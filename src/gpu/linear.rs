@@ -35,7 +35,7 @@ use super::buffers::{Recorder, Slot, bind, bind_ranges, groups_x};
 use super::context::GpuContext;
 use super::kernels::{
     ColsumParams, F_METRICS, GEMM_ACCUMULATE, GEMM_BIAS, GEMM_TILE_FLOATS, GemmEntry, GemmParams, GradMode,
-    KernelOpts, LOSS_PER_ROW, MergeParams, RowParams, RowsPipeline,
+    HeadTargetParams, KernelOpts, LOSS_METRICS, LOSS_PER_ROW, MergeParams, RowParams, RowsPipeline,
 };
 pub use super::linear_plan::{HeadPath, HeadWork, LinearPlan};
 use super::linear_plan::{PART_BYTES, SLOTS};
@@ -52,8 +52,10 @@ struct Buffers {
     h: wgpu::Buffer,
     /// Whole rows: the chunk's logits (then G). Recompute: G of one piece.
     logits: wgpu::Buffer,
-    /// The partials' entries (two vec4 per row and tile).
+    /// The partials' entries (three vec4 per row and tile).
     partials: wgpu::Buffer,
+    /// Each chunk row's target logit, for the partials' metrics (`head_target.wgsl`).
+    target_logit: wgpu::Buffer,
     dh: wgpu::Buffer,
     dw: wgpu::Buffer,
     db: wgpu::Buffer,
@@ -107,28 +109,25 @@ impl GpuContext {
         };
         let want = (grad_hidden.is_some(), grad_weight.is_some(), grad_bias.is_some() && head.bias.is_some());
         let grads = want.0 || want.1 || want.2;
-        // The metrics are the fused row kernel's: whole rows of logits, a chunk at a time.
+        // The metrics: from the partials' tiles (the loss alone, or the recompute path's
+        // forward), or the fused row kernel's over whole rows.
         let metrics = opts.get_metrics().filter(|_| !backward);
         if let Some(spec) = metrics {
-            if self.kernels.rows_metrics.is_none() {
-                return Err(self.no_metrics_binding());
-            }
             super::metrics::check_spec(spec, self.path_name())?;
         }
-        let work = match (backward, grads, metrics.is_some()) {
-            (true, _, _) => HeadWork::Backward,
-            (false, false, false) => HeadWork::Loss,
-            (false, false, true) => HeadWork::WholeLoss,
-            (false, true, m) => HeadWork::Fused { recompute: !m && recompute_preferred() },
+        let m = metrics.is_some();
+        let work = match (backward, grads) {
+            (true, _) => HeadWork::Backward,
+            (false, false) => HeadWork::Loss { metrics: m },
+            // Without the fused kernel's metrics binding (8 storage buffers a stage), the
+            // metrics come from the recompute path's partials.
+            (false, true) => HeadWork::Fused {
+                recompute: recompute_preferred() || (m && self.kernels.rows_metrics.is_none()),
+                metrics: m,
+            },
         };
         let tile = self.gemm_tile();
         let plan = LinearPlan::new(n, v, d, 4 * tile.x as usize, work, &self.limits, self.budget)?;
-        if metrics.is_some() && plan.path != HeadPath::WholeRows {
-            self.no_metrics_yet(
-                opts,
-                "a linear head whose rows of logits do not fit the budget with its gradients",
-            )?;
-        }
         let binding = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
         if opts.get_weights().is_some() && v as u64 * 4 > binding {
             return Err(Error::Unsupported {
@@ -251,6 +250,7 @@ impl GpuContext {
             h: make("xent linear h", st, rc * d * 4),
             logits: make("xent linear logits", st, logits_bytes),
             partials: make("xent linear partials", st, partials_bytes),
+            target_logit: make("xent linear target logit", st, if metrics.is_some() { rc * 4 } else { 16 }),
             dh: make("xent linear dh", st, rc * d * 4),
             dw: make("xent linear dw", st, v * d * 4),
             db: make("xent linear db", st, v * 4),
@@ -453,8 +453,9 @@ impl LinearRun<'_> {
         let bias_of = |p: usize| if self.has_bias { piece_of(&b.bias, p, 1) } else { whole(&b.dummy) };
         let db_of = |p: usize| if self.want.2 { piece_of(&b.db, p, 1) } else { whole(&b.dummy) };
         let (store, epilogue) = (&k.gemm.kernel, &k.gemm.epilogue);
-        // The epilogues' bindings over piece p, their output in `c`.
-        let epilogue_group = |p: usize, c: &wgpu::Buffer| {
+        // The epilogues' bindings over piece p, their output in `c`, their per-row values
+        // in `per_row`.
+        let epilogue_group = |p: usize, c: &wgpu::Buffer, per_row: &wgpu::Buffer| {
             let ranges = [
                 whole(&b.h),
                 piece_of(&b.w, p, d),
@@ -463,13 +464,15 @@ impl LinearRun<'_> {
                 whole(&b.targets),
                 whole(&b.weights),
                 whole(&b.row_stats),
-                whole(&b.upstream),
+                whole(per_row),
             ];
             bind_ranges(dev, epilogue, &b.params, &ranges)
         };
         let pieces = 0..plan.pieces;
         let forward = self.saved_lse.is_none();
+        let want_metrics = self.metrics.is_some();
         let (mut logits_groups, mut part_groups, mut g_groups) = (Vec::new(), Vec::new(), Vec::new());
+        let mut target_groups = Vec::new();
         match path {
             HeadPath::WholeRows => {
                 logits_groups = pieces
@@ -482,10 +485,26 @@ impl LinearRun<'_> {
             }
             HeadPath::Partials | HeadPath::Recompute => {
                 if forward {
-                    part_groups = pieces.clone().map(|p| epilogue_group(p, &b.partials)).collect();
+                    part_groups =
+                        pieces.clone().map(|p| epilogue_group(p, &b.partials, &b.target_logit)).collect();
+                }
+                if forward && want_metrics {
+                    target_groups = pieces
+                        .clone()
+                        .map(|p| {
+                            let ranges = [
+                                whole(&b.h),
+                                piece_of(&b.w, p, d),
+                                bias_of(p),
+                                whole(&b.targets),
+                                whole(&b.target_logit),
+                            ];
+                            bind_ranges(dev, &k.head_target, &b.params, &ranges)
+                        })
+                        .collect();
                 }
                 if self.grads {
-                    g_groups = pieces.clone().map(|p| epilogue_group(p, &b.logits)).collect();
+                    g_groups = pieces.clone().map(|p| epilogue_group(p, &b.logits, &b.upstream)).collect();
                 }
             }
         }
@@ -508,7 +527,6 @@ impl LinearRun<'_> {
             .collect();
         let rows_buffers =
             [&b.logits, &b.targets, &b.row_loss, &b.row_lse, &b.dummy, &b.row_stats, &b.norm, &b.weights];
-        let want_metrics = self.metrics.is_some();
         let want_records = records.is_some();
         let metrics_group = bind(dev, &k.reduce_metrics, &b.params, &[&b.row_metrics, &b.metric_entries]);
         let chunks = n.div_ceil(rc);
@@ -524,7 +542,6 @@ impl LinearRun<'_> {
             dev,
             &k.merge,
             &b.params,
-            // (The head's metrics take whole rows: the merge writes no records.)
             &[
                 &b.partials,
                 &b.targets,
@@ -614,7 +631,8 @@ impl LinearRun<'_> {
                                   p: usize,
                                   pipeline: &RowsPipeline,
                                   group: &wgpu::BindGroup,
-                                  c_off: usize| {
+                                  c_off: usize,
+                                  loss_flags: u32| {
                 let piece = plan.piece(p, v);
                 flush(rec, gemm_dispatches(m, piece.len(), d));
                 let params = GemmParams {
@@ -624,6 +642,7 @@ impl LinearRun<'_> {
                     ldc: g_cols as u32,
                     col_base: piece.start as u32,
                     out_base: plan.first_block(p, bn) as u32,
+                    loss_flags: head.loss_flags | loss_flags,
                     ..head
                 };
                 ctx.record_gemm(rec, pipeline, group, params, tile, (false, true));
@@ -632,7 +651,7 @@ impl LinearRun<'_> {
             // logits, or the tiles' parts merged per row.
             if path == HeadPath::WholeRows {
                 for (p, group) in logits_groups.iter().enumerate() {
-                    logits_product(&mut rec, p, &nt, group, plan.piece(p, v).start);
+                    logits_product(&mut rec, p, &nt, group, plan.piece(p, v).start, 0);
                 }
                 flush(&mut rec, 1);
                 let wgs = ctx.tuning.rows_workgroups(m.div_ceil(rows_per_group) as u64);
@@ -658,8 +677,31 @@ impl LinearRun<'_> {
                     levels.record(&mut rec, k, &metrics_group);
                 }
             } else if forward {
+                // With the metrics, each row's target logit first: the tiles count the
+                // logits above it.
+                for (p, group) in target_groups.iter().enumerate() {
+                    flush(&mut rec, 1);
+                    let piece = plan.piece(p, v);
+                    let groups = (m as u64).div_ceil(u64::from(wg));
+                    let params = HeadTargetParams {
+                        rows: m as u32,
+                        dim: d as u32,
+                        col_base: piece.start as u32,
+                        count: piece.len() as u32,
+                        classes: v as u32,
+                        ignore_index: Batch::IGNORED,
+                        has_bias: u32::from(self.has_bias),
+                        groups_x: groups_x(groups, max_dim),
+                        logit_scale: kopts.logit_scale,
+                        softcap: kopts.softcap,
+                        first_piece: u32::from(p == 0),
+                        _pad0: 0,
+                    };
+                    rec.dispatch(&k.head_target, group, &params, groups);
+                }
+                let flags = if want_metrics { LOSS_METRICS } else { 0 };
                 for (p, group) in part_groups.iter().enumerate() {
-                    logits_product(&mut rec, p, &parts_pipe, group, 0);
+                    logits_product(&mut rec, p, &parts_pipe, group, 0, flags);
                 }
                 flush(&mut rec, 1);
                 let groups = (m as u64).div_ceil(u64::from(wg));
@@ -670,10 +712,18 @@ impl LinearRun<'_> {
                     groups_x: groups_x(groups, max_dim),
                     classes: v as u32,
                     ignore_index: Batch::IGNORED,
+                    metrics: u32::from(want_metrics),
                     ..bytemuck::Zeroable::zeroed()
                 }
                 .with_opts(&kopts);
                 rec.dispatch(&k.merge, &merge_group, &params, groups);
+                // The chunk's metric sums into its entry.
+                if let Some(spec) = self.metrics {
+                    let levels =
+                        metric_levels(spec, m, true, 0, chunks as u32, Some(ci as u32), (wg, max_dim));
+                    flush(&mut rec, levels.levels.len() as u64);
+                    levels.record(&mut rec, k, &metrics_group);
+                }
             }
             // 2. Per piece: G (recomputed from the rows' statistics, unless whole rows
             // hold it), dh_c += Gₚ Wₚ, dWₚ += Gₚᵀ h_c, dbₚ += Σ_rows Gₚ.
@@ -682,7 +732,7 @@ impl LinearRun<'_> {
                 // Column of piece p in the G buffer.
                 let g0 = if path == HeadPath::WholeRows { piece.start } else { 0 };
                 if path != HeadPath::WholeRows {
-                    logits_product(&mut rec, p, &grad_pipe, &g_groups[p], 0);
+                    logits_product(&mut rec, p, &grad_pipe, &g_groups[p], 0, 0);
                 }
                 if self.want.0 {
                     flush(&mut rec, gemm_dispatches(m, d, piece.len()));

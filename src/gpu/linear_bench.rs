@@ -36,7 +36,7 @@ impl GpuContext {
     #[doc(hidden)]
     pub fn bench_gemm(&self, rows: usize, dim: usize, classes: usize, iters: usize) -> Result<f64> {
         let tile = self.gemm_tile();
-        let work = HeadWork::Fused { recompute: false };
+        let work = HeadWork::Fused { recompute: false, metrics: false };
         let plan = LinearPlan::new(rows, classes, dim, 4 * tile.x as usize, work, &self.limits, self.budget)?;
         let (n, v, d) = (rows, classes, dim);
         let rc = plan.rows_per_chunk.min(n);

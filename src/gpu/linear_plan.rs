@@ -19,19 +19,32 @@ pub(crate) const PART_BYTES: u64 = 48;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeadWork {
     /// The loss (row losses, LSE) only.
-    Loss,
+    Loss {
+        /// With the evaluation metrics (a record per row, and the row's target logit).
+        metrics: bool,
+    },
     /// The loss and gradients in one call; `recompute` prefers
     /// [`HeadPath::Recompute`] where [`HeadPath::WholeRows`] would fit.
     Fused {
         /// Take the recompute path even where whole rows fit.
         recompute: bool,
+        /// With the evaluation metrics.
+        metrics: bool,
     },
     /// Gradients from a saved LSE.
     Backward,
-    /// The loss from whole rows of logits, through the fused row kernel (the evaluation
-    /// metrics are computed there).
-    WholeLoss,
 }
+
+impl HeadWork {
+    /// Whether the metrics are asked for.
+    fn metrics(self) -> bool {
+        matches!(self, HeadWork::Loss { metrics: true } | HeadWork::Fused { metrics: true, .. })
+    }
+}
+
+/// Device bytes per row of the metrics: the record, the target logit and the records'
+/// readbacks.
+const METRIC_ROW_BYTES: u64 = 32 + 4 + SLOTS as u64 * 32;
 
 /// How a chunk's logits are handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +132,7 @@ impl LinearPlan {
         let bn = tile_cols.max(1) as u64;
         let last = v - (pieces - 1) * piece;
         let blocks = (pieces - 1) * piece.div_ceil(bn) + last.div_ceil(bn);
-        let whole = matches!(work, HeadWork::Fused { recompute: false } | HeadWork::WholeLoss);
+        let whole = matches!(work, HeadWork::Fused { recompute: false, .. });
         if blocks > MAX_LANE_STEPS && !whole {
             return Err(Error::Unsupported {
                 path: "gpu".into(),
@@ -131,26 +144,17 @@ impl LinearPlan {
             });
         }
         // Per row of a chunk, whatever the path: h, dh, the readbacks (dh, loss, LSE)
-        // and the row buffers.
-        let common = 8 * d + SLOTS as u64 * 4 * (d + 2) + ROW_OVERHEAD_BYTES;
+        // and the row buffers; the metrics'.
+        let common = 8 * d
+            + SLOTS as u64 * 4 * (d + 2)
+            + ROW_OVERHEAD_BYTES
+            + if work.metrics() { METRIC_ROW_BYTES } else { 0 };
         let whole_rows_fit = |path_bytes: u64| 4 * v <= binding && common + path_bytes <= budget;
         let path = match work {
-            HeadWork::Loss => HeadPath::Partials,
+            HeadWork::Loss { .. } => HeadPath::Partials,
             HeadWork::Backward => HeadPath::Recompute,
-            HeadWork::Fused { recompute } if !recompute && whole_rows_fit(4 * v) => HeadPath::WholeRows,
+            HeadWork::Fused { recompute: false, .. } if whole_rows_fit(4 * v) => HeadPath::WholeRows,
             HeadWork::Fused { .. } => HeadPath::Recompute,
-            HeadWork::WholeLoss if whole_rows_fit(4 * v) => HeadPath::WholeRows,
-            HeadWork::WholeLoss => {
-                return Err(Error::Unsupported {
-                    path: "gpu".into(),
-                    cell: format!("evaluation metrics of a linear head of {classes} classes"),
-                    why: format!(
-                        "the metrics come from whole rows of logits, and a row of {classes} f32 does not fit \
-                         one binding ({binding} bytes) and the memory budget ({budget} bytes) with the head's \
-                         buffers; use the CPU path"
-                    ),
-                });
-            }
         };
         let partials = blocks * PART_BYTES;
         let (per_row, widest) = match (path, work) {
@@ -218,12 +222,15 @@ mod tests {
     fn paths_follow_the_work_and_the_binding() {
         let l = limits(64 << 10);
         let plan = |v, work| LinearPlan::new(100, v, 8, 32, work, &l, 1 << 30).unwrap();
-        assert_eq!(plan(1000, HeadWork::Loss).path, HeadPath::Partials);
+        assert_eq!(plan(1000, HeadWork::Loss { metrics: false }).path, HeadPath::Partials);
         assert_eq!(plan(1000, HeadWork::Backward).path, HeadPath::Recompute);
-        assert_eq!(plan(1000, HeadWork::Fused { recompute: false }).path, HeadPath::WholeRows);
-        assert_eq!(plan(1000, HeadWork::Fused { recompute: true }).path, HeadPath::Recompute);
+        assert_eq!(
+            plan(1000, HeadWork::Fused { recompute: false, metrics: false }).path,
+            HeadPath::WholeRows
+        );
+        assert_eq!(plan(1000, HeadWork::Fused { recompute: true, metrics: false }).path, HeadPath::Recompute);
         // 20000 logits (80 KB) do not fit a 64 KiB binding: recomputed in pieces.
-        let long = plan(20000, HeadWork::Fused { recompute: false });
+        let long = plan(20000, HeadWork::Fused { recompute: false, metrics: false });
         assert_eq!(long.path, HeadPath::Recompute);
         assert!(long.pieces >= 3 && long.piece_classes * 8 * 4 <= 64 << 10, "{long:?}");
         assert_eq!(long.blocks, (0..long.pieces).map(|p| long.piece(p, 20000).len().div_ceil(32)).sum());
@@ -238,17 +245,34 @@ mod tests {
         // 4096 × 32000 under 8 MiB: whole rows take 128 KB each, parts 1000 × 48 bytes
         // (with the row buffers and readbacks both share), so about 2.7 times the rows.
         let l = limits(128 << 20);
-        let whole =
-            LinearPlan::new(4096, 32000, 16, 32, HeadWork::Fused { recompute: false }, &l, 8 << 20).unwrap();
-        let loss = LinearPlan::new(4096, 32000, 16, 32, HeadWork::Loss, &l, 8 << 20).unwrap();
+        let whole = LinearPlan::new(
+            4096,
+            32000,
+            16,
+            32,
+            HeadWork::Fused { recompute: false, metrics: false },
+            &l,
+            8 << 20,
+        )
+        .unwrap();
+        let loss =
+            LinearPlan::new(4096, 32000, 16, 32, HeadWork::Loss { metrics: false }, &l, 8 << 20).unwrap();
         assert!(2 * loss.rows_per_chunk >= 5 * whole.rows_per_chunk, "{loss:?} vs {whole:?}");
     }
 
     #[test]
     fn a_budget_below_one_row_is_an_error() {
         let l = limits(128 << 20);
-        let err =
-            LinearPlan::new(10, 32000, 16, 32, HeadWork::Fused { recompute: false }, &l, 1000).unwrap_err();
+        let err = LinearPlan::new(
+            10,
+            32000,
+            16,
+            32,
+            HeadWork::Fused { recompute: false, metrics: false },
+            &l,
+            1000,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("cannot hold one row"), "{err}");
     }
 }

@@ -43,6 +43,7 @@ library!(
     grad_half,
     grad_mode,
     half_words,
+    head_target,
     linear_colsum,
     merge_partials,
     narrow_targets,

@@ -103,6 +103,6 @@ pub(crate) struct BinaryWorkspace {
 /// `linear::Buffers`, in its order, and the readback slots.
 #[derive(Default)]
 pub(crate) struct LinearWorkspace {
-    pub slots: [Slot; 22],
+    pub slots: [Slot; 23],
     pub readback: Vec<Slot>,
 }
