@@ -354,8 +354,6 @@ impl<'a> RowOpts<'a> {
 struct Scratch {
     z: Vec<f32>,
     dz: Vec<f32>,
-    /// The transformed row of [`metrics_rows`] (sized on its first use).
-    metrics_z: Vec<f32>,
 }
 
 impl Scratch {
@@ -364,7 +362,7 @@ impl Scratch {
     fn new(v: usize, o: &RowOpts<'_>, grad: bool, backward: bool) -> Self {
         let z = if o.transforms() && (backward || !grad) { v } else { 0 };
         let dz = if o.cap.is_some() && grad { v } else { 0 };
-        Self { z: vec![0.0; z], dz: vec![0.0; dz], metrics_z: Vec::new() }
+        Self { z: vec![0.0; z], dz: vec![0.0; dz] }
     }
 }
 
@@ -907,38 +905,6 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// The metrics of a batch of rows (class-index `targets`, or probability rows
-    /// `probs`) for the loops with options: one pass of [`row_stats_metrics`] over each
-    /// row before its loss pass, which then finds the row in the cache. A transformed row
-    /// (scale, softcap) goes through `z` first.
-    fn metrics_rows(
-        logits: &[f32],
-        v: usize,
-        targets: &[i32],
-        probs: &[f32],
-        o: &RowOpts<'_>,
-        out: &mut [RowMetrics],
-        z: &mut Vec<f32>,
-    ) {
-        z.resize(if o.transforms() { v } else { 0 }, 0.0);
-        for (r, (row, m)) in logits.chunks_exact(v).zip(out.iter_mut()).enumerate() {
-            let zs: &[f32] = if o.transforms() {
-                transform_into::<F>(row, z, &mut [], o);
-                z
-            } else {
-                row
-            };
-            let target = if probs.is_empty() {
-                i64::from(targets[r])
-            } else {
-                crate::metrics::target_class(&probs[r * v..(r + 1) * v]) as i64
-            };
-            *m = row_stats_metrics(zs, target).2;
-        }
-    }
-}
-
 /// Each row's metrics, when the options ask for them, and the slot of each task of
 /// `step` rows in them (`None` when not asked).
 fn metric_slots(
@@ -1241,7 +1207,8 @@ fn soft_grad<const MODE: u8>(ts: &[f32], dz: &[f32], w: &[f32], g: &mut [f32], k
 
 multiversion! {
     /// One batch of rows with probability targets: the same passes as
-    /// [`process_row_with_options`], the label sums taken with Σ exp.
+    /// [`process_row_with_options`], the label sums taken with Σ exp; each row's metrics
+    /// into `metrics` when given, from the (transformed) row the sums read.
     fn soft_rows(
         logits: &[f32],
         targets: &[f32],
@@ -1251,18 +1218,28 @@ multiversion! {
         lse: &mut [f32],
         o: &RowOpts<'_>,
         sc: &mut Scratch,
+        metrics: Option<&mut [RowMetrics]>,
     ) {
         let tr = o.transforms();
         let mut grad = grad.map(|g| g.chunks_exact_mut(v));
+        let mut slots = metrics.map(|m| m.iter_mut());
         for (r, (row, ts)) in logits.chunks_exact(v).zip(targets.chunks_exact(v)).enumerate() {
             let g = grad.as_mut().and_then(|g| g.next());
+            let mut metrics_of = |z: &[f32]| {
+                if let Some(slot) = slots.as_mut().and_then(Iterator::next) {
+                    *slot = row_stats_metrics(z, crate::metrics::target_class(ts) as i64).2;
+                }
+            };
             let (m, (s, a, b), g) = match g {
                 None => {
                     let m = if tr { transform_into::<F>(row, &mut sc.z, &mut [], o) } else { block_max(row) };
-                    (m, sums_of::<F>(if tr { &sc.z } else { row }, X_SOFT, o, ts, m), None)
+                    let z = if tr { &sc.z } else { row };
+                    metrics_of(z);
+                    (m, sums_of::<F>(z, X_SOFT, o, ts, m), None)
                 }
                 Some(g) => {
                     let m = if tr { transform_into::<F>(row, g, &mut sc.dz, o) } else { block_max(row) };
+                    metrics_of(if tr { g } else { row });
                     (m, sums_into::<F>(row, g, tr, X_SOFT, o, ts, m), Some(g))
                 }
             };
@@ -1315,22 +1292,15 @@ pub fn cross_entropy_soft(
         .zip(targets.par_chunks(step * v))
         .zip(losses.par_chunks_mut(step).zip(lses.par_chunks_mut(step)))
         .zip(slots);
-    let metrics_of = |x: &[f32], t: &[f32], m: Option<&mut [RowMetrics]>, sc: &mut Scratch| {
-        if let Some(m) = m {
-            metrics_rows(x, v, &[], t, &o, m, &mut sc.metrics_z);
-        }
-    };
     if want_grad {
         tasks.zip(grad.par_chunks_mut(step * v)).for_each(|((((x, t), (lo, ls)), m), g)| {
             let mut sc = Scratch::new(v, &o, true, false);
-            metrics_of(x, t, m, &mut sc);
-            soft_rows(x, t, v, Some(g), lo, ls, &o, &mut sc)
+            soft_rows(x, t, v, Some(g), lo, ls, &o, &mut sc, m)
         });
     } else {
         tasks.for_each(|(((x, t), (lo, ls)), m)| {
             let mut sc = Scratch::new(v, &o, false, false);
-            metrics_of(x, t, m, &mut sc);
-            soft_rows(x, t, v, None, lo, ls, &o, &mut sc)
+            soft_rows(x, t, v, None, lo, ls, &o, &mut sc, m)
         });
     }
     let sum = |xs: &[f32], f: &dyn Fn(f32) -> f64| -> f64 {
