@@ -407,6 +407,8 @@ fn device_reduced_metrics_over_many_chunks_match_the_reference() {
 /// Device-resident buffers: the metrics reduced on the device from the caller's logits
 /// (f32 and f16, i32 and i64 class indices, probabilities), read back after the caller's
 /// submission; repeated recordings of one shape create no buffer.
+/// Device-resident metrics against the reference, also on a device with 8 storage
+/// buffers a stage, where f32 logits take the row grid and half logits are refused.
 #[test]
 fn device_resident_metrics_match_the_reference() {
     use wgpu::util::DeviceExt;
@@ -421,7 +423,9 @@ fn device_resident_metrics_match_the_reference() {
         let wide_half: Vec<f32> = half.iter().map(|&b| HalfFormat::F16.to_f32(b)).collect();
         let spec = MetricsSpec::new().top_k(&[1, 2, 7]).ece_bins(12).per_row(true);
         let opts = LossOptions::new().softcap(6.0).metrics(spec.clone());
-        for gpu in common::gpus("device_resident_metrics_match_the_reference") {
+        let gpus = common::gpus("device_resident_metrics_match_the_reference");
+        let eights: Vec<_> = gpus.iter().map(eight_buffer_device).collect();
+        for (gpu, eight) in gpus.iter().chain(&eights).zip([false, false, true, true, true, true]) {
             let buffer = |data: &[u8]| {
                 gpu.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: None,
@@ -462,13 +466,24 @@ fn device_resident_metrics_match_the_reference() {
                 };
                 let want =
                     Reference.evaluate(Problem::new(Logits::F32(host), v, host_labels), &opts).unwrap();
-                let what = format!("{what} on {}", common::name(gpu));
+                let what = format!("{what} on {} (8 storage buffers: {eight})", common::name(gpu));
+                if eight && dtype == Dtype::F16 {
+                    let mut enc = gpu.device().create_command_encoder(&Default::default());
+                    let r = gpu.record(&mut enc, &problem, &opts, &mut ws);
+                    assert!(matches!(r, Err(Error::Unsupported { .. })), "{what}: {:?}", r.err());
+                    continue;
+                }
                 for repeat in 0..2 {
                     let before = ws.buffer_allocations();
                     let mut enc = gpu.device().create_command_encoder(&Default::default());
-                    let out = gpu
-                        .record(&mut enc, &problem, &opts, &mut ws)
-                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let (out, dispatches) =
+                        xent::gpu::trace(|| gpu.record(&mut enc, &problem, &opts, &mut ws));
+                    let out = out.unwrap_or_else(|e| panic!("{what}: {e}"));
+                    if eight && matches!(labels, DeviceLabels::ClassesI32(_) | DeviceLabels::ClassesI64(_)) {
+                        let grid = dispatches.iter().any(|d| d.kernel.contains("row_partials"));
+                        let fused = dispatches.iter().any(|d| d.kernel.contains("cross_entropy_rows"));
+                        assert!(grid && !fused, "{what}: the row grid: {dispatches:?}");
+                    }
                     gpu.queue().submit([enc.finish()]);
                     let got = gpu.read_device_metrics(&out).unwrap().expect("metrics asked");
                     check_against(&got, want.metrics.as_ref().unwrap(), &what);
@@ -579,6 +594,74 @@ fn split_rows_and_the_row_grid_carry_the_metrics() {
         let plan = xent::gpu::Plan::new(12, 10000, xent::gpu::GradKind::None, &gpu.plan_limits()).unwrap();
         assert!(matches!(plan.layout, xent::gpu::Layout::Rows { blocks_per_row: Some(_), .. }), "{plan:?}");
         check(gpu, 12, 10000, "row grid");
+    }
+}
+
+/// On a device with WebGPU's default 8 storage buffers a stage (no binding for the fused
+/// kernel's records), f32 logits take their metrics from the row grid, with every option
+/// and the gradient, short rows and long; probability targets keep their kernel (its
+/// records fit the 8); half logits are a typed `Unsupported`.
+#[test]
+fn eight_storage_buffer_devices_take_the_metrics_on_the_row_grid() {
+    use xent::gpu::trace;
+    let gpus = common::gpus("eight_storage_buffer_devices_take_the_metrics_on_the_row_grid");
+    let weights = |v: usize| (0..v).map(|c| 0.5 + (c % 4) as f32 * 0.3).collect::<Vec<f32>>();
+    for (seed, &(rows, v)) in [(300, 37), (12, 9000)].iter().enumerate() {
+        let (logits, targets) = tricky_batch(rows, v, 120 + seed as u64, false);
+        let (probs, _) = common::dense_targets(&xent::synth::logits(rows, v, 1.0, 130 + seed as u64), v);
+        let spec = MetricsSpec::new().top_k(&[1, 3]).ece_bins(10).per_row(true);
+        for base in [
+            LossOptions::new(),
+            LossOptions::new()
+                .weights(weights(v))
+                .label_smoothing(0.1)
+                .softcap(4.0)
+                .z_loss(1e-3)
+                .logit_scale(0.8),
+        ] {
+            let opts = base.metrics(spec.clone());
+            let problem = |kind: &str| {
+                let labels =
+                    if kind == "classes" { Labels::from(&targets) } else { Labels::Probabilities(&probs) };
+                Problem::new(Logits::F32(&logits), v, labels)
+            };
+            for gpu in gpus {
+                let eight = eight_buffer_device(gpu);
+                for kind in ["classes", "probabilities"] {
+                    let problem = || problem(kind);
+                    let want = Reference.evaluate(problem().gradient(Gradient::Owned), &opts).unwrap();
+                    for gradient in [false, true] {
+                        let what =
+                            format!("{rows}x{v} {kind} on {} (gradient {gradient})", common::name(gpu));
+                        let p = if gradient { problem().gradient(Gradient::Owned) } else { problem() };
+                        let (out, dispatches) = trace(|| eight.evaluate(p, &opts));
+                        let out = out.unwrap_or_else(|e| panic!("{what}: {e}"));
+                        check_against(out.metrics.as_ref().unwrap(), want.metrics.as_ref().unwrap(), &what);
+                        let (l, w) = (out.loss.unwrap(), want.loss.unwrap());
+                        assert!(l == w || (l - w).abs() <= 1e-5 * w.abs() + 1e-6, "{what}: loss {l} vs {w}");
+                        if gradient {
+                            let (g, wg) = (out.gradient.as_ref().unwrap(), want.gradient.as_ref().unwrap());
+                            let bad = g.iter().zip(wg).position(|(a, b)| !(a == b || (a - b).abs() <= 1e-6));
+                            assert!(bad.is_none(), "{what}: gradient element {bad:?}");
+                        }
+                        let ran = |k: &str| dispatches.iter().any(|d| d.kernel.contains(k));
+                        if kind == "classes" {
+                            assert!(
+                                ran("row_partials") && !ran("cross_entropy_rows"),
+                                "{what}: {dispatches:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let half: Vec<u16> = [0.5f32, 1.0, -1.0, 2.0].iter().map(|&x| HalfFormat::F16.from_f32(x)).collect();
+    for gpu in gpus {
+        let eight = eight_buffer_device(gpu);
+        let p = Problem::new(Logits::Half(&half, HalfFormat::F16), 2, Labels::from(&[0i64, 1]));
+        let r = eight.evaluate(p, &LossOptions::new().metrics(MetricsSpec::new()));
+        assert!(matches!(r, Err(Error::Unsupported { ref why, .. }) if why.contains("8 storage")), "{r:?}");
     }
 }
 

@@ -66,6 +66,9 @@ pub enum OptionSet {
     All,
     /// The plain loss with the evaluation metrics beside it (top-1 and top-5, 15 bins).
     Metrics,
+    /// Softcap 30 with the evaluation metrics (against `softcap`: what the metrics cost
+    /// on a transformed row).
+    SoftcapMetrics,
 }
 
 #[derive(clap::Args)]

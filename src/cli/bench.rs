@@ -29,6 +29,7 @@ impl OptionSet {
             OptionSet::Scale => "scale",
             OptionSet::All => "all",
             OptionSet::Metrics => "metrics",
+            OptionSet::SoftcapMetrics => "softcap-metrics",
         }
     }
 
@@ -46,6 +47,7 @@ impl OptionSet {
             OptionSet::Scale => o.logit_scale(0.5),
             OptionSet::All => o.weights(weights()).label_smoothing(0.1).softcap(30.0).z_loss(1e-4),
             OptionSet::Metrics => o.metrics(xent::MetricsSpec::new()),
+            OptionSet::SoftcapMetrics => o.softcap(30.0).metrics(xent::MetricsSpec::new()),
         }
     }
 }

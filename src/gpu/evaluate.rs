@@ -155,14 +155,17 @@ impl Native for GpuContext {
 }
 
 impl GpuContext {
-    /// Metrics on an adapter without the ninth storage buffer the fused kernel's record
-    /// binding needs.
+    /// Metrics of half logits (or of more rows than one binding, device-resident) on an
+    /// adapter without the ninth storage buffer the fused kernel's record binding needs
+    /// (f32 logits take the row grid there).
     pub(crate) fn no_metrics_binding(&self) -> crate::Error {
         crate::Error::Unsupported {
             path: self.path_name(),
-            cell: "evaluation metrics".into(),
-            why: "the adapter has 8 storage buffers per shader stage, and the metrics need a ninth; use the \
-                  CPU paths"
+            cell: "evaluation metrics of half-precision logits, or of device-resident rows beyond one binding"
+                .into(),
+            why: "the adapter has 8 storage buffers per shader stage: the fused kernel's metric records need a \
+                  ninth, and the row grid that does without reads f32 rows within one binding; convert the \
+                  logits to f32 or use the CPU paths"
                 .into(),
         }
     }

@@ -214,12 +214,15 @@ impl Plan {
             Streamed::Probabilities(_) => limits.max_groups(),
             Streamed::Binary { .. } => limits.max_groups() * 4 * wg / v,
         };
+        // The row grid: a workgroup and a partial entry (three vec4) per (row, block).
+        let grid = matches!(streamed, Streamed::Classes(_)) && limits.tuning.row_grid(rows, classes);
+        let blocks = if grid { v.div_ceil(SPLIT_BLOCK_COLS as u64) } else { 0 };
         let fit_rows = [
             limits.max_binding / (v * 4),
-            // The widest per-row buffer: a row's metric record (two vec4).
-            limits.max_binding / 32,
-            slot_budget / (v * per_elem + ROW_OVERHEAD_BYTES),
-            dispatch_rows,
+            // The widest per-row buffer: a row's metric record (two vec4), or its partials.
+            limits.max_binding / (32u64).max(blocks * 48),
+            slot_budget / (v * per_elem + ROW_OVERHEAD_BYTES + blocks * 48),
+            if grid { limits.max_groups() / blocks } else { dispatch_rows },
             u64::from(u32::MAX) / v.max(1),
             rows.max(1) as u64,
         ]
@@ -227,7 +230,6 @@ impl Plan {
         .min()
         .unwrap_or(0);
         if fit_rows >= 1 {
-            let grid = matches!(streamed, Streamed::Classes(_)) && limits.tuning.row_grid(rows, classes);
             return Ok(Self {
                 rows,
                 classes,

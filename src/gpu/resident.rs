@@ -749,9 +749,6 @@ impl GpuContext {
         f: &Frame<'_>,
         ws: &mut DeviceWorkspace,
     ) -> Result<(wgpu::Buffer, wgpu::Buffer, MetricLevels)> {
-        if self.kernels.rows_metrics.is_none() {
-            return Err(self.no_metrics_binding());
-        }
         check_spec(spec, self.path_name())?;
         let bytes = f.n as u64 * RECORD_BYTES;
         let levels = metric_levels(spec, f.n, true, 0, 1, Some(0), (f.wg, f.max_dim));
@@ -838,11 +835,16 @@ impl GpuContext {
         };
         let direct_bytes = if direct_half { v as u64 * 2 } else { row_bytes };
         let rows_per_chunk = f.rows_per_chunk(direct_bytes, max_rows)?;
-        // The metrics are the fused row kernel's: few long rows take it too.
+        // The metrics: the fused row kernel's, or the row grid's where the adapter has no
+        // binding for the fused kernel's records (f32 rows within one binding).
         let metrics = opts.get_metrics().filter(|_| backward.is_none());
         let metric_bufs = metrics.map(|spec| self.device_metric_buffers(spec, f, ws)).transpose()?;
-        let grid =
-            backward.is_none() && f.half.is_none() && self.tuning.row_grid(n, v) && total <= f.bind_cap;
+        let grid_fits = backward.is_none() && f.half.is_none() && total <= f.bind_cap;
+        let metrics_on_grid = metrics.is_some() && self.kernels.rows_metrics.is_none();
+        if metrics_on_grid && !grid_fits {
+            return Err(self.no_metrics_binding());
+        }
+        let grid = grid_fits && (metrics_on_grid || self.tuning.row_grid(n, v));
         let chunks = if grid { 0 } else { n.div_ceil(rows_per_chunk) };
 
         let d = &self.device;

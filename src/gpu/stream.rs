@@ -19,7 +19,7 @@ use super::kernels::{
     BackwardParams, ElemFormat, F_METRICS, GradMode, KernelOpts, MergeParams, NO_ENTRY, NO_INDEX,
     PartialParams, RowParams,
 };
-use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
+use super::plan::{GradKind, Layout, Plan, PlanLimits, SPLIT_BLOCK_COLS};
 use super::reduce::reduce_levels;
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
 use super::workspace::{BindGroups, Workspace};
@@ -134,15 +134,22 @@ impl GpuContext {
         let (rows, classes, grad) = (batch.rows, batch.classes, io.grad_kind());
         let half = matches!(io.format(classes, false), ElemFormat::Half { .. });
         let weights = opts.get_weights().map_or(0, <[f32]>::len);
+        // Without the fused kernel's record binding (8 storage buffers a stage) the metrics
+        // of f32 logits come from the row grid's partial states (4 + 8 bindings).
+        let mut on_grid = false;
         if let Some(spec) = opts.get_metrics() {
-            if self.kernels.rows_metrics.is_none() {
-                return Err(self.no_metrics_binding());
-            }
             super::metrics::check_spec(spec, self.path_name())?;
+            if self.kernels.rows_metrics.is_none() {
+                if half {
+                    return Err(self.no_metrics_binding());
+                }
+                on_grid = true;
+            }
         }
         let (loss, mut outputs) = self.planned(
             |limits| {
-                let plan = Plan::new(rows, classes, grad, limits)?;
+                let grid_limits = PlanLimits { tuning: limits.tuning.grid_for_all(), ..*limits };
+                let plan = Plan::new(rows, classes, grad, if on_grid { &grid_limits } else { limits })?;
                 let split = matches!(plan.layout, Layout::Split { .. });
                 if split && half {
                     return Err(Error::InvalidOption(format!(

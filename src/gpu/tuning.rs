@@ -34,7 +34,9 @@ pub struct Tuning {
     /// Batches of fewer rows than this, with rows of at least 8192 classes, are spread
     /// over a (row × 4096-column block) grid of workgroups so that they fill a GPU (0:
     /// never). CPU adapters gain nothing from more workgroups and pay the grid's extra
-    /// passes: 2–3× slower than whole rows on lavapipe at 2 × 262144.
+    /// passes: 2–3× slower than whole rows on lavapipe at 2 × 262144. `u32::MAX`: every
+    /// batch of class indices, rows of any length (the metrics on adapters whose fused
+    /// kernel has no record binding, [`Tuning::grid_for_all`]).
     pub few_rows: u32,
     /// Read f16 logits with the portable reader (unpacked from u32 words) even where the
     /// device has `SHADER_F16` (WGSL `f16`); `XENT_PORTABLE_F16=1`.
@@ -120,7 +122,12 @@ impl Tuning {
 
     /// Whether `rows` rows of `classes` take the (row × column block) grid.
     pub(crate) fn row_grid(&self, rows: usize, classes: usize) -> bool {
-        rows < self.few_rows as usize && classes >= 2 * SPLIT_BLOCK_COLS
+        self.few_rows == u32::MAX || (rows < self.few_rows as usize && classes >= 2 * SPLIT_BLOCK_COLS)
+    }
+
+    /// This tuning with every batch of class indices on the row grid.
+    pub(crate) fn grid_for_all(self) -> Self {
+        Self { few_rows: u32::MAX, ..self }
     }
 
     /// Workgroups to dispatch for `row_groups` groups of rows of the fused kernel.
