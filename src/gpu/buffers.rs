@@ -38,6 +38,11 @@ impl Slot {
         true
     }
 
+    /// Bytes of the buffer held (0 for none yet).
+    pub fn bytes(&self) -> u64 {
+        self.buffer.as_ref().map_or(0, wgpu::Buffer::size)
+    }
+
     pub fn get(&self) -> &wgpu::Buffer {
         self.buffer.as_ref().expect("slot ensured before use")
     }

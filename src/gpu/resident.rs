@@ -256,6 +256,10 @@ impl DeviceWorkspace {
     pub fn buffer_allocations(&self) -> u64 {
         self.allocations
     }
+    /// Device bytes of the buffers this workspace holds now.
+    pub fn bytes(&self) -> u64 {
+        self.slots.iter().map(Slot::bytes).sum()
+    }
     /// Slot `i` with at least `bytes`, counting a new buffer.
     fn buffer(
         &mut self,
