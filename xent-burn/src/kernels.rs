@@ -401,59 +401,106 @@ impl XentOps for CubeBackend {
     }
 }
 
-/// The backward of the class-index loss: xent's saved-LSE kernel through the inner
-/// backend, scaled by the upstream gradient burn hands over.
-#[derive(Debug)]
-struct ClassesBackward;
+/// The two kinds of targets, for the autodiff side: their primitive on the inner backend
+/// and the inner backend's forward and backward.
+trait Targets<B: XentOps>: Send + std::fmt::Debug + 'static {
+    type Prim: Clone + Send + std::fmt::Debug + 'static;
+    fn forward(logits: FloatTensor<B>, t: Self::Prim, args: XentArgs) -> (FloatTensor<B>, FloatTensor<B>);
+    fn backward(
+        logits: FloatTensor<B>,
+        t: Self::Prim,
+        lse: FloatTensor<B>,
+        up: FloatTensor<B>,
+        args: XentArgs,
+    ) -> FloatTensor<B>;
+}
 
-impl<B: XentOps> Backward<B, 1> for ClassesBackward {
-    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>, XentArgs);
+#[derive(Debug)]
+struct ClassIndices;
+
+impl<B: XentOps> Targets<B> for ClassIndices {
+    type Prim = IntTensor<B>;
+    fn forward(logits: FloatTensor<B>, t: Self::Prim, args: XentArgs) -> (FloatTensor<B>, FloatTensor<B>) {
+        B::xent_forward(logits, t, args)
+    }
+    fn backward(
+        logits: FloatTensor<B>,
+        t: Self::Prim,
+        lse: FloatTensor<B>,
+        up: FloatTensor<B>,
+        args: XentArgs,
+    ) -> FloatTensor<B> {
+        B::xent_backward(logits, t, lse, up, args)
+    }
+}
+
+#[derive(Debug)]
+struct Probabilities;
+
+impl<B: XentOps> Targets<B> for Probabilities {
+    type Prim = FloatTensor<B>;
+    fn forward(logits: FloatTensor<B>, t: Self::Prim, args: XentArgs) -> (FloatTensor<B>, FloatTensor<B>) {
+        B::xent_forward_probs(logits, t, args)
+    }
+    fn backward(
+        logits: FloatTensor<B>,
+        t: Self::Prim,
+        lse: FloatTensor<B>,
+        up: FloatTensor<B>,
+        args: XentArgs,
+    ) -> FloatTensor<B> {
+        B::xent_backward_probs(logits, t, lse, up, args)
+    }
+}
+
+/// The loss's backward: xent's saved-LSE kernel through the inner backend, scaled by the
+/// upstream gradient burn hands over, registered for the logits (none for the targets).
+#[derive(Debug)]
+struct LossBackward<K>(std::marker::PhantomData<K>);
+
+impl<B: XentOps, K: Targets<B>> Backward<B, 1> for LossBackward<K> {
+    type State = (FloatTensor<B>, K::Prim, FloatTensor<B>, XentArgs);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [logits_node] = ops.parents;
         let upstream = grads.consume::<B>(&ops.node);
         let (logits, targets, lse, args) = ops.state;
         if let Some(node) = logits_node {
-            grads.register::<B>(node.id, B::xent_backward(logits, targets, lse, upstream, args));
+            grads.register::<B>(node.id, K::backward(logits, targets, lse, upstream, args));
         }
     }
 }
 
-/// The backward of the probability-target loss (no gradient into the targets).
-#[derive(Debug)]
-struct ProbsBackward;
-
-impl<B: XentOps> Backward<B, 1> for ProbsBackward {
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, XentArgs);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [logits_node] = ops.parents;
-        let upstream = grads.consume::<B>(&ops.node);
-        let (logits, targets, lse, args) = ops.state;
-        if let Some(node) = logits_node {
-            grads.register::<B>(node.id, B::xent_backward_probs(logits, targets, lse, upstream, args));
+/// The tracked forward: the inner backend's loss, with the LSE (untracked) saved for the
+/// backward beside the logits and targets.
+fn tracked<B: XentOps, C: CheckpointStrategy, K: Targets<B>>(
+    logits: FloatTensor<Autodiff<B, C>>,
+    targets: K::Prim,
+    args: XentArgs,
+) -> (FloatTensor<Autodiff<B, C>>, FloatTensor<Autodiff<B, C>>) {
+    let untracked = <Autodiff<B, C> as AutodiffBackend>::from_inner;
+    match LossBackward::<K>(std::marker::PhantomData).prepare::<C>([logits.node()]).compute_bound().stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let x = logits.primitive().clone();
+            let (loss, lse) = K::forward(x.clone(), targets.clone(), args.clone());
+            (prep.finish((x, targets, lse.clone(), args), loss), untracked(lse))
+        }
+        OpsKind::UnTracked(prep) => {
+            let (loss, lse) = K::forward(logits.into_primitive(), targets, args);
+            (prep.finish(loss), untracked(lse))
         }
     }
 }
 
+// The backward ops are not differentiable again: their gradient is a constant of the graph.
 impl<B: XentOps, C: CheckpointStrategy> XentOps for Autodiff<B, C> {
     fn xent_forward(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
         args: XentArgs,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        match ClassesBackward.prepare::<C>([logits.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let x = logits.primitive().clone();
-                let (loss, lse) = B::xent_forward(x.clone(), targets.clone(), args.clone());
-                let loss = prep.finish((x, targets, lse.clone(), args), loss);
-                (loss, <Autodiff<B, C> as AutodiffBackend>::from_inner(lse))
-            }
-            OpsKind::UnTracked(prep) => {
-                let (loss, lse) = B::xent_forward(logits.into_primitive(), targets, args);
-                (prep.finish(loss), <Autodiff<B, C> as AutodiffBackend>::from_inner(lse))
-            }
-        }
+        tracked::<B, C, ClassIndices>(logits, targets, args)
     }
 
     fn xent_backward(
@@ -463,15 +510,8 @@ impl<B: XentOps, C: CheckpointStrategy> XentOps for Autodiff<B, C> {
         upstream: FloatTensor<Self>,
         args: XentArgs,
     ) -> FloatTensor<Self> {
-        // Not differentiable again: the gradient is a constant of the graph.
-        let g = B::xent_backward(
-            logits.into_primitive(),
-            targets,
-            lse.into_primitive(),
-            upstream.into_primitive(),
-            args,
-        );
-        <Autodiff<B, C> as AutodiffBackend>::from_inner(g)
+        let (x, l, u) = (logits.into_primitive(), lse.into_primitive(), upstream.into_primitive());
+        Self::from_inner(B::xent_backward(x, targets, l, u, args))
     }
 
     fn xent_forward_probs(
@@ -479,19 +519,7 @@ impl<B: XentOps, C: CheckpointStrategy> XentOps for Autodiff<B, C> {
         targets: FloatTensor<Self>,
         args: XentArgs,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let targets = targets.into_primitive();
-        match ProbsBackward.prepare::<C>([logits.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let x = logits.primitive().clone();
-                let (loss, lse) = B::xent_forward_probs(x.clone(), targets.clone(), args.clone());
-                let loss = prep.finish((x, targets, lse.clone(), args), loss);
-                (loss, <Autodiff<B, C> as AutodiffBackend>::from_inner(lse))
-            }
-            OpsKind::UnTracked(prep) => {
-                let (loss, lse) = B::xent_forward_probs(logits.into_primitive(), targets, args);
-                (prep.finish(loss), <Autodiff<B, C> as AutodiffBackend>::from_inner(lse))
-            }
-        }
+        tracked::<B, C, Probabilities>(logits, targets.into_primitive(), args)
     }
 
     fn xent_backward_probs(
@@ -501,13 +529,8 @@ impl<B: XentOps, C: CheckpointStrategy> XentOps for Autodiff<B, C> {
         upstream: FloatTensor<Self>,
         args: XentArgs,
     ) -> FloatTensor<Self> {
-        let g = B::xent_backward_probs(
-            logits.into_primitive(),
-            targets.into_primitive(),
-            lse.into_primitive(),
-            upstream.into_primitive(),
-            args,
-        );
-        <Autodiff<B, C> as AutodiffBackend>::from_inner(g)
+        let (x, t) = (logits.into_primitive(), targets.into_primitive());
+        let (l, u) = (lse.into_primitive(), upstream.into_primitive());
+        Self::from_inner(B::xent_backward_probs(x, t, l, u, args))
     }
 }
