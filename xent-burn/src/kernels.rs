@@ -471,13 +471,16 @@ impl<B: XentOps, K: Targets<B>> Backward<B, 1> for LossBackward<K> {
     }
 }
 
+/// A forward's (loss, LSE) on the autodiff backend.
+type LossAndLse<B, C> = (FloatTensor<Autodiff<B, C>>, FloatTensor<Autodiff<B, C>>);
+
 /// The tracked forward: the inner backend's loss, with the LSE (untracked) saved for the
 /// backward beside the logits and targets.
 fn tracked<B: XentOps, C: CheckpointStrategy, K: Targets<B>>(
     logits: FloatTensor<Autodiff<B, C>>,
     targets: K::Prim,
     args: XentArgs,
-) -> (FloatTensor<Autodiff<B, C>>, FloatTensor<Autodiff<B, C>>) {
+) -> LossAndLse<B, C> {
     let untracked = <Autodiff<B, C> as AutodiffBackend>::from_inner;
     match LossBackward::<K>(std::marker::PhantomData).prepare::<C>([logits.node()]).compute_bound().stateful()
     {
