@@ -108,3 +108,33 @@ pub(crate) fn cross_entropy_probs(logits: Tensor<2>, targets: Tensor<2>, o: &Los
     let rows = Tensor::<1>::from_floats([n as f32], &device);
     reduce(ce, zl, o, rows.clone(), rows)
 }
+
+/// Binary cross-entropy with logits: `w · [(1 − y) x + (1 + (pw − 1) y) · softplus(−x)]`
+/// per element, `softplus(−x) = max(−x, 0) + log(1 + exp(−|x|))`; `mean` over N·V.
+pub(crate) fn binary_cross_entropy_with_logits(
+    logits: Tensor<2>,
+    targets: Tensor<2>,
+    o: &LossOptions,
+) -> Tensor<2> {
+    let [n, v] = logits.dims();
+    let device = logits.device();
+    let y = targets.detach();
+    let softplus = logits.clone().neg().clamp_min(0.0) + logits.clone().abs().neg().exp().log1p();
+    let pos = match o.get_pos_weight() {
+        Some(pw) => y.clone() * Tensor::<1>::from_floats(pw, &device).sub_scalar(1.0).unsqueeze_dim(0),
+        None => y.zeros_like(),
+    }
+    .add_scalar(1.0);
+    let mut l = y.neg().add_scalar(1.0) * logits + pos * softplus;
+    if let Some(w) = o.get_weights() {
+        l = l * Tensor::<1>::from_floats(w, &device).unsqueeze_dim(0);
+    }
+    match o.get_reduction() {
+        Reduction::None => l,
+        Reduction::Sum => l.sum().reshape([1, 1]),
+        Reduction::Mean => {
+            let d = o.get_n_items().unwrap_or((n * v) as f64) as f32;
+            l.sum().div_scalar(d).reshape([1, 1])
+        }
+    }
+}

@@ -33,6 +33,7 @@ use xent::gpu::{
 use xent::{Backend as _, Dtype, Error, Labels, Logits, LossOptions, Problem, Reduction};
 
 use crate::TargetKind;
+use crate::linear::{self, LinearArgs};
 use crate::registry::{Engine, Private, engine};
 
 /// The options of a call, carried to the device (and by the fusion stream's closure).
@@ -67,6 +68,7 @@ pub(crate) fn check_options(classes: usize, opts: &LossOptions, kind: TargetKind
     let labels = match kind {
         TargetKind::Classes => Labels::from(&no_classes[..]),
         TargetKind::Probabilities => Labels::Probabilities(&[]),
+        TargetKind::Binary => Labels::Binary(&[]),
     };
     xent::Reference.evaluate(Problem::new(Logits::F32(&[]), classes, labels), opts).map(|_| ())
 }
@@ -83,9 +85,50 @@ fn forward_meta(logits: &TensorSpec, _targets: &TensorSpec, args: &XentArgs) -> 
     (TensorSpec::new(Shape::new([loss]), DType::F32), TensorSpec::new(Shape::new([n]), DType::F32))
 }
 
+/// The output of a binary forward: the loss [1, 1] reduced, the element losses [N, V]
+/// for `none`, f32.
+#[cfg(feature = "fusion")]
+fn binary_meta(logits: &TensorSpec, _targets: &TensorSpec, args: &XentArgs) -> TensorSpec {
+    let shape = if args.reduced() { Shape::new([1, 1]) } else { logits.shape.clone() };
+    TensorSpec::new(shape, DType::F32)
+}
+
+/// The outputs of a linear head's forward: the loss ([1] reduced, [N] for `none`) and
+/// the LSE [N], f32.
+#[cfg(feature = "fusion")]
+fn linear_meta(
+    hidden: &TensorSpec,
+    _w: &TensorSpec,
+    _b: &TensorSpec,
+    _t: &TensorSpec,
+    _d: &TensorSpec,
+    args: &LinearArgs,
+) -> (TensorSpec, TensorSpec) {
+    let n = hidden.shape[0];
+    let loss = if args.opts.get_reduction() != Reduction::None { 1 } else { n };
+    (TensorSpec::new(Shape::new([loss]), DType::F32), TensorSpec::new(Shape::new([n]), DType::F32))
+}
+
+/// The gradients of a linear head: those of h, W and b, each of its input's shape and type.
+#[cfg(feature = "fusion")]
+#[allow(clippy::too_many_arguments)]
+fn linear_grad_meta(
+    hidden: &TensorSpec,
+    weight: &TensorSpec,
+    bias: &TensorSpec,
+    _t: &TensorSpec,
+    _d: &TensorSpec,
+    _lse: &TensorSpec,
+    _up: &TensorSpec,
+    _args: &LinearArgs,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    (hidden.clone(), weight.clone(), bias.clone())
+}
+
 /// xent's loss on a backend: the forward (loss, LSE) and the backward from the saved LSE
 /// (the gradient over the logits, in their type, times the upstream gradient), for class
-/// indices and for probability targets.
+/// indices and for probability targets; binary cross-entropy with logits, whose backward
+/// recomputes from the logits.
 #[backend_extension(Cube, Fusion: cfg(feature = "fusion"), Autodiff)]
 pub trait XentOps: Backend {
     /// The loss of `logits` [N, V] against class indices `targets` [N], and each row's LSE.
@@ -123,6 +166,53 @@ pub trait XentOps: Backend {
         upstream: FloatTensor<Self>,
         args: XentArgs,
     ) -> FloatTensor<Self>;
+
+    /// Binary cross-entropy with logits of `logits` [N, V] against `targets` [N, V]: the
+    /// loss [1, 1] under `mean`/`sum`, the element losses [N, V] under `none`.
+    #[fusion(meta = binary_meta)]
+    fn xent_forward_binary(
+        logits: FloatTensor<Self>,
+        targets: FloatTensor<Self>,
+        args: XentArgs,
+    ) -> FloatTensor<Self>;
+
+    /// ∂loss/∂logits of [`XentOps::xent_forward_binary`] times `upstream` ([1, 1], or
+    /// [N, V] for `none`).
+    #[fusion(dtype = logits, shape = logits)]
+    fn xent_backward_binary(
+        logits: FloatTensor<Self>,
+        targets: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
+        args: XentArgs,
+    ) -> FloatTensor<Self>;
+
+    /// The LM head's loss of `hidden` [N, D], `weight` [V, D] and `bias` [V] against class
+    /// indices [N], and each row's LSE, a block of rows at a time (see `linear.rs`);
+    /// `denominator` [1] divides the sum under `mean` (1 otherwise).
+    #[fusion(meta = linear_meta)]
+    fn xent_linear_forward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        denominator: FloatTensor<Self>,
+        args: LinearArgs,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// (dh, dW, db) of [`XentOps::xent_linear_forward`] times `upstream` ([1], or [N] for
+    /// `none`), from the saved `lse`, the logits recomputed block by block.
+    #[fusion(meta = linear_grad_meta)]
+    #[allow(clippy::too_many_arguments)]
+    fn xent_linear_backward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        denominator: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
+        args: LinearArgs,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// The engine of a tensor's device (the public functions checked it exists).
@@ -163,13 +253,26 @@ fn empty_like(like: &CubeTensor, shape: Shape, dtype: DType) -> CubeTensor {
 enum CubeLabels {
     Classes(CubeTensor),
     Probabilities(CubeTensor),
+    Binary(CubeTensor),
 }
 
 impl CubeLabels {
     fn tensor(&self) -> &CubeTensor {
         match self {
-            CubeLabels::Classes(t) | CubeLabels::Probabilities(t) => t,
+            CubeLabels::Classes(t) | CubeLabels::Probabilities(t) | CubeLabels::Binary(t) => t,
         }
+    }
+
+    fn contiguous(self) -> Self {
+        match self {
+            CubeLabels::Classes(t) => CubeLabels::Classes(into_contiguous(t)),
+            CubeLabels::Probabilities(t) => CubeLabels::Probabilities(into_contiguous(t)),
+            CubeLabels::Binary(t) => CubeLabels::Binary(into_contiguous(t)),
+        }
+    }
+
+    fn binary(&self) -> bool {
+        matches!(self, CubeLabels::Binary(_))
     }
 }
 
@@ -199,36 +302,45 @@ fn copy_into(enc: &mut wgpu::CommandEncoder, src: &wgpu::Buffer, dst: &Resource,
 /// What one recording computes.
 enum Pass<'a> {
     Forward,
-    Backward { lse: &'a CubeTensor, upstream: &'a CubeTensor },
+    /// The LSE is `None` for binary targets.
+    Backward {
+        lse: Option<&'a CubeTensor>,
+        upstream: &'a CubeTensor,
+    },
 }
 
 /// Records xent over burn's buffers and submits it on burn's queue: the forward's
-/// (loss, LSE), or the backward's gradient.
+/// (loss, LSE) (the loss alone for binary targets), or the backward's gradient.
 fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) -> Vec<CubeTensor> {
     let engine = engine_of(&logits);
     let ctx = &engine.ctx;
     let device = ctx.device();
     // Row major, untiled (a matmul's output may be storage-tiled).
     let logits = into_contiguous(logits);
-    let labels = match labels {
-        CubeLabels::Classes(t) => CubeLabels::Classes(into_contiguous(t)),
-        CubeLabels::Probabilities(t) => CubeLabels::Probabilities(into_contiguous(t)),
-    };
+    let labels = labels.contiguous();
+    let binary = labels.binary();
     let (n, v) = rows_classes(&logits);
     let dtype = xent_dtype(logits.dtype);
-    let outputs: Vec<CubeTensor> = match pass {
-        Pass::Forward => vec![
+    let outputs: Vec<CubeTensor> = match (&pass, binary) {
+        (Pass::Forward, false) => vec![
             empty_like(&logits, Shape::new([if args.reduced() { 1 } else { n }]), DType::F32),
             empty_like(&logits, Shape::new([n]), DType::F32),
         ],
-        Pass::Backward { .. } => vec![empty_like(&logits, Shape::new([n, v]), logits.dtype)],
+        (Pass::Forward, true) => {
+            let shape = if args.reduced() { Shape::new([1, 1]) } else { Shape::new([n, v]) };
+            vec![empty_like(&logits, shape, DType::F32)]
+        }
+        (Pass::Backward { .. }, _) => vec![empty_like(&logits, Shape::new([n, v]), logits.dtype)],
     };
     let (lse, upstream) = match pass {
         Pass::Backward { lse, upstream } => {
-            (Some(into_contiguous(lse.clone())), Some(into_contiguous(upstream.clone())))
+            (lse.map(|l| into_contiguous(l.clone())), Some(into_contiguous(upstream.clone())))
         }
         Pass::Forward => (None, None),
     };
+    if let Some(u) = &upstream {
+        assert_eq!(u.dtype, DType::F32, "xent_burn: an upstream gradient of {:?}; xent takes f32", u.dtype);
+    }
     // Every buffer pinned (and burn's work on it submitted) until ours is submitted.
     let r_logits = resource(&logits);
     let r_labels = resource(labels.tensor());
@@ -255,11 +367,13 @@ fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) 
     let label_bytes = n as u64 * labels.tensor().dtype.size() as u64;
     let targets_own = match &labels {
         CubeLabels::Classes(_) => Some(own(&mut enc, Private::TARGETS, &r_labels, label_bytes)),
-        CubeLabels::Probabilities(_) => None,
+        CubeLabels::Probabilities(_) | CubeLabels::Binary(_) => None,
     };
     let lse_own = r_lse.as_ref().map(|r| own(&mut enc, Private::LSE, r, n as u64 * 4));
+    // Per row under `none` (cross-entropy); binary targets' per-element upstream [N, V]
+    // is read where burn keeps it.
     let up_own = match (&r_up, args.reduced()) {
-        (Some(r), false) => Some(own(&mut enc, Private::UPSTREAM, r, n as u64 * 4)),
+        (Some(r), false) if !binary => Some(own(&mut enc, Private::UPSTREAM, r, n as u64 * 4)),
         _ => None,
     };
     let device_labels = match &labels {
@@ -275,33 +389,44 @@ fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) 
             assert_eq!(t.dtype, DType::F32, "xent_burn: probability targets must be f32");
             DeviceLabels::Probabilities(slice(&r_labels))
         }
+        CubeLabels::Binary(t) => {
+            assert_eq!(t.dtype, DType::F32, "xent_burn: binary targets must be f32");
+            DeviceLabels::Binary(slice(&r_labels))
+        }
     };
-    // The probability kernel reads its logits and targets read-only: a gradient in a
-    // buffer that holds either goes through a buffer of our own.
+    // The probability and binary kernels read their logits, targets (and upstream)
+    // read-only: a gradient in a buffer that holds one of them goes through a buffer of
+    // our own.
     let grad_bytes = (n * v * logits.dtype.size()) as u64;
     let grad_private = match (&pass, &labels) {
-        (Pass::Backward { .. }, CubeLabels::Probabilities(_)) => {
+        (Pass::Backward { .. }, CubeLabels::Probabilities(_) | CubeLabels::Binary(_)) => {
             let out = &r_out[0].resource().buffer;
-            (*out == r_logits.resource().buffer || *out == r_labels.resource().buffer)
+            let mut inputs = vec![&r_logits, &r_labels];
+            inputs.extend(r_up.as_ref().filter(|_| up_own.is_none()));
+            inputs
+                .iter()
+                .any(|r| r.resource().buffer == *out)
                 .then(|| private.buffer(device, Private::GRAD, grad_bytes.next_multiple_of(4)))
         }
         _ => None,
     };
-    let (gradient, mode) = match &lse_own {
-        Some(l) => {
+    let backward = matches!(pass, Pass::Backward { .. });
+    let (gradient, mode) = match (&lse_own, backward) {
+        (lse, true) => {
             let into = match &grad_private {
                 Some(b) => DeviceSlice::from(b),
                 None => slice(&r_out[0]),
             };
             let gradient =
                 if dtype == Dtype::F32 { DeviceGradient::Into(into) } else { DeviceGradient::IntoHalf(into) };
-            let upstream = match &up_own {
-                Some(u) => DeviceUpstream::PerRow(DeviceSlice::from(u)),
-                None => DeviceUpstream::Scalar(1.0),
+            let upstream = match (&up_own, &r_up) {
+                (Some(u), _) => DeviceUpstream::PerRow(DeviceSlice::from(u)),
+                (None, Some(u)) if binary && !args.reduced() => DeviceUpstream::PerElement(slice(u)),
+                _ => DeviceUpstream::Scalar(1.0),
             };
-            (gradient, DeviceMode::Backward { lse: Some(DeviceSlice::from(l)), upstream })
+            (gradient, DeviceMode::Backward { lse: lse.as_ref().map(DeviceSlice::from), upstream })
         }
-        None => (DeviceGradient::None, DeviceMode::Fused),
+        (_, false) => (DeviceGradient::None, DeviceMode::Fused),
     };
     let w = r_logits.resource();
     let problem = DeviceProblem {
@@ -315,10 +440,14 @@ fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) 
     let out = ctx.record(&mut enc, &problem, &args.opts, ws).unwrap_or_else(|e| panic!("xent_burn: {e}"));
     match pass {
         Pass::Forward => {
+            // Binary targets under `none`: one loss per element.
+            let per_row = if binary { (n * v) as u64 * 4 } else { n as u64 * 4 };
             let (loss_src, loss_bytes) =
-                if args.reduced() { (&out.loss, 4) } else { (&out.row_loss, n as u64 * 4) };
+                if args.reduced() { (&out.loss, 4) } else { (&out.row_loss, per_row) };
             copy_into(&mut enc, loss_src, &r_out[0], loss_bytes);
-            copy_into(&mut enc, &out.lse, &r_out[1], n as u64 * 4);
+            if !binary {
+                copy_into(&mut enc, &out.lse, &r_out[1], n as u64 * 4);
+            }
         }
         Pass::Backward { .. } => {
             if let Some(b) = &grad_private {
@@ -376,7 +505,7 @@ impl XentOps for CubeBackend {
         single(run(
             logits,
             CubeLabels::Classes(targets),
-            Pass::Backward { lse: &lse, upstream: &upstream },
+            Pass::Backward { lse: Some(&lse), upstream: &upstream },
             &args,
         ))
     }
@@ -397,7 +526,45 @@ impl XentOps for CubeBackend {
         args: XentArgs,
     ) -> CubeTensor {
         let labels = CubeLabels::Probabilities(targets);
-        single(run(logits, labels, Pass::Backward { lse: &lse, upstream: &upstream }, &args))
+        single(run(logits, labels, Pass::Backward { lse: Some(&lse), upstream: &upstream }, &args))
+    }
+
+    fn xent_forward_binary(logits: CubeTensor, targets: CubeTensor, args: XentArgs) -> CubeTensor {
+        single(run(logits, CubeLabels::Binary(targets), Pass::Forward, &args))
+    }
+
+    fn xent_backward_binary(
+        logits: CubeTensor,
+        targets: CubeTensor,
+        upstream: CubeTensor,
+        args: XentArgs,
+    ) -> CubeTensor {
+        let labels = CubeLabels::Binary(targets);
+        single(run(logits, labels, Pass::Backward { lse: None, upstream: &upstream }, &args))
+    }
+
+    fn xent_linear_forward(
+        hidden: CubeTensor,
+        weight: CubeTensor,
+        bias: CubeTensor,
+        targets: CubeTensor,
+        denominator: CubeTensor,
+        args: LinearArgs,
+    ) -> (CubeTensor, CubeTensor) {
+        linear::forward::<Self>(hidden, weight, bias, targets, denominator, &args)
+    }
+
+    fn xent_linear_backward(
+        hidden: CubeTensor,
+        weight: CubeTensor,
+        bias: CubeTensor,
+        targets: CubeTensor,
+        denominator: CubeTensor,
+        lse: CubeTensor,
+        upstream: CubeTensor,
+        args: LinearArgs,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        linear::backward::<Self>(hidden, weight, bias, targets, denominator, lse, upstream, &args)
     }
 }
 
@@ -471,6 +638,45 @@ impl<B: XentOps, K: Targets<B>> Backward<B, 1> for LossBackward<K> {
     }
 }
 
+/// Binary cross-entropy's backward: recomputed from the logits and targets, scaled by the
+/// upstream gradient, registered for the logits.
+#[derive(Debug)]
+struct BinaryBackward;
+
+impl<B: XentOps> Backward<B, 1> for BinaryBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, XentArgs);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [logits_node] = ops.parents;
+        let upstream = grads.consume::<B>(&ops.node);
+        let (logits, targets, args) = ops.state;
+        if let Some(node) = logits_node {
+            grads.register::<B>(node.id, B::xent_backward_binary(logits, targets, upstream, args));
+        }
+    }
+}
+
+/// The linear head's backward: (dh, dW, db) recomputed block by block from the saved LSE,
+/// registered for whichever of h, W and b are tracked.
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<B: XentOps> Backward<B, 3> for LinearBackward {
+    #[allow(clippy::type_complexity)]
+    type State = ([FloatTensor<B>; 3], IntTensor<B>, FloatTensor<B>, FloatTensor<B>, LinearArgs);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let upstream = grads.consume::<B>(&ops.node);
+        let ([h, w, b], targets, denominator, lse, args) = ops.state;
+        let (dh, dw, db) = B::xent_linear_backward(h, w, b, targets, denominator, lse, upstream, args);
+        for (node, grad) in ops.parents.into_iter().zip([dh, dw, db]) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
 /// A forward's (loss, LSE) on the autodiff backend.
 type LossAndLse<B, C> = (FloatTensor<Autodiff<B, C>>, FloatTensor<Autodiff<B, C>>);
 
@@ -535,5 +741,77 @@ impl<B: XentOps, C: CheckpointStrategy> XentOps for Autodiff<B, C> {
         let (x, t) = (logits.into_primitive(), targets.into_primitive());
         let (l, u) = (lse.into_primitive(), upstream.into_primitive());
         Self::from_inner(B::xent_backward_probs(x, t, l, u, args))
+    }
+
+    fn xent_forward_binary(
+        logits: FloatTensor<Self>,
+        targets: FloatTensor<Self>,
+        args: XentArgs,
+    ) -> FloatTensor<Self> {
+        let targets = targets.into_primitive();
+        match BinaryBackward.prepare::<C>([logits.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let x = logits.primitive().clone();
+                let loss = B::xent_forward_binary(x.clone(), targets.clone(), args.clone());
+                prep.finish((x, targets, args), loss)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::xent_forward_binary(logits.into_primitive(), targets, args))
+            }
+        }
+    }
+
+    fn xent_backward_binary(
+        logits: FloatTensor<Self>,
+        targets: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
+        args: XentArgs,
+    ) -> FloatTensor<Self> {
+        let (x, t, u) = (logits.into_primitive(), targets.into_primitive(), upstream.into_primitive());
+        Self::from_inner(B::xent_backward_binary(x, t, u, args))
+    }
+
+    fn xent_linear_forward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        denominator: FloatTensor<Self>,
+        args: LinearArgs,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let untracked = <Autodiff<B, C> as AutodiffBackend>::from_inner;
+        let denominator = denominator.into_primitive();
+        let nodes = [hidden.node(), weight.node(), bias.node()];
+        match LinearBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let inputs =
+                    [hidden.primitive().clone(), weight.primitive().clone(), bias.primitive().clone()];
+                let [h, w, b] = inputs.clone();
+                let (loss, lse) =
+                    B::xent_linear_forward(h, w, b, targets.clone(), denominator.clone(), args.clone());
+                (prep.finish((inputs, targets, denominator, lse.clone(), args), loss), untracked(lse))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (h, w, b) = (hidden.into_primitive(), weight.into_primitive(), bias.into_primitive());
+                let (loss, lse) = B::xent_linear_forward(h, w, b, targets, denominator, args);
+                (prep.finish(loss), untracked(lse))
+            }
+        }
+    }
+
+    fn xent_linear_backward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        denominator: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
+        args: LinearArgs,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (h, w, b) = (hidden.into_primitive(), weight.into_primitive(), bias.into_primitive());
+        let (d, l, u) = (denominator.into_primitive(), lse.into_primitive(), upstream.into_primitive());
+        let (dh, dw, db) = B::xent_linear_backward(h, w, b, targets, d, l, u, args);
+        (Self::from_inner(dh), Self::from_inner(dw), Self::from_inner(db))
     }
 }

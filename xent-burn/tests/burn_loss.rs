@@ -200,6 +200,101 @@ fn probability_targets_match_the_reference() {
     }
 }
 
+/// Binary cross-entropy with logits: every option that applies (class weights,
+/// `pos_weight`, `n_items`) and reduction, forward and gradient (upstream 2.5 for
+/// `mean`/`sum`, one per element for `none`).
+#[test]
+fn binary_cross_entropy_with_logits_matches_the_reference() {
+    let (n, v) = (13, 29);
+    let x = values(n * v, 8, 4.0);
+    // 0, 1 and soft targets.
+    let y: Vec<f32> = values(n * v, 9, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(i, u)| match i % 3 {
+            0 => 0.0,
+            1 => 1.0,
+            _ => u.abs().min(1.0),
+        })
+        .collect();
+    let up = values(n * v, 10, 1.0);
+    let w: Vec<f32> = (0..v).map(|c| 0.5 + (c % 3) as f32 * 0.4).collect();
+    let pw: Vec<f32> = (0..v).map(|c| 0.25 + (c % 5) as f32 * 0.75).collect();
+    let sets = [
+        ("plain", LossOptions::new()),
+        ("weights", LossOptions::new().weights(w.clone())),
+        ("pos_weight", LossOptions::new().pos_weight(pw.clone())),
+        ("both", LossOptions::new().weights(w).pos_weight(pw)),
+        ("n_items", LossOptions::new().n_items(100.0)),
+    ];
+    for (name, dev, accelerated) in devices() {
+        for (set, base) in &sets {
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                let opts = base.clone().reduction(reduction);
+                let what = format!("{name}, binary, {set}, {reduction:?}");
+                let p = || Problem::new(Logits::F32(&x), v, Labels::Binary(&y));
+                let want = xent::Reference.evaluate(p().row_losses(true), &opts).unwrap();
+                let upstream = match reduction {
+                    Reduction::None => Upstream::PerElement(&up),
+                    _ => Upstream::Scalar(2.5),
+                };
+                let want_grad = xent::Reference
+                    .evaluate(p().gradient(Gradient::Owned).backward(None, upstream), &opts)
+                    .unwrap()
+                    .gradient
+                    .unwrap();
+                let logits = Tensor::<2>::from_data(TensorData::new(x.clone(), [n, v]), &dev).require_grad();
+                let targets = Tensor::<2>::from_data(TensorData::new(y.clone(), [n, v]), &dev);
+                let loss = xent_burn::binary_cross_entropy_with_logits(logits.clone(), targets, &opts);
+                let grads = match reduction {
+                    Reduction::None => {
+                        assert_eq!(loss.dims(), [n, v], "{what}");
+                        let u = Tensor::<2>::from_data(TensorData::new(up.clone(), [n, v]), &dev);
+                        (loss.clone() * u).sum().backward()
+                    }
+                    _ => {
+                        assert_eq!(loss.dims(), [1, 1], "{what}");
+                        loss.clone().mul_scalar(2.5).sum().backward()
+                    }
+                };
+                match reduction {
+                    Reduction::None => {
+                        close(&to_vec(loss), want.row_losses.as_ref().unwrap(), 1e-5, 1e-6, &what)
+                    }
+                    _ => close(&to_vec(loss), &[want.loss.unwrap()], 1e-5, 1e-6, &what),
+                }
+                if accelerated {
+                    assert!(xent_burn::xent_buffer_allocations(&dev).unwrap_or(0) > 0, "{what}: xent ran");
+                }
+                close(
+                    &to_vec(logits.grad(&grads).unwrap()),
+                    &want_grad,
+                    0.0,
+                    2.5e-6,
+                    &format!("{what}: gradient"),
+                );
+            }
+        }
+    }
+    // Options that do not apply to binary targets are typed errors.
+    let dev = Device::ndarray();
+    let logits = Tensor::<2>::zeros([2, 3], &dev);
+    let err = xent_burn::try_binary_cross_entropy_with_logits(
+        logits.clone(),
+        logits.clone(),
+        &LossOptions::new().label_smoothing(0.1),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("label smoothing"), "{err}");
+    let err = xent_burn::try_binary_cross_entropy_with_logits(
+        logits,
+        Tensor::<2>::zeros([2, 4], &dev),
+        &LossOptions::new(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("[2, 4]"), "{err}");
+}
+
 /// burn's own loss where it has the option: plain, class weights, pad tokens.
 #[test]
 fn forward_and_gradient_equal_burns_cross_entropy_loss() {

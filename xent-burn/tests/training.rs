@@ -9,10 +9,13 @@ fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
 }
 
-/// A small MLP trained for 200 steps of SGD on synthetic data: the loss curve with xent's
-/// loss equals the one with burn's own, step by step, within the f32 tolerance of a
-/// training run (the gradients differ in the last bits, which SGD carries along); after
-/// the first step, no step creates a xent buffer.
+/// A small MLP trained for 200 steps of SGD on synthetic data with xent's loss. At every
+/// step, on the same logits, xent's loss and its gradient equal burn's `CrossEntropyLoss`
+/// (loss rtol 1e-5, gradient atol 1e-6). The whole curve then equals the one trained
+/// with burn's own loss within 1e-3 relative: the two gradients differ in their last bits
+/// and 200 SGD steps at rate 0.5 carry that along (on CI's 2 cores it reached 2e-4 by step
+/// 58), so the per-step check is the tight one. After the first step, no step creates a
+/// xent buffer.
 #[test]
 fn a_training_loop_with_xent_equals_burns_own() {
     use burn::module::Module;
@@ -66,8 +69,23 @@ fn a_training_loop_with_xent_equals_burns_own() {
         let targets = Tensor::<1, Int>::from_data(TensorData::new(t.clone(), [n]), &dev);
         let mut losses = Vec::new();
         let mut allocations = Vec::new();
-        for _ in 0..200 {
+        for step in 0..200 {
             let logits = model.forward(inputs.clone());
+            if ours {
+                // The same logits through both losses, as leaves of their own.
+                let probe = logits.clone().detach().require_grad();
+                let mine = xent_burn::cross_entropy(probe.clone(), targets.clone(), &LossOptions::new());
+                let theirs = burn_loss.forward(probe.clone(), targets.clone());
+                let (a, b) = (to_vec(mine.clone())[0], to_vec(theirs.clone())[0]);
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs(),
+                    "step {step}: loss {a} vs burn's {b} on the same logits"
+                );
+                let ga = to_vec(probe.grad(&mine.backward()).unwrap());
+                let gb = to_vec(probe.grad(&theirs.backward()).unwrap());
+                let worst = ga.iter().zip(&gb).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+                assert!(worst <= 1e-6, "step {step}: the gradients differ by {worst} on the same logits");
+            }
             let loss = if ours {
                 xent_burn::cross_entropy(logits, targets.clone(), &LossOptions::new())
             } else {
@@ -84,7 +102,7 @@ fn a_training_loop_with_xent_equals_burns_own() {
     let (theirs, _) = curve(false);
     assert!(ours[199] < 0.6 * ours[0], "it learns: {} → {}", ours[0], ours[199]);
     for (step, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-        assert!((a - b).abs() <= 1e-4 * b.abs() + 1e-5, "step {step}: {a} vs burn's {b}");
+        assert!((a - b).abs() <= 1e-3 * b.abs(), "step {step}: {a} vs burn's {b} after training");
     }
     assert!(
         allocs.windows(2).skip(1).all(|w| w[0] == w[1]),

@@ -1,0 +1,150 @@
+//! `xent_burn::linear_cross_entropy` against xent's f64 reference head (every option,
+//! every reduction, with and without a bias, several blocks of rows), forward and the
+//! gradients of h, W and b through burn's autodiff, on a wgpu device (blocks through
+//! xent's fused kernel) and on an NdArray device (burn's operations).
+//!
+//! Tolerances: those of xent's own linear-head tests (tests/common/head.rs, included
+//! here), derived from the f32 error of products of length D — they hold for any order of
+//! summation, burn's matrix product's included — and of the sums of dW and db over N rows.
+#![allow(deprecated)] // Device::ndarray: burn 0.22 keeps it for CPU tests.
+
+#[path = "../../tests/common/head.rs"]
+#[allow(dead_code)]
+mod head;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use xent::{Backend as _, Gradient, LossOptions, LossOutput, Problem, Reduction};
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+fn devices() -> Vec<(&'static str, Device, bool)> {
+    let mut d = vec![("ndarray", Device::ndarray().autodiff(), false)];
+    if std::env::var("XENT_SKIP_GPU").is_ok_and(|v| v == "1") {
+        eprintln!("XENT_SKIP_GPU=1: skipping the wgpu device");
+        return d;
+    }
+    let w = xent_burn::init_wgpu(Default::default()).unwrap_or_else(|e| {
+        panic!(
+            "no wgpu adapter for burn ({e}); install a Vulkan driver (Debian: mesa-vulkan-drivers, lavapipe) \
+             or set XENT_SKIP_GPU=1 to skip the GPU tests"
+        )
+    });
+    d.push(("wgpu", w.autodiff(), true));
+    d
+}
+
+fn option_sets(v: usize) -> Vec<(&'static str, LossOptions)> {
+    let w: Vec<f32> = (0..v).map(|c| 0.5 + (c % 4) as f32 * 0.3).collect();
+    vec![
+        ("plain", LossOptions::new()),
+        ("smoothing", LossOptions::new().label_smoothing(0.1)),
+        ("weights", LossOptions::new().weights(w.clone())),
+        ("z-loss", LossOptions::new().z_loss(1e-3)),
+        ("softcap", LossOptions::new().softcap(3.0)),
+        ("scale", LossOptions::new().logit_scale(0.7)),
+        ("n_items", LossOptions::new().n_items(37.0)),
+        ("ignore 2", LossOptions::new().ignore_index(2)),
+        // Class weights and z-loss under `mean`: two denominators.
+        (
+            "all",
+            LossOptions::new().weights(w).label_smoothing(0.1).z_loss(1e-3).softcap(5.0).logit_scale(1.2),
+        ),
+    ]
+}
+
+/// Every option and reduction, bias or not, in blocks of 4 rows (6 blocks, the last
+/// ragged) and in one block.
+#[test]
+fn linear_cross_entropy_matches_the_reference_head() {
+    let (n, d, v) = (23, 16, 37);
+    for (name, dev, accelerated) in devices() {
+        for (set, base) in option_sets(v) {
+            let mut hd = head::head(n, d, v, 3);
+            if set == "ignore 2" {
+                hd.t.iter_mut().filter(|t| **t < 0).for_each(|t| *t = 2);
+            }
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                for (bias, block_rows) in [(true, 4), (false, 4), (true, n)] {
+                    let opts = base.clone().reduction(reduction);
+                    let what = format!("{name}, {set}, {reduction:?}, bias {bias}, blocks of {block_rows}");
+                    let problem =
+                        Problem::linear(hd.linear(bias), &hd.t).gradient(Gradient::Owned).row_losses(true);
+                    let mut want = xent::Reference.evaluate(problem, &opts).unwrap();
+                    want.z_loss = None;
+                    if reduction != Reduction::None {
+                        want.row_losses = None;
+                    }
+                    let h =
+                        Tensor::<2>::from_data(TensorData::new(hd.h.clone(), [n, d]), &dev).require_grad();
+                    let w =
+                        Tensor::<2>::from_data(TensorData::new(hd.w.clone(), [v, d]), &dev).require_grad();
+                    let b = Tensor::<1>::from_data(TensorData::new(hd.b.clone(), [v]), &dev).require_grad();
+                    let t = Tensor::<1, Int>::from_data(TensorData::new(hd.t.clone(), [n]), &dev);
+                    let loss = xent_burn::try_linear_cross_entropy_blocks(
+                        h.clone(),
+                        w.clone(),
+                        bias.then(|| b.clone()),
+                        t,
+                        &opts,
+                        block_rows,
+                    )
+                    .unwrap();
+                    // Upstream 1 (the sum of the row losses for none).
+                    let grads = loss.clone().sum().backward();
+                    let values = to_vec(loss);
+                    let got = LossOutput {
+                        loss: (reduction != Reduction::None).then(|| values[0]),
+                        row_losses: (reduction == Reduction::None).then(|| values.clone()),
+                        grad_hidden: Some(to_vec(h.grad(&grads).unwrap())),
+                        grad_weight: Some(to_vec(w.grad(&grads).unwrap())),
+                        grad_bias: bias.then(|| to_vec(b.grad(&grads).unwrap())),
+                        ..Default::default()
+                    };
+                    if !bias {
+                        want.grad_bias = None;
+                        assert!(b.grad(&grads).is_none(), "{what}: no bias, no gradient for it");
+                    }
+                    if accelerated {
+                        assert!(
+                            xent_burn::xent_buffer_allocations(&dev).unwrap_or(0) > 0,
+                            "{what}: xent ran"
+                        );
+                    }
+                    let bounds = head::bounds(&hd, bias, &opts, head::kappa(&hd, &opts), 1.0);
+                    head::check(name, &got, &want, &hd, &bounds, &what);
+                }
+            }
+        }
+    }
+}
+
+/// Shapes that disagree are typed errors naming both sizes.
+#[test]
+fn linear_cross_entropy_refuses_shapes_that_disagree() {
+    let dev = Device::ndarray();
+    let h = Tensor::<2>::zeros([4, 8], &dev);
+    let w = Tensor::<2>::zeros([10, 8], &dev);
+    let t = Tensor::<1, Int>::zeros([4], &dev);
+    let o = LossOptions::new();
+    let err = |r: Result<Tensor<1>, xent_burn::Error>| r.unwrap_err().to_string();
+    let e = err(xent_burn::try_linear_cross_entropy(
+        h.clone(),
+        Tensor::zeros([10, 7], &dev),
+        None,
+        t.clone(),
+        &o,
+    ));
+    assert!(e.contains('7') && e.contains('8'), "{e}");
+    let e = err(xent_burn::try_linear_cross_entropy(
+        h.clone(),
+        w.clone(),
+        Some(Tensor::zeros([9], &dev)),
+        t.clone(),
+        &o,
+    ));
+    assert!(e.contains("9") && e.contains("10"), "{e}");
+    let e = err(xent_burn::try_linear_cross_entropy(h, w, None, Tensor::zeros([5], &dev), &o));
+    assert!(e.contains('5') && e.contains('4'), "{e}");
+}
