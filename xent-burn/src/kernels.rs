@@ -85,6 +85,18 @@ fn forward_meta(logits: &TensorSpec, _targets: &TensorSpec, args: &XentArgs) -> 
     (TensorSpec::new(Shape::new([loss]), DType::F32), TensorSpec::new(Shape::new([n]), DType::F32))
 }
 
+/// The outputs of a forward with its gradient: the loss, the LSE and ∂loss/∂logits (the
+/// logits' shape and type).
+#[cfg(feature = "fusion")]
+fn forward_grad_meta(
+    logits: &TensorSpec,
+    targets: &TensorSpec,
+    args: &XentArgs,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    let (loss, lse) = forward_meta(logits, targets, args);
+    (loss, lse, logits.clone())
+}
+
 /// The output of a binary forward: the loss [1, 1] reduced, the element losses [N, V]
 /// for `none`, f32.
 #[cfg(feature = "fusion")]
@@ -148,6 +160,24 @@ pub trait XentOps: Backend {
         upstream: FloatTensor<Self>,
         args: XentArgs,
     ) -> FloatTensor<Self>;
+
+    /// [`XentOps::xent_forward`] with ∂loss/∂logits (upstream 1, per row for `none`) from
+    /// the same pass over the logits, in their type: the autodiff forward's, whose
+    /// backward then only scales it by the upstream gradient.
+    #[fusion(meta = forward_grad_meta)]
+    fn xent_forward_grad(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        args: XentArgs,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// [`XentOps::xent_forward_grad`] against probability targets [N, V].
+    #[fusion(meta = forward_grad_meta)]
+    fn xent_forward_grad_probs(
+        logits: FloatTensor<Self>,
+        targets: FloatTensor<Self>,
+        args: XentArgs,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
     /// [`XentOps::xent_forward`] against probability targets [N, V].
     #[fusion(meta = forward_meta)]
@@ -302,6 +332,8 @@ fn copy_into(enc: &mut wgpu::CommandEncoder, src: &wgpu::Buffer, dst: &Resource,
 /// What one recording computes.
 enum Pass<'a> {
     Forward,
+    /// The forward's (loss, LSE) and the gradient of the loss (upstream 1) in one pass.
+    ForwardGrad,
     /// The LSE is `None` for binary targets.
     Backward {
         lse: Option<&'a CubeTensor>,
@@ -310,9 +342,16 @@ enum Pass<'a> {
 }
 
 /// Records xent over burn's buffers and submits it on burn's queue: the forward's
-/// (loss, LSE) (the loss alone for binary targets), or the backward's gradient.
+/// (loss, LSE) (the loss alone for binary targets), with the gradient as a third output
+/// for `ForwardGrad`, or the backward's gradient.
 fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) -> Vec<CubeTensor> {
     let engine = engine_of(&logits);
+    // A cubecl graph replays cubecl's launches only: xent's own command buffer would be
+    // missing from it (wgpu has no graphs today; this keeps it so if it gains them).
+    assert!(
+        !logits.client.is_capturing(),
+        "xent_burn: the loss records its own wgpu commands and cannot run inside a cubecl graph capture"
+    );
     let ctx = &engine.ctx;
     let device = ctx.device();
     // Row major, untiled (a matmul's output may be storage-tiled).
@@ -330,13 +369,25 @@ fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) 
             let shape = if args.reduced() { Shape::new([1, 1]) } else { Shape::new([n, v]) };
             vec![empty_like(&logits, shape, DType::F32)]
         }
+        (Pass::ForwardGrad, false) => vec![
+            empty_like(&logits, Shape::new([if args.reduced() { 1 } else { n }]), DType::F32),
+            empty_like(&logits, Shape::new([n]), DType::F32),
+            empty_like(&logits, Shape::new([n, v]), logits.dtype),
+        ],
+        (Pass::ForwardGrad, true) => unreachable!("binary targets' backward recomputes"),
         (Pass::Backward { .. }, _) => vec![empty_like(&logits, Shape::new([n, v]), logits.dtype)],
+    };
+    // Which output takes the gradient.
+    let grad_out = match pass {
+        Pass::Forward => None,
+        Pass::ForwardGrad => Some(2),
+        Pass::Backward { .. } => Some(0),
     };
     let (lse, upstream) = match pass {
         Pass::Backward { lse, upstream } => {
             (lse.map(|l| into_contiguous(l.clone())), Some(into_contiguous(upstream.clone())))
         }
-        Pass::Forward => (None, None),
+        Pass::Forward | Pass::ForwardGrad => (None, None),
     };
     if let Some(u) = &upstream {
         assert_eq!(u.dtype, DType::F32, "xent_burn: an upstream gradient of {:?}; xent takes f32", u.dtype);
@@ -398,9 +449,9 @@ fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) 
     // read-only: a gradient in a buffer that holds one of them goes through a buffer of
     // our own.
     let grad_bytes = (n * v * logits.dtype.size()) as u64;
-    let grad_private = match (&pass, &labels) {
-        (Pass::Backward { .. }, CubeLabels::Probabilities(_) | CubeLabels::Binary(_)) => {
-            let out = &r_out[0].resource().buffer;
+    let grad_private = match (grad_out, &labels) {
+        (Some(g), CubeLabels::Probabilities(_) | CubeLabels::Binary(_)) => {
+            let out = &r_out[g].resource().buffer;
             let mut inputs = vec![&r_logits, &r_labels];
             inputs.extend(r_up.as_ref().filter(|_| up_own.is_none()));
             inputs
@@ -410,23 +461,27 @@ fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) 
         }
         _ => None,
     };
-    let backward = matches!(pass, Pass::Backward { .. });
-    let (gradient, mode) = match (&lse_own, backward) {
-        (lse, true) => {
+    let gradient = match grad_out {
+        Some(g) => {
             let into = match &grad_private {
                 Some(b) => DeviceSlice::from(b),
-                None => slice(&r_out[0]),
+                None => slice(&r_out[g]),
             };
-            let gradient =
-                if dtype == Dtype::F32 { DeviceGradient::Into(into) } else { DeviceGradient::IntoHalf(into) };
+            if dtype == Dtype::F32 { DeviceGradient::Into(into) } else { DeviceGradient::IntoHalf(into) }
+        }
+        None => DeviceGradient::None,
+    };
+    let backward = matches!(pass, Pass::Backward { .. });
+    let mode = match (&lse_own, backward) {
+        (lse, true) => {
             let upstream = match (&up_own, &r_up) {
                 (Some(u), _) => DeviceUpstream::PerRow(DeviceSlice::from(u)),
                 (None, Some(u)) if binary && !args.reduced() => DeviceUpstream::PerElement(slice(u)),
                 _ => DeviceUpstream::Scalar(1.0),
             };
-            (gradient, DeviceMode::Backward { lse: lse.as_ref().map(DeviceSlice::from), upstream })
+            DeviceMode::Backward { lse: lse.as_ref().map(DeviceSlice::from), upstream }
         }
-        (_, false) => (DeviceGradient::None, DeviceMode::Fused),
+        (_, false) => DeviceMode::Fused,
     };
     let w = r_logits.resource();
     let problem = DeviceProblem {
@@ -438,26 +493,21 @@ fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) 
         mode,
     };
     let out = ctx.record(&mut enc, &problem, &args.opts, ws).unwrap_or_else(|e| panic!("xent_burn: {e}"));
-    match pass {
-        Pass::Forward => {
-            // Binary targets under `none`: one loss per element.
-            let per_row = if binary { (n * v) as u64 * 4 } else { n as u64 * 4 };
-            let (loss_src, loss_bytes) =
-                if args.reduced() { (&out.loss, 4) } else { (&out.row_loss, per_row) };
-            copy_into(&mut enc, loss_src, &r_out[0], loss_bytes);
-            if !binary {
-                copy_into(&mut enc, &out.lse, &r_out[1], n as u64 * 4);
-            }
+    if matches!(pass, Pass::Forward | Pass::ForwardGrad) {
+        // Binary targets under `none`: one loss per element.
+        let per_row = if binary { (n * v) as u64 * 4 } else { n as u64 * 4 };
+        let (loss_src, loss_bytes) = if args.reduced() { (&out.loss, 4) } else { (&out.row_loss, per_row) };
+        copy_into(&mut enc, loss_src, &r_out[0], loss_bytes);
+        if !binary {
+            copy_into(&mut enc, &out.lse, &r_out[1], n as u64 * 4);
         }
-        Pass::Backward { .. } => {
-            if let Some(b) = &grad_private {
-                assert!(
-                    grad_bytes.is_multiple_of(4),
-                    "xent_burn: a half gradient of an odd number of elements sharing burn's buffer with its inputs"
-                );
-                copy_into(&mut enc, b, &r_out[0], grad_bytes);
-            }
-        }
+    }
+    if let (Some(b), Some(g)) = (&grad_private, grad_out) {
+        assert!(
+            grad_bytes.is_multiple_of(4),
+            "xent_burn: a half gradient of an odd number of elements sharing burn's buffer with its inputs"
+        );
+        copy_into(&mut enc, b, &r_out[g], grad_bytes);
     }
     ctx.queue().submit([enc.finish()]);
     // cubecl's handler panics on an uncaught error, later and elsewhere: ours are caught here.
@@ -478,6 +528,12 @@ fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) 
         }
         _ => outputs,
     }
+}
+
+fn triple(mut v: Vec<CubeTensor>) -> (CubeTensor, CubeTensor, CubeTensor) {
+    let grad = v.pop().unwrap_or_else(|| unreachable!());
+    let (loss, lse) = pair(v);
+    (loss, lse, grad)
 }
 
 fn pair(mut v: Vec<CubeTensor>) -> (CubeTensor, CubeTensor) {
@@ -529,6 +585,22 @@ impl XentOps for CubeBackend {
         single(run(logits, labels, Pass::Backward { lse: Some(&lse), upstream: &upstream }, &args))
     }
 
+    fn xent_forward_grad(
+        logits: CubeTensor,
+        targets: CubeTensor,
+        args: XentArgs,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        triple(run(logits, CubeLabels::Classes(targets), Pass::ForwardGrad, &args))
+    }
+
+    fn xent_forward_grad_probs(
+        logits: CubeTensor,
+        targets: CubeTensor,
+        args: XentArgs,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        triple(run(logits, CubeLabels::Probabilities(targets), Pass::ForwardGrad, &args))
+    }
+
     fn xent_forward_binary(logits: CubeTensor, targets: CubeTensor, args: XentArgs) -> CubeTensor {
         single(run(logits, CubeLabels::Binary(targets), Pass::Forward, &args))
     }
@@ -569,17 +641,11 @@ impl XentOps for CubeBackend {
 }
 
 /// The two kinds of targets, for the autodiff side: their primitive on the inner backend
-/// and the inner backend's forward and backward.
+/// and the inner backend's forward, without and with the gradient.
 trait Targets<B: XentOps>: Send + std::fmt::Debug + 'static {
     type Prim: Clone + Send + std::fmt::Debug + 'static;
     fn forward(logits: FloatTensor<B>, t: Self::Prim, args: XentArgs) -> (FloatTensor<B>, FloatTensor<B>);
-    fn backward(
-        logits: FloatTensor<B>,
-        t: Self::Prim,
-        lse: FloatTensor<B>,
-        up: FloatTensor<B>,
-        args: XentArgs,
-    ) -> FloatTensor<B>;
+    fn forward_grad(logits: FloatTensor<B>, t: Self::Prim, args: XentArgs) -> [FloatTensor<B>; 3];
 }
 
 #[derive(Debug)]
@@ -590,14 +656,9 @@ impl<B: XentOps> Targets<B> for ClassIndices {
     fn forward(logits: FloatTensor<B>, t: Self::Prim, args: XentArgs) -> (FloatTensor<B>, FloatTensor<B>) {
         B::xent_forward(logits, t, args)
     }
-    fn backward(
-        logits: FloatTensor<B>,
-        t: Self::Prim,
-        lse: FloatTensor<B>,
-        up: FloatTensor<B>,
-        args: XentArgs,
-    ) -> FloatTensor<B> {
-        B::xent_backward(logits, t, lse, up, args)
+    fn forward_grad(logits: FloatTensor<B>, t: Self::Prim, args: XentArgs) -> [FloatTensor<B>; 3] {
+        let (loss, lse, grad) = B::xent_forward_grad(logits, t, args);
+        [loss, lse, grad]
     }
 }
 
@@ -609,31 +670,32 @@ impl<B: XentOps> Targets<B> for Probabilities {
     fn forward(logits: FloatTensor<B>, t: Self::Prim, args: XentArgs) -> (FloatTensor<B>, FloatTensor<B>) {
         B::xent_forward_probs(logits, t, args)
     }
-    fn backward(
-        logits: FloatTensor<B>,
-        t: Self::Prim,
-        lse: FloatTensor<B>,
-        up: FloatTensor<B>,
-        args: XentArgs,
-    ) -> FloatTensor<B> {
-        B::xent_backward_probs(logits, t, lse, up, args)
+    fn forward_grad(logits: FloatTensor<B>, t: Self::Prim, args: XentArgs) -> [FloatTensor<B>; 3] {
+        let (loss, lse, grad) = B::xent_forward_grad_probs(logits, t, args);
+        [loss, lse, grad]
     }
 }
 
-/// The loss's backward: xent's saved-LSE kernel through the inner backend, scaled by the
-/// upstream gradient burn hands over, registered for the logits (none for the targets).
+/// The loss's backward: the gradient the forward computed in its pass (upstream 1),
+/// times the upstream gradient burn hands over — a scalar [1] for `mean`/`sum`, one per
+/// row [N] for `none` — on the device, registered for the logits (none for the targets).
 #[derive(Debug)]
-struct LossBackward<K>(std::marker::PhantomData<K>);
+struct ScaledGradient;
 
-impl<B: XentOps, K: Targets<B>> Backward<B, 1> for LossBackward<K> {
-    type State = (FloatTensor<B>, K::Prim, FloatTensor<B>, XentArgs);
+impl<B: XentOps> Backward<B, 1> for ScaledGradient {
+    /// The gradient [N, V] and whether the loss is reduced.
+    type State = (FloatTensor<B>, bool);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [logits_node] = ops.parents;
         let upstream = grads.consume::<B>(&ops.node);
-        let (logits, targets, lse, args) = ops.state;
+        let (grad, reduced) = ops.state;
         if let Some(node) = logits_node {
-            grads.register::<B>(node.id, K::backward(logits, targets, lse, upstream, args));
+            let rows = if reduced { 1 } else { TensorMetadata::shape(&grad)[0] };
+            let up = B::float_reshape(upstream, Shape::new([rows, 1]));
+            let dtype = grad.dtype();
+            let up = if up.dtype() == dtype { up } else { B::float_cast(up, dtype.into()) };
+            grads.register::<B>(node.id, B::float_mul(grad, up));
         }
     }
 }
@@ -680,20 +742,20 @@ impl<B: XentOps> Backward<B, 3> for LinearBackward {
 /// A forward's (loss, LSE) on the autodiff backend.
 type LossAndLse<B, C> = (FloatTensor<Autodiff<B, C>>, FloatTensor<Autodiff<B, C>>);
 
-/// The tracked forward: the inner backend's loss, with the LSE (untracked) saved for the
-/// backward beside the logits and targets.
+/// The tracked forward: the inner backend's loss, with the gradient from the same pass
+/// (Liger's fused forward: one read of the logits instead of a second in the backward)
+/// saved for the backward; the LSE comes back untracked.
 fn tracked<B: XentOps, C: CheckpointStrategy, K: Targets<B>>(
     logits: FloatTensor<Autodiff<B, C>>,
     targets: K::Prim,
     args: XentArgs,
 ) -> LossAndLse<B, C> {
     let untracked = <Autodiff<B, C> as AutodiffBackend>::from_inner;
-    match LossBackward::<K>(std::marker::PhantomData).prepare::<C>([logits.node()]).compute_bound().stateful()
-    {
+    match ScaledGradient.prepare::<C>([logits.node()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let x = logits.primitive().clone();
-            let (loss, lse) = K::forward(x.clone(), targets.clone(), args.clone());
-            (prep.finish((x, targets, lse.clone(), args), loss), untracked(lse))
+            let reduced = args.reduced();
+            let [loss, lse, grad] = K::forward_grad(logits.into_primitive(), targets, args);
+            (prep.finish((grad, reduced), loss), untracked(lse))
         }
         OpsKind::UnTracked(prep) => {
             let (loss, lse) = K::forward(logits.into_primitive(), targets, args);
@@ -729,6 +791,25 @@ impl<B: XentOps, C: CheckpointStrategy> XentOps for Autodiff<B, C> {
         args: XentArgs,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         tracked::<B, C, Probabilities>(logits, targets.into_primitive(), args)
+    }
+
+    fn xent_forward_grad(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        args: XentArgs,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (loss, lse, grad) = B::xent_forward_grad(logits.into_primitive(), targets, args);
+        (Self::from_inner(loss), Self::from_inner(lse), Self::from_inner(grad))
+    }
+
+    fn xent_forward_grad_probs(
+        logits: FloatTensor<Self>,
+        targets: FloatTensor<Self>,
+        args: XentArgs,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (loss, lse, grad) =
+            B::xent_forward_grad_probs(logits.into_primitive(), targets.into_primitive(), args);
+        (Self::from_inner(loss), Self::from_inner(lse), Self::from_inner(grad))
     }
 
     fn xent_backward_probs(

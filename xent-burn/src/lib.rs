@@ -169,17 +169,26 @@ pub fn try_binary_cross_entropy_with_logits(
     Ok(Tensor::from_dispatch(loss))
 }
 
-/// Bytes of one block of logits in [`linear_cross_entropy`]: blocks of
-/// `max(1, LINEAR_BLOCK_BYTES / (4 V))` rows.
+/// The most bytes of one block of f32 logits in [`linear_cross_entropy`].
 pub const LINEAR_BLOCK_BYTES: usize = 64 << 20;
+
+/// Rows per block of [`linear_cross_entropy`]: as Liger's fused linear cross-entropy
+/// does, about N / ⌈V / D⌉ rows (a block's logits about the size of h), a power of two,
+/// at least 64 rows (the products stay matrix products) and at most
+/// [`LINEAR_BLOCK_BYTES`] of logits.
+pub fn linear_block_rows(rows: usize, hidden_dim: usize, classes: usize) -> usize {
+    let ratio = classes.div_ceil(hidden_dim.max(1)).max(1);
+    let cap = (LINEAR_BLOCK_BYTES / (4 * classes.max(1))).max(1);
+    rows.div_ceil(ratio).next_power_of_two().max(64).min(cap)
+}
 
 /// The LM head's cross-entropy without its logits: `hidden` [N, D], `weight` [V, D]
 /// (`nn::Linear`'s layout), an optional `bias` [V] and class indices `targets` [N], with
 /// every class-index option of `opts`; the loss of `h Wᵀ + b` is shape [1] for `mean` and
 /// `sum`, [N] for `none`, differentiable with respect to `hidden`, `weight` and `bias`.
 ///
-/// On a device where xent runs, the logits exist a block of rows at a time (at most
-/// [`LINEAR_BLOCK_BYTES`] of them, burn's matrix product, xent's fused kernel) and the
+/// On a device where xent runs, the logits exist a block of rows at a time
+/// ([`linear_block_rows`]; burn's matrix product, xent's fused kernel) and the
 /// backward recomputes them from the saved LSE: no [N, V] tensor at any time. Elsewhere
 /// burn's own `linear` and the same loss compute the same numbers (holding the logits).
 ///
@@ -206,9 +215,8 @@ pub fn try_linear_cross_entropy(
     targets: Tensor<1, Int>,
     opts: &LossOptions,
 ) -> Result<Tensor<1>, Error> {
-    let v = weight.dims()[0];
-    let block_rows = (LINEAR_BLOCK_BYTES / (4 * v.max(1))).max(1);
-    try_linear_cross_entropy_blocks(hidden, weight, bias, targets, opts, block_rows)
+    let ([n, d], v) = (hidden.dims(), weight.dims()[0]);
+    try_linear_cross_entropy_blocks(hidden, weight, bias, targets, opts, linear_block_rows(n, d, v))
 }
 
 /// [`try_linear_cross_entropy`] in blocks of `block_rows` rows (at least 1).

@@ -200,6 +200,40 @@ fn probability_targets_match_the_reference() {
     }
 }
 
+/// f16 logits on the wgpu device: the loss (f32) against the reference on the same half
+/// values (rtol 1e-5), the gradient in the logits' type, rounded once from f32 (half an
+/// ulp: 2⁻¹¹ relative, + 1e-6).
+#[test]
+fn half_logits_on_the_wgpu_device() {
+    use burn::tensor::DType;
+    let Some(dev) = wgpu() else { return };
+    let dev = dev.autodiff();
+    let (n, v) = (21, 130);
+    let t = targets(n, v, 12);
+    // f16 only: burn's WGSL compiler has no bf16 (cubecl-wgpu's to_wgsl refuses the type),
+    // so burn-wgpu holds no bf16 tensor for xent to read.
+    for (format, dtype, ulp) in [(xent::HalfFormat::F16, DType::F16, 2f32.powi(-11))] {
+        let x: Vec<f32> = values(n * v, 11, 3.0).iter().map(|&x| format.to_f32(format.from_f32(x))).collect();
+        for (set, opts) in
+            option_sets(v).into_iter().filter(|(s, _)| ["plain", "smoothing", "all"].contains(s))
+        {
+            let what = format!("{dtype:?}, {set}");
+            let want = xent::Reference
+                .evaluate(Problem::new(Logits::F32(&x), v, Labels::from(&t)).gradient(Gradient::Owned), &opts)
+                .unwrap();
+            let logits =
+                Tensor::<2>::from_data(TensorData::new(x.clone(), [n, v]), &dev).cast(dtype).require_grad();
+            let targets = Tensor::<1, Int>::from_data(TensorData::new(t.clone(), [n]), &dev);
+            let loss = xent_burn::cross_entropy(logits.clone(), targets, &opts);
+            let grads = loss.clone().backward();
+            close(&to_vec(loss), &[want.loss.unwrap()], 1e-5, 1e-6, &what);
+            let g = logits.grad(&grads).unwrap();
+            assert_eq!(g.dtype(), dtype, "{what}: the gradient in the logits' type");
+            close(&to_vec(g), want.gradient.as_ref().unwrap(), ulp, 1e-6, &format!("{what}: gradient"));
+        }
+    }
+}
+
 /// Binary cross-entropy with logits: every option that applies (class weights,
 /// `pos_weight`, `n_items`) and reduction, forward and gradient (upstream 2.5 for
 /// `mean`/`sum`, one per element for `none`).
