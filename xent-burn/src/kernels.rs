@@ -10,18 +10,19 @@
 //!   burn's later work, submitted after, sees xent's writes.
 //! - `Fusion<CubeBackend>` (burn's `fusion`, generated): a custom operation of the fusion
 //!   stream that calls the above when the stream reaches it, with the real tensors.
-//! - `Autodiff<B>`: the forward through `B`, with a backward that runs xent's saved-LSE
-//!   backward kernel through `B` and registers the logits' gradient.
+//! - `Autodiff<B>`: the forward through `B`, computing ∂loss/∂logits in the same pass
+//!   over the logits (Liger-style), and a backward that registers it for the logits.
 //!
-//! The loss of `mean`/`sum` is shape [1]; its backward computes ∂loss/∂logits (upstream 1)
-//! and multiplies by burn's upstream gradient on the device (one elementwise pass; no
-//! read back). Under `none` the upstream [N] goes to the kernel as one value per row.
+//! The loss of `mean`/`sum` is shape [1]. Its backward reads burn's upstream gradient
+//! (one float): exactly 1 — `loss.backward()` on the loss itself — and the forward's
+//! gradient is the answer; any other value goes to xent's saved-LSE backward kernel as its
+//! scale. Under `none` the upstream [N] goes to that kernel as one value per row. burn's
+//! broadcast multiply of [N, V] is never used: on lavapipe it costs more than the loss.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::wgpu::{CubeBackend, CubeTensor, into_contiguous, wgpu};
 use burn::backend::{Autodiff, AutodiffBackend, Backend, TensorMetadata, backend_extension};
@@ -477,7 +478,10 @@ fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) 
             let upstream = match (&up_own, &r_up) {
                 (Some(u), _) => DeviceUpstream::PerRow(DeviceSlice::from(u)),
                 (None, Some(u)) if binary && !args.reduced() => DeviceUpstream::PerElement(slice(u)),
-                _ => DeviceUpstream::Scalar(1.0),
+                // `mean`/`sum`: burn's upstream [1], read here (a wait for the work before
+                // it) and scaled in the kernel — burn's broadcast multiply of [N, V] costs
+                // more than the whole loss on lavapipe.
+                _ => DeviceUpstream::Scalar(upstream.as_ref().map_or(1.0, scalar::<CubeBackend>)),
             };
             DeviceMode::Backward { lse: lse.as_ref().map(DeviceSlice::from), upstream }
         }
@@ -518,16 +522,7 @@ fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) 
     }
     drop(guard);
     drop((r_logits, r_labels, r_out, r_lse, r_up));
-    match (pass, args.reduced()) {
-        // ∂loss/∂logits times burn's upstream gradient (shape [1]), on the device.
-        (Pass::Backward { upstream, .. }, true) => {
-            let grad = outputs.into_iter().next().unwrap_or_else(|| unreachable!());
-            let up = CubeBackend::float_reshape(upstream.clone(), Shape::new([1, 1]));
-            let up = if grad.dtype == up.dtype { up } else { CubeBackend::float_cast(up, grad.dtype.into()) };
-            vec![CubeBackend::float_mul(grad, up)]
-        }
-        _ => outputs,
-    }
+    outputs
 }
 
 fn triple(mut v: Vec<CubeTensor>) -> (CubeTensor, CubeTensor, CubeTensor) {
@@ -646,6 +641,13 @@ trait Targets<B: XentOps>: Send + std::fmt::Debug + 'static {
     type Prim: Clone + Send + std::fmt::Debug + 'static;
     fn forward(logits: FloatTensor<B>, t: Self::Prim, args: XentArgs) -> (FloatTensor<B>, FloatTensor<B>);
     fn forward_grad(logits: FloatTensor<B>, t: Self::Prim, args: XentArgs) -> [FloatTensor<B>; 3];
+    fn backward(
+        logits: FloatTensor<B>,
+        t: Self::Prim,
+        lse: FloatTensor<B>,
+        up: FloatTensor<B>,
+        args: XentArgs,
+    ) -> FloatTensor<B>;
 }
 
 #[derive(Debug)]
@@ -659,6 +661,15 @@ impl<B: XentOps> Targets<B> for ClassIndices {
     fn forward_grad(logits: FloatTensor<B>, t: Self::Prim, args: XentArgs) -> [FloatTensor<B>; 3] {
         let (loss, lse, grad) = B::xent_forward_grad(logits, t, args);
         [loss, lse, grad]
+    }
+    fn backward(
+        logits: FloatTensor<B>,
+        t: Self::Prim,
+        lse: FloatTensor<B>,
+        up: FloatTensor<B>,
+        args: XentArgs,
+    ) -> FloatTensor<B> {
+        B::xent_backward(logits, t, lse, up, args)
     }
 }
 
@@ -674,29 +685,53 @@ impl<B: XentOps> Targets<B> for Probabilities {
         let (loss, lse, grad) = B::xent_forward_grad_probs(logits, t, args);
         [loss, lse, grad]
     }
+    fn backward(
+        logits: FloatTensor<B>,
+        t: Self::Prim,
+        lse: FloatTensor<B>,
+        up: FloatTensor<B>,
+        args: XentArgs,
+    ) -> FloatTensor<B> {
+        B::xent_backward_probs(logits, t, lse, up, args)
+    }
 }
 
-/// The loss's backward: the gradient the forward computed in its pass (upstream 1),
-/// times the upstream gradient burn hands over — a scalar [1] for `mean`/`sum`, one per
-/// row [N] for `none` — on the device, registered for the logits (none for the targets).
+/// The loss's backward. The forward computed ∂loss/∂logits in its pass (upstream 1): for
+/// `mean`/`sum` with burn's upstream exactly 1 (`loss.backward()` on the loss itself, read
+/// back: one float) that is the gradient. Otherwise xent's saved-LSE kernel recomputes it
+/// with the upstream in the kernel (a scalar, or one per row for `none`), which costs
+/// less than burn's broadcast multiply of [N, V]. Registered for the logits (none for the
+/// targets).
 #[derive(Debug)]
-struct ScaledGradient;
+struct LossBackward<K>(std::marker::PhantomData<K>);
 
-impl<B: XentOps> Backward<B, 1> for ScaledGradient {
-    /// The gradient [N, V] and whether the loss is reduced.
-    type State = (FloatTensor<B>, bool);
+impl<B: XentOps, K: Targets<B>> Backward<B, 1> for LossBackward<K> {
+    /// The logits, targets, LSE, the forward's gradient and the options.
+    type State = (FloatTensor<B>, K::Prim, FloatTensor<B>, FloatTensor<B>, XentArgs);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [logits_node] = ops.parents;
         let upstream = grads.consume::<B>(&ops.node);
-        let (grad, reduced) = ops.state;
+        let (logits, targets, lse, grad, args) = ops.state;
         if let Some(node) = logits_node {
-            let rows = if reduced { 1 } else { TensorMetadata::shape(&grad)[0] };
-            let up = B::float_reshape(upstream, Shape::new([rows, 1]));
-            let dtype = grad.dtype();
-            let up = if up.dtype() == dtype { up } else { B::float_cast(up, dtype.into()) };
-            grads.register::<B>(node.id, B::float_mul(grad, up));
+            let grad = if args.reduced() && scalar::<B>(&upstream) == 1.0 {
+                grad
+            } else {
+                drop(grad);
+                K::backward(logits, targets, lse, upstream, args)
+            };
+            grads.register::<B>(node.id, grad);
         }
+    }
+}
+
+/// The value of a one-element tensor (read back: a wait for the work before it).
+fn scalar<B: Backend>(t: &FloatTensor<B>) -> f32 {
+    let data = burn::tensor::read_sync(B::float_into_data(t.clone()))
+        .unwrap_or_else(|e| panic!("xent_burn: reading the upstream gradient: {e:?}"));
+    match data.convert::<f32>().try_to_vec::<f32>() {
+        Ok(v) if v.len() == 1 => v[0],
+        other => panic!("xent_burn: an upstream gradient of one value, not {other:?}"),
     }
 }
 
@@ -744,18 +779,20 @@ type LossAndLse<B, C> = (FloatTensor<Autodiff<B, C>>, FloatTensor<Autodiff<B, C>
 
 /// The tracked forward: the inner backend's loss, with the gradient from the same pass
 /// (Liger's fused forward: one read of the logits instead of a second in the backward)
-/// saved for the backward; the LSE comes back untracked.
+/// saved for the backward beside the logits, targets and LSE; the LSE comes back
+/// untracked.
 fn tracked<B: XentOps, C: CheckpointStrategy, K: Targets<B>>(
     logits: FloatTensor<Autodiff<B, C>>,
     targets: K::Prim,
     args: XentArgs,
 ) -> LossAndLse<B, C> {
     let untracked = <Autodiff<B, C> as AutodiffBackend>::from_inner;
-    match ScaledGradient.prepare::<C>([logits.node()]).compute_bound().stateful() {
+    match LossBackward::<K>(std::marker::PhantomData).prepare::<C>([logits.node()]).compute_bound().stateful()
+    {
         OpsKind::Tracked(prep) => {
-            let reduced = args.reduced();
-            let [loss, lse, grad] = K::forward_grad(logits.into_primitive(), targets, args);
-            (prep.finish((grad, reduced), loss), untracked(lse))
+            let x = logits.into_primitive();
+            let [loss, lse, grad] = K::forward_grad(x.clone(), targets.clone(), args.clone());
+            (prep.finish((x, targets, lse.clone(), grad, args), loss), untracked(lse))
         }
         OpsKind::UnTracked(prep) => {
             let (loss, lse) = K::forward(logits.into_primitive(), targets, args);
