@@ -172,14 +172,13 @@ pub fn try_binary_cross_entropy_with_logits(
 /// The most bytes of one block of f32 logits in [`linear_cross_entropy`].
 pub const LINEAR_BLOCK_BYTES: usize = 64 << 20;
 
-/// Rows per block of [`linear_cross_entropy`]: as Liger's fused linear cross-entropy
-/// does, about N / ⌈V / D⌉ rows (a block's logits about the size of h), a power of two,
-/// at least 64 rows (the products stay matrix products) and at most
-/// [`LINEAR_BLOCK_BYTES`] of logits.
-pub fn linear_block_rows(rows: usize, hidden_dim: usize, classes: usize) -> usize {
-    let ratio = classes.div_ceil(hidden_dim.max(1)).max(1);
-    let cap = (LINEAR_BLOCK_BYTES / (4 * classes.max(1))).max(1);
-    rows.div_ceil(ratio).next_power_of_two().max(64).min(cap)
+/// Rows per block of [`linear_cross_entropy`]: as many as fit [`LINEAR_BLOCK_BYTES`] of
+/// f32 logits, at least 64 (the products stay matrix products) and at most N. Bigger
+/// blocks keep burn's matrix product efficient: blocks of N / ⌈V / D⌉ rows (Liger's rule,
+/// a block's logits about the size of h: 64 rows at 512 × 1024 × 32000) took 80.6 s a
+/// step on lavapipe, where burn's whole-batch head takes about 7 s (docs/benchmarks.md).
+pub fn linear_block_rows(rows: usize, classes: usize) -> usize {
+    (LINEAR_BLOCK_BYTES / (4 * classes.max(1))).max(64).min(rows.max(1))
 }
 
 /// The LM head's cross-entropy without its logits: `hidden` [N, D], `weight` [V, D]
@@ -215,8 +214,8 @@ pub fn try_linear_cross_entropy(
     targets: Tensor<1, Int>,
     opts: &LossOptions,
 ) -> Result<Tensor<1>, Error> {
-    let ([n, d], v) = (hidden.dims(), weight.dims()[0]);
-    try_linear_cross_entropy_blocks(hidden, weight, bias, targets, opts, linear_block_rows(n, d, v))
+    let (n, v) = (hidden.dims()[0], weight.dims()[0]);
+    try_linear_cross_entropy_blocks(hidden, weight, bias, targets, opts, linear_block_rows(n, v))
 }
 
 /// [`try_linear_cross_entropy`] in blocks of `block_rows` rows (at least 1).
