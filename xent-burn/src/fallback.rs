@@ -47,17 +47,26 @@ fn reduce(ce: Tensor<1>, zl: Option<Tensor<1>>, o: &LossOptions, d: Tensor<1>, d
     }
 }
 
+/// The rows that do not count [N]: `ignore_index`, and targets outside [0, V).
+pub(crate) fn ignored_rows(
+    targets: &Tensor<1, Int>,
+    v: usize,
+    o: &LossOptions,
+) -> Tensor<1, burn::tensor::Bool> {
+    targets
+        .clone()
+        .equal_elem(o.get_ignore_index())
+        .bool_or(targets.clone().lower_elem(0))
+        .bool_or(targets.clone().greater_equal_elem(v as i64))
+}
+
 /// Class-index cross-entropy with every option.
 pub(crate) fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, o: &LossOptions) -> Tensor<1> {
     let [_, v] = logits.dims();
     let device = logits.device();
     let z = transformed(logits, o);
     let lse = log_sum_exp(&z);
-    let ignored = targets
-        .clone()
-        .equal_elem(o.get_ignore_index())
-        .bool_or(targets.clone().lower_elem(0))
-        .bool_or(targets.clone().greater_equal_elem(v as i64));
+    let ignored = ignored_rows(&targets, v, o);
     let keep = ignored.clone().bool_not().float();
     let safe = targets.mask_fill(ignored, 0);
     let z_y = z.clone().gather(1, safe.clone().unsqueeze_dim(1));

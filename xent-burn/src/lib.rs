@@ -172,13 +172,17 @@ pub fn try_binary_cross_entropy_with_logits(
 /// The most bytes of one block of f32 logits in [`linear_cross_entropy`].
 pub const LINEAR_BLOCK_BYTES: usize = 64 << 20;
 
-/// Rows per block of [`linear_cross_entropy`]: as many as fit [`LINEAR_BLOCK_BYTES`] of
-/// f32 logits, at least 64 (the products stay matrix products) and at most N. Bigger
-/// blocks keep burn's matrix product efficient: blocks of N / ⌈V / D⌉ rows (Liger's rule,
-/// a block's logits about the size of h: 64 rows at 512 × 1024 × 32000) took 80.6 s a
-/// step on lavapipe, where burn's whole-batch head takes about 7 s (docs/benchmarks.md).
+/// Rows per block of [`linear_cross_entropy`]: the batch in as few blocks as hold at most
+/// [`LINEAR_BLOCK_BYTES`] of f32 logits each (at least 64 rows, so that the products stay
+/// matrix products), the rows shared evenly, so that the blocks have one shape (burn
+/// autotunes its matrix product per shape: minutes on lavapipe). Big blocks keep burn's
+/// product efficient: blocks of N / ⌈V / D⌉ rows (Liger's rule, a block's logits about
+/// the size of h: 64 rows at 512 × 1024 × 32000) took 80.6 s a step on lavapipe, where
+/// burn's whole-batch head takes about 7 s (docs/benchmarks.md).
 pub fn linear_block_rows(rows: usize, classes: usize) -> usize {
-    (LINEAR_BLOCK_BYTES / (4 * classes.max(1))).max(64).min(rows.max(1))
+    let most = (LINEAR_BLOCK_BYTES / (4 * classes.max(1))).max(64);
+    let rows = rows.max(1);
+    rows.div_ceil(rows.div_ceil(most))
 }
 
 /// The LM head's cross-entropy without its logits: `hidden` [N, D], `weight` [V, D]
@@ -290,18 +294,13 @@ fn linear_denominator(targets: &Tensor<1, Int>, v: usize, opts: &LossOptions) ->
     if let Some(k) = opts.get_n_items() {
         return constant(k);
     }
-    let t = targets.clone();
-    let ignored = t
-        .clone()
-        .equal_elem(opts.get_ignore_index())
-        .bool_or(t.clone().lower_elem(0))
-        .bool_or(t.clone().greater_equal_elem(v as i64));
+    let ignored = fallback::ignored_rows(targets, v, opts);
     let keep = ignored.clone().bool_not().float();
     let count = keep.clone().sum();
     match opts.get_weights() {
         None => (count, z),
         Some(w) => {
-            let safe = t.mask_fill(ignored, 0);
+            let safe = targets.clone().mask_fill(ignored, 0);
             let d = (Tensor::<1>::from_floats(w, &device).select(0, safe) * keep).sum();
             if z == 0.0 {
                 return (d, z);

@@ -9,6 +9,8 @@
 //! absolute (each element of ∂loss/∂x is a probability difference of O(1/D) in f32).
 #![allow(deprecated)] // Device::ndarray: burn 0.22 keeps it for CPU tests.
 
+mod common;
+use common::{option_sets, to_vec};
 use std::sync::OnceLock;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -55,34 +57,12 @@ fn targets(n: usize, v: usize, seed: u64) -> Vec<i64> {
     t
 }
 
-fn option_sets(v: usize) -> Vec<(&'static str, LossOptions)> {
-    let w: Vec<f32> = (0..v).map(|c| 0.5 + (c % 4) as f32 * 0.3).collect();
-    vec![
-        ("plain", LossOptions::new()),
-        ("smoothing", LossOptions::new().label_smoothing(0.1)),
-        ("weights", LossOptions::new().weights(w.clone())),
-        ("z-loss", LossOptions::new().z_loss(1e-3)),
-        ("softcap", LossOptions::new().softcap(3.0)),
-        ("scale", LossOptions::new().logit_scale(0.7)),
-        ("n_items", LossOptions::new().n_items(37.0)),
-        ("ignore 2", LossOptions::new().ignore_index(2)),
-        (
-            "all",
-            LossOptions::new().weights(w).label_smoothing(0.1).z_loss(1e-3).softcap(5.0).logit_scale(1.2),
-        ),
-    ]
-}
-
 fn close(got: &[f32], want: &[f32], rtol: f32, atol: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let ok = g == w || (g - w).abs() <= atol + rtol * w.abs();
         assert!(ok, "{what}: element {i}: {g} vs {w}");
     }
-}
-
-fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
 }
 
 #[test]

@@ -12,12 +12,10 @@
 #[allow(dead_code)]
 mod head;
 
+mod common;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::{option_sets, to_vec};
 use xent::{Backend as _, Gradient, LossOptions, LossOutput, Problem, Reduction};
-
-fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
-}
 
 fn devices() -> Vec<(&'static str, Device, bool)> {
     let mut d = vec![("ndarray", Device::ndarray().autodiff(), false)];
@@ -33,25 +31,6 @@ fn devices() -> Vec<(&'static str, Device, bool)> {
     });
     d.push(("wgpu", w.autodiff(), true));
     d
-}
-
-fn option_sets(v: usize) -> Vec<(&'static str, LossOptions)> {
-    let w: Vec<f32> = (0..v).map(|c| 0.5 + (c % 4) as f32 * 0.3).collect();
-    vec![
-        ("plain", LossOptions::new()),
-        ("smoothing", LossOptions::new().label_smoothing(0.1)),
-        ("weights", LossOptions::new().weights(w.clone())),
-        ("z-loss", LossOptions::new().z_loss(1e-3)),
-        ("softcap", LossOptions::new().softcap(3.0)),
-        ("scale", LossOptions::new().logit_scale(0.7)),
-        ("n_items", LossOptions::new().n_items(37.0)),
-        ("ignore 2", LossOptions::new().ignore_index(2)),
-        // Class weights and z-loss under `mean`: two denominators.
-        (
-            "all",
-            LossOptions::new().weights(w).label_smoothing(0.1).z_loss(1e-3).softcap(5.0).logit_scale(1.2),
-        ),
-    ]
 }
 
 /// Every option and reduction, bias or not, in blocks of 4 rows (6 blocks, the last
