@@ -2,12 +2,19 @@
 // (src/gpu/linear.rs): logits = h·Wᵀ (A row-major, B transposed), dh = G·W, dW = Gᵀ·h.
 // The host composes it with a loader (gemm_load_vec4.wgsl: vec4 loads, every
 // contiguous length, stride and offset a multiple of 4; gemm_load_f32.wgsl otherwise)
-// that declares `a` (binding 1), `b` (binding 2) and `load_a4` / `load_b4`.
+// that declares `a` (binding 1), `b` (binding 2) and `load_a4` / `load_b4`, and with
+// the lanes (gemm_lanes_subgroup.wgsl where the device has subgroups,
+// gemm_lanes_none.wgsl otherwise) that declare the entry points' builtins (`TileIds`).
 //
-// A workgroup of GX × GY invocations computes a BM × BN tile of C (BM = 4·GY,
-// BN = 4·GX); each invocation keeps a 4 × 4 register tile (four vec4 accumulators).
-// The K dimension is walked in steps of BK: the A and B sub-tiles go through workgroup
-// memory, four values per global load along each operand's contiguous dimension.
+// A workgroup of GX × GY invocations computes a BM × BN tile of C (BM = TR·GY,
+// BN = 4·GX); each invocation keeps a TR × 4 register tile (TR vec4 accumulators, one
+// per row). With TR = 4 the K dimension is walked in steps of BK: the A and B sub-tiles
+// go through workgroup memory (or, with SHARED false, each invocation loads its own
+// blocks), four values per load along each operand's contiguous dimension. With TR = 16
+// (the broadcast tile, CPU adapters whose subgroups are 8 lanes, gemm_lanes_subgroup)
+// the GX invocations of a workgroup row share their 16 rows: each lane loads one vec4 of
+// A per 8 rows and the subgroup's broadcasts hand every lane all 16, so a lane's loads
+// per K step are 2 of A and 4 of B for 256 multiply-adds.
 // Out-of-range elements load as 0, so ragged edges need no other care. Every element of
 // C is written by one invocation, summed over K in a fixed order: no atomics, the same
 // bits run to run.
@@ -29,6 +36,9 @@ override B_T: bool = false;
 // thread, where workgroup memory is memory like any other and a barrier switches
 // between the lanes' batches (`GemmTuning::shared`).
 override SHARED: bool = true;
+// Rows per invocation: 4, or 16 for the broadcast tile (GX a multiple of the subgroup's
+// 8 lanes, every lane of a subgroup in the same workgroup row; `GemmTuning::broadcast`).
+override TR: u32 = 4u;
 
 // Floats of workgroup memory per operand: BK · BM and BK · BN must fit (the host checks).
 const TILE_FLOATS: u32 = 1024u;
@@ -192,8 +202,9 @@ fn store_row(m: u32, n: u32, v: vec4<f32>) {
     }
 }
 
-// One workgroup's tile of the product: its 4 × 4 register tile at (row, col), rows
-// row..row+3 in acc0..acc3. `valid` is uniform per workgroup (false past the last tile).
+// One workgroup's tile of the product: its TR × 4 register tile at (row, col), rows
+// row..row+TR-1 in acc0.. (see `tile_acc`). `valid` is uniform per workgroup (false past
+// the last tile).
 struct Tile {
     valid: bool,
     m0: u32,
@@ -204,19 +215,70 @@ struct Tile {
     acc1: vec4<f32>,
     acc2: vec4<f32>,
     acc3: vec4<f32>,
+    acc4: vec4<f32>,
+    acc5: vec4<f32>,
+    acc6: vec4<f32>,
+    acc7: vec4<f32>,
+    acc8: vec4<f32>,
+    acc9: vec4<f32>,
+    acc10: vec4<f32>,
+    acc11: vec4<f32>,
+    acc12: vec4<f32>,
+    acc13: vec4<f32>,
+    acc14: vec4<f32>,
+    acc15: vec4<f32>,
 }
 
-// The builtins of every entry point over the tile product.
-struct TileIds {
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_id) lid3: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
+// Row t.row + slot's accumulator (slot < TR).
+fn tile_acc(t: Tile, slot: u32) -> vec4<f32> {
+    switch slot {
+        case 0u: { return t.acc0; }
+        case 1u: { return t.acc1; }
+        case 2u: { return t.acc2; }
+        case 3u: { return t.acc3; }
+        case 4u: { return t.acc4; }
+        case 5u: { return t.acc5; }
+        case 6u: { return t.acc6; }
+        case 7u: { return t.acc7; }
+        case 8u: { return t.acc8; }
+        case 9u: { return t.acc9; }
+        case 10u: { return t.acc10; }
+        case 11u: { return t.acc11; }
+        case 12u: { return t.acc12; }
+        case 13u: { return t.acc13; }
+        case 14u: { return t.acc14; }
+        default: { return t.acc15; }
+    }
+}
+
+// This lane's vec4 of A for the broadcast tile's 8 rows from `row`: with A(m, k)
+// contiguous along k, row + lane at k..k+3; along m (A_T), rows row + 4·(lane / 4) ..+3
+// at k + lane % 4.
+fn a_lane(row: u32, k: u32, lane: u32) -> vec4<f32> {
+    let p = params;
+    if (A_T) {
+        let m = row + 4u * (lane / 4u);
+        let kk = k + lane % 4u;
+        return load_a4(p.a_off + kk * p.lda + m, select(0u, min(4u, p.m - min(m, p.m)), kk < p.k));
+    }
+    let m = row + lane;
+    return load_a4(p.a_off + m * p.lda + k, select(0u, min(4u, p.k - min(k, p.k)), m < p.m));
+}
+
+// The 8 rows' A(row + i, k..k+3) from the lanes' `a_lane` values.
+fn lane_rows(l: Lanes8) -> Lanes8 {
+    if (A_T) {
+        let lo = transpose(mat4x4<f32>(l.l0, l.l1, l.l2, l.l3));
+        let hi = transpose(mat4x4<f32>(l.l4, l.l5, l.l6, l.l7));
+        return Lanes8(lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]);
+    }
+    return l;
 }
 
 fn tile_product(ids: TileIds) -> Tile {
     let wid = ids.wid;
     let lid = ids.lid;
-    let bm = 4u * GY;
+    let bm = TR * GY;
     let bn = 4u * GX;
     let tiles_m = (params.m + bm - 1u) / bm;
     let g = params.tile_base + group_index(wid, params.groups_x);
@@ -231,9 +293,49 @@ fn tile_product(ids: TileIds) -> Tile {
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
-    // Uniform per workgroup: the barriers below stay in uniform control flow.
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    var acc7 = vec4<f32>(0.0);
+    var acc8 = vec4<f32>(0.0);
+    var acc9 = vec4<f32>(0.0);
+    var acc10 = vec4<f32>(0.0);
+    var acc11 = vec4<f32>(0.0);
+    var acc12 = vec4<f32>(0.0);
+    var acc13 = vec4<f32>(0.0);
+    var acc14 = vec4<f32>(0.0);
+    var acc15 = vec4<f32>(0.0);
+    // Uniform per workgroup: the barriers and broadcasts below stay in uniform control
+    // flow.
     let valid = tm < tiles_m;
-    if (valid && !SHARED) {
+    if (valid && TR == 16u) {
+        let row = m0 + 16u * ty;
+        let col = n0 + 4u * tx;
+        let lane = lane_of(ids);
+        for (var k = 0u; k < params.k; k += 4u) {
+            // bb[j] = B(k + j, col..col+3); bb * r = Σ_j B(k + j, ·) A(·, k + j).
+            let bb = b_block(k, col);
+            let lo = lane_rows(lanes8(a_lane(row, k, lane)));
+            acc0 += bb * lo.l0;
+            acc1 += bb * lo.l1;
+            acc2 += bb * lo.l2;
+            acc3 += bb * lo.l3;
+            acc4 += bb * lo.l4;
+            acc5 += bb * lo.l5;
+            acc6 += bb * lo.l6;
+            acc7 += bb * lo.l7;
+            let hi = lane_rows(lanes8(a_lane(row + 8u, k, lane)));
+            acc8 += bb * hi.l0;
+            acc9 += bb * hi.l1;
+            acc10 += bb * hi.l2;
+            acc11 += bb * hi.l3;
+            acc12 += bb * hi.l4;
+            acc13 += bb * hi.l5;
+            acc14 += bb * hi.l6;
+            acc15 += bb * hi.l7;
+        }
+    }
+    if (valid && TR == 4u && !SHARED) {
         let row = m0 + 4u * ty;
         let col = n0 + 4u * tx;
         for (var k = 0u; k < params.k; k += 4u) {
@@ -249,7 +351,7 @@ fn tile_product(ids: TileIds) -> Tile {
             }
         }
     }
-    if (valid && SHARED) {
+    if (valid && TR == 4u && SHARED) {
         for (var k0 = 0u; k0 < params.k; k0 += BK) {
             load_tiles(lid, m0, n0, k0);
             workgroupBarrier();
@@ -265,7 +367,8 @@ fn tile_product(ids: TileIds) -> Tile {
             workgroupBarrier();
         }
     }
-    return Tile(valid, m0, n0, m0 + 4u * ty, n0 + 4u * tx, acc0, acc1, acc2, acc3);
+    return Tile(valid, m0, n0, m0 + TR * ty, n0 + 4u * tx, acc0, acc1, acc2, acc3, acc4, acc5, acc6,
+        acc7, acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15);
 }
 
 @compute @workgroup_size(GX, GY)
@@ -274,8 +377,7 @@ fn main(ids: TileIds) {
     if (!t.valid) {
         return;
     }
-    store_row(t.row, t.col, t.acc0);
-    store_row(t.row + 1u, t.col, t.acc1);
-    store_row(t.row + 2u, t.col, t.acc2);
-    store_row(t.row + 3u, t.col, t.acc3);
+    for (var slot = 0u; slot < TR; slot++) {
+        store_row(t.row + slot, t.col, tile_acc(t, slot));
+    }
 }

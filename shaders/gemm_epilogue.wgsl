@@ -162,10 +162,10 @@ fn partials(ids: TileIds) {
     let o = head_opts();
     let smoothing = o.eps > 0.0;
     let metrics = (params.loss_flags & LOSS_METRICS) != 0u;
-    write_part(ids, t, 0u, row_part(t.row, t.col, t.acc0, o, metrics), smoothing, metrics);
-    write_part(ids, t, 1u, row_part(t.row + 1u, t.col, t.acc1, o, metrics), smoothing, metrics);
-    write_part(ids, t, 2u, row_part(t.row + 2u, t.col, t.acc2, o, metrics), smoothing, metrics);
-    write_part(ids, t, 3u, row_part(t.row + 3u, t.col, t.acc3, o, metrics), smoothing, metrics);
+    // TR is a pipeline constant: the loop's barriers stay in uniform control flow.
+    for (var slot = 0u; slot < TR; slot++) {
+        write_part(ids, t, slot, row_part(t.row + slot, t.col, tile_acc(t, slot), o, metrics), smoothing, metrics);
+    }
 }
 
 // G over row m's columns n..n+3 (product values v), into C.
@@ -198,8 +198,7 @@ fn grad(ids: TileIds) {
         return;
     }
     let o = head_opts();
-    grad_row(t.row, t.col, t.acc0, o);
-    grad_row(t.row + 1u, t.col, t.acc1, o);
-    grad_row(t.row + 2u, t.col, t.acc2, o);
-    grad_row(t.row + 3u, t.col, t.acc3, o);
+    for (var slot = 0u; slot < TR; slot++) {
+        grad_row(t.row + slot, t.col, tile_acc(t, slot), o);
+    }
 }

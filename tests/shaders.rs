@@ -152,8 +152,8 @@ fn shared_constants_have_the_hosts_values() {
         }
     }
     // 32 rows variants × 12 + backward 3 + reduce 1 + metrics 5 + soft 4 + binary 3 + convert 4 + row map 2,
-    // and the linear head's GEMM in 2 loaders × 6 (flags, tile capacity, loss flags).
-    assert_eq!(checked, 32 * 12 + 22 + 2 * 6);
+    // and the linear head's GEMM in 2 loaders × 2 lanes × 6 (flags, tile capacity, loss flags).
+    assert_eq!(checked, 32 * 12 + 22 + 4 * 6);
 }
 
 /// The pipeline constants the host sets are exactly the module's overrides (wgpu rejects

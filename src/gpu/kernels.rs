@@ -629,14 +629,20 @@ pub(crate) struct HeadTargetParams {
     pub _pad0: u32,
 }
 
-/// The source of `gemm.wgsl` with its loader (vec4 loads, or one float per load) and the
-/// linear head's epilogues (`gemm_epilogue.wgsl`, entry points beside `main`).
-pub(crate) fn gemm_source(vec4: bool) -> String {
-    wgsl::compose(&[if vec4 { "gemm_load_vec4" } else { "gemm_load_f32" }, "gemm", "gemm_epilogue"])
+/// The source of `gemm.wgsl` with its loader (vec4 loads, or one float per load), its
+/// lanes (with the subgroup's broadcasts when `subgroups`) and the linear head's
+/// epilogues (`gemm_epilogue.wgsl`, entry points beside `main`).
+pub(crate) fn gemm_source(vec4: bool, subgroups: bool) -> String {
+    wgsl::compose(&[
+        if vec4 { "gemm_load_vec4" } else { "gemm_load_f32" },
+        if subgroups { "gemm_lanes_subgroup" } else { "gemm_lanes_none" },
+        "gemm",
+        "gemm_epilogue",
+    ])
 }
 
 /// Pipeline constants the host sets on `gemm.wgsl`.
-pub(crate) const GEMM_OVERRIDES: [&str; 7] = ["GX", "GY", "BK", "A_T", "B_T", "SHARED", "WG"];
+pub(crate) const GEMM_OVERRIDES: [&str; 8] = ["GX", "GY", "BK", "A_T", "B_T", "SHARED", "TR", "WG"];
 
 /// What a GEMM pipeline does with its tile of the product (its entry point).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -672,7 +678,8 @@ pub(crate) struct GemmKernels {
     /// The epilogues' (params; a, b, c, bias, targets, class weights, row statistics,
     /// upstream: eight storage bindings, WebGPU's default limit).
     pub epilogue: Kernel,
-    modules: Mutex<HashMap<bool, wgpu::ShaderModule>>,
+    /// The modules by (vec4 loads, subgroup lanes).
+    modules: Mutex<HashMap<(bool, bool), wgpu::ShaderModule>>,
     built: Mutex<HashMap<GemmKey, RowsPipeline>>,
 }
 
@@ -704,13 +711,16 @@ impl GemmKernels {
             .entry((vec4, a_t, b_t, tile, entry))
             .or_insert_with(|| {
                 let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-                let module = modules.entry(vec4).or_insert_with(|| {
+                // Only the broadcast tile needs the subgroup lanes: the other tiles keep
+                // one module per loader whatever the device.
+                let lanes = tile.broadcast;
+                let module = modules.entry((vec4, lanes)).or_insert_with(|| {
                     device.create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some("gemm"),
-                        source: wgpu::ShaderSource::Wgsl(gemm_source(vec4).into()),
+                        source: wgpu::ShaderSource::Wgsl(gemm_source(vec4, lanes).into()),
                     })
                 });
-                let [gx, gy, bk, at, bt, shared, wg] = GEMM_OVERRIDES;
+                let [gx, gy, bk, at, bt, shared, tr, wg] = GEMM_OVERRIDES;
                 let layout = if entry == GemmEntry::Store { &self.kernel } else { &self.epilogue };
                 let pipeline = pipeline_at(
                     device,
@@ -725,6 +735,7 @@ impl GemmKernels {
                         (at, f64::from(u8::from(a_t))),
                         (bt, f64::from(u8::from(b_t))),
                         (shared, f64::from(u8::from(tile.shared))),
+                        (tr, f64::from(tile.rows_per_invocation())),
                         (wg, f64::from(tile.x * tile.y)),
                     ],
                 );
@@ -740,7 +751,13 @@ impl GemmKernels {
                     if vec4 { "vec4" } else { "f32" },
                     tile.x,
                     tile.y,
-                    if tile.shared { tile.k.to_string() } else { "direct".into() }
+                    if tile.broadcast {
+                        "broadcast".into()
+                    } else if tile.shared {
+                        tile.k.to_string()
+                    } else {
+                        "direct".into()
+                    }
                 );
                 RowsPipeline { pipeline, name }
             })
@@ -1154,10 +1171,14 @@ pub fn shaders() -> Vec<Shader> {
             overrides: &OVERRIDES,
         });
     }
-    for vec4 in [false, true] {
+    for (vec4, subgroups) in [(false, false), (true, false), (false, true), (true, true)] {
         out.push(Shader {
-            name: format!("gemm ({})", if vec4 { "vec4 loads" } else { "f32 loads" }),
-            source: gemm_source(vec4),
+            name: format!(
+                "gemm ({}{})",
+                if vec4 { "vec4 loads" } else { "f32 loads" },
+                if subgroups { ", subgroup lanes" } else { "" }
+            ),
+            source: gemm_source(vec4, subgroups),
             params: layouts["gemm"].clone(),
             constants: vec![
                 ("FLAG_ACCUMULATE", GEMM_ACCUMULATE),

@@ -324,7 +324,7 @@ impl GpuContext {
         tile: GemmTuning,
         (a_t, b_t): (bool, bool),
     ) {
-        let (bm, bn) = (4 * tile.y, 4 * tile.x);
+        let (bm, bn) = (tile.rows_per_invocation() * tile.y, 4 * tile.x);
         let tiles_n = params.n.div_ceil(bn);
         let total = u64::from(params.m.div_ceil(bm)) * u64::from(tiles_n);
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
@@ -358,14 +358,15 @@ impl GpuContext {
 
     /// Dispatches of one [`GpuContext::record_gemm`] of `m × n` over `k`.
     pub(crate) fn gemm_dispatches(&self, tile: GemmTuning, m: usize, n: usize, k: usize) -> u64 {
-        let tiles = (m.div_ceil(4 * tile.y as usize) * n.div_ceil(4 * tile.x as usize)) as u64;
+        let bm = (tile.rows_per_invocation() * tile.y) as usize;
+        let tiles = (m.div_ceil(bm) * n.div_ceil(4 * tile.x as usize)) as u64;
         let most = u64::from(self.limits.max_compute_workgroups_per_dimension).pow(2);
         tiles.div_ceil(most) * (k as u64).div_ceil(u64::from(GEMM_MAX_K)).max(1)
     }
 
     /// The GEMM tile of this device.
     pub(crate) fn gemm_tile(&self) -> GemmTuning {
-        GemmTuning::for_adapter(self.adapter_info()).within(&self.limits, GEMM_TILE_FLOATS)
+        GemmTuning::for_device(self.adapter_info(), self.device().features(), &self.limits, GEMM_TILE_FLOATS)
     }
 }
 

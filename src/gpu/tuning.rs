@@ -197,7 +197,8 @@ pub const GEMM_MAX_K: u32 = 16384;
 /// workgroup, walking K in steps of `k` through workgroup memory, or (`shared` false)
 /// each invocation reading its own blocks of the operands. Pipeline constants, chosen per
 /// adapter by [`GemmTuning::for_adapter`], overridable with `XENT_GEMM_TILE=XxYxK`
-/// (e.g. `16x16x16`) or `XxYxdirect` (no workgroup tiles).
+/// (e.g. `16x16x16`), `XxYxdirect` (no workgroup tiles) or `XxYxbroadcast` (the
+/// broadcast tile, on devices whose subgroups are 8 lanes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmTuning {
     /// Invocations along the output's columns.
@@ -208,20 +209,39 @@ pub struct GemmTuning {
     pub k: u32,
     /// Operand tiles in workgroup memory (else each invocation loads its own blocks).
     pub shared: bool,
+    /// The broadcast tile: 16 rows per invocation, shared by the lanes of a subgroup of 8
+    /// (each loads a part of A, subgroup broadcasts hand it to all); no workgroup tiles.
+    /// Only where the device has `SUBGROUP` with subgroups of exactly 8 lanes.
+    pub broadcast: bool,
 }
 
 impl GemmTuning {
     /// GPUs: 256 invocations, 64 × 64 output tiles, K steps of 16 through workgroup memory.
-    pub const GPU: GemmTuning = GemmTuning { x: 16, y: 16, k: 16, shared: true };
+    pub const GPU: GemmTuning = GemmTuning { x: 16, y: 16, k: 16, shared: true, broadcast: false };
     /// CPU adapters (lavapipe, llvmpipe): a workgroup runs as SIMD lanes of one thread,
     /// workgroup memory is memory like any other and a barrier switches between the
     /// lanes' batches, so each invocation reads its own operand blocks (measured in
     /// docs/benchmarks.md: with workgroup tiles every tile tried ran at the same speed).
-    pub const CPU: GemmTuning = GemmTuning { x: 16, y: 16, k: 16, shared: false };
+    pub const CPU: GemmTuning = GemmTuning { x: 16, y: 16, k: 16, shared: false, broadcast: false };
+    /// CPU adapters whose subgroups are 8 SIMD lanes (lavapipe at 256 bits): a load is a
+    /// loop over the lanes there and a broadcast from a constant lane a register shuffle,
+    /// so 32 invocations share 16 rows, 2 loads of A and 4 of B a lane per K step of 4
+    /// for 256 multiply-adds (4 × 4 direct: 8 loads for 64). Measured in
+    /// docs/benchmarks.md: 4–5× the direct tile's GFLOP/s.
+    pub const CPU_BROADCAST: GemmTuning = GemmTuning { x: 32, y: 1, k: 16, shared: false, broadcast: true };
 
-    /// The tile for an adapter, with `XENT_GEMM_TILE` applied.
+    /// Rows of the output per invocation (16 for the broadcast tile, 4 otherwise).
+    pub fn rows_per_invocation(self) -> u32 {
+        if self.broadcast { 16 } else { 4 }
+    }
+
+    /// The tile for an adapter, with `XENT_GEMM_TILE` applied. The broadcast tile also
+    /// needs the device's `SUBGROUP` feature (see [`GemmTuning::for_device`]).
     pub fn for_adapter(info: &wgpu::AdapterInfo) -> GemmTuning {
         let t = match info.device_type {
+            wgpu::DeviceType::Cpu if info.subgroup_min_size == 8 && info.subgroup_max_size == 8 => {
+                Self::CPU_BROADCAST
+            }
             wgpu::DeviceType::Cpu => Self::CPU,
             _ => Self::GPU,
         };
@@ -229,12 +249,34 @@ impl GemmTuning {
             let p: Vec<&str> = v.split('x').collect();
             let num = |s: &str| s.parse::<u32>().ok();
             match p[..] {
-                [x, y, "direct"] => Some(GemmTuning { x: num(x)?, y: num(y)?, k: t.k, shared: false }),
-                [x, y, k] => Some(GemmTuning { x: num(x)?, y: num(y)?, k: num(k)?, shared: true }),
+                [x, y, "direct"] => {
+                    Some(GemmTuning { x: num(x)?, y: num(y)?, k: t.k, shared: false, broadcast: false })
+                }
+                [x, y, "broadcast"] => {
+                    Some(GemmTuning { x: num(x)?, y: num(y)?, k: t.k, shared: false, broadcast: true })
+                }
+                [x, y, k] => Some(GemmTuning { x: num(x)?, y: num(y)?, k: num(k)?, shared: true, broadcast: false }),
                 _ => None,
             }
         });
         parsed.unwrap_or(t)
+    }
+
+    /// [`GemmTuning::for_adapter`] on a device with `features` and `limits`, clamped
+    /// ([`GemmTuning::within`]): without `SUBGROUP`, or subgroups other than 8 lanes, the
+    /// broadcast tile becomes the direct one of the same shape.
+    pub fn for_device(
+        info: &wgpu::AdapterInfo,
+        features: wgpu::Features,
+        limits: &wgpu::Limits,
+        tile_floats: u32,
+    ) -> GemmTuning {
+        let mut t = Self::for_adapter(info);
+        let eight = info.subgroup_min_size == 8 && info.subgroup_max_size == 8;
+        if t.broadcast && !(eight && features.contains(wgpu::Features::SUBGROUP)) {
+            t.broadcast = false;
+        }
+        t.within(limits, tile_floats)
     }
 
     /// Clamped to the device and to the shader's workgroup memory (`TILE_FLOATS` floats
@@ -254,6 +296,10 @@ impl GemmTuning {
         // The operand tiles, and the partials epilogue's four floats per invocation.
         while k * 4 * x.max(y) > tile_floats || 4 * x * y > tile_floats {
             if x >= y { x /= 2 } else { y /= 2 }
+        }
+        // The broadcast tile's subgroups of 8 lie along a workgroup row.
+        if self.broadcast && x < 8 {
+            return GemmTuning { broadcast: false, ..self }.within(limits, tile_floats);
         }
         GemmTuning { x, y, k, ..self }
     }

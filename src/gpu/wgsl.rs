@@ -37,6 +37,8 @@ library!(
     elem_vec4,
     gemm,
     gemm_epilogue,
+    gemm_lanes_none,
+    gemm_lanes_subgroup,
     gemm_load_f32,
     gemm_load_vec4,
     grad_f32x2,

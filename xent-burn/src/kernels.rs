@@ -44,12 +44,16 @@ pub struct XentArgs {
     pub opts: LossOptions,
     /// The kind of the targets.
     pub kind: TargetKind,
+    /// A `mean`/`sum` backward's upstream gradient, when the caller has read it already
+    /// (the LM head reads it once for all its row blocks); `None`: the kernels read it
+    /// from the upstream tensor, one wait for the device.
+    pub upstream: Option<f32>,
 }
 
 impl XentArgs {
     /// Options for targets of `kind`.
     pub fn new(opts: LossOptions, kind: TargetKind) -> Self {
-        Self { opts, kind }
+        Self { opts, kind, upstream: None }
     }
 
     fn reduced(&self) -> bool {
@@ -481,7 +485,9 @@ fn run(logits: CubeTensor, labels: CubeLabels, pass: Pass<'_>, args: &XentArgs) 
                 // `mean`/`sum`: burn's upstream [1], read here (a wait for the work before
                 // it) and scaled in the kernel — burn's broadcast multiply of [N, V] costs
                 // more than the whole loss on lavapipe.
-                _ => DeviceUpstream::Scalar(upstream.as_ref().map_or(1.0, scalar::<CubeBackend>)),
+                _ => DeviceUpstream::Scalar(
+                    args.upstream.unwrap_or_else(|| upstream.as_ref().map_or(1.0, scalar::<CubeBackend>)),
+                ),
             };
             DeviceMode::Backward { lse: lse.as_ref().map(DeviceSlice::from), upstream }
         }
@@ -726,7 +732,7 @@ impl<B: XentOps, K: Targets<B>> Backward<B, 1> for LossBackward<K> {
 }
 
 /// The value of a one-element tensor (read back: a wait for the work before it).
-fn scalar<B: Backend>(t: &FloatTensor<B>) -> f32 {
+pub(crate) fn scalar<B: Backend>(t: &FloatTensor<B>) -> f32 {
     let data = burn::tensor::read_sync(B::float_into_data(t.clone()))
         .unwrap_or_else(|e| panic!("xent_burn: reading the upstream gradient: {e:?}"));
     match data.convert::<f32>().try_to_vec::<f32>() {

@@ -14,7 +14,7 @@ use burn::tensor::{DType, FloatDType, Shape};
 use xent::{LossOptions, Reduction};
 
 use crate::TargetKind;
-use crate::kernels::{XentArgs, XentOps};
+use crate::kernels::{XentArgs, XentOps, scalar};
 
 /// The options of a linear-head call, carried to the device.
 #[derive(Clone, Debug)]
@@ -117,9 +117,11 @@ pub(crate) fn backward<B: XentOps>(
         |t: FloatTensor<B>| if t.dtype() == DType::F32 { t } else { B::float_cast(t, FloatDType::F32) };
     let wt = B::float_transpose(w.clone());
     let bias_row = B::float_reshape(b.clone(), Shape::new([1, v]));
-    let block = args.block();
-    // Under `mean`/`sum` every block's upstream is the caller's over the denominator.
+    let mut block = args.block();
+    // Under `mean`/`sum` every block's upstream is the caller's over the denominator,
+    // read once here rather than by each block's kernel (a wait for the device each).
     let scale = args.reduced().then(|| B::float_div(f32_of(upstream.clone()), denominator));
+    block.upstream = scale.as_ref().map(scalar::<B>);
     let (mut dh, mut dw, mut db) = (Vec::new(), None::<FloatTensor<B>>, None::<FloatTensor<B>>);
     for r in args.blocks(n) {
         let t = B::int_slice(targets.clone(), &[Slice::from(r.clone())]);
