@@ -236,6 +236,76 @@ fn linear_head_runs_the_gemm_the_row_kernel_and_the_products_per_row_chunk() {
     }
 }
 
+/// The GEMM tile follows the adapter: the broadcast tile (16 rows an invocation, shared by
+/// subgroup broadcasts) on CPU adapters whose subgroups are 8 lanes, for all three
+/// products (logits `nt`, dh `nn`, dW `tn`), with ragged rows, columns and K, both
+/// loaders, and a backward that recomputes the logits; the other tiles elsewhere.
+#[test]
+fn gemm_tile_follows_the_adapter_and_matches_the_reference() {
+    let gpus = common::gpus("gemm_tile_follows_the_adapter_and_matches_the_reference");
+    let opts = LossOptions::new().label_smoothing(0.1).z_loss(1e-3);
+    // N not a multiple of 16, V not of 128; D 36 (vec4 loads) and 35 (scalar loads).
+    for (n, d, v) in [(53, 36, 300), (37, 35, 131)] {
+        let hd = head(n, d, v, 11);
+        let want = Reference.evaluate(problem(&hd, true), &opts).unwrap();
+        let b = bounds(&hd, true, &opts, 2.0 + 2e-3 * 20.0, 1.0);
+        for gpu in gpus {
+            let info = gpu.adapter_info();
+            let broadcast = info.device_type == wgpu::DeviceType::Cpu
+                && info.subgroup_min_size == 8
+                && info.subgroup_max_size == 8
+                && gpu.device().features().contains(wgpu::Features::SUBGROUP)
+                && std::env::var_os("XENT_GEMM_TILE").is_none();
+            let (got, dispatches) = trace(|| gpu.evaluate(problem(&hd, true), &opts));
+            let what = format!("{n}x{d}x{v}, broadcast tile {broadcast}");
+            check(&common::name(gpu), &got.unwrap(), &want, &hd, &b, &what);
+            for product in ["gemm (nt", "gemm (nn", "gemm (tn"] {
+                let tiles: Vec<&str> = dispatches
+                    .iter()
+                    .filter(|d| d.kernel.starts_with(product))
+                    .map(|d| d.kernel.as_str())
+                    .collect();
+                assert!(!tiles.is_empty(), "{what}: no {product}: {dispatches:?}");
+                assert!(tiles.iter().all(|k| k.contains("broadcast") == broadcast), "{what}: {tiles:?}");
+            }
+            // A backward from the saved LSE recomputes the logits through the same tile.
+            let lse = want.lse.clone().unwrap();
+            let run = |backend: &dyn Backend| {
+                let (mut dh, mut dw, mut db) = (vec![0.0f32; n * d], vec![0.0f32; v * d], vec![0.0f32; v]);
+                let grads = HeadGradients {
+                    hidden: GradientTo::IntoF32(&mut dh),
+                    weight: GradientTo::IntoF32(&mut dw),
+                    bias: GradientTo::IntoF32(&mut db),
+                };
+                let p = Problem::linear(hd.linear(true), &hd.t[..])
+                    .gradient(Gradient::Linear(grads))
+                    .backward(Some(&lse), Upstream::Scalar(0.5));
+                assert!(backend.evaluate(p, &opts).unwrap().loss.is_none());
+                LossOutput {
+                    grad_hidden: Some(dh),
+                    grad_weight: Some(dw),
+                    grad_bias: Some(db),
+                    ..Default::default()
+                }
+            };
+            let (got, dispatches) = trace(|| run(gpu));
+            check(
+                &common::name(gpu),
+                &got,
+                &run(&Reference),
+                &hd,
+                &bounds(&hd, true, &opts, 2.1, 0.5),
+                &what,
+            );
+            let logits = dispatches.iter().filter(|d| d.kernel.starts_with("gemm (nt")).count();
+            assert!(logits > 0, "{what}: the backward recomputes the logits: {dispatches:?}");
+        }
+        if gpus.iter().all(|g| g.adapter_info().subgroup_max_size != 8) {
+            eprintln!("gemm tile: no adapter with 8-lane subgroups here, the broadcast tile did not run");
+        }
+    }
+}
+
 #[test]
 fn tiny_limits_bind_w_in_pieces_and_fold_dispatches() {
     let gpus = common::gpus("tiny_limits_bind_w_in_pieces_and_fold_dispatches");

@@ -211,7 +211,9 @@ pub struct GemmTuning {
     pub shared: bool,
     /// The broadcast tile: 16 rows per invocation, shared by the lanes of a subgroup of 8
     /// (each loads a part of A, subgroup broadcasts hand it to all); no workgroup tiles.
-    /// Only where the device has `SUBGROUP` with subgroups of exactly 8 lanes.
+    /// Only where the device has `SUBGROUP` with subgroups of exactly 8 lanes, and in one
+    /// row of invocations (`y` = 1: WGSL takes subgroup builtins in one-dimensional
+    /// workgroups only).
     pub broadcast: bool,
 }
 
@@ -255,7 +257,9 @@ impl GemmTuning {
                 [x, y, "broadcast"] => {
                     Some(GemmTuning { x: num(x)?, y: num(y)?, k: t.k, shared: false, broadcast: true })
                 }
-                [x, y, k] => Some(GemmTuning { x: num(x)?, y: num(y)?, k: num(k)?, shared: true, broadcast: false }),
+                [x, y, k] => {
+                    Some(GemmTuning { x: num(x)?, y: num(y)?, k: num(k)?, shared: true, broadcast: false })
+                }
                 _ => None,
             }
         });
@@ -285,7 +289,7 @@ impl GemmTuning {
     pub fn within(self, limits: &wgpu::Limits, tile_floats: u32) -> GemmTuning {
         let pow2 = |v: u32| 1u32 << (31 - v.max(1).leading_zeros());
         let mut x = pow2(self.x.min(limits.max_compute_workgroup_size_x));
-        let mut y = pow2(self.y.min(limits.max_compute_workgroup_size_y));
+        let mut y = if self.broadcast { 1 } else { pow2(self.y.min(limits.max_compute_workgroup_size_y)) };
         while x * y > limits.max_compute_invocations_per_workgroup.max(1) {
             if x >= y { x /= 2 } else { y /= 2 }
         }
@@ -302,5 +306,21 @@ impl GemmTuning {
             return GemmTuning { broadcast: false, ..self }.within(limits, tile_floats);
         }
         GemmTuning { x, y, k, ..self }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GemmTuning;
+
+    #[test]
+    fn the_broadcast_tile_stays_one_row_of_at_least_eight() {
+        let limits = wgpu::Limits::default();
+        let t = GemmTuning { y: 4, ..GemmTuning::CPU_BROADCAST }.within(&limits, 1024);
+        assert!(t.broadcast && t.y == 1 && t.x == 32 && t.rows_per_invocation() == 16, "{t:?}");
+        let narrow = wgpu::Limits { max_compute_workgroup_size_x: 4, ..limits.clone() };
+        let t = GemmTuning::CPU_BROADCAST.within(&narrow, 1024);
+        assert!(!t.broadcast && t.x == 4 && t.rows_per_invocation() == 4, "{t:?}");
+        assert_eq!(GemmTuning::CPU.within(&limits, 1024).rows_per_invocation(), 4);
     }
 }
