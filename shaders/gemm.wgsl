@@ -203,7 +203,7 @@ fn store_row(m: u32, n: u32, v: vec4<f32>) {
 }
 
 // One workgroup's tile of the product: its TR × 4 register tile at (row, col), rows
-// row..row+TR-1 in acc0.. (see `tile_acc`). `valid` is uniform per workgroup (false past
+// row..row+TR-1 in lo, hi (see `tile_acc`). `valid` is uniform per workgroup (false past
 // the last tile).
 struct Tile {
     valid: bool,
@@ -211,44 +211,45 @@ struct Tile {
     n0: u32,
     row: u32,
     col: u32,
-    acc0: vec4<f32>,
-    acc1: vec4<f32>,
-    acc2: vec4<f32>,
-    acc3: vec4<f32>,
-    acc4: vec4<f32>,
-    acc5: vec4<f32>,
-    acc6: vec4<f32>,
-    acc7: vec4<f32>,
-    acc8: vec4<f32>,
-    acc9: vec4<f32>,
-    acc10: vec4<f32>,
-    acc11: vec4<f32>,
-    acc12: vec4<f32>,
-    acc13: vec4<f32>,
-    acc14: vec4<f32>,
-    acc15: vec4<f32>,
+    // Rows row..row+7, and row+8..row+15 for TR = 16 (0 otherwise).
+    lo: Lanes8,
+    hi: Lanes8,
 }
 
 // Row t.row + slot's accumulator (slot < TR).
 fn tile_acc(t: Tile, slot: u32) -> vec4<f32> {
-    switch slot {
-        case 0u: { return t.acc0; }
-        case 1u: { return t.acc1; }
-        case 2u: { return t.acc2; }
-        case 3u: { return t.acc3; }
-        case 4u: { return t.acc4; }
-        case 5u: { return t.acc5; }
-        case 6u: { return t.acc6; }
-        case 7u: { return t.acc7; }
-        case 8u: { return t.acc8; }
-        case 9u: { return t.acc9; }
-        case 10u: { return t.acc10; }
-        case 11u: { return t.acc11; }
-        case 12u: { return t.acc12; }
-        case 13u: { return t.acc13; }
-        case 14u: { return t.acc14; }
-        default: { return t.acc15; }
+    var r = t.lo;
+    if (slot >= 8u) {
+        r = t.hi;
     }
+    switch slot % 8u {
+        case 0u: { return r.l0; }
+        case 1u: { return r.l1; }
+        case 2u: { return r.l2; }
+        case 3u: { return r.l3; }
+        case 4u: { return r.l4; }
+        case 5u: { return r.l5; }
+        case 6u: { return r.l6; }
+        default: { return r.l7; }
+    }
+}
+
+// Eight vec4 values: eight lanes' (gemm_lanes_*.wgsl), or eight rows' accumulators.
+struct Lanes8 {
+    l0: vec4<f32>,
+    l1: vec4<f32>,
+    l2: vec4<f32>,
+    l3: vec4<f32>,
+    l4: vec4<f32>,
+    l5: vec4<f32>,
+    l6: vec4<f32>,
+    l7: vec4<f32>,
+}
+
+// acc + B · r for eight rows: bb[j] = B(k + j, col..col+3), r.li = A(row i, k..k+3).
+fn mad8(acc: Lanes8, bb: mat4x4<f32>, r: Lanes8) -> Lanes8 {
+    return Lanes8(acc.l0 + bb * r.l0, acc.l1 + bb * r.l1, acc.l2 + bb * r.l2, acc.l3 + bb * r.l3,
+        acc.l4 + bb * r.l4, acc.l5 + bb * r.l5, acc.l6 + bb * r.l6, acc.l7 + bb * r.l7);
 }
 
 // This lane's vec4 of A for the broadcast tile's 8 rows from `row`: with A(m, k)
@@ -293,18 +294,9 @@ fn tile_product(ids: TileIds) -> Tile {
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
-    var acc4 = vec4<f32>(0.0);
-    var acc5 = vec4<f32>(0.0);
-    var acc6 = vec4<f32>(0.0);
-    var acc7 = vec4<f32>(0.0);
-    var acc8 = vec4<f32>(0.0);
-    var acc9 = vec4<f32>(0.0);
-    var acc10 = vec4<f32>(0.0);
-    var acc11 = vec4<f32>(0.0);
-    var acc12 = vec4<f32>(0.0);
-    var acc13 = vec4<f32>(0.0);
-    var acc14 = vec4<f32>(0.0);
-    var acc15 = vec4<f32>(0.0);
+    let zero = vec4<f32>(0.0);
+    var lo = Lanes8(zero, zero, zero, zero, zero, zero, zero, zero);
+    var hi = lo;
     // Uniform per workgroup: the barriers and broadcasts below stay in uniform control
     // flow.
     let valid = tm < tiles_m;
@@ -313,26 +305,9 @@ fn tile_product(ids: TileIds) -> Tile {
         let col = n0 + 4u * tx;
         let lane = lane_of(ids);
         for (var k = 0u; k < params.k; k += 4u) {
-            // bb[j] = B(k + j, col..col+3); bb * r = Σ_j B(k + j, ·) A(·, k + j).
             let bb = b_block(k, col);
-            let lo = lane_rows(lanes8(a_lane(row, k, lane)));
-            acc0 += bb * lo.l0;
-            acc1 += bb * lo.l1;
-            acc2 += bb * lo.l2;
-            acc3 += bb * lo.l3;
-            acc4 += bb * lo.l4;
-            acc5 += bb * lo.l5;
-            acc6 += bb * lo.l6;
-            acc7 += bb * lo.l7;
-            let hi = lane_rows(lanes8(a_lane(row + 8u, k, lane)));
-            acc8 += bb * hi.l0;
-            acc9 += bb * hi.l1;
-            acc10 += bb * hi.l2;
-            acc11 += bb * hi.l3;
-            acc12 += bb * hi.l4;
-            acc13 += bb * hi.l5;
-            acc14 += bb * hi.l6;
-            acc15 += bb * hi.l7;
+            lo = mad8(lo, bb, lane_rows(lanes8(a_lane(row, k, lane))));
+            hi = mad8(hi, bb, lane_rows(lanes8(a_lane(row + 8u, k, lane))));
         }
     }
     if (valid && TR == 4u && !SHARED) {
@@ -367,8 +342,10 @@ fn tile_product(ids: TileIds) -> Tile {
             workgroupBarrier();
         }
     }
-    return Tile(valid, m0, n0, m0 + TR * ty, n0 + 4u * tx, acc0, acc1, acc2, acc3, acc4, acc5, acc6,
-        acc7, acc8, acc9, acc10, acc11, acc12, acc13, acc14, acc15);
+    if (TR == 4u) {
+        lo = Lanes8(acc0, acc1, acc2, acc3, zero, zero, zero, zero);
+    }
+    return Tile(valid, m0, n0, m0 + TR * ty, n0 + 4u * tx, lo, hi);
 }
 
 @compute @workgroup_size(GX, GY)

@@ -12,17 +12,6 @@ fn lane_of(ids: TileIds) -> u32 {
     return 0u;
 }
 
-struct Lanes8 {
-    l0: vec4<f32>,
-    l1: vec4<f32>,
-    l2: vec4<f32>,
-    l3: vec4<f32>,
-    l4: vec4<f32>,
-    l5: vec4<f32>,
-    l6: vec4<f32>,
-    l7: vec4<f32>,
-}
-
 fn lanes8(v: vec4<f32>) -> Lanes8 {
     return Lanes8(v, v, v, v, v, v, v, v);
 }

@@ -15,17 +15,6 @@ fn lane_of(ids: TileIds) -> u32 {
     return ids.lane;
 }
 
-struct Lanes8 {
-    l0: vec4<f32>,
-    l1: vec4<f32>,
-    l2: vec4<f32>,
-    l3: vec4<f32>,
-    l4: vec4<f32>,
-    l5: vec4<f32>,
-    l6: vec4<f32>,
-    l7: vec4<f32>,
-}
-
 // Called in uniform control flow, every lane of the subgroup active.
 fn lanes8(v: vec4<f32>) -> Lanes8 {
     return Lanes8(subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u),

@@ -159,6 +159,28 @@ fn half_inputs_are_widened_once() {
     }
 }
 
+/// dh, dW and db of a backward from `lse` on `backend`, into the caller's slices (no loss).
+fn backward_into_slices(
+    backend: &dyn Backend,
+    hd: &Head,
+    lse: &[f32],
+    upstream: Upstream<'_>,
+    opts: &LossOptions,
+) -> LossOutput {
+    let (mut dh, mut dw, mut db) = (vec![0.0f32; hd.n * hd.d], vec![0.0f32; hd.v * hd.d], vec![0.0f32; hd.v]);
+    let grads = HeadGradients {
+        hidden: GradientTo::IntoF32(&mut dh),
+        weight: GradientTo::IntoF32(&mut dw),
+        bias: GradientTo::IntoF32(&mut db),
+    };
+    let p = Problem::linear(hd.linear(true), &hd.t[..])
+        .gradient(Gradient::Linear(grads))
+        .backward(Some(lse), upstream);
+    let out = backend.evaluate(p, opts).unwrap();
+    assert!(out.loss.is_none());
+    LossOutput { grad_hidden: Some(dh), grad_weight: Some(dw), grad_bias: Some(db), ..Default::default() }
+}
+
 #[test]
 fn backward_from_the_saved_lse_with_scalar_and_per_row_upstream() {
     let gpus = common::gpus("backward_from_the_saved_lse_with_scalar_and_per_row_upstream");
@@ -169,26 +191,7 @@ fn backward_from_the_saved_lse_with_scalar_and_per_row_upstream() {
         let lse = fused.lse.unwrap();
         let up: Vec<f32> = (0..hd.n).map(|r| 0.5 + (r % 10) as f32 * 0.15).collect();
         let upstream = if per_row { Upstream::PerRow(&up) } else { Upstream::Scalar(1.7) };
-        let run = |backend: &dyn Backend| {
-            let (mut dh, mut dw, mut db) =
-                (vec![0.0f32; hd.n * hd.d], vec![0.0f32; hd.v * hd.d], vec![0.0f32; hd.v]);
-            let grads = HeadGradients {
-                hidden: GradientTo::IntoF32(&mut dh),
-                weight: GradientTo::IntoF32(&mut dw),
-                bias: GradientTo::IntoF32(&mut db),
-            };
-            let p = Problem::linear(hd.linear(true), &hd.t[..])
-                .gradient(Gradient::Linear(grads))
-                .backward(Some(&lse), upstream);
-            let out = backend.evaluate(p, &opts).unwrap();
-            assert!(out.loss.is_none());
-            LossOutput {
-                grad_hidden: Some(dh),
-                grad_weight: Some(dw),
-                grad_bias: Some(db),
-                ..Default::default()
-            }
-        };
+        let run = |backend: &dyn Backend| backward_into_slices(backend, &hd, &lse, upstream, &opts);
         let want = run(&Reference);
         // The saved f32 LSE adds |p|·ulp(lse) ≈ 1e-7 relative to G: inside 8u.
         let b = bounds(&hd, true, &opts, 2.1, 2.0);
@@ -271,22 +274,7 @@ fn gemm_tile_follows_the_adapter_and_matches_the_reference() {
             // A backward from the saved LSE recomputes the logits through the same tile.
             let lse = want.lse.clone().unwrap();
             let run = |backend: &dyn Backend| {
-                let (mut dh, mut dw, mut db) = (vec![0.0f32; n * d], vec![0.0f32; v * d], vec![0.0f32; v]);
-                let grads = HeadGradients {
-                    hidden: GradientTo::IntoF32(&mut dh),
-                    weight: GradientTo::IntoF32(&mut dw),
-                    bias: GradientTo::IntoF32(&mut db),
-                };
-                let p = Problem::linear(hd.linear(true), &hd.t[..])
-                    .gradient(Gradient::Linear(grads))
-                    .backward(Some(&lse), Upstream::Scalar(0.5));
-                assert!(backend.evaluate(p, &opts).unwrap().loss.is_none());
-                LossOutput {
-                    grad_hidden: Some(dh),
-                    grad_weight: Some(dw),
-                    grad_bias: Some(db),
-                    ..Default::default()
-                }
+                backward_into_slices(backend, &hd, &lse, Upstream::Scalar(0.5), &opts)
             };
             let (got, dispatches) = trace(|| run(gpu));
             check(

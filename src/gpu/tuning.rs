@@ -229,7 +229,7 @@ impl GemmTuning {
     /// loop over the lanes there and a broadcast from a constant lane a register shuffle,
     /// so 32 invocations share 16 rows, 2 loads of A and 4 of B a lane per K step of 4
     /// for 256 multiply-adds (4 × 4 direct: 8 loads for 64). Measured in
-    /// docs/benchmarks.md: 4–5× the direct tile's GFLOP/s.
+    /// docs/benchmarks.md: the head 3–4× faster than with the direct tile.
     pub const CPU_BROADCAST: GemmTuning = GemmTuning { x: 32, y: 1, k: 16, shared: false, broadcast: true };
 
     /// Rows of the output per invocation (16 for the broadcast tile, 4 otherwise).
