@@ -241,9 +241,7 @@ impl GemmTuning {
     /// needs the device's `SUBGROUP` feature (see [`GemmTuning::for_device`]).
     pub fn for_adapter(info: &wgpu::AdapterInfo) -> GemmTuning {
         let t = match info.device_type {
-            wgpu::DeviceType::Cpu if info.subgroup_min_size == 8 && info.subgroup_max_size == 8 => {
-                Self::CPU_BROADCAST
-            }
+            wgpu::DeviceType::Cpu if eight_lane_subgroups(info) => Self::CPU_BROADCAST,
             wgpu::DeviceType::Cpu => Self::CPU,
             _ => Self::GPU,
         };
@@ -276,8 +274,8 @@ impl GemmTuning {
         tile_floats: u32,
     ) -> GemmTuning {
         let mut t = Self::for_adapter(info);
-        let eight = info.subgroup_min_size == 8 && info.subgroup_max_size == 8;
-        if t.broadcast && !(eight && features.contains(wgpu::Features::SUBGROUP)) {
+        // `XENT_GEMM_TILE` may ask for the broadcast tile on any adapter.
+        if t.broadcast && !(eight_lane_subgroups(info) && features.contains(wgpu::Features::SUBGROUP)) {
             t.broadcast = false;
         }
         t.within(limits, tile_floats)
@@ -307,6 +305,11 @@ impl GemmTuning {
         }
         GemmTuning { x, y, k, ..self }
     }
+}
+
+/// Subgroups of exactly 8 lanes, what the broadcast tile's `lanes8` assumes.
+fn eight_lane_subgroups(info: &wgpu::AdapterInfo) -> bool {
+    info.subgroup_min_size == 8 && info.subgroup_max_size == 8
 }
 
 #[cfg(test)]
