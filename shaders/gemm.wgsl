@@ -283,9 +283,9 @@ fn tile_product(ids: TileIds) -> Tile {
     let bn = 4u * GX;
     let tiles_m = (params.m + bm - 1u) / bm;
     let g = params.tile_base + group_index(wid, params.groups_x);
-    let tm = g / params.tiles_n;
+    let tm = g % tiles_m;
     let m0 = tm * bm;
-    let n0 = (g % params.tiles_n) * bn;
+    let n0 = (g / tiles_m) * bn;
     let tx = ids.lid3.x;
     let ty = ids.lid3.y;
     // Four named accumulators, not an array: a private array indexed at run time would
@@ -299,7 +299,7 @@ fn tile_product(ids: TileIds) -> Tile {
     var hi = lo;
     // Uniform per workgroup: the barriers and broadcasts below stay in uniform control
     // flow.
-    let valid = tm < tiles_m;
+    let valid = g / tiles_m < params.tiles_n;
     if (valid && TR == 16u) {
         let row = m0 + 16u * ty;
         let col = n0 + 4u * tx;

@@ -113,6 +113,10 @@ pub struct BenchArgs {
     /// SVG picture at this path.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// The GPU's memory budget in MiB (`GpuContext::set_memory_budget`; default 1024):
+    /// smaller budgets mean smaller chunks.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub memory_budget: Option<u64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -302,7 +302,12 @@ pub fn open_gpu(args: &BenchArgs) -> xent::Result<Option<GpuContext>> {
         (true, None) => GpuContext::new_blocking(),
     };
     match opened {
-        Ok(ctx) => Ok(Some(ctx)),
+        Ok(mut ctx) => {
+            if let Some(mib) = args.memory_budget {
+                ctx.set_memory_budget(mib << 20);
+            }
+            Ok(Some(ctx))
+        }
         Err(e @ Error::NoAdapter { .. }) if args.device == BenchDevice::All => {
             eprintln!("warning: {e}\nmeasuring the CPU path only");
             Ok(None)

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use xent::gpu::HeadProduct;
 use xent::gpu::bench::{Pass, Repeats, Samples, Timing};
 use xent::npy::{self, DType, MappedNpy};
 use xent::{
@@ -218,8 +219,9 @@ struct Row {
     /// context's workspace, dW and db come back through a bounded staging buffer there),
     /// so what it keeps is its peak.
     peak_device: Option<u64>,
-    /// GPU only: the plain GEMM of the same shape on the same adapter.
-    gemm_ms: Option<f64>,
+    /// GPU only: the head's products (logits, then with the backward dh and dW) by its
+    /// GEMM kernel alone, of the same shape on the same adapter.
+    gemm_ms: Option<Vec<f64>>,
 }
 
 impl Row {
@@ -258,8 +260,13 @@ impl Row {
                 ", \"peak_device_bytes\": {}",
                 self.peak_device.map_or("null".to_string(), |b| b.to_string())
             );
-            if let Some(g) = self.gemm_ms {
-                s += &format!(", \"gemm_ms\": {g:.6}, \"ratio_to_gemm\": {:.6}", self.samples.median() / g);
+            if let Some(each) = &self.gemm_ms {
+                let g: f64 = each.iter().sum();
+                let list = each.iter().map(|ms| format!("{ms:.6}")).collect::<Vec<_>>().join(", ");
+                s += &format!(
+                    ", \"gemm_ms\": {g:.6}, \"ratio_to_gemm\": {:.6}, \"gemm_products_ms\": [{list}]",
+                    self.samples.median() / g
+                );
             }
         }
         s + "}"
@@ -294,7 +301,9 @@ fn print_table(rows: &[Row]) {
             r.samples.min(),
             r.gflop_per_s(),
             r.peak_bytes() as f64 / (1u64 << 20) as f64,
-            r.gemm_ms.map_or("-".to_string(), |g| format!("{:.2}x", r.samples.median() / g)),
+            r.gemm_ms
+                .as_ref()
+                .map_or("-".to_string(), |g| format!("{:.2}x", r.samples.median() / g.iter().sum::<f64>())),
             r.adapter
         );
     }
@@ -434,12 +443,21 @@ pub fn bench(args: &BenchArgs) -> xent::Result<ExitCode> {
                         Err(e) => return Err(e),
                     };
                 // The floor: the same products by the head's own GEMM kernel on the same
-                // adapter in this run — one h·Wᵀ forward, three products (logits, dh, dW)
-                // with the backward.
+                // adapter in this run, each in the layout the head runs it — h·Wᵀ forward,
+                // and with the backward G·W and Gᵀ·h too.
                 let gemm_ms = match gpu {
                     Some(g) => {
-                        let one = g.bench_gemm(n, d, v, repeats.iters.max(1))?;
-                        Some(if pass == Pass::ForwardBackward { 3.0 * one } else { one })
+                        let products: &[HeadProduct] = match pass {
+                            Pass::Forward => &[HeadProduct::Logits],
+                            Pass::ForwardBackward => {
+                                &[HeadProduct::Logits, HeadProduct::GradHidden, HeadProduct::GradWeight]
+                            }
+                        };
+                        let mut each = Vec::new();
+                        for &which in products {
+                            each.push(g.bench_gemm(which, n, d, v, repeats.iters.max(1))?);
+                        }
+                        Some(each)
                     }
                     None => None,
                 };

@@ -29,6 +29,8 @@ pub(crate) use context::check_grad_len;
 pub use context::{GpuContext, adapters, instance, select_adapters};
 pub use kernels::{ParamsField, ParamsLayout, Shader, shaders};
 pub use linear::{HeadPath, HeadWork, LinearPlan};
+#[doc(hidden)]
+pub use linear_bench::HeadProduct;
 pub use plan::{Chunk, GradKind, Layout, Plan, PlanLimits};
 pub use resident::{
     DeviceGradient, DeviceLabels, DeviceLogits, DeviceLoss, DeviceMetrics, DeviceMode, DeviceProblem,
