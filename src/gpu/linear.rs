@@ -148,37 +148,37 @@ impl GpuContext {
         // buffers live in: repeated calls of one shape create none.
         let mut ws = self.workspace.lock().unwrap_or_else(|p| p.into_inner());
         self.scoped(|| {
-                let bufs = self.linear_buffers(
-                    &mut ws,
-                    &plan,
-                    v,
-                    d,
-                    opts,
-                    &w,
-                    bias.as_deref(),
-                    want.1 || want.2,
-                    metrics.map(|spec| (spec, n.div_ceil(plan.rows_per_chunk))),
-                )?;
-                let run = LinearRun {
-                    ctx: self,
-                    plan: &plan,
-                    bufs: &bufs,
-                    batch: &batch,
-                    opts,
-                    h: &h,
-                    dim: d,
-                    has_bias: bias.is_some(),
-                    want,
-                    saved_lse,
-                    upstream,
-                    grads,
-                    metrics,
-                };
-                sums = run.chunks(&mut row_loss, &mut row_lse, records.as_deref_mut(), dh_out)?;
-                run.finish(grad_weight, grad_bias)
-            })
-            // Buffers may still be in flight or mapped after an error.
-            .inspect_err(|_| ws.release())?;
+            let bufs = self.linear_buffers(
+                &mut ws,
+                &plan,
+                v,
+                d,
+                opts,
+                &w,
+                bias.as_deref(),
+                want.1 || want.2,
+                metrics.map(|spec| (spec, n.div_ceil(plan.rows_per_chunk))),
+            )?;
+            let run = LinearRun {
+                ctx: self,
+                plan: &plan,
+                bufs: &bufs,
+                batch: &batch,
+                opts,
+                h: &h,
+                dim: d,
+                has_bias: bias.is_some(),
+                want,
+                saved_lse,
+                upstream,
+                grads,
+                metrics,
+            };
+            sums = run.chunks(&mut row_loss, &mut row_lse, records.as_deref_mut(), dh_out)?;
+            run.finish(grad_weight, grad_bias)
+        })
+        // Buffers may still be in flight or mapped after an error.
+        .inspect_err(|_| ws.release())?;
         drop(ws);
         if backward {
             return Ok(LossOutput::default());
