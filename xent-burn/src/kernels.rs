@@ -11,7 +11,8 @@
 //! - `Fusion<CubeBackend>` (burn's `fusion`, generated): a custom operation of the fusion
 //!   stream that calls the above when the stream reaches it, with the real tensors.
 //! - `Autodiff<B>`: the forward through `B`, computing ∂loss/∂logits in the same pass
-//!   over the logits (Liger-style), and a backward that registers it for the logits.
+//!   over the logits under `mean`/`sum` (Liger-style; the LM head its dh, dW and db), and a
+//!   backward that registers it for the logits (or h, W, b).
 //!
 //! The loss of `mean`/`sum` is shape [1]. Its backward reads burn's upstream gradient
 //! (one float): exactly 1 — `loss.backward()` on the loss itself — and the forward's
@@ -126,6 +127,20 @@ fn linear_meta(
     (TensorSpec::new(Shape::new([loss]), DType::F32), TensorSpec::new(Shape::new([n]), DType::F32))
 }
 
+/// The outputs of a linear head's forward with its gradients: the loss [1], the LSE [N]
+/// (f32) and the gradients of h, W and b (each of its input's shape and type).
+#[cfg(feature = "fusion")]
+fn linear_forward_grad_meta(
+    hidden: &TensorSpec,
+    weight: &TensorSpec,
+    bias: &TensorSpec,
+    t: &TensorSpec,
+    args: &LinearArgs,
+) -> (TensorSpec, TensorSpec, TensorSpec, TensorSpec, TensorSpec) {
+    let (loss, lse) = linear_meta(hidden, weight, bias, t, t, args);
+    (loss, lse, hidden.clone(), weight.clone(), bias.clone())
+}
+
 /// The gradients of a linear head: those of h, W and b, each of its input's shape and type.
 #[cfg(feature = "fusion")]
 #[allow(clippy::too_many_arguments)]
@@ -233,6 +248,19 @@ pub trait XentOps: Backend {
         denominator: FloatTensor<Self>,
         args: LinearArgs,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// [`XentOps::xent_linear_forward`] under `mean`/`sum` with the gradients of its loss
+    /// (upstream 1) from the same pass, Liger's way: (loss, LSE, dh, dW, db). The
+    /// denominator's value is in `args` ([`LinearArgs::denominator_value`]).
+    #[fusion(meta = linear_forward_grad_meta)]
+    #[allow(clippy::type_complexity)]
+    fn xent_linear_forward_grad(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        args: LinearArgs,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
     /// (dh, dW, db) of [`XentOps::xent_linear_forward`] times `upstream` ([1], or [N] for
     /// `none`), from the saved `lse`, the logits recomputed block by block.
@@ -627,6 +655,17 @@ impl XentOps for CubeBackend {
         linear::forward::<Self>(hidden, weight, bias, targets, denominator, &args)
     }
 
+    fn xent_linear_forward_grad(
+        hidden: CubeTensor,
+        weight: CubeTensor,
+        bias: CubeTensor,
+        targets: CubeTensor,
+        args: LinearArgs,
+    ) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
+        let [loss, lse, dh, dw, db] = linear::forward_grad::<Self>(hidden, weight, bias, targets, &args);
+        (loss, lse, dh, dw, db)
+    }
+
     fn xent_linear_backward(
         hidden: CubeTensor,
         weight: CubeTensor,
@@ -702,8 +741,8 @@ impl<B: XentOps> Targets<B> for Probabilities {
     }
 }
 
-/// The loss's backward. The forward computed ∂loss/∂logits in its pass (upstream 1): for
-/// `mean`/`sum` with burn's upstream exactly 1 (`loss.backward()` on the loss itself, read
+/// The loss's backward. Under `mean`/`sum` the forward computed ∂loss/∂logits in its pass
+/// (upstream 1): with burn's upstream exactly 1 (`loss.backward()` on the loss itself, read
 /// back: one float) that is the gradient. Otherwise xent's saved-LSE kernel recomputes it
 /// with the upstream in the kernel (a scalar, or one per row for `none`), which costs
 /// less than burn's broadcast multiply of [N, V]. Registered for the logits (none for the
@@ -712,19 +751,17 @@ impl<B: XentOps> Targets<B> for Probabilities {
 struct LossBackward<K>(std::marker::PhantomData<K>);
 
 impl<B: XentOps, K: Targets<B>> Backward<B, 1> for LossBackward<K> {
-    /// The logits, targets, LSE, the forward's gradient and the options.
-    type State = (FloatTensor<B>, K::Prim, FloatTensor<B>, FloatTensor<B>, XentArgs);
+    /// The logits, targets, LSE, the forward's gradient (`mean`/`sum`) and the options.
+    type State = (FloatTensor<B>, K::Prim, FloatTensor<B>, Option<FloatTensor<B>>, XentArgs);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [logits_node] = ops.parents;
         let upstream = grads.consume::<B>(&ops.node);
-        let (logits, targets, lse, grad, args) = ops.state;
+        let (logits, targets, lse, formed, args) = ops.state;
         if let Some(node) = logits_node {
-            let grad = if args.reduced() && scalar::<B>(&upstream) == 1.0 {
-                grad
-            } else {
-                drop(grad);
-                K::backward(logits, targets, lse, upstream, args)
+            let grad = match formed {
+                Some(grad) if scalar::<B>(&upstream) == 1.0 => grad,
+                _ => K::backward(logits, targets, lse, upstream, args),
             };
             grads.register::<B>(node.id, grad);
         }
@@ -759,19 +796,39 @@ impl<B: XentOps> Backward<B, 1> for BinaryBackward {
     }
 }
 
-/// The linear head's backward: (dh, dW, db) recomputed block by block from the saved LSE,
-/// registered for whichever of h, W and b are tracked.
+/// The linear head's backward, registered for whichever of h, W and b are tracked. Under
+/// `mean`/`sum` the forward formed (dh, dW, db) in its pass: with burn's upstream exactly
+/// 1 they are the answer. Otherwise (another upstream, `none`) they are recomputed block
+/// by block from the saved LSE with the upstream in xent's kernel.
 #[derive(Debug)]
 struct LinearBackward;
 
+/// The saved state of [`LinearBackward`]: h, W and b (handles: the caller holds them
+/// anyway), the targets, the denominator, the LSE, the options, and the forward's
+/// gradients when it formed them.
+type LinearState<B> = (
+    [FloatTensor<B>; 3],
+    IntTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    LinearArgs,
+    Option<[FloatTensor<B>; 3]>,
+);
+
 impl<B: XentOps> Backward<B, 3> for LinearBackward {
-    #[allow(clippy::type_complexity)]
-    type State = ([FloatTensor<B>; 3], IntTensor<B>, FloatTensor<B>, FloatTensor<B>, LinearArgs);
+    type State = LinearState<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let upstream = grads.consume::<B>(&ops.node);
-        let ([h, w, b], targets, denominator, lse, args) = ops.state;
-        let (dh, dw, db) = B::xent_linear_backward(h, w, b, targets, denominator, lse, upstream, args);
+        let ([h, w, b], targets, denominator, lse, args, formed) = ops.state;
+        let [dh, dw, db] = match formed {
+            Some(formed) if scalar::<B>(&upstream) == 1.0 => formed,
+            _ => {
+                let (dh, dw, db) =
+                    B::xent_linear_backward(h, w, b, targets, denominator, lse, upstream, args);
+                [dh, dw, db]
+            }
+        };
         for (node, grad) in ops.parents.into_iter().zip([dh, dw, db]) {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
@@ -795,10 +852,17 @@ fn tracked<B: XentOps, C: CheckpointStrategy, K: Targets<B>>(
     let untracked = <Autodiff<B, C> as AutodiffBackend>::from_inner;
     match LossBackward::<K>(std::marker::PhantomData).prepare::<C>([logits.node()]).compute_bound().stateful()
     {
+        // Under `none` the upstream is one value per row, known only in the backward: the
+        // forward's gradient would be thrown away, so it is not formed.
+        OpsKind::Tracked(prep) if !args.reduced() => {
+            let x = logits.into_primitive();
+            let (loss, lse) = K::forward(x.clone(), targets.clone(), args.clone());
+            (prep.finish((x, targets, lse.clone(), None, args), loss), untracked(lse))
+        }
         OpsKind::Tracked(prep) => {
             let x = logits.into_primitive();
             let [loss, lse, grad] = K::forward_grad(x.clone(), targets.clone(), args.clone());
-            (prep.finish((x, targets, lse.clone(), grad, args), loss), untracked(lse))
+            (prep.finish((x, targets, lse.clone(), Some(grad), args), loss), untracked(lse))
         }
         OpsKind::UnTracked(prep) => {
             let (loss, lse) = K::forward(logits.into_primitive(), targets, args);
@@ -911,9 +975,34 @@ impl<B: XentOps, C: CheckpointStrategy> XentOps for Autodiff<B, C> {
                 let inputs =
                     [hidden.primitive().clone(), weight.primitive().clone(), bias.primitive().clone()];
                 let [h, w, b] = inputs.clone();
-                let (loss, lse) =
-                    B::xent_linear_forward(h, w, b, targets.clone(), denominator.clone(), args.clone());
-                (prep.finish((inputs, targets, denominator, lse.clone(), args), loss), untracked(lse))
+                // Under `mean`/`sum` the gradients come from the forward's pass (three
+                // products a block, not four); that needs the denominator's value (one
+                // float read back). A denominator of 0 or NaN (every row ignored) keeps the
+                // recomputing backward and its NaN.
+                let value = (args.opts.get_reduction() != Reduction::None)
+                    .then(|| f64::from(scalar::<B>(&denominator)))
+                    .filter(|d| d.is_finite() && *d > 0.0);
+                let (loss, lse, formed) = match value {
+                    Some(d) => {
+                        let fused = LinearArgs { denominator_value: Some(d), ..args.clone() };
+                        let (loss, lse, dh, dw, db) =
+                            B::xent_linear_forward_grad(h, w, b, targets.clone(), fused);
+                        (loss, lse, Some([dh, dw, db]))
+                    }
+                    None => {
+                        let (loss, lse) = B::xent_linear_forward(
+                            h,
+                            w,
+                            b,
+                            targets.clone(),
+                            denominator.clone(),
+                            args.clone(),
+                        );
+                        (loss, lse, None)
+                    }
+                };
+                let state = (inputs, targets, denominator, lse.clone(), args, formed);
+                (prep.finish(state, loss), untracked(lse))
             }
             OpsKind::UnTracked(prep) => {
                 let (h, w, b) = (hidden.into_primitive(), weight.into_primitive(), bias.into_primitive());
@@ -921,6 +1010,19 @@ impl<B: XentOps, C: CheckpointStrategy> XentOps for Autodiff<B, C> {
                 (prep.finish(loss), untracked(lse))
             }
         }
+    }
+
+    fn xent_linear_forward_grad(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        args: LinearArgs,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (h, w, b) = (hidden.into_primitive(), weight.into_primitive(), bias.into_primitive());
+        let (loss, lse, dh, dw, db) = B::xent_linear_forward_grad(h, w, b, targets, args);
+        let inner = Self::from_inner;
+        (inner(loss), inner(lse), inner(dh), inner(dw), inner(db))
     }
 
     fn xent_linear_backward(

@@ -32,6 +32,8 @@ use burn::tensor::{Int, Tensor};
 
 pub use kernels::{XentArgs, XentOps};
 pub use linear::LinearArgs;
+#[doc(hidden)]
+pub use linear::{HeadPasses, head_passes};
 pub use module::{CrossEntropyLoss, CrossEntropyLossConfig};
 pub use registry::{init_wgpu, is_accelerated, register, xent_buffer_allocations, xent_device_bytes};
 pub use xent::{Error, LossOptions, Reduction};
@@ -267,7 +269,12 @@ pub fn try_linear_cross_entropy_blocks(
     }
     let bias = bias.unwrap_or_else(|| Tensor::<1>::zeros([v], &device).cast(dtype));
     let (denominator, block_z_loss) = linear_denominator(&targets, v, opts);
-    let args = LinearArgs { opts: opts.clone(), block_rows: block_rows.max(1), block_z_loss };
+    let args = LinearArgs {
+        opts: opts.clone(),
+        block_rows: block_rows.max(1),
+        block_z_loss,
+        denominator_value: None,
+    };
     let (loss, _lse) = <burn::backend::Dispatch as XentOps>::xent_linear_forward(
         hidden.into_dispatch(),
         weight.into_dispatch(),
