@@ -69,6 +69,17 @@ pub trait BackendExt: Backend {
 
 impl<B: Backend + ?Sized> BackendExt for B {}
 
+/// A borrowed path is a path: a set of shards ([`RowShards`](crate::RowShards)) may hold
+/// contexts that live elsewhere.
+impl<B: Backend + ?Sized> Backend for &B {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn evaluate(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput> {
+        (**self).evaluate(problem, opts)
+    }
+}
+
 /// The f64 CPU reference as a [`Backend`]: plain code that validates every other path.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Reference;

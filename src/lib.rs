@@ -50,6 +50,7 @@ pub mod npy;
 mod options;
 mod problem;
 pub mod row_state;
+mod shard;
 pub mod synth;
 
 pub use backend::{Backend, BackendExt, CpuFast, Reference};
@@ -67,3 +68,4 @@ pub use problem::{
     Cell, Dtype, Gradient, Input, LabelKind, Labels, Logits, LogitsRef, Mode, Output, Problem,
 };
 pub use row_state::RowState;
+pub use shard::RowShards;

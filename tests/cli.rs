@@ -154,6 +154,37 @@ fn eval_matches_the_reference_on_every_device_and_reduction() {
     }
 }
 
+/// `--device gpu --adapter all`: the rows shared by every adapter (lavapipe and GL
+/// llvmpipe here); the JSON names them all, the loss and gradient equal the reference's.
+#[test]
+fn eval_over_every_adapter_shares_the_rows() {
+    let gpus = common::gpus("eval_over_every_adapter_shares_the_rows");
+    if gpus.is_empty() {
+        return;
+    }
+    let dir = Dir::new("eval-all");
+    let (n, v) = (37, 203);
+    let logits = synth::logits(n, v, 2.0, 23);
+    let mut targets = synth::targets(n, v, 23);
+    targets[3] = -100;
+    let (l, t) = (dir.path("l.npy"), dir.path("t.npy"));
+    npy::write_f32(&l, &[n, v], &logits).unwrap();
+    npy::write_i64(&t, &targets).unwrap();
+    let opts = LossOptions::new().label_smoothing(0.1);
+    let want = reference(Problem::new(&logits, v, &targets), &opts);
+    let args = ["--logits", s(&l), "--targets", s(&t), "--label-smoothing", "0.1", "--adapter", "all"];
+    let run = eval(&dir, "gpu", &args);
+    // (The adapter's text holds commas: read it from the whole line.)
+    let out = &run.stdout;
+    assert!(out.contains(&format!("\"adapter\": \"rows over {} paths: ", gpus.len())), "{out}");
+    for g in gpus {
+        let name = format!("{} ({:?})", g.adapter_info().name, g.adapter_info().backend);
+        assert!(out.contains(&name), "{out} names {name}");
+    }
+    xent::check::compare(&run.output(Reduction::Mean), &want, xent::check::Tolerance::F32)
+        .unwrap_or_else(|e| panic!("--adapter all: {e}"));
+}
+
 #[test]
 fn eval_takes_every_option() {
     let dir = Dir::new("options");

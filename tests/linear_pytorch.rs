@@ -150,3 +150,61 @@ fn every_linear_case_matches_pytorch_on_every_path() {
     // 12 cases × 3 reductions on the reference, the fast path and each adapter.
     assert!(checked >= 12 * 3 * 2, "{checked} comparisons");
 }
+
+/// The linear head's rows sharded over 2 and 3 paths (the fast CPU path, the reference
+/// and the GPUs in turn): every case and reduction against PyTorch at the unsharded
+/// tolerances — `dh` side by side, `dW` and `db` summed over the shards (owned, and into
+/// the caller's f32 slices).
+#[test]
+fn row_shards_of_every_linear_case_match_pytorch() {
+    let paths = every_path("row_shards_of_every_linear_case_match_pytorch");
+    let pick = |k: usize| paths[k % paths.len()].1;
+    let sets = [vec![pick(1), pick(2)], vec![pick(2), pick(0), pick(paths.len() - 1)]];
+    for set in sets {
+        let shards =
+            xent::RowShards::new(set.into_iter().map(|p| Box::new(p) as Box<dyn Backend>).collect()).unwrap();
+        let label = shards.describe();
+        for case in cases() {
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                let opts = case.opts.clone().reduction(reduction);
+                let want = case.expected(reduction);
+                let b = bounds(&case.head, case.bias, &opts, kappa(&case.head, &opts), 1.0);
+                let what = format!("{} {reduction:?}", case.name);
+                let (n, d, v) = (case.head.n, case.head.d, case.head.v);
+                let (mut dh, mut dw, mut db) =
+                    (vec![f32::NAN; n * d], vec![f32::NAN; v * d], vec![f32::NAN; v]);
+                for into_slices in [false, true] {
+                    let mut p = Problem::linear(case.linear(), &case.head.t[..]);
+                    if want.grad_hidden.is_some() {
+                        p = p.gradient(if into_slices {
+                            Gradient::Linear(xent::HeadGradients {
+                                hidden: xent::GradientTo::IntoF32(&mut dh),
+                                weight: xent::GradientTo::IntoF32(&mut dw),
+                                bias: if case.bias {
+                                    xent::GradientTo::IntoF32(&mut db)
+                                } else {
+                                    xent::GradientTo::Skip
+                                },
+                            })
+                        } else {
+                            Gradient::Owned
+                        });
+                    }
+                    let mut got =
+                        shards.evaluate(p, &opts).unwrap_or_else(|e| panic!("{what} on {label}: {e}"));
+                    if into_slices && want.grad_hidden.is_some() {
+                        assert!(got.grad_weight.is_none(), "{what}: dW into the slice, not owned");
+                        got.grad_hidden = Some(dh.clone());
+                        got.grad_weight = Some(dw.clone());
+                        got.grad_bias = case.bias.then(|| db.clone());
+                    }
+                    got.z_loss = None;
+                    if !case.bias {
+                        got.grad_bias = None;
+                    }
+                    check(&label, &got, &want, &case.head, &b, &what);
+                }
+            }
+        }
+    }
+}

@@ -488,3 +488,69 @@ fn float16_logits_match_pytorch_on_every_path() {
         }
     }
 }
+
+/// A path that counts its evaluations, so that a test of shards proves each one ran.
+struct Counted {
+    inner: &'static dyn Backend,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Backend for Counted {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn evaluate(&self, problem: Problem<'_>, opts: &LossOptions) -> xent::Result<LossOutput> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.evaluate(problem, opts)
+    }
+}
+
+/// Row shards over 2, 3 and 7 paths, taken from the reference, the fast CPU path and
+/// every GPU in turn (Vulkan lavapipe and GL llvmpipe here): every class-index,
+/// probability, binary and float16 case of tests/data, every reduction and every way of
+/// producing the gradient, against PyTorch at the tolerances of the unsharded paths.
+/// Each path of each set ran.
+#[test]
+fn row_shards_over_every_path_match_pytorch() {
+    let paths = every_path("row_shards_over_every_path_match_pytorch");
+    for count in [2, 3, 7] {
+        let calls: Vec<_> = (0..count).map(|_| std::sync::Arc::default()).collect();
+        let shards = xent::RowShards::new(
+            calls
+                .iter()
+                .enumerate()
+                .map(|(k, c)| {
+                    Box::new(Counted { inner: paths[k % paths.len()], calls: std::sync::Arc::clone(c) })
+                        as Box<dyn Backend>
+                })
+                .collect(),
+        )
+        .unwrap();
+        let all = [Way::Owned, Way::IntoF32, Way::InPlace, Way::Backward];
+        // As the unsharded backwards: the offset cases and `everything` under sum and none
+        // skip the backward's gradient comparison (8 of 180 evaluations).
+        check_class_indices(&shards, |_| true, &all).at_most_skipped("class index, sharded", 1);
+        check_soft(&shards, &all).at_most_skipped("probabilities, sharded", 0);
+        check_binary(&shards, &all).at_most_skipped("binary, sharded", 0);
+        for dir in case_dirs("float16", 2, |n| n.starts_with("half_")) {
+            let NpyData::F16(bits) = npy::read(dir.join("logits.npy")).unwrap().data else {
+                panic!("float16 logits")
+            };
+            let NpyData::I64(targets) = npy::read(dir.join("targets.npy")).unwrap().data else {
+                panic!("targets")
+            };
+            for reduction in REDUCTIONS {
+                let opts = common::case_options(&dir).reduction(reduction);
+                let problem =
+                    Problem::new(Logits::Half(&bits, HalfFormat::F16), classes(&dir), Labels::from(&targets));
+                let got = shards.evaluate(problem.gradient(Gradient::Owned), &opts).unwrap();
+                compare(&got, &expected(&dir, reduction), Tolerance::F32)
+                    .unwrap_or_else(|e| panic!("{} {reduction:?} on {}: {e}", name(&dir), shards.describe()));
+            }
+        }
+        for (k, c) in calls.iter().enumerate() {
+            let n = c.load(std::sync::atomic::Ordering::Relaxed);
+            assert!(n > 0, "{count} shards: shard {k} ({}) never ran", paths[k % paths.len()].describe());
+        }
+    }
+}

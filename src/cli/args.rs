@@ -187,7 +187,8 @@ pub struct EvalArgs {
     pub n_items: Option<f64>,
     #[arg(long, value_enum, default_value = "gpu")]
     pub device: DeviceArg,
-    /// Adapter name (substring, case-insensitive) for --device gpu.
+    /// Adapter name (substring, case-insensitive) for --device gpu; `all`: the rows shared
+    /// by every adapter, one thread each, merged on the host.
     #[arg(long)]
     pub adapter: Option<String>,
     /// Write the loss: 0-d float32, or float32 [N] for --reduction none.

@@ -306,10 +306,13 @@ pub(crate) fn metrics_outputs(args: &EvalArgs, out: &xent::LossOutput) -> xent::
     ))
 }
 
-/// `eval`'s backend: the GPU (the adapter named, or the default one), the fast CPU path
-/// or the reference.
+/// `eval`'s backend: the GPU (the adapter named, or the default one; `--adapter all`:
+/// the rows shared by every adapter), the fast CPU path or the reference.
 fn open_backend(args: &EvalArgs) -> xent::Result<Box<dyn Backend>> {
     Ok(match args.device {
+        DeviceArg::Gpu if args.adapter.as_deref() == Some("all") => {
+            Box::new(xent::RowShards::adapters(None)?)
+        }
         DeviceArg::Gpu => {
             let adapter = match &args.adapter {
                 Some(name) => Some(xent::gpu::select_adapters(Some(name))?.remove(0)),
