@@ -52,6 +52,7 @@ mod problem;
 pub mod row_state;
 mod shard;
 pub mod synth;
+pub mod vocab;
 
 pub use backend::{Backend, BackendExt, CpuFast, Reference};
 pub use error::{Error, Result};

@@ -554,3 +554,80 @@ fn row_shards_over_every_path_match_pytorch() {
         }
     }
 }
+
+/// Vocabulary-parallel evaluation on the f64 reference (`xent::vocab`): every class-index
+/// case of tests/data cut into 2, 3 and 7 column ranges. Each shard's partials, merged left
+/// to right and right to left, give PyTorch's loss (every reduction; the row losses for
+/// `none`), and each shard's gradient columns from the merged LSE put together give
+/// PyTorch's gradient, where f32 can carry it (`backward_floor`, as the unsharded
+/// backwards: the offset cases skip it).
+#[test]
+fn vocab_shards_on_the_reference_match_pytorch() {
+    use xent::vocab::{ColumnShard, VocabPartial, finish, reference_gradient, reference_partials};
+    let mut count = Count::default();
+    for case in cases() {
+        let (n, v) = (case.targets.len(), case.classes);
+        let targets = || xent::Targets::I64(&case.targets);
+        for parts in [2, 3, 7] {
+            let cuts: Vec<std::ops::Range<usize>> =
+                (0..parts).map(|k| v * k / parts..v * (k + 1) / parts).collect();
+            let shards: Vec<Vec<f32>> = cuts
+                .iter()
+                .map(|c| case.logits.chunks(v).flat_map(|row| row[c.clone()].to_vec()).collect())
+                .collect();
+            for reduction in REDUCTIONS {
+                let what = format!("{} {reduction:?}, {parts} column ranges", case.name);
+                let opts = case.opts.clone().reduction(reduction);
+                let want = expected(&case.dir, reduction);
+                let partials: Vec<Vec<VocabPartial>> = cuts
+                    .iter()
+                    .zip(&shards)
+                    .map(|(c, l)| {
+                        reference_partials(ColumnShard::new(l, c.clone(), v), targets(), &opts).unwrap()
+                    })
+                    .collect();
+                let left: Vec<VocabPartial> = (0..n)
+                    .map(|r| partials.iter().fold(VocabPartial::EMPTY, |a, p| a.combine(p[r])))
+                    .collect();
+                let right: Vec<VocabPartial> = (0..n)
+                    .map(|r| partials.iter().rev().fold(VocabPartial::EMPTY, |a, p| p[r].combine(a)))
+                    .collect();
+                let loss_only = LossOutput { gradient: None, ..want.clone() };
+                let mut lse = Vec::new();
+                for merged in [&left, &right] {
+                    let out = finish(merged, targets(), v, &opts).unwrap();
+                    let got = LossOutput {
+                        loss: out.loss,
+                        row_losses: out.row_losses.filter(|_| reduction == Reduction::None),
+                        ..Default::default()
+                    };
+                    compare(&got, &loss_only, Tolerance::F32).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    lse = out.lse.unwrap();
+                }
+                let grad_want = want.gradient.as_deref().unwrap();
+                let compared =
+                    backward_floor(&case.logits, v, &lse, &opts, grad_want) <= Tolerance::F32.grad_atol;
+                count.note(compared, &case.name, reduction, Way::Backward, &xent::Reference);
+                if !compared {
+                    continue;
+                }
+                let mut grad = vec![f32::NAN; n * v];
+                for (c, l) in cuts.iter().zip(&shards) {
+                    let mut g = vec![f32::NAN; l.len()];
+                    let shard = ColumnShard::new(l, c.clone(), v);
+                    reference_gradient(shard, targets(), &lse, Upstream::Scalar(1.0), &opts, &mut g).unwrap();
+                    for (row, part) in grad.chunks_mut(v).zip(g.chunks(c.len().max(1))) {
+                        row[c.clone()].copy_from_slice(&part[..c.len()]);
+                    }
+                }
+                let got = LossOutput { gradient: Some(grad), ..Default::default() };
+                let gradient_only = LossOutput { gradient: want.gradient.clone(), ..Default::default() };
+                compare(&got, &gradient_only, Tolerance::F32)
+                    .unwrap_or_else(|e| panic!("{what}: gradient: {e}"));
+            }
+        }
+    }
+    // The same 8 of every 45 backwards as unsharded (the offset cases, `everything` under
+    // sum and none): 24 of 135.
+    count.at_most_skipped("vocab shards", 3);
+}

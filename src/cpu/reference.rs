@@ -28,7 +28,7 @@ fn lse_f64(z: &[f64]) -> f64 {
 
 /// The logit transform in f64: scale, then softcap (the loss sees `c · tanh(α x / c)`),
 /// and its derivative.
-fn transform(x: f64, opts: &LossOptions) -> (f64, f64) {
+pub(crate) fn transform(x: f64, opts: &LossOptions) -> (f64, f64) {
     let alpha = opts.get_logit_scale();
     match opts.get_softcap() {
         Some(c) => {
@@ -179,8 +179,8 @@ impl ClassRows<'_> {
         let reduction = opts.get_reduction();
         let eps = opts.get_label_smoothing();
         let s = opts.get_z_loss();
-        let w = |c: usize| opts.get_weights().map_or(1.0, |w| f64::from(w[c]));
-        let total_w: f64 = (0..v).map(w).sum();
+        let weights = ClassWeights::new(opts, v);
+        let w = |c: usize| weights.of(c);
         let d = batch.divisor(reduction);
         let ce_scale = if d != 0.0 { 1.0 / d } else { 0.0 };
         let z_scale = 1.0 / batch.z_divisor(reduction);
@@ -222,30 +222,88 @@ impl ClassRows<'_> {
             out.losses.push(loss);
             let Some(grad) = grad.as_deref_mut() else { continue };
             let up = f64::from(self.upstream.of_row(r));
-            // d loss / d z_j = [p_j k − (1 − ε) w_y δ_jy − (ε / V) w_j] / D + 2 s lse p_j / D_z
-            let mut k = (1.0 - eps) * w(y);
-            if eps > 0.0 {
-                k += eps / v as f64 * total_w;
-            }
+            let row = ClassGrad::new(y, l, &weights, v, opts, (ce_scale, z_scale));
             for (c, out) in g.iter_mut().enumerate() {
                 let (z, dz) = zs[c];
-                let p = (z - l).exp();
-                let mut ce = p * k;
-                if c == y {
-                    ce -= (1.0 - eps) * w(y);
-                }
-                if eps > 0.0 {
-                    ce -= eps / v as f64 * w(c);
-                }
-                let mut d = ce * ce_scale;
-                if s > 0.0 {
-                    d += 2.0 * s * l * p * z_scale;
-                }
-                *out = d * dz * up;
+                *out = row.at(c, z, dz, &weights) * up;
             }
             grad(r, &g);
         }
         out
+    }
+}
+
+/// The class weights of a problem in f64 (1 without), and their total over the classes.
+pub(crate) struct ClassWeights<'a> {
+    weights: Option<&'a [f32]>,
+    /// Σ_c w_c over every class.
+    pub total: f64,
+}
+
+impl<'a> ClassWeights<'a> {
+    pub fn new(opts: &'a LossOptions, classes: usize) -> Self {
+        let weights = opts.get_weights();
+        let total = weights.map_or(classes as f64, |w| w.iter().map(|&x| f64::from(x)).sum());
+        Self { weights, total }
+    }
+
+    /// w_c.
+    pub fn of(&self, c: usize) -> f64 {
+        self.weights.map_or(1.0, |w| f64::from(w[c]))
+    }
+}
+
+/// ∂loss/∂x of one counted row of class indices, element by element:
+/// `d loss / d z_c = [p_c k − (1 − ε) w_y δ_cy − (ε / V) w_c] / D + 2 s lse p_c / D_z`
+/// with `k = (1 − ε) w_y + (ε / V) Σ w`, times `dz/dx`. Columns are those of the whole
+/// vocabulary, so a shard of columns takes the same rule.
+pub(crate) struct ClassGrad {
+    y: usize,
+    lse: f64,
+    k: f64,
+    w_y: f64,
+    eps: f64,
+    eps_v: f64,
+    ce_scale: f64,
+    z: Option<f64>,
+}
+
+impl ClassGrad {
+    /// Row constants: target `y`, LSE `lse`, V `classes`, the scales `1 / D` and `1 / D_z`.
+    pub fn new(
+        y: usize,
+        lse: f64,
+        weights: &ClassWeights<'_>,
+        classes: usize,
+        opts: &LossOptions,
+        (ce_scale, z_scale): (f64, f64),
+    ) -> Self {
+        let eps = opts.get_label_smoothing();
+        let s = opts.get_z_loss();
+        let w_y = weights.of(y);
+        let mut k = (1.0 - eps) * w_y;
+        if eps > 0.0 {
+            k += eps / classes as f64 * weights.total;
+        }
+        let z = (s > 0.0).then_some(2.0 * s * lse * z_scale);
+        Self { y, lse, k, w_y, eps, eps_v: eps / classes as f64, ce_scale, z }
+    }
+
+    /// The gradient of column `c` whose transformed logit is `z` (slope `dz`).
+    pub fn at(&self, c: usize, z: f64, dz: f64, weights: &ClassWeights<'_>) -> f64 {
+        let p = (z - self.lse).exp();
+        let mut ce = p * self.k;
+        if c == self.y {
+            ce -= (1.0 - self.eps) * self.w_y;
+        }
+        if self.eps > 0.0 {
+            ce -= self.eps_v * weights.of(c);
+        }
+        let mut d = ce * self.ce_scale;
+        if let Some(z2) = self.z {
+            d += z2 * p;
+        }
+        d * dz
     }
 }
 

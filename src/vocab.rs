@@ -1,0 +1,266 @@
+//! Vocabulary-parallel evaluation: shard k holds the columns `[c_k, c_{k+1})` of every row
+//! and computes one [`VocabPartial`] per row; partials merge by one rule,
+//! [`VocabPartial::combine`], in any grouping (threads, devices, ranks); the loss comes
+//! from the merged partials ([`finish`]), and each shard writes its own gradient columns
+//! from the merged LSE with no further exchange (`shared/docs/semantics.md`, "Sharded
+//! (parallel) evaluation").
+//!
+//! The f64 reference computes a shard's partials ([`reference_partials`]) and gradient
+//! columns ([`reference_gradient`]); the other paths are to follow it.
+//!
+//! ```
+//! use xent::vocab::{ColumnShard, VocabPartial, finish, reference_partials};
+//! use xent::{BackendExt, LossOptions, Targets};
+//! let logits = [2.0f32, 0.5, -1.0, 0.0, /* row 2 */ 1.0, 1.0, 3.0, 0.0];
+//! let (targets, opts) = ([0i64, 2], LossOptions::new());
+//! // Two shards of a 4-class vocabulary: columns 0..1 and 1..4 of each row.
+//! let left: Vec<f32> = logits.chunks(4).map(|r| r[0]).collect();
+//! let right: Vec<f32> = logits.chunks(4).flat_map(|r| r[1..].to_vec()).collect();
+//! let a = reference_partials(ColumnShard::new(&left, 0..1, 4), Targets::I64(&targets), &opts)?;
+//! let b = reference_partials(ColumnShard::new(&right, 1..4, 4), Targets::I64(&targets), &opts)?;
+//! let merged: Vec<VocabPartial> = a.iter().zip(&b).map(|(a, b)| a.combine(*b)).collect();
+//! let out = finish(&merged, Targets::I64(&targets), 4, &opts)?;
+//! let whole = xent::Reference.cross_entropy(&logits, 4, &targets[..], &opts)?;
+//! assert!((out.loss.unwrap() - whole.loss.unwrap()).abs() < 1e-6);
+//! # Ok::<(), xent::Error>(())
+//! ```
+
+use std::ops::Range;
+
+use crate::cpu::reference::{ClassGrad, ClassWeights};
+use crate::error::{Error, Result};
+use crate::options::{Batch, LossOptions, LossOutput, Targets, Upstream};
+use crate::row_state::RowState;
+
+/// One row's partial over a range of columns: what the shards of a vocabulary-parallel
+/// evaluation exchange.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VocabPartial {
+    /// (max, Σ exp(z − max)) of the range's transformed logits (scale, softcap).
+    pub state: RowState,
+    /// The target's transformed logit, from the shard whose range holds the target's
+    /// column; `None` elsewhere and for ignored rows.
+    pub target: Option<f32>,
+    /// Σ_c w_c z_c over the range (w_c = 1 without class weights): label smoothing's sum.
+    pub smooth: f64,
+    /// The range's largest transformed logit and its column in the whole vocabulary
+    /// (the lowest on ties; NaN logits are passed over); `None` for an empty range.
+    pub argmax: Option<(usize, f32)>,
+}
+
+impl Default for VocabPartial {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+impl VocabPartial {
+    /// The identity of [`VocabPartial::combine`].
+    pub const EMPTY: VocabPartial =
+        VocabPartial { state: RowState::EMPTY, target: None, smooth: 0.0, argmax: None };
+
+    /// The partial of the union of two disjoint column ranges: the states by the
+    /// (max, sum) rule, the target logit from its owner, the sums added, the argmax by
+    /// the larger value (the lower column on ties).
+    pub fn combine(self, other: Self) -> Self {
+        let argmax = match (self.argmax, other.argmax) {
+            (Some(a), Some(b)) => Some(if b.1 > a.1 || (b.1 == a.1 && b.0 < a.0) { b } else { a }),
+            (a, b) => a.or(b),
+        };
+        VocabPartial {
+            state: self.state.combine(other.state),
+            target: self.target.or(other.target),
+            smooth: self.smooth + other.smooth,
+            argmax,
+        }
+    }
+}
+
+/// A shard's logits: the columns `columns` of every row of a `classes`-wide vocabulary,
+/// row major [rows, columns.len()].
+#[derive(Clone, Debug)]
+pub struct ColumnShard<'a> {
+    /// The shard's logits.
+    pub logits: &'a [f32],
+    /// Its columns in the whole vocabulary.
+    pub columns: Range<usize>,
+    /// The whole vocabulary's size V.
+    pub classes: usize,
+}
+
+impl<'a> ColumnShard<'a> {
+    /// Columns `columns` of a `classes`-wide vocabulary.
+    pub fn new(logits: &'a [f32], columns: Range<usize>, classes: usize) -> Self {
+        Self { logits, columns, classes }
+    }
+
+    /// Checks the shard against the targets and options of the whole problem; returns the
+    /// whole batch (its checked targets and `mean` denominators).
+    fn check(&self, targets: Targets<'_>, opts: &LossOptions) -> Result<Batch> {
+        let (v, width) = (self.classes, self.columns.len());
+        if self.columns.end > v || self.columns.start > self.columns.end {
+            return Err(Error::InvalidOption(format!(
+                "columns {:?} of a vocabulary of {v} classes",
+                self.columns
+            )));
+        }
+        let rows = targets.len();
+        if self.logits.len() != rows * width {
+            return Err(Error::Shape {
+                what: format!("a shard's logits (rows {rows} × its {width} columns)"),
+                got: self.logits.len(),
+                expected: rows * width,
+            });
+        }
+        Batch::new(rows * v, v, targets, opts)
+    }
+}
+
+/// The f64 reference's partials of one shard, one per row.
+pub fn reference_partials(
+    shard: ColumnShard<'_>,
+    targets: Targets<'_>,
+    opts: &LossOptions,
+) -> Result<Vec<VocabPartial>> {
+    let batch = shard.check(targets, opts)?;
+    let width = shard.columns.len();
+    let weights = ClassWeights::new(opts, shard.classes);
+    let mut out = Vec::with_capacity(batch.rows);
+    for (r, &t) in batch.targets.iter().enumerate() {
+        let row = &shard.logits[r * width..(r + 1) * width];
+        let z: Vec<f64> =
+            row.iter().map(|&x| crate::cpu::reference::transform(f64::from(x), opts).0).collect();
+        let mut p = VocabPartial { state: reference_state(&z), ..VocabPartial::EMPTY };
+        for (j, &zj) in z.iter().enumerate() {
+            let c = shard.columns.start + j;
+            p.smooth += weights.of(c) * zj;
+            if !zj.is_nan() && p.argmax.is_none_or(|(_, m)| zj as f32 > m) {
+                p.argmax = Some((c, zj as f32));
+            }
+        }
+        if t != Batch::IGNORED && shard.columns.contains(&(t as usize)) {
+            p.target = Some(z[t as usize - shard.columns.start] as f32);
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// The (max, sum) state of transformed logits computed in f64: the max rounded to f32
+/// (exact for unscaled logits), the sum of `exp(z − max)` about it rounded once. A NaN or
+/// +inf logit makes the sum NaN; a range of −inf (or no columns) is the empty state.
+fn reference_state(z: &[f64]) -> RowState {
+    if z.iter().any(|x| x.is_nan() || *x == f64::INFINITY) {
+        return RowState { max: crate::row_state::EMPTY_MAX, sum: f32::NAN };
+    }
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        return RowState::EMPTY;
+    }
+    let m = max as f32;
+    RowState { max: m, sum: z.iter().map(|&x| (x - f64::from(m)).exp()).sum::<f64>() as f32 }
+}
+
+/// A merged state's LSE in f64 (`max + ln sum`, not rounded to f32 between: at logits
+/// near 1e4 that rounding alone would cost 5e-4).
+fn lse_of(state: RowState) -> f64 {
+    f64::from(state.max) + f64::from(state.sum).ln()
+}
+
+/// The loss of the whole problem from each row's merged partial: the reduced loss (and
+/// its z-loss part), the row losses (always for `none`) and the LSE. `targets` and
+/// `opts` are the whole problem's; `classes` the whole vocabulary's size.
+pub fn finish(
+    partials: &[VocabPartial],
+    targets: Targets<'_>,
+    classes: usize,
+    opts: &LossOptions,
+) -> Result<LossOutput> {
+    let v = classes;
+    let batch = Batch::new(targets.len() * v, v, targets, opts)?;
+    if partials.len() != batch.rows {
+        return Err(Error::Shape {
+            what: "merged partials (one per row)".into(),
+            got: partials.len(),
+            expected: batch.rows,
+        });
+    }
+    let eps = opts.get_label_smoothing();
+    let s = opts.get_z_loss();
+    let weights = ClassWeights::new(opts, v);
+    let (mut losses, mut lses) = (Vec::with_capacity(batch.rows), Vec::with_capacity(batch.rows));
+    let (mut sum, mut z_sum) = (0.0f64, 0.0f64);
+    for (r, (p, &t)) in partials.iter().zip(&batch.targets).enumerate() {
+        let l = lse_of(p.state);
+        lses.push(l as f32);
+        if t == Batch::IGNORED {
+            losses.push(0.0);
+            continue;
+        }
+        let y = t as usize;
+        let z_t = p.target.ok_or_else(|| {
+            Error::InvalidOption(format!("row {r}: no shard's partial holds its target {y}'s logit"))
+        })?;
+        let mut loss = (1.0 - eps) * weights.of(y) * (l - f64::from(z_t));
+        if eps > 0.0 {
+            loss += eps / v as f64 * (weights.total * l - p.smooth);
+        }
+        if s > 0.0 {
+            loss += s * l * l;
+            z_sum += s * l * l;
+        }
+        sum += loss;
+        losses.push(loss as f32);
+    }
+    let reduction = opts.get_reduction();
+    let (loss, z_loss) = batch.reduce_with_z(sum, z_sum, reduction);
+    Ok(LossOutput {
+        loss,
+        row_losses: Some(losses),
+        lse: Some(lses),
+        z_loss: z_loss.filter(|_| s > 0.0),
+        ..Default::default()
+    })
+}
+
+/// The f64 reference's gradient of one shard's columns, from the whole rows' merged LSE,
+/// times `upstream` (as a separate backward's), into `out` [rows, columns.len()].
+pub fn reference_gradient(
+    shard: ColumnShard<'_>,
+    targets: Targets<'_>,
+    lse: &[f32],
+    upstream: Upstream<'_>,
+    opts: &LossOptions,
+    out: &mut [f32],
+) -> Result<()> {
+    let batch = shard.check(targets, opts)?;
+    crate::cpu::reference::check_lse(lse, batch.rows)?;
+    upstream.check(batch.rows)?;
+    if out.len() != shard.logits.len() {
+        return Err(Error::Shape {
+            what: "a shard's gradient".into(),
+            got: out.len(),
+            expected: shard.logits.len(),
+        });
+    }
+    let (v, width) = (shard.classes, shard.columns.len());
+    let reduction = opts.get_reduction();
+    let weights = ClassWeights::new(opts, v);
+    let d = batch.divisor(reduction);
+    let ce_scale = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let z_scale = 1.0 / batch.z_divisor(reduction);
+    for (r, &t) in batch.targets.iter().enumerate() {
+        let g = &mut out[r * width..(r + 1) * width];
+        if t == Batch::IGNORED {
+            g.fill(0.0);
+            continue;
+        }
+        let (l, up) = (f64::from(lse[r]), f64::from(upstream.of_row(r)));
+        let grad = ClassGrad::new(t as usize, l, &weights, v, opts, (ce_scale, z_scale));
+        for (j, (o, &x)) in g.iter_mut().zip(&shard.logits[r * width..(r + 1) * width]).enumerate() {
+            let (z, dz) = crate::cpu::reference::transform(f64::from(x), opts);
+            *o = (grad.at(shard.columns.start + j, z, dz, &weights) * up) as f32;
+        }
+    }
+    Ok(())
+}
