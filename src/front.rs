@@ -148,23 +148,8 @@ pub(crate) fn by_blocks<B: Native>(
     rows: usize,
 ) -> Result<LossOutput> {
     let v = problem.classes;
-    let n = rows * v;
-    let denominators = match problem.labels {
-        Labels::Classes(t) => {
-            let batch = Batch::new(n, v, t, opts)?;
-            (batch.mean_denominator, batch.z_denominator)
-        }
-        Labels::Probabilities(_) => {
-            let d = opts.mean_denominator(rows as f64);
-            (d, d)
-        }
-        Labels::Binary(_) => {
-            let d = opts.mean_denominator(n as f64);
-            (d, d)
-        }
-    };
     let mut block_opts = opts.clone();
-    block_opts.denominators = Some(denominators);
+    block_opts.denominators = Some(denominators(&problem, opts, rows)?);
     let backward = matches!(problem.mode, Mode::Backward { .. });
     let want_grad = !matches!(problem.gradient, Gradient::None);
     let want_rows = !backward && wants_row_losses(&problem, opts);
@@ -249,6 +234,26 @@ pub(crate) fn by_blocks<B: Native>(
         z_loss: (reduced && any_z).then_some(z_loss as f32),
         metrics,
         ..Default::default()
+    })
+}
+
+/// The whole batch's `mean` denominators (cross-entropy part, z-loss part), which every
+/// row block (of [`by_blocks`], or of a row shard) divides by.
+pub(crate) fn denominators(problem: &Problem<'_>, opts: &LossOptions, rows: usize) -> Result<(f64, f64)> {
+    let v = problem.classes;
+    Ok(match problem.labels {
+        Labels::Classes(t) => {
+            let batch = Batch::new(rows * v, v, t, opts)?;
+            (batch.mean_denominator, batch.z_denominator)
+        }
+        Labels::Probabilities(_) => {
+            let d = opts.mean_denominator(rows as f64);
+            (d, d)
+        }
+        Labels::Binary(_) => {
+            let d = opts.mean_denominator((rows * v) as f64);
+            (d, d)
+        }
     })
 }
 

@@ -24,7 +24,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::head::{GradientTo, HeadGradients, LinearHead, Values};
-use crate::options::{Batch, HalfFormat, LossOptions, LossOutput, Reduction, Upstream};
+use crate::options::{HalfFormat, LossOptions, LossOutput, Reduction, Upstream};
 use crate::problem::{Gradient, Labels, Logits, Mode, Problem};
 
 /// Several paths that share the rows of every problem: a [`Backend`] like the others.
@@ -88,7 +88,7 @@ impl Backend for RowShards {
             return self.paths[0].evaluate(problem, opts);
         }
         let mut block_opts = opts.clone();
-        block_opts.denominators = Some(denominators(&problem, opts, rows)?);
+        block_opts.denominators = Some(crate::front::denominators(&problem, opts, rows)?);
         let reduced = matches!(problem.mode, Mode::Fused) && opts.get_reduction() != Reduction::None;
         let (parts, sums) = split(problem, &blocks);
         let outs: Vec<Result<LossOutput>> = std::thread::scope(|s| {
@@ -105,26 +105,6 @@ impl Backend for RowShards {
         let outs = outs.into_iter().collect::<Result<Vec<_>>>()?;
         Ok(merge(outs, reduced, sums))
     }
-}
-
-/// The whole batch's `mean` denominators (cross-entropy part, z-loss part), as the
-/// front door's row blocks take them.
-fn denominators(problem: &Problem<'_>, opts: &LossOptions, rows: usize) -> Result<(f64, f64)> {
-    let v = problem.classes;
-    Ok(match problem.labels {
-        Labels::Classes(t) => {
-            let batch = Batch::new(rows * v, v, t, opts)?;
-            (batch.mean_denominator, batch.z_denominator)
-        }
-        Labels::Probabilities(_) => {
-            let d = opts.mean_denominator(rows as f64);
-            (d, d)
-        }
-        Labels::Binary(_) => {
-            let d = opts.mean_denominator((rows * v) as f64);
-            (d, d)
-        }
-    })
 }
 
 /// Where a linear head's `dW` and `db` go in the whole problem: the shards return theirs
