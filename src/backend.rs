@@ -4,8 +4,9 @@
 //! conveniences for the common case, written on top of it.
 
 use crate::error::Result;
-use crate::options::{LossOptions, LossOutput, Targets};
+use crate::options::{LossOptions, LossOutput, Targets, Upstream};
 use crate::problem::{Gradient, Logits, Problem};
+use crate::vocab::{ColumnShard, VocabPartial};
 
 /// A way to evaluate the loss: the GPU ([`GpuContext`](crate::GpuContext)), the fast CPU
 /// path ([`CpuFast`]), the f64 reference ([`Reference`]).
@@ -29,6 +30,47 @@ pub trait Backend: Send + Sync {
     /// on every path; what a path cannot do is an [`Error::Unsupported`](crate::Error)
     /// naming the combination.
     fn evaluate(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput>;
+
+    /// Vocabulary-parallel step 1 ([`crate::vocab`]): the per-row partial of a shard of
+    /// the vocabulary (class-index targets and options of the whole problem). A path that
+    /// computes whole rows only returns [`Error::Unsupported`](crate::Error).
+    fn vocab_partials(
+        &self,
+        shard: ColumnShard<'_>,
+        targets: Targets<'_>,
+        opts: &LossOptions,
+    ) -> Result<Vec<VocabPartial>> {
+        let _ = (shard, targets, opts);
+        Err(crate::vocab::unsupported(self.describe(), "partials"))
+    }
+
+    /// Vocabulary-parallel step 2 (the top-k metrics only): each counted row's number of
+    /// the shard's logits above its target's, whose logit comes from the merged partials.
+    fn vocab_above(
+        &self,
+        shard: ColumnShard<'_>,
+        targets: Targets<'_>,
+        target_logits: &[Option<f32>],
+        opts: &LossOptions,
+    ) -> Result<Vec<u64>> {
+        let _ = (shard, targets, target_logits, opts);
+        Err(crate::vocab::unsupported(self.describe(), "top-k counts"))
+    }
+
+    /// The gradient of a shard's columns from the whole rows' merged LSE, times
+    /// `upstream`, into `out` [rows, shard width]: no exchange beyond the LSE.
+    fn vocab_gradient(
+        &self,
+        shard: ColumnShard<'_>,
+        targets: Targets<'_>,
+        lse: &[f32],
+        upstream: Upstream<'_>,
+        opts: &LossOptions,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let _ = (shard, targets, lse, upstream, opts, out);
+        Err(crate::vocab::unsupported(self.describe(), "gradient"))
+    }
 }
 
 /// The common case in one line, on any [`Backend`].
@@ -78,6 +120,34 @@ impl<B: Backend + ?Sized> Backend for &B {
     fn evaluate(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput> {
         (**self).evaluate(problem, opts)
     }
+    fn vocab_partials(
+        &self,
+        s: ColumnShard<'_>,
+        t: Targets<'_>,
+        o: &LossOptions,
+    ) -> Result<Vec<VocabPartial>> {
+        (**self).vocab_partials(s, t, o)
+    }
+    fn vocab_above(
+        &self,
+        s: ColumnShard<'_>,
+        t: Targets<'_>,
+        z: &[Option<f32>],
+        o: &LossOptions,
+    ) -> Result<Vec<u64>> {
+        (**self).vocab_above(s, t, z, o)
+    }
+    fn vocab_gradient(
+        &self,
+        s: ColumnShard<'_>,
+        t: Targets<'_>,
+        lse: &[f32],
+        up: Upstream<'_>,
+        o: &LossOptions,
+        out: &mut [f32],
+    ) -> Result<()> {
+        (**self).vocab_gradient(s, t, lse, up, o, out)
+    }
 }
 
 /// The f64 CPU reference as a [`Backend`]: plain code that validates every other path.
@@ -91,6 +161,34 @@ impl Backend for Reference {
     fn evaluate(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput> {
         crate::front::evaluate(self, problem, opts)
     }
+    fn vocab_partials(
+        &self,
+        s: ColumnShard<'_>,
+        t: Targets<'_>,
+        o: &LossOptions,
+    ) -> Result<Vec<VocabPartial>> {
+        crate::vocab::reference_partials(s, t, o)
+    }
+    fn vocab_above(
+        &self,
+        s: ColumnShard<'_>,
+        t: Targets<'_>,
+        z: &[Option<f32>],
+        o: &LossOptions,
+    ) -> Result<Vec<u64>> {
+        crate::vocab::reference_above(s, t, z, o)
+    }
+    fn vocab_gradient(
+        &self,
+        s: ColumnShard<'_>,
+        t: Targets<'_>,
+        lse: &[f32],
+        up: Upstream<'_>,
+        o: &LossOptions,
+        out: &mut [f32],
+    ) -> Result<()> {
+        crate::vocab::reference_gradient(s, t, lse, up, o, out)
+    }
 }
 
 /// The fast multi-threaded CPU path as a [`Backend`].
@@ -103,5 +201,38 @@ impl Backend for CpuFast {
     }
     fn evaluate(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput> {
         crate::front::evaluate(self, problem, opts)
+    }
+    fn vocab_partials(
+        &self,
+        s: ColumnShard<'_>,
+        t: Targets<'_>,
+        o: &LossOptions,
+    ) -> Result<Vec<VocabPartial>> {
+        let batch = crate::vocab::checked(&s, t, o)?;
+        Ok(crate::cpu::fast_vocab::partials(&s, &batch, o))
+    }
+    fn vocab_above(
+        &self,
+        s: ColumnShard<'_>,
+        t: Targets<'_>,
+        z: &[Option<f32>],
+        o: &LossOptions,
+    ) -> Result<Vec<u64>> {
+        let batch = crate::vocab::checked(&s, t, o)?;
+        crate::vocab::check_rows("target logits", z.len(), batch.rows)?;
+        Ok(crate::cpu::fast_vocab::above(&s, &batch, z, o))
+    }
+    fn vocab_gradient(
+        &self,
+        s: ColumnShard<'_>,
+        t: Targets<'_>,
+        lse: &[f32],
+        up: Upstream<'_>,
+        o: &LossOptions,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let batch = crate::vocab::checked_gradient(&s, t, lse, up, o, out)?;
+        crate::cpu::fast_vocab::gradient(&s, &batch, lse, up, o, out);
+        Ok(())
     }
 }

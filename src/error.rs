@@ -96,6 +96,23 @@ pub enum Error {
         message: String,
     },
 
+    /// Another rank of a collective evaluation failed; every rank returns this, so that
+    /// all exit together ([`crate::collective`]).
+    #[error("rank {rank} failed: {message}")]
+    Peer {
+        /// The first failed rank.
+        rank: usize,
+        /// Whether that rank's error was bad input (the exit code follows it).
+        bad_input: bool,
+        /// Its error, as it printed.
+        message: String,
+    },
+
+    /// A collective exchange that could not complete: a rank that never arrived within
+    /// the bounded wait, or left the group.
+    #[error("collective: {0}")]
+    Collective(String),
+
     /// An I/O error on a named file.
     #[error("{path}: {source}")]
     Io {
@@ -116,6 +133,7 @@ impl Error {
                 | Error::InvalidOption(_)
                 | Error::Npy { .. }
                 | Error::Io { .. }
+                | Error::Peer { bad_input: true, .. }
         )
     }
 }

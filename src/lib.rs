@@ -40,6 +40,7 @@
 
 mod backend;
 pub mod check;
+pub mod collective;
 mod cpu;
 mod error;
 mod front;
@@ -48,6 +49,7 @@ mod head;
 pub mod metrics;
 pub mod npy;
 mod options;
+pub mod parallel;
 mod problem;
 pub mod row_state;
 mod shard;

@@ -265,6 +265,9 @@ pub struct NpyWriter {
     tmp: PathBuf,
     offset: usize,
     map: Option<memmap2::MmapMut>,
+    /// Whether this writer created the temporary file (and renames or removes it); the
+    /// writers that [`join`](Self::join) it write their part only.
+    owner: bool,
 }
 
 impl NpyWriter {
@@ -274,7 +277,8 @@ impl NpyWriter {
         let tmp = temp_path(path);
         let header = header_bytes("<f4", shape);
         let count: usize = shape.iter().product();
-        let mut writer = Self { path: path.to_path_buf(), tmp: tmp.clone(), offset: header.len(), map: None };
+        let mut writer =
+            Self { path: path.to_path_buf(), tmp: tmp.clone(), offset: header.len(), map: None, owner: true };
         let err = |source| Error::Io { path: path.to_path_buf(), source };
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -291,6 +295,29 @@ impl NpyWriter {
         Ok(writer)
     }
 
+    /// Joins the temporary file of `path` that the process `creator` is writing with
+    /// [`create`](Self::create) (the same `shape`), to fill a part of it: the ranks of a
+    /// sharded evaluation on one file system. [`commit`](Self::commit) then only flushes
+    /// this part; the creator renames the file once every part is in.
+    pub fn join(path: impl AsRef<Path>, creator: u32, shape: &[usize]) -> Result<Self> {
+        let path = path.as_ref();
+        let tmp = temp_path_of(path, creator);
+        let header = header_bytes("<f4", shape);
+        let count: usize = shape.iter().product();
+        let err = |source| Error::Io { path: tmp.clone(), source };
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&tmp).map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        if len != (header.len() + count * 4) as u64 {
+            return Err(bad(
+                &tmp,
+                format!("is {len} bytes, not the {} of shape {shape:?}", header.len() + count * 4),
+            ));
+        }
+        // SAFETY: the creator made the file for this job; each writer fills its own part.
+        let map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(err)?;
+        Ok(Self { path: path.to_path_buf(), tmp, offset: header.len(), map: Some(map), owner: false })
+    }
+
     /// The data to fill, as f32.
     pub fn data_mut(&mut self) -> &mut [f32] {
         let offset = self.offset;
@@ -298,19 +325,28 @@ impl NpyWriter {
         bytemuck::cast_slice_mut(&mut map[offset..])
     }
 
-    /// Flushes the data and renames the file into place.
+    /// Flushes the data to the file (a joined writer's part, before the creator commits).
+    pub fn flush(&self) -> Result<()> {
+        let map = self.map.as_ref().expect("mapped until commit");
+        map.flush().map_err(|source| Error::Io { path: self.tmp.clone(), source })
+    }
+
+    /// Flushes the data and renames the file into place (a joined writer: flushes only).
     pub fn commit(mut self) -> Result<()> {
         let map = self.map.take().expect("mapped until commit");
         let err = |source| Error::Io { path: self.path.clone(), source };
         map.flush().map_err(err)?;
         drop(map);
+        if !self.owner {
+            return Ok(());
+        }
         std::fs::rename(&self.tmp, &self.path).map_err(err)
     }
 }
 
 impl Drop for NpyWriter {
     fn drop(&mut self) {
-        if self.map.take().is_some() {
+        if self.map.take().is_some() && self.owner {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
@@ -535,8 +571,13 @@ pub fn write_i64(path: impl AsRef<Path>, data: &[i64]) -> Result<()> {
 
 /// The temporary name used while writing `path`.
 pub fn temp_path(path: &Path) -> PathBuf {
+    temp_path_of(path, std::process::id())
+}
+
+/// The temporary name the process `pid` uses while writing `path`.
+pub fn temp_path_of(path: &Path, pid: u32) -> PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".xent-tmp-{}", std::process::id()));
+    name.push(format!(".xent-tmp-{pid}"));
     path.with_file_name(name)
 }
 

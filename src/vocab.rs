@@ -5,8 +5,11 @@
 //! from the merged LSE with no further exchange (`shared/docs/semantics.md`, "Sharded
 //! (parallel) evaluation").
 //!
-//! The f64 reference computes a shard's partials ([`reference_partials`]) and gradient
-//! columns ([`reference_gradient`]); the other paths are to follow it.
+//! Every path that implements the three steps of [`Backend`](crate::Backend) — [`vocab_partials`](crate::Backend::vocab_partials),
+//! [`vocab_above`](crate::Backend::vocab_above) (the top-k counts, a second step once the target's logit is
+//! known) and [`vocab_gradient`](crate::Backend::vocab_gradient) — serves as a shard: the f64 reference
+//! ([`reference_partials`], [`reference_above`], [`reference_gradient`]) and the fast CPU
+//! path. The metrics come from merged partials and the summed counts ([`metrics`]).
 //!
 //! ```
 //! use xent::vocab::{ColumnShard, VocabPartial, finish, reference_partials};
@@ -29,6 +32,7 @@ use std::ops::Range;
 
 use crate::cpu::reference::{ClassGrad, ClassWeights};
 use crate::error::{Error, Result};
+use crate::metrics::{Metrics, MetricsSpec, RowMetrics};
 use crate::options::{Batch, LossOptions, LossOutput, Targets, Upstream};
 use crate::row_state::RowState;
 
@@ -41,8 +45,15 @@ pub struct VocabPartial {
     /// The target's transformed logit, from the shard whose range holds the target's
     /// column; `None` elsewhere and for ignored rows.
     pub target: Option<f32>,
-    /// Σ_c w_c z_c over the range (w_c = 1 without class weights): label smoothing's sum.
+    /// Σ_c w_c z_c over the range (w_c = 1 without class weights): label smoothing's sum
+    /// (0 on the fast CPU path without label smoothing).
     pub smooth: f64,
+    /// Σ_c exp(z_c − max) (z_c − max) about `state.max`: the entropy's sum (0 on the fast
+    /// CPU path without [`LossOptions::metrics`]).
+    pub spread: f64,
+    /// Whether the range holds a NaN logit (the metrics then predict nothing; false on the
+    /// fast CPU path without [`LossOptions::metrics`]).
+    pub nan: bool,
     /// The range's largest transformed logit and its column in the whole vocabulary
     /// (the lowest on ties; NaN logits are passed over); `None` for an empty range.
     pub argmax: Option<(usize, f32)>,
@@ -56,21 +67,39 @@ impl Default for VocabPartial {
 
 impl VocabPartial {
     /// The identity of [`VocabPartial::combine`].
-    pub const EMPTY: VocabPartial =
-        VocabPartial { state: RowState::EMPTY, target: None, smooth: 0.0, argmax: None };
+    pub const EMPTY: VocabPartial = VocabPartial {
+        state: RowState::EMPTY,
+        target: None,
+        smooth: 0.0,
+        spread: 0.0,
+        nan: false,
+        argmax: None,
+    };
 
     /// The partial of the union of two disjoint column ranges: the states by the
-    /// (max, sum) rule, the target logit from its owner, the sums added, the argmax by
-    /// the larger value (the lower column on ties).
+    /// (max, sum) rule, the target logit from its owner, the sums added (the spread moved
+    /// to the common max), the argmax by the larger value (the lower column on ties).
     pub fn combine(self, other: Self) -> Self {
+        let state = self.state.combine(other.state);
+        // Σ e^{z − M}(z − M) = e^{m − M} (spread + (m − M) sum) for each side; an empty
+        // side (sum 0) adds nothing.
+        let moved = |p: &Self| {
+            if p.state.sum == 0.0 {
+                return 0.0;
+            }
+            let d = f64::from(p.state.max) - f64::from(state.max);
+            d.exp() * (p.spread + d * f64::from(p.state.sum))
+        };
         let argmax = match (self.argmax, other.argmax) {
             (Some(a), Some(b)) => Some(if b.1 > a.1 || (b.1 == a.1 && b.0 < a.0) { b } else { a }),
             (a, b) => a.or(b),
         };
         VocabPartial {
-            state: self.state.combine(other.state),
+            state,
             target: self.target.or(other.target),
             smooth: self.smooth + other.smooth,
+            spread: moved(&self) + moved(&other),
+            nan: self.nan || other.nan,
             argmax,
         }
     }
@@ -131,6 +160,17 @@ pub fn reference_partials(
         let z: Vec<f64> =
             row.iter().map(|&x| crate::cpu::reference::transform(f64::from(x), opts).0).collect();
         let mut p = VocabPartial { state: reference_state(&z), ..VocabPartial::EMPTY };
+        p.nan = z.iter().any(|x| x.is_nan());
+        if p.state.sum > 0.0 {
+            let m = f64::from(p.state.max);
+            p.spread = z
+                .iter()
+                .map(|&x| (x - m).exp())
+                .zip(&z)
+                .filter(|(e, _)| *e != 0.0)
+                .map(|(e, &x)| e * (x - m))
+                .sum();
+        }
         for (j, &zj) in z.iter().enumerate() {
             let c = shard.columns.start + j;
             p.smooth += weights.of(c) * zj;
@@ -233,16 +273,7 @@ pub fn reference_gradient(
     opts: &LossOptions,
     out: &mut [f32],
 ) -> Result<()> {
-    let batch = shard.check(targets, opts)?;
-    crate::cpu::reference::check_lse(lse, batch.rows)?;
-    upstream.check(batch.rows)?;
-    if out.len() != shard.logits.len() {
-        return Err(Error::Shape {
-            what: "a shard's gradient".into(),
-            got: out.len(),
-            expected: shard.logits.len(),
-        });
-    }
+    let batch = checked_gradient(&shard, targets, lse, upstream, opts, out)?;
     let (v, width) = (shard.classes, shard.columns.len());
     let reduction = opts.get_reduction();
     let weights = ClassWeights::new(opts, v);
@@ -263,4 +294,107 @@ pub fn reference_gradient(
         }
     }
     Ok(())
+}
+
+/// The top-k step on the f64 reference: for each counted row, the shard's columns whose
+/// transformed logit (rounded to f32) exceeds the target's, `target_logits` taken from
+/// the merged partials (0 for an ignored row).
+pub fn reference_above(
+    shard: ColumnShard<'_>,
+    targets: Targets<'_>,
+    target_logits: &[Option<f32>],
+    opts: &LossOptions,
+) -> Result<Vec<u64>> {
+    let batch = shard.check(targets, opts)?;
+    check_rows("target logits", target_logits.len(), batch.rows)?;
+    let width = shard.columns.len();
+    Ok((0..batch.rows)
+        .map(|r| match (batch.targets[r] != Batch::IGNORED, target_logits[r]) {
+            (true, Some(zt)) => shard.logits[r * width..(r + 1) * width]
+                .iter()
+                .filter(|&&x| crate::cpu::reference::transform(f64::from(x), opts).0 as f32 > zt)
+                .count() as u64,
+            _ => 0,
+        })
+        .collect())
+}
+
+pub(crate) fn check_rows(what: &str, got: usize, rows: usize) -> Result<()> {
+    if got != rows {
+        return Err(Error::Shape { what: format!("{what} (one per row)"), got, expected: rows });
+    }
+    Ok(())
+}
+
+/// The metrics of the whole problem from each row's merged partial and its count of
+/// logits above the target summed over the shards (`above`; needed for the top-k
+/// figures, zeros otherwise): the same figures as an unsharded evaluation's.
+pub fn metrics(
+    partials: &[VocabPartial],
+    above: &[u64],
+    targets: Targets<'_>,
+    opts: &LossOptions,
+) -> Result<Metrics> {
+    let spec = opts.get_metrics().cloned().unwrap_or_else(MetricsSpec::new);
+    spec.validate()?;
+    let rows = targets.len();
+    check_rows("merged partials", partials.len(), rows)?;
+    check_rows("counts above the target", above.len(), rows)?;
+    let ignore = opts.get_ignore_index();
+    let per_row: Vec<RowMetrics> = partials
+        .iter()
+        .zip(above)
+        .enumerate()
+        .map(|(r, (p, &n))| {
+            let t = targets.get(r);
+            let target = if t == ignore { -1 } else { t };
+            let argmax = if p.nan { None } else { p.argmax.map(|a| a.0) };
+            let z_t = if target >= 0 { p.target.unwrap_or(f32::NAN) } else { 0.0 };
+            RowMetrics::from_stats(target, argmax, n, p.state.max, p.state.sum, p.spread as f32, z_t)
+        })
+        .collect();
+    Ok(Metrics::from_rows(&spec, &per_row))
+}
+
+/// The target's logit of each row, from merged partials (the input of the top-k step).
+pub fn target_logits(partials: &[VocabPartial]) -> Vec<Option<f32>> {
+    partials.iter().map(|p| p.target).collect()
+}
+
+/// Checks a shard for a path's `vocab_partials` and friends: the whole batch.
+pub(crate) fn checked(shard: &ColumnShard<'_>, targets: Targets<'_>, opts: &LossOptions) -> Result<Batch> {
+    shard.check(targets, opts)
+}
+
+/// What a path that is not a vocabulary shard returns.
+pub(crate) fn unsupported(path: String, step: &str) -> Error {
+    Error::Unsupported {
+        path,
+        cell: format!("vocabulary-parallel {step}"),
+        why: "this path computes whole rows only: shard the vocabulary on the fast CPU path or the reference"
+            .into(),
+    }
+}
+
+/// Checks a shard's gradient step: the shard, one LSE and upstream value per row, `out`
+/// the shard's size.
+pub(crate) fn checked_gradient(
+    shard: &ColumnShard<'_>,
+    targets: Targets<'_>,
+    lse: &[f32],
+    upstream: Upstream<'_>,
+    opts: &LossOptions,
+    out: &[f32],
+) -> Result<Batch> {
+    let batch = shard.check(targets, opts)?;
+    crate::cpu::reference::check_lse(lse, batch.rows)?;
+    upstream.check(batch.rows)?;
+    if out.len() != shard.logits.len() {
+        return Err(Error::Shape {
+            what: "a shard's gradient".into(),
+            got: out.len(),
+            expected: shard.logits.len(),
+        });
+    }
+    Ok(batch)
 }

@@ -555,79 +555,179 @@ fn row_shards_over_every_path_match_pytorch() {
     }
 }
 
-/// Vocabulary-parallel evaluation on the f64 reference (`xent::vocab`): every class-index
-/// case of tests/data cut into 2, 3 and 7 column ranges. Each shard's partials, merged left
-/// to right and right to left, give PyTorch's loss (every reduction; the row losses for
-/// `none`), and each shard's gradient columns from the merged LSE put together give
-/// PyTorch's gradient, where f32 can carry it (`backward_floor`, as the unsharded
-/// backwards: the offset cases skip it).
+/// Vocabulary-parallel evaluation (`xent::vocab`) on the f64 reference and the fast CPU
+/// path: every class-index case of tests/data cut into 2, 3 and 7 column ranges. Each
+/// shard's partials, merged left to right and right to left, give PyTorch's loss (every
+/// reduction; the row losses for `none`), and each shard's gradient columns from the
+/// merged LSE put together give PyTorch's gradient, where f32 can carry it
+/// (`backward_floor`, as the unsharded backwards: the offset cases skip it).
 #[test]
-fn vocab_shards_on_the_reference_match_pytorch() {
-    use xent::vocab::{ColumnShard, VocabPartial, finish, reference_gradient, reference_partials};
+fn vocab_shards_on_the_cpu_paths_match_pytorch() {
+    use xent::vocab::{ColumnShard, VocabPartial, finish};
+    for path in [&Reference as &dyn Backend, &xent::CpuFast] {
+        let mut count = Count::default();
+        for case in cases() {
+            let (n, v) = (case.targets.len(), case.classes);
+            let targets = || xent::Targets::I64(&case.targets);
+            for parts in [2, 3, 7] {
+                let cuts: Vec<std::ops::Range<usize>> =
+                    (0..parts).map(|k| v * k / parts..v * (k + 1) / parts).collect();
+                let shards: Vec<Vec<f32>> = cuts
+                    .iter()
+                    .map(|c| case.logits.chunks(v).flat_map(|row| row[c.clone()].to_vec()).collect())
+                    .collect();
+                for reduction in REDUCTIONS {
+                    let what =
+                        format!("{}: {} {reduction:?}, {parts} column ranges", path.describe(), case.name);
+                    let opts = case.opts.clone().reduction(reduction);
+                    let want = expected(&case.dir, reduction);
+                    let partials: Vec<Vec<VocabPartial>> = cuts
+                        .iter()
+                        .zip(&shards)
+                        .map(|(c, l)| {
+                            path.vocab_partials(ColumnShard::new(l, c.clone(), v), targets(), &opts).unwrap()
+                        })
+                        .collect();
+                    let left: Vec<VocabPartial> = (0..n)
+                        .map(|r| partials.iter().fold(VocabPartial::EMPTY, |a, p| a.combine(p[r])))
+                        .collect();
+                    let right: Vec<VocabPartial> = (0..n)
+                        .map(|r| partials.iter().rev().fold(VocabPartial::EMPTY, |a, p| p[r].combine(a)))
+                        .collect();
+                    let loss_only = LossOutput { gradient: None, ..want.clone() };
+                    let mut lse = Vec::new();
+                    for merged in [&left, &right] {
+                        let out = finish(merged, targets(), v, &opts).unwrap();
+                        let got = LossOutput {
+                            loss: out.loss,
+                            row_losses: out.row_losses.filter(|_| reduction == Reduction::None),
+                            ..Default::default()
+                        };
+                        compare(&got, &loss_only, Tolerance::F32).unwrap_or_else(|e| panic!("{what}: {e}"));
+                        lse = out.lse.unwrap();
+                    }
+                    let grad_want = want.gradient.as_deref().unwrap();
+                    let compared =
+                        backward_floor(&case.logits, v, &lse, &opts, grad_want) <= Tolerance::F32.grad_atol;
+                    count.note(compared, &case.name, reduction, Way::Backward, path);
+                    if !compared {
+                        continue;
+                    }
+                    let mut grad = vec![f32::NAN; n * v];
+                    for (c, l) in cuts.iter().zip(&shards) {
+                        let mut g = vec![f32::NAN; l.len()];
+                        let shard = ColumnShard::new(l, c.clone(), v);
+                        path.vocab_gradient(shard, targets(), &lse, Upstream::Scalar(1.0), &opts, &mut g)
+                            .unwrap();
+                        for (row, part) in grad.chunks_mut(v).zip(g.chunks(c.len().max(1))) {
+                            row[c.clone()].copy_from_slice(&part[..c.len()]);
+                        }
+                    }
+                    let got = LossOutput { gradient: Some(grad), ..Default::default() };
+                    let gradient_only = LossOutput { gradient: want.gradient.clone(), ..Default::default() };
+                    compare(&got, &gradient_only, Tolerance::F32)
+                        .unwrap_or_else(|e| panic!("{what}: gradient: {e}"));
+                }
+            }
+        }
+        // The same 8 of every 45 backwards as unsharded (the offset cases, `everything` under
+        // sum and none): 24 of 135.
+        count.at_most_skipped("vocab shards", 3);
+    }
+}
+
+/// The whole vocabulary-parallel driver (`xent::parallel::evaluate_vocab`) on three threads
+/// of an in-process group, each rank its columns on the fast CPU path, and the rows driver
+/// (`evaluate_rows`), each rank its rows: PyTorch's loss and gradient on every rank, for
+/// every class-index case and reduction.
+#[test]
+fn vocab_and_rows_over_a_local_group_match_pytorch() {
+    use xent::collective::LocalGroup;
+    use xent::parallel::{columns, evaluate_rows, evaluate_vocab, rows};
+    use xent::vocab::ColumnShard;
+    const RANKS: usize = 3;
     let mut count = Count::default();
     for case in cases() {
         let (n, v) = (case.targets.len(), case.classes);
-        let targets = || xent::Targets::I64(&case.targets);
-        for parts in [2, 3, 7] {
-            let cuts: Vec<std::ops::Range<usize>> =
-                (0..parts).map(|k| v * k / parts..v * (k + 1) / parts).collect();
-            let shards: Vec<Vec<f32>> = cuts
-                .iter()
-                .map(|c| case.logits.chunks(v).flat_map(|row| row[c.clone()].to_vec()).collect())
-                .collect();
-            for reduction in REDUCTIONS {
-                let what = format!("{} {reduction:?}, {parts} column ranges", case.name);
-                let opts = case.opts.clone().reduction(reduction);
-                let want = expected(&case.dir, reduction);
-                let partials: Vec<Vec<VocabPartial>> = cuts
+        for reduction in REDUCTIONS {
+            let opts = case.opts.clone().reduction(reduction);
+            let want = expected(&case.dir, reduction);
+            let group = LocalGroup::new(RANKS);
+            // Each rank: (loss output by columns, its columns and their gradient, loss output by
+            // rows, its rows' gradient).
+            type RankResult = (LossOutput, std::ops::Range<usize>, Vec<f32>, LossOutput, Vec<f32>);
+            let results: Vec<RankResult> = std::thread::scope(|s| {
+                let running: Vec<_> = group
                     .iter()
-                    .zip(&shards)
-                    .map(|(c, l)| {
-                        reference_partials(ColumnShard::new(l, c.clone(), v), targets(), &opts).unwrap()
+                    .map(|c| {
+                        let (case, opts) = (&case, &opts);
+                        s.spawn(move || {
+                            let cols = columns(c, v);
+                            let mine: Vec<f32> =
+                                case.logits.chunks(v).flat_map(|r| r[cols.clone()].to_vec()).collect();
+                            let mut g = vec![f32::NAN; mine.len()];
+                            let shard = ColumnShard::new(&mine, cols.clone(), v);
+                            let t = xent::Targets::I64(&case.targets);
+                            let by_cols =
+                                evaluate_vocab(c, &xent::CpuFast, shard, t, opts, Some(&mut g)).unwrap();
+                            let r = rows(c, n);
+                            let mut rg = vec![f32::NAN; r.len() * v];
+                            let block = Problem::new(
+                                Logits::F32(&case.logits[r.start * v..r.end * v]),
+                                v,
+                                Labels::Classes(t.slice(r.clone())),
+                            )
+                            .gradient(Gradient::IntoF32(&mut rg));
+                            let by_rows = evaluate_rows(c, &xent::CpuFast, block, opts).unwrap();
+                            (by_cols, cols, g, by_rows, rg)
+                        })
                     })
                     .collect();
-                let left: Vec<VocabPartial> = (0..n)
-                    .map(|r| partials.iter().fold(VocabPartial::EMPTY, |a, p| a.combine(p[r])))
-                    .collect();
-                let right: Vec<VocabPartial> = (0..n)
-                    .map(|r| partials.iter().rev().fold(VocabPartial::EMPTY, |a, p| p[r].combine(a)))
-                    .collect();
-                let loss_only = LossOutput { gradient: None, ..want.clone() };
-                let mut lse = Vec::new();
-                for merged in [&left, &right] {
-                    let out = finish(merged, targets(), v, &opts).unwrap();
-                    let got = LossOutput {
-                        loss: out.loss,
-                        row_losses: out.row_losses.filter(|_| reduction == Reduction::None),
-                        ..Default::default()
-                    };
-                    compare(&got, &loss_only, Tolerance::F32).unwrap_or_else(|e| panic!("{what}: {e}"));
-                    lse = out.lse.unwrap();
+                running.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let what = format!("{} {reduction:?} over {RANKS} ranks", case.name);
+            let loss_only = LossOutput { gradient: None, ..want.clone() };
+            let mut grad = vec![f32::NAN; n * v];
+            let mut row_grad = Vec::new();
+            let mut row_losses = Vec::new();
+            for (by_cols, cols, g, by_rows, rg) in &results {
+                let got = LossOutput {
+                    loss: by_cols.loss,
+                    row_losses: by_cols.row_losses.clone().filter(|_| reduction == Reduction::None),
+                    ..Default::default()
+                };
+                compare(&got, &loss_only, Tolerance::F32)
+                    .unwrap_or_else(|e| panic!("{what}, by columns: {e}"));
+                for (row, part) in grad.chunks_mut(v).zip(g.chunks(cols.len().max(1))) {
+                    row[cols.clone()].copy_from_slice(&part[..cols.len()]);
                 }
-                let grad_want = want.gradient.as_deref().unwrap();
-                let compared =
-                    backward_floor(&case.logits, v, &lse, &opts, grad_want) <= Tolerance::F32.grad_atol;
-                count.note(compared, &case.name, reduction, Way::Backward, &xent::Reference);
-                if !compared {
-                    continue;
+                row_grad.extend_from_slice(rg);
+                row_losses.extend(by_rows.row_losses.clone().unwrap_or_default());
+                if reduction != Reduction::None {
+                    let got = LossOutput { loss: by_rows.loss, ..Default::default() };
+                    let want = LossOutput { loss: want.loss, ..Default::default() };
+                    compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{what}, by rows: {e}"));
                 }
-                let mut grad = vec![f32::NAN; n * v];
-                for (c, l) in cuts.iter().zip(&shards) {
-                    let mut g = vec![f32::NAN; l.len()];
-                    let shard = ColumnShard::new(l, c.clone(), v);
-                    reference_gradient(shard, targets(), &lse, Upstream::Scalar(1.0), &opts, &mut g).unwrap();
-                    for (row, part) in grad.chunks_mut(v).zip(g.chunks(c.len().max(1))) {
-                        row[c.clone()].copy_from_slice(&part[..c.len()]);
-                    }
-                }
-                let got = LossOutput { gradient: Some(grad), ..Default::default() };
-                let gradient_only = LossOutput { gradient: want.gradient.clone(), ..Default::default() };
+            }
+            if reduction == Reduction::None {
+                let got = LossOutput { row_losses: Some(row_losses), ..Default::default() };
+                compare(&got, &loss_only, Tolerance::F32).unwrap_or_else(|e| panic!("{what}, by rows: {e}"));
+            }
+            let grad_want = want.gradient.as_deref().unwrap();
+            let lse = results[0].0.lse.clone().unwrap();
+            let compared =
+                backward_floor(&case.logits, v, &lse, &opts, grad_want) <= Tolerance::F32.grad_atol;
+            count.note(compared, &case.name, reduction, Way::Backward, &xent::CpuFast);
+            if !compared {
+                continue;
+            }
+            let gradient_only = LossOutput { gradient: want.gradient.clone(), ..Default::default() };
+            for (how, g) in [("columns", grad), ("rows", row_grad)] {
+                let got = LossOutput { gradient: Some(g), ..Default::default() };
                 compare(&got, &gradient_only, Tolerance::F32)
-                    .unwrap_or_else(|e| panic!("{what}: gradient: {e}"));
+                    .unwrap_or_else(|e| panic!("{what}, by {how}: gradient: {e}"));
             }
         }
     }
-    // The same 8 of every 45 backwards as unsharded (the offset cases, `everything` under
-    // sum and none): 24 of 135.
-    count.at_most_skipped("vocab shards", 3);
+    count.at_most_skipped("ranks", 3);
 }

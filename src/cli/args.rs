@@ -139,6 +139,15 @@ pub enum ReductionArg {
     None,
 }
 
+/// How `eval --parallel` shards a problem over the ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ParallelArg {
+    /// Each rank a block of rows.
+    Rows,
+    /// Each rank a block of the vocabulary's columns.
+    Vocab,
+}
+
 #[derive(clap::Args)]
 pub struct EvalArgs {
     /// Logits: float32 or float16 [N, V] (or give the linear head: --hidden, --weight).
@@ -191,6 +200,13 @@ pub struct EvalArgs {
     /// by every adapter, one thread each, merged on the host.
     #[arg(long)]
     pub adapter: Option<String>,
+    /// Shard the evaluation over the ranks of an MPI job (`mpirun -np P xent eval ...`;
+    /// xent built with the `mpi` feature): `rows`, a block of rows a rank; `vocab`, a block
+    /// of the vocabulary's columns a rank (the ranks exchange per-row partials only).
+    /// Every rank maps the same files; rank 0 prints the JSON; output files are written by
+    /// every rank into its part and renamed into place once every rank succeeded.
+    #[arg(long, value_enum)]
+    pub parallel: Option<ParallelArg>,
     /// Write the loss: 0-d float32, or float32 [N] for --reduction none.
     #[arg(long)]
     pub out_loss: Option<PathBuf>,

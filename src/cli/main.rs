@@ -5,6 +5,7 @@ use std::path::Path;
 mod alloc;
 mod args;
 mod linear;
+mod parallel;
 use args::{Cli, Command, DeviceArg, EvalArgs};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -133,6 +134,9 @@ fn check_writable(path: &Path) -> xent::Result<()> {
 
 fn eval(args: &EvalArgs) -> xent::Result<ExitCode> {
     let mut opts = args::eval_options(args)?;
+    if let Some(mode) = args.parallel {
+        return parallel::eval(args, opts, mode);
+    }
     for p in args.outputs() {
         check_writable(p)?;
     }
@@ -308,7 +312,7 @@ pub(crate) fn metrics_outputs(args: &EvalArgs, out: &xent::LossOutput) -> xent::
 
 /// `eval`'s backend: the GPU (the adapter named, or the default one; `--adapter all`:
 /// the rows shared by every adapter), the fast CPU path or the reference.
-fn open_backend(args: &EvalArgs) -> xent::Result<Box<dyn Backend>> {
+pub(crate) fn open_backend(args: &EvalArgs) -> xent::Result<Box<dyn Backend>> {
     Ok(match args.device {
         DeviceArg::Gpu if args.adapter.as_deref() == Some("all") => {
             Box::new(xent::RowShards::adapters(None)?)
@@ -329,7 +333,7 @@ fn open_backend(args: &EvalArgs) -> xent::Result<Box<dyn Backend>> {
 }
 
 /// The device's name in `eval`'s JSON.
-fn device_name(device: DeviceArg) -> &'static str {
+pub(crate) fn device_name(device: DeviceArg) -> &'static str {
     match device {
         DeviceArg::Gpu => "gpu",
         DeviceArg::Cpu => "cpu",
@@ -339,7 +343,11 @@ fn device_name(device: DeviceArg) -> &'static str {
 
 /// The class-index targets of an array read from `path`: 1-D, int64 or int32 (`other`
 /// says where float targets go instead).
-fn class_targets<'a>(path: &Path, targets: &'a npy::NpyArray, other: &str) -> xent::Result<Targets<'a>> {
+pub(crate) fn class_targets<'a>(
+    path: &Path,
+    targets: &'a npy::NpyArray,
+    other: &str,
+) -> xent::Result<Targets<'a>> {
     if targets.shape.len() != 1 {
         return Err(Error::Npy {
             path: path.to_path_buf(),
@@ -357,7 +365,7 @@ fn class_targets<'a>(path: &Path, targets: &'a npy::NpyArray, other: &str) -> xe
 }
 
 /// A per-class float32 vector [V] from a `.npy` file.
-fn read_class_vector(path: &Path, what: &str) -> xent::Result<Vec<f32>> {
+pub(crate) fn read_class_vector(path: &Path, what: &str) -> xent::Result<Vec<f32>> {
     let w = npy::read(path)?;
     if w.shape.len() != 1 {
         return Err(Error::Npy {
@@ -373,7 +381,7 @@ fn read_class_vector(path: &Path, what: &str) -> xent::Result<Vec<f32>> {
 
 /// A number as Python's `json` writes it (NaN and infinities included, which its
 /// reader accepts).
-fn json_number(x: f32) -> String {
+pub(crate) fn json_number(x: f32) -> String {
     if x.is_finite() {
         return format!("{x:?}");
     }
@@ -391,7 +399,7 @@ fn json_number64(x: f64) -> String {
     }
 }
 
-fn json_string(s: &str) -> String {
+pub(crate) fn json_string(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
         match c {

@@ -30,7 +30,7 @@ const LANES: usize = 16;
 /// round(x / ln 2)`, `r = x − n ln 2` in two parts, and a degree-6 polynomial. −inf
 /// gives 0, large x gives +inf, NaN stays NaN. Written branch-free so that it vectorises.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(super) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -172,7 +172,7 @@ fn block_sum_exp(xs: &[f32], m: f32) -> f32 {
 
 /// (max, Σ exp(x − max)) of a row in one read: the online softmax over blocks.
 #[inline(always)]
-fn row_stats(row: &[f32]) -> (f32, f64) {
+pub(super) fn row_stats(row: &[f32]) -> (f32, f64) {
     let mut m = crate::row_state::EMPTY_MAX;
     let mut total = 0.0f64;
     for block in row.chunks(BLOCK) {

@@ -1,0 +1,235 @@
+//! `xent eval --parallel rows|vocab` under `mpirun`: every rank maps the same input files,
+//! takes its block of rows or of the vocabulary's columns, and evaluates it through
+//! [`xent::parallel`]; rank 0 prints the JSON. An output file is created by rank 0 under a
+//! temporary name, filled by every rank in its part, and renamed into place only after
+//! every rank has succeeded; a failure anywhere leaves no file behind.
+
+use std::process::ExitCode;
+#[cfg(feature = "mpi")]
+use std::time::Instant;
+
+use xent::LossOptions;
+#[cfg(feature = "mpi")]
+use xent::collective::{Collective, Metered, agree};
+#[cfg(feature = "mpi")]
+use xent::npy::{self, NpyWriter};
+#[cfg(feature = "mpi")]
+use xent::{Error, Gradient, Labels, Logits, Problem, Reduction, Targets};
+
+use crate::args::{EvalArgs, ParallelArg};
+
+/// Runs `eval` as one rank of the MPI job.
+#[cfg(not(feature = "mpi"))]
+pub fn eval(_: &EvalArgs, _: LossOptions, _: ParallelArg) -> xent::Result<ExitCode> {
+    Err(xent::Error::InvalidOption(
+        "--parallel runs under mpirun and needs xent built with the mpi feature (cargo build --features \
+         mpi; Debian: apt-get install openmpi-bin libopenmpi-dev libclang-dev)"
+            .into(),
+    ))
+}
+
+/// Runs `eval` as one rank of the MPI job.
+#[cfg(feature = "mpi")]
+pub fn eval(args: &EvalArgs, opts: LossOptions, mode: ParallelArg) -> xent::Result<ExitCode> {
+    let mpi = xent::collective::Mpi::init()?;
+    // A rank that panics ends the job at once rather than leaving the others waiting.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        hook(info);
+        mpi::traits::Communicator::abort(&mpi::topology::SimpleCommunicator::world(), 70);
+    }));
+    let metered = Metered::new(&mpi);
+    let json = run(&metered, args, opts, mode)?;
+    if metered.rank() == 0 {
+        println!("{json}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a rank reads before anything is exchanged: the mapped logits and the targets.
+#[cfg(feature = "mpi")]
+struct Inputs {
+    logits: npy::MappedNpy,
+    targets: npy::NpyArray,
+    rows: usize,
+    classes: usize,
+}
+
+#[cfg(feature = "mpi")]
+impl Inputs {
+    fn open(args: &EvalArgs, opts: &mut LossOptions) -> xent::Result<Self> {
+        let usage = |m: &str| Err(Error::InvalidOption(m.into()));
+        let Some(path) = &args.logits else {
+            return usage(
+                "--parallel takes --logits [N, V] (the tensor-parallel linear head is not in the CLI yet: use \
+                 xent::parallel with each rank's block of W)",
+            );
+        };
+        if args.loss_kind != crate::args::LossKind::Ce {
+            return usage("--parallel takes class-index targets (--loss-kind ce)");
+        }
+        if args.out_pred.is_some() || args.plot.is_some() {
+            return usage(
+                "--out-pred and --plot are not written under --parallel (the JSON has the metrics)",
+            );
+        }
+        let logits = npy::MappedNpy::open(path)?;
+        let (rows, classes) = match logits.header().shape[..] {
+            [n, v] => (n, v),
+            ref s => {
+                return Err(Error::Npy {
+                    path: path.clone(),
+                    message: format!("logits must be 2-D [N, V], got shape {s:?}"),
+                });
+            }
+        };
+        if !matches!(logits.header().dtype, npy::DType::F32 | npy::DType::F16) {
+            return Err(Error::Npy {
+                path: path.clone(),
+                message: format!("logits must be float32 or float16, found {:?}", logits.header().dtype),
+            });
+        }
+        let targets = npy::read(&args.targets)?;
+        let t = crate::class_targets(&args.targets, &targets, "--parallel takes class indices")?;
+        if t.len() != rows {
+            return Err(Error::Shape {
+                what: format!("targets ({} rows; logits have {rows})", t.len()),
+                got: t.len(),
+                expected: rows,
+            });
+        }
+        if let Some(p) = &args.weights {
+            *opts = opts.clone().weights(crate::read_class_vector(p, "class weights")?);
+        }
+        opts.validate(classes)?;
+        Ok(Inputs { logits, targets, rows, classes })
+    }
+
+    fn targets(&self) -> Targets<'_> {
+        match &self.targets.data {
+            npy::NpyData::I64(t) => Targets::I64(t),
+            npy::NpyData::I32(t) => Targets::I32(t),
+            _ => unreachable!("checked in open"),
+        }
+    }
+
+    /// The logits of rows `r`.
+    fn rows_of(&self, r: std::ops::Range<usize>) -> xent::Result<Logits<'_>> {
+        let e = r.start * self.classes..r.end * self.classes;
+        Ok(match self.logits.header().dtype {
+            npy::DType::F16 => Logits::Half(&self.logits.as_f16_bits()?[e], xent::HalfFormat::F16),
+            _ => Logits::F32(&self.logits.as_f32()?[e]),
+        })
+    }
+
+    /// Columns `cols` of every row, as f32 (float16 widened exactly).
+    fn columns_of(&self, cols: std::ops::Range<usize>) -> xent::Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.rows * cols.len());
+        match self.logits.header().dtype {
+            npy::DType::F16 => {
+                let f = xent::HalfFormat::F16;
+                for row in self.logits.as_f16_bits()?.chunks(self.classes.max(1)) {
+                    out.extend(row[cols.clone()].iter().map(|&h| f.to_f32(h)));
+                }
+            }
+            _ => {
+                for row in self.logits.as_f32()?.chunks(self.classes.max(1)) {
+                    out.extend_from_slice(&row[cols.clone()]);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An output file of the whole job: rank 0 creates it, the others join it once it is there.
+#[cfg(feature = "mpi")]
+fn shared_output(
+    c: &dyn Collective,
+    path: Option<&std::path::PathBuf>,
+    shape: &[usize],
+    creator: u32,
+) -> xent::Result<Option<NpyWriter>> {
+    let Some(path) = path else { return Ok(None) };
+    let created = agree(c, if c.rank() == 0 { NpyWriter::create(path, shape).map(Some) } else { Ok(None) })?;
+    let joined = if c.rank() == 0 { Ok(created) } else { NpyWriter::join(path, creator, shape).map(Some) };
+    agree(c, joined)
+}
+
+#[cfg(feature = "mpi")]
+fn run(c: &Metered<'_>, args: &EvalArgs, mut opts: LossOptions, mode: ParallelArg) -> xent::Result<String> {
+    let inputs = agree(c, Inputs::open(args, &mut opts))?;
+    let backend = agree(c, crate::open_backend(args))?;
+    let (rows, v) = (inputs.rows, inputs.classes);
+    let none = opts.get_reduction() == Reduction::None;
+    let creator = c.all_gather(&[u64::from(std::process::id())])?[0][0] as u32;
+    let loss_shape: &[usize] = if none { &[rows] } else { &[] };
+    let mut loss_file = shared_output(c, args.out_loss.as_ref(), loss_shape, creator)?;
+    let mut grad_file = shared_output(c, args.out_grad.as_ref(), &[rows, v], creator)?;
+    let start = Instant::now();
+    let out = match mode {
+        ParallelArg::Rows => {
+            let r = xent::parallel::rows(c, rows);
+            let block = agree(c, inputs.rows_of(r.clone()))?;
+            let gradient = match &mut grad_file {
+                Some(w) => Gradient::IntoF32(&mut w.data_mut()[r.start * v..r.end * v]),
+                None => Gradient::None,
+            };
+            let problem =
+                Problem::new(block, v, Labels::Classes(inputs.targets().slice(r.clone()))).gradient(gradient);
+            let out = xent::parallel::evaluate_rows(c, &*backend, problem, &opts)?;
+            if let (Some(w), true) = (&mut loss_file, none) {
+                w.data_mut()[r].copy_from_slice(out.row_losses.as_deref().unwrap_or_default());
+            }
+            out
+        }
+        ParallelArg::Vocab => {
+            let cols = xent::parallel::columns(c, v);
+            let shard_logits = agree(c, inputs.columns_of(cols.clone()))?;
+            let shard = xent::vocab::ColumnShard::new(&shard_logits, cols.clone(), v);
+            let mut grad = grad_file.as_ref().map(|_| vec![0.0f32; shard_logits.len()]);
+            let out = xent::parallel::evaluate_vocab(
+                c,
+                &*backend,
+                shard,
+                inputs.targets(),
+                &opts,
+                grad.as_deref_mut(),
+            )?;
+            if let (Some(w), Some(g)) = (&mut grad_file, &grad) {
+                let width = cols.len().max(1);
+                for (row, part) in w.data_mut().chunks_mut(v.max(1)).zip(g.chunks(width)) {
+                    row[cols.clone()].copy_from_slice(&part[..cols.len()]);
+                }
+            }
+            if let (Some(w), true, 0) = (&mut loss_file, none, c.rank()) {
+                w.data_mut().copy_from_slice(out.row_losses.as_deref().unwrap_or_default());
+            }
+            out
+        }
+    };
+    let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
+    if let (Some(w), false, 0) = (&mut loss_file, none, c.rank()) {
+        w.data_mut()[0] = out.loss.unwrap_or(f32::NAN);
+    }
+    // Every part on disk before rank 0 renames the files into place.
+    let parts: Vec<NpyWriter> = [loss_file, grad_file].into_iter().flatten().collect();
+    let (mine, theirs): (Vec<NpyWriter>, Vec<NpyWriter>) = parts.into_iter().partition(|_| c.rank() == 0);
+    agree(c, theirs.into_iter().try_for_each(NpyWriter::commit))?;
+    agree(c, mine.into_iter().try_for_each(NpyWriter::commit))?;
+    let metrics = crate::metrics_outputs(args, &out)?;
+    let mode_name = match mode {
+        ParallelArg::Rows => "rows",
+        ParallelArg::Vocab => "vocab",
+    };
+    Ok(format!(
+        "{{\"loss\": {}, \"z_loss\": {}, \"rows\": {rows}, \"classes\": {v}, \"device\": \"{}\", \"adapter\": {}, \
+         \"elapsed_ms\": {elapsed_ms:.3}, \"parallel\": \"{mode_name}\", \"ranks\": {}, \"sent_bytes\": {}{metrics}}}",
+        out.loss.map_or("null".to_string(), crate::json_number),
+        out.z_loss.map_or("null".to_string(), crate::json_number),
+        crate::device_name(args.device),
+        crate::json_string(&backend.describe()),
+        c.size(),
+        c.sent_bytes()
+    ))
+}

@@ -1,0 +1,201 @@
+//! `xent eval --parallel rows|vocab` under `mpirun` (the `mpi` feature): 2 and 3 ranks
+//! against the single-process run of the same files (loss, metrics, row losses and the
+//! gradient each rank writes into its part of one file), and a rank with bad input making
+//! every rank exit with the typed error's code and no output file left behind. Without the
+//! feature, `--parallel` is a clear error.
+
+#[allow(dead_code)]
+mod common;
+
+use common::cli::{Dir, xent};
+use xent::npy::{self, NpyData};
+
+#[cfg(feature = "mpi")]
+fn mpirun(np: usize, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new("mpirun");
+    // Root (CI containers) needs --allow-run-as-root; more ranks than cores needs
+    // --oversubscribe.
+    cmd.args(["--oversubscribe", "-np", &np.to_string()]);
+    if is_root() {
+        cmd.arg("--allow-run-as-root");
+    }
+    cmd.arg(env!("CARGO_BIN_EXE_xent")).args(args);
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!(
+            "mpirun could not be started ({e}): the mpi feature's tests need OpenMPI (Debian: apt-get install \
+             openmpi-bin libopenmpi-dev)"
+        )
+    });
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether this process runs as root (from /proc, without a libc dependency).
+#[cfg(feature = "mpi")]
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn f32s(path: &std::path::Path) -> Vec<f32> {
+    match npy::read(path).unwrap().data {
+        NpyData::F32(v) => v,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The value of `"key": number` in one line of JSON.
+fn field(json: &str, key: &str) -> f64 {
+    let at = json.find(&format!("\"{key}\": ")).unwrap_or_else(|| panic!("{key} in {json}")) + key.len() + 4;
+    let end = json[at..].find([',', '}']).unwrap() + at;
+    json[at..end].trim().parse().unwrap_or_else(|_| panic!("{key}: {}", &json[at..end]))
+}
+
+/// A batch of 53 rows × 211 classes, with an ignored row.
+fn inputs(dir: &Dir, bad_row: Option<usize>) {
+    let (n, v) = (53usize, 211usize);
+    let logits: Vec<f32> = (0..n * v).map(|i| ((i * 7919 % 1000) as f32 / 125.0) - 4.0).collect();
+    let mut targets: Vec<i64> = (0..n as i64).map(|r| (r * 37) % v as i64).collect();
+    targets[4] = -100;
+    if let Some(r) = bad_row {
+        targets[r] = 500;
+    }
+    npy::write_f32(dir.path("l.npy"), &[n, v], &logits).unwrap();
+    npy::write_i64(dir.path("t.npy"), &targets).unwrap();
+}
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn parallel_without_the_mpi_feature_is_a_clear_error() {
+    let dir = Dir::new("mpi-off");
+    inputs(&dir, None);
+    let (l, t) = (dir.path("l.npy"), dir.path("t.npy"));
+    let (code, _, err) = xent(&[
+        "eval",
+        "--logits",
+        l.to_str().unwrap(),
+        "--targets",
+        t.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--parallel",
+        "rows",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("mpi feature"), "{err}");
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn parallel_rows_and_vocab_over_two_and_three_ranks_equal_one_process() {
+    let dir = Dir::new("mpi");
+    inputs(&dir, None);
+    let s = |p: &str| dir.path(p).to_str().unwrap().to_string();
+    let option_sets: [&[&str]; 3] = [
+        &["--reduction", "mean", "--metrics", "--top-k", "1,3"],
+        &["--reduction", "sum", "--label-smoothing", "0.1", "--z-loss", "0.001", "--softcap", "5"],
+        &["--reduction", "none", "--logit-scale", "0.7"],
+    ];
+    for opts in option_sets {
+        let base = |out: &str| {
+            let mut a: Vec<String> =
+                ["eval", "--logits", &s("l.npy"), "--targets", &s("t.npy"), "--device", "cpu"]
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect();
+            a.extend(opts.iter().map(|x| x.to_string()));
+            a.extend([
+                "--out-grad".into(),
+                s(&format!("g_{out}.npy")),
+                "--out-loss".into(),
+                s(&format!("l_{out}.npy")),
+            ]);
+            a
+        };
+        let single = base("one");
+        let (code, one, err) = xent(&single.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(code, 0, "{err}");
+        let want_grad = f32s(&dir.path("g_one.npy"));
+        let want_loss = f32s(&dir.path("l_one.npy"));
+        for np in [2, 3] {
+            for mode in ["rows", "vocab"] {
+                let what = format!("{opts:?}, {mode} over {np} ranks");
+                let mut args = base(mode);
+                args.extend(["--parallel".into(), mode.into()]);
+                let (code, out, err) = mpirun(np, &args.iter().map(String::as_str).collect::<Vec<_>>());
+                assert_eq!(code, 0, "{what}: {err}");
+                assert_eq!(out.lines().count(), 1, "{what}: only rank 0 prints: {out}");
+                assert_eq!(field(&out, "ranks"), np as f64, "{what}");
+                assert!(out.contains(&format!("\"parallel\": \"{mode}\"")), "{what}: {out}");
+                if !opts.contains(&"none") {
+                    let (a, b) = (field(&out, "loss"), field(&one, "loss"));
+                    assert!((a - b).abs() <= 1e-5 * b.abs(), "{what}: loss {a} vs {b}");
+                }
+                if opts.contains(&"--metrics") {
+                    for key in ["accuracy", "counted_rows", "1", "3"] {
+                        assert_eq!(field(&out, key), field(&one, key), "{what}: {key}");
+                    }
+                    for key in ["nll", "entropy", "ece"] {
+                        assert!((field(&out, key) - field(&one, key)).abs() < 1e-5, "{what}: {key}");
+                    }
+                }
+                let (got_grad, got_loss) =
+                    (f32s(&dir.path(&format!("g_{mode}.npy"))), f32s(&dir.path(&format!("l_{mode}.npy"))));
+                assert_eq!(got_loss.len(), want_loss.len(), "{what}");
+                for (a, b) in got_loss.iter().zip(&want_loss) {
+                    assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "{what}: loss file {a} vs {b}");
+                }
+                let worst =
+                    got_grad.iter().zip(&want_grad).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= 1e-6, "{what}: gradient differs by {worst}");
+                if mode == "rows" {
+                    assert_eq!(
+                        got_grad, want_grad,
+                        "{what}: each rank's rows are the single run's, bit for bit"
+                    );
+                }
+            }
+        }
+    }
+    assert!(dir.files().iter().all(|f| !f.contains("xent-tmp")), "temporary files left: {:?}", dir.files());
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn a_rank_with_bad_input_ends_every_rank_with_its_error_and_no_file() {
+    let dir = Dir::new("mpi-fault");
+    inputs(&dir, Some(50)); // the last rank's rows
+    let s = |p: &str| dir.path(p).to_str().unwrap().to_string();
+    for mode in ["rows", "vocab"] {
+        let started = std::time::Instant::now();
+        let args = [
+            "eval",
+            "--logits",
+            &s("l.npy"),
+            "--targets",
+            &s("t.npy"),
+            "--device",
+            "cpu",
+            "--parallel",
+            mode,
+            "--out-grad",
+            &s("g.npy"),
+            "--out-loss",
+            &s("l_out.npy"),
+        ];
+        let (code, out, err) = mpirun(3, &args);
+        assert_eq!(code, 2, "{mode}: a bad target is bad input: {out} {err}");
+        assert!(err.contains("row 50"), "{mode}: the error names the batch's row: {err}");
+        assert!(out.is_empty(), "{mode}: {out}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "{mode}: {:?}", started.elapsed());
+        let files = dir.files();
+        assert_eq!(files, ["l.npy", "t.npy"], "{mode}: nothing written: {files:?}");
+    }
+}
