@@ -7,7 +7,9 @@
 mod common;
 
 use common::cli::{Dir, xent};
-use xent::npy::{self, NpyData};
+use xent::npy;
+#[cfg(feature = "mpi")]
+use xent::npy::NpyData;
 
 #[cfg(feature = "mpi")]
 fn mpirun(np: usize, args: &[&str]) -> (i32, String, String) {
@@ -45,6 +47,7 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+#[cfg(feature = "mpi")]
 fn f32s(path: &std::path::Path) -> Vec<f32> {
     match npy::read(path).unwrap().data {
         NpyData::F32(v) => v,
@@ -53,6 +56,7 @@ fn f32s(path: &std::path::Path) -> Vec<f32> {
 }
 
 /// The value of `"key": number` in one line of JSON.
+#[cfg(feature = "mpi")]
 fn field(json: &str, key: &str) -> f64 {
     let at = json.find(&format!("\"{key}\": ")).unwrap_or_else(|| panic!("{key} in {json}")) + key.len() + 4;
     let end = json[at..].find([',', '}']).unwrap() + at;
