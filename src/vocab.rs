@@ -55,7 +55,8 @@ pub struct VocabPartial {
     /// fast CPU path without [`LossOptions::metrics`]).
     pub nan: bool,
     /// The range's largest transformed logit and its column in the whole vocabulary
-    /// (the lowest on ties; NaN logits are passed over); `None` for an empty range.
+    /// (the lowest on ties; NaN logits are passed over); `None` for an empty range (and
+    /// on the fast CPU path without [`LossOptions::metrics`]).
     pub argmax: Option<(usize, f32)>,
 }
 

@@ -122,21 +122,26 @@ impl Inputs {
         })
     }
 
-    /// Columns `cols` of every row, as f32 (float16 widened exactly).
+    /// Columns `cols` of every row, as f32 (float16 widened exactly), copied on every
+    /// thread.
     fn columns_of(&self, cols: std::ops::Range<usize>) -> xent::Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(self.rows * cols.len());
+        use rayon::prelude::*;
+        let (v, w) = (self.classes.max(1), cols.len());
+        let mut out = vec![0.0f32; self.rows * w];
+        if w == 0 {
+            return Ok(out);
+        }
+        let rows = out.par_chunks_mut(w);
         match self.logits.header().dtype {
             npy::DType::F16 => {
                 let f = xent::HalfFormat::F16;
-                for row in self.logits.as_f16_bits()?.chunks(self.classes.max(1)) {
-                    out.extend(row[cols.clone()].iter().map(|&h| f.to_f32(h)));
-                }
+                rows.zip(self.logits.as_f16_bits()?.par_chunks(v)).for_each(|(o, row)| {
+                    o.iter_mut().zip(&row[cols.clone()]).for_each(|(o, &h)| *o = f.to_f32(h));
+                });
             }
-            _ => {
-                for row in self.logits.as_f32()?.chunks(self.classes.max(1)) {
-                    out.extend_from_slice(&row[cols.clone()]);
-                }
-            }
+            _ => rows
+                .zip(self.logits.as_f32()?.par_chunks(v))
+                .for_each(|(o, row)| o.copy_from_slice(&row[cols.clone()])),
         }
         Ok(out)
     }

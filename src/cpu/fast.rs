@@ -22,7 +22,7 @@ use crate::metrics::RowMetrics;
 use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets, Upstream};
 
 /// Elements per block of the online softmax (a whole number of SIMD vectors).
-const BLOCK: usize = 64;
+pub(super) const BLOCK: usize = 64;
 /// Lanes the inner loops are written for (LLVM maps them to 2 AVX2 or 4 SSE registers).
 const LANES: usize = 16;
 
@@ -140,7 +140,7 @@ fn tanh_sech2<const F: bool>(u: f32) -> (f32, f32) {
 
 /// Max of a slice in lanes (NaN-propagating where it matters is handled by the sum).
 #[inline(always)]
-fn block_max(xs: &[f32]) -> f32 {
+pub(super) fn block_max(xs: &[f32]) -> f32 {
     let mut m = [f32::MIN; LANES];
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -189,7 +189,7 @@ pub(super) fn row_stats(row: &[f32]) -> (f32, f64) {
 /// [`block_sum_exp`] with the metrics' parts in the same read: (Σ e, Σ e (x − m),
 /// #{x > z_t}) with e = exp(x − m).
 #[inline(always)]
-fn block_sums_metrics(xs: &[f32], m: f32, z_t: f32) -> (f32, f32, u64) {
+pub(super) fn block_sums_metrics(xs: &[f32], m: f32, z_t: f32) -> (f32, f32, u64) {
     // f32 lanes throughout (the count is exact: at most BLOCK per lane), so the loop
     // vectorises as one.
     let (mut s, mut sp, mut ab) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
@@ -827,6 +827,7 @@ macro_rules! multiversion {
         }
     };
 }
+pub(super) use multiversion;
 
 multiversion! {
     /// One batch of rows: the plain row loop, or the one with options; and each row's

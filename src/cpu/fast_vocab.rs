@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::fast::{exp_f32, row_stats};
+use super::fast::{BLOCK, block_max, block_sums_metrics, exp_f32, multiversion, row_stats};
 use crate::options::{Batch, LossOptions, Upstream};
 use crate::vocab::{ColumnShard, VocabPartial};
 
@@ -34,6 +34,7 @@ impl Transform {
 
     /// The transformed row (the row itself when plain, else written into `z`), with the
     /// slope dz/dx into `dz` when given.
+    #[inline(always)]
     fn apply<'a>(self, row: &'a [f32], z: &'a mut [f32], mut dz: Option<&mut [f32]>) -> &'a [f32] {
         match self {
             Transform::Plain => {
@@ -63,22 +64,52 @@ impl Transform {
     }
 }
 
-/// `Σ exp(z − m) (z − m)` in f32 lanes a block, f64 across (masked classes add 0).
-fn spread(z: &[f32], m: f32) -> f64 {
-    z.chunks(64)
-        .map(|b| {
-            let mut acc = [0.0f32; 16];
-            for (i, &x) in b.iter().enumerate() {
-                let d = x - m;
-                let e = exp_f32(d);
-                acc[i % 16] += if e != 0.0 { e * d } else { 0.0 };
-            }
-            f64::from(acc.iter().sum::<f32>())
-        })
-        .sum()
+thread_local! {
+    /// A thread's scratch rows (the transformed logits and their slopes), reused by every
+    /// task the thread runs.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's two scratch rows of `width` (empty for a plain transform,
+/// which reads the logits in place).
+fn with_scratch<R>(width: usize, tr: Transform, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let n = if matches!(tr, Transform::Plain) { 0 } else { width };
+        let (z, dz) = &mut *s;
+        if z.len() < n {
+            z.resize(n, 0.0);
+            dz.resize(n, 0.0);
+        }
+        f(&mut z[..n], &mut dz[..n])
+    })
+}
+
+/// (max, Σ e, Σ e (z − max)) of a row in one read (e = exp(z − max)), the spread moved
+/// to a new max as the sum is; and the first block holding the max.
+#[inline(always)]
+fn stats_with_spread(z: &[f32]) -> (f32, f64, f64, usize) {
+    let mut m = crate::row_state::EMPTY_MAX;
+    let (mut total, mut spread, mut max_block) = (0.0f64, 0.0f64, 0);
+    for (b, block) in z.chunks(BLOCK).enumerate() {
+        let bm = block_max(block);
+        if bm > m {
+            let d = f64::from(m) - f64::from(bm);
+            let f = d.exp();
+            spread = if total > 0.0 { f * (spread + total * d) } else { 0.0 };
+            total *= f;
+            m = bm;
+            max_block = b;
+        }
+        let (s, sp, _) = block_sums_metrics(block, m, f32::INFINITY);
+        total += f64::from(s);
+        spread += f64::from(sp);
+    }
+    (m, total, spread, max_block)
 }
 
 /// One row's partial over the shard's columns (transformed logits `z`).
+#[inline(always)]
 fn partial_of(
     z: &[f32],
     base: usize,
@@ -86,40 +117,53 @@ fn partial_of(
     weights: Option<&[f32]>,
     o: Want,
 ) -> VocabPartial {
-    let (m, s) = row_stats(z);
     let mut p = VocabPartial::EMPTY;
     if z.is_empty() {
         return p;
     }
+    let (m, s) = if o.metrics {
+        let (m, s, spread, max_block) = stats_with_spread(z);
+        p.nan = s.is_nan() && z.iter().any(|x| x.is_nan());
+        p.spread = if s > 0.0 { spread } else { 0.0 };
+        // The first column holding the maximum (NaN passed over); a row of −inf: its
+        // first column that is not NaN.
+        let first = max_block * BLOCK;
+        let at = z[first..]
+            .iter()
+            .position(|&x| x == m)
+            .map(|j| first + j)
+            .or_else(|| z.iter().position(|x| !x.is_nan()));
+        p.argmax = at.map(|j| (base + j, z[j]));
+        (m, s)
+    } else {
+        row_stats(z)
+    };
     p.state = crate::RowState { max: m, sum: s as f32 };
-    if o.spread {
-        p.nan = z.iter().any(|x| x.is_nan());
-        if s > 0.0 {
-            p.spread = spread(z, m);
-        }
-    }
     if o.smooth {
         p.smooth = match weights {
-            Some(w) => z.iter().zip(w).map(|(&x, &w)| f64::from(w) * f64::from(x)).sum(),
-            None => z.iter().map(|&x| f64::from(x)).sum(),
+            Some(w) => z.chunks(BLOCK).zip(w.chunks(BLOCK)).map(|(z, w)| f64::from(dot(z, w))).sum(),
+            None => z.chunks(BLOCK).map(|z| f64::from(z.iter().sum::<f32>())).sum(),
         };
     }
-    // The first column holding the maximum (NaN passed over); a row of −inf: its first
-    // column that is not NaN.
-    let at = z.iter().position(|&x| x == m).or_else(|| z.iter().position(|x| !x.is_nan()));
-    p.argmax = at.map(|j| (base + j, z[j]));
     p.target = local_target.map(|j| z[j]);
     p
+}
+
+/// Σ z w over a block, in f32.
+#[inline(always)]
+fn dot(z: &[f32], w: &[f32]) -> f32 {
+    z.iter().zip(w).map(|(&a, &b)| a * b).sum()
 }
 
 /// Which optional sums a partial carries.
 #[derive(Clone, Copy)]
 struct Want {
-    spread: bool,
+    metrics: bool,
     smooth: bool,
 }
 
 /// The target's column within the shard, for a counted row whose target falls there.
+#[inline(always)]
 fn local_target(t: i32, shard: &ColumnShard<'_>) -> Option<usize> {
     (t != Batch::IGNORED && shard.columns.contains(&(t as usize))).then(|| t as usize - shard.columns.start)
 }
@@ -133,19 +177,35 @@ pub(crate) fn partials(shard: &ColumnShard<'_>, batch: &Batch, opts: &LossOption
     }
     let tr = Transform::of(opts);
     let weights = opts.get_weights().map(|w| &w[shard.columns.clone()]);
-    let want = Want { spread: opts.get_metrics().is_some(), smooth: opts.get_label_smoothing() > 0.0 };
+    let want = Want { metrics: opts.get_metrics().is_some(), smooth: opts.get_label_smoothing() > 0.0 };
     let step = rows_per_task(width);
-    out.par_chunks_mut(step).enumerate().for_each_init(
-        || vec![0.0f32; width],
-        |buf, (k, chunk)| {
-            for (i, p) in chunk.iter_mut().enumerate() {
-                let r = k * step + i;
-                let z = tr.apply(&shard.logits[r * width..(r + 1) * width], buf, None);
-                *p = partial_of(z, shard.columns.start, local_target(batch.targets[r], shard), weights, want);
-            }
-        },
-    );
+    out.par_chunks_mut(step).enumerate().for_each(|(k, chunk)| {
+        with_scratch(width, tr, |buf, _| {
+            partial_rows(shard, &batch.targets[k * step..], k * step, chunk, tr, weights, want, buf)
+        })
+    });
     out
+}
+
+multiversion! {
+    /// The partials of rows `first ..` into `out` (one task's rows).
+    fn partial_rows(
+        shard: &ColumnShard<'_>,
+        targets: &[i32],
+        first: usize,
+        out: &mut [VocabPartial],
+        tr: Transform,
+        weights: Option<&[f32]>,
+        want: Want,
+        buf: &mut [f32],
+    ) {
+        let width = shard.columns.len();
+        for (i, (p, &t)) in out.iter_mut().zip(targets).enumerate() {
+            let r = first + i;
+            let z = tr.apply(&shard.logits[r * width..(r + 1) * width], buf, None);
+            *p = partial_of(z, shard.columns.start, local_target(t, shard), weights, want);
+        }
+    }
 }
 
 /// The top-k step: for each counted row, `#{c in the shard : z_c > z_target}` (0 for an
@@ -163,9 +223,8 @@ pub(crate) fn above(
     }
     let tr = Transform::of(opts);
     let step = rows_per_task(width);
-    out.par_chunks_mut(step).enumerate().for_each_init(
-        || vec![0.0f32; width],
-        |buf, (k, chunk)| {
+    out.par_chunks_mut(step).enumerate().for_each(|(k, chunk)| {
+        with_scratch(width, tr, |buf, _| {
             for (i, n) in chunk.iter_mut().enumerate() {
                 let r = k * step + i;
                 if let (true, Some(zt)) = (batch.targets[r] != Batch::IGNORED, target_logits[r]) {
@@ -173,8 +232,8 @@ pub(crate) fn above(
                     *n = z.iter().filter(|&&x| x > zt).count() as u64;
                 }
             }
-        },
-    );
+        })
+    });
     out
 }
 
@@ -204,38 +263,77 @@ pub(crate) fn gradient(
     let tr = Transform::of(opts);
     let shard_w = weights.map(|w| &w[shard.columns.clone()]);
     let step = rows_per_task(width);
-    out.par_chunks_mut(step * width).enumerate().for_each_init(
-        || (vec![0.0f32; width], vec![0.0f32; width]),
-        |(zb, dzb), (k, chunk)| {
-            for (i, g) in chunk.chunks_mut(width).enumerate() {
-                let r = k * step + i;
-                let t = batch.targets[r];
-                if t == Batch::IGNORED {
-                    g.fill(0.0);
-                    continue;
-                }
-                let y = t as usize;
-                let up = f64::from(upstream.of_row(r));
-                let l = f64::from(lse[r]);
-                let w_y = weights.map_or(1.0, |w| f64::from(w[y]));
-                let mut kk = (1.0 - eps) * w_y;
-                if eps > 0.0 {
-                    kk += eps / v as f64 * total_w;
-                }
-                // Everything a column needs, scaled once: g = (p·a − b_c) · dz.
-                let a = (kk * ce_scale + if s > 0.0 { 2.0 * s * l * z_scale } else { 0.0 }) * up;
-                let hit = ((1.0 - eps) * w_y * ce_scale * up) as f32;
-                let smooth = (eps / v as f64 * ce_scale * up) as f32;
-                let (a, lf) = (a as f32, lse[r]);
-                let z = tr.apply(&shard.logits[r * width..(r + 1) * width], zb, Some(dzb));
-                for (j, (o, &x)) in g.iter_mut().zip(z).enumerate() {
-                    let mut b = if eps > 0.0 { smooth * shard_w.map_or(1.0, |w| w[j]) } else { 0.0 };
-                    if shard.columns.start + j == y {
-                        b += hit;
-                    }
-                    *o = (exp_f32(x - lf) * a - b) * dzb[j];
-                }
+    let c = GradConsts { v, eps, total_w, ce_scale, z_scale, s, weights, shard_w };
+    out.par_chunks_mut(step * width).enumerate().for_each(|(k, chunk)| {
+        with_scratch(width, Transform::Scale(1.0), |zb, dzb| {
+            grad_rows(shard, batch, lse, upstream, k * step, chunk, tr, &c, zb, dzb)
+        })
+    });
+}
+
+/// A gradient's constants over rows.
+struct GradConsts<'a> {
+    v: usize,
+    eps: f64,
+    total_w: f64,
+    ce_scale: f64,
+    z_scale: f64,
+    s: f64,
+    weights: Option<&'a [f32]>,
+    shard_w: Option<&'a [f32]>,
+}
+
+multiversion! {
+    /// The gradient of rows `first ..` into `out` (one task's rows).
+    fn grad_rows(
+        shard: &ColumnShard<'_>,
+        batch: &Batch,
+        lse: &[f32],
+        upstream: Upstream<'_>,
+        first: usize,
+        out: &mut [f32],
+        tr: Transform,
+        c: &GradConsts<'_>,
+        zb: &mut [f32],
+        dzb: &mut [f32],
+    ) {
+        let width = shard.columns.len();
+        let GradConsts { v, eps, total_w, ce_scale, z_scale, s, weights, shard_w } = *c;
+        for (i, g) in out.chunks_mut(width).enumerate() {
+            let r = first + i;
+            let t = batch.targets[r];
+            if t == Batch::IGNORED {
+                g.fill(0.0);
+                continue;
             }
-        },
-    );
+            let y = t as usize;
+            let up = f64::from(upstream.of_row(r));
+            let l = f64::from(lse[r]);
+            let w_y = weights.map_or(1.0, |w| f64::from(w[y]));
+            let mut kk = (1.0 - eps) * w_y;
+            if eps > 0.0 {
+                kk += eps / v as f64 * total_w;
+            }
+            // Everything a column needs, scaled once: g = (p·a − b_c) · dz.
+            let a = (kk * ce_scale + if s > 0.0 { 2.0 * s * l * z_scale } else { 0.0 }) * up;
+            let hit = ((1.0 - eps) * w_y * ce_scale * up) as f32;
+            let smooth = (eps / v as f64 * ce_scale * up) as f32;
+            let (a, lf) = (a as f32, lse[r]);
+            let z = tr.apply(&shard.logits[r * width..(r + 1) * width], zb, Some(dzb));
+            match (eps > 0.0, shard_w) {
+                (false, _) => g.iter_mut().zip(z).zip(&*dzb).for_each(|((o, &x), &d)| *o = exp_f32(x - lf) * a * d),
+                (true, None) => g.iter_mut().zip(z).zip(&*dzb).for_each(|((o, &x), &d)| *o = (exp_f32(x - lf) * a - smooth) * d),
+                (true, Some(w)) => g
+                    .iter_mut()
+                    .zip(z)
+                    .zip(&*dzb)
+                    .zip(w)
+                    .for_each(|(((o, &x), &d), &w)| *o = (exp_f32(x - lf) * a - smooth * w) * d),
+            }
+            if shard.columns.contains(&y) {
+                let j = y - shard.columns.start;
+                g[j] -= hit * dzb[j];
+            }
+        }
+    }
 }
