@@ -8,8 +8,8 @@
 //! Every path that implements the three steps of [`Backend`](crate::Backend) — [`vocab_partials`](crate::Backend::vocab_partials),
 //! [`vocab_above`](crate::Backend::vocab_above) (the top-k counts, a second step once the target's logit is
 //! known) and [`vocab_gradient`](crate::Backend::vocab_gradient) — serves as a shard: the f64 reference
-//! ([`reference_partials`], [`reference_above`], [`reference_gradient`]) and the fast CPU
-//! path. The metrics come from merged partials and the summed counts ([`metrics`]).
+//! ([`reference_partials`], [`reference_above`], [`reference_gradient`]), the fast CPU
+//! path and the GPU's host path. The metrics come from merged partials and the summed counts ([`metrics`]).
 //!
 //! ```
 //! use xent::vocab::{ColumnShard, VocabPartial, finish, reference_partials};

@@ -107,4 +107,6 @@ fn backward_through_tiny_device_limits() {
     let Some(gpu) = common::tiny_device(common::gpus("backward_through_tiny_device_limits")) else { return };
     check(&gpu, 40, 1000, &LossOptions::new(), "chunks of rows");
     check(&gpu, 3, 40000, &LossOptions::new().reduction(Reduction::None), "split rows");
+    // More rows than 7 × 7 workgroups: the chunk's rows in several dispatches.
+    check(&gpu, 300, 90, &LossOptions::new(), "rows beyond one dispatch");
 }

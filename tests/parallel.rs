@@ -3,6 +3,8 @@
 //! ones, and a failing, absent or panicking rank makes every rank return an error at once
 //! instead of waiting. (Loss and gradient against PyTorch: tests/pytorch_reference.rs.)
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use xent::collective::{Collective, LocalGroup, Wire, agree};
@@ -34,8 +36,8 @@ fn same(a: f64, b: f64, tol: f64) -> bool {
     (a.is_nan() && b.is_nan()) || (a - b).abs() <= tol
 }
 
-/// Metrics from partials merged over 1, 2, 3 and 7 ranks, on the reference and the fast
-/// CPU path, against the unsharded reference: the counts exactly, the means within 1e-5
+/// Metrics from partials merged over 1, 2, 3 and 7 ranks, on the reference, the fast CPU
+/// path and every GPU, against the unsharded reference: the counts exactly, the means within 1e-5
 /// (f32 row statistics), NaN where the unsharded ones are NaN.
 #[test]
 fn vocab_metrics_from_merged_partials_match_the_unsharded_ones() {
@@ -57,7 +59,11 @@ fn vocab_metrics_from_merged_partials_match_the_unsharded_ones() {
         for opts in &option_sets {
             let want = Reference.cross_entropy_metrics(logits, v, &targets, opts);
             for ranks in [1, 2, 3, 7] {
-                for path in [&Reference as &dyn Backend, &CpuFast] {
+                let gpus = common::gpus("vocab_metrics_from_merged_partials_match_the_unsharded_ones");
+                let paths = [&Reference as &dyn Backend, &CpuFast]
+                    .into_iter()
+                    .chain(gpus.iter().map(|g| g as &dyn Backend));
+                for path in paths {
                     let got = on_ranks(ranks, |c| {
                         let cols = columns(c, v);
                         let mine: Vec<f32> =
@@ -285,4 +291,95 @@ fn agree_gives_every_rank_the_first_failure() {
         }
     }
     assert!(on_ranks(3, |c| agree(c, Ok(c.rank()))).into_iter().enumerate().all(|(r, o)| o.unwrap() == r));
+}
+
+/// The GPU's shards through a device with a 64 KiB binding and 7 workgroups a dimension:
+/// rows wider than a binding cut into pieces (whose entries combine in column order), and
+/// narrow shards in many chunks of rows, with class weights and label smoothing — the same
+/// loss, LSE, metrics and gradient as the reference's shards.
+#[test]
+fn gpu_vocab_shards_stream_through_tiny_limits() {
+    use xent::check::{Tolerance, compare};
+    let Some(mut gpu) = common::tiny_device(common::gpus("gpu_vocab_shards_stream_through_tiny_limits"))
+    else {
+        return;
+    };
+    gpu.set_memory_budget(300_000);
+    let spec = MetricsSpec::new().top_k(&[1, 4]);
+    let cases = [
+        // (rows, classes, shards, options): split rows, then chunks of rows.
+        (5, 40_000, 2, LossOptions::new().label_smoothing(0.1).metrics(spec.clone())),
+        (
+            300,
+            90,
+            3,
+            LossOptions::new()
+                .label_smoothing(0.2)
+                .weights((0..90).map(|c| 0.5 + (c % 5) as f32).collect())
+                .metrics(spec.clone()),
+        ),
+        (300, 90, 3, LossOptions::new().softcap(4.0).z_loss(1e-3).reduction(xent::Reduction::Sum)),
+    ];
+    for (n, v, parts, opts) in cases {
+        let x = logits(n, v, 29);
+        let targets: Vec<i64> =
+            (0..n as i64).map(|r| if r % 11 == 3 { -100 } else { (r * 7919) % v as i64 }).collect();
+        let t = || Targets::I64(&targets);
+        let cuts: Vec<std::ops::Range<usize>> =
+            (0..parts).map(|k| v * k / parts..v * (k + 1) / parts).collect();
+        let shards: Vec<Vec<f32>> =
+            cuts.iter().map(|c| x.chunks(v).flat_map(|r| r[c.clone()].to_vec()).collect()).collect();
+        let run = |path: &dyn Backend| {
+            let mut merged = vec![VocabPartial::EMPTY; n];
+            for (c, l) in cuts.iter().zip(&shards) {
+                let p = path.vocab_partials(ColumnShard::new(l, c.clone(), v), t(), &opts).unwrap();
+                merged.iter_mut().zip(p).for_each(|(m, p)| *m = m.combine(p));
+            }
+            let mut out = xent::vocab::finish(&merged, t(), v, &opts).unwrap();
+            let zt = xent::vocab::target_logits(&merged);
+            let mut above = vec![0u64; n];
+            let mut grad = vec![f32::NAN; n * v];
+            for (c, l) in cuts.iter().zip(&shards) {
+                let shard = || ColumnShard::new(l, c.clone(), v);
+                if opts.get_metrics().is_some() {
+                    let a = path.vocab_above(shard(), t(), &zt, &opts).unwrap();
+                    above.iter_mut().zip(a).for_each(|(s, a)| *s += a);
+                }
+                let mut g = vec![f32::NAN; l.len()];
+                let lse = out.lse.clone().unwrap();
+                path.vocab_gradient(shard(), t(), &lse, xent::Upstream::Scalar(1.0), &opts, &mut g).unwrap();
+                for (row, part) in grad.chunks_mut(v).zip(g.chunks(c.len())) {
+                    row[c.clone()].copy_from_slice(part);
+                }
+            }
+            out.gradient = Some(grad);
+            if opts.get_metrics().is_some() {
+                out.metrics = Some(xent::vocab::metrics(&merged, &above, t(), &opts).unwrap());
+            }
+            out
+        };
+        let want = run(&Reference);
+        let got = run(&gpu);
+        let what = format!("{n} × {v} over {parts} shards");
+        let strip = |o: &xent::LossOutput| xent::LossOutput { metrics: None, ..o.clone() };
+        compare(&strip(&got), &strip(&want), Tolerance::F32).unwrap_or_else(|e| panic!("{what}: {e}"));
+        if let (Some(a), Some(b)) = (&got.metrics, &want.metrics) {
+            assert_eq!(
+                (a.counted_rows, a.accuracy, &a.top_k_accuracy),
+                (b.counted_rows, b.accuracy, &b.top_k_accuracy),
+                "{what}"
+            );
+            for (name, x, y) in
+                [("nll", a.nll, b.nll), ("entropy", a.entropy, b.entropy), ("ece", a.ece, b.ece)]
+            {
+                assert!(same(x, y, 1e-5), "{what}: {name} {x} vs {y}");
+            }
+        }
+    }
+    // Class weights longer than a binding cannot be bound: a typed error, not a wrong sum.
+    let (n, v) = (2, 20_000);
+    let x = logits(n, v, 3);
+    let opts = LossOptions::new().weights(vec![1.0; v]);
+    let e = gpu.vocab_partials(ColumnShard::new(&x[..], 0..v, v), Targets::I64(&[1, 2]), &opts).unwrap_err();
+    assert!(matches!(e, Error::TooLarge { .. }), "{e}");
 }

@@ -555,16 +555,16 @@ fn row_shards_over_every_path_match_pytorch() {
     }
 }
 
-/// Vocabulary-parallel evaluation (`xent::vocab`) on the f64 reference and the fast CPU
-/// path: every class-index case of tests/data cut into 2, 3 and 7 column ranges. Each
+/// Vocabulary-parallel evaluation (`xent::vocab`) on every path (the f64 reference, the
+/// fast CPU path, every GPU's host path): every class-index case of tests/data cut into 2, 3 and 7 column ranges. Each
 /// shard's partials, merged left to right and right to left, give PyTorch's loss (every
 /// reduction; the row losses for `none`), and each shard's gradient columns from the
 /// merged LSE put together give PyTorch's gradient, where f32 can carry it
 /// (`backward_floor`, as the unsharded backwards: the offset cases skip it).
 #[test]
-fn vocab_shards_on_the_cpu_paths_match_pytorch() {
+fn vocab_shards_on_every_path_match_pytorch() {
     use xent::vocab::{ColumnShard, VocabPartial, finish};
-    for path in [&Reference as &dyn Backend, &xent::CpuFast] {
+    for path in every_path("vocab_shards_on_every_path_match_pytorch") {
         let mut count = Count::default();
         for case in cases() {
             let (n, v) = (case.targets.len(), case.classes);

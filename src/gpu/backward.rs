@@ -10,7 +10,7 @@ use crate::options::{Batch, LossOptions};
 use super::buffers::{Recorder, groups_x};
 use super::context::GpuContext;
 use super::kernels::{BackwardParams, GradMode, KernelOpts};
-use super::plan::{GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
+use super::plan::{Chunk, GradKind, Layout, Plan, SPLIT_BLOCK_COLS};
 use super::ring::Ring;
 use super::stream::split_weights_error;
 use super::workspace::Workspace;
@@ -53,15 +53,45 @@ impl GpuContext {
                 Ok(plan)
             },
             |ws, plan| self.prepare(ws, plan, weights, None),
-            |ws, plan| self.backward_chunks(ws, logits, &batch, lse, upstream, opts, &plan, grad),
+            |ws, plan| self.backward_chunks(ws, (logits, 0), &batch, lse, upstream, opts, &plan, grad),
+        )
+    }
+
+    /// The separate backward over a shard of the vocabulary: the gradient of the shard's
+    /// columns ([`crate::vocab`]) from the whole rows' merged LSE, the targets, options,
+    /// V and Σ w of the whole problem (`batch`), into `grad` [rows, shard width].
+    pub(crate) fn vocab_gradient_host(
+        &self,
+        shard: &crate::vocab::ColumnShard<'_>,
+        batch: &Batch,
+        lse: &[f32],
+        upstream: crate::Upstream<'_>,
+        opts: &LossOptions,
+        grad: &mut [f32],
+    ) -> Result<()> {
+        let width = shard.columns.len();
+        if batch.rows == 0 || width == 0 {
+            return Ok(());
+        }
+        let weights = opts.get_weights().map_or(0, <[f32]>::len);
+        self.check_weights_bind(weights)?;
+        self.planned(
+            |limits| Plan::new(batch.rows, width, GradKind::Separate, limits),
+            |ws, plan| self.prepare(ws, plan, weights, None),
+            |ws, plan| {
+                let logits = (shard.logits, shard.columns.start);
+                self.backward_chunks(ws, logits, batch, lse, upstream, opts, &plan, grad)
+            },
         )
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// `logits`: the [rows, plan.classes] columns the plan covers and the whole
+    /// vocabulary's column of their first (0 but for a vocabulary shard).
     fn backward_chunks(
         &self,
         ws: &Workspace,
-        logits: &[f32],
+        (logits, col_offset): (&[f32], usize),
         batch: &Batch,
         lse: &[f32],
         upstream: crate::Upstream<'_>,
@@ -70,7 +100,7 @@ impl GpuContext {
         grad: &mut [f32],
     ) -> Result<()> {
         let groups = ws.groups.as_ref().expect("prepared");
-        let v = batch.classes;
+        let (v, width) = (batch.classes, plan.classes);
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let kopts = KernelOpts::new(opts, v).for_batch(batch, opts);
         let inv = batch.gradient_scale(opts.get_reduction());
@@ -88,11 +118,22 @@ impl GpuContext {
         };
         // (max, sum) = (lse, 1): the row statistics of the saved LSE, one chunk at a time.
         let mut stats: Vec<[f32; 2]> = Vec::with_capacity(plan.slot_rows);
-        for chunk in plan.chunks() {
+        // A workgroup per (row, column block): a chunk's rows in dispatches of at most
+        // max_groups workgroups (the plan's chunks are sized for the fused kernel, which
+        // takes several rows a workgroup).
+        let max_groups = (max_dim as usize).pow(2);
+        let dispatches = plan.chunks().flat_map(|chunk| {
+            let step = (max_groups / chunk.cols.len().div_ceil(SPLIT_BLOCK_COLS)).max(1);
+            let rows = chunk.rows.clone();
+            rows.clone()
+                .step_by(step)
+                .map(move |r| Chunk { rows: r..(r + step).min(rows.end), cols: chunk.cols.clone() })
+        });
+        for chunk in dispatches {
             let slot = ring.next_slot(&mut copy)?;
             let rows = chunk.rows.clone();
             let cols = chunk.cols.len();
-            let elems = chunk.span(v);
+            let elems = chunk.span(width);
             self.queue.write_buffer(ws.logits.get(), 0, bytemuck::cast_slice(&logits[elems.clone()]));
             self.queue.write_buffer(ws.targets.get(), 0, bytemuck::cast_slice(&batch.targets[rows.clone()]));
             stats.clear();
@@ -107,7 +148,7 @@ impl GpuContext {
                 rows: rows.len() as u32,
                 row_stride: cols as u32,
                 cols: cols as u32,
-                col_base: chunk.cols.start as u32,
+                col_base: (col_offset + chunk.cols.start) as u32,
                 block_cols: SPLIT_BLOCK_COLS as u32,
                 blocks: blocks as u32,
                 row_base: 0,

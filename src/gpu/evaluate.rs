@@ -24,6 +24,41 @@ impl Backend for GpuContext {
     fn evaluate(&self, problem: Problem<'_>, opts: &LossOptions) -> Result<LossOutput> {
         crate::front::evaluate(self, problem, opts)
     }
+
+    fn vocab_partials(
+        &self,
+        shard: crate::vocab::ColumnShard<'_>,
+        targets: crate::Targets<'_>,
+        opts: &LossOptions,
+    ) -> Result<Vec<crate::vocab::VocabPartial>> {
+        let batch = crate::vocab::checked(&shard, targets, opts)?;
+        self.vocab_partials_host(&shard, &batch, opts)
+    }
+
+    fn vocab_above(
+        &self,
+        shard: crate::vocab::ColumnShard<'_>,
+        targets: crate::Targets<'_>,
+        target_logits: &[Option<f32>],
+        opts: &LossOptions,
+    ) -> Result<Vec<u64>> {
+        let batch = crate::vocab::checked(&shard, targets, opts)?;
+        crate::vocab::check_rows("target logits", target_logits.len(), batch.rows)?;
+        self.vocab_above_host(&shard, &batch, target_logits, opts)
+    }
+
+    fn vocab_gradient(
+        &self,
+        shard: crate::vocab::ColumnShard<'_>,
+        targets: crate::Targets<'_>,
+        lse: &[f32],
+        upstream: crate::Upstream<'_>,
+        opts: &LossOptions,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let batch = crate::vocab::checked_gradient(&shard, targets, lse, upstream, opts, out)?;
+        self.vocab_gradient_host(&shard, &batch, lse, upstream, opts, out)
+    }
 }
 
 impl GpuContext {

@@ -20,6 +20,7 @@ mod ring;
 mod soft;
 mod stream;
 pub mod tuning;
+mod vocab;
 pub mod wgsl;
 mod workspace;
 

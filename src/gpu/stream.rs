@@ -202,6 +202,7 @@ impl GpuContext {
             Layout::Rows { blocks_per_row: Some(b), .. } => (plan.slot_rows * b * 48) as u64,
             Layout::Rows { blocks_per_row: None, .. } => 48,
         };
+        let partials = partials.max(ws.entries_floor);
         let scratch = reduce_levels(rows, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
         let sums = reduce_levels(plan.row_groups() as u64, 0, wg, max_dim, 1.0, NO_INDEX).extent * 4;
         let grad_bytes = if plan.grad == GradKind::Separate { chunk_bytes } else { 16 };
@@ -234,7 +235,7 @@ impl GpuContext {
         grow.params(&mut ws.params, "xent params");
         let per_row = metrics.is_some_and(MetricsSpec::get_per_row);
         let entry = metrics.map_or(0, |s| super::metrics::entry_words(s) as u64 * 4);
-        let slot_bytes = readback_layout(plan, per_row).3.max(entry);
+        let slot_bytes = readback_layout(plan, per_row).3.max(entry).max(ws.entries_floor);
         grow.readback(&mut ws.readback, plan.ring, "xent readback", slot_bytes);
         let created = grow.created();
         ws.allocations += created;

@@ -31,6 +31,9 @@ pub(crate) struct Workspace {
     pub linear: LinearWorkspace,
     /// Buffers created so far (a steady state of same-shape calls creates none).
     pub allocations: u64,
+    /// The least bytes of `partials` and of each readback slot the next `prepare` makes
+    /// (the vocabulary shards' entries, which their plans do not count).
+    pub entries_floor: u64,
 }
 
 impl Workspace {
