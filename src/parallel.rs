@@ -4,7 +4,9 @@
 //! are summed over the ranks in rank order) or by vocabulary ([`evaluate_vocab`]: each
 //! rank holds a block of columns of every row; the per-row partials are all-gathered and
 //! merged in rank order, the loss and metrics come from them on every rank, and each rank
-//! writes its own gradient columns from the merged LSE with no further exchange).
+//! writes its own gradient columns from the merged LSE with no further exchange), also for
+//! a linear head whose weight's rows are split over the ranks ([`evaluate_vocab_head`]:
+//! the tensor-parallel LM head).
 //!
 //! Every step ends with [`agree`], so a rank that fails — bad input, a lost device — makes
 //! every rank return an error at that step, none left waiting.
@@ -46,7 +48,9 @@ use crate::head::GradientTo;
 use crate::metrics::{MetricSums, Metrics, MetricsSpec};
 use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets, Upstream};
 use crate::problem::{Gradient, Labels, Mode, Problem};
-use crate::vocab::{ColumnShard, finish, metrics, target_logits};
+use crate::vocab::{
+    ColumnShard, HeadShard, finish, head_above, head_gradients, head_partials, metrics, target_logits,
+};
 
 /// This rank's block of `n` items (rows or columns): even blocks in rank order.
 pub fn block(rank: usize, size: usize, n: usize) -> Range<usize> {
@@ -114,13 +118,10 @@ pub fn evaluate_rows(
     block_opts.denominators = Some((n_items.unwrap_or(sums[0]), n_items.unwrap_or(sums[1])));
     let reduced = matches!(block.mode, Mode::Fused) && opts.get_reduction() != Reduction::None;
     let mut out = agree(c, path.evaluate(block, &block_opts).map_err(|e| in_batch(e, first)))?;
+    let head_sums = out.grad_weight.is_some() || out.grad_bias.is_some();
     let parts = sum_f64(
         c,
-        &[
-            out.loss.map_or(0.0, f64::from),
-            out.z_loss.map_or(0.0, f64::from),
-            f64::from(u8::from(out.grad_weight.is_some())),
-        ],
+        &[out.loss.map_or(0.0, f64::from), out.z_loss.map_or(0.0, f64::from), f64::from(u8::from(head_sums))],
     )?;
     if reduced {
         out.loss = out.loss.map(|_| parts[0] as f32);
@@ -129,7 +130,7 @@ pub fn evaluate_rows(
     // A head's dW and db: every rank holds its rows' part; summed in rank order.
     if parts[2] > 0.0 {
         if parts[2] != c.size() as f64 {
-            return Err(Error::Collective("some ranks formed dW and others did not".into()));
+            return Err(Error::Collective("some ranks formed dW or db and others did not".into()));
         }
         for g in [&mut out.grad_weight, &mut out.grad_bias] {
             let mine: Vec<f64> = g.as_deref().unwrap_or_default().iter().map(|&x| f64::from(x)).collect();
@@ -174,28 +175,7 @@ pub fn evaluate_vocab(
     opts: &LossOptions,
     gradient: Option<&mut [f32]>,
 ) -> Result<LossOutput> {
-    // Step 0: the shards tile [0, V) in rank order.
-    let ranges =
-        c.all_gather(&[shard.columns.start as u64, shard.columns.end as u64, shard.classes as u64])?;
-    let mut next = 0u64;
-    for (rank, r) in ranges.iter().enumerate() {
-        if r.len() != 3 || r[0] != next || r[2] != shard.classes as u64 {
-            return Err(Error::InvalidOption(format!(
-                "rank {rank}'s columns {:?} of {} classes do not follow column {next} of {} classes: the \
-                 shards must tile the vocabulary in rank order",
-                r.first().zip(r.get(1)).map(|(a, b)| *a..*b),
-                r.get(2).copied().unwrap_or(0),
-                shard.classes
-            )));
-        }
-        next = r[1];
-    }
-    if next != shard.classes as u64 {
-        return Err(Error::InvalidOption(format!(
-            "the shards end at column {next}, short of the vocabulary's {}",
-            shard.classes
-        )));
-    }
+    check_tiling(c, &shard.columns, shard.classes)?;
     let wire = Wire::of(opts);
     let mine = agree(c, path.vocab_partials(shard.clone(), targets, opts))?;
     let merged = all_reduce_partials(c, &mine, wire)?;
@@ -213,6 +193,70 @@ pub fn evaluate_vocab(
     if let Some(g) = gradient {
         let lse = out.lse.as_deref().unwrap_or_default();
         agree(c, path.vocab_gradient(shard, targets, lse, Upstream::Scalar(1.0), opts, g))?;
+    }
+    Ok(out)
+}
+
+/// Step 0 of a vocabulary-parallel call: the ranks' column ranges tile [0, V) in rank
+/// order, on every rank.
+fn check_tiling(c: &dyn Collective, columns: &Range<usize>, classes: usize) -> Result<()> {
+    let ranges = c.all_gather(&[columns.start as u64, columns.end as u64, classes as u64])?;
+    let mut next = 0u64;
+    for (rank, r) in ranges.iter().enumerate() {
+        if r.len() != 3 || r[0] != next || r[2] != classes as u64 {
+            return Err(Error::InvalidOption(format!(
+                "rank {rank}'s columns {:?} of {} classes do not follow column {next} of {classes} classes: the \
+                 shards must tile the vocabulary in rank order",
+                r.first().zip(r.get(1)).map(|(a, b)| *a..*b),
+                r.get(2).copied().unwrap_or(0),
+            )));
+        }
+        next = r[1];
+    }
+    if next != classes as u64 {
+        return Err(Error::InvalidOption(format!(
+            "the shards end at column {next}, short of the vocabulary's {classes}"
+        )));
+    }
+    Ok(())
+}
+
+/// Vocabulary mode of a linear head (the tensor-parallel LM head): this rank's `shard`
+/// (every row's `h`, its rows of `W` and `b`), the whole problem's targets and options.
+/// Returns, on every rank, the loss, z-loss part, row losses, LSE and (with
+/// [`LossOptions::metrics`]) metrics; with `gradients`, also `dh` summed over the ranks
+/// (in rank order: an all-gather of rows × D values a rank, what a row-parallel layer's
+/// all-reduce moves), and this shard's rows of `dW` and part of `db` in
+/// [`LossOutput::grad_weight`] and [`LossOutput::grad_bias`].
+pub fn evaluate_vocab_head(
+    c: &dyn Collective,
+    path: &dyn Backend,
+    shard: &HeadShard<'_>,
+    targets: Targets<'_>,
+    opts: &LossOptions,
+    gradients: bool,
+) -> Result<LossOutput> {
+    check_tiling(c, &shard.columns, shard.classes)?;
+    let wire = Wire::of(opts);
+    let mine = agree(c, head_partials(path, shard, targets, opts))?;
+    let merged = all_reduce_partials(c, &mine, wire)?;
+    let mut out = agree(c, finish(&merged, targets, shard.classes, opts))?;
+    if let Some(spec) = opts.get_metrics() {
+        let above = if spec.get_top_k().is_empty() {
+            vec![0; merged.len()]
+        } else {
+            let mine = agree(c, head_above(path, shard, targets, &target_logits(&merged), opts))?;
+            sum_u64(c, &mine)?
+        };
+        out.metrics = Some(agree(c, metrics(&merged, &above, targets, opts))?);
+    }
+    if gradients {
+        let lse = out.lse.clone().unwrap_or_default();
+        let g = agree(c, head_gradients(path, shard, targets, &lse, opts))?;
+        let part: Vec<f64> = g.hidden.iter().map(|&x| f64::from(x)).collect();
+        out.grad_hidden = Some(sum_f64(c, &part)?.into_iter().map(|x| x as f32).collect());
+        out.grad_weight = Some(g.weight);
+        out.grad_bias = g.bias;
     }
     Ok(out)
 }

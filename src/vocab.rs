@@ -32,6 +32,7 @@ use std::ops::Range;
 
 use crate::cpu::reference::{ClassGrad, ClassWeights};
 use crate::error::{Error, Result};
+use crate::head::Values;
 use crate::metrics::{Metrics, MetricsSpec, RowMetrics};
 use crate::options::{Batch, LossOptions, LossOutput, Targets, Upstream};
 use crate::row_state::RowState;
@@ -398,4 +399,184 @@ pub(crate) fn checked_gradient(
         });
     }
     Ok(batch)
+}
+
+/// A shard of a linear head's vocabulary — the tensor-parallel LM head: every row's hidden
+/// state `h` [rows, dim] and this shard's rows of the weight, `W[columns]` [width, dim]
+/// (`nn.Linear`'s layout), and of the bias. Its logits `h W[columns]ᵀ + b[columns]` exist
+/// only as tiles of rows (as in the whole head: at most
+/// 2²³ logits a tile), each tile's partials and gradient from a path's vocabulary steps,
+/// its products on the CPU (`gemm`, f32, inputs widened from half precision).
+#[derive(Clone, Debug)]
+pub struct HeadShard<'a> {
+    /// `h` [rows, dim].
+    pub hidden: Values<'a>,
+    /// `W[columns]` [width, dim].
+    pub weight: Values<'a>,
+    /// `b[columns]` [width], if the head has a bias.
+    pub bias: Option<Values<'a>>,
+    /// The hidden dimension D.
+    pub dim: usize,
+    /// The shard's columns of the whole vocabulary.
+    pub columns: Range<usize>,
+    /// The whole vocabulary's size V.
+    pub classes: usize,
+}
+
+/// What a head shard's backward gives (upstream gradient 1, or 1 a row for `none`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadShardGradients {
+    /// This shard's part of `dh` [rows, dim]: `dh` is the sum of every shard's.
+    pub hidden: Vec<f32>,
+    /// `dW[columns]` [width, dim]: this shard's rows of `dW`, whole.
+    pub weight: Vec<f32>,
+    /// `db[columns]` [width], with a bias.
+    pub bias: Option<Vec<f32>>,
+}
+
+impl HeadShard<'_> {
+    /// Checks the shard's sizes against the whole problem's targets and options.
+    fn check(&self, targets: Targets<'_>, opts: &LossOptions) -> Result<Batch> {
+        let (rows, d, width) = (targets.len(), self.dim, self.columns.len());
+        if d == 0 {
+            return Err(Error::InvalidOption("a head shard's hidden dimension must be at least 1".into()));
+        }
+        if self.columns.end > self.classes || self.columns.start > self.columns.end {
+            return Err(Error::InvalidOption(format!(
+                "columns {:?} of a vocabulary of {} classes",
+                self.columns, self.classes
+            )));
+        }
+        let sizes = [
+            ("a head shard's hidden states (rows × D)", self.hidden.len(), rows * d),
+            ("a head shard's weight rows (its width × D)", self.weight.len(), width * d),
+        ];
+        for (what, got, expected) in sizes {
+            if got != expected {
+                return Err(Error::Shape { what: what.into(), got, expected });
+            }
+        }
+        if let Some(b) = &self.bias
+            && b.len() != width
+        {
+            return Err(Error::Shape {
+                what: "a head shard's bias (its width)".into(),
+                got: b.len(),
+                expected: width,
+            });
+        }
+        Batch::new(rows * self.classes, self.classes, targets, opts)
+    }
+
+    /// Rows `r` of the hidden states as f32.
+    fn hidden_rows(&self, r: Range<usize>) -> std::borrow::Cow<'_, [f32]> {
+        let e = r.start * self.dim..r.end * self.dim;
+        crate::cpu::fast_linear::widen(match self.hidden {
+            Values::F32(x) => Values::F32(&x[e]),
+            Values::Half(x, f) => Values::Half(&x[e], f),
+        })
+    }
+
+    /// Walks the shard's logits in tiles of rows: `each(rows, h rows, W, tile)`.
+    fn tiles(
+        &self,
+        rows: usize,
+        mut each: impl FnMut(Range<usize>, &[f32], &[f32], &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        use crate::cpu::fast_linear::{Mat, block_rows, matmul, widen};
+        let (d, width) = (self.dim, self.columns.len());
+        let w = widen(self.weight);
+        let b = self.bias.map(widen);
+        let step = block_rows(rows, width);
+        let mut tile = vec![0.0f32; step * width];
+        for r0 in (0..rows).step_by(step) {
+            let r = r0..(r0 + step).min(rows);
+            let h = self.hidden_rows(r.clone());
+            let t = &mut tile[..r.len() * width];
+            matmul(t, Mat::rows(&h, d), Mat::transposed(&w, d), (r.len(), width, d), false);
+            if let Some(b) = &b {
+                t.chunks_mut(width.max(1))
+                    .for_each(|row| row.iter_mut().zip(b.iter()).for_each(|(x, &b)| *x += b));
+            }
+            each(r, &h, &w, t)?;
+        }
+        Ok(())
+    }
+}
+
+/// A head shard's partials on `path` (its vocabulary steps on each tile of logits).
+pub fn head_partials(
+    path: &dyn crate::Backend,
+    shard: &HeadShard<'_>,
+    targets: Targets<'_>,
+    opts: &LossOptions,
+) -> Result<Vec<VocabPartial>> {
+    let batch = shard.check(targets, opts)?;
+    let mut out = Vec::with_capacity(batch.rows);
+    shard.tiles(batch.rows, |r, _, _, tile| {
+        let tile_shard = ColumnShard::new(tile, shard.columns.clone(), shard.classes);
+        out.extend(path.vocab_partials(tile_shard, targets.slice(r), opts)?);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// A head shard's top-k counts on `path`, against the merged partials' target logits.
+pub fn head_above(
+    path: &dyn crate::Backend,
+    shard: &HeadShard<'_>,
+    targets: Targets<'_>,
+    target_logits: &[Option<f32>],
+    opts: &LossOptions,
+) -> Result<Vec<u64>> {
+    let batch = shard.check(targets, opts)?;
+    check_rows("target logits", target_logits.len(), batch.rows)?;
+    let mut out = Vec::with_capacity(batch.rows);
+    shard.tiles(batch.rows, |r, _, _, tile| {
+        let tile_shard = ColumnShard::new(tile, shard.columns.clone(), shard.classes);
+        out.extend(path.vocab_above(tile_shard, targets.slice(r.clone()), &target_logits[r], opts)?);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// A head shard's gradients on `path` from the whole rows' merged LSE: for each tile, `G`
+/// (the path's gradient of the tile's logits, divided by the whole batch's `mean`
+/// denominators), `dh (part) = G · W[columns]`, `dW[columns] += Gᵀ · h` (tiles in row
+/// order), `db[columns] += Σ_rows G` (f64, rounded once).
+pub fn head_gradients(
+    path: &dyn crate::Backend,
+    shard: &HeadShard<'_>,
+    targets: Targets<'_>,
+    lse: &[f32],
+    opts: &LossOptions,
+) -> Result<HeadShardGradients> {
+    use crate::cpu::fast_linear::{Mat, add_column_sums, matmul};
+    let batch = shard.check(targets, opts)?;
+    crate::cpu::reference::check_lse(lse, batch.rows)?;
+    let (d, width) = (shard.dim, shard.columns.len());
+    let mut tile_opts = opts.clone();
+    tile_opts.denominators = Some((batch.mean_denominator, batch.z_denominator));
+    let mut dh = vec![0.0f32; batch.rows * d];
+    let mut dw = vec![0.0f32; width * d];
+    let mut db = vec![0.0f64; width];
+    let mut g = Vec::new();
+    let mut first = true;
+    shard.tiles(batch.rows, |r, h, w, tile| {
+        g.resize(tile.len(), 0.0);
+        let tile_shard = ColumnShard::new(tile, shard.columns.clone(), shard.classes);
+        let up = Upstream::Scalar(1.0);
+        path.vocab_gradient(tile_shard, targets.slice(r.clone()), &lse[r.clone()], up, &tile_opts, &mut g)?;
+        let m = r.len();
+        matmul(&mut dh[r.start * d..r.end * d], Mat::rows(&g, width), Mat::rows(w, d), (m, d, width), false);
+        matmul(&mut dw, Mat::transposed(&g, width), Mat::rows(h, d), (width, d, m), !first);
+        first = false;
+        add_column_sums(&mut db, &g, width.max(1));
+        Ok(())
+    })?;
+    Ok(HeadShardGradients {
+        hidden: dh,
+        weight: dw,
+        bias: shard.bias.as_ref().map(|_| db.iter().map(|&x| x as f32).collect()),
+    })
 }

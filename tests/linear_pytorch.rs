@@ -208,3 +208,91 @@ fn row_shards_of_every_linear_case_match_pytorch() {
         }
     }
 }
+
+/// The tensor-parallel LM head (`xent::parallel::evaluate_vocab_head`): every case's
+/// vocabulary split over 3 ranks of an in-process group, each holding its rows of W and b,
+/// on every path (each tile of a shard's logits through the path's vocabulary steps):
+/// PyTorch's loss, row losses and gradients at the unsharded tolerances — `dh` summed
+/// over the ranks, `dW` and `db` the ranks' rows side by side.
+#[test]
+fn vocab_shards_of_every_linear_case_match_pytorch() {
+    use xent::collective::LocalGroup;
+    use xent::parallel::{columns, evaluate_vocab_head};
+    use xent::vocab::HeadShard;
+    const RANKS: usize = 3;
+    let paths = every_path("vocab_shards_of_every_linear_case_match_pytorch");
+    let mut checked = 0;
+    for case in cases() {
+        let (d, v) = (case.head.d, case.head.v);
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            let opts = case.opts.clone().reduction(reduction);
+            let want = case.expected(reduction);
+            let grads = want.grad_hidden.is_some();
+            let b = bounds(&case.head, case.bias, &opts, kappa(&case.head, &opts), 1.0);
+            for (label, path) in &paths {
+                let group = LocalGroup::new(RANKS);
+                let outs: Vec<(std::ops::Range<usize>, LossOutput)> = std::thread::scope(|s| {
+                    let running: Vec<_> = group
+                        .iter()
+                        .map(|c| {
+                            let (case, opts, path) = (&case, &opts, *path);
+                            s.spawn(move || {
+                                let cols = columns(c, v);
+                                let head = case.linear();
+                                let slice = |x, k: usize| part(x, cols.start * k..cols.end * k);
+                                let shard = HeadShard {
+                                    hidden: head.hidden,
+                                    weight: slice(head.weight, d),
+                                    bias: head.bias.map(|b| slice(b, 1)),
+                                    dim: d,
+                                    columns: cols.clone(),
+                                    classes: v,
+                                };
+                                let t = xent::Targets::I64(&case.head.t);
+                                (cols.clone(), evaluate_vocab_head(c, path, &shard, t, opts, grads).unwrap())
+                            })
+                        })
+                        .collect();
+                    running.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                let what = format!("{} {reduction:?} over {RANKS} vocabulary shards", case.name);
+                for (_, o) in &outs {
+                    let mut got = LossOutput {
+                        loss: o.loss,
+                        row_losses: o.row_losses.clone().filter(|_| reduction == Reduction::None),
+                        grad_hidden: o.grad_hidden.clone(),
+                        ..Default::default()
+                    };
+                    if grads {
+                        let mut dw = vec![f32::NAN; v * d];
+                        let mut db = vec![f32::NAN; v];
+                        for (cols, o) in &outs {
+                            dw[cols.start * d..cols.end * d]
+                                .copy_from_slice(o.grad_weight.as_deref().unwrap());
+                            if case.bias {
+                                db[cols.clone()].copy_from_slice(o.grad_bias.as_deref().unwrap());
+                            }
+                        }
+                        got.grad_weight = Some(dw);
+                        got.grad_bias = case.bias.then_some(db);
+                    }
+                    let want = LossOutput {
+                        grad_bias: want.grad_bias.clone().filter(|_| case.bias),
+                        ..want.clone()
+                    };
+                    check(label, &got, &want, &case.head, &b, &what);
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 12 * 3 * 2, "{checked} comparisons");
+}
+
+/// Elements `r` of `x`.
+fn part(x: Values<'_>, r: std::ops::Range<usize>) -> Values<'_> {
+    match x {
+        Values::F32(x) => Values::F32(&x[r]),
+        Values::Half(x, f) => Values::Half(&x[r], f),
+    }
+}

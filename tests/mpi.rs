@@ -207,3 +207,58 @@ fn a_rank_with_bad_input_ends_every_rank_with_its_error_and_no_file() {
         assert_eq!(files, ["l.npy", "t.npy"], "{mode}: nothing written: {files:?}");
     }
 }
+
+/// The linear head under mpirun: by rows (each rank its rows of h; dW and db summed) and
+/// by vocabulary (the tensor-parallel head: each rank its rows of W and b; dh summed),
+/// over 2 and 3 ranks, against the single-process run: the loss and every gradient file.
+#[cfg(feature = "mpi")]
+#[test]
+fn parallel_linear_head_by_rows_and_vocabulary_equals_one_process() {
+    let dir = Dir::new("mpi-head");
+    let (n, d, v) = (45usize, 24usize, 173usize);
+    let val = |i: usize, s: usize| ((i * s % 997) as f32 / 997.0 - 0.5) * 0.8;
+    npy::write_f32(dir.path("h.npy"), &[n, d], &(0..n * d).map(|i| val(i, 31)).collect::<Vec<_>>()).unwrap();
+    npy::write_f32(dir.path("w.npy"), &[v, d], &(0..v * d).map(|i| val(i, 53)).collect::<Vec<_>>()).unwrap();
+    npy::write_f32(dir.path("b.npy"), &[v], &(0..v).map(|i| val(i, 7) * 0.1).collect::<Vec<_>>()).unwrap();
+    let mut t: Vec<i64> = (0..n as i64).map(|r| (r * 29) % v as i64).collect();
+    t[7] = -100;
+    npy::write_i64(dir.path("t.npy"), &t).unwrap();
+    let s = |p: &str| dir.path(p).to_str().unwrap().to_string();
+    let args = |tag: &str| -> Vec<String> {
+        let mut a: Vec<String> =
+            ["eval", "--hidden", &s("h.npy"), "--weight", &s("w.npy"), "--bias", &s("b.npy")]
+                .iter()
+                .map(|x| x.to_string())
+                .collect();
+        a.extend(
+            ["--targets", &s("t.npy"), "--device", "cpu", "--label-smoothing", "0.05", "--z-loss", "1e-3"]
+                .map(String::from),
+        );
+        for g in ["hidden", "weight", "bias"] {
+            a.extend([format!("--out-grad-{g}"), s(&format!("d{g}_{tag}.npy"))]);
+        }
+        a
+    };
+    let one = args("one");
+    let (code, single, err) = xent(&one.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    for np in [2, 3] {
+        for mode in ["rows", "vocab"] {
+            let what = format!("the head by {mode} over {np} ranks");
+            let mut a = args(mode);
+            a.extend(["--parallel".into(), mode.into()]);
+            let (code, out, err) = mpirun(np, &a.iter().map(String::as_str).collect::<Vec<_>>());
+            assert_eq!(code, 0, "{what}: {err}");
+            assert_eq!(field(&out, "hidden_dim"), d as f64, "{what}");
+            let (x, y) = (field(&out, "loss"), field(&single, "loss"));
+            assert!((x - y).abs() <= 1e-5 * y.abs(), "{what}: loss {x} vs {y}");
+            for g in ["hidden", "weight", "bias"] {
+                let (got, want) =
+                    (f32s(&dir.path(&format!("d{g}_{mode}.npy"))), f32s(&dir.path(&format!("d{g}_one.npy"))));
+                assert_eq!(got.len(), want.len(), "{what}: d{g}");
+                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= 1e-6, "{what}: d{g} differs by {worst}");
+            }
+        }
+    }
+}

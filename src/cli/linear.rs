@@ -58,100 +58,137 @@ fn into(w: &mut Option<npy::NpyWriter>) -> GradientTo<'_> {
     }
 }
 
+/// The linear head's input files, mapped, each checked against the others: `h` [N, D],
+/// `W` [V, D] of the same type, `b` [V] (float32 or that type), class-index targets [N],
+/// and the class weights read into the options.
+pub(crate) struct HeadFiles {
+    hidden: MappedNpy,
+    weight: MappedNpy,
+    bias: Option<MappedNpy>,
+    targets: npy::NpyArray,
+    pub rows: usize,
+    pub dim: usize,
+    pub classes: usize,
+}
+
+impl HeadFiles {
+    pub(crate) fn open(args: &EvalArgs, opts: &mut LossOptions) -> xent::Result<Self> {
+        let (hidden_path, weight_path) = match (&args.hidden, &args.weight) {
+            (Some(h), Some(w)) => (h, w),
+            _ => unreachable!("checked by eval_options"),
+        };
+        let (h_file, w_file) = (hidden_path.display(), weight_path.display());
+        // Mapped and used in place (Fortran-order files are transposed into memory once).
+        let hidden = MappedNpy::open(hidden_path)?;
+        let weight = MappedNpy::open(weight_path)?;
+        let (rows, dim) = matrix(&hidden, hidden_path, "hidden", "[N, D]")?;
+        let (classes, w_dim) = matrix(&weight, weight_path, "weight", "[V, D]")?;
+        if w_dim != dim {
+            return Err(Error::Shape {
+                what: format!(
+                    "the hidden dimension D of weight {w_file} [V, D] = [{classes}, {w_dim}] \
+                     (hidden {h_file} is [N, D] = [{rows}, {dim}])"
+                ),
+                got: w_dim,
+                expected: dim,
+            });
+        }
+        let (h_type, w_type) = (hidden.header().dtype, weight.header().dtype);
+        if h_type != w_type {
+            return Err(Error::InvalidOption(format!(
+                "hidden {h_file} is {} but weight {w_file} is {}: give both in one type, float32 or float16",
+                dtype_name(h_type),
+                dtype_name(w_type)
+            )));
+        }
+        values(&hidden, hidden_path, "hidden")?;
+        values(&weight, weight_path, "weight")?;
+        let bias = match &args.bias {
+            Some(path) => {
+                let b = MappedNpy::open(path)?;
+                let len = match b.header().shape[..] {
+                    [v] => v,
+                    ref s => {
+                        return Err(Error::Npy {
+                            path: path.clone(),
+                            message: format!("bias must be 1-D [V], got shape {s:?}"),
+                        });
+                    }
+                };
+                if len != classes {
+                    return Err(Error::Shape {
+                        what: format!(
+                            "bias {} [V] = [{len}] (weight {w_file} has V = {classes} classes)",
+                            path.display()
+                        ),
+                        got: len,
+                        expected: classes,
+                    });
+                }
+                let t = b.header().dtype;
+                if t != DType::F32 && t != h_type {
+                    return Err(Error::InvalidOption(format!(
+                        "bias {} is {} but hidden {h_file} is {}: give the bias in float32 or in hidden's type",
+                        path.display(),
+                        dtype_name(t),
+                        dtype_name(h_type)
+                    )));
+                }
+                values(&b, path, "bias")?;
+                Some(b)
+            }
+            None => None,
+        };
+        let targets_array = npy::read(&args.targets)?;
+        let targets =
+            crate::class_targets(&args.targets, &targets_array, "the linear head takes class indices")?;
+        if targets.len() != rows {
+            return Err(Error::Shape {
+                what: format!(
+                    "targets {} [N] = [{}] (hidden {h_file} has N = {rows} rows)",
+                    args.targets.display(),
+                    targets.len()
+                ),
+                got: targets.len(),
+                expected: rows,
+            });
+        }
+        if let Some(path) = &args.weights {
+            *opts = opts.clone().weights(crate::read_class_vector(path, "class weights")?);
+        }
+        // The targets against V and the options (class weights' length among them), before
+        // the backend is opened.
+        xent::Batch::new(rows.saturating_mul(classes), classes, targets, opts)?;
+        Ok(HeadFiles { hidden, weight, bias, targets: targets_array, rows, dim, classes })
+    }
+
+    /// `h`, `W`, `b` (checked in `open`).
+    pub(crate) fn values(&self) -> (Values<'_>, Values<'_>, Option<Values<'_>>) {
+        fn v(m: &MappedNpy) -> Values<'_> {
+            values(m, Path::new(""), "").expect("checked in open")
+        }
+        (v(&self.hidden), v(&self.weight), self.bias.as_ref().map(v))
+    }
+
+    /// The class-index targets (checked in `open`).
+    pub(crate) fn targets(&self) -> xent::Targets<'_> {
+        match &self.targets.data {
+            npy::NpyData::I64(t) => xent::Targets::I64(t),
+            npy::NpyData::I32(t) => xent::Targets::I32(t),
+            _ => unreachable!("checked in open"),
+        }
+    }
+}
+
 /// `xent eval --hidden H.npy --weight W.npy [--bias B.npy] --targets T.npy`: every input
 /// is checked against the others before the backend is opened or any output created;
 /// the gradients go straight into memory-mapped outputs, renamed into place only when
 /// the whole call succeeded.
 pub fn eval(args: &EvalArgs, mut opts: LossOptions) -> xent::Result<ExitCode> {
-    let (hidden_path, weight_path) = match (&args.hidden, &args.weight) {
-        (Some(h), Some(w)) => (h, w),
-        _ => unreachable!("checked by eval_options"),
-    };
-    let (h_file, w_file) = (hidden_path.display(), weight_path.display());
-    // Mapped and used in place (Fortran-order files are transposed into memory once).
-    let hidden = MappedNpy::open(hidden_path)?;
-    let weight = MappedNpy::open(weight_path)?;
-    let (rows, dim) = matrix(&hidden, hidden_path, "hidden", "[N, D]")?;
-    let (classes, w_dim) = matrix(&weight, weight_path, "weight", "[V, D]")?;
-    if w_dim != dim {
-        return Err(Error::Shape {
-            what: format!(
-                "the hidden dimension D of weight {w_file} [V, D] = [{classes}, {w_dim}] \
-                 (hidden {h_file} is [N, D] = [{rows}, {dim}])"
-            ),
-            got: w_dim,
-            expected: dim,
-        });
-    }
-    let (h_type, w_type) = (hidden.header().dtype, weight.header().dtype);
-    if h_type != w_type {
-        return Err(Error::InvalidOption(format!(
-            "hidden {h_file} is {} but weight {w_file} is {}: give both in one type, float32 or float16",
-            dtype_name(h_type),
-            dtype_name(w_type)
-        )));
-    }
-    let h_values = values(&hidden, hidden_path, "hidden")?;
-    let w_values = values(&weight, weight_path, "weight")?;
-    let bias = match &args.bias {
-        Some(path) => {
-            let b = MappedNpy::open(path)?;
-            let len = match b.header().shape[..] {
-                [v] => v,
-                ref s => {
-                    return Err(Error::Npy {
-                        path: path.clone(),
-                        message: format!("bias must be 1-D [V], got shape {s:?}"),
-                    });
-                }
-            };
-            if len != classes {
-                return Err(Error::Shape {
-                    what: format!(
-                        "bias {} [V] = [{len}] (weight {w_file} has V = {classes} classes)",
-                        path.display()
-                    ),
-                    got: len,
-                    expected: classes,
-                });
-            }
-            let t = b.header().dtype;
-            if t != DType::F32 && t != h_type {
-                return Err(Error::InvalidOption(format!(
-                    "bias {} is {} but hidden {h_file} is {}: give the bias in float32 or in hidden's type",
-                    path.display(),
-                    dtype_name(t),
-                    dtype_name(h_type)
-                )));
-            }
-            Some(b)
-        }
-        None => None,
-    };
-    let b_values = match (&bias, &args.bias) {
-        (Some(b), Some(path)) => Some(values(b, path, "bias")?),
-        _ => None,
-    };
-    let targets_array = npy::read(&args.targets)?;
-    let targets = crate::class_targets(&args.targets, &targets_array, "the linear head takes class indices")?;
-    if targets.len() != rows {
-        return Err(Error::Shape {
-            what: format!(
-                "targets {} [N] = [{}] (hidden {h_file} has N = {rows} rows)",
-                args.targets.display(),
-                targets.len()
-            ),
-            got: targets.len(),
-            expected: rows,
-        });
-    }
-    if let Some(path) = &args.weights {
-        opts = opts.weights(crate::read_class_vector(path, "class weights")?);
-    }
-    // The targets against V and the options (class weights' length among them), before
-    // the backend is opened.
-    xent::Batch::new(rows.saturating_mul(classes), classes, targets, &opts)?;
-
+    let files = HeadFiles::open(args, &mut opts)?;
+    let (rows, dim, classes) = (files.rows, files.dim, files.classes);
+    let (h_values, w_values, b_values) = files.values();
+    let targets = files.targets();
     let backend = crate::open_backend(args)?;
     let adapter = backend.describe();
     let writer = |p: &Option<PathBuf>, shape: &[usize]| {

@@ -14,7 +14,7 @@ use xent::collective::{Collective, Metered, agree};
 #[cfg(feature = "mpi")]
 use xent::npy::{self, NpyWriter};
 #[cfg(feature = "mpi")]
-use xent::{Error, Gradient, Labels, Logits, Problem, Reduction, Targets};
+use xent::{Error, Gradient, Labels, Logits, Problem, Reduction, Targets, Values};
 
 use crate::args::{EvalArgs, ParallelArg};
 
@@ -59,19 +59,9 @@ struct Inputs {
 impl Inputs {
     fn open(args: &EvalArgs, opts: &mut LossOptions) -> xent::Result<Self> {
         let usage = |m: &str| Err(Error::InvalidOption(m.into()));
-        let Some(path) = &args.logits else {
-            return usage(
-                "--parallel takes --logits [N, V] (the tensor-parallel linear head is not in the CLI yet: use \
-                 xent::parallel with each rank's block of W)",
-            );
-        };
+        let Some(path) = &args.logits else { unreachable!("the linear head goes to run_head") };
         if args.loss_kind != crate::args::LossKind::Ce {
             return usage("--parallel takes class-index targets (--loss-kind ce)");
-        }
-        if args.out_pred.is_some() || args.plot.is_some() {
-            return usage(
-                "--out-pred and --plot are not written under --parallel (the JSON has the metrics)",
-            );
         }
         let logits = npy::MappedNpy::open(path)?;
         let (rows, classes) = match logits.header().shape[..] {
@@ -163,6 +153,13 @@ fn shared_output(
 
 #[cfg(feature = "mpi")]
 fn run(c: &Metered<'_>, args: &EvalArgs, mut opts: LossOptions, mode: ParallelArg) -> xent::Result<String> {
+    if args.out_pred.is_some() || args.plot.is_some() {
+        let e = "--out-pred and --plot are not written under --parallel (the JSON has the metrics)";
+        return agree(c, Err(Error::InvalidOption(e.into())));
+    }
+    if args.hidden.is_some() {
+        return run_head(c, args, opts, mode);
+    }
     let inputs = agree(c, Inputs::open(args, &mut opts))?;
     let backend = agree(c, crate::open_backend(args))?;
     let (rows, v) = (inputs.rows, inputs.classes);
@@ -217,11 +214,38 @@ fn run(c: &Metered<'_>, args: &EvalArgs, mut opts: LossOptions, mode: ParallelAr
         }
     };
     let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
-    if let (Some(w), false, 0) = (&mut loss_file, none, c.rank()) {
-        w.data_mut()[0] = out.loss.unwrap_or(f32::NAN);
+    let shape = format!("\"rows\": {rows}, \"classes\": {v}");
+    let done = Done { out, elapsed_ms, shape, adapter: backend.describe() };
+    finish(c, args, mode, done, loss_file, vec![grad_file])
+}
+
+/// What a rank's evaluation gave, for [`finish`].
+#[cfg(feature = "mpi")]
+struct Done {
+    out: xent::LossOutput,
+    elapsed_ms: f64,
+    /// The JSON's shape fields.
+    shape: String,
+    adapter: String,
+}
+
+/// Writes the reduced loss (rank 0), commits every output once every rank has written its
+/// part (the others flush, then rank 0 renames), and returns rank 0's JSON.
+#[cfg(feature = "mpi")]
+fn finish(
+    c: &Metered<'_>,
+    args: &EvalArgs,
+    mode: ParallelArg,
+    done: Done,
+    mut loss_file: Option<NpyWriter>,
+    grads: Vec<Option<NpyWriter>>,
+) -> xent::Result<String> {
+    let Done { out, elapsed_ms, shape, adapter } = done;
+    if let (Some(w), Some(l), 0) = (&mut loss_file, out.loss, c.rank()) {
+        w.data_mut()[0] = l;
     }
     // Every part on disk before rank 0 renames the files into place.
-    let parts: Vec<NpyWriter> = [loss_file, grad_file].into_iter().flatten().collect();
+    let parts: Vec<NpyWriter> = std::iter::once(loss_file).chain(grads).flatten().collect();
     let (mine, theirs): (Vec<NpyWriter>, Vec<NpyWriter>) = parts.into_iter().partition(|_| c.rank() == 0);
     agree(c, theirs.into_iter().try_for_each(NpyWriter::commit))?;
     agree(c, mine.into_iter().try_for_each(NpyWriter::commit))?;
@@ -231,13 +255,112 @@ fn run(c: &Metered<'_>, args: &EvalArgs, mut opts: LossOptions, mode: ParallelAr
         ParallelArg::Vocab => "vocab",
     };
     Ok(format!(
-        "{{\"loss\": {}, \"z_loss\": {}, \"rows\": {rows}, \"classes\": {v}, \"device\": \"{}\", \"adapter\": {}, \
+        "{{\"loss\": {}, \"z_loss\": {}, {shape}, \"device\": \"{}\", \"adapter\": {}, \
          \"elapsed_ms\": {elapsed_ms:.3}, \"parallel\": \"{mode_name}\", \"ranks\": {}, \"sent_bytes\": {}{metrics}}}",
         out.loss.map_or("null".to_string(), crate::json_number),
         out.z_loss.map_or("null".to_string(), crate::json_number),
         crate::device_name(args.device),
-        crate::json_string(&backend.describe()),
+        crate::json_string(&adapter),
         c.size(),
         c.sent_bytes()
     ))
+}
+
+/// Elements `r` of `x`.
+#[cfg(feature = "mpi")]
+fn part(x: Values<'_>, r: std::ops::Range<usize>) -> Values<'_> {
+    match x {
+        Values::F32(x) => Values::F32(&x[r]),
+        Values::Half(x, f) => Values::Half(&x[r], f),
+    }
+}
+
+/// `eval --parallel` of the linear head (`--hidden`, `--weight`, `--bias`): by rows, each
+/// rank its rows of `h` (`dW` and `db` summed over the ranks, written by rank 0); by
+/// vocabulary, each rank its rows of `W` and `b` (the tensor-parallel head: `dh` summed
+/// over the ranks, written by rank 0; each rank writes its rows of `dW` and `db`).
+#[cfg(feature = "mpi")]
+fn run_head(
+    c: &Metered<'_>,
+    args: &EvalArgs,
+    mut opts: LossOptions,
+    mode: ParallelArg,
+) -> xent::Result<String> {
+    use xent::{GradientTo, HeadGradients, LinearHead};
+    let files = agree(c, crate::linear::HeadFiles::open(args, &mut opts))?;
+    let backend = agree(c, crate::open_backend(args))?;
+    let (n, d, v) = (files.rows, files.dim, files.classes);
+    let (h, w, b) = files.values();
+    let targets = files.targets();
+    let none = opts.get_reduction() == Reduction::None;
+    let creator = c.all_gather(&[u64::from(std::process::id())])?[0][0] as u32;
+    let loss_shape: &[usize] = if none { &[n] } else { &[] };
+    let mut loss_file = shared_output(c, args.out_loss.as_ref(), loss_shape, creator)?;
+    let mut dh_file = shared_output(c, args.out_grad_hidden.as_ref(), &[n, d], creator)?;
+    let mut dw_file = shared_output(c, args.out_grad_weight.as_ref(), &[v, d], creator)?;
+    let mut db_file = shared_output(c, args.out_grad_bias.as_ref(), &[v], creator)?;
+    let rank0 = c.rank() == 0;
+    let start = Instant::now();
+    let out = match mode {
+        ParallelArg::Rows => {
+            let r = xent::parallel::rows(c, n);
+            let mut head = LinearHead::new(part(h, r.start * d..r.end * d), w, d);
+            if let Some(b) = b {
+                head = head.bias(b);
+            }
+            let owned = |yes: bool| if yes { GradientTo::Owned } else { GradientTo::Skip };
+            let grads = HeadGradients {
+                hidden: match &mut dh_file {
+                    Some(f) => GradientTo::IntoF32(&mut f.data_mut()[r.start * d..r.end * d]),
+                    None => GradientTo::Skip,
+                },
+                weight: owned(dw_file.is_some()),
+                bias: owned(db_file.is_some()),
+            };
+            let mut problem = Problem::linear(head, targets.slice(r.clone()));
+            if grads.any() {
+                problem = problem.gradient(Gradient::Linear(grads));
+            }
+            let out = xent::parallel::evaluate_rows(c, &*backend, problem, &opts)?;
+            if let (Some(f), true) = (&mut loss_file, none) {
+                f.data_mut()[r].copy_from_slice(out.row_losses.as_deref().unwrap_or_default());
+            }
+            for (f, g) in [(&mut dw_file, &out.grad_weight), (&mut db_file, &out.grad_bias)] {
+                if let (Some(f), Some(g), true) = (f, g, rank0) {
+                    f.data_mut().copy_from_slice(g);
+                }
+            }
+            out
+        }
+        ParallelArg::Vocab => {
+            let cols = xent::parallel::columns(c, v);
+            let shard = xent::vocab::HeadShard {
+                hidden: h,
+                weight: part(w, cols.start * d..cols.end * d),
+                bias: b.map(|b| part(b, cols.clone())),
+                dim: d,
+                columns: cols.clone(),
+                classes: v,
+            };
+            let grads = dh_file.is_some() || dw_file.is_some() || db_file.is_some();
+            let out = xent::parallel::evaluate_vocab_head(c, &*backend, &shard, targets, &opts, grads)?;
+            if let (Some(f), Some(g), true) = (&mut dh_file, &out.grad_hidden, rank0) {
+                f.data_mut().copy_from_slice(g);
+            }
+            if let (Some(f), Some(g)) = (&mut dw_file, &out.grad_weight) {
+                f.data_mut()[cols.start * d..cols.end * d].copy_from_slice(g);
+            }
+            if let (Some(f), Some(g)) = (&mut db_file, &out.grad_bias) {
+                f.data_mut()[cols.clone()].copy_from_slice(g);
+            }
+            if let (Some(f), true, true) = (&mut loss_file, none, rank0) {
+                f.data_mut().copy_from_slice(out.row_losses.as_deref().unwrap_or_default());
+            }
+            out
+        }
+    };
+    let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
+    let shape = format!("\"rows\": {n}, \"classes\": {v}, \"hidden_dim\": {d}");
+    let done = Done { out, elapsed_ms, shape, adapter: backend.describe() };
+    finish(c, args, mode, done, loss_file, vec![dh_file, dw_file, db_file])
 }

@@ -34,14 +34,14 @@ pub(crate) const BLOCK_ELEMS: usize = 1 << 23;
 pub(crate) const MAX_BLOCK_ROWS: usize = 256;
 
 /// Rows per block for `rows` rows of `v` classes.
-fn block_rows(rows: usize, v: usize) -> usize {
+pub(crate) fn block_rows(rows: usize, v: usize) -> usize {
     (BLOCK_ELEMS / v.max(1)).clamp(1, MAX_BLOCK_ROWS).min(rows.max(1))
 }
 
 /// A row-major matrix operand: its values, the stride between rows and between
 /// columns.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
+pub(crate) struct Mat<'a> {
     data: &'a [f32],
     row_stride: usize,
     col_stride: usize,
@@ -49,11 +49,11 @@ struct Mat<'a> {
 
 impl<'a> Mat<'a> {
     /// `rows × cols` row major.
-    fn rows(data: &'a [f32], cols: usize) -> Self {
+    pub(crate) fn rows(data: &'a [f32], cols: usize) -> Self {
         Self { data, row_stride: cols, col_stride: 1 }
     }
     /// The transpose of `data` held `cols × rows` row major (so this is `rows × cols`).
-    fn transposed(data: &'a [f32], rows: usize) -> Self {
+    pub(crate) fn transposed(data: &'a [f32], rows: usize) -> Self {
         Self { data, row_stride: 1, col_stride: rows }
     }
     /// Asserts that an `m × n` view fits in the slice.
@@ -66,7 +66,13 @@ impl<'a> Mat<'a> {
 /// `dst [m, n] (row major) = a [m, k] · b [k, n]`, plus `dst` itself when `accumulate`
 /// (else `dst` is not read). Multi-threaded on the current rayon pool; the inner
 /// dimension is summed in the same order whatever the number of threads.
-fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, (m, n, k): (usize, usize, usize), accumulate: bool) {
+pub(crate) fn matmul(
+    dst: &mut [f32],
+    a: Mat<'_>,
+    b: Mat<'_>,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -109,7 +115,7 @@ fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, (m, n, k): (usize, usize, usi
 }
 
 /// Values as f32: borrowed when they are, else widened in parallel.
-fn widen(values: Values<'_>) -> Cow<'_, [f32]> {
+pub(crate) fn widen(values: Values<'_>) -> Cow<'_, [f32]> {
     match values {
         Values::F32(x) => Cow::Borrowed(x),
         Values::Half(x, f) => {
@@ -123,7 +129,7 @@ fn widen(values: Values<'_>) -> Cow<'_, [f32]> {
 }
 
 /// `acc[c] += Σ_r g[r, c]` in f64, rows in order, columns in parallel.
-fn add_column_sums(acc: &mut [f64], g: &[f32], v: usize) {
+pub(crate) fn add_column_sums(acc: &mut [f64], g: &[f32], v: usize) {
     const COLS: usize = 1024;
     acc.par_chunks_mut(COLS).enumerate().for_each(|(i, acc)| {
         let cols = i * COLS..i * COLS + acc.len();

@@ -5,7 +5,7 @@
 
 pub(crate) mod fast;
 mod fast_cells;
-mod fast_linear;
+pub(crate) mod fast_linear;
 pub(crate) mod fast_vocab;
 pub(crate) mod reference;
 mod reference_linear;
