@@ -6,6 +6,7 @@
 use crate::error::Result;
 use crate::options::{LossOptions, LossOutput, Targets, Upstream};
 use crate::problem::{Gradient, Logits, Problem};
+use crate::row_state::RowState;
 use crate::vocab::{ColumnShard, VocabPartial};
 
 /// A way to evaluate the loss: the GPU ([`GpuContext`](crate::GpuContext)), the fast CPU
@@ -57,18 +58,20 @@ pub trait Backend: Send + Sync {
         Err(crate::vocab::unsupported(self.describe(), "top-k counts"))
     }
 
-    /// The gradient of a shard's columns from the whole rows' merged LSE, times
-    /// `upstream`, into `out` [rows, shard width]: no exchange beyond the LSE.
+    /// The gradient of a shard's columns from the whole rows' merged (max, sum) states
+    /// ([`VocabPartial::state`], merged), times `upstream`, into `out` [rows, shard
+    /// width]: no exchange beyond the partials. (The state rather than its LSE rounded to
+    /// f32, so that `exp(z − max) / sum` stays exact for logits far from 0.)
     fn vocab_gradient(
         &self,
         shard: ColumnShard<'_>,
         targets: Targets<'_>,
-        lse: &[f32],
+        states: &[RowState],
         upstream: Upstream<'_>,
         opts: &LossOptions,
         out: &mut [f32],
     ) -> Result<()> {
-        let _ = (shard, targets, lse, upstream, opts, out);
+        let _ = (shard, targets, states, upstream, opts, out);
         Err(crate::vocab::unsupported(self.describe(), "gradient"))
     }
 }
@@ -141,12 +144,12 @@ impl<B: Backend + ?Sized> Backend for &B {
         &self,
         s: ColumnShard<'_>,
         t: Targets<'_>,
-        lse: &[f32],
+        states: &[RowState],
         up: Upstream<'_>,
         o: &LossOptions,
         out: &mut [f32],
     ) -> Result<()> {
-        (**self).vocab_gradient(s, t, lse, up, o, out)
+        (**self).vocab_gradient(s, t, states, up, o, out)
     }
 }
 
@@ -182,12 +185,12 @@ impl Backend for Reference {
         &self,
         s: ColumnShard<'_>,
         t: Targets<'_>,
-        lse: &[f32],
+        states: &[RowState],
         up: Upstream<'_>,
         o: &LossOptions,
         out: &mut [f32],
     ) -> Result<()> {
-        crate::vocab::reference_gradient(s, t, lse, up, o, out)
+        crate::vocab::reference_gradient(s, t, states, up, o, out)
     }
 }
 
@@ -226,13 +229,13 @@ impl Backend for CpuFast {
         &self,
         s: ColumnShard<'_>,
         t: Targets<'_>,
-        lse: &[f32],
+        states: &[RowState],
         up: Upstream<'_>,
         o: &LossOptions,
         out: &mut [f32],
     ) -> Result<()> {
-        let batch = crate::vocab::checked_gradient(&s, t, lse, up, o, out)?;
-        crate::cpu::fast_vocab::gradient(&s, &batch, lse, up, o, out);
+        let batch = crate::vocab::checked_gradient(&s, t, states, up, o, out)?;
+        crate::cpu::fast_vocab::gradient(&s, &batch, states, up, o, out);
         Ok(())
     }
 }

@@ -55,6 +55,7 @@ pub mod row_state;
 mod shard;
 pub mod synth;
 pub mod vocab;
+mod vocab_shards;
 
 pub use backend::{Backend, BackendExt, CpuFast, Reference};
 pub use error::{Error, Result};
@@ -72,3 +73,4 @@ pub use problem::{
 };
 pub use row_state::RowState;
 pub use shard::RowShards;
+pub use vocab_shards::VocabShards;

@@ -49,7 +49,7 @@ use crate::metrics::{MetricSums, Metrics, MetricsSpec};
 use crate::options::{Batch, LossOptions, LossOutput, Reduction, Targets, Upstream};
 use crate::problem::{Gradient, Labels, Mode, Problem};
 use crate::vocab::{
-    ColumnShard, HeadShard, finish, head_above, head_gradients, head_partials, metrics, target_logits,
+    ColumnShard, HeadShard, finish, head_above, head_gradients, head_partials, metrics, states, target_logits,
 };
 
 /// This rank's block of `n` items (rows or columns): even blocks in rank order.
@@ -191,8 +191,8 @@ pub fn evaluate_vocab(
         out.metrics = Some(agree(c, metrics(&merged, &above, targets, opts))?);
     }
     if let Some(g) = gradient {
-        let lse = out.lse.as_deref().unwrap_or_default();
-        agree(c, path.vocab_gradient(shard, targets, lse, Upstream::Scalar(1.0), opts, g))?;
+        let st = states(&merged);
+        agree(c, path.vocab_gradient(shard, targets, &st, Upstream::Scalar(1.0), opts, g))?;
     }
     Ok(out)
 }
@@ -251,8 +251,7 @@ pub fn evaluate_vocab_head(
         out.metrics = Some(agree(c, metrics(&merged, &above, targets, opts))?);
     }
     if gradients {
-        let lse = out.lse.clone().unwrap_or_default();
-        let g = agree(c, head_gradients(path, shard, targets, &lse, opts))?;
+        let g = agree(c, head_gradients(path, shard, targets, &states(&merged), opts))?;
         let part: Vec<f64> = g.hidden.iter().map(|&x| f64::from(x)).collect();
         out.grad_hidden = Some(sum_f64(c, &part)?.into_iter().map(|x| x as f32).collect());
         out.grad_weight = Some(g.weight);

@@ -265,17 +265,18 @@ pub fn finish(
     })
 }
 
-/// The f64 reference's gradient of one shard's columns, from the whole rows' merged LSE,
-/// times `upstream` (as a separate backward's), into `out` [rows, columns.len()].
+/// The f64 reference's gradient of one shard's columns, from the whole rows' merged
+/// states (their LSE in f64), times `upstream` (as a separate backward's), into `out`
+/// [rows, columns.len()].
 pub fn reference_gradient(
     shard: ColumnShard<'_>,
     targets: Targets<'_>,
-    lse: &[f32],
+    states: &[RowState],
     upstream: Upstream<'_>,
     opts: &LossOptions,
     out: &mut [f32],
 ) -> Result<()> {
-    let batch = checked_gradient(&shard, targets, lse, upstream, opts, out)?;
+    let batch = checked_gradient(&shard, targets, states, upstream, opts, out)?;
     let (v, width) = (shard.classes, shard.columns.len());
     let reduction = opts.get_reduction();
     let weights = ClassWeights::new(opts, v);
@@ -288,7 +289,7 @@ pub fn reference_gradient(
             g.fill(0.0);
             continue;
         }
-        let (l, up) = (f64::from(lse[r]), f64::from(upstream.of_row(r)));
+        let (l, up) = (lse_of(states[r]), f64::from(upstream.of_row(r)));
         let grad = ClassGrad::new(t as usize, l, &weights, v, opts, (ce_scale, z_scale));
         for (j, (o, &x)) in g.iter_mut().zip(&shard.logits[r * width..(r + 1) * width]).enumerate() {
             let (z, dz) = crate::cpu::reference::transform(f64::from(x), opts);
@@ -358,6 +359,12 @@ pub fn metrics(
     Ok(Metrics::from_rows(&spec, &per_row))
 }
 
+/// Each row's merged (max, sum) state, from merged partials (the input of the gradient
+/// step).
+pub fn states(partials: &[VocabPartial]) -> Vec<RowState> {
+    partials.iter().map(|p| p.state).collect()
+}
+
 /// The target's logit of each row, from merged partials (the input of the top-k step).
 pub fn target_logits(partials: &[VocabPartial]) -> Vec<Option<f32>> {
     partials.iter().map(|p| p.target).collect()
@@ -378,18 +385,18 @@ pub(crate) fn unsupported(path: String, step: &str) -> Error {
     }
 }
 
-/// Checks a shard's gradient step: the shard, one LSE and upstream value per row, `out`
+/// Checks a shard's gradient step: the shard, one state and upstream value per row, `out`
 /// the shard's size.
 pub(crate) fn checked_gradient(
     shard: &ColumnShard<'_>,
     targets: Targets<'_>,
-    lse: &[f32],
+    states: &[RowState],
     upstream: Upstream<'_>,
     opts: &LossOptions,
     out: &[f32],
 ) -> Result<Batch> {
     let batch = shard.check(targets, opts)?;
-    crate::cpu::reference::check_lse(lse, batch.rows)?;
+    check_rows("merged states", states.len(), batch.rows)?;
     upstream.check(batch.rows)?;
     if out.len() != shard.logits.len() {
         return Err(Error::Shape {
@@ -540,7 +547,7 @@ pub fn head_above(
     Ok(out)
 }
 
-/// A head shard's gradients on `path` from the whole rows' merged LSE: for each tile, `G`
+/// A head shard's gradients on `path` from the whole rows' merged states: for each tile, `G`
 /// (the path's gradient of the tile's logits, divided by the whole batch's `mean`
 /// denominators), `dh (part) = G · W[columns]`, `dW[columns] += Gᵀ · h` (tiles in row
 /// order), `db[columns] += Σ_rows G` (f64, rounded once).
@@ -548,12 +555,12 @@ pub fn head_gradients(
     path: &dyn crate::Backend,
     shard: &HeadShard<'_>,
     targets: Targets<'_>,
-    lse: &[f32],
+    states: &[RowState],
     opts: &LossOptions,
 ) -> Result<HeadShardGradients> {
     use crate::cpu::fast_linear::{Mat, add_column_sums, matmul};
     let batch = shard.check(targets, opts)?;
-    crate::cpu::reference::check_lse(lse, batch.rows)?;
+    check_rows("merged states", states.len(), batch.rows)?;
     let (d, width) = (shard.dim, shard.columns.len());
     let mut tile_opts = opts.clone();
     tile_opts.denominators = Some((batch.mean_denominator, batch.z_denominator));
@@ -566,7 +573,14 @@ pub fn head_gradients(
         g.resize(tile.len(), 0.0);
         let tile_shard = ColumnShard::new(tile, shard.columns.clone(), shard.classes);
         let up = Upstream::Scalar(1.0);
-        path.vocab_gradient(tile_shard, targets.slice(r.clone()), &lse[r.clone()], up, &tile_opts, &mut g)?;
+        path.vocab_gradient(
+            tile_shard,
+            targets.slice(r.clone()),
+            &states[r.clone()],
+            up,
+            &tile_opts,
+            &mut g,
+        )?;
         let m = r.len();
         matmul(&mut dh[r.start * d..r.end * d], Mat::rows(&g, width), Mat::rows(w, d), (m, d, width), false);
         matmul(&mut dw, Mat::transposed(&g, width), Mat::rows(h, d), (width, d, m), !first);

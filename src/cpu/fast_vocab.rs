@@ -237,13 +237,13 @@ pub(crate) fn above(
     out
 }
 
-/// The shard's gradient columns from the merged LSE, times the upstream gradient, into
-/// `out` [rows, width] (checked by the caller): the reference's rule (`ClassGrad`) with
-/// its row constants rounded to f32 once.
+/// The shard's gradient columns from the merged (max, sum) states, times the upstream
+/// gradient, into `out` [rows, width] (checked by the caller): the reference's rule
+/// (`ClassGrad`) with `p = exp(z − max) / sum` and its row constants rounded to f32 once.
 pub(crate) fn gradient(
     shard: &ColumnShard<'_>,
     batch: &Batch,
-    lse: &[f32],
+    states: &[crate::RowState],
     upstream: Upstream<'_>,
     opts: &LossOptions,
     out: &mut [f32],
@@ -266,7 +266,7 @@ pub(crate) fn gradient(
     let c = GradConsts { v, eps, total_w, ce_scale, z_scale, s, weights, shard_w };
     out.par_chunks_mut(step * width).enumerate().for_each(|(k, chunk)| {
         with_scratch(width, Transform::Scale(1.0), |zb, dzb| {
-            grad_rows(shard, batch, lse, upstream, k * step, chunk, tr, &c, zb, dzb)
+            grad_rows(shard, batch, states, upstream, k * step, chunk, tr, &c, zb, dzb)
         })
     });
 }
@@ -288,7 +288,7 @@ multiversion! {
     fn grad_rows(
         shard: &ColumnShard<'_>,
         batch: &Batch,
-        lse: &[f32],
+        states: &[crate::RowState],
         upstream: Upstream<'_>,
         first: usize,
         out: &mut [f32],
@@ -308,17 +308,19 @@ multiversion! {
             }
             let y = t as usize;
             let up = f64::from(upstream.of_row(r));
-            let l = f64::from(lse[r]);
+            let st = states[r];
+            let l = f64::from(st.max) + f64::from(st.sum).ln();
             let w_y = weights.map_or(1.0, |w| f64::from(w[y]));
             let mut kk = (1.0 - eps) * w_y;
             if eps > 0.0 {
                 kk += eps / v as f64 * total_w;
             }
-            // Everything a column needs, scaled once: g = (p·a − b_c) · dz.
-            let a = (kk * ce_scale + if s > 0.0 { 2.0 * s * l * z_scale } else { 0.0 }) * up;
+            // Everything a column needs, scaled once: g = (e·a − b_c) · dz with
+            // e = exp(z − max) and 1 / sum folded into a.
+            let a = (kk * ce_scale + if s > 0.0 { 2.0 * s * l * z_scale } else { 0.0 }) * up / f64::from(st.sum);
             let hit = ((1.0 - eps) * w_y * ce_scale * up) as f32;
             let smooth = (eps / v as f64 * ce_scale * up) as f32;
-            let (a, lf) = (a as f32, lse[r]);
+            let (a, lf) = (a as f32, st.max);
             let z = tr.apply(&shard.logits[r * width..(r + 1) * width], zb, Some(dzb));
             match (eps > 0.0, shard_w) {
                 (false, _) => g.iter_mut().zip(z).zip(&*dzb).for_each(|((o, &x), &d)| *o = exp_f32(x - lf) * a * d),

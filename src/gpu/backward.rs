@@ -53,18 +53,20 @@ impl GpuContext {
                 Ok(plan)
             },
             |ws, plan| self.prepare(ws, plan, weights, None),
-            |ws, plan| self.backward_chunks(ws, (logits, 0), &batch, lse, upstream, opts, &plan, grad),
+            |ws, plan| {
+                self.backward_chunks(ws, (logits, 0), &batch, Stats::Lse(lse), upstream, opts, &plan, grad)
+            },
         )
     }
 
     /// The separate backward over a shard of the vocabulary: the gradient of the shard's
-    /// columns ([`crate::vocab`]) from the whole rows' merged LSE, the targets, options,
+    /// columns ([`crate::vocab`]) from the whole rows' merged (max, sum) states, the targets, options,
     /// V and Σ w of the whole problem (`batch`), into `grad` [rows, shard width].
     pub(crate) fn vocab_gradient_host(
         &self,
         shard: &crate::vocab::ColumnShard<'_>,
         batch: &Batch,
-        lse: &[f32],
+        states: &[crate::RowState],
         upstream: crate::Upstream<'_>,
         opts: &LossOptions,
         grad: &mut [f32],
@@ -80,7 +82,7 @@ impl GpuContext {
             |ws, plan| self.prepare(ws, plan, weights, None),
             |ws, plan| {
                 let logits = (shard.logits, shard.columns.start);
-                self.backward_chunks(ws, logits, batch, lse, upstream, opts, &plan, grad)
+                self.backward_chunks(ws, logits, batch, Stats::States(states), upstream, opts, &plan, grad)
             },
         )
     }
@@ -93,7 +95,7 @@ impl GpuContext {
         ws: &Workspace,
         (logits, col_offset): (&[f32], usize),
         batch: &Batch,
-        lse: &[f32],
+        row_stats: Stats<'_>,
         upstream: crate::Upstream<'_>,
         opts: &LossOptions,
         plan: &Plan,
@@ -116,7 +118,7 @@ impl GpuContext {
         let mut copy = |elems: Range<usize>, bytes: &[u8]| {
             grad[elems.clone()].copy_from_slice(&bytemuck::cast_slice(bytes)[..elems.len()]);
         };
-        // (max, sum) = (lse, 1): the row statistics of the saved LSE, one chunk at a time.
+        // The rows' (max, sum) statistics, one chunk at a time: a saved LSE as (lse, 1).
         let mut stats: Vec<[f32; 2]> = Vec::with_capacity(plan.slot_rows);
         // A workgroup per (row, column block): a chunk's rows in dispatches of at most
         // max_groups workgroups (the plan's chunks are sized for the fused kernel, which
@@ -137,7 +139,10 @@ impl GpuContext {
             self.queue.write_buffer(ws.logits.get(), 0, bytemuck::cast_slice(&logits[elems.clone()]));
             self.queue.write_buffer(ws.targets.get(), 0, bytemuck::cast_slice(&batch.targets[rows.clone()]));
             stats.clear();
-            stats.extend(lse[rows.clone()].iter().map(|&l| [l, 1.0]));
+            match row_stats {
+                Stats::Lse(lse) => stats.extend(lse[rows.clone()].iter().map(|&l| [l, 1.0])),
+                Stats::States(st) => stats.extend(st[rows.clone()].iter().map(|s| [s.max, s.sum])),
+            }
             self.queue.write_buffer(ws.row_stats.get(), 0, bytemuck::cast_slice(&stats));
             if let crate::Upstream::PerRow(g) = upstream {
                 self.queue.write_buffer(ws.upstream.get(), 0, bytemuck::cast_slice(&g[rows.clone()]));
@@ -169,4 +174,13 @@ impl GpuContext {
         }
         ring.drain(&mut copy)
     }
+}
+
+/// The row statistics a backward divides by.
+#[derive(Clone, Copy)]
+enum Stats<'a> {
+    /// A saved LSE per row.
+    Lse(&'a [f32]),
+    /// Merged (max, sum) states per row (vocabulary shards).
+    States(&'a [crate::RowState]),
 }

@@ -51,13 +51,13 @@ impl Backend for GpuContext {
         &self,
         shard: crate::vocab::ColumnShard<'_>,
         targets: crate::Targets<'_>,
-        lse: &[f32],
+        states: &[crate::RowState],
         upstream: crate::Upstream<'_>,
         opts: &LossOptions,
         out: &mut [f32],
     ) -> Result<()> {
-        let batch = crate::vocab::checked_gradient(&shard, targets, lse, upstream, opts, out)?;
-        self.vocab_gradient_host(&shard, &batch, lse, upstream, opts, out)
+        let batch = crate::vocab::checked_gradient(&shard, targets, states, upstream, opts, out)?;
+        self.vocab_gradient_host(&shard, &batch, states, upstream, opts, out)
     }
 }
 
