@@ -9,7 +9,9 @@
 //! [`vocab_above`](crate::Backend::vocab_above) (the top-k counts, a second step once the target's logit is
 //! known) and [`vocab_gradient`](crate::Backend::vocab_gradient) — serves as a shard: the f64 reference
 //! ([`reference_partials`], [`reference_above`], [`reference_gradient`]), the fast CPU
-//! path and the GPU's host path. The metrics come from merged partials and the summed counts ([`metrics`]).
+//! path and the GPU's host path; device-resident shards go through
+//! [`GpuContext::record_vocab_partials`](crate::GpuContext::record_vocab_partials) and
+//! [`record_vocab_gradient`](crate::GpuContext::record_vocab_gradient). The metrics come from merged partials and the summed counts ([`metrics`]).
 //!
 //! ```
 //! use xent::vocab::{ColumnShard, VocabPartial, finish, reference_partials};

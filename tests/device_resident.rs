@@ -819,3 +819,113 @@ fn device_inputs_that_do_not_fit_the_cell_are_typed_errors() {
         let _ = HalfFormat::F16;
     }
 }
+
+/// Vocabulary shards of device-resident logits (`GpuContext::record_vocab_partials`,
+/// `record_vocab_gradient`): each of 3 shards of a problem in its own buffer at an aligned
+/// offset, the partials read back and merged, the loss from them and each shard's gradient
+/// recorded into a device buffer — against the reference's unsharded loss and gradient,
+/// under several option sets (class weights, smoothing, z-loss, softcap, none), on every
+/// adapter.
+#[test]
+fn device_vocab_shards_match_the_reference() {
+    use xent::gpu::DeviceShard;
+    use xent::vocab::{VocabPartial, finish, states};
+    let (n, v) = (53, 9001);
+    let logits = synth::logits(n, v, 2.0, 77);
+    let mut targets = synth::targets(n, v, 77);
+    targets[5] = -100;
+    let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+    let weights: Vec<f32> = (0..v).map(|c| 0.5 + (c % 3) as f32).collect();
+    let option_sets = [
+        LossOptions::new(),
+        LossOptions::new().weights(weights).label_smoothing(0.1).reduction(Reduction::Sum),
+        LossOptions::new().z_loss(1e-3).softcap(20.0).reduction(Reduction::None),
+    ];
+    let cuts: Vec<std::ops::Range<usize>> = (0..3).map(|k| v * k / 3..v * (k + 1) / 3).collect();
+    for gpu in common::gpus("device_vocab_shards_match_the_reference") {
+        let align = gpu.limits().min_storage_buffer_offset_alignment as usize;
+        let mut ws = DeviceWorkspace::new();
+        let targets_buf = buffer(gpu, bytemuck::cast_slice(&t32));
+        for opts in &option_sets {
+            let want = reference(&logits, v, &targets, opts, true);
+            let shards: Vec<(wgpu::Buffer, std::ops::Range<usize>)> = cuts
+                .iter()
+                .map(|c| {
+                    let mut arena = vec![f32::NAN; align / 4];
+                    arena.extend(logits.chunks(v).flat_map(|r| r[c.clone()].to_vec()));
+                    (buffer(gpu, bytemuck::cast_slice(&arena)), c.clone())
+                })
+                .collect();
+            fn shard_of<'a>(
+                (b, c): &'a (wgpu::Buffer, std::ops::Range<usize>),
+                t: &'a wgpu::Buffer,
+                (at, n, v): (u64, usize, usize),
+            ) -> DeviceShard<'a> {
+                DeviceShard {
+                    logits: DeviceSlice::new(b, at),
+                    targets: DeviceSlice::new(t, 0),
+                    rows: n,
+                    columns: c.clone(),
+                    classes: v,
+                }
+            }
+            let shard = |s| shard_of(s, &targets_buf, (align as u64, n, v));
+            let mut merged = vec![VocabPartial::EMPTY; n];
+            for s in &shards {
+                let mut enc = gpu.device().create_command_encoder(&Default::default());
+                let p = gpu.record_vocab_partials(&mut enc, &shard(s), opts, &mut ws).unwrap();
+                gpu.queue().submit([enc.finish()]);
+                let got = gpu.read_vocab_partials(&p, n).unwrap();
+                merged.iter_mut().zip(got).for_each(|(m, p)| *m = m.combine(p));
+            }
+            let mut out = finish(&merged, xent::Targets::I64(&targets), v, opts).unwrap();
+            let mut grad = vec![f32::NAN; n * v];
+            for s in &shards {
+                let w = s.1.len();
+                let g = buffer(gpu, &vec![0u8; n * w * 4]);
+                let mut enc = gpu.device().create_command_encoder(&Default::default());
+                let st = states(&merged);
+                let t = xent::Targets::I64(&targets);
+                gpu.record_vocab_gradient(
+                    &mut enc,
+                    &shard(s),
+                    t,
+                    &st,
+                    Upstream::Scalar(1.0),
+                    opts,
+                    (&g).into(),
+                    &mut ws,
+                )
+                .unwrap();
+                gpu.queue().submit([enc.finish()]);
+                let part = gpu.read_device_buffer(&g, n * w).unwrap();
+                for (row, p) in grad.chunks_mut(v).zip(part.chunks(w)) {
+                    row[s.1.clone()].copy_from_slice(p);
+                }
+            }
+            out.gradient = Some(grad);
+            let none = opts.get_reduction() == Reduction::None;
+            let got =
+                LossOutput { row_losses: out.row_losses.filter(|_| none), lse: None, z_loss: None, ..out };
+            let want = LossOutput {
+                row_losses: want.row_losses.clone().filter(|_| none),
+                lse: None,
+                z_loss: None,
+                ..want
+            };
+            compare(&got, &want, Tolerance::F32).unwrap_or_else(|e| panic!("{}: {e}", common::name(gpu)));
+        }
+        // A misaligned shard is refused before anything is recorded.
+        let b = buffer(gpu, &vec![0u8; (n * 10 + 4) * 4]);
+        let bad = DeviceShard {
+            logits: DeviceSlice::new(&b, 4),
+            targets: DeviceSlice::new(&targets_buf, 0),
+            rows: n,
+            columns: 0..10,
+            classes: v,
+        };
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let e = gpu.record_vocab_partials(&mut enc, &bad, &LossOptions::new(), &mut ws).err().unwrap();
+        assert!(matches!(e, Error::InvalidOption(_)), "{e}");
+    }
+}

@@ -21,6 +21,7 @@ mod soft;
 mod stream;
 pub mod tuning;
 mod vocab;
+mod vocab_device;
 pub mod wgsl;
 mod workspace;
 
@@ -38,3 +39,4 @@ pub use resident::{
     DeviceSlice, DeviceUpstream, DeviceWorkspace,
 };
 pub use tuning::{GemmTuning, Tuning};
+pub use vocab_device::{DevicePartials, DeviceShard};

@@ -89,7 +89,7 @@ impl<'a> DeviceSlice<'a> {
     }
 
     /// `bytes` from the offset, as a binding range.
-    fn range(self, bytes: u64) -> (&'a wgpu::Buffer, u64, u64) {
+    pub(super) fn range(self, bytes: u64) -> (&'a wgpu::Buffer, u64, u64) {
         (self.buffer, self.offset, bytes)
     }
 
@@ -285,19 +285,31 @@ impl DeviceWorkspace {
         ]
     }
     /// A uniform buffer (parameter blocks) of slot `i` with at least `bytes`.
-    fn uniform(&mut self, device: &wgpu::Device, i: usize, label: &str, bytes: u64) -> wgpu::Buffer {
+    pub(super) fn uniform(
+        &mut self,
+        device: &wgpu::Device,
+        i: usize,
+        label: &str,
+        bytes: u64,
+    ) -> wgpu::Buffer {
         use wgpu::BufferUsages as U;
         self.buffer(device, i, label, U::UNIFORM | U::COPY_DST, bytes)
     }
     /// A storage buffer of slot `i` with at least `bytes`.
-    fn storage(&mut self, device: &wgpu::Device, i: usize, label: &str, bytes: u64) -> wgpu::Buffer {
+    pub(super) fn storage(
+        &mut self,
+        device: &wgpu::Device,
+        i: usize,
+        label: &str,
+        bytes: u64,
+    ) -> wgpu::Buffer {
         use wgpu::BufferUsages as U;
         self.buffer(device, i, label, U::STORAGE | U::COPY_SRC | U::COPY_DST, bytes)
     }
 }
 
 /// Slots of a [`DeviceWorkspace`].
-mod slot {
+pub(super) mod slot {
     pub const ROW_LOSS: usize = 0;
     pub const LSE: usize = 1;
     pub const WEIGHT: usize = 2;

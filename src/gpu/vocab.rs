@@ -149,7 +149,7 @@ impl GpuContext {
                 for b in 0..e.blocks {
                     let x = &words[(i * stride + b) * 12..(i * stride + b + 1) * 12];
                     let first = base + e.col + b * SPLIT_BLOCK_COLS;
-                    each(r, partial_of(x, first, smoothing, metrics), x[9] as u64);
+                    each(r, entry_partial(x, first, smoothing, metrics), x[9] as u64);
                 }
             }
         };
@@ -224,7 +224,7 @@ fn blocks_of(plan: &Plan) -> usize {
 
 /// One block's entry as a partial: (max, sum, target z, has target), (Σ w (max − z), Σ w),
 /// (argmax column bits, count above, spread, NaN bits).
-fn partial_of(x: &[f32], first_col: usize, smoothing: bool, metrics: bool) -> VocabPartial {
+pub(super) fn entry_partial(x: &[f32], first_col: usize, smoothing: bool, metrics: bool) -> VocabPartial {
     let state = RowState { max: x[0], sum: x[1] };
     let mut p = VocabPartial { state, target: (x[3] != 0.0).then_some(x[2]), ..VocabPartial::EMPTY };
     if smoothing {
