@@ -403,6 +403,10 @@ pub use mpi_impl::Mpi;
 
 #[cfg(feature = "mpi")]
 mod mpi_impl {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
     use mpi::datatype::PartitionMut;
     use mpi::topology::{Communicator, SimpleCommunicator};
     use mpi::traits::CommunicatorCollectives;
@@ -412,10 +416,24 @@ mod mpi_impl {
 
     /// The ranks of an MPI job (`mpirun -np P`): MPI's world communicator, over the `mpi`
     /// crate (rsmpi). MPI is initialised by [`Mpi::init`] and finalised when the value is
-    /// dropped; a rank that dies makes `mpirun` end the others.
+    /// dropped; a rank that dies makes `mpirun` end the others. Every exchange is a
+    /// bounded wait: a watchdog thread ends the whole job (MPI_Abort, after removing this
+    /// process's temporary output files) when a rank waits longer than the timeout for
+    /// the others — a rank stuck in a driver cannot hang the job.
     pub struct Mpi {
         world: SimpleCommunicator,
+        watchdog: Arc<Watchdog>,
+        timeout: Duration,
+        thread: Option<std::thread::JoinHandle<()>>,
         _universe: mpi::environment::Universe,
+    }
+
+    /// The deadline of the exchange in progress (ms since `start`; 0: none) and the stop
+    /// flag of the watchdog thread.
+    struct Watchdog {
+        start: Instant,
+        deadline_ms: AtomicU64,
+        stop: AtomicBool,
     }
 
     impl std::fmt::Debug for Mpi {
@@ -426,16 +444,53 @@ mod mpi_impl {
 
     impl Mpi {
         /// Initialises MPI (once a process; a process started without `mpirun` is a job
-        /// of one rank).
+        /// of one rank), every exchange bounded by ten minutes.
         pub fn init() -> Result<Self> {
-            let universe = mpi::initialize()
+            Self::init_with_timeout(Duration::from_secs(600))
+        }
+
+        /// As [`init`](Self::init), with exchanges bounded by `timeout`.
+        pub fn init_with_timeout(timeout: Duration) -> Result<Self> {
+            // The watchdog calls MPI_Abort from its own thread.
+            let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Multiple)
                 .ok_or_else(|| Error::Collective("MPI is already initialised in this process".into()))?;
-            Ok(Mpi { world: universe.world(), _universe: universe })
+            let world = universe.world();
+            let rank = world.rank();
+            let watchdog = Arc::new(Watchdog {
+                start: Instant::now(),
+                deadline_ms: AtomicU64::new(0),
+                stop: AtomicBool::new(false),
+            });
+            let w = Arc::clone(&watchdog);
+            let thread = std::thread::spawn(move || {
+                while !w.stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let d = w.deadline_ms.load(Ordering::Acquire);
+                    if d != 0 && w.start.elapsed().as_millis() as u64 > d {
+                        eprintln!(
+                            "error: collective: rank {rank} waited {timeout:?} for the other ranks of the job; \
+                             ending every rank"
+                        );
+                        crate::npy::remove_live_temps();
+                        SimpleCommunicator::world().abort(3);
+                    }
+                }
+            });
+            Ok(Mpi { world, watchdog, timeout, thread: Some(thread), _universe: universe })
         }
 
         /// Ends every rank of the job at once with `code` (MPI_Abort).
         pub fn abort(&self, code: i32) -> ! {
             self.world.abort(code)
+        }
+    }
+
+    impl Drop for Mpi {
+        fn drop(&mut self) {
+            self.watchdog.stop.store(true, Ordering::Release);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
         }
     }
 
@@ -447,6 +502,18 @@ mod mpi_impl {
             self.world.size() as usize
         }
         fn all_gather(&self, mine: &[u64]) -> Result<Vec<Vec<u64>>> {
+            let w = &self.watchdog;
+            let deadline = w.start.elapsed() + self.timeout;
+            w.deadline_ms.store((deadline.as_millis() as u64).max(1), Ordering::Release);
+            let out = self.gather(mine);
+            w.deadline_ms.store(0, Ordering::Release);
+            out
+        }
+    }
+
+    impl Mpi {
+        /// The all-gather itself: the counts, then the words.
+        fn gather(&self, mine: &[u64]) -> Result<Vec<Vec<u64>>> {
             let size = self.size();
             let mut counts = vec![0u64; size];
             self.world.all_gather_into(&(mine.len() as u64), &mut counts[..]);

@@ -270,6 +270,21 @@ pub struct NpyWriter {
     owner: bool,
 }
 
+/// The temporary files of this process's live [`NpyWriter`]s that it created: what
+/// [`remove_live_temps`] removes when the process must end at once (an MPI abort runs no
+/// destructor).
+static LIVE_TEMPS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes the temporary files of every live writer this process created, for a process
+/// about to end without unwinding (`xent eval --parallel`'s abort paths); the writers'
+/// own drops would do it otherwise.
+pub fn remove_live_temps() {
+    let live = LIVE_TEMPS.lock().unwrap_or_else(|p| p.into_inner());
+    for p in live.iter() {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 impl NpyWriter {
     /// Creates the temporary file with `shape` and maps its data for writing.
     pub fn create(path: impl AsRef<Path>, shape: &[usize]) -> Result<Self> {
@@ -292,6 +307,7 @@ impl NpyWriter {
         let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(err)?;
         map[..header.len()].copy_from_slice(&header);
         writer.map = Some(map);
+        LIVE_TEMPS.lock().unwrap_or_else(|p| p.into_inner()).push(tmp);
         Ok(writer)
     }
 
@@ -315,6 +331,9 @@ impl NpyWriter {
         }
         // SAFETY: the creator made the file for this job; each writer fills its own part.
         let map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(err)?;
+        // On the live list too: a rank that must end the job at once removes the file it
+        // joined, whose creator may be the rank that is stuck.
+        LIVE_TEMPS.lock().unwrap_or_else(|p| p.into_inner()).push(tmp.clone());
         Ok(Self { path: path.to_path_buf(), tmp, offset: header.len(), map: Some(map), owner: false })
     }
 
@@ -334,20 +353,33 @@ impl NpyWriter {
     /// Flushes the data and renames the file into place (a joined writer: flushes only).
     pub fn commit(mut self) -> Result<()> {
         let map = self.map.take().expect("mapped until commit");
-        let err = |source| Error::Io { path: self.path.clone(), source };
-        map.flush().map_err(err)?;
+        self.forget();
+        let flushed = map.flush();
         drop(map);
-        if !self.owner {
-            return Ok(());
+        let done =
+            flushed.and_then(|_| if self.owner { std::fs::rename(&self.tmp, &self.path) } else { Ok(()) });
+        if done.is_err() && self.owner {
+            let _ = std::fs::remove_file(&self.tmp);
         }
-        std::fs::rename(&self.tmp, &self.path).map_err(err)
+        done.map_err(|source| Error::Io { path: self.path.clone(), source })
+    }
+}
+
+impl NpyWriter {
+    /// Takes this writer's temporary file off the live list.
+    fn forget(&self) {
+        LIVE_TEMPS.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| p != &self.tmp);
     }
 }
 
 impl Drop for NpyWriter {
     fn drop(&mut self) {
-        if self.map.take().is_some() && self.owner {
-            let _ = std::fs::remove_file(&self.tmp);
+        // Not committed: off the live list, and the creator removes the file.
+        if self.map.take().is_some() {
+            self.forget();
+            if self.owner {
+                let _ = std::fs::remove_file(&self.tmp);
+            }
         }
     }
 }

@@ -13,7 +13,16 @@ use xent::npy::NpyData;
 
 #[cfg(feature = "mpi")]
 fn mpirun(np: usize, args: &[&str]) -> (i32, String, String) {
+    mpirun_with(np, &[], args)
+}
+
+/// `mpirun` with `env` exported to every rank.
+#[cfg(feature = "mpi")]
+fn mpirun_with(np: usize, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
     let mut cmd = std::process::Command::new("mpirun");
+    for (k, v) in env {
+        cmd.env(k, v).args(["-x", k]);
+    }
     // Root (CI containers) needs --allow-run-as-root; more ranks than cores needs
     // --oversubscribe.
     cmd.args(["--oversubscribe", "-np", &np.to_string()]);
@@ -260,5 +269,42 @@ fn parallel_linear_head_by_rows_and_vocabulary_equals_one_process() {
                 assert!(worst <= 1e-6, "{what}: d{g} differs by {worst}");
             }
         }
+    }
+}
+
+/// A rank that stalls (as one stuck in a driver would) after the output files exist: the
+/// other rank ends the whole job after `--rank-timeout` with an error, every rank exits
+/// non-zero, and no file — neither the output nor a temporary one — is left.
+#[cfg(feature = "mpi")]
+#[test]
+fn a_stalled_rank_ends_the_job_after_the_bounded_wait_and_leaves_no_file() {
+    let dir = Dir::new("mpi-stall");
+    inputs(&dir, None);
+    let s = |p: &str| dir.path(p).to_str().unwrap().to_string();
+    for (mode, stalled) in [("rows", "1"), ("vocab", "0")] {
+        let started = std::time::Instant::now();
+        let args = [
+            "eval",
+            "--logits",
+            &s("l.npy"),
+            "--targets",
+            &s("t.npy"),
+            "--device",
+            "cpu",
+            "--parallel",
+            mode,
+            "--rank-timeout",
+            "2",
+            "--out-grad",
+            &s("g.npy"),
+            "--out-loss",
+            &s("l_out.npy"),
+        ];
+        let (code, out, err) = mpirun_with(2, &[("XENT_TEST_STALL_RANK", stalled)], &args);
+        let took = started.elapsed();
+        assert_ne!(code, 0, "{mode}: {out} {err}");
+        assert!(err.contains("waited 2s for the other ranks"), "{mode}: {err}");
+        assert!(took < std::time::Duration::from_secs(60), "{mode}: took {took:?}");
+        assert_eq!(dir.files(), ["l.npy", "t.npy"], "{mode}: nothing left behind");
     }
 }

@@ -207,6 +207,10 @@ pub struct EvalArgs {
     /// every rank into its part and renamed into place once every rank succeeded.
     #[arg(long, value_enum)]
     pub parallel: Option<ParallelArg>,
+    /// With --parallel: the longest a rank waits for the others at an exchange before it
+    /// ends the whole job (seconds).
+    #[arg(long, default_value_t = 600.0, requires = "parallel")]
+    pub rank_timeout: f64,
     /// Write the loss: 0-d float32, or float32 [N] for --reduction none.
     #[arg(long)]
     pub out_loss: Option<PathBuf>,

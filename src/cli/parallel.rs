@@ -31,11 +31,20 @@ pub fn eval(_: &EvalArgs, _: LossOptions, _: ParallelArg) -> xent::Result<ExitCo
 /// Runs `eval` as one rank of the MPI job.
 #[cfg(feature = "mpi")]
 pub fn eval(args: &EvalArgs, opts: LossOptions, mode: ParallelArg) -> xent::Result<ExitCode> {
-    let mpi = xent::collective::Mpi::init()?;
-    // A rank that panics ends the job at once rather than leaving the others waiting.
+    if !(args.rank_timeout > 0.0 && args.rank_timeout.is_finite()) {
+        return Err(Error::InvalidOption(format!(
+            "--rank-timeout must be a positive number of seconds, got {}",
+            args.rank_timeout
+        )));
+    }
+    let mpi =
+        xent::collective::Mpi::init_with_timeout(std::time::Duration::from_secs_f64(args.rank_timeout))?;
+    // A rank that panics ends the job at once rather than leaving the others waiting
+    // (its temporary output files removed first: an abort runs no destructor).
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         hook(info);
+        npy::remove_live_temps();
         mpi::traits::Communicator::abort(&mpi::topology::SimpleCommunicator::world(), 70);
     }));
     let metered = Metered::new(&mpi);
@@ -168,6 +177,7 @@ fn run(c: &Metered<'_>, args: &EvalArgs, mut opts: LossOptions, mode: ParallelAr
     let loss_shape: &[usize] = if none { &[rows] } else { &[] };
     let mut loss_file = shared_output(c, args.out_loss.as_ref(), loss_shape, creator)?;
     let mut grad_file = shared_output(c, args.out_grad.as_ref(), &[rows, v], creator)?;
+    stall_if_asked(c);
     let mut start = Instant::now();
     let out = match mode {
         ParallelArg::Rows => {
@@ -266,6 +276,16 @@ fn finish(
     ))
 }
 
+/// A test hook: the rank named by `XENT_TEST_STALL_RANK` stalls before its evaluation, as
+/// a rank stuck in a driver would, so that the tests see the others end the job after
+/// `--rank-timeout` (`tests/mpi.rs`).
+#[cfg(feature = "mpi")]
+fn stall_if_asked(c: &dyn Collective) {
+    if std::env::var("XENT_TEST_STALL_RANK").is_ok_and(|r| r.parse() == Ok(c.rank())) {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
 /// Elements `r` of `x`.
 #[cfg(feature = "mpi")]
 fn part(x: Values<'_>, r: std::ops::Range<usize>) -> Values<'_> {
@@ -299,6 +319,7 @@ fn run_head(
     let mut dh_file = shared_output(c, args.out_grad_hidden.as_ref(), &[n, d], creator)?;
     let mut dw_file = shared_output(c, args.out_grad_weight.as_ref(), &[v, d], creator)?;
     let mut db_file = shared_output(c, args.out_grad_bias.as_ref(), &[v], creator)?;
+    stall_if_asked(c);
     let rank0 = c.rank() == 0;
     let start = Instant::now();
     let out = match mode {
