@@ -101,6 +101,37 @@ pub fn sum_f64(c: &dyn Collective, mine: &[f64]) -> Result<Vec<f64>> {
     Ok(acc)
 }
 
+/// Sums f32 values element by element over the ranks: two a word on the wire, added in
+/// f64 in rank order and rounded once (the same bits on every rank).
+pub fn sum_f32(c: &dyn Collective, mine: &[f32]) -> Result<Vec<f32>> {
+    if c.size() == 1 {
+        // The sum of one rank's values, exactly (no exchange, no copy through f64).
+        return Ok(mine.to_vec());
+    }
+    let words: Vec<u64> = mine
+        .chunks(2)
+        .map(|p| u64::from(p[0].to_bits()) | u64::from(p.get(1).map_or(0, |x| x.to_bits())) << 32)
+        .collect();
+    let all = c.all_gather(&words)?;
+    let mut acc = vec![0.0f64; mine.len()];
+    for part in &all {
+        if part.len() != words.len() {
+            return Err(Error::Collective(format!(
+                "ranks gave {} and {} words to sum",
+                part.len(),
+                words.len()
+            )));
+        }
+        for (pair, &w) in acc.chunks_mut(2).zip(part) {
+            pair[0] += f64::from(f32::from_bits(w as u32));
+            if let Some(b) = pair.get_mut(1) {
+                *b += f64::from(f32::from_bits((w >> 32) as u32));
+            }
+        }
+    }
+    Ok(acc.into_iter().map(|x| x as f32).collect())
+}
+
 /// Which fields of a [`VocabPartial`] travel: the state and the target always, label
 /// smoothing's sum when it is on, the metrics' spread and argmax when they are asked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -41,7 +41,7 @@ use std::ops::Range;
 
 use crate::backend::Backend;
 use crate::collective::{
-    Collective, Wire, agree, all_reduce_partials, combine_metric_sums, sum_f64, sum_u64,
+    Collective, Wire, agree, all_reduce_partials, combine_metric_sums, sum_f32, sum_f64, sum_u64,
 };
 use crate::error::{Error, Result};
 use crate::head::GradientTo;
@@ -133,10 +133,9 @@ pub fn evaluate_rows(
             return Err(Error::Collective("some ranks formed dW or db and others did not".into()));
         }
         for g in [&mut out.grad_weight, &mut out.grad_bias] {
-            let mine: Vec<f64> = g.as_deref().unwrap_or_default().iter().map(|&x| f64::from(x)).collect();
-            let total = sum_f64(c, &mine)?;
+            let total = sum_f32(c, g.as_deref().unwrap_or_default())?;
             if g.is_some() {
-                *g = Some(total.into_iter().map(|x| x as f32).collect());
+                *g = Some(total);
             }
         }
     }
@@ -252,8 +251,7 @@ pub fn evaluate_vocab_head(
     }
     if gradients {
         let g = agree(c, head_gradients(path, shard, targets, &states(&merged), opts))?;
-        let part: Vec<f64> = g.hidden.iter().map(|&x| f64::from(x)).collect();
-        out.grad_hidden = Some(sum_f64(c, &part)?.into_iter().map(|x| x as f32).collect());
+        out.grad_hidden = Some(sum_f32(c, &g.hidden)?);
         out.grad_weight = Some(g.weight);
         out.grad_bias = g.bias;
     }
