@@ -55,12 +55,7 @@ impl RowShards {
     /// One [`GpuContext`] for every adapter whose name contains `name` (every adapter for
     /// `None`), in wgpu's order.
     pub fn adapters(name: Option<&str>) -> Result<Self> {
-        let adapters = crate::gpu::select_adapters(name)?;
-        let paths = adapters
-            .iter()
-            .map(|a| GpuContext::from_adapter_blocking(a).map(|g| Box::new(g) as Box<dyn Backend>))
-            .collect::<Result<Vec<_>>>()?;
-        Self::new(paths)
+        Self::new(adapter_paths(name)?)
     }
 
     /// The paths, in shard order.
@@ -105,6 +100,15 @@ impl Backend for RowShards {
         let outs = outs.into_iter().collect::<Result<Vec<_>>>()?;
         Ok(merge(outs, reduced, sums))
     }
+}
+
+/// One [`GpuContext`] for every adapter whose name contains `name` (every adapter for
+/// `None`), in wgpu's order: the paths of a set of shards over one host's devices.
+pub(crate) fn adapter_paths(name: Option<&str>) -> Result<Vec<Box<dyn Backend>>> {
+    crate::gpu::select_adapters(name)?
+        .iter()
+        .map(|a| GpuContext::from_adapter_blocking(a).map(|g| Box::new(g) as Box<dyn Backend>))
+        .collect()
 }
 
 /// Where a linear head's `dW` and `db` go in the whole problem: the shards return theirs

@@ -20,7 +20,6 @@ use std::ops::Range;
 use crate::backend::Backend;
 use crate::collective::LocalGroup;
 use crate::error::{Error, Result};
-use crate::gpu::GpuContext;
 use crate::options::{LossOptions, LossOutput, Reduction};
 use crate::problem::{Gradient, Labels, Logits, Mode, Problem};
 use crate::vocab::ColumnShard;
@@ -52,15 +51,10 @@ impl VocabShards {
         Ok(Self { paths })
     }
 
-    /// One [`GpuContext`] for every adapter whose name contains `name` (every adapter for
+    /// One [`GpuContext`](crate::GpuContext) for every adapter whose name contains `name` (every adapter for
     /// `None`), in wgpu's order.
     pub fn adapters(name: Option<&str>) -> Result<Self> {
-        let adapters = crate::gpu::select_adapters(name)?;
-        let paths = adapters
-            .iter()
-            .map(|a| GpuContext::from_adapter_blocking(a).map(|g| Box::new(g) as Box<dyn Backend>))
-            .collect::<Result<Vec<_>>>()?;
-        Self::new(paths)
+        Self::new(crate::shard::adapter_paths(name)?)
     }
 
     /// The blocks of `classes` columns, one per path that takes part.

@@ -140,7 +140,7 @@ fn tanh_sech2<const F: bool>(u: f32) -> (f32, f32) {
 
 /// Max of a slice in lanes (NaN-propagating where it matters is handled by the sum).
 #[inline(always)]
-pub(super) fn block_max(xs: &[f32]) -> f32 {
+fn block_max(xs: &[f32]) -> f32 {
     let mut m = [f32::MIN; LANES];
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -189,7 +189,7 @@ pub(super) fn row_stats(row: &[f32]) -> (f32, f64) {
 /// [`block_sum_exp`] with the metrics' parts in the same read: (Σ e, Σ e (x − m),
 /// #{x > z_t}) with e = exp(x − m).
 #[inline(always)]
-pub(super) fn block_sums_metrics(xs: &[f32], m: f32, z_t: f32) -> (f32, f32, u64) {
+fn block_sums_metrics(xs: &[f32], m: f32, z_t: f32) -> (f32, f32, u64) {
     // f32 lanes throughout (the count is exact: at most BLOCK per lane), so the loop
     // vectorises as one.
     let (mut s, mut sp, mut ab) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
@@ -221,10 +221,33 @@ pub(super) fn block_sums_metrics(xs: &[f32], m: f32, z_t: f32) -> (f32, f32, u64
 #[inline(always)]
 fn row_stats_metrics(row: &[f32], target: i64) -> (f32, f64, RowMetrics) {
     let z_t = if target >= 0 { row[target as usize] } else { f32::INFINITY };
+    let OnlineMetrics { max: m, sum: total, spread, above, max_block } = online_metrics(row, z_t);
+    let nan = total.is_nan() && row.iter().any(|x| x.is_nan());
+    let first = max_block * BLOCK;
+    let argmax = (!nan).then(|| row[first..].iter().position(|&x| x == m).map_or(0, |i| first + i));
+    (m, total, RowMetrics::from_stats(target, argmax, above, m, total as f32, spread as f32, z_t))
+}
+
+/// A row's online softmax with the metrics' parts, in one read ([`online_metrics`]).
+pub(super) struct OnlineMetrics {
+    /// The row's max (NaN passed over).
+    pub max: f32,
+    /// Σ exp(x − max).
+    pub sum: f64,
+    /// Σ exp(x − max) (x − max).
+    pub spread: f64,
+    /// #{x > z_t}.
+    pub above: u64,
+    /// The first block of [`BLOCK`] columns holding the max: the argmax is found in it.
+    pub max_block: usize,
+}
+
+/// The blocked online softmax of a row with the spread and the count above `z_t` beside
+/// the sum: the spread moves to a new max as the sum does.
+#[inline(always)]
+pub(super) fn online_metrics(row: &[f32], z_t: f32) -> OnlineMetrics {
     let mut m = crate::row_state::EMPTY_MAX;
-    let (mut total, mut spread, mut above) = (0.0f64, 0.0f64, 0u64);
-    // The first block holding the max: the argmax is found in it alone.
-    let mut max_block = 0;
+    let (mut total, mut spread, mut above, mut max_block) = (0.0f64, 0.0f64, 0u64, 0);
     for (b, block) in row.chunks(BLOCK).enumerate() {
         let bm = block_max(block);
         if bm > m {
@@ -240,10 +263,7 @@ fn row_stats_metrics(row: &[f32], target: i64) -> (f32, f64, RowMetrics) {
         spread += f64::from(sp);
         above += ab;
     }
-    let nan = total.is_nan() && row.iter().any(|x| x.is_nan());
-    let first = max_block * BLOCK;
-    let argmax = (!nan).then(|| row[first..].iter().position(|&x| x == m).map_or(0, |i| first + i));
-    (m, total, RowMetrics::from_stats(target, argmax, above, m, total as f32, spread as f32, z_t))
+    OnlineMetrics { max: m, sum: total, spread, above, max_block }
 }
 
 /// Writes `(exp(x − m − log s) − onehot) · scale` for one row.

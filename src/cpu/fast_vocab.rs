@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::fast::{BLOCK, block_max, block_sums_metrics, exp_f32, multiversion, row_stats};
+use super::fast::{BLOCK, exp_f32, multiversion, online_metrics, row_stats};
 use crate::options::{Batch, LossOptions, Upstream};
 use crate::vocab::{ColumnShard, VocabPartial};
 
@@ -85,29 +85,6 @@ fn with_scratch<R>(width: usize, tr: Transform, f: impl FnOnce(&mut [f32], &mut 
     })
 }
 
-/// (max, Σ e, Σ e (z − max)) of a row in one read (e = exp(z − max)), the spread moved
-/// to a new max as the sum is; and the first block holding the max.
-#[inline(always)]
-fn stats_with_spread(z: &[f32]) -> (f32, f64, f64, usize) {
-    let mut m = crate::row_state::EMPTY_MAX;
-    let (mut total, mut spread, mut max_block) = (0.0f64, 0.0f64, 0);
-    for (b, block) in z.chunks(BLOCK).enumerate() {
-        let bm = block_max(block);
-        if bm > m {
-            let d = f64::from(m) - f64::from(bm);
-            let f = d.exp();
-            spread = if total > 0.0 { f * (spread + total * d) } else { 0.0 };
-            total *= f;
-            m = bm;
-            max_block = b;
-        }
-        let (s, sp, _) = block_sums_metrics(block, m, f32::INFINITY);
-        total += f64::from(s);
-        spread += f64::from(sp);
-    }
-    (m, total, spread, max_block)
-}
-
 /// One row's partial over the shard's columns (transformed logits `z`).
 #[inline(always)]
 fn partial_of(
@@ -122,7 +99,8 @@ fn partial_of(
         return p;
     }
     let (m, s) = if o.metrics {
-        let (m, s, spread, max_block) = stats_with_spread(z);
+        let o = online_metrics(z, f32::INFINITY);
+        let (m, s, spread, max_block) = (o.max, o.sum, o.spread, o.max_block);
         p.nan = s.is_nan() && z.iter().any(|x| x.is_nan());
         p.spread = if s > 0.0 { spread } else { 0.0 };
         // The first column holding the maximum (NaN passed over); a row of −inf: its

@@ -22,7 +22,7 @@ use super::tuning::SPLIT_BLOCK_COLS;
 use super::vocab::entry_partial;
 
 /// A shard of the vocabulary in a caller's buffers: f32 logits [rows, width] of the
-/// columns `columns` of a `classes`-wide vocabulary, and i32 class indices [rows] of the
+/// columns `columns` of a `classes`-wide vocabulary, and i32 class indices \[rows\] of the
 /// whole vocabulary (ignored rows hold the options' `ignore_index`; a target the device
 /// finds outside `[0, classes)` is an ignored row). Offsets are multiples of
 /// `min_storage_buffer_offset_alignment`; both buffers need `BufferUsages::STORAGE`.
