@@ -84,7 +84,7 @@ pub struct LinearHead<'a> {
     /// The weight `W` [classes, dim], row major (`nn.Linear(dim, classes).weight`), of the
     /// same element type as `hidden`.
     pub weight: Values<'a>,
-    /// The optional bias `b` [classes] (f32, or the element type of `hidden`).
+    /// The optional bias `b` \[classes\] (f32, or the element type of `hidden`).
     pub bias: Option<Values<'a>>,
     /// The hidden dimension D.
     pub dim: usize,
@@ -95,7 +95,7 @@ impl<'a> LinearHead<'a> {
     pub fn new(hidden: Values<'a>, weight: Values<'a>, dim: usize) -> Self {
         Self { hidden, weight, bias: None, dim }
     }
-    /// With the bias [classes].
+    /// With the bias \[classes\].
     pub fn bias(mut self, bias: Values<'a>) -> Self {
         self.bias = Some(bias);
         self

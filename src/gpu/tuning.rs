@@ -36,7 +36,7 @@ pub struct Tuning {
     /// never). CPU adapters gain nothing from more workgroups and pay the grid's extra
     /// passes: 2–3× slower than whole rows on lavapipe at 2 × 262144. `u32::MAX`: every
     /// batch of class indices, rows of any length (the metrics on adapters whose fused
-    /// kernel has no record binding, [`Tuning::grid_for_all`]).
+    /// kernel has no record binding, `Tuning::grid_for_all`).
     pub few_rows: u32,
     /// Read f16 logits with the portable reader (unpacked from u32 words) even where the
     /// device has `SHADER_F16` (WGSL `f16`); `XENT_PORTABLE_F16=1`.
