@@ -3,7 +3,7 @@
 //! Everything the shards exchange — the per-row partials of the vocabulary, the sums of
 //! row blocks, the status of every rank — is built on it here, so an engine plugs in by
 //! implementing three methods: [`LocalGroup`] (threads of one process: the tests, the
-//! adapters of one host), [`Mpi`](crate::collective::Mpi) with the `mpi` feature (processes
+//! adapters of one host), `Mpi` with the `mpi` feature (processes
 //! and machines), or a caller's own (NCCL, torch.distributed, ...).
 //!
 //! Failure is part of the protocol: every step ends with [`agree`], which exchanges each

@@ -191,7 +191,7 @@ impl GradientTo<'_> {
 }
 
 /// The gradients of a linear head's loss, each computed only where asked: `dh` [rows,
-/// dim], `dW` [classes, dim], `db` [classes].
+/// dim], `dW` [classes, dim], `db` \[classes\].
 #[derive(Debug, Default)]
 pub struct HeadGradients<'a> {
     /// `dh = G W`.
@@ -248,7 +248,7 @@ pub(crate) struct LinearTask<'a> {
     pub grad_hidden: Option<&'a mut [f32]>,
     /// `dW` [classes, dim], overwritten.
     pub grad_weight: Option<&'a mut [f32]>,
-    /// `db` [classes], overwritten.
+    /// `db` \[classes\], overwritten.
     pub grad_bias: Option<&'a mut [f32]>,
     /// Return the row losses (always for `none`).
     pub row_losses: bool,

@@ -546,7 +546,7 @@ pub struct LossOutput {
     pub grad_hidden: Option<Vec<f32>>,
     /// A linear head's `dW` [classes, dim], when owned.
     pub grad_weight: Option<Vec<f32>>,
-    /// A linear head's `db` [classes], when owned.
+    /// A linear head's `db` \[classes\], when owned.
     pub grad_bias: Option<Vec<f32>>,
     /// The evaluation metrics, when asked for ([`LossOptions::metrics`]).
     pub metrics: Option<Metrics>,

@@ -422,7 +422,7 @@ pub struct HeadShard<'a> {
     pub hidden: Values<'a>,
     /// `W[columns]` [width, dim].
     pub weight: Values<'a>,
-    /// `b[columns]` [width], if the head has a bias.
+    /// `b[columns]` \[width\], if the head has a bias.
     pub bias: Option<Values<'a>>,
     /// The hidden dimension D.
     pub dim: usize,
@@ -439,7 +439,7 @@ pub struct HeadShardGradients {
     pub hidden: Vec<f32>,
     /// `dW[columns]` [width, dim]: this shard's rows of `dW`, whole.
     pub weight: Vec<f32>,
-    /// `db[columns]` [width], with a bias.
+    /// `db[columns]` \[width\], with a bias.
     pub bias: Option<Vec<f32>>,
 }
 
