@@ -384,6 +384,11 @@ impl Collective for LocalGroup {
             return Err(Error::Collective(why.clone()));
         }
         let generation = round.generation;
+        if round.slots[self.rank].is_some() {
+            // The same rank twice in one exchange: a caller's bug, which would otherwise
+            // complete the exchange without another rank.
+            return Err(Error::Collective(format!("rank {} is already in this exchange", self.rank)));
+        }
         round.slots[self.rank] = Some(mine.to_vec());
         round.arrived += 1;
         if round.arrived == self.size {
