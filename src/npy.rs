@@ -344,12 +344,6 @@ impl NpyWriter {
         bytemuck::cast_slice_mut(&mut map[offset..])
     }
 
-    /// Flushes the data to the file (a joined writer's part, before the creator commits).
-    pub fn flush(&self) -> Result<()> {
-        let map = self.map.as_ref().expect("mapped until commit");
-        map.flush().map_err(|source| Error::Io { path: self.tmp.clone(), source })
-    }
-
     /// Flushes the data and renames the file into place (a joined writer: flushes only).
     pub fn commit(mut self) -> Result<()> {
         let map = self.map.take().expect("mapped until commit");

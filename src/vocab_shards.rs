@@ -83,15 +83,20 @@ impl Backend for VocabShards {
             return Err(unsupported("a separate backward needs no exchange: run it on each shard's columns"));
         }
         let half = logits.dtype().half();
-        let widened: Vec<f32>;
-        let x: &[f32] = match logits {
-            Logits::F32(x) => x,
-            Logits::Half(h, f) => {
-                widened = h.iter().map(|&b| f.to_f32(b)).collect();
-                &widened
+        // Each shard copies its columns out of the logits (half ones widened exactly on
+        // the way): one pass, no whole f32 copy of half logits.
+        let columns_of = |cols: &Range<usize>| -> Vec<f32> {
+            match logits {
+                Logits::F32(x) => x.chunks(v).flat_map(|r| r[cols.clone()].iter().copied()).collect(),
+                Logits::Half(h, f) => {
+                    h.chunks(v).flat_map(|r| r[cols.clone()].iter().map(move |&b| f.to_f32(b))).collect()
+                }
+                _ => unreachable!("checked below"),
             }
-            _ => return Err(unsupported("in place or a linear head: share rows (RowShards)")),
         };
+        if !matches!(logits, Logits::F32(_) | Logits::Half(..)) {
+            return Err(unsupported("in place or a linear head: share rows (RowShards)"));
+        }
         let want_grad = match &gradient {
             Gradient::None => false,
             Gradient::Owned | Gradient::IntoF32(_) | Gradient::IntoHalf(_) => true,
@@ -105,9 +110,9 @@ impl Backend for VocabShards {
                 .zip(&blocks)
                 .zip(&self.paths)
                 .map(|((c, cols), path)| {
+                    let columns_of = &columns_of;
                     s.spawn(move || {
-                        let mine: Vec<f32> =
-                            x.chunks(v).flat_map(|r| r[cols.clone()].iter().copied()).collect();
+                        let mine = columns_of(cols);
                         let mut g = if want_grad { vec![0.0f32; mine.len()] } else { Vec::new() };
                         let shard = ColumnShard::new(&mine, cols.clone(), v);
                         let grad = want_grad.then_some(&mut g[..]);

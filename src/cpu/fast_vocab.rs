@@ -32,6 +32,11 @@ impl Transform {
         }
     }
 
+    /// Whether the logits change (else they are read in place).
+    fn transforms(self) -> bool {
+        !matches!(self, Transform::Plain)
+    }
+
     /// The transformed row (the row itself when plain, else written into `z`), with the
     /// slope dz/dx into `dz` when given.
     #[inline(always)]
@@ -70,12 +75,12 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Runs `f` with this thread's two scratch rows of `width` (empty for a plain transform,
-/// which reads the logits in place).
-fn with_scratch<R>(width: usize, tr: Transform, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+/// Runs `f` with this thread's two scratch rows of `width` values (empty when not
+/// `needed`: a plain transform reads the logits in place).
+fn with_scratch<R>(width: usize, needed: bool, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
-        let n = if matches!(tr, Transform::Plain) { 0 } else { width };
+        let n = if needed { width } else { 0 };
         let (z, dz) = &mut *s;
         if z.len() < n {
             z.resize(n, 0.0);
@@ -158,7 +163,7 @@ pub(crate) fn partials(shard: &ColumnShard<'_>, batch: &Batch, opts: &LossOption
     let want = Want { metrics: opts.get_metrics().is_some(), smooth: opts.get_label_smoothing() > 0.0 };
     let step = rows_per_task(width);
     out.par_chunks_mut(step).enumerate().for_each(|(k, chunk)| {
-        with_scratch(width, tr, |buf, _| {
+        with_scratch(width, tr.transforms(), |buf, _| {
             partial_rows(shard, &batch.targets[k * step..], k * step, chunk, tr, weights, want, buf)
         })
     });
@@ -202,7 +207,7 @@ pub(crate) fn above(
     let tr = Transform::of(opts);
     let step = rows_per_task(width);
     out.par_chunks_mut(step).enumerate().for_each(|(k, chunk)| {
-        with_scratch(width, tr, |buf, _| {
+        with_scratch(width, tr.transforms(), |buf, _| {
             for (i, n) in chunk.iter_mut().enumerate() {
                 let r = k * step + i;
                 if let (true, Some(zt)) = (batch.targets[r] != Batch::IGNORED, target_logits[r]) {
@@ -243,7 +248,8 @@ pub(crate) fn gradient(
     let step = rows_per_task(width);
     let c = GradConsts { v, eps, total_w, ce_scale, z_scale, s, weights, shard_w };
     out.par_chunks_mut(step * width).enumerate().for_each(|(k, chunk)| {
-        with_scratch(width, Transform::Scale(1.0), |zb, dzb| {
+        // The slopes dz/dx are written whatever the transform.
+        with_scratch(width, true, |zb, dzb| {
             grad_rows(shard, batch, states, upstream, k * step, chunk, tr, &c, zb, dzb)
         })
     });

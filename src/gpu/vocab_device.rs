@@ -164,7 +164,7 @@ impl GpuContext {
                 groups_x: groups_x(wgs, self.limits.max_compute_workgroups_per_dimension),
                 out_base: 0,
                 out_stride: blocks as u32,
-                ignore_index: opts.get_ignore_index().clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
+                ignore_index: device_ignore_index(opts),
                 classes: v as u32,
                 metrics: u32::from(metrics),
                 zt_entry: NO_ENTRY,
@@ -291,7 +291,7 @@ impl GpuContext {
             groups_x: groups_x(wgs, self.limits.max_compute_workgroups_per_dimension),
             scale,
             grad_mode: GradMode::Separate as u32,
-            ignore_index: opts.get_ignore_index().clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
+            ignore_index: device_ignore_index(opts),
             classes: v as u32,
             per_row,
             ..bytemuck::Zeroable::zeroed()
@@ -302,4 +302,10 @@ impl GpuContext {
         rec.write_params(&self.queue, &params);
         Ok(())
     }
+}
+
+/// The options' `ignore_index` as the kernels compare it with the device's i32 targets
+/// (an index beyond i32 matches no target, as none can hold it).
+fn device_ignore_index(opts: &LossOptions) -> i32 {
+    opts.get_ignore_index().clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32
 }
