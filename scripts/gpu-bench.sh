@@ -71,11 +71,13 @@ timeout 300 "$XENT" bench --device all "${ADAPTER_ARG[@]}" --iters 20 --json > "
   # Few long rows on whole rows instead of the (row x column block) grid.
   bench_line XENT_FEW_ROWS=0 "${SPLIT[@]}" --iters 20
   # The linear head (an LLM's: 8192 tokens, D 4096, a 128K vocabulary), ÷gemm beside it;
-  # its GEMM tile (GX x GY invocations, K step) swept on a smaller head, and the
-  # recompute path (G in the GEMM's epilogue) against whole rows.
+  # its GEMM tile (GX x GY invocations, K step) and dh's K segments (dispatches of at most
+  # this K, accumulating) swept on a smaller head, and the recompute path (G in the
+  # GEMM's epilogue) against whole rows.
   bench_line "" --linear "${HEAD[@]}" --iters 3
   for config in "" XENT_GEMM_TILE=8x8x16 XENT_GEMM_TILE=16x16x8 XENT_GEMM_TILE=16x16x32 \
-    XENT_GEMM_TILE=16x8x16 XENT_GEMM_TILE=32x8x16 XENT_LINEAR_RECOMPUTE=1; do
+    XENT_GEMM_TILE=16x8x16 XENT_GEMM_TILE=32x8x16 XENT_GEMM_K_SEGMENT=1024 XENT_GEMM_K_SEGMENT=4096 \
+    XENT_LINEAR_RECOMPUTE=1; do
     bench_line "$config" --linear "${HEAD_SWEEP[@]}" --iters 3
   done
 } > "$OUT/bench_big.jsonl"

@@ -41,7 +41,7 @@ pub use super::linear_plan::{HeadPath, HeadWork, LinearPlan};
 use super::linear_plan::{PART_BYTES, SLOTS};
 use super::metrics::{RECORD_BYTES, entries_needed, entry_words, metric_levels};
 use super::ring::{MAX_PARAM_BLOCKS, Ring};
-use super::tuning::{GEMM_MAX_K, GemmTuning, MAX_LANE_STEPS, rows_layout};
+use super::tuning::{GemmTuning, MAX_LANE_STEPS, rows_layout};
 use super::workspace::Workspace;
 
 /// The call's device buffers.
@@ -73,6 +73,9 @@ struct Buffers {
     /// Their sums: an entry per chunk, then the reduction's scratch.
     metric_entries: wgpu::Buffer,
     params: wgpu::Buffer,
+    /// Parameter blocks `params` holds: a submission's worth (at least one product's
+    /// dispatches, which K segments multiply).
+    param_blocks: u64,
     readback: Vec<Slot>,
     /// dW and db come back through it in pieces (bounded, reused: no per-call buffer).
     staging: wgpu::Buffer,
@@ -236,6 +239,7 @@ impl GpuContext {
             slot.get().clone()
         };
         let stride = super::buffers::params_stride(&self.limits);
+        let param_blocks = self.head_param_blocks(plan, v as usize, d as usize);
         let bufs = Buffers {
             w: make("xent linear w", st, v * d * 4),
             bias: make("xent linear bias", st, if bias.is_some() { v * 4 } else { 16 }),
@@ -273,7 +277,8 @@ impl GpuContext {
                     None => 16,
                 },
             ),
-            params: make("xent linear params", U::UNIFORM | U::COPY_DST, stride * MAX_PARAM_BLOCKS),
+            params: make("xent linear params", U::UNIFORM | U::COPY_DST, stride * param_blocks),
+            param_blocks,
             readback: Vec::new(),
             staging: make(
                 "xent linear staging",
@@ -305,8 +310,8 @@ impl GpuContext {
 
     /// Records `C (+)= op(A)·op(B)` over `m × n` (the params' `m`, `n`, `k`, offsets and
     /// strides set; `a_t`, `b_t` the operands' layouts as the pipeline's), its tiles in as
-    /// many dispatches as the dispatch limits need, K in segments of at most
-    /// [`GEMM_MAX_K`] accumulating into C (the bias added once).
+    /// many dispatches as the dispatch limits need, K in segments of at most the tile's
+    /// [`GemmTuning::k_segment`] accumulating into C (the bias added once).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn record_gemm(
         &self,
@@ -324,7 +329,7 @@ impl GpuContext {
         let most = u64::from(max_dim).pow(2);
         let mut k0 = 0;
         while k0 < params.k.max(1) {
-            let len = GEMM_MAX_K.min(params.k - k0);
+            let len = tile.k_segment.min(params.k - k0);
             // Segment k0.. of K: A's and B's offsets move along K in their layouts.
             let seg = GemmParams {
                 k: len,
@@ -345,7 +350,7 @@ impl GpuContext {
                 rec.dispatch_pipeline(pipeline, group, &p, groups);
                 base += groups;
             }
-            k0 += GEMM_MAX_K;
+            k0 += tile.k_segment;
         }
     }
 
@@ -354,7 +359,21 @@ impl GpuContext {
         let bm = (tile.rows_per_invocation() * tile.y) as usize;
         let tiles = (m.div_ceil(bm) * n.div_ceil(4 * tile.x as usize)) as u64;
         let most = u64::from(self.limits.max_compute_workgroups_per_dimension).pow(2);
-        tiles.div_ceil(most) * (k as u64).div_ceil(u64::from(GEMM_MAX_K)).max(1)
+        tiles.div_ceil(most) * (k as u64).div_ceil(u64::from(tile.k_segment)).max(1)
+    }
+
+    /// Parameter blocks one submission of the head may need: [`MAX_PARAM_BLOCKS`], or the
+    /// dispatches of its largest product (its K segments, [`GemmTuning::k_segment`]).
+    fn head_param_blocks(&self, plan: &LinearPlan, v: usize, d: usize) -> u64 {
+        let tile = self.gemm_tile();
+        let rc = plan.rows_per_chunk;
+        let cols = plan.piece_classes.min(v);
+        let products = [
+            self.gemm_dispatches(tile, rc, cols, d),
+            self.gemm_dispatches(tile, rc, d, cols),
+            self.gemm_dispatches(tile, cols, d, rc),
+        ];
+        products.into_iter().fold(MAX_PARAM_BLOCKS, u64::max)
     }
 
     /// The GEMM tile of this device.
@@ -612,7 +631,7 @@ impl LinearRun<'_> {
             let mut rec = Recorder::new(dev, &ctx.limits);
             // Submits what is recorded when the parameter blocks would outgrow the buffer.
             let flush = |rec: &mut Recorder<'_>, need: u64| {
-                if rec.blocks() + need > MAX_PARAM_BLOCKS {
+                if rec.blocks() + need > b.param_blocks {
                     let full = std::mem::replace(rec, Recorder::new(dev, &ctx.limits));
                     full.submit(&ctx.queue, &b.params);
                 }

@@ -198,7 +198,8 @@ pub const GEMM_MAX_K: u32 = 16384;
 /// each invocation reading its own blocks of the operands. Pipeline constants, chosen per
 /// adapter by [`GemmTuning::for_adapter`], overridable with `XENT_GEMM_TILE=XxYxK`
 /// (e.g. `16x16x16`), `XxYxdirect` (no workgroup tiles) or `XxYxbroadcast` (the
-/// broadcast tile, on devices whose subgroups are 8 lanes).
+/// broadcast tile, on devices whose subgroups are 8 lanes), and its K segment with
+/// `XENT_GEMM_K_SEGMENT`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmTuning {
     /// Invocations along the output's columns.
@@ -215,22 +216,31 @@ pub struct GemmTuning {
     /// row of invocations (`y` = 1: WGSL takes subgroup builtins in one-dimensional
     /// workgroups only).
     pub broadcast: bool,
+    /// The longest K one dispatch of a plain product walks (at most [`GEMM_MAX_K`]); longer
+    /// products are dispatched in K segments that accumulate into C. On CPU adapters a
+    /// workgroup streams its whole slab of B (K × its columns) and the next workgroups
+    /// (the same columns, other rows) find it in the cache only while it fits: dh = G·W
+    /// over K = V walks megabytes a slab in one dispatch. Not a pipeline constant.
+    pub k_segment: u32,
 }
 
 impl GemmTuning {
     /// GPUs: 256 invocations, 64 × 64 output tiles, K steps of 16 through workgroup memory.
-    pub const GPU: GemmTuning = GemmTuning { x: 16, y: 16, k: 16, shared: true, broadcast: false };
+    pub const GPU: GemmTuning =
+        GemmTuning { x: 16, y: 16, k: 16, shared: true, broadcast: false, k_segment: GEMM_MAX_K };
     /// CPU adapters (lavapipe, llvmpipe): a workgroup runs as SIMD lanes of one thread,
     /// workgroup memory is memory like any other and a barrier switches between the
     /// lanes' batches, so each invocation reads its own operand blocks (measured in
     /// docs/benchmarks.md: with workgroup tiles every tile tried ran at the same speed).
-    pub const CPU: GemmTuning = GemmTuning { x: 16, y: 16, k: 16, shared: false, broadcast: false };
+    pub const CPU: GemmTuning =
+        GemmTuning { x: 16, y: 16, k: 16, shared: false, broadcast: false, k_segment: CPU_K_SEGMENT };
     /// CPU adapters whose subgroups are 8 SIMD lanes (lavapipe at 256 bits): a load is a
     /// loop over the lanes there and a broadcast from a constant lane a register shuffle,
     /// so 32 invocations share 16 rows, 2 loads of A and 4 of B a lane per K step of 4
     /// for 256 multiply-adds (4 × 4 direct: 8 loads for 64). Measured in
     /// docs/benchmarks.md: the head 3–4× faster than with the direct tile.
-    pub const CPU_BROADCAST: GemmTuning = GemmTuning { x: 32, y: 1, k: 16, shared: false, broadcast: true };
+    pub const CPU_BROADCAST: GemmTuning =
+        GemmTuning { x: 32, y: 1, k: 16, shared: false, broadcast: true, k_segment: CPU_K_SEGMENT };
 
     /// Rows of the output per invocation (16 for the broadcast tile, 4 otherwise).
     pub fn rows_per_invocation(self) -> u32 {
@@ -250,18 +260,27 @@ impl GemmTuning {
             let num = |s: &str| s.parse::<u32>().ok();
             match p[..] {
                 [x, y, "direct"] => {
-                    Some(GemmTuning { x: num(x)?, y: num(y)?, k: t.k, shared: false, broadcast: false })
+                    Some(GemmTuning { x: num(x)?, y: num(y)?, shared: false, broadcast: false, ..t })
                 }
                 [x, y, "broadcast"] => {
-                    Some(GemmTuning { x: num(x)?, y: num(y)?, k: t.k, shared: false, broadcast: true })
+                    Some(GemmTuning { x: num(x)?, y: num(y)?, shared: false, broadcast: true, ..t })
                 }
-                [x, y, k] => {
-                    Some(GemmTuning { x: num(x)?, y: num(y)?, k: num(k)?, shared: true, broadcast: false })
-                }
+                [x, y, k] => Some(GemmTuning {
+                    x: num(x)?,
+                    y: num(y)?,
+                    k: num(k)?,
+                    shared: true,
+                    broadcast: false,
+                    ..t
+                }),
                 _ => None,
             }
         });
-        parsed.unwrap_or(t)
+        let mut t = parsed.unwrap_or(t);
+        if let Some(seg) = std::env::var("XENT_GEMM_K_SEGMENT").ok().and_then(|v| v.parse::<u32>().ok()) {
+            t.k_segment = seg;
+        }
+        t
     }
 
     /// [`GemmTuning::for_adapter`] on a device with `features` and `limits`, clamped
@@ -303,9 +322,15 @@ impl GemmTuning {
         if self.broadcast && x < 8 {
             return GemmTuning { broadcast: false, ..self }.within(limits, tile_floats);
         }
-        GemmTuning { x, y, k, ..self }
+        // Whole K steps of 4, within what one dispatch may walk.
+        let k_segment = (self.k_segment.clamp(4, GEMM_MAX_K) / 4) * 4;
+        GemmTuning { x, y, k, k_segment, ..self }
     }
 }
+
+/// [`GemmTuning::k_segment`] on CPU adapters: a slab of B of 1024 × 128 f32 is 512 KiB,
+/// within a core's L2 (measured in docs/benchmarks.md).
+const CPU_K_SEGMENT: u32 = 1024;
 
 /// Subgroups of exactly 8 lanes, what the broadcast tile's `lanes8` assumes.
 fn eight_lane_subgroups(info: &wgpu::AdapterInfo) -> bool {
