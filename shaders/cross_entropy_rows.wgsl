@@ -365,25 +365,82 @@ fn row_group(ids: Ids, group: u32) {
                 if (in_place) { store_logit(base + c, g); } else { store_grad(base + c, g); }
             }
         }
-    } else if (in_place) {
-        // Backwards through the row: its end, read last in pass 1, is the part most likely
-        // still in the cache.
-        for (var i = lane_steps(lane, v, tpr); i > 0u; i--) {
-            let c = lane + (i - 1u) * tpr;
-            var dz: Elem;
-            let z = transform_slope(load_logit(base + c), o, &dz);
-            let p = exp(z - m) * inv_sum;
-            let d = p * k - smooth_w * weights_of(c, smooth_has_w) - onehot(c * WIDTH, tc) * target_w;
-            store_logit(base + c, d * dz * scale);
-        }
     } else {
-        for (var i = lane_steps(lane, v, tpr); i > 0u; i--) {
-            let c = lane + (i - 1u) * tpr;
-            var dz: Elem;
-            let z = transform_slope(load_logit(base + c), o, &dz);
-            let p = exp(z - m) * inv_sum;
-            let d = p * k - smooth_w * weights_of(c, smooth_has_w) - onehot(c * WIDTH, tc) * target_w;
-            store_grad(base + c, d * dz * scale);
+        // Backwards through the row: its end, read last in pass 1, is the part most likely
+        // still in the cache. Four elements a step (four loads before any store: CPU
+        // adapters run each load as a loop over the SIMD lanes, and a step's independent
+        // loads, exps and stores overlap), then the rest one by one.
+        let g = GradRow(base, m, inv_sum, k, smooth_w, smooth_has_w, tc, target_w, scale);
+        var i = lane_steps(lane, v, tpr);
+        if (in_place) {
+            while (i >= 4u) {
+                i -= 4u;
+                let c = lane + i * tpr;
+                let q = grad4(g, c, tpr, o);
+                store_logit(base + c + 3u * tpr, q.g3);
+                store_logit(base + c + 2u * tpr, q.g2);
+                store_logit(base + c + tpr, q.g1);
+                store_logit(base + c, q.g0);
+            }
+            while (i > 0u) {
+                i--;
+                let c = lane + i * tpr;
+                store_logit(base + c, grad_of(g, c, load_logit(base + c), o));
+            }
+        } else {
+            while (i >= 4u) {
+                i -= 4u;
+                let c = lane + i * tpr;
+                let q = grad4(g, c, tpr, o);
+                store_grad(base + c + 3u * tpr, q.g3);
+                store_grad(base + c + 2u * tpr, q.g2);
+                store_grad(base + c + tpr, q.g1);
+                store_grad(base + c, q.g0);
+            }
+            while (i > 0u) {
+                i--;
+                let c = lane + i * tpr;
+                store_grad(base + c, grad_of(g, c, load_logit(base + c), o));
+            }
         }
     }
+}
+
+// What the streaming gradient pass needs of its row (see `row_group`).
+struct GradRow {
+    base: u32,
+    max: f32,
+    inv_sum: f32,
+    k: f32,
+    smooth_w: f32,
+    smooth_has_w: bool,
+    target_col: u32, // the target's column (V·WIDTH when ignored: no column)
+    target_w: f32,
+    scale: f32,
+}
+
+// The gradients of elements c, c + tpr, c + 2·tpr, c + 3·tpr: the four loads first.
+struct Grad4 {
+    g0: Elem,
+    g1: Elem,
+    g2: Elem,
+    g3: Elem,
+}
+
+fn grad4(g: GradRow, c: u32, tpr: u32, o: LossOpts) -> Grad4 {
+    let x0 = load_logit(g.base + c);
+    let x1 = load_logit(g.base + c + tpr);
+    let x2 = load_logit(g.base + c + 2u * tpr);
+    let x3 = load_logit(g.base + c + 3u * tpr);
+    return Grad4(grad_of(g, c, x0, o), grad_of(g, c + tpr, x1, o), grad_of(g, c + 2u * tpr, x2, o),
+        grad_of(g, c + 3u * tpr, x3, o));
+}
+
+// The gradient of element c (columns c·WIDTH..) of the row, x its logits.
+fn grad_of(g: GradRow, c: u32, x: Elem, o: LossOpts) -> Elem {
+    var dz: Elem;
+    let z = transform_slope(x, o, &dz);
+    let p = exp(z - g.max) * g.inv_sum;
+    let d = p * g.k - g.smooth_w * weights_of(c, g.smooth_has_w) - onehot(c * WIDTH, g.target_col) * g.target_w;
+    return d * dz * g.scale;
 }
