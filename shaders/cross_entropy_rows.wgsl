@@ -371,39 +371,37 @@ fn row_group(ids: Ids, group: u32) {
         // adapters run each load as a loop over the SIMD lanes, and a step's independent
         // loads, exps and stores overlap), then the rest one by one.
         let g = GradRow(base, m, inv_sum, k, smooth_w, smooth_has_w, tc, target_w, scale);
-        var i = lane_steps(lane, v, tpr);
+        // One call a mode with a constant argument: each inlined copy has its store fixed.
         if (in_place) {
-            while (i >= 4u) {
-                i -= 4u;
-                let c = lane + i * tpr;
-                let q = grad4(g, c, tpr, o);
-                store_logit(base + c + 3u * tpr, q.g3);
-                store_logit(base + c + 2u * tpr, q.g2);
-                store_logit(base + c + tpr, q.g1);
-                store_logit(base + c, q.g0);
-            }
-            while (i > 0u) {
-                i--;
-                let c = lane + i * tpr;
-                store_logit(base + c, grad_of(g, c, load_logit(base + c), o));
-            }
+            grad_pass(g, lane, v, tpr, o, true);
         } else {
-            while (i >= 4u) {
-                i -= 4u;
-                let c = lane + i * tpr;
-                let q = grad4(g, c, tpr, o);
-                store_grad(base + c + 3u * tpr, q.g3);
-                store_grad(base + c + 2u * tpr, q.g2);
-                store_grad(base + c + tpr, q.g1);
-                store_grad(base + c, q.g0);
-            }
-            while (i > 0u) {
-                i--;
-                let c = lane + i * tpr;
-                store_grad(base + c, grad_of(g, c, load_logit(base + c), o));
-            }
+            grad_pass(g, lane, v, tpr, o, false);
         }
     }
+}
+
+// The streaming gradient pass over one invocation's elements of a row, over the logits
+// (`in_place`, a constant at each call) or into `grad`.
+fn grad_pass(g: GradRow, lane: u32, v: u32, tpr: u32, o: LossOpts, in_place: bool) {
+    var i = lane_steps(lane, v, tpr);
+    while (i >= 4u) {
+        i -= 4u;
+        let c = lane + i * tpr;
+        let q = grad4(g, c, tpr, o);
+        store_elem(in_place, g.base + c + 3u * tpr, q.g3);
+        store_elem(in_place, g.base + c + 2u * tpr, q.g2);
+        store_elem(in_place, g.base + c + tpr, q.g1);
+        store_elem(in_place, g.base + c, q.g0);
+    }
+    while (i > 0u) {
+        i--;
+        let c = lane + i * tpr;
+        store_elem(in_place, g.base + c, grad_of(g, c, load_logit(g.base + c), o));
+    }
+}
+
+fn store_elem(in_place: bool, i: u32, e: Elem) {
+    if (in_place) { store_logit(i, e); } else { store_grad(i, e); }
 }
 
 // What the streaming gradient pass needs of its row (see `row_group`).
