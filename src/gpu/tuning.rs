@@ -351,4 +351,15 @@ mod tests {
         assert!(!t.broadcast && t.x == 4 && t.rows_per_invocation() == 4, "{t:?}");
         assert_eq!(GemmTuning::CPU.within(&limits, 1024).rows_per_invocation(), 4);
     }
+
+    #[test]
+    fn k_segments_are_whole_steps_within_one_dispatch() {
+        let limits = wgpu::Limits::default();
+        let seg = |k_segment| GemmTuning { k_segment, ..GemmTuning::CPU }.within(&limits, 1024).k_segment;
+        assert_eq!(seg(1024), 1024);
+        assert_eq!(seg(1030), 1028);
+        assert_eq!(seg(0), 4);
+        assert_eq!(seg(u32::MAX), super::GEMM_MAX_K);
+        assert_eq!(GemmTuning::GPU.within(&limits, 1024).k_segment, super::GEMM_MAX_K);
+    }
 }
